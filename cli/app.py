@@ -1,0 +1,70 @@
+"""The ``infer-plan`` command: one Typer app, one place that turns errors into exit codes.
+
+Exit codes everywhere: 0 success, 1 a gate or constraint failed, 2 bad usage or input.
+Errors below the CLI are typed (:class:`~infer_plan.sim.errors.InferPlanError`); here
+they become one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+try:  # typer >= 0.25 vendors click; its exceptions are the ones raised here
+    from typer import _click as click
+except ImportError:  # pragma: no cover - older typer uses the click distribution
+    import click
+
+from ..sim.errors import InferPlanError
+from .capacity import capacity
+from .simulate import simulate
+
+app = typer.Typer(
+    name="infer-plan",
+    help="Plan, serve and verify a batched inference service.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.command()(simulate)
+app.command()(capacity)
+
+
+def _register_optional() -> None:
+    """Commands whose modules import heavier stacks (aiohttp, locust) load lazily."""
+    from .loadtest import loadtest
+    from .serve import serve
+
+    app.command()(serve)
+    app.command()(loadtest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns the exit code (also used by tests)."""
+    try:
+        _register_optional()
+    except ImportError:  # during early development a module may not exist yet
+        pass
+    try:
+        result = app(args=argv, standalone_mode=False, prog_name="infer-plan")
+        return result if isinstance(result, int) else 0
+    except InferPlanError as err:
+        print(f"infer-plan: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except typer.Exit as done:
+        return done.exit_code
+    except typer.Abort:
+        print("infer-plan: aborted", file=sys.stderr)
+        return 130
+    except click.ClickException as err:
+        where = f"{err.ctx.command_path}: " if getattr(err, "ctx", None) else ""
+        print(f"infer-plan: error: {where}{err.format_message()}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""``infer-plan capacity``: the smallest fleet that meets the SLO, with its arithmetic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..reports.terminal import render_capacity
+from ..sim.errors import UsageError
+from ..sim.planner import Constraints, plan_capacity, sweep_capacity
+from .options import (
+    KernelOpt,
+    MaxBatchOpt,
+    MaxWaitOpt,
+    NoOverlapOpt,
+    ProfileOpt,
+    QuietOpt,
+    ScenarioOpt,
+    SloOpt,
+    TierMixOpt,
+    build_scenario,
+)
+from .output import emit_json, terminal
+from .progress import status_progress
+
+SWEEP_FACTORS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def _parse_rates(text: str) -> list[float]:
+    try:
+        rates = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"--sweep-rates: comma-separated numbers expected, got {text!r}") from None
+    if not rates or any(r <= 0 for r in rates):
+        raise UsageError("--sweep-rates: every rate must be > 0")
+    return rates
+
+
+def capacity(
+    rps: Annotated[float | None, typer.Option("--rps", min=0.001, help="Planning rate, requests/s.")] = None,
+    slo_p95_ms: SloOpt = None,
+    max_load: Annotated[float | None, typer.Option("--max-load", min=0.01, max=1.0, help="Load ceiling [0.7].")] = None,
+    max_reject: Annotated[
+        float, typer.Option("--max-reject", min=0, max=1, help="Most rejected+failed share allowed.")
+    ] = 0.001,
+    tier_slo: Annotated[str | None, typer.Option("--tier-slo", help="Per-tier P95 SLOs, e.g. enterprise=300.")] = None,
+    overall_only: Annotated[bool, typer.Option("--overall-only", help="Check P95 overall only, not per tier.")] = False,
+    max_gpus: Annotated[int | None, typer.Option("--max-gpus", min=1, help="Search limit [4x the arithmetic].")] = None,
+    duration: Annotated[
+        float | None, typer.Option("--duration", min=0.001, help="Simulated seconds per count [60].")
+    ] = None,
+    warmup: Annotated[float | None, typer.Option("--warmup", min=0, help="Warm-up seconds [10].")] = None,
+    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    sweep: Annotated[bool, typer.Option("--sweep", help="Also plan 0.1x..2x the rate: the GPUs-vs-rps curve.")] = False,
+    sweep_rates: Annotated[str | None, typer.Option("--sweep-rates", help="Rates for --sweep, e.g. 1000,5000.")] = None,
+    tier_mix: TierMixOpt = None,
+    no_overlap: NoOverlapOpt = False,
+    max_batch: MaxBatchOpt = None,
+    max_wait_ms: MaxWaitOpt = None,
+    kernel_ms: KernelOpt = None,
+    scenario: ScenarioOpt = None,
+    profile: ProfileOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    save: Annotated[Path | None, typer.Option("--save", help="Also write the result JSON to this file.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Find the smallest GPU count meeting P95, load ceiling and reject limits, by simulation."""
+    scen = build_scenario(
+        scenario=scenario,
+        profile=profile,
+        tier_mix=tier_mix,
+        no_overlap=no_overlap,
+        slo_p95_ms=slo_p95_ms,
+        max_load=max_load,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        kernel_ms=kernel_ms,
+    )
+    workload = scen.workload(rps=rps)
+    if workload.trace is not None:
+        raise UsageError("capacity plans for a rate; replay a trace with 'infer-plan simulate --trace'")
+    if workload.schedule.rps <= 0:
+        raise UsageError("give the planning rate with --rps (or [load] rps in the scenario)")
+    model = scen.model
+    constraints = Constraints(
+        slo_p95_ms=model.slo_p95_ms,
+        max_load=model.max_load,
+        max_reject=max_reject,
+        tier_slo_p95_ms=_parse_tier_slo(tier_slo),
+        check_tiers=not overall_only,
+    )
+    settings = scen.settings(duration_s=duration, warmup_s=warmup, seed=seed)
+    with status_progress("searching GPU count", enabled=not (quiet or json_out)) as bar:
+
+        def progress(msg: str) -> None:
+            bar.update(bar.task_ids[0], description=msg)
+
+        result = plan_capacity(model, workload, settings, constraints, max_gpus=max_gpus, progress=progress)
+        if sweep or sweep_rates:
+            rates = _parse_rates(sweep_rates) if sweep_rates else [workload.schedule.rps * f for f in SWEEP_FACTORS]
+            result = result.model_copy(
+                update={
+                    "sweep": sweep_capacity(model, rates, settings, constraints, max_gpus=max_gpus, progress=progress)
+                }
+            )
+    emit_json(result, print_it=json_out, path=save)
+    if not json_out:
+        render_capacity(result, terminal())
+    if result.gpus is None:
+        raise typer.Exit(1)
+
+
+def _parse_tier_slo(text: str | None) -> dict[str, float] | None:
+    if text is None:
+        return None
+    from ..sim.params import Tier
+    from ..sim.scenario import parse_tier_mix
+
+    values = parse_tier_mix(text)
+    for name, value in values.items():
+        try:
+            Tier.parse(name)
+        except ValueError as err:
+            raise UsageError(f"--tier-slo: {err}") from None
+        if value <= 0:
+            raise UsageError(f"--tier-slo: {name} must be > 0")
+    return values

@@ -1,0 +1,41 @@
+"""Options shared by several commands, and how flags become the service model.
+
+Flags override the scenario file, which overrides the defaults; nothing below the CLI
+reads flags or the environment itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..sim.scenario import Scenario, load_scenario, parse_tier_mix
+
+ScenarioOpt = Annotated[Path | None, typer.Option("--scenario", help="TOML scenario file ([service], [load], [run]).")]
+ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="Calibrated profile from 'infer-plan calibrate'.")]
+TierMixOpt = Annotated[str | None, typer.Option("--tier-mix", help="e.g. enterprise=0.1,paid=0.3,free=0.6")]
+NoOverlapOpt = Annotated[bool, typer.Option("--no-overlap", help="Assembly holds the GPU too (150 ms cycle).")]
+SloOpt = Annotated[float | None, typer.Option("--slo-p95-ms", min=0.001, help="P95 objective, ms [default: 500].")]
+MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", min=1, help="Most requests in one batch [100].")]
+MaxWaitOpt = Annotated[float | None, typer.Option("--max-wait-ms", min=0, help="Assembly timeout, ms [40].")]
+KernelOpt = Annotated[float | None, typer.Option("--kernel-ms", min=0, help="Kernel time per batch, ms [100].")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+def build_scenario(
+    *,
+    scenario: Path | None,
+    profile: Path | None = None,
+    tier_mix: str | None = None,
+    no_overlap: bool = False,
+    **service: Any,
+) -> Scenario:
+    """Scenario file, then profile, then flags; returns the validated scenario."""
+    overrides: dict[str, Any] = dict(service)
+    if tier_mix is not None:
+        overrides["tiers"] = parse_tier_mix(tier_mix)
+    if no_overlap:
+        overrides["overlap"] = False
+    return load_scenario(scenario, profile, overrides)

@@ -1,0 +1,91 @@
+"""``infer-plan simulate``: one scenario on a fixed fleet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..reports.terminal import render_simulation
+from ..sim.arrivals import ArrivalProcess
+from ..sim.errors import UsageError
+from ..sim.runner import run_simulation
+from ..sim.scenario import parse_spike
+from .options import (
+    KernelOpt,
+    MaxBatchOpt,
+    MaxWaitOpt,
+    NoOverlapOpt,
+    ProfileOpt,
+    QuietOpt,
+    ScenarioOpt,
+    TierMixOpt,
+    build_scenario,
+)
+from .output import emit_json, terminal
+from .progress import status_progress
+
+
+def simulate(
+    rps: Annotated[float | None, typer.Option("--rps", min=0, help="Offered rate, requests/s.")] = None,
+    gpus: Annotated[int | None, typer.Option("--gpus", min=1, help="Fleet size.")] = None,
+    duration: Annotated[float | None, typer.Option("--duration", min=0.001, help="Measured seconds [60].")] = None,
+    warmup: Annotated[float | None, typer.Option("--warmup", min=0, help="Seconds excluded first [10].")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="Random seed [0].")] = None,
+    replications: Annotated[
+        int | None,
+        typer.Option("--replications", "-r", min=1, max=1000, help="Independent runs for confidence intervals [1]."),
+    ] = None,
+    arrival: Annotated[ArrivalProcess | None, typer.Option("--arrival", help="Arrival process [poisson].")] = None,
+    spike: Annotated[list[str] | None, typer.Option("--spike", help="FACTOR:AT_S:DURATION_S, e.g. 3:120:60.")] = None,
+    trace: Annotated[Path | None, typer.Option("--trace", help="Replay arrivals from CSV/JSONL.")] = None,
+    autoscale: Annotated[
+        bool, typer.Option("--autoscale", help="Scale up at 80% load after 120 s, cold start.")
+    ] = False,
+    mtbf_s: Annotated[float | None, typer.Option("--mtbf-s", min=0.001, help="Mean time between GPU failures.")] = None,
+    mttr_s: Annotated[float | None, typer.Option("--mttr-s", min=0.001, help="Mean time to repair a GPU.")] = None,
+    tier_mix: TierMixOpt = None,
+    no_overlap: NoOverlapOpt = False,
+    max_batch: MaxBatchOpt = None,
+    max_wait_ms: MaxWaitOpt = None,
+    kernel_ms: KernelOpt = None,
+    scenario: ScenarioOpt = None,
+    profile: ProfileOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
+    save: Annotated[Path | None, typer.Option("--save", help="Also write the result JSON to this file.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Simulate the batched service on a fixed fleet and report latency, load and rejects."""
+    extra = {}
+    if autoscale:
+        extra["autoscale"] = {"enabled": True}
+    if mtbf_s is not None or mttr_s is not None:
+        extra["faults"] = {k: v for k, v in (("mtbf_s", mtbf_s), ("mttr_s", mttr_s)) if v is not None}
+    scen = build_scenario(
+        scenario=scenario,
+        profile=profile,
+        tier_mix=tier_mix,
+        no_overlap=no_overlap,
+        gpus=gpus,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        kernel_ms=kernel_ms,
+        **extra,
+    )
+    workload = scen.workload(
+        rps=rps, arrival=arrival, trace=trace, extra_segments=tuple(parse_spike(s) for s in spike or ())
+    )
+    if workload.trace is None and workload.schedule.rps <= 0 and not workload.schedule.segments:
+        raise UsageError("give the offered rate with --rps (or [load] rps in the scenario, or --trace)")
+    fleet = scen.model.gpus
+    if fleet is None:
+        raise UsageError(
+            "give the fleet size with --gpus (or [service] gpus in the scenario); 'infer-plan capacity' finds one"
+        )
+    settings = scen.settings(duration_s=duration, warmup_s=warmup, seed=seed, replications=replications)
+    with status_progress(f"simulating {fleet} GPUs", enabled=not (quiet or json_out)):
+        result = run_simulation(scen.model, workload, settings, fleet)
+    emit_json(result, print_it=json_out, path=save)
+    if not json_out:
+        render_simulation(result, terminal())

@@ -1,0 +1,1 @@
+"""Result models and their renderings (terminal, JSON, Markdown, HTML)."""

@@ -1,0 +1,181 @@
+"""The result model: one versioned schema for everything infer-plan reports.
+
+Every command builds one of these typed results; renderers (terminal, JSON, Markdown,
+HTML) only read them. ``schema_version`` changes whenever a field changes meaning or
+disappears, so a saved result can be rendered again later or refused with a clear
+message (:func:`load_result`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..sim.errors import ConfigError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "BackOfEnvelope",
+    "CapacityResult",
+    "CapacityRow",
+    "Interval",
+    "LatencyStats",
+    "Result",
+    "SimulationResult",
+    "TierStats",
+    "load_result",
+]
+
+SCHEMA_VERSION = 1
+
+# Percentile points kept for latency CDF plots: fine steps in the tail where SLOs live.
+CDF_POINTS: tuple[float, ...] = (*range(0, 95), 95, 96, 97, 98, 99, 99.5, 99.9, 100)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LatencyStats(_Model):
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    p99_ms: float | None = None
+    max_ms: float | None = None
+    mean_ms: float | None = None
+
+
+class TierStats(LatencyStats):
+    requests: int = 0
+    completed: int = 0
+    rejected_fraction: float = 0.0
+    error_fraction: float = 0.0
+    cdf_ms: list[float] = Field(default_factory=list, description="latency at each of CDF_POINTS percentiles")
+
+
+class Interval(_Model):
+    """Across replications: mean, 95% confidence interval of the mean, 95% prediction interval of one run."""
+
+    mean: float
+    ci95_low: float
+    ci95_high: float
+    pi95_low: float
+    pi95_high: float
+
+
+class TimeSeries(_Model):
+    t_s: list[float]
+    queue_depth: list[float]
+    gpus_up: list[float]
+    gpus_provisioning: list[float]
+    offered_rps: list[float]
+    load_factor: list[float]
+
+
+class SimulationResult(LatencyStats):
+    kind: Literal["simulate"] = "simulate"
+    schema_version: int = SCHEMA_VERSION
+    gpus: int
+    rps: float = Field(description="planning rate: the schedule's base rate")
+    offered_rps: float
+    duration_s: float
+    warmup_s: float
+    seed: int
+    replications: int = 1
+    overlap: bool = True
+    requests: int
+    throughput_rps: float
+    rejected_fraction: float
+    error_fraction: float
+    load_factor: float
+    gpu_busy: float
+    mean_batch_size: float
+    batches: int
+    per_tier: dict[str, TierStats]
+    intervals: dict[str, Interval] = Field(default_factory=dict)
+    timeseries: TimeSeries | None = None
+
+
+class BackOfEnvelope(_Model):
+    cycle_ms: float
+    per_gpu_rps: float
+    raw_gpus: float
+    gpus_at_ceiling: int
+    max_load: float
+    arithmetic: list[str]
+
+
+class CapacityRow(_Model):
+    gpus: int
+    meets: bool
+    failed: list[str]
+    p95_ms: float | None
+    per_tier_p95_ms: dict[str, float | None]
+    load_factor: float
+    gpu_busy: float
+    rejected_fraction: float
+    error_fraction: float
+
+
+class SweepPoint(_Model):
+    rps: float
+    gpus: int | None
+    raw_gpus: float
+    gpus_at_ceiling: int
+    p95_ms: float | None
+
+
+class CapacityResult(_Model):
+    kind: Literal["capacity"] = "capacity"
+    schema_version: int = SCHEMA_VERSION
+    gpus: int | None = Field(description="smallest GPU count meeting every constraint; None if none within the limit")
+    rps: float
+    p95_ms: float | None
+    per_tier_p95_ms: dict[str, float | None]
+    load_factor: float | None
+    gpu_busy: float | None
+    rejected_fraction: float | None
+    binding_constraint: str
+    constraints: dict[str, float]
+    back_of_envelope: BackOfEnvelope
+    explanation: list[str]
+    neighbours: list[CapacityRow]
+    search_limit: int
+    duration_s: float
+    warmup_s: float
+    seed: int
+    overlap: bool = True
+    sweep: list[SweepPoint] | None = None
+
+
+Result = Annotated[SimulationResult | CapacityResult, Field(discriminator="kind")]
+
+
+class _Envelope(BaseModel):
+    result: Result
+
+
+def load_result(path: Path) -> SimulationResult | CapacityResult:
+    """Read a saved result; refuse other schema versions with a message naming the one expected."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"result file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not a JSON result ({err})") from err
+    if not isinstance(data, dict) or "kind" not in data:
+        raise ConfigError(f"{path}: not an infer-plan result (no 'kind' field)")
+    version = data.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ConfigError(
+            f"{path}: schema_version {version!r} is not supported; this infer-plan reads schema_version "
+            f"{SCHEMA_VERSION} (re-run the command that produced it)"
+        )
+    try:
+        return _Envelope.model_validate({"result": data}).result
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"][1:])
+        raise ConfigError(f"{path}: invalid {data['kind']} result at {where}: {first['msg']}") from err

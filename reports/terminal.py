@@ -1,0 +1,134 @@
+"""Rich terminal renderings of results: what a person reads first."""
+
+from __future__ import annotations
+
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from .schema import CapacityResult, SimulationResult
+
+__all__ = ["fmt_ms", "render_capacity", "render_simulation"]
+
+
+def fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
+
+
+def _latency_table(result: SimulationResult) -> Table:
+    table = Table(title="Latency, arrival to response (ms)", title_justify="left")
+    for col in ("tier", "requests", "P50", "P95", "P99", "max", "rejected", "errors"):
+        table.add_column(col, justify="left" if col == "tier" else "right")
+    for tier, stats in result.per_tier.items():
+        table.add_row(
+            tier,
+            f"{stats.requests:,}",
+            fmt_ms(stats.p50_ms),
+            fmt_ms(stats.p95_ms),
+            fmt_ms(stats.p99_ms),
+            fmt_ms(stats.max_ms),
+            _pct(stats.rejected_fraction),
+            _pct(stats.error_fraction),
+        )
+    table.add_row(
+        "all",
+        f"{result.requests:,}",
+        fmt_ms(result.p50_ms),
+        fmt_ms(result.p95_ms),
+        fmt_ms(result.p99_ms),
+        fmt_ms(result.max_ms),
+        _pct(result.rejected_fraction),
+        _pct(result.error_fraction),
+        style="bold",
+    )
+    return table
+
+
+def render_simulation(result: SimulationResult, console: Console) -> None:
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="dim")
+    head.add_column()
+    head.add_row("GPUs", str(result.gpus))
+    head.add_row("offered", f"{result.offered_rps:,.0f} req/s (base {result.rps:,.0f})")
+    head.add_row("throughput", f"{result.throughput_rps:,.0f} req/s")
+    head.add_row("load_factor", f"{result.load_factor:.2f}  (offered / full-batch capacity)")
+    head.add_row("gpu_busy", f"{result.gpu_busy:.2f}  (share of GPU time running batches)")
+    head.add_row("mean batch", f"{result.mean_batch_size:.1f} over {result.batches:,} batches")
+    head.add_row(
+        "window",
+        f"{result.duration_s:g} s measured after {result.warmup_s:g} s warm-up, seed {result.seed}"
+        + ("" if result.overlap else ", no overlap"),
+    )
+    parts: list[Table | Text] = [head, _latency_table(result)]
+    if result.intervals:
+        ci = Table(title=f"Across {result.replications} replications (95%)", title_justify="left")
+        for col in ("metric", "mean", "confidence interval of the mean", "prediction interval, one run"):
+            ci.add_column(col, justify="left" if col == "metric" else "right")
+        for key, iv in result.intervals.items():
+            ci.add_row(
+                key,
+                f"{iv.mean:,.3f}",
+                f"{iv.ci95_low:,.3f} .. {iv.ci95_high:,.3f}",
+                f"{iv.pi95_low:,.3f} .. {iv.pi95_high:,.3f}",
+            )
+        parts.append(ci)
+    console.print(Panel(Group(*parts), title="infer-plan simulate", expand=False))
+
+
+def render_capacity(result: CapacityResult, console: Console) -> None:
+    env = result.back_of_envelope
+    if result.gpus is None:
+        answer = Text(
+            f"No GPU count up to {result.search_limit} meets every constraint at {result.rps:,.0f} req/s",
+            style="bold red",
+        )
+    else:
+        answer = Text.assemble(
+            (f"{result.gpus} GPUs", "bold green"),
+            f" for {result.rps:,.0f} req/s: P95 {fmt_ms(result.p95_ms)} ms (SLO {result.constraints['slo_p95_ms']:g}),"
+            f" load_factor {result.load_factor:.2f} (ceiling {result.constraints['max_load']:g}),"
+            f" gpu_busy {result.gpu_busy:.2f}",
+        )
+    arithmetic = Text("\n".join(env.arithmetic))
+    table = Table(title="Neighbouring GPU counts (simulated)", title_justify="left")
+    tiers = list(result.neighbours[0].per_tier_p95_ms) if result.neighbours else []
+    for col in ("GPUs", "P95", *[f"P95 {t}" for t in tiers], "load", "gpu_busy", "rejected", "meets"):
+        table.add_column(col, justify="right")
+    for row in result.neighbours:
+        verdict = "yes" if row.meets else "no: " + ", ".join(row.failed)
+        table.add_row(
+            str(row.gpus),
+            fmt_ms(row.p95_ms),
+            *[fmt_ms(row.per_tier_p95_ms.get(t)) for t in tiers],
+            f"{row.load_factor:.2f}",
+            f"{row.gpu_busy:.2f}",
+            _pct(row.rejected_fraction),
+            verdict,
+            style="bold" if row.gpus == result.gpus else None,
+        )
+    parts = [
+        answer,
+        Text(""),
+        Panel(arithmetic, title="back-of-envelope", expand=False),
+        Text("\n".join(result.explanation)),
+        table,
+    ]
+    if result.sweep:
+        sweep = Table(title="GPUs versus rps", title_justify="left")
+        for col in ("rps", "GPUs (simulated)", "raw GPUs", "at ceiling", "P95"):
+            sweep.add_column(col, justify="right")
+        for p in result.sweep:
+            sweep.add_row(
+                f"{p.rps:,.0f}",
+                str(p.gpus if p.gpus is not None else "-"),
+                f"{p.raw_gpus:.2f}",
+                str(p.gpus_at_ceiling),
+                fmt_ms(p.p95_ms),
+            )
+        parts.append(sweep)
+    console.print(Panel(Group(*parts), title="infer-plan capacity", expand=False))

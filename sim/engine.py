@@ -1,0 +1,391 @@
+"""The batch-level discrete-event simulator.
+
+SimPy drives time at batch granularity: the dispatcher process sleeps until the next
+moment the dispatch rule can fire (the queue reaches ``max_batch``, the oldest request
+reaches ``max_wait_ms``, a GPU frees up), takes a batch by tier priority and books its
+GPU cycle. Requests never get a SimPy process of their own: arrival times, tiers,
+admission and completion times live in numpy arrays, and each tier's FIFO queue is a
+slice of a preallocated index buffer. That is what makes an hour at 10,000 req/s take
+seconds (see ``benchmarks/bench_sim.py``); :mod:`infer_plan.sim.reference` holds the
+slow per-request model the tests compare this one against.
+
+Side processes (GPU failures and repairs, the autoscaler, the time-series monitor)
+change the fleet and interrupt the dispatcher so it re-plans at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+import simpy
+
+from .admission import admit_burst
+from .arrivals import Arrivals
+from .params import ServiceModel, Tier
+
+__all__ = ["EngineOutput", "GpuState", "simulate_arrivals"]
+
+_EPS = 1e-9
+_N_TIERS = len(Tier)
+
+
+class GpuState(IntEnum):
+    UP = 0
+    DOWN = 1  # failed, waiting for repair
+    COLD = 2  # provisioned, cold-starting
+    RETIRED = 3  # scaled down
+
+
+@dataclass
+class EngineOutput:
+    """Raw per-request and per-batch records of one run; summarised by :mod:`.metrics`."""
+
+    arrivals: Arrivals
+    admitted: np.ndarray  # bool
+    completion: np.ndarray  # float64 seconds; nan when not served
+    failed: np.ndarray  # bool: the request's batch was on a GPU that failed
+    batch_start: np.ndarray  # when the GPU was taken (window open without overlap)
+    batch_end: np.ndarray
+    batch_size: np.ndarray
+    up_changes: np.ndarray  # (time, GPUs up) after each change, first row at t=0
+    timeseries: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+class _Engine:
+    def __init__(
+        self,
+        env: simpy.Environment,
+        model: ServiceModel,
+        arrivals: Arrivals,
+        gpus: int,
+        rng: np.random.Generator,
+        horizon_s: float,
+        sample_every_s: float,
+    ) -> None:
+        self.env = env
+        self.model = model
+        self.rng = rng
+        self.horizon_s = horizon_s
+        self.sample_every_s = sample_every_s
+        self.times = arrivals.times
+        self.tiers = arrivals.tiers
+        self.n = arrivals.times.size
+        self.max_batch = model.max_batch
+        self.max_wait_s = model.max_wait_ms / 1000.0
+        hold_ms = model.pcie_in_ms + model.kernel_ms + model.pcie_out_ms
+        self.run_s = hold_ms / 1000.0
+        self.per_item_s = model.per_item_ms / 1000.0
+
+        self.admitted = np.ones(self.n, dtype=bool)
+        self.completion = np.full(self.n, np.nan)
+        self.failed = np.zeros(self.n, dtype=bool)
+
+        # Per-tier FIFO queues: admitted request ids in arrival order; head/tail pointers.
+        self.tier_ids = [np.flatnonzero(self.tiers == k) for k in range(_N_TIERS)]
+        self.tier_pos = [0] * _N_TIERS  # how many of tier_ids[k] have been processed
+        self.queue = [np.empty(ids.size, dtype=np.int64) for ids in self.tier_ids]
+        self.head = [0] * _N_TIERS
+        self.tail = [0] * _N_TIERS
+        self.queued = 0
+        self.next_arrival = 0
+
+        # free_at is inf for any GPU that cannot take a batch (down, cold, retired, in a window),
+        # so "a free GPU" and "the next GPU to free up" are both a builtin min() away.
+        self.free_at: list[float] = [0.0] * gpus
+        self.state: list[GpuState] = [GpuState.UP] * gpus
+        self.n_up = gpus
+        self._thresholds = model.backpressure.thresholds(gpus, model.max_batch)
+        self.running: list[np.ndarray | None] = [None] * gpus  # ids on each GPU, kept only with faults
+        self.windows: list[tuple[float, int]] = []  # open assembly windows without overlap: (end, gpu)
+        self.track_running = model.faults.mtbf_s is not None
+
+        self.b_start: list[float] = []
+        self.b_end: list[float] = []
+        self.b_size: list[int] = []
+        self.up_changes: list[tuple[float, int]] = [(0.0, gpus)]
+        self.dispatcher: simpy.Process | None = None
+
+    # -- queue bookkeeping ---------------------------------------------------------------
+
+    def set_state(self, gpu: int, state: GpuState) -> None:
+        self.state[gpu] = state
+        self.free_at[gpu] = self.env.now if state is GpuState.UP else math.inf
+        self.n_up = sum(1 for s in self.state if s is GpuState.UP)
+        self._thresholds = self.model.backpressure.thresholds(self.n_up, self.max_batch)
+        self.up_changes.append((self.env.now, self.n_up))
+        self.poke()
+
+    def admit_until(self, now: float) -> None:
+        """Admit (or shed) every arrival up to ``now``; depth only grows until the next dispatch."""
+        start = self.next_arrival
+        stop = int(self.times.searchsorted(now + _EPS, side="right"))
+        if stop <= start:
+            return
+        self.next_arrival = stop
+        depth = self.queued
+        thresholds = self._thresholds
+        all_in = depth + (stop - start) <= thresholds[0]
+        mask = None if all_in else admit_burst(self.tiers[start:stop], depth, thresholds)[0]
+        if mask is not None:
+            self.admitted[start:stop] = mask
+        for k in range(_N_TIERS):
+            ids = self.tier_ids[k]
+            lo = self.tier_pos[k]
+            hi = int(ids.searchsorted(stop))
+            if hi == lo:
+                continue
+            self.tier_pos[k] = hi
+            chunk = ids[lo:hi] if mask is None else ids[lo:hi][mask[ids[lo:hi] - start]]
+            t = self.tail[k]
+            self.queue[k][t : t + chunk.size] = chunk
+            self.tail[k] = t + chunk.size
+            self.queued += chunk.size
+
+    def oldest_arrival(self) -> float:
+        oldest = math.inf
+        for k in range(_N_TIERS):
+            if self.tail[k] > self.head[k]:
+                oldest = min(oldest, self.times[self.queue[k][self.head[k]]])
+        return oldest
+
+    def time_queue_reaches(self, need: int, until: float) -> float:
+        """When ``need`` more requests will have been admitted, if before ``until``; else inf."""
+        start = self.next_arrival
+        stop = int(self.times.searchsorted(until + _EPS, side="right"))
+        if stop - start < need:
+            return math.inf
+        depth = self.queued
+        thresholds = self._thresholds
+        if depth + need <= thresholds[0]:
+            return float(self.times[start + need - 1])
+        mask, _ = admit_burst(self.tiers[start:stop], depth, thresholds)
+        counts = np.cumsum(mask)
+        if counts[-1] < need:
+            return math.inf
+        return float(self.times[start + int(np.searchsorted(counts, need))])
+
+    def take_batch(self, now: float, gpu: int, taken_at: float) -> None:
+        """Take up to max_batch queued requests by priority and run them on ``gpu``."""
+        room = self.max_batch
+        parts: list[np.ndarray] = []
+        for k in range(_N_TIERS):
+            h = self.head[k]
+            m = min(room, self.tail[k] - h)
+            if m > 0:
+                parts.append(self.queue[k][h : h + m])
+                self.head[k] = h + m
+                room -= m
+        size = self.max_batch - room
+        self.queued -= size
+        if size == 0:
+            self.free_at[gpu] = now
+            return
+        done = now + self.run_s + self.per_item_s * size
+        for ids in parts:
+            self.completion[ids] = done
+        if self.track_running:
+            self.running[gpu] = np.concatenate(parts)
+        self.free_at[gpu] = done
+        self.b_start.append(taken_at)
+        self.b_end.append(done)
+        self.b_size.append(size)
+
+    def free_gpu(self, now: float) -> int:
+        soonest = min(self.free_at, default=math.inf)
+        return self.free_at.index(soonest) if soonest <= now + _EPS else -1
+
+    def next_gpu_free(self) -> float:
+        return min(self.free_at, default=math.inf)
+
+    # -- the dispatcher: the SPEC's rule, with and without overlap -----------------------
+
+    def step_overlap(self, now: float) -> float:
+        """Dispatch every batch due now; return when the rule could fire next."""
+        while True:
+            queued = self.queued
+            if queued:
+                oldest = self.oldest_arrival()
+            elif self.next_arrival < self.n:
+                oldest = float(self.times[self.next_arrival])  # the next arrival will start the clock
+            else:
+                return math.inf
+            gpu = self.free_gpu(now)
+            if gpu < 0:
+                return max(self.next_gpu_free(), oldest)
+            deadline = oldest + self.max_wait_s
+            if queued >= self.max_batch or (queued and now + _EPS >= deadline):
+                self.take_batch(now, gpu, now)
+                continue
+            return min(deadline, self.time_queue_reaches(self.max_batch - queued, deadline))
+
+    def step_no_overlap(self, now: float) -> float:
+        """Without overlap a free GPU holds an assembly window of max_wait_ms, then runs."""
+        due = [w for w in self.windows if w[0] <= now + _EPS]
+        if due:
+            self.windows = [w for w in self.windows if w[0] > now + _EPS]
+            for _, gpu in sorted(due):
+                if self.state[gpu] is GpuState.UP:
+                    self.take_batch(now, gpu, now - self.max_wait_s)
+        # Open a window on each free GPU while queued requests exceed what open windows will take.
+        while self.queued > self.max_batch * len(self.windows):
+            gpu = self.free_gpu(now)
+            if gpu < 0:
+                break
+            self.free_at[gpu] = math.inf  # held by the window
+            self.windows.append((now + self.max_wait_s, gpu))
+        wake = min((w[0] for w in self.windows), default=math.inf)
+        uncovered = self.queued - self.max_batch * len(self.windows)
+        if uncovered > 0:
+            return min(wake, self.next_gpu_free())
+        # Next wake-up: a window closes, or enough arrivals for one more window.
+        horizon = wake if wake < math.inf else (self.times[-1] if self.n else 0.0)
+        return min(wake, self.time_queue_reaches(1 - uncovered, horizon))
+
+    def run_dispatcher(self):  # SimPy process
+        env = self.env
+        step = self.step_overlap if self.model.overlap else self.step_no_overlap
+        while True:
+            now = env.now
+            self.admit_until(now)
+            wake = step(now)
+            if wake == math.inf:
+                if self.next_arrival >= self.n and self.queued == 0 and not self.windows:
+                    return
+                # Work is queued but no GPU serves: wait for the fleet to change (poke).
+                wake = now + self.horizon_s + 3600.0
+            with contextlib.suppress(simpy.Interrupt):  # a poke: the fleet changed, re-plan now
+                yield env.timeout(max(0.0, wake - now))
+
+    def poke(self) -> None:
+        """Make the dispatcher re-plan now (the fleet changed)."""
+        proc = self.dispatcher
+        if proc is not None and proc.is_alive and proc.target is not None and proc is not self.env.active_process:
+            proc.interrupt()
+
+    # -- side processes ------------------------------------------------------------------
+
+    def gpu_faults(self, gpu: int):  # SimPy process
+        faults = self.model.faults
+        assert faults.mtbf_s is not None
+        env = self.env
+        while True:
+            yield env.timeout(self.rng.exponential(faults.mtbf_s))
+            if self.state[gpu] is not GpuState.UP:
+                continue
+            now = env.now
+            if self.free_at[gpu] > now and self.running[gpu] is not None:
+                ids = self.running[gpu]
+                self.failed[ids] = True
+                self.completion[ids] = now  # the clients get their error now
+            self.windows = [w for w in self.windows if w[1] != gpu]
+            self.set_state(gpu, GpuState.DOWN)
+            yield env.timeout(self.rng.exponential(faults.mttr_s))
+            self.set_state(gpu, GpuState.UP)
+
+    def provision(self):  # SimPy process
+        gpu = len(self.state)
+        self.state.append(GpuState.COLD)
+        self.free_at.append(math.inf)
+        self.running.append(None)
+        yield self.env.timeout(self.model.cold_start_s)
+        self.set_state(gpu, GpuState.UP)
+        if self.model.faults.mtbf_s is not None:
+            self.env.process(self.gpu_faults(gpu))
+
+    def autoscaler(self):  # SimPy process
+        policy = self.model.autoscale
+        env = self.env
+        per_gpu = self.model.per_gpu_rps()
+        above_since: float | None = None
+        below_since: float | None = None
+        while True:
+            yield env.timeout(policy.tick_s)
+            now = env.now
+            lo, hi = np.searchsorted(self.times, [now - policy.tick_s, now])
+            rate = (hi - lo) / policy.tick_s
+            fleet = sum(1 for s in self.state if s in (GpuState.UP, GpuState.COLD))
+            load = rate / (per_gpu * max(fleet, 1))
+            if load > policy.scale_up_load and fleet < policy.max_gpus:
+                above_since = now if above_since is None else above_since
+                if now - above_since >= policy.scale_up_after_s - _EPS:
+                    env.process(self.provision())
+                    above_since = None
+            else:
+                above_since = None
+            fewer = fleet - 1
+            if fewer >= policy.min_gpus and rate / (per_gpu * fewer) < policy.scale_down_load:
+                below_since = now if below_since is None else below_since
+                if now - below_since >= policy.scale_down_after_s - _EPS:
+                    self.retire_one()
+                    below_since = None
+            else:
+                below_since = None
+
+    def retire_one(self) -> None:
+        """Release one serving GPU, an idle one if any; a batch it is running still completes."""
+        up = [g for g, s in enumerate(self.state) if s is GpuState.UP]
+        if up:
+            gpu = min(up, key=lambda g: self.free_at[g])
+            self.windows = [w for w in self.windows if w[1] != gpu]
+            self.set_state(gpu, GpuState.RETIRED)
+
+    def monitor(self, samples: dict[str, list[float]]):  # SimPy process
+        env = self.env
+        per_gpu = self.model.per_gpu_rps()
+        step = self.sample_every_s
+        while env.now <= self.horizon_s:
+            now = env.now
+            self.admit_until(now)
+            lo, hi = np.searchsorted(self.times, [now - step, now])
+            up = self.n_up
+            samples["t_s"].append(now)
+            samples["queue_depth"].append(self.queued)
+            samples["gpus_up"].append(up)
+            samples["gpus_provisioning"].append(sum(1 for s in self.state if s is GpuState.COLD))
+            samples["offered_rps"].append((hi - lo) / step if now > 0 else 0.0)
+            samples["load_factor"].append((hi - lo) / step / (per_gpu * up) if up and now > 0 else 0.0)
+            yield env.timeout(step)
+
+
+def simulate_arrivals(
+    model: ServiceModel,
+    arrivals: Arrivals,
+    gpus: int,
+    *,
+    seed: int = 0,
+    horizon_s: float | None = None,
+    sample_every_s: float | None = None,
+) -> EngineOutput:
+    """Run the service model over a fixed set of arrivals on ``gpus`` GPUs."""
+    if gpus < 1:
+        raise ValueError('"gpus" must be >= 1.')
+    horizon = horizon_s if horizon_s is not None else max(arrivals.end_s, 1e-3)
+    every = sample_every_s if sample_every_s is not None else max(1.0, horizon / 600.0)
+    env = simpy.Environment()
+    engine = _Engine(env, model, arrivals, gpus, np.random.default_rng(seed + 1_000_003), horizon, every)
+    samples: dict[str, list[float]] = {
+        k: [] for k in ("t_s", "queue_depth", "gpus_up", "gpus_provisioning", "offered_rps", "load_factor")
+    }
+    engine.dispatcher = env.process(engine.run_dispatcher())
+    env.process(engine.monitor(samples))
+    if model.faults.mtbf_s is not None:
+        for gpu in range(gpus):
+            env.process(engine.gpu_faults(gpu))
+    if model.autoscale.enabled:
+        env.process(engine.autoscaler())
+    env.run(until=engine.dispatcher)
+    return EngineOutput(
+        arrivals=arrivals,
+        admitted=engine.admitted,
+        completion=engine.completion,
+        failed=engine.failed,
+        batch_start=np.asarray(engine.b_start),
+        batch_end=np.asarray(engine.b_end),
+        batch_size=np.asarray(engine.b_size, dtype=np.int64),
+        up_changes=np.asarray(engine.up_changes, dtype=np.float64),
+        timeseries={k: np.asarray(v) for k, v in samples.items()},
+    )

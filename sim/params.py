@@ -1,0 +1,166 @@
+"""The service model: one parameters object shared by the simulator, the planner and the server.
+
+The numbers come from the system design infer-plan was born from. A batch of up to
+``max_batch`` requests leaves the batcher when a GPU is free *and* either the batch is
+full or its oldest request has waited ``max_wait_ms``; the GPU then spends
+``pcie_in_ms + kernel_ms + pcie_out_ms`` on it whatever its size ("1 string or 100
+strings, same"), plus ``per_item_ms`` per request when a calibrated profile says so.
+
+Keeping every consumer on this one frozen object is what makes a simulated P95, a
+planned GPU count and a measured P95 comparable: they are answers about the same
+service.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import IntEnum
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "TIER_NAMES",
+    "AutoscalePolicy",
+    "Backpressure",
+    "Faults",
+    "ServiceModel",
+    "Tier",
+]
+
+
+class Tier(IntEnum):
+    """Customer tiers; the integer value is the priority (lower is served first)."""
+
+    ENTERPRISE = 0
+    PAID = 1
+    FREE = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+    @classmethod
+    def parse(cls, name: str) -> Tier:
+        try:
+            return cls[name.strip().upper()]
+        except KeyError:
+            valid = ", ".join(t.label for t in cls)
+            raise ValueError(f"unknown tier {name!r} (valid: {valid})") from None
+
+
+TIER_NAMES: tuple[str, ...] = tuple(t.label for t in Tier)
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Backpressure(_Frozen):
+    """Admission zones on total queue depth: 429 early, cheapest tier first.
+
+    The hard limit defaults to four full batches per serving GPU: past that even an
+    enterprise request would wait four GPU cycles (~440 ms) in the queue, which cannot
+    meet a 500 ms P95 once assembly and the cycle itself are added.
+    """
+
+    queue_limit: int | None = Field(
+        default=None,
+        gt=0,
+        description="total queued requests at which all tiers are shed; None: 4 x max_batch per serving GPU",
+    )
+    yellow: float = Field(default=0.5, gt=0, le=1, description="share of the limit at which free is shed")
+    red: float = Field(default=0.75, gt=0, le=1, description="share of the limit at which free and paid are shed")
+    retry_after_s: int = Field(default=1, ge=0, description="Retry-After sent with a 429")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Backpressure:
+        if not self.yellow <= self.red:
+            raise ValueError(f"backpressure zones must satisfy yellow <= red (got {self.yellow} > {self.red})")
+        return self
+
+    def thresholds(self, serving_gpus: int, max_batch: int) -> tuple[int, int, int]:
+        """Queue depths at which the yellow, red and full zones begin."""
+        limit = self.queue_limit if self.queue_limit is not None else 4 * max_batch * max(serving_gpus, 1)
+        return (max(1, int(limit * self.yellow)), max(1, int(limit * self.red)), limit)
+
+
+class AutoscalePolicy(_Frozen):
+    """Scale-up as the design states; scale-down is infer-plan's own conservative rule.
+
+    Up: when ``load_factor`` (counted against serving plus provisioning GPUs, so a cold
+    start in progress is not ordered twice) stays above ``scale_up_load`` for
+    ``scale_up_after_s``, provision one GPU; it serves after the cold start.
+    Down: when the load would stay under ``scale_down_load`` even with one GPU fewer,
+    for ``scale_down_after_s``, release one GPU, never going below ``min_gpus``.
+    """
+
+    enabled: bool = False
+    scale_up_load: float = Field(default=0.80, gt=0)
+    scale_up_after_s: float = Field(default=120.0, gt=0)
+    scale_down_load: float = Field(default=0.60, gt=0)
+    scale_down_after_s: float = Field(default=600.0, gt=0)
+    min_gpus: int = Field(default=1, ge=1)
+    max_gpus: int = Field(default=1000, ge=1)
+    tick_s: float = Field(default=5.0, gt=0, description="how often the autoscaler measures the offered rate")
+
+
+class Faults(_Frozen):
+    """GPU failures and repairs, exponential with the given means; off when mtbf_s is None."""
+
+    mtbf_s: float | None = Field(default=None, gt=0)
+    mttr_s: float = Field(default=600.0, gt=0)
+
+
+class ServiceModel(_Frozen):
+    """Every parameter of the batched inference service (SPEC section 2)."""
+
+    max_batch: int = Field(default=100, ge=1, le=100_000)
+    max_wait_ms: float = Field(default=40.0, ge=0)
+    pcie_in_ms: float = Field(default=5.0, ge=0)
+    kernel_ms: float = Field(default=100.0, ge=0)
+    pcie_out_ms: float = Field(default=5.0, ge=0)
+    per_item_ms: float = Field(default=0.0, ge=0)
+    gpus: int | None = Field(default=None, ge=1, le=100_000, description="fleet size; None: the planner's answer")
+    tiers: dict[str, float] = Field(default_factory=lambda: {"enterprise": 0.1, "paid": 0.3, "free": 0.6})
+    slo_p95_ms: float = Field(default=500.0, gt=0)
+    max_load: float = Field(default=0.70, gt=0, le=1)
+    cold_start_s: float = Field(default=300.0, ge=0)
+    overlap: bool = Field(default=True, description="False: assembly holds the GPU too (the design's 150 ms cycle)")
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    max_input_bytes: int = Field(default=16_384, gt=0)
+    backpressure: Backpressure = Field(default_factory=Backpressure)
+    autoscale: AutoscalePolicy = Field(default_factory=AutoscalePolicy)
+    faults: Faults = Field(default_factory=Faults)
+
+    @field_validator("tiers")
+    @classmethod
+    def _tier_mix(cls, mix: dict[str, float]) -> dict[str, float]:
+        for name, share in mix.items():
+            Tier.parse(name)
+            if share < 0 or not math.isfinite(share):
+                raise ValueError(f"tier share for {name} must be >= 0 (got {share})")
+        total = sum(mix.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"tier shares must sum to 1 (got {total:g})")
+        return {t.label: float(mix.get(t.label, 0.0)) for t in Tier}
+
+    # -- derived quantities: pure functions of the parameters, used everywhere -------------
+
+    def gpu_cycle_ms(self, batch_size: int | None = None) -> float:
+        """GPU time one batch holds its GPU: PCIe in, kernel, PCIe out (+ per-item time)."""
+        n = self.max_batch if batch_size is None else batch_size
+        hold = self.pcie_in_ms + self.kernel_ms + self.pcie_out_ms + self.per_item_ms * n
+        return hold if self.overlap else hold + self.max_wait_ms
+
+    @property
+    def tier_shares(self) -> tuple[float, ...]:
+        """Shares in Tier order (enterprise, paid, free)."""
+        return tuple(self.tiers[t.label] for t in Tier)
+
+    def per_gpu_rps(self) -> float:
+        """Full-batch throughput of one GPU: max_batch per full cycle."""
+        return self.max_batch / (self.gpu_cycle_ms() / 1000.0)
+
+    def load_factor(self, rps: float, gpus: float) -> float:
+        """Share of the fleet's full-batch capacity that ``rps`` uses (the 70% ceiling applies here)."""
+        return rps / (self.per_gpu_rps() * gpus) if gpus > 0 else math.inf

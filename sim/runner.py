@@ -1,0 +1,119 @@
+"""One simulation run, end to end: workload in, typed result out, replications included.
+
+A :class:`Workload` says what load arrives (a rate schedule, or a trace to replay) and
+a :class:`RunSettings` how long to watch it and with which seed. Together with the
+:class:`~infer_plan.sim.params.ServiceModel` they are everything a run depends on, so a
+run is reproducible from those three objects alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..reports.schema import SimulationResult
+from .arrivals import ArrivalProcess, Arrivals, generate_arrivals, load_trace
+from .engine import simulate_arrivals
+from .errors import UsageError
+from .metrics import interval, summarise
+from .params import ServiceModel
+from .schedule import RateSchedule
+
+__all__ = ["RunSettings", "Workload", "run_simulation"]
+
+# Metrics whose spread across replications is reported as intervals.
+_INTERVAL_KEYS = ("p50_ms", "p95_ms", "p99_ms", "throughput_rps", "rejected_fraction", "gpu_busy", "mean_batch_size")
+
+
+class Workload(BaseModel):
+    """The offered load: a schedule (Poisson or constant arrivals) or a trace replay."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schedule: RateSchedule
+    arrival: ArrivalProcess = ArrivalProcess.POISSON
+    trace: Path | None = None
+
+    @classmethod
+    def constant(cls, rps: float, arrival: ArrivalProcess = ArrivalProcess.POISSON) -> Workload:
+        return cls(schedule=RateSchedule(rps=rps), arrival=arrival)
+
+
+class RunSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    duration_s: float = Field(default=60.0, gt=0, description="measured period")
+    warmup_s: float = Field(default=10.0, ge=0, description="simulated before the measured period, excluded")
+    seed: int = 0
+    replications: int = Field(default=1, ge=1, le=1000)
+    sample_every_s: float | None = Field(default=None, gt=0)
+
+
+def make_arrivals(model: ServiceModel, workload: Workload, settings: RunSettings, seed: int) -> Arrivals:
+    if workload.trace is not None:
+        return load_trace(workload.trace)
+    horizon = settings.warmup_s + settings.duration_s
+    rng = np.random.default_rng(seed)
+    return generate_arrivals(workload.schedule, horizon, model.tier_shares, rng, workload.arrival)
+
+
+def _one_run(
+    model: ServiceModel, workload: Workload, settings: RunSettings, gpus: int, seed: int, keep_timeseries: bool
+) -> SimulationResult:
+    arrivals = make_arrivals(model, workload, settings, seed)
+    duration = settings.duration_s
+    if workload.trace is not None:
+        # A trace sets its own length: measure everything after the warm-up.
+        duration = arrivals.end_s - settings.warmup_s
+        if duration <= 0:
+            raise UsageError(
+                f"the trace lasts {arrivals.end_s:.1f} s, not longer than --warmup {settings.warmup_s:g} s"
+            )
+    horizon = settings.warmup_s + duration
+    out = simulate_arrivals(model, arrivals, gpus, seed=seed, horizon_s=horizon, sample_every_s=settings.sample_every_s)
+    return summarise(
+        out,
+        model,
+        gpus=gpus,
+        rps=workload.schedule.rps,
+        warmup_s=settings.warmup_s,
+        duration_s=duration,
+        seed=seed,
+        keep_timeseries=keep_timeseries,
+    )
+
+
+def run_simulation(
+    model: ServiceModel, workload: Workload, settings: RunSettings, gpus: int, *, keep_timeseries: bool = True
+) -> SimulationResult:
+    """Simulate ``settings.replications`` independent runs (seeds seed, seed+1, ...).
+
+    With one replication the result is that run. With several, latency and rate
+    figures are the means across runs, and ``intervals`` gives each one's 95%
+    confidence interval (for the mean) and prediction interval (for one more run).
+    """
+    runs = [
+        _one_run(model, workload, settings, gpus, settings.seed + r, keep_timeseries and r == 0)
+        for r in range(settings.replications)
+    ]
+    if len(runs) == 1:
+        return runs[0]
+    first = runs[0]
+    intervals = {}
+    means: dict[str, float] = {}
+    for key in _INTERVAL_KEYS:
+        values = np.array([getattr(r, key) for r in runs if getattr(r, key) is not None], dtype=float)
+        if values.size:
+            intervals[key] = interval(values)
+            means[key] = intervals[key].mean
+    per_tier = {}
+    for tier, stats in first.per_tier.items():
+        tier_means = {}
+        for key in ("p50_ms", "p95_ms", "p99_ms", "mean_ms", "rejected_fraction", "error_fraction"):
+            values = [getattr(r.per_tier[tier], key) for r in runs if getattr(r.per_tier[tier], key) is not None]
+            if values:
+                tier_means[key] = float(np.mean(values))
+        per_tier[tier] = stats.model_copy(update=tier_means)
+    return first.model_copy(update={**means, "per_tier": per_tier, "replications": len(runs), "intervals": intervals})
