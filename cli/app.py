@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover - older typer uses the click distributio
 
 from ..sim.errors import InferPlanError
 from .capacity import capacity
+from .serve import serve
 from .simulate import simulate
 
 app = typer.Typer(
@@ -30,23 +31,11 @@ app = typer.Typer(
 )
 app.command()(simulate)
 app.command()(capacity)
-
-
-def _register_optional() -> None:
-    """Commands whose modules import heavier stacks (aiohttp, locust) load lazily."""
-    from .loadtest import loadtest
-    from .serve import serve
-
-    app.command()(serve)
-    app.command()(loadtest)
+app.command()(serve)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns the exit code (also used by tests)."""
-    try:
-        _register_optional()
-    except ImportError:  # during early development a module may not exist yet
-        pass
     try:
         result = app(args=argv, standalone_mode=False, prog_name="infer-plan")
         return result if isinstance(result, int) else 0

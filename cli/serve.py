@@ -1,0 +1,81 @@
+"""``infer-plan serve``: the reference batching server."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..server.config import ServerConfig
+from ..server.keys import DEV_KEYS
+from ..server.runner import Listening, run_server
+from ..sim.errors import UsageError
+from .options import KernelOpt, MaxBatchOpt, MaxWaitOpt, ProfileOpt, ScenarioOpt, build_scenario
+
+
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Public listener address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Public port (0: any free one).")] = 8000,
+    backend: Annotated[str, typer.Option("--backend", help="sim | vllm | openai")] = "sim",
+    gpus: Annotated[int | None, typer.Option("--gpus", min=1, help="GPU workers [scenario's, else 1].")] = None,
+    keys: Annotated[Path | None, typer.Option("--keys", help="TOML [keys] table: key = tier.")] = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model name or local path.")] = None,
+    upstream: Annotated[str | None, typer.Option("--upstream", help="OpenAI-compatible base URL.")] = None,
+    internal_host: Annotated[str, typer.Option("--internal-host", help="Internal listener address.")] = "127.0.0.1",
+    internal_port: Annotated[
+        int | None, typer.Option("--internal-port", min=0, max=65535, help="Internal port [port+1].")
+    ] = None,
+    allow_remote_internal: Annotated[
+        bool, typer.Option("--allow-remote-internal", help="Let the internal API bind a non-loopback address.")
+    ] = False,
+    drain_timeout: Annotated[float, typer.Option("--drain-timeout", min=0, help="Seconds to drain on SIGTERM.")] = 30.0,
+    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="JSON access log on stderr.")] = True,
+    max_batch: MaxBatchOpt = None,
+    max_wait_ms: MaxWaitOpt = None,
+    kernel_ms: KernelOpt = None,
+    scenario: ScenarioOpt = None,
+    profile: ProfileOpt = None,
+) -> None:
+    """Serve the batching design over HTTP: tier queues, dynamic batcher, GPU workers, 429 backpressure."""
+    scen = build_scenario(
+        scenario=scenario, profile=profile, gpus=gpus, max_batch=max_batch, max_wait_ms=max_wait_ms, kernel_ms=kernel_ms
+    )
+    options: dict[str, object] = {}
+    if backend == "openai":
+        if not upstream:
+            raise UsageError("--backend openai needs --upstream URL (an OpenAI-compatible server)")
+        options = {"upstream": upstream, "served_model": model}
+    elif backend == "vllm":
+        if not model:
+            raise UsageError("--backend vllm needs --model (a local model directory or name)")
+        options = {"model_path": model}
+    config = ServerConfig(
+        model=scen.model,
+        host=host,
+        port=port,
+        internal_host=internal_host,
+        internal_port=internal_port,
+        allow_remote_internal=allow_remote_internal,
+        backend=backend,
+        backend_options=options,
+        gpus=scen.model.gpus or 1,
+        keys_file=keys,
+        model_name=model or backend,
+        drain_timeout_s=drain_timeout,
+        access_log=access_log,
+    )
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+
+    def announce(where: Listening) -> None:
+        key_note = f"keys from {keys}" if keys else "development keys " + ", ".join(DEV_KEYS)
+        tiers = ", ".join(t.label for t in where.state.keys.tiers_present)
+        print(
+            f"infer-plan serve: listening on {where.url} (internal {where.internal_url}); backend {backend}, "
+            f"model {config.model_name!r}, {config.gpus} GPU(s); {key_note} (tiers: {tiers})",
+            flush=True,
+        )
+
+    run_server(config, on_ready=announce)

@@ -1,0 +1,107 @@
+"""App factories: the public and the internal aiohttp applications of one server.
+
+The batcher and one worker per GPU run as tasks of a ``cleanup_ctx`` generator, which
+creates them, yields while the app serves, then cancels and awaits them, so nothing is
+left orphaned when the app stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from .backends.base import Backend
+from .batcher import Batcher
+from .config import ServerConfig
+from .errors import error_middleware
+from .gateway import internal_routes, public_routes
+from .keys import KeyStore
+from .state import ServerState
+
+__all__ = ["STATE", "build_apps", "make_state"]
+
+STATE = web.AppKey("state", ServerState)
+access_log = logging.getLogger("infer_plan.access")
+
+
+class JsonAccessLogger(AbstractAccessLogger):
+    """One JSON object per request: no key, no input text, only what operators need."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s",
+            _LazyJson(
+                {
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status,
+                    "ms": round(time * 1000.0, 3),
+                    "tier": request.get("tier"),
+                    "remote": request.remote,
+                    "bytes": response.body_length,
+                }
+            ),
+        )
+
+    @property
+    def enabled(self) -> bool:
+        return self.logger.isEnabledFor(logging.INFO)
+
+
+class _LazyJson:
+    """Formats only if a handler actually emits the record."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: dict) -> None:
+        self.data = data
+
+    def __str__(self) -> str:
+        return json.dumps(self.data, separators=(",", ":"))
+
+
+def make_state(config: ServerConfig) -> ServerState:
+    keys = KeyStore.load(config.keys_file)
+    backend = Backend.create(config.backend, model=config.model, **config.backend_options)
+    return ServerState(config=config, keys=keys, backend=backend)
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    await state.backend.start()
+    batcher = state.batcher = Batcher(state.config.model, state.backend, state.config.gpus, state.metrics)
+    tasks = [asyncio.create_task(batcher.gpu_worker(g), name=f"gpu-{g}") for g in range(state.config.gpus)]
+    state.ready = True
+    try:
+        yield
+    finally:
+        state.ready = False
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await state.backend.close()
+
+
+def _client_max_size(config: ServerConfig) -> int:
+    # Room for JSON escaping of the largest allowed input (up to 6 bytes per char for \uXXXX) plus fields.
+    return config.model.max_input_bytes * 6 + 4096
+
+
+def build_apps(state: ServerState) -> tuple[web.Application, web.Application]:
+    """(public app, internal app); the public one owns the engine's lifecycle."""
+    public = web.Application(middlewares=[error_middleware], client_max_size=_client_max_size(state.config))
+    public[STATE] = state
+    public.add_routes(public_routes(state))
+    public.cleanup_ctx.append(_engine_ctx)
+    internal = web.Application(middlewares=[error_middleware], client_max_size=_client_max_size(state.config))
+    internal[STATE] = state
+    internal.add_routes(internal_routes(state))
+    return public, internal

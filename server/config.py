@@ -1,0 +1,52 @@
+"""Everything one server process needs, gathered by the CLI and passed in explicitly."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..sim.errors import UsageError
+from ..sim.params import ServiceModel
+
+__all__ = ["ServerConfig"]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: ServiceModel = field(default_factory=ServiceModel)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    internal_host: str = "127.0.0.1"
+    internal_port: int | None = None  # None: port + 1; 0: any free port
+    allow_remote_internal: bool = False
+    backend: str = "sim"
+    backend_options: dict[str, Any] = field(default_factory=dict)
+    gpus: int = 1
+    keys_file: Path | None = None
+    model_name: str = "sim"
+    drain_timeout_s: float = 30.0
+    access_log: bool = True
+
+    def __post_init__(self) -> None:
+        if self.gpus < 1:
+            raise UsageError("--gpus must be >= 1")
+        if not self.allow_remote_internal and not _is_loopback(self.internal_host):
+            raise UsageError(
+                f"the internal listener must bind a loopback address, not {self.internal_host!r} "
+                "(pass --allow-remote-internal to override)"
+            )
+
+    @property
+    def resolved_internal_port(self) -> int:
+        return self.port + 1 if self.internal_port is None and self.port else (self.internal_port or 0)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

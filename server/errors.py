@@ -1,0 +1,68 @@
+"""API errors as typed exceptions and the JSON body every error response has.
+
+Handlers raise :class:`ApiError`; the middleware turns it, and aiohttp's own HTTP
+errors (oversized bodies, unknown routes), into ``{"error": {"code", "message"}}``.
+Anything unexpected becomes a 500 with a generic message; the traceback goes to the
+log, never to the client.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+__all__ = ["ApiError", "error_middleware", "error_response"]
+
+log = logging.getLogger("infer_plan.server")
+
+_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "overloaded",
+    500: "internal_error",
+    503: "unavailable",
+    504: "timeout",
+}
+
+
+class ApiError(Exception):
+    """An error answer: HTTP status, a stable machine code and a human message."""
+
+    def __init__(self, status: int, message: str, *, code: str | None = None, retry_after_s: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code or _CODES.get(status, "error")
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+def error_response(err: ApiError) -> web.Response:
+    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+    return web.json_response({"error": {"code": err.code, "message": err.message}}, status=err.status, headers=headers)
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as err:
+        return error_response(err)
+    except web.HTTPRequestEntityTooLarge as err:
+        return error_response(ApiError(413, f"request body too large: {err.text}"))
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        return error_response(ApiError(err.status, err.reason))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(ApiError(500, "internal error"))

@@ -1,0 +1,180 @@
+"""HTTP handlers: the public inference API, health, metrics, and the internal batch API.
+
+The public request path: authenticate the key (tier), parse and validate the body,
+check the model and the size, apply backpressure (429 at once, before queueing), then
+queue and await the future the GPU worker resolves. Every accepted request gets
+exactly one answer: its output, or an error when its batch failed or its deadline
+passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import os
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..sim.params import Tier
+from .batcher import Batcher
+from .errors import ApiError
+from .keys import KeyStore
+from .metrics import ServerMetrics
+from .state import ServerState
+
+__all__ = ["internal_routes", "public_routes"]
+
+_BEARER = "Bearer "
+
+
+def _tier_of(request: web.Request, keys: KeyStore) -> Tier:
+    header = request.headers.get("Authorization", "")
+    if not header.startswith(_BEARER):
+        raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY'")
+    tier = keys.tier_of(header[len(_BEARER) :].strip())
+    if tier is None:
+        raise ApiError(401, "unknown API key")
+    return tier
+
+
+async def _json_body(request: web.Request) -> Any:
+    raw = await request.read()  # bounded by the app's client_max_size (413 past it)
+    try:
+        return json.loads(raw)
+    except UnicodeDecodeError:
+        raise ApiError(400, "body is not valid UTF-8") from None
+    except json.JSONDecodeError as err:
+        raise ApiError(400, f"body is not valid JSON ({err.msg} at position {err.pos})") from None
+    except RecursionError:
+        raise ApiError(400, "JSON nested too deeply") from None
+
+
+class PublicApi:
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+        self.keys = state.keys
+        self.metrics: ServerMetrics = state.metrics
+        self.model_name = state.config.model_name
+        self.max_input_bytes = state.config.model.max_input_bytes
+        self.timeout_s = state.config.model.request_timeout_s
+        self.retry_after = state.config.model.backpressure.retry_after_s
+        self._ids = itertools.count(1)
+        self._prefix = f"{os.getpid():x}"
+
+    @property
+    def batcher(self) -> Batcher:
+        """Created when the app starts (inside the running loop), after the routes."""
+        batcher = self.state.batcher
+        if batcher is None:
+            raise ApiError(503, "starting up", code="not_ready", retry_after_s=1)
+        return batcher
+
+    async def inference(self, request: web.Request) -> web.Response:
+        loop = asyncio.get_running_loop()
+        arrived = loop.time()
+        tier = _tier_of(request, self.keys)
+        if self.state.draining:
+            self.metrics.rejected.labels(tier.label, "draining").inc()
+            raise ApiError(
+                503, "server is draining; retry on another instance", code="draining", retry_after_s=self.retry_after
+            )
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise ApiError(400, 'body must be a JSON object: {"model": str, "input": str}')
+        model, text = body.get("model"), body.get("input")
+        if model is None or text is None:
+            missing = [k for k in ("model", "input") if body.get(k) is None]
+            raise ApiError(400, f"missing field(s): {', '.join(missing)}")
+        if not isinstance(model, str) or not isinstance(text, str):
+            raise ApiError(400, "fields 'model' and 'input' must be strings")
+        if model != self.model_name:
+            raise ApiError(404, f"unknown model {model!r}; this server serves {self.model_name!r}")
+        if len(text) > self.max_input_bytes or len(text.encode("utf-8", "surrogatepass")) > self.max_input_bytes:
+            raise ApiError(413, f"input too large (limit {self.max_input_bytes} bytes)")
+        if not self.batcher.admits(tier):
+            self.metrics.shed[tier].inc()
+            raise ApiError(429, "overloaded: shedding this tier for now", retry_after_s=self.retry_after)
+        future = self.batcher.submit(text, tier)
+        try:
+            output = await asyncio.wait_for(future, self.timeout_s)
+        except TimeoutError:
+            self.metrics.responses.labels(tier.label, "504").inc()
+            raise ApiError(504, f"no answer within {self.timeout_s:g} s") from None
+        except ApiError as err:
+            self.metrics.responses.labels(tier.label, str(err.status)).inc()
+            raise
+        latency = loop.time() - arrived
+        self.metrics.ok[tier].inc()
+        self.metrics.tier_latency[tier].observe(latency)
+        request["tier"] = tier.label
+        return web.json_response(
+            {
+                "request_id": f"{self._prefix}-{next(self._ids)}",
+                "output": output,
+                "latency_ms": round(latency * 1000.0, 3),
+            }
+        )
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        if self.state.draining or not self.state.ready:
+            raise ApiError(503, "not ready" if not self.state.draining else "draining", code="not_ready")
+        return web.json_response({"status": "ready", "gpus": self.batcher.gpus, "queued": self.batcher.queued})
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        for tier, q in enumerate(self.batcher.queues):
+            self.metrics.tier_depth[tier].set(len(q))
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def public_routes(state: ServerState) -> list[web.RouteDef]:
+    api = PublicApi(state)
+    return [
+        web.post("/v1/inference", api.inference),
+        web.get("/healthz", api.healthz),
+        web.get("/readyz", api.readyz),
+        web.get("/metrics", api.metrics_text),
+    ]
+
+
+class InternalApi:
+    """``POST /internal/batch``: run one batch on a free GPU, results by index position."""
+
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def batch(self, request: web.Request) -> web.Response:
+        header = request.headers.get("Authorization", "")
+        if header.startswith(_BEARER) and self.state.keys.tier_of(header[len(_BEARER) :].strip()) is not None:
+            raise ApiError(403, "client keys cannot use the internal API")
+        body = await _json_body(request)
+        if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
+            raise ApiError(400, 'body must be {"batch_id": ..., "requests": [{"input": str}, ...]}')
+        batch_id = body.get("batch_id")
+        requests = body["requests"]
+        if not requests or len(requests) > self.state.config.model.max_batch:
+            raise ApiError(400, f"a batch holds 1 to {self.state.config.model.max_batch} requests")
+        inputs = []
+        for i, item in enumerate(requests):
+            if not isinstance(item, dict) or not isinstance(item.get("input"), str):
+                raise ApiError(400, f"requests[{i}] must be an object with a string 'input'")
+            inputs.append(item["input"])
+        outputs = await self.state.run_direct(inputs)
+        return web.json_response(
+            {
+                "batch_id": batch_id,
+                "status": "ok",
+                "results": [{"index": i, "output": o} for i, o in enumerate(outputs)],
+            }
+        )
+
+
+def internal_routes(state: ServerState) -> list[web.RouteDef]:
+    api = InternalApi(state)
+    return [web.post("/internal/batch", api.batch), web.get("/healthz", PublicApi(state).healthz)]

@@ -1,0 +1,47 @@
+"""Prometheus metrics of one server, in a registry of its own (several apps may share a process).
+
+Label children are bound once here, so the request path only calls ``inc()``.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..sim.params import Tier
+
+__all__ = ["ServerMetrics"]
+
+_BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 40, 60, 80, 100, 200, 500)
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30)
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.queue_depth = Gauge("inferplan_queue_depth", "Requests waiting, by tier", ["tier"], registry=r)
+        self.batch_size = Histogram(
+            "inferplan_batch_size", "Requests per batch", buckets=_BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.batch_latency = Histogram(
+            "inferplan_batch_latency_seconds", "Backend time per batch", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.request_latency = Histogram(
+            "inferplan_request_latency_seconds",
+            "Arrival to response, by tier",
+            ["tier"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.gpus_busy = Gauge("inferplan_gpus_busy", "GPUs running a batch now", registry=r)
+        self.gpus = Gauge("inferplan_gpus", "GPUs in the worker pool", registry=r)
+        self.gpu_busy_seconds = Counter("inferplan_gpu_busy_seconds", "GPU time spent running batches", registry=r)
+        self.rejected = Counter(
+            "inferplan_rejected", "Requests refused, by tier and reason", ["tier", "reason"], registry=r
+        )
+        self.responses = Counter("inferplan_responses", "Responses by tier and status", ["tier", "status"], registry=r)
+        self.backend_faults = Counter("inferplan_backend_faults", "Failed batches by kind", ["kind"], registry=r)
+        self.tier_depth = [self.queue_depth.labels(t.label) for t in Tier]
+        self.tier_latency = [self.request_latency.labels(t.label) for t in Tier]
+        self.shed = [self.rejected.labels(t.label, "backpressure") for t in Tier]
+        self.ok = [self.responses.labels(t.label, "200") for t in Tier]

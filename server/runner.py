@@ -1,0 +1,127 @@
+"""Running a server process: bind, announce, serve, and drain on SIGTERM/SIGINT.
+
+Drain order: stop admitting (new requests get 503 with Retry-After on the still-open
+listener), let queued and running batches finish and their responses go out, then
+close the listeners and exit 0. A second signal, or the drain timeout, cuts it short.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable
+
+from aiohttp import web
+
+from .app import JsonAccessLogger, build_apps, make_state
+from .config import ServerConfig
+from .state import ServerState
+
+__all__ = ["Listening", "bind", "run_server", "serve"]
+
+log = logging.getLogger("infer_plan.server")
+
+
+class Listening:
+    """Where a started server listens; handed to the on_ready callback."""
+
+    def __init__(self, public: tuple[str, int], internal: tuple[str, int], state: ServerState) -> None:
+        self.public = public
+        self.internal = internal
+        self.state = state
+
+    @property
+    def url(self) -> str:
+        return f"http://{_fmt_host(self.public[0])}:{self.public[1]}"
+
+    @property
+    def internal_url(self) -> str:
+        return f"http://{_fmt_host(self.internal[0])}:{self.internal[1]}"
+
+
+def _fmt_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        from ..sim.errors import UsageError
+
+        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror}") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+async def serve(
+    config: ServerConfig, *, on_ready: Callable[[Listening], None] | None = None, stop: asyncio.Event | None = None
+) -> None:
+    """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; then drain and return."""
+    state = make_state(config)
+    public_app, internal_app = build_apps(state)
+    public_runner = web.AppRunner(
+        public_app,
+        access_log_class=JsonAccessLogger,
+        access_log=logging.getLogger("infer_plan.access") if config.access_log else None,
+        handle_signals=False,
+    )
+    internal_runner = web.AppRunner(internal_app, access_log=None, handle_signals=False)
+    public_sock = bind(config.host, config.port)
+    internal_sock = bind(config.internal_host, config.resolved_internal_port)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals > 1 and drain_task is not None:
+            log.warning("second signal: stopping without waiting for the drain")
+            drain_task.cancel()
+        stop.set()
+
+    drain_task: asyncio.Task | None = None
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, on_signal)
+    await public_runner.setup()
+    await internal_runner.setup()
+    try:
+        await web.SockSite(public_runner, public_sock, shutdown_timeout=config.drain_timeout_s).start()
+        await web.SockSite(internal_runner, internal_sock).start()
+        if on_ready is not None:
+            on_ready(Listening(public_sock.getsockname()[:2], internal_sock.getsockname()[:2], state))
+        await stop.wait()
+        state.draining = True
+        log.info("draining: %d queued, %d batches running", state.batcher.queued, state.batcher.running)
+        drain_task = asyncio.create_task(state.batcher.wait_idle())
+        try:
+            await asyncio.wait_for(drain_task, config.drain_timeout_s)
+        except (TimeoutError, asyncio.CancelledError):
+            log.warning("drain cut short with %d queued", state.batcher.queued)
+        await asyncio.sleep(0.05)  # let handlers whose futures just resolved write their responses
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+        await internal_runner.cleanup()
+        await public_runner.cleanup()
+
+
+def run_server(config: ServerConfig, on_ready: Callable[[Listening], None] | None = None) -> None:
+    """Blocking entry point for the CLI: uvloop when installed, asyncio otherwise."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(config, on_ready=on_ready))
+    else:
+        uvloop.run(serve(config, on_ready=on_ready))
