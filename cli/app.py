@@ -18,6 +18,7 @@ except ImportError:  # pragma: no cover - older typer uses the click distributio
 
 from ..sim.errors import InferPlanError
 from .capacity import capacity
+from .loadtest import loadtest
 from .serve import serve
 from .simulate import simulate
 
@@ -32,6 +33,7 @@ app = typer.Typer(
 app.command()(simulate)
 app.command()(capacity)
 app.command()(serve)
+app.command()(loadtest)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,6 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ..sim.errors import ConfigError
-
 __all__ = [
     "SCHEMA_VERSION",
     "BackOfEnvelope",
@@ -23,6 +21,7 @@ __all__ = [
     "CapacityRow",
     "Interval",
     "LatencyStats",
+    "LoadTestResult",
     "Result",
     "SimulationResult",
     "TierStats",
@@ -150,15 +149,58 @@ class CapacityResult(_Model):
     sweep: list[SweepPoint] | None = None
 
 
-Result = Annotated[SimulationResult | CapacityResult, Field(discriminator="kind")]
+class MeasuredVsSimulated(_Model):
+    """One tier's (or all's) percentiles, measured and simulated, and the relative error."""
+
+    measured_ms: dict[str, float | None]
+    simulated_ms: dict[str, float | None] | None = None
+    relative_error: dict[str, float | None] | None = None
+
+
+class Gate(_Model):
+    name: str
+    passed: bool
+    value: float | None
+    limit: float
+    detail: str
+
+
+class LoadTestResult(_Model):
+    kind: Literal["loadtest"] = "loadtest"
+    schema_version: int = SCHEMA_VERSION
+    target: str
+    url: str
+    gpus: int | None
+    rps: float
+    duration_s: float
+    warmup_s: float
+    workers: int
+    requests: int
+    achieved_rps: float
+    shortfall: float = Field(description="1 - achieved/target send rate")
+    send_lag_p95_ms: float
+    status_counts: dict[str, int]
+    error_rate: float
+    reject_rate: float
+    wrong_outputs: int
+    per_tier: dict[str, MeasuredVsSimulated]
+    overall: MeasuredVsSimulated
+    locust: dict[str, dict[str, float]]
+    gates: list[Gate]
+    passed: bool
+    latency_over_time: dict[str, list[float]] | None = None
+
+
+Result = Annotated[SimulationResult | CapacityResult | LoadTestResult, Field(discriminator="kind")]
 
 
 class _Envelope(BaseModel):
     result: Result
 
 
-def load_result(path: Path) -> SimulationResult | CapacityResult:
+def load_result(path: Path) -> SimulationResult | CapacityResult | LoadTestResult:
     """Read a saved result; refuse other schema versions with a message naming the one expected."""
+    from ..sim.errors import ConfigError  # here, not at the top: sim imports this module
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -164,10 +164,10 @@ class Batcher:
                 )
                 if not isinstance(outputs, list) or len(outputs) != len(batch):
                     got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
-                    raise _WrongCount(f"backend returned {got} outputs for {len(batch)} inputs")
+                    raise _WrongCountError(f"backend returned {got} outputs for {len(batch)} inputs")
             except TimeoutError:
                 self._fail(batch, "timeout", ApiError(504, "the backend did not answer in time"))
-            except _WrongCount as err:
+            except _WrongCountError as err:
                 log.error("gpu %d: %s", gpu, err)
                 self._fail(batch, "wrong_count", ApiError(503, "backend failure", code="backend_error"))
             except BackendError as err:
@@ -197,5 +197,5 @@ class Batcher:
                 item.future.set_exception(err)
 
 
-class _WrongCount(Exception):
+class _WrongCountError(Exception):
     pass

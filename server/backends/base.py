@@ -43,10 +43,10 @@ class Backend(ABC):
             raise ConfigError(f"unknown backend {name!r} (valid: {valid})") from None
         return sub(**options)
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027  (optional hook)
         """Load weights, open connections; called once before the first batch."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027  (optional hook)
         """Release what start() took."""
 
     @abstractmethod

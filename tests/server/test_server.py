@@ -104,7 +104,7 @@ async def test_lone_request_leaves_after_the_timeout_plus_one_cycle(server):
         latencies = []
         for i in range(5):
             start = time.perf_counter()
-            status, payload, _ = await post(session, f"{server.url}/v1/inference", {"model": "sim", "input": f"l{i}"})
+            status, _, _ = await post(session, f"{server.url}/v1/inference", {"model": "sim", "input": f"l{i}"})
             latencies.append((time.perf_counter() - start) * 1000)
             assert status == 200
             await asyncio.sleep(0.2)  # GPU idle again

@@ -1,0 +1,128 @@
+"""Server overhead: throughput at zero GPU time vs a bare aiohttp handler, and added latency.
+
+Run: python benchmarks/bench_server.py [--repeats 3] [--seconds 8]
+Needs `wrk` (Debian package). Each server is pinned to core 0 and wrk to core 1, the
+two alternate, and medians are printed. Targets (issue #3): throughput >= 50% of the
+bare handler; server-added P95 latency at 1,000 req/s <= 5 ms over the model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from infer_plan.loadtests.openloop import send_open_loop
+from infer_plan.sim import RateSchedule, ServiceModel
+from infer_plan.sim.arrivals import generate_arrivals
+from infer_plan.sim.engine import simulate_arrivals
+
+HERE = Path(__file__).parent
+LUA = 'wrk.method = "POST"\nwrk.body = \'{"model": "sim", "input": "hello"}\'\n' \
+      'wrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer dev-enterprise"\n'
+ZERO_GPU = "[service]\npcie_in_ms = 0\nkernel_ms = 0\npcie_out_ms = 0\n"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_listening(port: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def wrk_rps(port: int, seconds: int, script: Path) -> float:
+    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c128", f"-d{seconds}s", "-s", str(script),
+                          f"http://127.0.0.1:{port}/v1/inference"], capture_output=True, text=True, check=True).stdout
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if non2xx:
+        raise RuntimeError(f"wrk saw {non2xx.group(1)} errors:\n{out}")
+    return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+
+
+def run_pinned(cmd: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(["taskset", "-c", "0", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def throughput(repeats: int, seconds: int, tmp: Path) -> tuple[float, float]:
+    script = tmp / "post.lua"
+    script.write_text(LUA)
+    scenario = tmp / "zero.toml"
+    scenario.write_text(ZERO_GPU)
+    bare, ours = [], []
+    for _ in range(repeats):
+        for bucket, cmd in (
+            (bare, [sys.executable, str(HERE / "bare_server.py")]),
+            (ours, [sys.executable, "-m", "infer_plan.cli", "serve", "--no-access-log", "--gpus", "4",
+                    "--scenario", str(scenario)]),
+        ):
+            port = free_port()
+            proc = run_pinned([*cmd, str(port)] if bucket is bare else [*cmd, "--port", str(port)])
+            try:
+                wait_listening(port)
+                wrk_rps(port, 1, script)  # warm-up
+                bucket.append(wrk_rps(port, seconds, script))
+            finally:
+                proc.terminate()
+                proc.wait(timeout=30)
+    return statistics.median(bare), statistics.median(ours)
+
+
+async def added_latency(rps: float, seconds: float, gpus: int) -> tuple[float, float, float]:
+    model = ServiceModel()
+    arr = generate_arrivals(RateSchedule(rps=rps), seconds, model.tier_shares, np.random.default_rng(11))
+    port = free_port()
+    proc = run_pinned([sys.executable, "-m", "infer_plan.cli", "serve", "--no-access-log", "--gpus", str(gpus),
+                       "--port", str(port)])
+    try:
+        wait_listening(port)
+        keys = {0: "dev-enterprise", 1: "dev-paid", 2: "dev-free"}
+        result = await send_open_loop(f"http://127.0.0.1:{port}", arr, keys)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    predicted = (simulate_arrivals(model, arr, gpus).completion - arr.times) * 1000.0
+    warm = arr.times >= 1.0
+    ok = result.status[warm] == 200
+    measured = result.latency_ms[warm][ok]
+    return float(np.percentile(measured, 95)), float(np.percentile(predicted[warm], 95)), float(ok.mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=8)
+    args = parser.parse_args()
+    if not shutil.which("wrk") or not shutil.which("taskset"):
+        sys.exit("needs wrk and taskset (apt-get install wrk util-linux)")
+    print(f"machine: {os.cpu_count()} cores; servers pinned to core 0, load generator to core 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        bare, ours = throughput(args.repeats, args.seconds, Path(tmp))
+    print(f"bare aiohttp handler      : {bare:>9,.0f} req/s (median of {args.repeats})")
+    print(f"infer-plan serve, GPU 0 ms: {ours:>9,.0f} req/s  -> {ours / bare:.0%} of bare")
+    p95_measured, p95_model, ok = asyncio.run(added_latency(1000, 10, gpus=2))
+    print(f"1,000 req/s open loop, 2 GPUs: P95 measured {p95_measured:.1f} ms, simulator {p95_model:.1f} ms, "
+          f"server-added {p95_measured - p95_model:+.1f} ms ({ok:.1%} answered 200)")
+
+
+if __name__ == "__main__":
+    main()

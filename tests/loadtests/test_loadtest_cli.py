@@ -1,0 +1,106 @@
+"""`infer-plan loadtest` as CI runs it: a real Locust run against a real server process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+
+CLI = [sys.executable, "-m", "infer_plan.cli", "loadtest"]
+pytestmark = pytest.mark.timeout(240)
+
+
+def loadtest(*args: str, timeout: float = 200) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@pytest.fixture(scope="module")
+def passing_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lt")
+    proc = loadtest("--target", "sim", "--rps", "300", "--duration", "30", "--json", str(out / "out.json"),
+                    "--junit", str(out / "junit.xml"))
+    return proc, json.loads((out / "out.json").read_text()), out
+
+
+def test_sim_target_passes_and_matches_the_simulator(passing_run):
+    proc, data, _ = passing_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert data["kind"] == "loadtest" and data["passed"] is True
+    assert data["status_counts"] == {"200": data["requests"]} and data["wrong_outputs"] == 0
+    assert data["shortfall"] < 0.02
+    overall = data["overall"]
+    assert overall["relative_error"]["p95_ms"] <= 0.05, overall
+    for tier in ("enterprise", "paid", "free"):
+        stats = data["per_tier"][tier]
+        assert stats["simulated_ms"]["p95_ms"] > 0 and stats["measured_ms"]["p95_ms"] > 0
+        # Measured includes HTTP and the generator's own work; see the README's calibration note.
+        assert stats["relative_error"]["p95_ms"] <= 0.075, (tier, stats)
+
+
+def test_impossible_slo_fails_exactly_the_latency_gates(tmp_path):
+    junit = tmp_path / "junit.xml"
+    proc = loadtest("--target", "sim", "--rps", "200", "--duration", "6", "--slo-p95-ms", "100",
+                    "--junit", str(junit))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    cases = {c.get("name"): c.find("failure") is not None for c in ET.parse(junit).getroot().iter("testcase")}
+    assert cases == {"p95_overall": True, "p95_enterprise": True, "p95_paid": True, "p95_free": True,
+                     "error_rate": False, "reject_rate": False}
+
+
+def test_baseline_gate_compares_with_an_earlier_run(passing_run, tmp_path):
+    _, _, out = passing_run
+    ok = loadtest("--target", "sim", "--rps", "300", "--duration", "8", "--baseline", str(out / "out.json"),
+                  "--baseline-tolerance", "0.5", "--json", str(tmp_path / "b.json"))
+    assert ok.returncode == 0, ok.stdout[-2000:]
+    names = [g["name"] for g in json.loads((tmp_path / "b.json").read_text())["gates"]]
+    assert "baseline_p95_overall" in names
+    slower = loadtest("--target", "sim", "--rps", "300", "--duration", "6", "--kernel-ms", "300",
+                      "--baseline", str(out / "out.json"), "--baseline-tolerance", "0.1")
+    assert slower.returncode == 1
+    assert "baseline_p95_overall" in slower.stdout
+
+
+def test_slow_server_latency_grows_with_the_backlog(tmp_path):
+    # Batches take 2 s: one GPU serves 50 req/s; offer 80 req/s for 12 s with a queue that never sheds.
+    scenario = tmp_path / "slow.toml"
+    scenario.write_text("[service]\nkernel_ms = 2000\n[service.backpressure]\nqueue_limit = 100000\n")
+    out = tmp_path / "slow.json"
+    proc = loadtest("--target", "sim", "--rps", "80", "--duration", "12", "--warmup", "0", "--scenario",
+                    str(scenario), "--json", str(out), "--slo-p95-ms", "100000")
+    data = json.loads(out.read_text())
+    t = np.array(data["latency_over_time"]["t_s"])
+    p95 = np.array(data["latency_over_time"]["p95_ms"])
+    # Queueing theory: waits grow at arrival/service - 1 = 80/50 - 1 = 0.6 s per second of schedule.
+    slope = np.polyfit(t, p95 / 1000.0, 1)[0]
+    assert slope > 0.3, (slope, p95)
+    assert data["overall"]["measured_ms"]["p95_ms"] > 4000  # not a flat 2 s
+    assert proc.returncode == 0
+
+
+def test_distributed_mode_with_two_workers(tmp_path):
+    out = tmp_path / "w.json"
+    proc = loadtest("--target", "sim", "--rps", "200", "--duration", "6", "--workers", "2", "--json", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["workers"] == 2
+    assert data["status_counts"] == {"200": data["requests"]}
+    assert data["requests"] > 900
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--target", "ftp://x", "--rps", "10", "--duration", "1"], "--target"),
+        (["--target", "sim", "--rps", "10"], "duration"),
+        (["--target", "sim", "--rps", "10", "--duration", "1", "--baseline", "/nope.json"], "not found"),
+        (["--target", "sim", "--rps", "10", "--duration", "1", "--keys", "/nope.toml"], "not found"),
+    ],
+)
+def test_usage_errors_exit_2(args, needle):
+    proc = loadtest(*args, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr
