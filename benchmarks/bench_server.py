@@ -22,15 +22,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from infer_plan.loadtests.openloop import send_open_loop
 from infer_plan.sim import RateSchedule, ServiceModel
 from infer_plan.sim.arrivals import generate_arrivals
 from infer_plan.sim.engine import simulate_arrivals
 
 HERE = Path(__file__).parent
-LUA = 'wrk.method = "POST"\nwrk.body = \'{"model": "sim", "input": "hello"}\'\n' \
-      'wrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer dev-enterprise"\n'
+LUA = (
+    'wrk.method = "POST"\nwrk.body = \'{"model": "sim", "input": "hello"}\'\n'
+    'wrk.headers["Content-Type"] = "application/json"\nwrk.headers["Authorization"] = "Bearer dev-enterprise"\n'
+)
 ZERO_GPU = "[service]\npcie_in_ms = 0\nkernel_ms = 0\npcie_out_ms = 0\n"
 
 
@@ -51,8 +52,23 @@ def wait_listening(port: int, timeout: float = 30) -> None:
 
 
 def wrk_rps(port: int, seconds: int, script: Path) -> float:
-    out = subprocess.run(["taskset", "-c", "1", "wrk", "-t1", "-c128", f"-d{seconds}s", "-s", str(script),
-                          f"http://127.0.0.1:{port}/v1/inference"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [
+            "taskset",
+            "-c",
+            "1",
+            "wrk",
+            "-t1",
+            "-c128",
+            f"-d{seconds}s",
+            "-s",
+            str(script),
+            f"http://127.0.0.1:{port}/v1/inference",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if non2xx:
         raise RuntimeError(f"wrk saw {non2xx.group(1)} errors:\n{out}")
@@ -72,8 +88,20 @@ def throughput(repeats: int, seconds: int, tmp: Path) -> tuple[float, float]:
     for _ in range(repeats):
         for bucket, cmd in (
             (bare, [sys.executable, str(HERE / "bare_server.py")]),
-            (ours, [sys.executable, "-m", "infer_plan.cli", "serve", "--no-access-log", "--gpus", "4",
-                    "--scenario", str(scenario)]),
+            (
+                ours,
+                [
+                    sys.executable,
+                    "-m",
+                    "infer_plan.cli",
+                    "serve",
+                    "--no-access-log",
+                    "--gpus",
+                    "4",
+                    "--scenario",
+                    str(scenario),
+                ],
+            ),
         ):
             port = free_port()
             proc = run_pinned([*cmd, str(port)] if bucket is bare else [*cmd, "--port", str(port)])
@@ -91,8 +119,9 @@ async def added_latency(rps: float, seconds: float, gpus: int) -> tuple[float, f
     model = ServiceModel()
     arr = generate_arrivals(RateSchedule(rps=rps), seconds, model.tier_shares, np.random.default_rng(11))
     port = free_port()
-    proc = run_pinned([sys.executable, "-m", "infer_plan.cli", "serve", "--no-access-log", "--gpus", str(gpus),
-                       "--port", str(port)])
+    proc = run_pinned(
+        [sys.executable, "-m", "infer_plan.cli", "serve", "--no-access-log", "--gpus", str(gpus), "--port", str(port)]
+    )
     try:
         wait_listening(port)
         keys = {0: "dev-enterprise", 1: "dev-paid", 2: "dev-free"}
@@ -120,8 +149,10 @@ def main() -> None:
     print(f"bare aiohttp handler      : {bare:>9,.0f} req/s (median of {args.repeats})")
     print(f"infer-plan serve, GPU 0 ms: {ours:>9,.0f} req/s  -> {ours / bare:.0%} of bare")
     p95_measured, p95_model, ok = asyncio.run(added_latency(1000, 10, gpus=2))
-    print(f"1,000 req/s open loop, 2 GPUs: P95 measured {p95_measured:.1f} ms, simulator {p95_model:.1f} ms, "
-          f"server-added {p95_measured - p95_model:+.1f} ms ({ok:.1%} answered 200)")
+    print(
+        f"1,000 req/s open loop, 2 GPUs: P95 measured {p95_measured:.1f} ms, simulator {p95_model:.1f} ms, "
+        f"server-added {p95_measured - p95_model:+.1f} ms ({ok:.1%} answered 200)"
+    )
 
 
 if __name__ == "__main__":

@@ -41,7 +41,9 @@ def loadtest(
     warmup: Annotated[float, typer.Option("--warmup", min=0, help="First seconds excluded from results.")] = 2.0,
     arrival: Annotated[ArrivalProcess, typer.Option("--arrival", help="poisson or constant.")] = ArrivalProcess.POISSON,
     spike: Annotated[list[str] | None, typer.Option("--spike", help="FACTOR:AT_S:DURATION_S")] = None,
-    gpus: Annotated[int | None, typer.Option("--gpus", min=1, help="Fleet of the sim target (and the simulation).")] = None,
+    gpus: Annotated[
+        int | None, typer.Option("--gpus", min=1, help="Fleet of the sim target (and the simulation).")
+    ] = None,
     model_name: Annotated[str, typer.Option("--model", help="Model name sent in requests.")] = "sim",
     keys: Annotated[Path | None, typer.Option("--keys", help="Keys file; one key per tier is used.")] = None,
     workers: Annotated[int, typer.Option("--workers", min=0, max=64, help="Locust worker processes (0: local).")] = 0,
@@ -49,8 +51,12 @@ def loadtest(
     slo_p95_ms: SloOpt = None,
     max_error_rate: Annotated[float, typer.Option("--max-error-rate", min=0, max=1)] = 0.001,
     max_reject_rate: Annotated[float, typer.Option("--max-reject-rate", min=0, max=1)] = 0.01,
-    baseline: Annotated[Path | None, typer.Option("--baseline", help="Earlier loadtest JSON to compare P95s with.")] = None,
-    baseline_tolerance: Annotated[float, typer.Option("--baseline-tolerance", min=0, help="Allowed P95 growth.")] = 0.10,
+    baseline: Annotated[
+        Path | None, typer.Option("--baseline", help="Earlier loadtest JSON to compare P95s with.")
+    ] = None,
+    baseline_tolerance: Annotated[
+        float, typer.Option("--baseline-tolerance", min=0, help="Allowed P95 growth.")
+    ] = 0.10,
     tier_mix: TierMixOpt = None,
     max_batch: MaxBatchOpt = None,
     max_wait_ms: MaxWaitOpt = None,
@@ -68,8 +74,16 @@ def loadtest(
     from ..loadtests.plan import LoadPlan
     from ..loadtests.target import local_sim_server
 
-    scen = build_scenario(scenario=scenario, profile=profile, tier_mix=tier_mix, gpus=gpus, max_batch=max_batch,
-                          max_wait_ms=max_wait_ms, kernel_ms=kernel_ms, slo_p95_ms=slo_p95_ms)
+    scen = build_scenario(
+        scenario=scenario,
+        profile=profile,
+        tier_mix=tier_mix,
+        gpus=gpus,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        kernel_ms=kernel_ms,
+        slo_p95_ms=slo_p95_ms,
+    )
     model = scen.model
     workload = scen.workload(rps=rps, arrival=arrival, extra_segments=tuple(parse_spike(s) for s in spike or ()))
     if target != "sim" and not target.startswith(("http://", "https://")):
@@ -82,8 +96,9 @@ def loadtest(
         base = loaded
     fleet = model.gpus or (1 if target == "sim" else None)
     horizon = warmup + duration
-    arrivals = generate_arrivals(workload.schedule, horizon, model.tier_shares, np.random.default_rng(seed),
-                                 workload.arrival)
+    arrivals = generate_arrivals(
+        workload.schedule, horizon, model.tier_shares, np.random.default_rng(seed), workload.arrival
+    )
     if len(arrivals) == 0:
         raise UsageError("the schedule produces no requests; raise --rps or --duration")
     key_map = _keys_per_tier(keys)
@@ -92,8 +107,9 @@ def loadtest(
         raise ConfigError(f"{keys}: no key for tier(s) {', '.join(missing)} in the mix")
 
     def drive(url: str):
-        plan = LoadPlan(url=url.rstrip("/"), arrivals=arrivals, keys=key_map, model=model_name,
-                        timeout_s=model.request_timeout_s)
+        plan = LoadPlan(
+            url=url.rstrip("/"), arrivals=arrivals, keys=key_map, model=model_name, timeout_s=model.request_timeout_s
+        )
         return run_plan(plan, workers=workers)
 
     if target == "sim":
@@ -108,10 +124,26 @@ def loadtest(
     if fleet is not None:
         out = simulate_arrivals(model, arrivals, fleet)
         simulated = (out.completion - arrivals.times) * 1000.0
-    limits = GateLimits(slo_p95_ms=model.slo_p95_ms, max_error_rate=max_error_rate, max_reject_rate=max_reject_rate,
-                        baseline=base, baseline_tolerance=baseline_tolerance)
-    result = analyse(records, target=target, url=url, gpus=fleet, rps=rps, duration_s=duration, warmup_s=warmup,
-                     workers=workers, simulated_ms=simulated, limits=limits, locust=locust_stats)
+    limits = GateLimits(
+        slo_p95_ms=model.slo_p95_ms,
+        max_error_rate=max_error_rate,
+        max_reject_rate=max_reject_rate,
+        baseline=base,
+        baseline_tolerance=baseline_tolerance,
+    )
+    result = analyse(
+        records,
+        target=target,
+        url=url,
+        gpus=fleet,
+        rps=rps,
+        duration_s=duration,
+        warmup_s=warmup,
+        workers=workers,
+        simulated_ms=simulated,
+        limits=limits,
+        locust=locust_stats,
+    )
     emit_json(result, print_it=False, path=json_file)
     if junit_file is not None:
         write_junit(result, junit_file)

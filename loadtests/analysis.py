@@ -44,9 +44,20 @@ def _compare(measured: np.ndarray, simulated: np.ndarray | None) -> MeasuredVsSi
     return MeasuredVsSimulated(measured_ms=m, simulated_ms=s, relative_error=err)
 
 
-def analyse(records: Records, *, target: str, url: str, gpus: int | None, rps: float, duration_s: float,
-            warmup_s: float, workers: int, simulated_ms: np.ndarray | None, limits: GateLimits,
-            locust: dict[str, dict[str, float]]) -> LoadTestResult:
+def analyse(
+    records: Records,
+    *,
+    target: str,
+    url: str,
+    gpus: int | None,
+    rps: float,
+    duration_s: float,
+    warmup_s: float,
+    workers: int,
+    simulated_ms: np.ndarray | None,
+    limits: GateLimits,
+    locust: dict[str, dict[str, float]],
+) -> LoadTestResult:
     window = records.scheduled >= warmup_s
     ok = (records.status == 200) & ~records.wrong_output
     latency = records.latency_ms
@@ -60,7 +71,9 @@ def analyse(records: Records, *, target: str, url: str, gpus: int | None, rps: f
     overall = _compare(latency[overall_mask], simulated_ms[overall_mask] if simulated_ms is not None else None)
 
     statuses, counts = np.unique(records.status[window], return_counts=True)
-    status_counts = {("transport_error" if s == 0 else str(int(s))): int(c) for s, c in zip(statuses, counts, strict=True)}
+    status_counts = {
+        ("transport_error" if s == 0 else str(int(s))): int(c) for s, c in zip(statuses, counts, strict=True)
+    }
     rejected = int((records.status[window] == 429).sum())
     errors = n - int(ok[window].sum()) - rejected
     sent = records.sent[~np.isnan(records.sent)]
@@ -71,12 +84,27 @@ def analyse(records: Records, *, target: str, url: str, gpus: int | None, rps: f
     lag = (records.sent - records.scheduled)[~np.isnan(records.sent)] * 1000.0
 
     result = LoadTestResult(
-        target=target, url=url, gpus=gpus, rps=rps, duration_s=duration_s, warmup_s=warmup_s, workers=workers,
-        requests=n, achieved_rps=achieved, shortfall=max(0.0, 1 - achieved / planned) if planned else 0.0,
+        target=target,
+        url=url,
+        gpus=gpus,
+        rps=rps,
+        duration_s=duration_s,
+        warmup_s=warmup_s,
+        workers=workers,
+        requests=n,
+        achieved_rps=achieved,
+        shortfall=max(0.0, 1 - achieved / planned) if planned else 0.0,
         send_lag_p95_ms=float(np.percentile(lag, 95)) if lag.size else 0.0,
-        status_counts=status_counts, error_rate=errors / n if n else 0.0, reject_rate=rejected / n if n else 0.0,
-        wrong_outputs=int(records.wrong_output.sum()), per_tier=per_tier, overall=overall, locust=locust,
-        gates=[], passed=True, latency_over_time=_latency_over_time(records, ok),
+        status_counts=status_counts,
+        error_rate=errors / n if n else 0.0,
+        reject_rate=rejected / n if n else 0.0,
+        wrong_outputs=int(records.wrong_output.sum()),
+        per_tier=per_tier,
+        overall=overall,
+        locust=locust,
+        gates=[],
+        passed=True,
+        latency_over_time=_latency_over_time(records, ok),
     )
     gates = evaluate_gates(result, limits)
     return result.model_copy(update={"gates": gates, "passed": all(g.passed for g in gates)})
@@ -103,32 +131,59 @@ def evaluate_gates(result: LoadTestResult, limits: GateLimits) -> list[Gate]:
 
     def p95_gate(name: str, stats: MeasuredVsSimulated) -> None:
         value = stats.measured_ms.get("p95_ms")
-        gates.append(Gate(name=name, passed=value is not None and value <= limits.slo_p95_ms, value=value,
-                          limit=limits.slo_p95_ms, detail=f"P95 {_ms(value)} ms vs SLO {limits.slo_p95_ms:g} ms"))
+        gates.append(
+            Gate(
+                name=name,
+                passed=value is not None and value <= limits.slo_p95_ms,
+                value=value,
+                limit=limits.slo_p95_ms,
+                detail=f"P95 {_ms(value)} ms vs SLO {limits.slo_p95_ms:g} ms",
+            )
+        )
 
     p95_gate("p95_overall", result.overall)
     for tier, stats in result.per_tier.items():
         if stats.measured_ms.get("p95_ms") is not None:
             p95_gate(f"p95_{tier}", stats)
-    gates.append(Gate(name="error_rate", passed=result.error_rate <= limits.max_error_rate and result.wrong_outputs == 0,
-                      value=result.error_rate, limit=limits.max_error_rate,
-                      detail=f"{result.error_rate:.3%} errors (limit {limits.max_error_rate:.3%}), "
-                             f"{result.wrong_outputs} wrong outputs"))
-    gates.append(Gate(name="reject_rate", passed=result.reject_rate <= limits.max_reject_rate,
-                      value=result.reject_rate, limit=limits.max_reject_rate,
-                      detail=f"{result.reject_rate:.3%} answered 429 (limit {limits.max_reject_rate:.3%})"))
+    gates.append(
+        Gate(
+            name="error_rate",
+            passed=result.error_rate <= limits.max_error_rate and result.wrong_outputs == 0,
+            value=result.error_rate,
+            limit=limits.max_error_rate,
+            detail=f"{result.error_rate:.3%} errors (limit {limits.max_error_rate:.3%}), "
+            f"{result.wrong_outputs} wrong outputs",
+        )
+    )
+    gates.append(
+        Gate(
+            name="reject_rate",
+            passed=result.reject_rate <= limits.max_reject_rate,
+            value=result.reject_rate,
+            limit=limits.max_reject_rate,
+            detail=f"{result.reject_rate:.3%} answered 429 (limit {limits.max_reject_rate:.3%})",
+        )
+    )
     if limits.baseline is not None:
         base = limits.baseline
-        for name, now, before in [("overall", result.overall, base.overall),
-                                  *[(t, s, base.per_tier.get(t)) for t, s in result.per_tier.items()]]:
+        for name, now, before in [
+            ("overall", result.overall, base.overall),
+            *[(t, s, base.per_tier.get(t)) for t, s in result.per_tier.items()],
+        ]:
             old = before.measured_ms.get("p95_ms") if before else None
             new = now.measured_ms.get("p95_ms")
             if old is None or new is None:
                 continue
             limit = old * (1 + limits.baseline_tolerance)
-            gates.append(Gate(name=f"baseline_p95_{name}", passed=new <= limit, value=new, limit=limit,
-                              detail=f"P95 {new:.1f} ms vs baseline {old:.1f} ms (+{limits.baseline_tolerance:.0%} "
-                                     f"allowed)"))
+            gates.append(
+                Gate(
+                    name=f"baseline_p95_{name}",
+                    passed=new <= limit,
+                    value=new,
+                    limit=limit,
+                    detail=f"P95 {new:.1f} ms vs baseline {old:.1f} ms (+{limits.baseline_tolerance:.0%} allowed)",
+                )
+            )
     return gates
 
 

@@ -65,10 +65,28 @@ def _run_distributed(plan: LoadPlan, records: Records, workers: int, budget: flo
         plan.save(plan_file)
         env = Environment(user_classes=[OpenLoopUser], host=plan.url)
         runner = env.create_master_runner(master_bind_host="127.0.0.1", master_bind_port=port)
-        procs = [subprocess.Popen([sys.executable, "-m", "infer_plan.loadtests.worker", "--master-host", "127.0.0.1",
-                                   "--master-port", str(port), "--plan", str(plan_file), "--out", str(out),
-                                   "--workers", str(workers)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                 for _ in range(workers)]
+        procs = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "infer_plan.loadtests.worker",
+                    "--master-host",
+                    "127.0.0.1",
+                    "--master-port",
+                    str(port),
+                    "--plan",
+                    str(plan_file),
+                    "--out",
+                    str(out),
+                    "--workers",
+                    str(workers),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for _ in range(workers)
+        ]
         try:
             deadline = time.monotonic() + 60
             while len(runner.clients.ready) < workers:

@@ -73,9 +73,13 @@ class OpenLoopUser(FastHttpUser):
         tier = int(plan.arrivals.tiers[i])
         text = f"lt-{i}"
         records.sent[i] = time.perf_counter() - perf0
-        with self.client.post(f"{plan.url}/v1/inference", json={"model": plan.model, "input": text},
-                              headers={"Authorization": f"Bearer {plan.keys[tier]}"},
-                              name=f"/v1/inference [{TIER_LABELS[tier]}]", catch_response=True) as resp:
+        with self.client.post(
+            f"{plan.url}/v1/inference",
+            json={"model": plan.model, "input": text},
+            headers={"Authorization": f"Bearer {plan.keys[tier]}"},
+            name=f"/v1/inference [{TIER_LABELS[tier]}]",
+            catch_response=True,
+        ) as resp:
             records.finished[i] = time.perf_counter() - perf0
             status = resp.status_code or 0
             records.status[i] = status

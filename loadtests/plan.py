@@ -26,8 +26,14 @@ class LoadPlan:
     timeout_s: float = 60.0
 
     def save(self, path: Path) -> None:
-        meta = json.dumps({"url": self.url, "keys": {str(k): v for k, v in self.keys.items()}, "model": self.model,
-                           "timeout_s": self.timeout_s})
+        meta = json.dumps(
+            {
+                "url": self.url,
+                "keys": {str(k): v for k, v in self.keys.items()},
+                "model": self.model,
+                "timeout_s": self.timeout_s,
+            }
+        )
         np.savez(path, times=self.arrivals.times, tiers=self.arrivals.tiers, meta=np.array(meta))
 
     @classmethod
@@ -35,8 +41,13 @@ class LoadPlan:
         with np.load(path) as data:
             meta = json.loads(str(data["meta"]))
             arrivals = Arrivals(times=data["times"].copy(), tiers=data["tiers"].copy())
-        return cls(url=meta["url"], arrivals=arrivals, keys={int(k): v for k, v in meta["keys"].items()},
-                   model=meta["model"], timeout_s=meta["timeout_s"])
+        return cls(
+            url=meta["url"],
+            arrivals=arrivals,
+            keys={int(k): v for k, v in meta["keys"].items()},
+            model=meta["model"],
+            timeout_s=meta["timeout_s"],
+        )
 
     def share(self, index: int, count: int) -> np.ndarray:
         """Indices of the arrivals that worker ``index`` of ``count`` sends."""
@@ -57,13 +68,24 @@ class Records:
     @classmethod
     def empty(cls, plan: LoadPlan) -> Records:
         n = len(plan.arrivals)
-        return cls(scheduled=plan.arrivals.times.copy(), sent=np.full(n, np.nan), finished=np.full(n, np.nan),
-                   status=np.zeros(n, dtype=np.int32), tiers=plan.arrivals.tiers.copy(),
-                   wrong_output=np.zeros(n, dtype=bool))
+        return cls(
+            scheduled=plan.arrivals.times.copy(),
+            sent=np.full(n, np.nan),
+            finished=np.full(n, np.nan),
+            status=np.zeros(n, dtype=np.int32),
+            tiers=plan.arrivals.tiers.copy(),
+            wrong_output=np.zeros(n, dtype=bool),
+        )
 
     def save(self, path: Path, indices: np.ndarray) -> None:
-        np.savez(path, indices=indices, sent=self.sent[indices], finished=self.finished[indices],
-                 status=self.status[indices], wrong_output=self.wrong_output[indices])
+        np.savez(
+            path,
+            indices=indices,
+            sent=self.sent[indices],
+            finished=self.finished[indices],
+            status=self.status[indices],
+            wrong_output=self.wrong_output[indices],
+        )
 
     def merge_file(self, path: Path) -> None:
         with np.load(path) as data:

@@ -30,8 +30,17 @@ def local_sim_server(model: ServiceModel, gpus: int, keys: Path | None, startup_
         service["gpus"] = gpus
         scenario.write_text(tomli_w.dumps({"service": service}), encoding="utf-8")
         log_path = Path(tmp) / "server.log"
-        cmd = [sys.executable, "-m", "infer_plan.cli", "serve", "--port", "0", "--no-access-log",
-               "--scenario", str(scenario)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "infer_plan.cli",
+            "serve",
+            "--port",
+            "0",
+            "--no-access-log",
+            "--scenario",
+            str(scenario),
+        ]
         if keys is not None:
             cmd += ["--keys", str(keys)]
         with log_path.open("w") as log:

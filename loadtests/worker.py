@@ -29,7 +29,6 @@ def main() -> None:
 
     plan = LoadPlan.load(args.plan)
     records = Records.empty(plan)
-    env = Environment(user_classes=[OpenLoopUser], host=plan.url)
 
     class WorkerUser(OpenLoopUser):
         def finished_share(self, indices) -> None:
@@ -37,9 +36,8 @@ def main() -> None:
             records.save(tmp, indices)
             tmp.rename(args.out / f"records-{os.getpid()}.npz")
 
-    WorkerUser.__name__ = OpenLoopUser.__name__
-    env.user_classes = [WorkerUser]
-    env.user_classes_by_name = {OpenLoopUser.__name__: WorkerUser}
+    WorkerUser.__name__ = OpenLoopUser.__name__  # the master dispatches users by class name
+    env = Environment(user_classes=[WorkerUser], host=plan.url)
     OpenLoopUser.plan, OpenLoopUser.records, OpenLoopUser.share_count = plan, records, args.workers
     runner = env.create_worker_runner(args.master_host, args.master_port)
     runner.greenlet.join()

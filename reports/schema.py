@@ -201,6 +201,7 @@ class _Envelope(BaseModel):
 def load_result(path: Path) -> SimulationResult | CapacityResult | LoadTestResult:
     """Read a saved result; refuse other schema versions with a message naming the one expected."""
     from ..sim.errors import ConfigError  # here, not at the top: sim imports this module
+
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -139,24 +139,36 @@ def render_loadtest(result: LoadTestResult, console: Console) -> None:
     head.add_column(style="dim")
     head.add_column()
     head.add_row("target", f"{result.target} ({result.url})" + (f", {result.gpus} GPU(s)" if result.gpus else ""))
-    head.add_row("load", f"{result.rps:,.0f} req/s planned, {result.achieved_rps:,.0f} sent "
-                 f"(shortfall {result.shortfall:.1%}, send lag P95 {result.send_lag_p95_ms:.1f} ms), "
-                 f"{result.workers or 1} Locust process(es)")
-    head.add_row("requests", f"{result.requests:,} after {result.warmup_s:g} s warm-up; "
-                 + ", ".join(f"{k}: {v:,}" for k, v in result.status_counts.items()))
+    head.add_row(
+        "load",
+        f"{result.rps:,.0f} req/s planned, {result.achieved_rps:,.0f} sent "
+        f"(shortfall {result.shortfall:.1%}, send lag P95 {result.send_lag_p95_ms:.1f} ms), "
+        f"{result.workers or 1} Locust process(es)",
+    )
+    head.add_row(
+        "requests",
+        f"{result.requests:,} after {result.warmup_s:g} s warm-up; "
+        + ", ".join(f"{k}: {v:,}" for k, v in result.status_counts.items()),
+    )
     table = Table(title="Latency from scheduled send (ms): measured vs simulated", title_justify="left")
     for col in ("tier", "P50", "P95", "P99", "sim P50", "sim P95", "sim P99", "err P50", "err P95", "err P99"):
         table.add_column(col, justify="left" if col == "tier" else "right")
     for name, stats in [*result.per_tier.items(), ("all", result.overall)]:
         m, s, e = stats.measured_ms, stats.simulated_ms or {}, stats.relative_error or {}
         keys = ("p50_ms", "p95_ms", "p99_ms")
-        table.add_row(name, *[fmt_ms(m.get(k)) for k in keys], *[fmt_ms(s.get(k)) for k in keys],
-                      *[_pct(e.get(k)) for k in keys], style="bold" if name == "all" else None)
+        table.add_row(
+            name,
+            *[fmt_ms(m.get(k)) for k in keys],
+            *[fmt_ms(s.get(k)) for k in keys],
+            *[_pct(e.get(k)) for k in keys],
+            style="bold" if name == "all" else None,
+        )
     gates = Table(title="Gates", title_justify="left")
     for col in ("gate", "result", "detail"):
         gates.add_column(col)
     for gate in result.gates:
-        gates.add_row(gate.name, Text("PASS", style="green") if gate.passed else Text("FAIL", style="bold red"),
-                      gate.detail)
+        gates.add_row(
+            gate.name, Text("PASS", style="green") if gate.passed else Text("FAIL", style="bold red"), gate.detail
+        )
     verdict = Text("PASSED" if result.passed else "FAILED", style="bold green" if result.passed else "bold red")
     console.print(Panel(Group(head, table, gates, verdict), title="infer-plan loadtest", expand=False))

@@ -158,8 +158,9 @@ class ServiceModel(_Frozen):
         return tuple(self.tiers[t.label] for t in Tier)
 
     def per_gpu_rps(self) -> float:
-        """Full-batch throughput of one GPU: max_batch per full cycle."""
-        return self.max_batch / (self.gpu_cycle_ms() / 1000.0)
+        """Full-batch throughput of one GPU: max_batch per full cycle (inf for a zero-time cycle)."""
+        cycle_ms = self.gpu_cycle_ms()
+        return self.max_batch / (cycle_ms / 1000.0) if cycle_ms > 0 else math.inf
 
     def load_factor(self, rps: float, gpus: float) -> float:
         """Share of the fleet's full-batch capacity that ``rps`` uses (the 70% ceiling applies here)."""

@@ -21,8 +21,18 @@ def loadtest(*args: str, timeout: float = 200) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def passing_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("lt")
-    proc = loadtest("--target", "sim", "--rps", "300", "--duration", "30", "--json", str(out / "out.json"),
-                    "--junit", str(out / "junit.xml"))
+    proc = loadtest(
+        "--target",
+        "sim",
+        "--rps",
+        "300",
+        "--duration",
+        "30",
+        "--json",
+        str(out / "out.json"),
+        "--junit",
+        str(out / "junit.xml"),
+    )
     return proc, json.loads((out / "out.json").read_text()), out
 
 
@@ -43,23 +53,52 @@ def test_sim_target_passes_and_matches_the_simulator(passing_run):
 
 def test_impossible_slo_fails_exactly_the_latency_gates(tmp_path):
     junit = tmp_path / "junit.xml"
-    proc = loadtest("--target", "sim", "--rps", "200", "--duration", "6", "--slo-p95-ms", "100",
-                    "--junit", str(junit))
+    proc = loadtest("--target", "sim", "--rps", "200", "--duration", "6", "--slo-p95-ms", "100", "--junit", str(junit))
     assert proc.returncode == 1, proc.stderr[-2000:]
     cases = {c.get("name"): c.find("failure") is not None for c in ET.parse(junit).getroot().iter("testcase")}
-    assert cases == {"p95_overall": True, "p95_enterprise": True, "p95_paid": True, "p95_free": True,
-                     "error_rate": False, "reject_rate": False}
+    assert cases == {
+        "p95_overall": True,
+        "p95_enterprise": True,
+        "p95_paid": True,
+        "p95_free": True,
+        "error_rate": False,
+        "reject_rate": False,
+    }
 
 
 def test_baseline_gate_compares_with_an_earlier_run(passing_run, tmp_path):
     _, _, out = passing_run
-    ok = loadtest("--target", "sim", "--rps", "300", "--duration", "8", "--baseline", str(out / "out.json"),
-                  "--baseline-tolerance", "0.5", "--json", str(tmp_path / "b.json"))
+    ok = loadtest(
+        "--target",
+        "sim",
+        "--rps",
+        "300",
+        "--duration",
+        "8",
+        "--baseline",
+        str(out / "out.json"),
+        "--baseline-tolerance",
+        "0.5",
+        "--json",
+        str(tmp_path / "b.json"),
+    )
     assert ok.returncode == 0, ok.stdout[-2000:]
     names = [g["name"] for g in json.loads((tmp_path / "b.json").read_text())["gates"]]
     assert "baseline_p95_overall" in names
-    slower = loadtest("--target", "sim", "--rps", "300", "--duration", "6", "--kernel-ms", "300",
-                      "--baseline", str(out / "out.json"), "--baseline-tolerance", "0.1")
+    slower = loadtest(
+        "--target",
+        "sim",
+        "--rps",
+        "300",
+        "--duration",
+        "6",
+        "--kernel-ms",
+        "300",
+        "--baseline",
+        str(out / "out.json"),
+        "--baseline-tolerance",
+        "0.1",
+    )
     assert slower.returncode == 1
     assert "baseline_p95_overall" in slower.stdout
 
@@ -69,8 +108,22 @@ def test_slow_server_latency_grows_with_the_backlog(tmp_path):
     scenario = tmp_path / "slow.toml"
     scenario.write_text("[service]\nkernel_ms = 2000\n[service.backpressure]\nqueue_limit = 100000\n")
     out = tmp_path / "slow.json"
-    proc = loadtest("--target", "sim", "--rps", "80", "--duration", "12", "--warmup", "0", "--scenario",
-                    str(scenario), "--json", str(out), "--slo-p95-ms", "100000")
+    proc = loadtest(
+        "--target",
+        "sim",
+        "--rps",
+        "80",
+        "--duration",
+        "12",
+        "--warmup",
+        "0",
+        "--scenario",
+        str(scenario),
+        "--json",
+        str(out),
+        "--slo-p95-ms",
+        "100000",
+    )
     data = json.loads(out.read_text())
     t = np.array(data["latency_over_time"]["t_s"])
     p95 = np.array(data["latency_over_time"]["p95_ms"])
