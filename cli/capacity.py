@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,15 +10,20 @@ from ..reports.terminal import render_capacity
 from ..sim.errors import UsageError
 from ..sim.planner import Constraints, plan_capacity, sweep_capacity
 from .options import (
+    DurationOpt,
+    JsonFlagOpt,
     KernelOpt,
     MaxBatchOpt,
     MaxWaitOpt,
     NoOverlapOpt,
     ProfileOpt,
     QuietOpt,
+    SaveOpt,
     ScenarioOpt,
+    SeedOpt,
     SloOpt,
     TierMixOpt,
+    WarmupOpt,
     build_scenario,
 )
 from .output import emit_json, terminal
@@ -48,11 +52,9 @@ def capacity(
     tier_slo: Annotated[str | None, typer.Option("--tier-slo", help="Per-tier P95 SLOs, e.g. enterprise=300.")] = None,
     overall_only: Annotated[bool, typer.Option("--overall-only", help="Check P95 overall only, not per tier.")] = False,
     max_gpus: Annotated[int | None, typer.Option("--max-gpus", min=1, help="Search limit [4x the arithmetic].")] = None,
-    duration: Annotated[
-        float | None, typer.Option("--duration", min=0.001, help="Simulated seconds per count [60].")
-    ] = None,
-    warmup: Annotated[float | None, typer.Option("--warmup", min=0, help="Warm-up seconds [10].")] = None,
-    seed: Annotated[int | None, typer.Option("--seed")] = None,
+    duration: DurationOpt = None,
+    warmup: WarmupOpt = None,
+    seed: SeedOpt = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Also plan 0.1x..2x the rate: the GPUs-vs-rps curve.")] = False,
     sweep_rates: Annotated[str | None, typer.Option("--sweep-rates", help="Rates for --sweep, e.g. 1000,5000.")] = None,
     tier_mix: TierMixOpt = None,
@@ -62,8 +64,8 @@ def capacity(
     kernel_ms: KernelOpt = None,
     scenario: ScenarioOpt = None,
     profile: ProfileOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
-    save: Annotated[Path | None, typer.Option("--save", help="Also write the result JSON to this file.")] = None,
+    json_out: JsonFlagOpt = False,
+    save: SaveOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Find the smallest GPU count meeting P95, load ceiling and reject limits, by simulation."""

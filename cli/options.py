@@ -22,6 +22,11 @@ MaxBatchOpt = Annotated[int | None, typer.Option("--max-batch", min=1, help="Mos
 MaxWaitOpt = Annotated[float | None, typer.Option("--max-wait-ms", min=0, help="Assembly timeout, ms [40].")]
 KernelOpt = Annotated[float | None, typer.Option("--kernel-ms", min=0, help="Kernel time per batch, ms [100].")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+DurationOpt = Annotated[float | None, typer.Option("--duration", min=0.001, help="Measured simulated seconds [60].")]
+WarmupOpt = Annotated[float | None, typer.Option("--warmup", min=0, help="Simulated seconds excluded first [10].")]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed [0].")]
+JsonFlagOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
+SaveOpt = Annotated[Path | None, typer.Option("--save", help="Also write the result JSON to this file.")]
 
 
 def build_scenario(

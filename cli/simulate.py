@@ -13,14 +13,19 @@ from ..sim.errors import UsageError
 from ..sim.runner import run_simulation
 from ..sim.scenario import parse_spike
 from .options import (
+    DurationOpt,
+    JsonFlagOpt,
     KernelOpt,
     MaxBatchOpt,
     MaxWaitOpt,
     NoOverlapOpt,
     ProfileOpt,
     QuietOpt,
+    SaveOpt,
     ScenarioOpt,
+    SeedOpt,
     TierMixOpt,
+    WarmupOpt,
     build_scenario,
 )
 from .output import emit_json, terminal
@@ -30,9 +35,9 @@ from .progress import status_progress
 def simulate(
     rps: Annotated[float | None, typer.Option("--rps", min=0, help="Offered rate, requests/s.")] = None,
     gpus: Annotated[int | None, typer.Option("--gpus", min=1, help="Fleet size.")] = None,
-    duration: Annotated[float | None, typer.Option("--duration", min=0.001, help="Measured seconds [60].")] = None,
-    warmup: Annotated[float | None, typer.Option("--warmup", min=0, help="Seconds excluded first [10].")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="Random seed [0].")] = None,
+    duration: DurationOpt = None,
+    warmup: WarmupOpt = None,
+    seed: SeedOpt = None,
     replications: Annotated[
         int | None,
         typer.Option("--replications", "-r", min=1, max=1000, help="Independent runs for confidence intervals [1]."),
@@ -52,8 +57,8 @@ def simulate(
     kernel_ms: KernelOpt = None,
     scenario: ScenarioOpt = None,
     profile: ProfileOpt = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
-    save: Annotated[Path | None, typer.Option("--save", help="Also write the result JSON to this file.")] = None,
+    json_out: JsonFlagOpt = False,
+    save: SaveOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Simulate the batched service on a fixed fleet and report latency, load and rejects."""
