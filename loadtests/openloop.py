@@ -11,39 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import numpy as np
 
 from ..sim.arrivals import Arrivals
+from .plan import Records
 
 __all__ = ["OpenLoopResult", "send_open_loop"]
 
 
 @dataclass
-class OpenLoopResult:
-    scheduled: np.ndarray  # seconds since start
-    sent: np.ndarray
-    finished: np.ndarray
-    status: np.ndarray  # HTTP status, 0 for a transport error
-    outputs: list[str | None]
-    inputs: list[str]
-    tiers: np.ndarray
+class OpenLoopResult(Records):
+    """Records plus what each request sent and got back."""
 
-    @property
-    def latency_ms(self) -> np.ndarray:
-        """From the scheduled send time: what a user waiting on that schedule experiences."""
-        return (self.finished - self.scheduled) * 1000.0
-
-    @property
-    def service_ms(self) -> np.ndarray:
-        """From the actual send time."""
-        return (self.finished - self.sent) * 1000.0
-
-    @property
-    def send_lag_ms(self) -> np.ndarray:
-        return (self.sent - self.scheduled) * 1000.0
+    outputs: list[str | None] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
 
 
 async def send_open_loop(
@@ -98,4 +82,5 @@ async def send_open_loop(
         outputs=outputs,
         inputs=inputs,
         tiers=arrivals.tiers.copy(),
+        wrong_output=np.zeros(n, dtype=bool),
     )

@@ -102,4 +102,9 @@ class Records:
 
     @property
     def service_ms(self) -> np.ndarray:
+        """From the actual send time."""
         return (self.finished - self.sent) * 1000.0
+
+    @property
+    def send_lag_ms(self) -> np.ndarray:
+        return (self.sent - self.scheduled) * 1000.0
