@@ -10,7 +10,7 @@ import typer
 
 from ..reports.schema import LoadTestResult, load_result
 from ..reports.terminal import render_loadtest
-from ..server.keys import DEV_KEYS, KeyStore
+from ..server.keys import KeyStore
 from ..sim.arrivals import ArrivalProcess, generate_arrivals
 from ..sim.engine import simulate_arrivals
 from ..sim.errors import ConfigError, UsageError
@@ -21,17 +21,8 @@ from .output import emit_json, terminal
 
 
 def _keys_per_tier(path: Path | None) -> dict[int, str]:
-    """The first key of each tier in the keys file (or the development keys)."""
-    if path is None:
-        return {int(Tier.parse(tier)): key for key, tier in DEV_KEYS.items()}
-    KeyStore.load(path)  # validates the file with the server's own rules
-    import tomllib
-
-    keys = tomllib.loads(path.read_text(encoding="utf-8"))["keys"]
-    chosen: dict[int, str] = {}
-    for key, tier in keys.items():
-        chosen.setdefault(int(Tier.parse(tier)), key)
-    return chosen
+    """The first key of each tier in the keys file (or the development keys), read by the server's own rules."""
+    return {int(tier): key for tier, key in KeyStore.load(path).first_key.items()}
 
 
 def loadtest(

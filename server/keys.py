@@ -31,6 +31,7 @@ class KeyStore:
         if not keys:
             raise ConfigError("the keys file defines no keys")
         self._by_digest: dict[bytes, tuple[bytes, Tier]] = {}
+        self.first_key: dict[Tier, str] = {}  # one key per tier, for load generators acting as clients
         for key, tier_name in keys.items():
             try:
                 tier = Tier.parse(str(tier_name))
@@ -38,6 +39,7 @@ class KeyStore:
                 raise ConfigError(f"keys: {err}") from None
             digest = _digest(key)
             self._by_digest[digest] = (digest, tier)
+            self.first_key.setdefault(tier, key)
         self.tiers_present = sorted({t for _, t in self._by_digest.values()})
 
     @classmethod

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from ..sim.errors import UsageError
 from .app import JsonAccessLogger, build_apps, make_state
 from .config import ServerConfig
 from .state import ServerState
@@ -54,8 +55,6 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
-        from ..sim.errors import UsageError
-
         raise UsageError(f"cannot listen on {host}:{port}: {err.strerror}") from None
     sock.listen(1024)
     sock.setblocking(False)
