@@ -17,10 +17,12 @@ except ImportError:  # pragma: no cover - older typer uses the click distributio
     import click
 
 from ..sim.errors import InferPlanError
+from .calibrate import calibrate
 from .capacity import capacity
 from .loadtest import loadtest
 from .serve import serve
 from .simulate import simulate
+from .tiny_model import tiny_model
 
 app = typer.Typer(
     name="infer-plan",
@@ -34,6 +36,8 @@ app.command()(simulate)
 app.command()(capacity)
 app.command()(serve)
 app.command()(loadtest)
+app.command()(calibrate)
+app.command(name="tiny-model")(tiny_model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ..server.backends.base import Generation
+from ..sim.errors import UsageError
 from ..sim.scenario import Scenario, load_scenario, parse_tier_mix
 
 ScenarioOpt = Annotated[Path | None, typer.Option("--scenario", help="TOML scenario file ([service], [load], [run]).")]
@@ -44,3 +46,28 @@ def build_scenario(
     if no_overlap:
         overrides["overlap"] = False
     return load_scenario(scenario, profile, overrides)
+
+
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens generated per request (vllm, openai).")]
+TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")]
+MaxModelLenOpt = Annotated[int, typer.Option("--max-model-len", min=16, help="vLLM context length; prompts are cut.")]
+
+
+def engine_options(
+    backend: str, model: str | None, upstream: str | None, max_tokens: int, temperature: float, max_model_len: int
+) -> dict[str, Any]:
+    """The keyword arguments of the chosen backend's constructor, checked for what it needs."""
+    generation = Generation(max_tokens=max_tokens, temperature=temperature)
+    if backend == "openai":
+        if not upstream:
+            raise UsageError("--backend openai needs --upstream URL (an OpenAI-compatible server)")
+        return {"upstream": upstream, "served_model": model, "generation": generation}
+    if backend == "remote":
+        if not upstream:
+            raise UsageError("--backend remote needs --upstream URL (another server's internal listener)")
+        return {"upstream": upstream}
+    if backend == "vllm":
+        if not model:
+            raise UsageError("--backend vllm needs --model (a local model directory)")
+        return {"model_path": model, "generation": generation, "max_model_len": max_model_len}
+    return {}

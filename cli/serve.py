@@ -12,18 +12,36 @@ import typer
 from ..server.config import ServerConfig
 from ..server.keys import DEV_KEYS
 from ..server.runner import Listening, run_server
-from ..sim.errors import UsageError
-from .options import KernelOpt, MaxBatchOpt, MaxWaitOpt, ProfileOpt, ScenarioOpt, build_scenario
+from .options import (
+    KernelOpt,
+    MaxBatchOpt,
+    MaxModelLenOpt,
+    MaxTokensOpt,
+    MaxWaitOpt,
+    ProfileOpt,
+    ScenarioOpt,
+    TemperatureOpt,
+    build_scenario,
+    engine_options,
+)
 
 
 def serve(
     host: Annotated[str, typer.Option("--host", help="Public listener address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Public port (0: any free one).")] = 8000,
-    backend: Annotated[str, typer.Option("--backend", help="sim | vllm | openai")] = "sim",
+    backend: Annotated[
+        str, typer.Option("--backend", help="sim | vllm | openai | package.module:Class (your own).")
+    ] = "sim",
     gpus: Annotated[int | None, typer.Option("--gpus", min=1, help="GPU workers [scenario's, else 1].")] = None,
     keys: Annotated[Path | None, typer.Option("--keys", help="TOML [keys] table: key = tier.")] = None,
     model: Annotated[str | None, typer.Option("--model", help="Model name or local path.")] = None,
+    served_model_name: Annotated[
+        str | None, typer.Option("--served-model-name", help="Name clients send as 'model' [--model, else backend].")
+    ] = None,
     upstream: Annotated[str | None, typer.Option("--upstream", help="OpenAI-compatible base URL.")] = None,
+    max_tokens: MaxTokensOpt = 16,
+    temperature: TemperatureOpt = 0.0,
+    max_model_len: MaxModelLenOpt = 512,
     internal_host: Annotated[str, typer.Option("--internal-host", help="Internal listener address.")] = "127.0.0.1",
     internal_port: Annotated[
         int | None, typer.Option("--internal-port", min=0, max=65535, help="Internal port [port+1].")
@@ -43,15 +61,7 @@ def serve(
     scen = build_scenario(
         scenario=scenario, profile=profile, gpus=gpus, max_batch=max_batch, max_wait_ms=max_wait_ms, kernel_ms=kernel_ms
     )
-    options: dict[str, object] = {}
-    if backend == "openai":
-        if not upstream:
-            raise UsageError("--backend openai needs --upstream URL (an OpenAI-compatible server)")
-        options = {"upstream": upstream, "served_model": model}
-    elif backend == "vllm":
-        if not model:
-            raise UsageError("--backend vllm needs --model (a local model directory or name)")
-        options = {"model_path": model}
+    options = engine_options(backend, model, upstream, max_tokens, temperature, max_model_len)
     config = ServerConfig(
         model=scen.model,
         host=host,
@@ -63,7 +73,7 @@ def serve(
         backend_options=options,
         gpus=scen.model.gpus or 1,
         keys_file=keys,
-        model_name=model or backend,
+        model_name=served_model_name or model,
         drain_timeout_s=drain_timeout,
         access_log=access_log,
     )
@@ -74,7 +84,7 @@ def serve(
         tiers = ", ".join(t.label for t in where.state.keys.tiers_present)
         print(
             f"infer-plan serve: listening on {where.url} (internal {where.internal_url}); backend {backend}, "
-            f"model {config.model_name!r}, {config.gpus} GPU(s); {key_note} (tiers: {tiers})",
+            f"model {where.state.model_name!r}, {config.gpus} GPU(s); {key_note} (tiers: {tiers})",
             flush=True,
         )
 

@@ -1,14 +1,22 @@
-"""The ``--target sim`` server: ``infer-plan serve`` on 127.0.0.1 for the length of a run."""
+"""Starting ``infer-plan serve`` as a child process on 127.0.0.1, and always stopping it.
+
+``loadtest --target sim`` uses it for the length of a run; the tests and benchmarks use
+the same code, so there is one way a server is started, announced and reaped. The
+server's stderr (its logs) goes to a file the caller can read afterwards, for example
+to check that no traceback was written.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import tomli_w
@@ -16,58 +24,84 @@ import tomli_w
 from ..sim.errors import InferPlanError
 from ..sim.params import ServiceModel
 
-__all__ = ["local_sim_server"]
+__all__ = ["ServerProcess", "local_sim_server", "server_process", "write_model_scenario"]
 
-_ANNOUNCE = re.compile(r"listening on (http://\S+)")
+_ANNOUNCE = re.compile(r"listening on (http://\S+) \(internal (http://\S+)\)")
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen
+    url: str
+    internal_url: str
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM (the graceful drain) and wait; the exit code."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+
+def write_model_scenario(model: ServiceModel, path: Path, gpus: int | None = None) -> Path:
+    """A scenario file holding exactly ``model``, so a child server runs the same service."""
+    service = model.model_dump(mode="json", exclude_none=True)
+    if gpus is not None:
+        service["gpus"] = gpus
+    path.write_text(tomli_w.dumps({"service": service}), encoding="utf-8")
+    return path
+
+
+@contextlib.contextmanager
+def server_process(
+    *args: str, log_path: Path, env: dict[str, str] | None = None, startup_s: float = 60.0
+) -> Iterator[ServerProcess]:
+    """``infer-plan serve --port 0 ARGS``; yields once it announced its URL; stopped on exit."""
+    cmd = [sys.executable, "-m", "infer_plan.cli", "serve", "--port", "0", *args]
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
+    try:
+        url, internal = _await_announce(proc, startup_s, log_path)
+        yield ServerProcess(proc, url, internal, log_path)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stdout:
+            proc.stdout.close()
 
 
 @contextlib.contextmanager
 def local_sim_server(model: ServiceModel, gpus: int, keys: Path | None, startup_s: float = 60.0) -> Iterator[str]:
-    """Start the reference server with the sim backend and this exact model; yield its URL; stop it."""
+    """The reference server with the sim backend and this exact model; yields its URL."""
     with tempfile.TemporaryDirectory(prefix="infer-plan-target-") as tmp:
-        scenario = Path(tmp) / "model.toml"
-        service = model.model_dump(mode="json", exclude_none=True)
-        service["gpus"] = gpus
-        scenario.write_text(tomli_w.dumps({"service": service}), encoding="utf-8")
-        log_path = Path(tmp) / "server.log"
-        cmd = [
-            sys.executable,
-            "-m",
-            "infer_plan.cli",
-            "serve",
-            "--port",
-            "0",
-            "--no-access-log",
-            "--scenario",
-            str(scenario),
-        ]
+        scenario = write_model_scenario(model, Path(tmp) / "model.toml", gpus)
+        args = ["--no-access-log", "--scenario", str(scenario)]
         if keys is not None:
-            cmd += ["--keys", str(keys)]
-        with log_path.open("w") as log:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-        try:
-            url = _await_announce(proc, startup_s, log_path)
-            yield url
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            if proc.stdout:
-                proc.stdout.close()
+            args += ["--keys", str(keys)]
+        with server_process(*args, log_path=Path(tmp) / "server.log", startup_s=startup_s) as server:
+            yield server.url
 
 
-def _await_announce(proc: subprocess.Popen, startup_s: float, log_path: Path) -> str:
+def _await_announce(proc: subprocess.Popen, startup_s: float, log_path: Path) -> tuple[str, str]:
     deadline = time.monotonic() + startup_s
     while time.monotonic() < deadline:
         line = proc.stdout.readline() if proc.stdout else ""
         match = _ANNOUNCE.search(line)
         if match:
-            return match.group(1)
+            return match.group(1), match.group(2)
         if not line and proc.poll() is not None:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise InferPlanError(f"the sim target server exited with {proc.returncode}: {tail[0]}")
-    raise InferPlanError(f"the sim target server did not start within {startup_s:g} s")
+            raise InferPlanError(f"the server exited with {proc.returncode}: {tail[0]}")
+    raise InferPlanError(f"the server did not start within {startup_s:g} s")

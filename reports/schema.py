@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "SCHEMA_VERSION",
+    "AnyResult",
     "BackOfEnvelope",
+    "CalibrationPoint",
+    "CalibrationResult",
     "CapacityResult",
     "CapacityRow",
     "Interval",
@@ -191,14 +194,41 @@ class LoadTestResult(_Model):
     latency_over_time: dict[str, list[float]] | None = None
 
 
-Result = Annotated[SimulationResult | CapacityResult | LoadTestResult, Field(discriminator="kind")]
+class CalibrationPoint(_Model):
+    batch_size: int
+    median_ms: float
+    p95_ms: float
+    min_ms: float
+    fitted_ms: float
+
+
+class CalibrationResult(_Model):
+    """A backend's batch latency by batch size, and the straight line the simulator uses."""
+
+    kind: Literal["calibrate"] = "calibrate"
+    schema_version: int = SCHEMA_VERSION
+    backend: str
+    model: str | None
+    repetitions: int
+    warmup: int
+    points: list[CalibrationPoint]
+    fixed_ms: float
+    per_item_ms: float
+    max_relative_error: float
+    mean_relative_error: float
+    cycle_jitter: list[float] = Field(default_factory=list, description="batch-time multipliers at quantiles 0..1")
+    profile_path: str | None = None
+
+
+Result = Annotated[SimulationResult | CapacityResult | LoadTestResult | CalibrationResult, Field(discriminator="kind")]
+AnyResult = SimulationResult | CapacityResult | LoadTestResult | CalibrationResult
 
 
 class _Envelope(BaseModel):
     result: Result
 
 
-def load_result(path: Path) -> SimulationResult | CapacityResult | LoadTestResult:
+def load_result(path: Path) -> AnyResult:
     """Read a saved result; refuse other schema versions with a message naming the one expected."""
     from ..sim.errors import ConfigError  # here, not at the top: sim imports this module
 

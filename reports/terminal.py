@@ -7,9 +7,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from .schema import CapacityResult, LoadTestResult, SimulationResult
+from .schema import AnyResult, CalibrationResult, CapacityResult, LoadTestResult, SimulationResult
 
-__all__ = ["fmt_ms", "render_capacity", "render_loadtest", "render_simulation"]
+__all__ = ["fmt_ms", "render", "render_calibration", "render_capacity", "render_loadtest", "render_simulation"]
 
 
 def fmt_ms(value: float | None) -> str:
@@ -172,3 +172,37 @@ def render_loadtest(result: LoadTestResult, console: Console) -> None:
         )
     verdict = Text("PASSED" if result.passed else "FAILED", style="bold green" if result.passed else "bold red")
     console.print(Panel(Group(head, table, gates, verdict), title="infer-plan loadtest", expand=False))
+
+
+def render_calibration(result: CalibrationResult, console: Console) -> None:
+    table = Table(title=f"Batch latency of backend {result.backend!r} (ms)", title_justify="left")
+    for col in ("batch size", "median", "P95", "min", "fitted", "fit error"):
+        table.add_column(col, justify="right")
+    for p in result.points:
+        table.add_row(
+            str(p.batch_size),
+            fmt_ms(p.median_ms),
+            fmt_ms(p.p95_ms),
+            fmt_ms(p.min_ms),
+            fmt_ms(p.fitted_ms),
+            _pct(abs(p.fitted_ms - p.median_ms) / p.median_ms if p.median_ms else None),
+        )
+    console.print(table)
+    console.print(
+        f"fitted: batch latency = {result.fixed_ms:.3f} ms + {result.per_item_ms:.4f} ms x batch size "
+        f"(max error {result.max_relative_error:.1%}, mean {result.mean_relative_error:.1%}; "
+        f"{result.repetitions} repetitions per size after {result.warmup} warm-up batches)"
+    )
+    if result.profile_path:
+        console.print(f"profile written to {result.profile_path}: use it with --profile")
+
+
+def render(result: AnyResult, console: Console) -> None:
+    """Any saved result, by kind (``infer-plan report``)."""
+    renderers = {
+        "simulate": render_simulation,
+        "capacity": render_capacity,
+        "loadtest": render_loadtest,
+        "calibrate": render_calibration,
+    }
+    renderers[result.kind](result, console)

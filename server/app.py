@@ -90,9 +90,9 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         await state.backend.close()
 
 
-def _client_max_size(config: ServerConfig) -> int:
+def _client_max_size(config: ServerConfig, inputs: int = 1) -> int:
     # Room for JSON escaping of the largest allowed input (up to 6 bytes per char for \uXXXX) plus fields.
-    return config.model.max_input_bytes * 6 + 4096
+    return inputs * (config.model.max_input_bytes * 6 + 64) + 4096
 
 
 def build_apps(state: ServerState) -> tuple[web.Application, web.Application]:
@@ -101,7 +101,9 @@ def build_apps(state: ServerState) -> tuple[web.Application, web.Application]:
     public[STATE] = state
     public.add_routes(public_routes(state))
     public.cleanup_ctx.append(_engine_ctx)
-    internal = web.Application(middlewares=[error_middleware], client_max_size=_client_max_size(state.config))
+    internal = web.Application(
+        middlewares=[error_middleware], client_max_size=_client_max_size(state.config, state.config.model.max_batch)
+    )
     internal[STATE] = state
     internal.add_routes(internal_routes(state))
     return public, internal

@@ -169,13 +169,13 @@ class Batcher:
                 self._fail(batch, "timeout", ApiError(504, "the backend did not answer in time"))
             except _WrongCountError as err:
                 log.error("gpu %d: %s", gpu, err)
-                self._fail(batch, "wrong_count", ApiError(503, "backend failure", code="backend_error"))
+                self._fail(batch, "wrong_count", _backend_failed())
             except BackendError as err:
                 log.error("gpu %d: backend error: %s", gpu, err)
-                self._fail(batch, "error", ApiError(503, "backend failure", code="backend_error"))
+                self._fail(batch, "error", _backend_failed())
             except Exception:
                 log.exception("gpu %d: backend raised", gpu)
-                self._fail(batch, "exception", ApiError(503, "backend failure", code="backend_error"))
+                self._fail(batch, "exception", _backend_failed())
             else:
                 for item, output in zip(batch, outputs, strict=True):
                     if not item.future.done():
@@ -199,3 +199,7 @@ class Batcher:
 
 class _WrongCountError(Exception):
     pass
+
+
+def _backend_failed() -> ApiError:
+    return ApiError(503, "backend failure", code="backend_error", retry_after_s=1)

@@ -25,7 +25,7 @@ class ServerConfig:
     backend_options: dict[str, Any] = field(default_factory=dict)
     gpus: int = 1
     keys_file: Path | None = None
-    model_name: str = "sim"
+    model_name: str | None = None  # what clients send as "model"; None: the backend's own name
     drain_timeout_s: float = 30.0
     access_log: bool = True
 

@@ -43,8 +43,10 @@ class ApiError(Exception):
         self.retry_after_s = retry_after_s
 
 
-def error_response(err: ApiError) -> web.Response:
-    headers = {"Retry-After": str(err.retry_after_s)} if err.retry_after_s is not None else None
+def error_response(err: ApiError, headers: dict[str, str] | None = None) -> web.Response:
+    headers = dict(headers or {})
+    if err.retry_after_s is not None:
+        headers["Retry-After"] = str(err.retry_after_s)
     return web.json_response({"error": {"code": err.code, "message": err.message}}, status=err.status, headers=headers)
 
 
@@ -62,7 +64,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as err:
         if err.status < 400:
             raise
-        return error_response(ApiError(err.status, err.reason))
+        kept = {"Allow": err.headers["Allow"]} if "Allow" in err.headers else None  # RFC 9110 for 405
+        return error_response(ApiError(err.status, err.reason), kept)
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         return error_response(ApiError(500, "internal error"))

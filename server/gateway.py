@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import json
 import os
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +29,7 @@ from .state import ServerState
 __all__ = ["internal_routes", "public_routes"]
 
 _BEARER = "Bearer "
+_OPENAPI = Path(__file__).with_name("openapi.yaml")  # the public API's description, kept in the repository
 
 
 def _tier_of(request: web.Request, keys: KeyStore) -> Tier:
@@ -57,7 +59,6 @@ class PublicApi:
         self.state = state
         self.keys = state.keys
         self.metrics: ServerMetrics = state.metrics
-        self.model_name = state.config.model_name
         self.max_input_bytes = state.config.model.max_input_bytes
         self.timeout_s = state.config.model.request_timeout_s
         self.retry_after = state.config.model.backpressure.retry_after_s
@@ -90,8 +91,8 @@ class PublicApi:
             raise ApiError(400, f"missing field(s): {', '.join(missing)}")
         if not isinstance(model, str) or not isinstance(text, str):
             raise ApiError(400, "fields 'model' and 'input' must be strings")
-        if model != self.model_name:
-            raise ApiError(404, f"unknown model {model!r}; this server serves {self.model_name!r}")
+        if model != self.state.model_name:
+            raise ApiError(404, f"unknown model {model!r}; this server serves {self.state.model_name!r}")
         if len(text) > self.max_input_bytes or len(text.encode("utf-8", "surrogatepass")) > self.max_input_bytes:
             raise ApiError(413, f"input too large (limit {self.max_input_bytes} bytes)")
         if not self.batcher.admits(tier):
@@ -126,6 +127,13 @@ class PublicApi:
             raise ApiError(503, "not ready" if not self.state.draining else "draining", code="not_ready")
         return web.json_response({"status": "ready", "gpus": self.batcher.gpus, "queued": self.batcher.queued})
 
+    async def openapi(self, request: web.Request) -> web.Response:
+        # The kept description names the default model; this server's copy names its own.
+        text = _OPENAPI.read_text(encoding="utf-8").replace(
+            "enum: [sim]", f"enum: [{json.dumps(self.state.model_name)}]"
+        )
+        return web.Response(text=text, content_type="application/yaml")
+
     async def metrics_text(self, request: web.Request) -> web.Response:
         for tier, q in enumerate(self.batcher.queues):
             self.metrics.tier_depth[tier].set(len(q))
@@ -140,6 +148,7 @@ def public_routes(state: ServerState) -> list[web.RouteDef]:
         web.get("/healthz", api.healthz),
         web.get("/readyz", api.readyz),
         web.get("/metrics", api.metrics_text),
+        web.get("/openapi.yaml", api.openapi),
     ]
 
 

@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from ..sim.errors import UsageError
 from .app import JsonAccessLogger, build_apps, make_state
@@ -43,6 +44,24 @@ class Listening:
         return f"http://{_fmt_host(self.internal[0])}:{self.internal[1]}"
 
 
+class _ClientProtocolErrors(logging.Filter):
+    """aiohttp logs a malformed request (bad header bytes, broken framing) with a traceback.
+
+    It already answered 400; the fault is the client's, so one line is enough, and a
+    traceback in the log stays the sign of a bug of ours.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            what = record.getMessage()
+            detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            record.msg, record.args = "%s: %s", (what, detail)
+            record.exc_info = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def _fmt_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
@@ -66,6 +85,9 @@ async def serve(
 ) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; then drain and return."""
     state = make_state(config)
+    protocol_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, _ClientProtocolErrors) for f in protocol_log.filters):
+        protocol_log.addFilter(_ClientProtocolErrors())
     public_app, internal_app = build_apps(state)
     public_runner = web.AppRunner(
         public_app,

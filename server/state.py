@@ -23,6 +23,11 @@ class ServerState:
     ready: bool = False
     draining: bool = False
 
+    @property
+    def model_name(self) -> str:
+        """The name clients must send: the configured one, else what the backend serves."""
+        return self.config.model_name or self.backend.served_name
+
     async def run_direct(self, inputs: list[str]) -> list[str]:
         assert self.batcher is not None
         return await self.batcher.run_now(inputs)

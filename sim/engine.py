@@ -79,6 +79,8 @@ class _Engine:
         hold_ms = model.pcie_in_ms + model.kernel_ms + model.pcie_out_ms
         self.run_s = hold_ms / 1000.0
         self.per_item_s = model.per_item_ms / 1000.0
+        # Measured batch-time variability (calibrate): its own stream, so faults draw as before.
+        self.jitter_rng = np.random.default_rng(rng.integers(2**63)) if model.cycle_jitter else None
 
         self.admitted = np.ones(self.n, dtype=bool)
         self.completion = np.full(self.n, np.nan)
@@ -184,7 +186,10 @@ class _Engine:
         if size == 0:
             self.free_at[gpu] = now
             return
-        done = now + self.run_s + self.per_item_s * size
+        hold = self.run_s + self.per_item_s * size
+        if self.jitter_rng is not None:
+            hold *= float(self.model.jitter(self.jitter_rng.random()))
+        done = now + hold
         for ids in parts:
             self.completion[ids] = done
         if self.track_running:

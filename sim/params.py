@@ -13,9 +13,11 @@ service.
 
 from __future__ import annotations
 
+import itertools
 import math
 from enum import IntEnum
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
@@ -120,6 +122,11 @@ class ServiceModel(_Frozen):
     kernel_ms: float = Field(default=100.0, ge=0)
     pcie_out_ms: float = Field(default=5.0, ge=0)
     per_item_ms: float = Field(default=0.0, ge=0)
+    cycle_jitter: tuple[float, ...] = Field(
+        default=(),
+        description="batch-time multipliers at evenly spaced quantiles 0..1, measured by calibrate; "
+        "empty: every batch takes exactly its cycle",
+    )
     gpus: int | None = Field(default=None, ge=1, le=100_000, description="fleet size; None: the planner's answer")
     tiers: dict[str, float] = Field(default_factory=lambda: {"enterprise": 0.1, "paid": 0.3, "free": 0.6})
     slo_p95_ms: float = Field(default=500.0, gt=0)
@@ -144,12 +151,34 @@ class ServiceModel(_Frozen):
             raise ValueError(f"tier shares must sum to 1 (got {total:g})")
         return {t.label: float(mix.get(t.label, 0.0)) for t in Tier}
 
+    @field_validator("cycle_jitter")
+    @classmethod
+    def _jitter_quantiles(cls, q: tuple[float, ...]) -> tuple[float, ...]:
+        if q and (len(q) < 2 or q[0] <= 0 or any(b < a for a, b in itertools.pairwise(q))):
+            raise ValueError("cycle_jitter must be >= 2 positive, non-decreasing quantile multipliers (or empty)")
+        return q
+
     # -- derived quantities: pure functions of the parameters, used everywhere -------------
 
-    def gpu_cycle_ms(self, batch_size: int | None = None) -> float:
-        """GPU time one batch holds its GPU: PCIe in, kernel, PCIe out (+ per-item time)."""
+    @property
+    def jitter_mean(self) -> float:
+        """Mean batch-time multiplier: the mean of the piecewise-linear quantile function."""
+        q = self.cycle_jitter
+        return sum(a + b for a, b in itertools.pairwise(q)) / (2 * (len(q) - 1)) if q else 1.0
+
+    def jitter(self, u: np.ndarray | float) -> np.ndarray | float:
+        """Batch-time multiplier at quantile(s) ``u`` in [0, 1] (inverse-CDF sampling)."""
+        q = self.cycle_jitter
+        return np.interp(u, np.linspace(0.0, 1.0, len(q)), q) if q else np.ones_like(u, dtype=float)
+
+    def gpu_cycle_ms(self, batch_size: int | None = None, quantile: float | None = None) -> float:
+        """GPU time one batch holds its GPU: PCIe in, kernel, PCIe out (+ per-item time).
+
+        With a measured ``cycle_jitter`` this is the mean hold, or the hold at ``quantile``.
+        """
         n = self.max_batch if batch_size is None else batch_size
         hold = self.pcie_in_ms + self.kernel_ms + self.pcie_out_ms + self.per_item_ms * n
+        hold *= self.jitter_mean if quantile is None else float(self.jitter(quantile))
         return hold if self.overlap else hold + self.max_wait_ms
 
     @property

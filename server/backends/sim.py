@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import random
 
 from ...sim.params import ServiceModel
 from .base import Backend
@@ -27,9 +28,11 @@ class SimBackend(Backend):
         # The server's batcher always overlaps assembly with GPU work, so the GPU holds
         # a batch for PCIe in + kernel + PCIe out (+ per-item time) only.
         self.model = model.model_copy(update={"overlap": True})
+        self._uniform = random.Random(0).random  # draws quantiles of a measured cycle_jitter
 
     async def run_batch(self, inputs: list[str], gpu: int) -> list[str]:
-        cycle_s = self.model.gpu_cycle_ms(len(inputs)) / 1000.0
+        quantile = self._uniform() if self.model.cycle_jitter else None
+        cycle_s = self.model.gpu_cycle_ms(len(inputs), quantile=quantile) / 1000.0
         if cycle_s > 0:
             await asyncio.sleep(cycle_s)
         return [sim_output(text) for text in inputs]

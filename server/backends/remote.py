@@ -1,0 +1,50 @@
+"""Another infer-plan server's internal batch API as the engine (``--backend remote --upstream URL``).
+
+This is the split the design draws between the gateway and the GPU worker pool: a
+batch crosses as ``{"batch_id", "requests": [{"input"}]}`` and its results come back by
+index position. ``infer-plan calibrate --backend remote`` uses it to measure a running
+server in place, with its own process, threads and neighbours, rather than an engine
+loaded alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from ...sim.params import ServiceModel
+from .base import Backend, BackendError
+from .http_client import open_session, post_json
+
+__all__ = ["RemoteBackend"]
+
+
+@Backend.register("remote")
+class RemoteBackend(Backend):
+    def __init__(self, model: ServiceModel, upstream: str, connections: int = 16, **_: object) -> None:
+        self.endpoint = f"{upstream.rstrip('/')}/internal/batch"
+        self.timeout_s = model.request_timeout_s
+        self.connections = connections
+        self._session = None
+        self._ids = itertools.count(1)
+
+    async def start(self) -> None:
+        self._session = open_session(self.timeout_s, self.connections)
+
+    async def run_batch(self, inputs: list[str], gpu: int) -> list[str]:
+        batch_id = f"b{next(self._ids)}"
+        data = await post_json(
+            self._session, self.endpoint, {"batch_id": batch_id, "requests": [{"input": t} for t in inputs]}
+        )
+        try:
+            results = sorted(data["results"], key=lambda r: r["index"])
+            outputs = [str(r["output"]) for r in results]
+        except (KeyError, TypeError) as err:
+            raise BackendError(f"{self.endpoint} sent no results/index/output: {err!r}") from err
+        if data.get("batch_id") != batch_id or [r["index"] for r in results] != list(range(len(inputs))):
+            raise BackendError(f"{self.endpoint} answered batch {data.get('batch_id')!r} with {len(outputs)} results")
+        return outputs
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

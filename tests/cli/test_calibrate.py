@@ -1,0 +1,102 @@
+"""``infer-plan calibrate``: measure a running server in place, fit, and predict its P95 from the profile."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tomllib
+
+import numpy as np
+import pytest
+from infer_plan.loadtests.target import write_model_scenario
+from infer_plan.sim import ServiceModel
+from infer_plan.sim.arrivals import Arrivals
+from infer_plan.sim.engine import simulate_arrivals
+from infer_plan.sim.profile import fit_batch_latency
+from infer_plan.sim.scenario import load_scenario
+
+from tests.helpers import REPO, running_server
+
+# A server whose batches take 70 ms + 0.5 ms per request, spread like a real engine's (right tail).
+ENGINE = ServiceModel(kernel_ms=60.0, per_item_ms=0.5, cycle_jitter=(0.8, 0.9, 1.0, 1.2, 1.6))
+
+
+def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "infer_plan.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+
+
+def test_fit_recovers_a_line_and_keeps_both_terms_non_negative():
+    fit = fit_batch_latency([1, 10, 100], [27.0, 42.0, 142.0])  # vLLM-CPU figures from shared/notes
+    assert fit.fixed_ms == pytest.approx(26.7, abs=1.5) and fit.per_item_ms == pytest.approx(1.16, abs=0.05)
+    assert fit.max_relative_error < 0.1
+    flat = fit_batch_latency([1, 2, 4], [50.0, 49.0, 48.0])  # a batch never gets cheaper per size
+    assert flat.per_item_ms == 0.0 and flat.fixed_ms == pytest.approx(49.0, abs=1.0)
+
+
+def test_measured_jitter_widens_the_simulated_tail_but_not_the_mean_throughput():
+    rng = np.random.default_rng(0)
+    times = np.sort(rng.uniform(0, 60, 3000))
+    arrivals = Arrivals(times, rng.integers(0, 3, times.size).astype(np.int8))
+    steady = ServiceModel(kernel_ms=60.0, per_item_ms=0.5)
+    lat = {}
+    for name, model in (("steady", steady), ("jitter", ENGINE)):
+        out = simulate_arrivals(model, arrivals, gpus=1, seed=1)
+        lat[name] = (out.completion - arrivals.times) * 1000.0
+    assert ENGINE.jitter_mean == pytest.approx((0.85 + 0.95 + 1.1 + 1.4) / 4)  # trapezoids of the quantile function
+    assert np.percentile(lat["jitter"], 95) > np.percentile(lat["steady"], 95) + 15.0
+    assert np.percentile(lat["jitter"], 50) == pytest.approx(np.percentile(lat["steady"], 50), rel=0.1)
+
+
+@pytest.mark.timeout(300)
+def test_calibrate_a_running_server_then_the_profile_predicts_its_p95(tmp_path):
+    scenario = write_model_scenario(ENGINE, tmp_path / "engine.toml", gpus=1)
+    profile, saved, summary = tmp_path / "profile.toml", tmp_path / "calibration.json", tmp_path / "loadtest.json"
+    with running_server("--scenario", str(scenario)) as srv:
+        done = cli(
+            "calibrate", "--backend", "remote", "--upstream", srv.internal_url, "--sizes", "1,5,10,20,40",
+            "--repetitions", "15", "--out", str(profile), "--save", str(saved),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "fitted: batch latency" in done.stdout and "profile written" in done.stdout
+        calibration = json.loads(saved.read_text())
+        service = tomllib.loads(profile.read_text())["service"]
+        calibrated = load_scenario(None, profile).model
+        for size in (1, 40):  # the mean batch time (fit x mean jitter) of the engine, PCIe included
+            assert calibrated.gpu_cycle_ms(size) == pytest.approx(ENGINE.gpu_cycle_ms(size), rel=0.1)
+        assert service["per_item_ms"] == pytest.approx(0.5, abs=0.25)
+        assert service["cycle_jitter"][0] < 0.95 and service["cycle_jitter"][-1] > 1.3
+        assert calibration["kind"] == "calibrate" and len(calibration["points"]) == 5
+
+        done = cli(
+            "loadtest", "--target", srv.url, "--gpus", "1", "--profile", str(profile),
+            "--rps", "150", "--duration", "20", "--json", str(summary),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    overall = json.loads(summary.read_text())["overall"]
+    measured, simulated = overall["measured_ms"]["p95_ms"], overall["simulated_ms"]["p95_ms"]
+    print(f"\ncalibrated sim backend at 150 req/s: measured P95 {measured:.1f} ms, simulated {simulated:.1f} ms")
+    assert overall["relative_error"]["p95_ms"] <= 0.10
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--sizes", "1,x"], "comma-separated integers"),
+        (["--sizes", "5"], "at least two batch sizes"),
+        (["--backend", "vllm"], "needs --model"),
+        (["--backend", "remote"], "needs --upstream"),
+        (["--backend", "nope"], "unknown backend"),
+    ],
+)
+def test_calibrate_usage_errors_exit_2(tmp_path, args, needle):
+    done = cli("calibrate", "--out", str(tmp_path / "p.toml"), *args, timeout=60)
+    assert done.returncode == 2
+    assert needle in done.stderr and "Traceback" not in done.stderr

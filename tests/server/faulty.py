@@ -1,0 +1,29 @@
+"""A fault-injecting backend for the reliability tests, loaded with ``--backend tests.server.faulty:FaultyBackend``.
+
+It behaves like the sim backend unless a batch holds a poisoned input, so a test can
+put one fault into one batch and check that every request of that batch (and only
+that batch) gets its error while the worker goes on serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from infer_plan.server.backends.base import BackendError
+from infer_plan.server.backends.sim import SimBackend
+
+RAISE, FAIL, HANG, SHORT = "fault:raise", "fault:backend-error", "fault:hang", "fault:short"
+
+
+class FaultyBackend(SimBackend):
+    async def run_batch(self, inputs: list[str], gpu: int) -> list[str]:
+        outputs = await super().run_batch(inputs, gpu)
+        if RAISE in inputs:
+            raise RuntimeError("injected crash mid-batch")
+        if FAIL in inputs:
+            raise BackendError("injected engine failure")
+        if HANG in inputs:
+            await asyncio.sleep(3600)
+        if SHORT in inputs:
+            return outputs[:-1]
+        return outputs
