@@ -20,6 +20,7 @@ from ..sim.errors import InferPlanError
 from .calibrate import calibrate
 from .capacity import capacity
 from .loadtest import loadtest
+from .report import report
 from .serve import serve
 from .simulate import simulate
 from .tiny_model import tiny_model
@@ -37,6 +38,7 @@ app.command()(capacity)
 app.command()(serve)
 app.command()(loadtest)
 app.command()(calibrate)
+app.command()(report)
 app.command(name="tiny-model")(tiny_model)
 
 

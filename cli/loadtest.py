@@ -16,8 +16,19 @@ from ..sim.engine import simulate_arrivals
 from ..sim.errors import ConfigError, UsageError
 from ..sim.params import Tier
 from ..sim.scenario import parse_spike
-from .options import KernelOpt, MaxBatchOpt, MaxWaitOpt, ProfileOpt, ScenarioOpt, SloOpt, TierMixOpt, build_scenario
+from .options import (
+    KernelOpt,
+    MaxBatchOpt,
+    MaxWaitOpt,
+    ProfileOpt,
+    QuietOpt,
+    ScenarioOpt,
+    SloOpt,
+    TierMixOpt,
+    build_scenario,
+)
 from .output import emit_json, terminal
+from .progress import status_progress
 
 
 def _keys_per_tier(path: Path | None) -> dict[int, str]:
@@ -55,6 +66,7 @@ def loadtest(
     scenario: ScenarioOpt = None,
     profile: ProfileOpt = None,
     json_file: Annotated[Path | None, typer.Option("--json", help="Write the result JSON here.")] = None,
+    quiet: QuietOpt = False,
     junit_file: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML (one case per gate).")] = None,
     html_file: Annotated[Path | None, typer.Option("--html", help="Write the HTML report here.")] = None,
 ) -> None:
@@ -101,7 +113,10 @@ def loadtest(
         plan = LoadPlan(
             url=url.rstrip("/"), arrivals=arrivals, keys=key_map, model=model_name, timeout_s=model.request_timeout_s
         )
-        return run_plan(plan, workers=workers)
+        label = f"sending {len(arrivals):,} requests over {horizon:g} s"
+        with status_progress(label, enabled=not quiet, total=horizon) as progress:
+            task = progress.task_ids[0]
+            return run_plan(plan, workers=workers, on_tick=lambda s: progress.update(task, completed=min(s, horizon)))
 
     if target == "sim":
         assert fleet is not None

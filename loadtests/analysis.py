@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..reports.schema import Gate, LoadTestResult, MeasuredVsSimulated
+from ..reports.schema import CDF_POINTS, Gate, LoadTestResult, MeasuredVsSimulated
 from ..sim.params import Tier
 from .plan import Records
 
@@ -35,13 +35,23 @@ def _percentiles(values: np.ndarray) -> dict[str, float | None]:
     return {k: float(v) for k, v in zip(_QUANTILES, np.percentile(values, list(_QUANTILES.values())), strict=True)}
 
 
+def _cdf(values: np.ndarray) -> list[float]:
+    return np.percentile(values, CDF_POINTS).tolist() if values.size else []
+
+
 def _compare(measured: np.ndarray, simulated: np.ndarray | None) -> MeasuredVsSimulated:
     m = _percentiles(measured)
     if simulated is None:
-        return MeasuredVsSimulated(measured_ms=m)
+        return MeasuredVsSimulated(measured_ms=m, measured_cdf_ms=_cdf(measured))
     s = _percentiles(simulated)
     err = {k: (abs(m[k] - s[k]) / s[k] if m[k] is not None and s[k] else None) for k in _QUANTILES}
-    return MeasuredVsSimulated(measured_ms=m, simulated_ms=s, relative_error=err)
+    return MeasuredVsSimulated(
+        measured_ms=m,
+        simulated_ms=s,
+        relative_error=err,
+        measured_cdf_ms=_cdf(measured),
+        simulated_cdf_ms=_cdf(simulated),
+    )
 
 
 def analyse(

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gevent
@@ -35,8 +36,16 @@ def _configure(plan: LoadPlan, records: Records, share_count: int, start_at: flo
     return done
 
 
-def run_plan(plan: LoadPlan, *, workers: int = 0) -> tuple[Records, dict[str, dict[str, float]]]:
-    """Send the plan; return exact records and Locust's own per-name stats."""
+Tick = Callable[[float], None]
+
+
+def run_plan(
+    plan: LoadPlan, *, workers: int = 0, on_tick: Tick | None = None
+) -> tuple[Records, dict[str, dict[str, float]]]:
+    """Send the plan; return exact records and Locust's own per-name stats.
+
+    ``on_tick(seconds into the schedule)`` is called about twice a second (progress bars).
+    """
     records = Records.empty(plan)
     budget = float(plan.arrivals.end_s) + plan.timeout_s + 30.0
     if workers <= 0:
@@ -45,10 +54,13 @@ def run_plan(plan: LoadPlan, *, workers: int = 0) -> tuple[Records, dict[str, di
         env = Environment(user_classes=[OpenLoopUser], host=plan.url)
         runner = env.create_local_runner()
         runner.start(1, spawn_rate=1)
-        done.wait(timeout=budget)
+        deadline = time.monotonic() + budget
+        while not done.wait(timeout=0.5) and time.monotonic() < deadline:
+            if on_tick is not None:
+                on_tick(max(0.0, time.time() - start_at))
         runner.quit()
         return records, locust_summary(env)
-    return _run_distributed(plan, records, workers, budget)
+    return _run_distributed(plan, records, workers, budget, on_tick)
 
 
 def _free_port() -> int:
@@ -57,7 +69,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_distributed(plan: LoadPlan, records: Records, workers: int, budget: float):
+def _run_distributed(plan: LoadPlan, records: Records, workers: int, budget: float, on_tick: Tick | None):
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="infer-plan-locust-") as tmp:
         out = Path(tmp)
@@ -94,9 +106,12 @@ def _run_distributed(plan: LoadPlan, records: Records, workers: int, budget: flo
                     raise InferPlanError(f"only {len(runner.clients.ready)} of {workers} Locust workers connected")
                 gevent.sleep(0.1)
             runner.start(workers, spawn_rate=workers)
-            deadline = time.monotonic() + budget + _START_DELAY_S + 5
+            started = time.monotonic()
+            deadline = started + budget + _START_DELAY_S + 5
             while len(list(out.glob("records-*.npz"))) < workers and time.monotonic() < deadline:
-                gevent.sleep(0.2)
+                gevent.sleep(0.5)
+                if on_tick is not None:
+                    on_tick(max(0.0, time.monotonic() - started - _START_DELAY_S))
             for path in out.glob("records-*.npz"):
                 records.merge_file(path)
         finally:

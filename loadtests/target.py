@@ -24,7 +24,7 @@ import tomli_w
 from ..sim.errors import InferPlanError
 from ..sim.params import ServiceModel
 
-__all__ = ["ServerProcess", "local_sim_server", "server_process", "write_model_scenario"]
+__all__ = ["ServerProcess", "local_sim_server", "server_process", "stop_process", "write_model_scenario"]
 
 _ANNOUNCE = re.compile(r"listening on (http://\S+) \(internal (http://\S+)\)")
 
@@ -71,15 +71,20 @@ def server_process(
         url, internal = _await_announce(proc, startup_s, log_path)
         yield ServerProcess(proc, url, internal, log_path)
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         if proc.stdout:
             proc.stdout.close()
+
+
+def stop_process(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout_s``; always reaped."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @contextlib.contextmanager

@@ -1,4 +1,11 @@
-"""Self-contained HTML pages with plots (plotly, its JavaScript inlined: no network needed to view)."""
+"""Self-contained HTML pages with plots: plotly, its JavaScript inlined once, no network needed to view.
+
+Each result kind gets the figures a person would draw by hand: latency CDFs per tier,
+P95 and load against GPU count, the capacity sweep, queue depth / GPUs / load over
+time, measured against simulated percentiles, and batch latency against batch size
+with the fitted line. The numbers beside the plots come from :mod:`.tables`, the same
+content the Markdown rendering shows.
+"""
 
 from __future__ import annotations
 
@@ -8,54 +15,214 @@ from pathlib import Path
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from .schema import LoadTestResult
+from ..sim.errors import UsageError
+from .schema import (
+    CDF_POINTS,
+    AnyResult,
+    CalibrationResult,
+    CapacityResult,
+    LoadTestResult,
+    SimulationResult,
+)
+from .tables import Summary, summarise
 
-__all__ = ["loadtest_html", "write_html"]
+__all__ = ["result_html", "write_html"]
+
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}"
+    "td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child"
+    "{text-align:left}.PASS{color:#080}.FAIL{color:#c00;font-weight:bold}"
+    "dl{display:grid;grid-template-columns:max-content auto;gap:2px 14px}dt{color:#666}dd{margin:0}"
+)
+_TIER_COLOURS = {"enterprise": "#1f77b4", "paid": "#ff7f0e", "free": "#2ca02c", "all": "#444"}
 
 
-def loadtest_html(result: LoadTestResult) -> str:
-    tiers = [*result.per_tier, "all"]
-    stats = [*result.per_tier.values(), result.overall]
-    fig = make_subplots(
-        rows=1,
-        cols=2,
-        subplot_titles=("P95 by tier: measured vs simulated (ms)", "P95 over the run, from scheduled send (ms)"),
+def _cdf_traces(name: str, cdf_ms: list[float], *, dash: str | None = None, suffix: str = "") -> go.Scatter:
+    return go.Scatter(
+        x=cdf_ms,
+        y=list(CDF_POINTS),
+        mode="lines",
+        name=f"{name}{suffix}",
+        line={"color": _TIER_COLOURS.get(name), "dash": dash},
     )
-    fig.add_trace(go.Bar(name="measured P95", x=tiers, y=[s.measured_ms.get("p95_ms") for s in stats]), 1, 1)
-    if result.overall.simulated_ms is not None:
-        fig.add_trace(
-            go.Bar(name="simulated P95", x=tiers, y=[(s.simulated_ms or {}).get("p95_ms") for s in stats]), 1, 1
+
+
+def _cdf_figure(title: str) -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(title=title, xaxis_title="latency (ms)", yaxis_title="percentile", height=420)
+    return fig
+
+
+def _simulation_figures(r: SimulationResult) -> list[go.Figure]:
+    cdf = _cdf_figure("Latency CDF per tier (simulated)")
+    for tier, stats in r.per_tier.items():
+        if stats.cdf_ms:
+            cdf.add_trace(_cdf_traces(tier, stats.cdf_ms))
+    figures = [cdf]
+    ts = r.timeseries
+    if ts is not None and ts.t_s:
+        over = make_subplots(
+            rows=3, cols=1, shared_xaxes=True, subplot_titles=("queue depth", "GPUs", "load factor and offered rate")
         )
-    if result.latency_over_time:
+        over.add_trace(go.Scatter(x=ts.t_s, y=ts.queue_depth, name="queued requests"), 1, 1)
+        over.add_trace(go.Scatter(x=ts.t_s, y=ts.gpus_up, name="GPUs up", line_shape="hv"), 2, 1)
+        over.add_trace(go.Scatter(x=ts.t_s, y=ts.gpus_provisioning, name="GPUs cold-starting", line_shape="hv"), 2, 1)
+        over.add_trace(go.Scatter(x=ts.t_s, y=ts.load_factor, name="load factor"), 3, 1)
+        over.update_xaxes(title_text="time (s)", row=3, col=1)
+        over.update_layout(title="Over time", height=640)
+        figures.append(over)
+    return figures
+
+
+def _capacity_figures(r: CapacityResult) -> list[go.Figure]:
+    rows = r.neighbours
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    gpus = [n.gpus for n in rows]
+    fig.add_trace(go.Scatter(x=gpus, y=[n.p95_ms for n in rows], name="P95 (ms)", mode="lines+markers"))
+    tiers = list(rows[0].per_tier_p95_ms) if rows else []
+    for tier in tiers:
         fig.add_trace(
             go.Scatter(
-                name="P95 per slice",
-                x=result.latency_over_time["t_s"],
-                y=result.latency_over_time["p95_ms"],
-                mode="lines+markers",
-            ),
-            1,
-            2,
+                x=gpus,
+                y=[n.per_tier_p95_ms.get(tier) for n in rows],
+                name=f"P95 {tier}",
+                mode="lines",
+                line={"dash": "dot", "color": _TIER_COLOURS.get(tier)},
+            )
         )
-    fig.update_layout(barmode="group", height=460, margin={"t": 60})
-    rows = "".join(
-        f"<tr><td>{html.escape(g.name)}</td><td class={'pass' if g.passed else 'fail'}>"
-        f"{'PASS' if g.passed else 'FAIL'}</td><td>{html.escape(g.detail)}</td></tr>"
-        for g in result.gates
+    fig.add_trace(
+        go.Scatter(x=gpus, y=[n.load_factor for n in rows], name="load factor", mode="lines+markers"),
+        secondary_y=True,
     )
-    verdict = "PASSED" if result.passed else "FAILED"
+    fig.add_hline(y=r.constraints.get("slo_p95_ms", 500.0), line_dash="dash", annotation_text="P95 SLO")
+    if r.gpus is not None:
+        fig.add_vline(x=r.gpus, line_dash="dot", annotation_text=f"plan: {r.gpus} GPUs")
+    fig.update_layout(title=f"P95 and load versus GPU count at {r.rps:,.0f} req/s", height=460)
+    fig.update_xaxes(title_text="GPUs")
+    fig.update_yaxes(title_text="P95 (ms)", secondary_y=False)
+    fig.update_yaxes(title_text="load factor", secondary_y=True)
+    figures = [fig]
+    if r.sweep:
+        sweep = make_subplots(specs=[[{"secondary_y": True}]])
+        rps = [p.rps for p in r.sweep]
+        sweep.add_trace(go.Scatter(x=rps, y=[p.p95_ms for p in r.sweep], name="P95 at plan (ms)", mode="lines+markers"))
+        sweep.add_trace(go.Scatter(x=rps, y=[p.gpus for p in r.sweep], name="GPUs", line_shape="hv"), secondary_y=True)
+        sweep.update_layout(title="P95 and GPUs versus rps (sweep)", height=420)
+        sweep.update_xaxes(title_text="requests/s")
+        sweep.update_yaxes(title_text="P95 (ms)", secondary_y=False)
+        sweep.update_yaxes(title_text="GPUs", secondary_y=True)
+        figures.append(sweep)
+    return figures
+
+
+def _loadtest_figures(r: LoadTestResult) -> list[go.Figure]:
+    names = [*r.per_tier, "all"]
+    stats = [*r.per_tier.values(), r.overall]
+    bars = go.Figure()
+    for q in ("p50_ms", "p95_ms", "p99_ms"):
+        label = q.removesuffix("_ms").upper()
+        bars.add_trace(go.Bar(name=f"measured {label}", x=names, y=[s.measured_ms.get(q) for s in stats]))
+        if r.overall.simulated_ms is not None:
+            bars.add_trace(
+                go.Bar(
+                    name=f"simulated {label}",
+                    x=names,
+                    y=[(s.simulated_ms or {}).get(q) for s in stats],
+                    marker_pattern_shape="/",
+                )
+            )
+    bars.update_layout(title="Measured versus simulated percentiles (ms)", barmode="group", height=440)
+    figures = [bars]
+    cdf = _cdf_figure("Latency CDF per tier: measured (solid) and simulated (dashed)")
+    for name, s in zip(names, stats, strict=True):
+        if s.measured_cdf_ms:
+            cdf.add_trace(_cdf_traces(name, s.measured_cdf_ms, suffix=" measured"))
+        if s.simulated_cdf_ms:
+            cdf.add_trace(_cdf_traces(name, s.simulated_cdf_ms, dash="dash", suffix=" simulated"))
+    if cdf.data:  # results from schema version 1 carry no CDFs
+        figures.append(cdf)
+    if r.latency_over_time:
+        over = go.Figure(
+            go.Scatter(x=r.latency_over_time["t_s"], y=r.latency_over_time["p95_ms"], mode="lines+markers", name="P95")
+        )
+        over.update_layout(title="P95 over the run, from scheduled send (ms)", xaxis_title="time (s)", height=380)
+        figures.append(over)
+    return figures
+
+
+def _calibration_figures(r: CalibrationResult) -> list[go.Figure]:
+    sizes = [p.batch_size for p in r.points]
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=sizes,
+            y=[p.median_ms for p in r.points],
+            mode="markers",
+            name="measured median",
+            error_y={
+                "type": "data",
+                "symmetric": False,
+                "array": [p.p95_ms - p.median_ms for p in r.points],
+                "arrayminus": [p.median_ms - p.min_ms for p in r.points],
+            },
+        )
+    )
+    line_x = [0, max(sizes)]
+    fig.add_trace(
+        go.Scatter(
+            x=line_x,
+            y=[r.fixed_ms + r.per_item_ms * x for x in line_x],
+            mode="lines",
+            name=f"fit: {r.fixed_ms:.1f} + {r.per_item_ms:.3f} x n ms",
+        )
+    )
+    fig.update_layout(
+        title=f"Batch latency versus batch size ({r.backend}); bars span min to P95",
+        xaxis_title="batch size",
+        yaxis_title="ms",
+        height=440,
+    )
+    return [fig]
+
+
+_FIGURES = {
+    "simulate": _simulation_figures,
+    "capacity": _capacity_figures,
+    "loadtest": _loadtest_figures,
+    "calibrate": _calibration_figures,
+}
+
+
+def _summary_html(summary: Summary) -> str:
+    facts = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in summary.facts)
+    parts = [f"<h1>{html.escape(summary.title)}</h1>", f"<p><b>{html.escape(summary.headline)}</b></p>"]
+    parts.append(f"<dl>{facts}</dl>")
+    for table in summary.tables:
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
+        body = "".join(
+            "<tr>" + "".join(f"<td class='{html.escape(c)}'>{html.escape(c)}</td>" for c in row) + "</tr>"
+            for row in table.rows
+        )
+        parts.append(f"<h3>{html.escape(table.title)}</h3><table><tr>{head}</tr>{body}</table>")
+    return "".join(parts)
+
+
+def result_html(result: AnyResult) -> str:
+    """One page: the headline and every number, then the figures drawn from them."""
+    summary = summarise(result)
+    figures = _FIGURES[result.kind](result)
+    plots = "".join(
+        fig.to_html(full_html=False, include_plotlyjs=(i == 0), config={"displaylogo": False})
+        for i, fig in enumerate(figures)
+    )
     return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>infer-plan loadtest</title>"
-        "<style>body{font-family:sans-serif;margin:2em}td{padding:2px 10px}.pass{color:#080}.fail{color:#c00}"
-        "</style></head><body>"
-        f"<h1>infer-plan loadtest: {verdict}</h1>"
-        f"<p>target {html.escape(result.target)} ({html.escape(result.url)}), {result.rps:,.0f} req/s planned, "
-        f"{result.achieved_rps:,.0f} sent, {result.requests:,} requests measured.</p>"
-        f"<table><tr><th>gate</th><th>result</th><th>detail</th></tr>{rows}</table>"
-        + fig.to_html(full_html=False, include_plotlyjs=True)
-        + "</body></html>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(summary.title)}</title>"
+        f"<style>{_STYLE}</style></head><body>{_summary_html(summary)}{plots}</body></html>"
     )
 
 
-def write_html(result: LoadTestResult, path: Path) -> None:
-    path.write_text(loadtest_html(result), encoding="utf-8")
+def write_html(result: AnyResult, path: Path) -> None:
+    try:
+        path.write_text(result_html(result), encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror}") from None

@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
+    "SCHEMA_HISTORY",
     "SCHEMA_VERSION",
     "AnyResult",
     "BackOfEnvelope",
@@ -31,7 +32,13 @@ __all__ = [
     "load_result",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# What each version added; a saved result of an older version is upgraded on load
+# (its new fields take their defaults, so renderers show less, never something wrong).
+SCHEMA_HISTORY = {
+    1: "simulate, capacity and loadtest results",
+    2: "loadtest latency CDFs (measured and simulated) per tier; calibrate results",
+}
 
 # Percentile points kept for latency CDF plots: fine steps in the tail where SLOs live.
 CDF_POINTS: tuple[float, ...] = (*range(0, 95), 95, 96, 97, 98, 99, 99.5, 99.9, 100)
@@ -158,6 +165,8 @@ class MeasuredVsSimulated(_Model):
     measured_ms: dict[str, float | None]
     simulated_ms: dict[str, float | None] | None = None
     relative_error: dict[str, float | None] | None = None
+    measured_cdf_ms: list[float] = Field(default_factory=list, description="latency at each of CDF_POINTS")
+    simulated_cdf_ms: list[float] | None = None
 
 
 class Gate(_Model):
@@ -241,11 +250,15 @@ def load_result(path: Path) -> AnyResult:
     if not isinstance(data, dict) or "kind" not in data:
         raise ConfigError(f"{path}: not an infer-plan result (no 'kind' field)")
     version = data.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if not isinstance(version, int) or version not in SCHEMA_HISTORY:
+        known = ", ".join(str(v) for v in SCHEMA_HISTORY)
+        newer = isinstance(version, int) and version > SCHEMA_VERSION
+        hint = "upgrade infer-plan to read it" if newer else "re-run the command that produced it"
         raise ConfigError(
             f"{path}: schema_version {version!r} is not supported; this infer-plan reads schema_version "
-            f"{SCHEMA_VERSION} (re-run the command that produced it)"
+            f"{known} and writes {SCHEMA_VERSION} ({hint})"
         )
+    data = {**data, "schema_version": SCHEMA_VERSION}  # older versions only lack fields added later
     try:
         return _Envelope.model_validate({"result": data}).result
     except ValidationError as err:

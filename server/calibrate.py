@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backends.base import Backend
+from .backends.base import Backend, BackendError
 
 __all__ = ["BatchTimings", "measure_batches"]
 
@@ -65,7 +65,7 @@ async def measure_batches(
             outputs = await backend.run_batch(batch, 0)
             samples[size].append((time.perf_counter() - started) * 1000.0)
             if len(outputs) != size:
-                raise RuntimeError(f"backend returned {len(outputs)} outputs for a batch of {size}")
+                raise BackendError(f"backend returned {len(outputs)} outputs for a batch of {size}")
             if on_batch:
                 on_batch()
     return BatchTimings(sizes=list(sizes), samples_ms=samples)

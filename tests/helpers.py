@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +14,19 @@ from infer_plan.loadtests.target import ServerProcess, server_process
 
 DEV_KEYS = {0: "dev-enterprise", 1: "dev-paid", 2: "dev-free"}
 REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``infer-plan ARGS`` in a child process, output captured, bounded in time."""
+    return subprocess.run(
+        [sys.executable, "-m", "infer_plan.cli", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @contextlib.contextmanager

@@ -32,6 +32,6 @@ async def post_json(session: aiohttp.ClientSession | None, url: str, body: dict[
                 raise BackendError(f"{url} answered {resp.status}: {detail}")
             return await resp.json(content_type=None)
     except (aiohttp.ClientError, TimeoutError) as err:
-        raise BackendError(f"{url} unreachable: {err!r}") from err
+        raise BackendError(f"{url} unreachable: {str(err) or type(err).__name__}") from err
     except ValueError as err:
         raise BackendError(f"{url} sent invalid JSON: {err}") from err

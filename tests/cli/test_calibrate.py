@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import tomllib
 
 import numpy as np
@@ -16,21 +14,11 @@ from infer_plan.sim.engine import simulate_arrivals
 from infer_plan.sim.profile import fit_batch_latency
 from infer_plan.sim.scenario import load_scenario
 
-from tests.helpers import REPO, running_server
+from tests.helpers import run_cli as cli
+from tests.helpers import running_server
 
 # A server whose batches take 70 ms + 0.5 ms per request, spread like a real engine's (right tail).
 ENGINE = ServiceModel(kernel_ms=60.0, per_item_ms=0.5, cycle_jitter=(0.8, 0.9, 1.0, 1.2, 1.6))
-
-
-def cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "infer_plan.cli", *args],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
 
 
 def test_fit_recovers_a_line_and_keeps_both_terms_non_negative():

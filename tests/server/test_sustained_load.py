@@ -131,6 +131,8 @@ async def test_soak_ten_minutes_at_seventy_percent(tmp_path):
                 assert (result.status == 200).all()
                 answered += len(result.status)
                 p95_by_minute.append(p95_ms(result, np.ones(len(result.status), dtype=bool)))
+        await asyncio.sleep(1.0)  # the sender's connections are closed; the server's sockets go with them
+        fds_after = psutil.Process(srv.pid).num_fds()
         assert srv.terminate() == 0
 
     rss_slope = sampler.slope_per_min(sampler.rss_mb, after_s=60.0)
@@ -139,12 +141,12 @@ async def test_soak_ten_minutes_at_seventy_percent(tmp_path):
     print(
         f"\nsoak: {answered} requests over {minutes} min at {rate:.0f} req/s, all 200; "
         f"RSS {sampler.rss_mb[0]:.1f} -> {sampler.rss_mb[-1]:.1f} MB (slope {rss_slope:+.3f} MB/min after minute 1); "
-        f"fds {sampler.fds[0]} -> {sampler.fds[-1]} (slope {fd_slope:+.3f}/min); "
+        f"fds {sampler.fds[0]} before, {min(sampler.fds[1:])}-{max(sampler.fds)} under load (slope {fd_slope:+.3f}/min), "
+        f"{fds_after} after; "
         f"P95 by minute {', '.join(f'{p:.0f}' for p in p95_by_minute)} ms (spread {spread:.1%})"
     )
     assert abs(rss_slope) < 1.0  # MB per minute
     assert abs(fd_slope) < 1.0
-    # The first sample precedes the client's connection pool; after minute 1 the count must stay level.
-    settled = [f for t, f in zip(sampler.t, sampler.fds, strict=True) if t >= 60.0]
-    assert max(settled) - min(settled) < 20
+    # Under load the count follows the client's keep-alive pool; once it closes, nothing may be left over.
+    assert fds_after <= sampler.fds[0] + 3
     assert spread < 0.25

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from infer_plan.loadtests.target import write_model_scenario
+from infer_plan.loadtests.target import stop_process, write_model_scenario
 from infer_plan.sim import ServiceModel
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import REPO, running_server
+from tests.helpers import run_cli, running_server
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
@@ -33,11 +33,8 @@ VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 SERVICE = ServiceModel(backpressure={"queue_limit": 60}, request_timeout_s=60)
 
 
-def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "infer_plan.cli", *args],
-        check=False, capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **VLLM_ENV},
-    )  # fmt: skip
+def cli(*args: str, timeout: float = 300):
+    return run_cli(*args, timeout=timeout, env=VLLM_ENV)
 
 
 @pytest.fixture(scope="module")
@@ -202,13 +199,7 @@ def vllm_openai_server(tiny_model, tmp_path_factory):
             raise AssertionError("vLLM's OpenAI server did not come up in 240 s")
         yield proc, url
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout_s=60)
 
 
 async def test_openai_backend_through_vllm_openai_server_then_upstream_failure(vllm_openai_server, tmp_path):

@@ -1,0 +1,29 @@
+"""Markdown renderings, for pull-request comments from CI (GitHub-flavoured tables)."""
+
+from __future__ import annotations
+
+from .schema import AnyResult
+from .tables import Table, summarise
+
+__all__ = ["result_markdown"]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(table: Table) -> list[str]:
+    lines = [f"**{table.title}**", "", "| " + " | ".join(table.headers) + " |"]
+    lines.append("|" + "|".join(":---" if i == 0 else "---:" for i in range(len(table.headers))) + "|")
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in table.rows]
+    return [*lines, ""]
+
+
+def result_markdown(result: AnyResult) -> str:
+    summary = summarise(result)
+    lines = [f"### {summary.title}", "", f"**{_cell(summary.headline)}**", ""]
+    lines += [f"- {name}: {_cell(value)}" for name, value in summary.facts]
+    lines.append("")
+    for table in summary.tables:
+        lines += _table(table)
+    return "\n".join(lines).rstrip() + "\n"

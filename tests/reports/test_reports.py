@@ -1,0 +1,129 @@
+"""Every result kind rendered to Markdown and HTML from its saved JSON, checked for its numbers and plots.
+
+The results come from real runs of the commands (small ones); the HTML pages are opened
+in headless Chromium to prove the plots draw, not only that a file was written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from infer_plan.reports.screenshot import dump_dom, screenshot
+
+from tests.helpers import run_cli as cli
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def ms(value: float) -> str:
+    return f"{value:,.1f}"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("results")
+    runs = {
+        "simulate": ["simulate", "--rps", "3000", "--gpus", "5", "--duration", "60", "--spike", "2:20:15", "--save"],
+        "capacity": ["capacity", "--rps", "3000", "--sweep", "--duration", "30", "--save"],
+        "calibrate": [
+            "calibrate",
+            "--sizes",
+            "1,10,50",
+            "-n",
+            "2",
+            "--warmup",
+            "0",
+            "--out",
+            str(out / "p.toml"),
+            "--save",
+        ],
+        "loadtest": ["loadtest", "--target", "sim", "--rps", "100", "--duration", "4", "--json"],
+    }
+    paths = {}
+    for kind, args in runs.items():
+        paths[kind] = out / f"{kind}.json"
+        done = cli(*args, str(paths[kind]))
+        assert done.returncode == 0, (kind, done.stderr[-2000:])
+    return paths
+
+
+FIGURE_TITLES = {
+    "simulate": ["Latency CDF per tier (simulated)", "Over time"],
+    "capacity": ["P95 and load versus GPU count", "P95 and GPUs versus rps (sweep)"],
+    "calibrate": ["Batch latency versus batch size"],
+    "loadtest": ["Measured versus simulated percentiles", "Latency CDF per tier", "P95 over the run"],
+}
+
+
+def expected_numbers(kind: str, data: dict) -> list[str]:
+    """Figures a reader must find in every rendering, taken from the saved JSON itself."""
+    if kind == "simulate":
+        return [f"{data['gpus']} GPUs", ms(data["p95_ms"])] + [ms(t["p95_ms"]) for t in data["per_tier"].values()]
+    if kind == "capacity":
+        return [f"{data['gpus']} GPUs", ms(data["p95_ms"]), data["binding_constraint"]] + [
+            f"{p['rps']:,.0f}" for p in data["sweep"]
+        ]
+    if kind == "calibrate":
+        return [f"{data['fixed_ms']:.2f} ms"] + [ms(p["median_ms"]) for p in data["points"]]
+    return [f"{data['requests']:,} requests", ms(data["overall"]["measured_ms"]["p95_ms"])] + [
+        g["name"] for g in data["gates"]
+    ]
+
+
+@pytest.mark.parametrize("kind", ["simulate", "capacity", "calibrate", "loadtest"])
+def test_report_renders_markdown_and_html_with_the_numbers_and_plots(saved, kind, tmp_path):
+    data = json.loads(saved[kind].read_text())
+    page, md = tmp_path / f"{kind}.html", tmp_path / f"{kind}.md"
+    done = cli("report", str(saved[kind]), "--html", str(page), "--markdown", str(md))
+    assert done.returncode == 0, done.stderr
+    markdown, html = md.read_text(), page.read_text()
+    for number in expected_numbers(kind, data):
+        assert number in markdown, (number, markdown)
+        assert number in html, number
+    assert re.search(r"^\| .+ \|$", markdown, re.MULTILINE) and "|---:" in markdown
+    assert done.stdout.strip()  # and the terminal rendering
+
+    # Self-contained: plotly inlined once, nothing fetched.
+    assert "<script src=" not in html and html.count('class="plotly-graph-div"') == len(FIGURE_TITLES[kind])
+    assert len(html) > 1_000_000
+    for title in FIGURE_TITLES[kind]:
+        assert title in html, title
+    dom = dump_dom(page)  # after plotly's JavaScript ran in a real browser
+    assert dom.count('class="main-svg"') >= len(FIGURE_TITLES[kind]), "plots did not render"
+
+
+def test_screenshot_of_a_report_page(saved, tmp_path):
+    page = tmp_path / "capacity.html"
+    assert cli("report", str(saved["capacity"]), "--html", str(page)).returncode == 0
+    png = screenshot(page, tmp_path / "capacity.png", 1200, 1400)
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000  # a page with plots, not a blank one
+
+
+def test_older_schema_renders_and_unknown_ones_are_refused_clearly(saved, tmp_path):
+    v1 = json.loads(saved["loadtest"].read_text())
+    v1["schema_version"] = 1
+    for stats in [*v1["per_tier"].values(), v1["overall"]]:
+        del stats["measured_cdf_ms"], stats["simulated_cdf_ms"]
+    old = tmp_path / "v1.json"
+    old.write_text(json.dumps(v1))
+    page = tmp_path / "v1.html"
+    done = cli("report", str(old), "--html", str(page), "--markdown", "-")
+    assert done.returncode == 0, done.stderr
+    assert "### infer-plan loadtest" in done.stdout and "Measured versus simulated" in page.read_text()
+    assert "Latency CDF per tier" not in page.read_text()  # v1 had no CDFs: shown less, not wrongly
+
+    for version, hint in ((99, "upgrade infer-plan"), (0, "re-run")):
+        future = tmp_path / f"v{version}.json"
+        future.write_text(json.dumps({**v1, "schema_version": version}))
+        done = cli("report", str(future))
+        assert done.returncode == 2
+        assert f"schema_version {version} is not supported" in done.stderr and hint in done.stderr
+        assert "reads schema_version 1, 2" in done.stderr and "Traceback" not in done.stderr
+    garbage = tmp_path / "g.json"
+    garbage.write_text("{not json")
+    done = cli("report", str(garbage))
+    assert done.returncode == 2 and "not a JSON result" in done.stderr
