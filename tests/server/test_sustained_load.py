@@ -141,8 +141,8 @@ async def test_soak_ten_minutes_at_seventy_percent(tmp_path):
     print(
         f"\nsoak: {answered} requests over {minutes} min at {rate:.0f} req/s, all 200; "
         f"RSS {sampler.rss_mb[0]:.1f} -> {sampler.rss_mb[-1]:.1f} MB (slope {rss_slope:+.3f} MB/min after minute 1); "
-        f"fds {sampler.fds[0]} before, {min(sampler.fds[1:])}-{max(sampler.fds)} under load (slope {fd_slope:+.3f}/min), "
-        f"{fds_after} after; "
+        f"fds {sampler.fds[0]} before, {min(sampler.fds[1:])}-{max(sampler.fds)} under load "
+        f"(slope {fd_slope:+.3f}/min), {fds_after} after; "
         f"P95 by minute {', '.join(f'{p:.0f}' for p in p95_by_minute)} ms (spread {spread:.1%})"
     )
     assert abs(rss_slope) < 1.0  # MB per minute
