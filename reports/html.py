@@ -119,16 +119,18 @@ def _loadtest_figures(r: LoadTestResult) -> list[go.Figure]:
     names = [*r.per_tier, "all"]
     stats = [*r.per_tier.values(), r.overall]
     bars = go.Figure()
-    for q in ("p50_ms", "p95_ms", "p99_ms"):
+    for q, colour in (("p50_ms", "#1f77b4"), ("p95_ms", "#ff7f0e"), ("p99_ms", "#d62728")):
         label = q.removesuffix("_ms").upper()
-        bars.add_trace(go.Bar(name=f"measured {label}", x=names, y=[s.measured_ms.get(q) for s in stats]))
+        bars.add_trace(
+            go.Bar(name=f"measured {label}", x=names, y=[s.measured_ms.get(q) for s in stats], marker_color=colour)
+        )
         if r.overall.simulated_ms is not None:
             bars.add_trace(
                 go.Bar(
                     name=f"simulated {label}",
                     x=names,
                     y=[(s.simulated_ms or {}).get(q) for s in stats],
-                    marker_pattern_shape="/",
+                    marker={"color": colour, "opacity": 0.55, "pattern": {"shape": "/"}},
                 )
             )
     bars.update_layout(title="Measured versus simulated percentiles (ms)", barmode="group", height=440)
