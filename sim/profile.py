@@ -8,9 +8,9 @@ table sets ``kernel_ms`` to the fixed part, ``per_item_ms`` to the slope and the
 times to zero (they are inside the measurement). A real engine's batches do not all
 take the median time, and that spread is what makes a P95 worse than a P50, so the
 profile also keeps the measured distribution of sample / fitted ratios as quantile
-multipliers (``cycle_jitter``), which the simulator samples per batch. The measured points and the fit's
-error travel in a ``[profile]`` table, which the scenario loader ignores and reports
-plot.
+multipliers (``cycle_jitter``), which the simulator samples per batch. The measured
+points and the fit's error travel in a ``[profile]`` table for people; the scenario
+loader ignores it.
 """
 
 from __future__ import annotations

@@ -172,10 +172,16 @@ async def test_measured_latency_matches_the_simulator_at_200_rps():
     with running_server("--gpus", "1") as srv:
         result = await send_open_loop(srv.url, arr, DEV_KEYS)
     assert (result.status == 200).all()
-    predicted = simulate_arrivals(model, Arrivals(times=arr.times, tiers=arr.tiers), gpus=1)
-    sim_ms = (predicted.completion - arr.times) * 1000.0
-    warm = arr.times >= 2.0
-    measured = result.latency_ms[warm]
+    # The simulator gets the arrivals the server actually saw (the actual send times): this test is
+    # about the server reproducing the model, and the Python sender's own lag on these shared 2 cores
+    # (a P95 of several ms) belongs to neither. Latency from scheduled send is what loadtest reports.
+    order = np.argsort(result.sent, kind="stable")
+    seen = Arrivals(times=result.sent[order], tiers=arr.tiers[order])
+    predicted = simulate_arrivals(model, seen, gpus=1)
+    sim_ms = (predicted.completion - seen.times) * 1000.0
+    warm = seen.times >= 2.0
+    measured = ((result.finished - result.sent) * 1000.0)[order][warm]
     for q in (50, 95):
         m, s = np.percentile(measured, q), np.percentile(sim_ms[warm], q)
+        print(f"P{q}: measured {m:.1f} ms, simulated {s:.1f} ms ({(m - s) / s:+.1%})")
         assert abs(m - s) / s <= 0.05, (q, m, s)
