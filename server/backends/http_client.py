@@ -10,16 +10,29 @@ from typing import Any
 
 import aiohttp
 
-from .base import BackendError
+from .base import Backend, BackendError
 
-__all__ = ["open_session", "post_json"]
+__all__ = ["ForwardingBackend", "post_json"]
 
 
-def open_session(timeout_s: float, connections: int) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=connections),
-        timeout=aiohttp.ClientTimeout(total=timeout_s, connect=5.0),
-    )
+class ForwardingBackend(Backend):
+    """A backend that sends each batch over HTTP: one pooled session from start() to close()."""
+
+    def __init__(self, timeout_s: float, connections: int) -> None:
+        self.timeout_s = timeout_s
+        self.connections = connections
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.connections),
+            timeout=aiohttp.ClientTimeout(total=self.timeout_s, connect=5.0),
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 async def post_json(session: aiohttp.ClientSession | None, url: str, body: dict[str, Any]) -> Any:

@@ -15,13 +15,13 @@ import aiohttp
 
 from ...sim.params import ServiceModel
 from .base import Backend, BackendError, Generation, non_empty, scatter
-from .http_client import open_session, post_json
+from .http_client import ForwardingBackend, post_json
 
 __all__ = ["OpenAIBackend"]
 
 
 @Backend.register("openai")
-class OpenAIBackend(Backend):
+class OpenAIBackend(ForwardingBackend):
     def __init__(
         self,
         model: ServiceModel,
@@ -31,20 +31,18 @@ class OpenAIBackend(Backend):
         connections: int = 16,
         **_: object,
     ) -> None:
+        super().__init__(model.request_timeout_s, connections)
         self.base = upstream.rstrip("/")
         self.endpoint = f"{self.base}/v1/completions"
         self.served_model = served_model
         self.generation = generation or Generation()
-        self.timeout_s = model.request_timeout_s
-        self.connections = connections
-        self._session: aiohttp.ClientSession | None = None
 
     @property
     def served_name(self) -> str:
         return self.served_model or "openai"
 
     async def start(self) -> None:
-        self._session = open_session(self.timeout_s, self.connections)
+        await super().start()
         if self.served_model is None:
             self.served_model = await self._first_model()
 
@@ -81,8 +79,3 @@ class OpenAIBackend(Backend):
         if [c["index"] for c in choices] != list(range(n)):
             raise BackendError(f"upstream {self.endpoint} sent {len(texts)} choices for {n} prompts")
         return texts
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None

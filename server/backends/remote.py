@@ -13,22 +13,17 @@ import itertools
 
 from ...sim.params import ServiceModel
 from .base import Backend, BackendError
-from .http_client import open_session, post_json
+from .http_client import ForwardingBackend, post_json
 
 __all__ = ["RemoteBackend"]
 
 
 @Backend.register("remote")
-class RemoteBackend(Backend):
+class RemoteBackend(ForwardingBackend):
     def __init__(self, model: ServiceModel, upstream: str, connections: int = 16, **_: object) -> None:
+        super().__init__(model.request_timeout_s, connections)
         self.endpoint = f"{upstream.rstrip('/')}/internal/batch"
-        self.timeout_s = model.request_timeout_s
-        self.connections = connections
-        self._session = None
         self._ids = itertools.count(1)
-
-    async def start(self) -> None:
-        self._session = open_session(self.timeout_s, self.connections)
 
     async def run_batch(self, inputs: list[str], gpu: int) -> list[str]:
         batch_id = f"b{next(self._ids)}"
@@ -43,8 +38,3 @@ class RemoteBackend(Backend):
         if data.get("batch_id") != batch_id or [r["index"] for r in results] != list(range(len(inputs))):
             raise BackendError(f"{self.endpoint} answered batch {data.get('batch_id')!r} with {len(outputs)} results")
         return outputs
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
