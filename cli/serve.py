@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from ..server.config import ServerConfig
+from ..server.instances import run_instances
 from ..server.keys import DEV_KEYS
 from ..server.runner import Listening, run_server
 from .options import (
@@ -51,6 +52,15 @@ def serve(
     ] = False,
     drain_timeout: Annotated[float, typer.Option("--drain-timeout", min=0, help="Seconds to drain on SIGTERM.")] = 30.0,
     access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="JSON access log on stderr.")] = True,
+    redis: Annotated[
+        str | None, typer.Option("--redis", help="Share the tier queues with other instances in this Redis (URL).")
+    ] = None,
+    redis_prefix: Annotated[
+        str, typer.Option("--redis-prefix", help="Key prefix in Redis: one deployment's queues.")
+    ] = "infer-plan",
+    instances: Annotated[
+        int, typer.Option("--instances", min=1, help="Server processes sharing the ports (needs --redis when > 1).")
+    ] = 1,
     max_batch: MaxBatchOpt = None,
     max_wait_ms: MaxWaitOpt = None,
     kernel_ms: KernelOpt = None,
@@ -76,16 +86,22 @@ def serve(
         model_name=served_model_name or model,
         drain_timeout_s=drain_timeout,
         access_log=access_log,
+        redis_url=redis,
+        redis_prefix=redis_prefix,
     )
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
 
     def announce(where: Listening) -> None:
         key_note = f"keys from {keys}" if keys else "development keys " + ", ".join(DEV_KEYS)
-        tiers = ", ".join(t.label for t in where.state.keys.tiers_present)
+        shared = f", queues shared in {redis}" if redis else ""
+        many = f"{instances} instances x " if instances > 1 else ""
+        tiers = ", ".join(where.tiers)
         print(
             f"infer-plan serve: listening on {where.url} (internal {where.internal_url}); backend {backend}, "
-            f"model {where.state.model_name!r}, {config.gpus} GPU(s); {key_note} (tiers: {tiers})",
+            f"model {where.model_name!r}, {many}{config.gpus} GPU(s){shared}; {key_note} (tiers: {tiers})",
             flush=True,
         )
 
+    if instances > 1:
+        raise typer.Exit(run_instances(config, instances, announce))
     run_server(config, on_ready=announce)

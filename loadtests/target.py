@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +26,15 @@ import tomli_w
 from ..sim.errors import InferPlanError
 from ..sim.params import ServiceModel
 
-__all__ = ["ServerProcess", "local_sim_server", "server_process", "stop_process", "write_model_scenario"]
+__all__ = [
+    "RedisProcess",
+    "ServerProcess",
+    "local_sim_server",
+    "redis_server",
+    "server_process",
+    "stop_process",
+    "write_model_scenario",
+]
 
 _ANNOUNCE = re.compile(r"listening on (http://\S+) \(internal (http://\S+)\)")
 
@@ -110,3 +120,56 @@ def _await_announce(proc: subprocess.Popen, startup_s: float, log_path: Path) ->
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
             raise InferPlanError(f"the server exited with {proc.returncode}: {tail[0]}")
     raise InferPlanError(f"the server did not start within {startup_s:g} s")
+
+
+class RedisProcess:
+    """A redis-server of our own on 127.0.0.1 (no persistence) that a test can stop and restart on its port."""
+
+    def __init__(self, directory: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise InferPlanError("redis-server not found: install the Debian package redis-server")
+        self.binary = binary
+        self.directory = directory
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self, startup_s: float = 10.0) -> None:
+        # Flags, not a config file: no disk writes (--save ""), loopback only, logs in the test's directory.
+        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        cmd += ["--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + startup_s
+        while time.monotonic() < deadline:
+            with socket.socket() as s, contextlib.suppress(OSError):
+                s.settimeout(0.5)
+                s.connect(("127.0.0.1", self.port))
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        self.stop()
+        raise InferPlanError(f"redis-server did not answer on port {self.port} within {startup_s:g} s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, timeout_s=10.0)
+            self.proc = None
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[RedisProcess]:
+    """A fresh redis-server in a temporary directory, stopped on exit."""
+    with tempfile.TemporaryDirectory(prefix="infer-plan-redis-") as tmp:
+        server = RedisProcess(Path(tmp))
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()

@@ -22,6 +22,7 @@ from .config import ServerConfig
 from .errors import error_middleware
 from .gateway import internal_routes, public_routes
 from .keys import KeyStore
+from .shared_queue import SharedBatcher
 from .state import ServerState
 
 __all__ = ["STATE", "build_apps", "make_state"]
@@ -74,9 +75,17 @@ def make_state(config: ServerConfig) -> ServerState:
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
+    config = state.config
     await state.backend.start()
-    batcher = state.batcher = Batcher(state.config.model, state.backend, state.config.gpus, state.metrics)
-    tasks = [asyncio.create_task(batcher.gpu_worker(g), name=f"gpu-{g}") for g in range(state.config.gpus)]
+    if config.redis_url is None:
+        batcher = Batcher(config.model, state.backend, config.gpus, state.metrics)
+    else:
+        batcher = SharedBatcher(
+            config.model, state.backend, config.gpus, state.metrics, url=config.redis_url, prefix=config.redis_prefix
+        )
+    state.batcher = batcher
+    await batcher.start()
+    tasks = [asyncio.create_task(batcher.gpu_worker(g), name=f"gpu-{g}") for g in range(config.gpus)]
     state.ready = True
     try:
         yield
@@ -87,6 +96,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await batcher.close()
         await state.backend.close()
 
 

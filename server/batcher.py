@@ -8,6 +8,7 @@ then free, FIFO inside a tier. The batcher assembles the next batch while GPUs r
 Requests carry a future; the GPU worker resolves future *i* with output *i*, so each
 answer goes back on the client's still-open connection. Admission (backpressure
 zones) happens before a request is queued, so a shed request costs almost nothing.
+``shared_queue.SharedBatcher`` is the same class with its queues in Redis (scale-out).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from ..sim.admission import zone_admits
 from ..sim.params import ServiceModel, Tier
@@ -40,6 +43,12 @@ class Pending:
     future: asyncio.Future[str] = field(repr=False)
 
 
+class Queued(Protocol):
+    """What a GPU worker needs of a request in its batch: the input (delivery is the queue's business)."""
+
+    text: str
+
+
 class Batcher:
     """Owns the queues and the GPUs; ``gpu_worker(g)`` is the task of GPU ``g``.
 
@@ -56,7 +65,7 @@ class Batcher:
         self.metrics = metrics
         self.queues: list[deque[Pending]] = [deque() for _ in Tier]
         self.direct: deque[list[Pending]] = deque()  # internal-API batches, run as they are
-        self.queued = 0
+        self._queued = 0
         self.max_batch = model.max_batch
         self.max_wait_s = model.max_wait_ms / 1000.0
         self.batch_timeout_s = model.request_timeout_s
@@ -64,23 +73,44 @@ class Batcher:
         self.running = 0
         self._assembly = asyncio.Lock()
         self._wake = asyncio.Event()
-        self._idle = asyncio.Event()
-        self._idle.set()
         metrics.gpus.set(gpus)
+
+    # -- lifecycle and state the gateway reads ----------------------------------------------
+
+    async def start(self) -> None:
+        """Open what the queue lives in (nothing here: it is this process's memory)."""
+
+    async def close(self) -> None:
+        """Release what start() opened."""
+
+    @property
+    def queued(self) -> int:
+        """Requests of this process waiting for a batch (the drain waits for them)."""
+        return self._queued
+
+    @property
+    def unavailable(self) -> str | None:
+        """Why requests cannot be queued now, or None; the in-memory queue is always there."""
+        return None
+
+    async def depths(self) -> list[int]:
+        """Waiting requests per tier, for the metrics page."""
+        return [len(q) for q in self.queues]
 
     # -- request side ------------------------------------------------------------------
 
-    def admits(self, tier: int) -> bool:
-        return zone_admits(tier, self.queued, self.thresholds)
+    async def offer(self, text: str, tier: int) -> asyncio.Future[str] | None:
+        """Queue the request if its tier is admitted at the current depth; None means shed (429).
 
-    def submit(self, text: str, tier: int) -> asyncio.Future[str]:
-        """Queue an admitted request; the caller awaits the future."""
+        The caller awaits the future, which resolves to the output or raises ApiError.
+        """
+        if not zone_admits(tier, self._queued, self.thresholds):
+            return None
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[str] = loop.create_future()
         self.queues[tier].append(Pending(text, tier, loop.time(), fut))
-        self.queued += 1
-        self._idle.clear()
-        if self.queued == 1 or self.queued >= self.max_batch:
+        self._queued += 1
+        if self._queued == 1 or self._queued >= self.max_batch:
             self._wake.set()  # start the oldest-request clock, or a full batch is ready
         return fut
 
@@ -89,7 +119,6 @@ class Batcher:
         loop = asyncio.get_running_loop()
         batch = [Pending(text, Tier.ENTERPRISE, loop.time(), loop.create_future()) for text in texts]
         self.direct.append(batch)
-        self._idle.clear()
         self._wake.set()
         return list(await asyncio.gather(*(p.future for p in batch)))
 
@@ -98,23 +127,22 @@ class Batcher:
         return self.queued == 0 and self.running == 0 and not self.direct
 
     async def wait_idle(self) -> None:
-        """Until nothing is queued or running (used by the drain on shutdown)."""
+        """Until nothing of this process is queued or running (the drain on shutdown polls; it is rare)."""
         while not self.is_idle:
-            self._idle.clear()
-            await self._idle.wait()
+            await asyncio.sleep(0.01)
 
     # -- assembly: the dispatch rule ------------------------------------------------------
 
-    async def _next_batch(self) -> list[Pending]:
+    async def _next_batch(self) -> Sequence[Queued]:
         async with self._assembly:
             loop = asyncio.get_running_loop()
             while True:
                 if self.direct:
                     return self.direct.popleft()
                 self._drop_abandoned_heads()
-                if self.queued >= self.max_batch:
+                if self._queued >= self.max_batch:
                     return self._take()
-                if self.queued:
+                if self._queued:
                     remaining = self._oldest() + self.max_wait_s - loop.time()
                     if remaining <= 0:
                         return self._take()
@@ -133,14 +161,14 @@ class Batcher:
         for q in self.queues:
             while q and q[0].future.done():
                 q.popleft()
-                self.queued -= 1
+                self._queued -= 1
 
     def _take(self) -> list[Pending]:
         batch: list[Pending] = []
         for q in self.queues:
             while q and len(batch) < self.max_batch:
                 item = q.popleft()
-                self.queued -= 1
+                self._queued -= 1
                 if not item.future.done():
                     batch.append(item)
         for tier, q in enumerate(self.queues):
@@ -159,27 +187,11 @@ class Batcher:
             started = time.perf_counter()
             metrics.gpus_busy.inc()
             try:
-                outputs = await asyncio.wait_for(
-                    self.backend.run_batch([p.text for p in batch], gpu), self.batch_timeout_s
-                )
-                if not isinstance(outputs, list) or len(outputs) != len(batch):
-                    got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
-                    raise _WrongCountError(f"backend returned {got} outputs for {len(batch)} inputs")
-            except TimeoutError:
-                self._fail(batch, "timeout", ApiError(504, "the backend did not answer in time"))
-            except _WrongCountError as err:
-                log.error("gpu %d: %s", gpu, err)
-                self._fail(batch, "wrong_count", _backend_failed())
-            except BackendError as err:
-                log.error("gpu %d: backend error: %s", gpu, err)
-                self._fail(batch, "error", _backend_failed())
-            except Exception:
-                log.exception("gpu %d: backend raised", gpu)
-                self._fail(batch, "exception", _backend_failed())
+                outputs = await self._run(batch, gpu)
+            except ApiError as err:
+                await self._deliver_error(batch, err)
             else:
-                for item, output in zip(batch, outputs, strict=True):
-                    if not item.future.done():
-                        item.future.set_result(output)
+                await self._deliver(batch, outputs)
             finally:
                 elapsed = time.perf_counter() - started
                 metrics.gpus_busy.dec()
@@ -187,11 +199,38 @@ class Batcher:
                 metrics.batch_latency.observe(elapsed)
                 metrics.batch_size.observe(len(batch))
                 self.running -= 1
-                if self.is_idle:
-                    self._idle.set()
 
-    def _fail(self, batch: list[Pending], kind: str, err: ApiError) -> None:
+    async def _run(self, batch: Sequence[Queued], gpu: int) -> list[str]:
+        """The backend's outputs for ``batch``; any failure becomes the ApiError every request in it gets."""
+        try:
+            outputs = await asyncio.wait_for(self.backend.run_batch([p.text for p in batch], gpu), self.batch_timeout_s)
+            if not isinstance(outputs, list) or len(outputs) != len(batch):
+                got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
+                raise _WrongCountError(f"backend returned {got} outputs for {len(batch)} inputs")
+        except TimeoutError:
+            raise self._fault("timeout", ApiError(504, "the backend did not answer in time")) from None
+        except _WrongCountError as err:
+            log.error("gpu %d: %s", gpu, err)
+            raise self._fault("wrong_count", _backend_failed()) from None
+        except BackendError as err:
+            log.error("gpu %d: backend error: %s", gpu, err)
+            raise self._fault("error", _backend_failed()) from None
+        except Exception:
+            log.exception("gpu %d: backend raised", gpu)
+            raise self._fault("exception", _backend_failed()) from None
+        return outputs
+
+    def _fault(self, kind: str, err: ApiError) -> ApiError:
         self.metrics.backend_faults.labels(kind).inc()
+        return err
+
+    async def _deliver(self, batch: Sequence[Queued], outputs: list[str]) -> None:
+        """Hand each output to its request: here, the future its handler awaits."""
+        for item, output in zip(batch, outputs, strict=True):
+            if not item.future.done():
+                item.future.set_result(output)
+
+    async def _deliver_error(self, batch: Sequence[Queued], err: ApiError) -> None:
         for item in batch:
             if not item.future.done():
                 item.future.set_exception(err)

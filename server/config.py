@@ -28,10 +28,15 @@ class ServerConfig:
     model_name: str | None = None  # what clients send as "model"; None: the backend's own name
     drain_timeout_s: float = 30.0
     access_log: bool = True
+    redis_url: str | None = None  # set: the tier queues are shared in Redis with other instances
+    redis_prefix: str = "infer-plan"  # key prefix: one deployment's keys, so several can share a Redis
+    reuse_port: bool = False  # SO_REUSEPORT: sibling processes of `--instances N` share the ports
 
     def __post_init__(self) -> None:
         if self.gpus < 1:
             raise UsageError("--gpus must be >= 1")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise UsageError(f"--redis must be a redis://, rediss:// or unix:// URL, not {self.redis_url!r}")
         if not self.allow_remote_internal and not _is_loopback(self.internal_host):
             raise UsageError(
                 f"the internal listener must bind a loopback address, not {self.internal_host!r} "

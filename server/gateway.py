@@ -95,10 +95,10 @@ class PublicApi:
             raise ApiError(404, f"unknown model {model!r}; this server serves {self.state.model_name!r}")
         if len(text) > self.max_input_bytes or len(text.encode("utf-8", "surrogatepass")) > self.max_input_bytes:
             raise ApiError(413, f"input too large (limit {self.max_input_bytes} bytes)")
-        if not self.batcher.admits(tier):
+        future = await self.batcher.offer(text, tier)
+        if future is None:
             self.metrics.shed[tier].inc()
             raise ApiError(429, "overloaded: shedding this tier for now", retry_after_s=self.retry_after)
-        future = self.batcher.submit(text, tier)
         try:
             output = await asyncio.wait_for(future, self.timeout_s)
         except TimeoutError:
@@ -125,6 +125,8 @@ class PublicApi:
     async def readyz(self, request: web.Request) -> web.Response:
         if self.state.draining or not self.state.ready:
             raise ApiError(503, "not ready" if not self.state.draining else "draining", code="not_ready")
+        if (why := self.batcher.unavailable) is not None:
+            raise ApiError(503, why, code="queue_unavailable")
         return web.json_response({"status": "ready", "gpus": self.batcher.gpus, "queued": self.batcher.queued})
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -135,8 +137,8 @@ class PublicApi:
         return web.Response(text=text, content_type="application/yaml")
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        for tier, q in enumerate(self.batcher.queues):
-            self.metrics.tier_depth[tier].set(len(q))
+        for tier, depth in enumerate(await self.batcher.depths()):
+            self.metrics.tier_depth[tier].set(depth)
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

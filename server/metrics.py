@@ -41,6 +41,19 @@ class ServerMetrics:
         )
         self.responses = Counter("inferplan_responses", "Responses by tier and status", ["tier", "status"], registry=r)
         self.backend_faults = Counter("inferplan_backend_faults", "Failed batches by kind", ["kind"], registry=r)
+        # Shared queue (serve --redis): how much work crosses instances, and what was reclaimed from dead ones.
+        self.shared_remote = Counter(
+            "inferplan_shared_remote_requests", "Requests run here that another instance admitted", registry=r
+        )
+        self.shared_mixed = Counter(
+            "inferplan_shared_mixed_batches", "Batches run here holding requests of several instances", registry=r
+        )
+        self.shared_reclaimed = Counter(
+            "inferplan_shared_reclaimed_requests",
+            "Requests of a dead instance's batch put back in the queue (requeued) or dropped (owner gone)",
+            ["outcome"],
+            registry=r,
+        )
         self.tier_depth = [self.queue_depth.labels(t.label) for t in Tier]
         self.tier_latency = [self.request_latency.labels(t.label) for t in Tier]
         self.shed = [self.rejected.labels(t.label, "backpressure") for t in Tier]

@@ -13,6 +13,7 @@ import logging
 import signal
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -20,20 +21,20 @@ from aiohttp.http_exceptions import HttpProcessingError
 from ..sim.errors import UsageError
 from .app import JsonAccessLogger, build_apps, make_state
 from .config import ServerConfig
-from .state import ServerState
 
 __all__ = ["Listening", "bind", "run_server", "serve"]
 
 log = logging.getLogger("infer_plan.server")
 
 
+@dataclass(frozen=True)
 class Listening:
-    """Where a started server listens; handed to the on_ready callback."""
+    """Where a started server listens and what it serves; handed to the on_ready callback (picklable)."""
 
-    def __init__(self, public: tuple[str, int], internal: tuple[str, int], state: ServerState) -> None:
-        self.public = public
-        self.internal = internal
-        self.state = state
+    public: tuple[str, int]
+    internal: tuple[str, int]
+    model_name: str
+    tiers: tuple[str, ...]
 
     @property
     def url(self) -> str:
@@ -66,16 +67,20 @@ def _fmt_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, *, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A server socket; ``reuse_port`` lets sibling processes bind the same port (the kernel spreads connections)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as err:
         sock.close()
         raise UsageError(f"cannot listen on {host}:{port}: {err.strerror}") from None
-    sock.listen(1024)
+    if listen:
+        sock.listen(1024)
     sock.setblocking(False)
     return sock
 
@@ -96,8 +101,8 @@ async def serve(
         handle_signals=False,
     )
     internal_runner = web.AppRunner(internal_app, access_log=None, handle_signals=False)
-    public_sock = bind(config.host, config.port)
-    internal_sock = bind(config.internal_host, config.resolved_internal_port)
+    public_sock = bind(config.host, config.port, reuse_port=config.reuse_port)
+    internal_sock = bind(config.internal_host, config.resolved_internal_port, reuse_port=config.reuse_port)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0
@@ -120,7 +125,14 @@ async def serve(
         await web.SockSite(public_runner, public_sock, shutdown_timeout=config.drain_timeout_s).start()
         await web.SockSite(internal_runner, internal_sock).start()
         if on_ready is not None:
-            on_ready(Listening(public_sock.getsockname()[:2], internal_sock.getsockname()[:2], state))
+            on_ready(
+                Listening(
+                    public_sock.getsockname()[:2],
+                    internal_sock.getsockname()[:2],
+                    state.model_name,
+                    tuple(t.label for t in state.keys.tiers_present),
+                )
+            )
         await stop.wait()
         state.draining = True
         log.info("draining: %d queued, %d batches running", state.batcher.queued, state.batcher.running)

@@ -79,6 +79,7 @@ class _Engine:
         hold_ms = model.pcie_in_ms + model.kernel_ms + model.pcie_out_ms
         self.run_s = hold_ms / 1000.0
         self.per_item_s = model.per_item_ms / 1000.0
+        self.shared_queue_s = model.shared_queue_ms / 1000.0  # answers reach the client this much after the batch
         # Measured batch-time variability (calibrate): its own stream, so faults draw as before.
         self.jitter_rng = np.random.default_rng(rng.integers(2**63)) if model.cycle_jitter else None
         self.jitter_u = np.linspace(0.0, 1.0, len(model.cycle_jitter))  # quantile grid, built once, not per batch
@@ -193,7 +194,7 @@ class _Engine:
             hold *= float(np.interp(self.jitter_rng.random(), self.jitter_u, self.jitter_q))
         done = now + hold
         for ids in parts:
-            self.completion[ids] = done
+            self.completion[ids] = done + self.shared_queue_s
         if self.track_running:
             self.running[gpu] = np.concatenate(parts)
         self.free_at[gpu] = done

@@ -128,6 +128,13 @@ class ServiceModel(_Frozen):
         "empty: every batch takes exactly its cycle",
     )
     gpus: int | None = Field(default=None, ge=1, le=100_000, description="fleet size; None: the planner's answer")
+    shared_queue_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="time a request spends on the shared (Redis) queue's path: the enqueue and reply round trips "
+        "of `serve --redis`, measured by benchmarks/bench_redis.py; 0 for one process. Instances sharing one "
+        "queue are otherwise one pool of their GPUs, which is what `gpus` counts",
+    )
     tiers: dict[str, float] = Field(default_factory=lambda: {"enterprise": 0.1, "paid": 0.3, "free": 0.6})
     slo_p95_ms: float = Field(default=500.0, gt=0)
     max_load: float = Field(default=0.70, gt=0, le=1)

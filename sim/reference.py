@@ -48,7 +48,7 @@ def simulate_reference(model: ServiceModel, arrivals: Arrivals, gpus: int) -> tu
         queues[tier].append((env.now, i, done))
         notify()
         yield done
-        completion[i] = env.now
+        completion[i] = env.now + model.shared_queue_ms / 1000.0
 
     def source():
         for i in range(n):

@@ -87,6 +87,17 @@ def test_fast_engine_matches_per_request_reference(model, rps, gpus):
     np.testing.assert_allclose(out.completion, completion, atol=1e-9, equal_nan=True)
 
 
+def test_shared_queue_time_shifts_every_answer_but_not_the_batches(model):
+    # Instances sharing a Redis queue are one pool of their GPUs; the Redis path only adds its hop.
+    arr = generate_arrivals(RateSchedule(rps=1500), 8.0, model.tier_shares, np.random.default_rng(3))
+    shared = model.model_copy(update={"shared_queue_ms": 2.5})
+    base, hop = simulate_arrivals(model, arr, gpus=2), simulate_arrivals(shared, arr, gpus=2)
+    np.testing.assert_allclose(hop.completion - base.completion, 0.0025, atol=1e-12)
+    assert hop.batch_size.tolist() == base.batch_size.tolist()
+    _, reference = simulate_reference(shared, arr, gpus=2)
+    np.testing.assert_allclose(hop.completion, reference, atol=1e-9, equal_nan=True)
+
+
 def test_same_seed_same_result_and_other_seeds_inside_the_interval(model):
     settings = RunSettings(duration_s=20, warmup_s=2, seed=1, replications=8)
     workload = Workload.constant(800)

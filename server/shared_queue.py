@@ -1,0 +1,423 @@
+"""Tier queues shared in Redis, so several server processes act as one service (``serve --redis URL``).
+
+Every instance admits requests into the same per-tier Redis lists (backpressure on the
+shared depth, so all instances shed the same tiers at the same moment). Free GPUs of
+all instances take turns assembling: the one holding ``batch_lock`` (``SET NX PX 50``)
+waits until the batch is due by the simulator's rule and takes it; the lock is
+extended while it waits and released by its owner only. The batch runs on the taking
+instance's GPU workers; each output goes back on the reply channel of the instance
+that holds the client's connection (its own requests are answered directly).
+
+What keeps a request from being lost or stuck:
+- a taken batch is recorded as a lease; if its runner stops heart-beating, any other
+  instance puts its entries back at the head of their tiers (the batch runs again);
+- the lock expires 50 ms after a dead holder's last extension;
+- every entry carries its deadline; nobody runs or requeues an entry whose client has
+  already been answered 504;
+- when Redis cannot be reached, new requests get 503 at once, waiting ones get 503
+  (their replies may be lost), and the instance resumes by itself when Redis is back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import secrets
+import socket
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from ..sim.params import ServiceModel
+from .backends.base import Backend
+from .batcher import Batcher, Pending
+from .errors import ApiError
+from .metrics import ServerMetrics
+from .shared_scripts import ASSEMBLE, ENQUEUE, HEARTBEAT, RELEASE, SharedKeys
+
+__all__ = ["SharedBatcher"]
+
+log = logging.getLogger("infer_plan.server.shared")
+
+LOCK_PX = 50  # ms: the lock outlives a dead holder by at most this (SPEC section 4)
+EXTEND_S = 0.02  # the holder extends the lock (and re-checks the queues) at least this often
+LOCK_POLL_S = 0.01  # a GPU waiting for the lock retries this often unless woken by its release
+HEARTBEAT_S = 0.5
+INSTANCE_TTL_MS = 2000  # an instance silent this long is dead: its leases are reclaimed
+COMMAND_TIMEOUT_S = 2.0
+MAX_CONNECTIONS = 32
+STARTUP_WAIT_S = 3.0
+
+
+@dataclass(slots=True)
+class TakenEntry:
+    """A request in a batch this instance took from Redis; its owner may be another instance."""
+
+    owner: str
+    request_id: str
+    text: str
+    batch_id: str
+
+
+class SharedBatcher(Batcher):
+    """The Batcher with its queues in Redis: same gateway interface, same GPU workers, same dispatch rule.
+
+    ``pending`` holds this instance's own waiting requests (their futures), whoever runs them.
+    """
+
+    def __init__(
+        self, model: ServiceModel, backend: Backend, gpus: int, metrics: ServerMetrics, *, url: str, prefix: str
+    ) -> None:
+        super().__init__(model, backend, gpus, metrics)
+        self.url = url
+        self.keys = SharedKeys(prefix)
+        self.instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}".replace("#", "-")
+        # No silent retries: a command that fails must surface at once, so the caller answers 503.
+        # A bounded pool: a burst of requests waits for a connection instead of opening thousands.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=COMMAND_TIMEOUT_S,
+            decode_responses=True,
+            socket_timeout=COMMAND_TIMEOUT_S,
+            socket_connect_timeout=1.0,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self.client = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+        self._enqueue = self.client.register_script(ENQUEUE)
+        self._assemble = self.client.register_script(ASSEMBLE)
+        self._release = self.client.register_script(RELEASE)
+        self._heartbeat = self.client.register_script(HEARTBEAT)
+        self.pending: dict[str, Pending] = {}
+        self.pool_gpus = gpus
+        self._request_ids = itertools.count(1)
+        self._batch_ids = itertools.count(1)
+        self._subscribed = False
+        self._beating = False
+        self._outage: str | None = "connecting to Redis"
+        self._tasks: list[asyncio.Task] = []
+        self._draining = False
+        self._outbox: list[tuple[list[object], asyncio.Future[int]]] = []  # enqueues of this loop pass
+        self._flushing: set[asyncio.Task] = set()
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start listening and heart-beating, and give Redis a moment so the first clients are not refused.
+
+        A Redis that is down does not stop the server: it answers 503 until Redis is back.
+        """
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="redis-replies"),
+            asyncio.create_task(self._beat(), name="redis-heartbeat"),
+        ]
+        deadline = asyncio.get_running_loop().time() + STARTUP_WAIT_S
+        while self.unavailable is not None and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        if self.unavailable is not None:
+            log.error("%s; serving 503 until Redis at %s answers", self.unavailable, self.url)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._fail_pending("this instance stopped")
+        with contextlib.suppress(RedisError, OSError):  # leaving now frees our GPUs from the shared thresholds
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.zrem(self.keys.instances, self.instance)
+                pipe.hdel(self.keys.gpus, self.instance)
+                await pipe.execute()
+        await self.client.aclose()
+
+    @property
+    def queued(self) -> int:
+        return len(self.pending)
+
+    async def wait_idle(self) -> None:
+        """Drain: keep taking shared batches only while requests of ours wait, so the drain ends."""
+        self._draining = True
+        await super().wait_idle()
+
+    @property
+    def unavailable(self) -> str | None:
+        if self._subscribed and self._beating:
+            return None
+        return f"shared queue unavailable: {self._outage or 'connecting to Redis'}"
+
+    async def depths(self) -> list[int]:
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for key in self.keys.queues:
+                    pipe.llen(key)
+                return [int(n) for n in await pipe.execute()]
+        except (RedisError, OSError):
+            return [0, 0, 0]
+
+    # -- request side ---------------------------------------------------------------------
+
+    async def offer(self, text: str, tier: int) -> asyncio.Future[str] | None:
+        if (why := self.unavailable) is not None:
+            raise _unavailable(why)
+        loop = asyncio.get_running_loop()
+        request_id = str(next(self._request_ids))
+        future: asyncio.Future[str] = loop.create_future()
+        self.pending[request_id] = Pending(text, tier, loop.time(), future)
+        future.add_done_callback(lambda _, rid=request_id: self.pending.pop(rid, None))
+        payload = json.dumps([self.instance, request_id, int(tier), int(self.batch_timeout_s * 1000), text])
+        try:
+            depth = await self._send_enqueue([int(tier), payload, *self.thresholds, self.max_batch])
+        except (RedisError, OSError) as err:
+            future.cancel()
+            self._lost(err)
+            raise _unavailable(self.unavailable or str(err)) from None
+        if depth < 0:
+            future.cancel()
+            return None
+        if depth == 1 or depth >= self.max_batch:
+            self._wake.set()
+        return future
+
+    async def _send_enqueue(self, args: list[object]) -> int:
+        """Run ENQUEUE for one request; every request offered in the same loop pass shares one round trip."""
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._outbox.append((args, done))
+        if len(self._outbox) == 1:
+            asyncio.get_running_loop().call_soon(self._flush_outbox)
+        return await done
+
+    def _flush_outbox(self) -> None:
+        batch, self._outbox = self._outbox, []
+        task = asyncio.create_task(self._enqueue_many(batch))
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def _enqueue_many(self, batch: list[tuple[list[object], asyncio.Future[int]]]) -> None:
+        keys = [*self.keys.queues, self.keys.wake]
+        try:
+            for attempt in range(2):
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for args, _ in batch:
+                        pipe.evalsha(self._enqueue.sha, len(keys), *keys, *args)
+                    results = await pipe.execute(raise_on_error=False)
+                if attempt == 0 and any(isinstance(r, NoScriptError) for r in results):
+                    await self.client.script_load(ENQUEUE)  # Redis restarted since: its script cache is empty
+                    continue
+                break
+        except (RedisError, OSError) as err:
+            results = [err] * len(batch)
+        except Exception as err:  # a bug of ours must still answer every waiting request
+            log.exception("enqueue failed")
+            results = [RedisError(f"enqueue failed: {err!r}")] * len(batch)
+        for (_, done), result in zip(batch, results, strict=True):
+            if done.done():
+                continue
+            if isinstance(result, Exception):
+                done.set_exception(result)
+            else:
+                done.set_result(int(result))
+
+    # -- assembly under the shared lock -----------------------------------------------------
+
+    async def _next_batch(self) -> Sequence[TakenEntry] | Sequence[Pending]:
+        async with self._assembly:  # one GPU of this instance competes for the Redis lock at a time
+            while True:
+                if self.direct:
+                    return self.direct.popleft()
+                if self.unavailable is not None or (self._draining and not self.pending):
+                    await asyncio.sleep(0.05)  # nothing to take: Redis is away, or we leave once ours are answered
+                    continue
+                try:
+                    batch = await self._assemble_under_lock()
+                except (RedisError, OSError) as err:
+                    self._lost(err)
+                    continue
+                if batch:
+                    return batch
+
+    async def _assemble_under_lock(self) -> list[TakenEntry] | None:
+        self._wake.clear()
+        if not await self.client.set(self.keys.lock, self.instance, nx=True, px=LOCK_PX):
+            await self._sleep_or_wake(LOCK_POLL_S)  # the holder's release publishes a wake
+            return None
+        held = True
+        try:
+            while not self.direct:
+                self._wake.clear()  # arrivals during the script set it again
+                batch_id = f"{self.instance}#{next(self._batch_ids)}"
+                result = await self._assemble(
+                    keys=[self.keys.lock, *self.keys.queues, self.keys.inflight, self.keys.wake],
+                    args=[self.instance, self.max_batch, int(self.max_wait_s * 1000), LOCK_PX, batch_id],
+                )
+                if result[0] == "lost":  # we stalled past the lock's expiry; someone else may hold it
+                    held = False
+                    return None
+                if result[0] == "batch":
+                    held = False
+                    return await self._unpack(batch_id, int(result[1]), result[2])
+                remaining_ms = int(result[1])
+                await self._sleep_or_wake(EXTEND_S if remaining_ms < 0 else min(remaining_ms / 1000, EXTEND_S))
+            return None
+        finally:
+            if held:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._release(keys=[self.keys.lock], args=[self.instance])
+
+    async def _unpack(self, batch_id: str, now_ms: int, entries: list[str]) -> list[TakenEntry]:
+        """Entries to run; ones past their deadline were answered 504 by their owner and are skipped."""
+        batch = []
+        for entry in entries:
+            stamp, _, payload = entry.partition("|")
+            owner, request_id, _tier, timeout_ms, text = json.loads(payload)
+            if int(stamp) + timeout_ms > now_ms:
+                batch.append(TakenEntry(owner, request_id, text, batch_id))
+        if not batch:
+            await self.client.hdel(self.keys.inflight, batch_id)
+            return batch
+        owners = {entry.owner for entry in batch}
+        self.metrics.shared_remote.inc(sum(entry.owner != self.instance for entry in batch))
+        if len(owners) > 1:
+            self.metrics.shared_mixed.inc()
+        return batch
+
+    async def _sleep_or_wake(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), seconds)
+
+    # -- delivery -------------------------------------------------------------------------
+
+    async def _deliver(self, batch: Sequence[TakenEntry] | Sequence[Pending], outputs: list[str]) -> None:
+        if batch and isinstance(batch[0], Pending):  # an internal-API batch: run here, answered here
+            return await super()._deliver(batch, outputs)
+        remote: dict[str, list[list[str]]] = defaultdict(list)
+        for entry, output in zip(batch, outputs, strict=True):
+            if entry.owner == self.instance:
+                self._resolve(entry.request_id, output)
+            else:
+                remote[entry.owner].append([entry.request_id, output])
+        await self._publish(batch, {owner: {"ok": results} for owner, results in remote.items()})
+
+    async def _deliver_error(self, batch: Sequence[TakenEntry] | Sequence[Pending], err: ApiError) -> None:
+        if batch and isinstance(batch[0], Pending):
+            return await super()._deliver_error(batch, err)
+        remote: dict[str, list[str]] = defaultdict(list)
+        for entry in batch:
+            if entry.owner == self.instance:
+                self._resolve(entry.request_id, err)
+            else:
+                remote[entry.owner].append(entry.request_id)
+        error = {"status": err.status, "code": err.code, "message": err.message, "retry_after_s": err.retry_after_s}
+        await self._publish(batch, {owner: {"error": error, "ids": ids} for owner, ids in remote.items()})
+
+    async def _publish(self, batch: Sequence[TakenEntry], messages: dict[str, dict]) -> None:
+        """Send each owner its answers and end the batch's lease, in one round trip."""
+        try:
+            async with self.client.pipeline(transaction=False) as pipe:
+                for owner, message in messages.items():
+                    pipe.publish(self.keys.reply(owner), json.dumps(message))
+                pipe.hdel(self.keys.inflight, batch[0].batch_id)
+                await pipe.execute()
+        except (RedisError, OSError) as err:
+            self._lost(err)  # the owners notice the outage too and answer their requests 503
+
+    def _resolve(self, request_id: str, result: str | ApiError) -> None:
+        pending = self.pending.pop(request_id, None)
+        if pending is None or pending.future.done():
+            return  # answered already (deadline, outage) or a re-run of a reclaimed batch
+        if isinstance(result, ApiError):
+            pending.future.set_exception(result)
+        else:
+            pending.future.set_result(result)
+
+    def _on_reply(self, data: str) -> None:
+        message = json.loads(data)
+        if "ok" in message:
+            for request_id, output in message["ok"]:
+                self._resolve(request_id, output)
+            return
+        e = message["error"]
+        err = ApiError(e["status"], e["message"], code=e["code"], retry_after_s=e["retry_after_s"])
+        for request_id in message["ids"]:
+            self._resolve(request_id, err)
+
+    # -- background: replies, heartbeat, outages ------------------------------------------------
+
+    async def _listen(self) -> None:
+        """Receive this instance's replies and the wake-ups; resubscribe after an outage."""
+        channels = (self.keys.reply(self.instance), self.keys.wake)
+        while True:
+            pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(*channels)
+                self._subscribed = True
+                self._resumed()
+                while True:
+                    message = await pubsub.get_message(timeout=1.0)
+                    if message is None:
+                        continue
+                    if message["channel"] == self.keys.wake:
+                        self._wake.set()
+                    else:
+                        self._on_reply(message["data"])
+            except (RedisError, OSError) as err:
+                self._subscribed = False
+                self._lost(err)
+                await asyncio.sleep(0.2)
+            finally:
+                self._subscribed = False
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()
+
+    async def _beat(self) -> None:
+        """Keep this instance alive in Redis, learn the pool's GPUs, reclaim dead instances' batches."""
+        while True:
+            try:
+                gpus, requeued, dropped = await self._heartbeat(
+                    keys=[self.keys.instances, self.keys.gpus, self.keys.inflight, *self.keys.queues],
+                    args=[self.instance, self.gpus, INSTANCE_TTL_MS],
+                )
+            except (RedisError, OSError) as err:
+                self._beating = False
+                self._lost(err)
+                await asyncio.sleep(0.2)
+                continue
+            if requeued or dropped:
+                self.metrics.shared_reclaimed.labels("requeued").inc(requeued)
+                self.metrics.shared_reclaimed.labels("dropped").inc(dropped)
+                log.warning("reclaimed the batches of a stopped instance: %d requeued, %d dropped", requeued, dropped)
+            if int(gpus) != self.pool_gpus:
+                self.pool_gpus = int(gpus)
+                self.thresholds = self.model.backpressure.thresholds(self.pool_gpus, self.max_batch)
+            self._beating = True
+            self._resumed()
+            await asyncio.sleep(HEARTBEAT_S)
+
+    def _lost(self, err: Exception) -> None:
+        """Redis failed us: say so once, and answer every waiting request now rather than at its deadline."""
+        if self._outage is None:
+            log.error("Redis at %s unreachable (%s); answering 503 until it is back", self.url, err)
+        self._outage = f"Redis unreachable ({type(err).__name__}: {err})"
+        self._fail_pending("Redis became unreachable; the request's fate is unknown, retry it")
+
+    def _resumed(self) -> None:
+        if self._outage is not None and self.unavailable is None:
+            log.info("Redis at %s reachable; serving", self.url)
+            self._outage = None
+
+    def _fail_pending(self, why: str) -> None:
+        for request_id in list(self.pending):
+            self._resolve(request_id, _unavailable(why))
+
+
+def _unavailable(why: str) -> ApiError:
+    return ApiError(503, why, code="queue_unavailable", retry_after_s=1)

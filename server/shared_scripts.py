@@ -1,0 +1,176 @@
+"""The shared queue's atomic steps, as Lua scripts that Redis runs one at a time.
+
+Each step that reads and then writes shared state (admit-and-queue, check-due-and-take,
+reap the batches of dead instances) is one script, so two instances can never both
+take the same request or both admit past a threshold. Times are Redis's own clock
+(``TIME``), so instances on different machines agree on when a batch is due.
+
+Queue entries are strings ``"<arrival ms>|<json payload>"``; the payload is
+``[owner instance, request id, tier, timeout ms, input]``. The arrival stamp comes
+first so the due check reads it with one pattern match instead of a JSON decode.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["ASSEMBLE", "ENQUEUE", "HEARTBEAT", "RELEASE", "SharedKeys"]
+
+
+@dataclass(frozen=True)
+class SharedKeys:
+    """Every Redis key one deployment uses, under one prefix (several deployments can share a Redis)."""
+
+    prefix: str = "infer-plan"
+
+    @property
+    def queues(self) -> list[str]:
+        """One list per tier, in priority order (enterprise, paid, free)."""
+        return [f"{self.prefix}:queue:{tier}" for tier in range(3)]
+
+    @property
+    def lock(self) -> str:
+        return f"{self.prefix}:batch_lock"
+
+    @property
+    def inflight(self) -> str:
+        """Hash: batch id ("<instance>#<n>") -> JSON list of its entries (the lease)."""
+        return f"{self.prefix}:inflight"
+
+    @property
+    def instances(self) -> str:
+        """Sorted set: instance -> liveness deadline (ms); a batch's lease lives as long as its runner."""
+        return f"{self.prefix}:instances"
+
+    @property
+    def gpus(self) -> str:
+        """Hash: instance -> its GPU workers; the sum sets the shared backpressure thresholds."""
+        return f"{self.prefix}:gpus"
+
+    @property
+    def wake(self) -> str:
+        """Channel: "a batch may be due" or "the lock was released"; wakes every instance's assembler."""
+        return f"{self.prefix}:wake"
+
+    def reply(self, instance: str) -> str:
+        """Channel of one instance: outputs of its requests, run by whichever instance took the batch."""
+        return f"{self.prefix}:reply:{instance}"
+
+
+_NOW_MS = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: queue0, queue1, queue2, wake channel
+# ARGV: tier, payload, yellow, red, full (the zone bounds of sim.admission), max_batch
+# Returns the shared depth after queueing, or -1 when the tier is shed at the current depth.
+ENQUEUE = (
+    _NOW_MS
+    + """
+local depth = redis.call('LLEN', KEYS[1]) + redis.call('LLEN', KEYS[2]) + redis.call('LLEN', KEYS[3])
+local tier = tonumber(ARGV[1])
+local lowest = -1
+if depth < tonumber(ARGV[3]) then lowest = 2
+elseif depth < tonumber(ARGV[4]) then lowest = 1
+elseif depth < tonumber(ARGV[5]) then lowest = 0 end
+if tier > lowest then return -1 end
+redis.call('RPUSH', KEYS[tier + 1], string.format('%d', now) .. '|' .. ARGV[2])
+depth = depth + 1
+if depth == 1 or depth == tonumber(ARGV[6]) then redis.call('PUBLISH', KEYS[4], 'queued') end
+return depth
+"""
+)
+
+# KEYS: lock, queue0, queue1, queue2, inflight, wake channel
+# ARGV: owner, max_batch, max_wait_ms, lock_px, batch_id
+# The SIMULATOR's dispatch rule (sim.engine): take a batch when max_batch are queued or
+# the oldest has waited max_wait_ms. Only the lock's owner may take one; taking it
+# records the lease and releases the lock. Returns {'batch', now, entries},
+# {'wait', ms until due or -1 when empty, now} (lock extended), or {'lost'}.
+ASSEMBLE = (
+    """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {'lost'} end
+"""
+    + _NOW_MS
+    + """
+local total = 0
+local oldest = nil
+for i = 2, 4 do
+  local n = redis.call('LLEN', KEYS[i])
+  if n > 0 then
+    total = total + n
+    local stamp = tonumber(string.match(redis.call('LINDEX', KEYS[i], 0), '^(%d+)|'))
+    if oldest == nil or stamp < oldest then oldest = stamp end
+  end
+end
+local max_batch = tonumber(ARGV[2])
+if total == 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  return {'wait', -1, now}
+end
+local remaining = oldest + tonumber(ARGV[3]) - now
+if total < max_batch and remaining > 0 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  return {'wait', remaining, now}
+end
+local batch = {}
+for i = 2, 4 do
+  if #batch < max_batch then
+    local got = redis.call('LPOP', KEYS[i], max_batch - #batch)
+    if got then
+      for _, entry in ipairs(got) do batch[#batch + 1] = entry end
+    end
+  end
+end
+redis.call('HSET', KEYS[5], ARGV[5], cjson.encode(batch))
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', KEYS[6], 'released')
+return {'batch', now, batch}
+"""
+)
+
+# KEYS: lock.  ARGV: owner.  Deletes the lock only if this owner still holds it.
+RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+# KEYS: instances, gpus, inflight, queue0, queue1, queue2
+# ARGV: instance, its gpus, ttl_ms
+# Renews this instance, forgets instances whose deadline passed, and puts the entries of
+# batches whose runner is gone back at the head of their tier queue (unless their owner
+# is gone too or their deadline passed: nobody is waiting for those any more).
+# Returns {GPUs of all live instances, entries requeued, entries dropped}.
+HEARTBEAT = (
+    _NOW_MS
+    + """
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+for _, gone in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now)) do
+  redis.call('ZREM', KEYS[1], gone)
+  redis.call('HDEL', KEYS[2], gone)
+end
+local requeued, dropped = 0, 0
+for _, batch_id in ipairs(redis.call('HKEYS', KEYS[3])) do
+  local runner = string.match(batch_id, '^(.*)#')
+  if not redis.call('ZSCORE', KEYS[1], runner) then
+    local entries = cjson.decode(redis.call('HGET', KEYS[3], batch_id))
+    for i = #entries, 1, -1 do
+      local stamp, payload = string.match(entries[i], '^(%d+)|(.*)$')
+      local p = cjson.decode(payload)
+      if redis.call('ZSCORE', KEYS[1], p[1]) and tonumber(stamp) + p[4] > now then
+        redis.call('LPUSH', KEYS[4 + p[3]], entries[i])
+        requeued = requeued + 1
+      else
+        dropped = dropped + 1
+      end
+    end
+    redis.call('HDEL', KEYS[3], batch_id)
+  end
+end
+local gpus = 0
+for _, n in ipairs(redis.call('HVALS', KEYS[2])) do gpus = gpus + tonumber(n) end
+return {gpus, requeued, dropped}
+"""
+)
