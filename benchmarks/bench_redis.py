@@ -10,6 +10,7 @@ time 0, and the Redis path's added P95 over the in-memory queue at the same arri
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import os
@@ -51,22 +52,22 @@ def serving(*args: str) -> Iterator[int]:
             proc.wait(timeout=60)
 
 
-def throughput(redis: RedisProcess, repeats: int, seconds: int, tmp: Path) -> dict[str, float]:
+def throughput(redis: RedisProcess, args: argparse.Namespace, tmp: Path) -> dict[str, float]:
     script = tmp / "post.lua"
     script.write_text(LUA)
     scenario = tmp / "zero.toml"
     scenario.write_text(ZERO_GPU)
-    configs = {
-        "in-memory, 1 process": ["--gpus", "4"],
-        "Redis, 1 instance": ["--gpus", "4", "--redis", redis.url],
-        "Redis, 2 instances": ["--gpus", "2", "--redis", redis.url, "--instances", "2"],
-    }
+    configs = {"in-memory, 1 process": ["--gpus", "4"]}
+    for n in args.instances:
+        many = ["--instances", str(n)] if n > 1 else []
+        configs[f"Redis, {n} instance{'s' if n > 1 else ''}"] = ["--gpus", "2", "--redis", redis.url, *many]
     runs: dict[str, list[float]] = {name: [] for name in configs}
-    for _ in range(repeats):
-        for name, args in configs.items():
-            with serving(*args, "--scenario", str(scenario)) as port:
-                wrk_rps(port, 2, script, pin=False)  # warm-up: connections, every instance subscribed
-                runs[name].append(wrk_rps(port, seconds, script, pin=False))
+    wrk = {"pin": False, "threads": args.wrk_threads, "connections": args.connections}
+    for _ in range(args.repeats):
+        for name, flags in configs.items():
+            with serving(*flags, "--scenario", str(scenario)) as port:
+                wrk_rps(port, 2, script, **wrk)  # warm-up: connections, every instance subscribed
+                runs[name].append(wrk_rps(port, args.seconds, script, **wrk))
     return {name: statistics.median(r) for name, r in runs.items()}
 
 
@@ -96,23 +97,27 @@ async def latency(redis: RedisProcess, rps: float, seconds: float, repeats: int)
 
 
 def main() -> None:
-    import argparse
-
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=8)
     parser.add_argument("--rps", type=float, default=300, help="open-loop rate of the latency comparison")
+    parser.add_argument("--instances", type=lambda s: [int(n) for n in s.split(",")], default=[1, 2])
+    parser.add_argument("--wrk-threads", type=int, default=1)
+    parser.add_argument("--connections", type=int, default=128)
+    parser.add_argument("--no-latency", action="store_true", help="throughput only")
     args = parser.parse_args()
     if not shutil.which("wrk") or not shutil.which("redis-server"):
         sys.exit("needs wrk and redis-server (apt-get install wrk redis-server)")
     print(f"machine: {os.cpu_count()} cores, nothing pinned (servers, Redis and wrk share them)")
+    print(f"wrk: {args.wrk_threads} thread(s), {args.connections} connections; medians of {args.repeats}")
     with redis_server() as redis, tempfile.TemporaryDirectory() as tmp:
-        rates = throughput(redis, args.repeats, args.seconds, Path(tmp))
-        base = rates["in-memory, 1 process"]
+        rates = throughput(redis, args, Path(tmp))
+        base, one = rates["in-memory, 1 process"], rates.get("Redis, 1 instance")
         for name, rate in rates.items():
-            print(f"{name:<22} GPU 0 ms: {rate:>8,.0f} req/s  ({rate / base:.2f}x in-memory)")
-        one, two = rates["Redis, 1 instance"], rates["Redis, 2 instances"]
-        print(f"2 instances / 1 instance: {two / one:.2f}x")
+            vs_one = f", {rate / one:.2f}x one instance" if one and name.startswith("Redis") else ""
+            print(f"{name:<22} GPU 0 ms: {rate:>8,.0f} req/s  ({rate / base:.2f}x in-memory{vs_one})")
+        if args.no_latency:
+            return
         lat = asyncio.run(latency(redis, args.rps, args.seconds, args.repeats))
     print(f"{args.rps:g} req/s open loop, a pool of 2 GPUs, the same arrivals (medians of {args.repeats}):")
     p50_mem, p95_mem = lat["in-memory, 1 process"]

@@ -51,14 +51,14 @@ def wait_listening(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def wrk_rps(port: int, seconds: int, script: Path, pin: bool = True) -> float:
-    """Requests/s wrk reached (128 connections); any non-2xx answer is an error. ``pin``: wrk on core 1."""
+def wrk_rps(port: int, seconds: int, script: Path, pin: bool = True, threads: int = 1, connections: int = 128) -> float:
+    """Requests/s wrk reached; any non-2xx answer is an error. ``pin``: wrk on core 1."""
     out = subprocess.run(
         [
             *(["taskset", "-c", "1"] if pin else []),
             "wrk",
-            "-t1",
-            "-c128",
+            f"-t{threads}",
+            f"-c{connections}",
             f"-d{seconds}s",
             "-s",
             str(script),
