@@ -241,6 +241,7 @@ class SharedBatcher(Batcher):
                     batch = await self._assemble_under_lock()
                 except (RedisError, OSError) as err:
                     self._lost(err)
+                    await asyncio.sleep(0.05)  # a failing Redis is not retried in a tight loop
                     continue
                 if batch:
                     return batch
@@ -257,7 +258,7 @@ class SharedBatcher(Batcher):
                 batch_id = f"{self.instance}#{next(self._batch_ids)}"
                 result = await self._assemble(
                     keys=[self.keys.lock, *self.keys.queues, self.keys.inflight, self.keys.wake],
-                    args=[self.instance, self.max_batch, int(self.max_wait_s * 1000), LOCK_PX, batch_id],
+                    args=[self.instance, self.max_batch, self.model.max_wait_ms, LOCK_PX, batch_id],
                 )
                 if result[0] == "lost":  # we stalled past the lock's expiry; someone else may hold it
                     held = False
