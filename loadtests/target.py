@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import redis
 import tomli_w
 
 from ..sim.errors import InferPlanError
@@ -146,14 +147,12 @@ class RedisProcess:
         cmd += ["--dir", str(self.directory), "--logfile", str(self.directory / "redis.log")]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + startup_s
-        while time.monotonic() < deadline:
-            with socket.socket() as s, contextlib.suppress(OSError):
-                s.settimeout(0.5)
-                s.connect(("127.0.0.1", self.port))
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return
-            time.sleep(0.05)
+        with redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5) as client:
+            while time.monotonic() < deadline:
+                with contextlib.suppress(redis.RedisError):
+                    if client.ping():
+                        return
+                time.sleep(0.05)
         self.stop()
         raise InferPlanError(f"redis-server did not answer on port {self.port} within {startup_s:g} s")
 

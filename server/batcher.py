@@ -187,11 +187,11 @@ class Batcher:
             started = time.perf_counter()
             metrics.gpus_busy.inc()
             try:
-                outputs = await self._run(batch, gpu)
+                result: list[str] | ApiError = await self._run(batch, gpu)
             except ApiError as err:
-                await self._deliver_error(batch, err)
-            else:
-                await self._deliver(batch, outputs)
+                result = err
+            try:
+                await self._deliver(batch, result)
             finally:
                 elapsed = time.perf_counter() - started
                 metrics.gpus_busy.dec()
@@ -224,16 +224,14 @@ class Batcher:
         self.metrics.backend_faults.labels(kind).inc()
         return err
 
-    async def _deliver(self, batch: Sequence[Queued], outputs: list[str]) -> None:
-        """Hand each output to its request: here, the future its handler awaits."""
-        for item, output in zip(batch, outputs, strict=True):
+    async def _deliver(self, batch: Sequence[Queued], result: list[str] | ApiError) -> None:
+        """Hand each request its output, or the batch's error: here, the future its handler awaits."""
+        for i, item in enumerate(batch):
             if not item.future.done():
-                item.future.set_result(output)
-
-    async def _deliver_error(self, batch: Sequence[Queued], err: ApiError) -> None:
-        for item in batch:
-            if not item.future.done():
-                item.future.set_exception(err)
+                if isinstance(result, ApiError):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result[i])
 
 
 class _WrongCountError(Exception):

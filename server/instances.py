@@ -71,7 +71,7 @@ def run_instances(config: ServerConfig, count: int, announce: Callable[[Listenin
                     log.error("instance %d (pid %s) exited with %s; restarting it", i, child.pid, code)
                     time.sleep(RESTART_DELAY_S)
                     children[i] = _Child(ctx, child_config, i)
-        return max((abs(c.process.exitcode or 0) for c in children), default=0) and 1
+        return 1 if any(c.process.exitcode for c in children) else 0
     finally:
         for child in children:
             if child.process.is_alive():

@@ -297,28 +297,25 @@ class SharedBatcher(Batcher):
 
     # -- delivery -------------------------------------------------------------------------
 
-    async def _deliver(self, batch: Sequence[TakenEntry] | Sequence[Pending], outputs: list[str]) -> None:
+    async def _deliver(self, batch: Sequence[TakenEntry] | Sequence[Pending], result: list[str] | ApiError) -> None:
+        """Own requests are answered here; each other owner gets one message on its reply channel."""
         if batch and isinstance(batch[0], Pending):  # an internal-API batch: run here, answered here
-            return await super()._deliver(batch, outputs)
-        remote: dict[str, list[list[str]]] = defaultdict(list)
-        for entry, output in zip(batch, outputs, strict=True):
+            return await super()._deliver(batch, result)
+        failed = isinstance(result, ApiError)
+        remote: dict[str, dict[str, list]] = defaultdict(lambda: {"ids": [], "outputs": []})
+        for i, entry in enumerate(batch):
+            answer = result if failed else result[i]
             if entry.owner == self.instance:
-                self._resolve(entry.request_id, output)
+                self._resolve(entry.request_id, answer)
             else:
-                remote[entry.owner].append([entry.request_id, output])
-        await self._publish(batch, {owner: {"ok": results} for owner, results in remote.items()})
-
-    async def _deliver_error(self, batch: Sequence[TakenEntry] | Sequence[Pending], err: ApiError) -> None:
-        if batch and isinstance(batch[0], Pending):
-            return await super()._deliver_error(batch, err)
-        remote: dict[str, list[str]] = defaultdict(list)
-        for entry in batch:
-            if entry.owner == self.instance:
-                self._resolve(entry.request_id, err)
-            else:
-                remote[entry.owner].append(entry.request_id)
-        error = {"status": err.status, "code": err.code, "message": err.message, "retry_after_s": err.retry_after_s}
-        await self._publish(batch, {owner: {"error": error, "ids": ids} for owner, ids in remote.items()})
+                remote[entry.owner]["ids"].append(entry.request_id)
+                remote[entry.owner]["outputs"].append(None if failed else answer)
+        if failed:
+            error = {"status": result.status, "code": result.code, "message": result.message}
+            error["retry_after_s"] = result.retry_after_s
+            for message in remote.values():
+                message["error"] = error
+        await self._publish(batch, remote)
 
     async def _publish(self, batch: Sequence[TakenEntry], messages: dict[str, dict]) -> None:
         """Send each owner its answers and end the batch's lease, in one round trip."""
@@ -342,14 +339,10 @@ class SharedBatcher(Batcher):
 
     def _on_reply(self, data: str) -> None:
         message = json.loads(data)
-        if "ok" in message:
-            for request_id, output in message["ok"]:
-                self._resolve(request_id, output)
-            return
-        e = message["error"]
-        err = ApiError(e["status"], e["message"], code=e["code"], retry_after_s=e["retry_after_s"])
-        for request_id in message["ids"]:
-            self._resolve(request_id, err)
+        e = message.get("error")
+        err = e and ApiError(e["status"], e["message"], code=e["code"], retry_after_s=e["retry_after_s"])
+        for request_id, output in zip(message["ids"], message["outputs"], strict=True):
+            self._resolve(request_id, err or output)
 
     # -- background: replies, heartbeat, outages ------------------------------------------------
 

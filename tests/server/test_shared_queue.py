@@ -29,6 +29,7 @@ from infer_plan.sim.engine import simulate_arrivals
 from infer_plan.sim.params import Backpressure
 
 from tests.helpers import DEV_KEYS, run_cli, running_server
+from tests.server.faulty import FAIL
 
 pytestmark = pytest.mark.redis
 
@@ -134,6 +135,31 @@ async def test_two_instances_of_one_gpu_behave_as_the_simulators_pool_of_two(red
         print(f"P{q}: measured {m:.1f} ms, pool of 2 simulated {s:.1f} ms ({(m - s) / s:+.1%}); one GPU {one:.1f} ms")
         assert abs(m - s) / s <= bound, (q, m, s)
         assert abs(m - one) / one > 0.1
+
+
+async def test_a_failed_batch_answers_every_owner_with_the_error(redis, tmp_path):
+    # 500 ms assembly: all 20 requests, 10 through each instance, land in one batch with the poisoned one.
+    model = scenario(tmp_path, max_wait_ms=500)
+    backend = ("--backend", "tests.server.faulty:FaultyBackend", "--served-model-name", "sim", "--scenario", model)
+    with instances(redis, 2, *backend) as (a, b):
+        async with aiohttp.ClientSession() as session:
+
+            async def one(server, text: str) -> tuple[int, dict, str | None]:
+                async with session.post(
+                    f"{server.url}/v1/inference",
+                    json={"model": "sim", "input": text},
+                    headers={"Authorization": "Bearer dev-paid"},
+                ) as resp:
+                    return resp.status, await resp.json(), resp.headers.get("Retry-After")
+
+            for poison in (FAIL, None):
+                texts = [poison or "ok-0", *(f"ok-{i}" for i in range(1, 20))]
+                answers = await asyncio.gather(*(one(a if i % 2 == 0 else b, t) for i, t in enumerate(texts)))
+                if poison:
+                    got = [(status, body["error"]["code"], retry) for status, body, retry in answers]
+                    assert got == [(503, "backend_error", "1")] * 20
+                else:
+                    assert [body["output"] for _, body, _ in answers] == [sim_output(t) for t in texts]
 
 
 async def test_backpressure_uses_the_shared_depth_so_all_instances_shed_alike(redis, tmp_path):
