@@ -12,9 +12,9 @@ import typer
 from ..reports.schema import CalibrationPoint, CalibrationResult
 from ..reports.terminal import render_calibration
 from ..server.backends.base import Backend, BackendError
-from ..server.calibrate import measure_batches
+from ..server.calibrate import BatchTimings, TooFewSizesError, measure_batches, served_batch_timings
 from ..sim.errors import InferPlanError, UsageError
-from ..sim.profile import fit_batch_latency, jitter_quantiles, profile_toml
+from ..sim.profile import profile_toml
 from .options import (
     JsonFlagOpt,
     MaxModelLenOpt,
@@ -46,6 +46,16 @@ def calibrate(
     ] = None,
     repetitions: Annotated[int, typer.Option("--repetitions", "-n", min=1, max=1000, help="Batches per size.")] = 10,
     warmup: Annotated[int, typer.Option("--warmup", min=0, max=100, help="Discarded warm-up batches.")] = 2,
+    from_traffic: Annotated[
+        bool,
+        typer.Option(
+            "--from-traffic",
+            help="remote only: fit the batches the server served its clients (no batches are run).",
+        ),
+    ] = False,
+    window_s: Annotated[
+        float, typer.Option("--window", min=1, help="--from-traffic: the last SECONDS of traffic.")
+    ] = 300.0,
     max_tokens: MaxTokensOpt = 16,
     temperature: TemperatureOpt = 0.0,
     max_model_len: MaxModelLenOpt = 512,
@@ -56,23 +66,28 @@ def calibrate(
 ) -> None:
     """Measure batch latency against batch size and write a profile that replaces the fixed kernel time."""
     service = build_scenario(scenario=scenario).model
-    batch_sizes = _parse_sizes(sizes, service.max_batch)
     options = engine_options(backend, model, upstream, max_tokens, temperature, max_model_len)
-    engine = Backend.create(backend, model=service, **options)
-    total = warmup + repetitions * len(batch_sizes)
-    with status_progress(f"calibrating {backend}", enabled=not (quiet or json_out), total=total) as progress:
-        timings = asyncio.run(
-            _measure(engine, batch_sizes, repetitions, warmup, lambda: progress.advance(progress.task_ids[0]))
-        )
-    fit = fit_batch_latency(timings.sizes, timings.median_ms())
+    if from_traffic:
+        if backend != "remote":
+            raise UsageError("--from-traffic reads a running server's batch log: use --backend remote --upstream URL")
+        timings = asyncio.run(_served(options["upstream"], window_s))
+        repetitions, warmup = min(len(v) for v in timings.samples_ms.values()), 0
+    else:
+        batch_sizes = _parse_sizes(sizes, service.max_batch)
+        engine = Backend.create(backend, model=service, **options)
+        total = warmup + repetitions * len(batch_sizes)
+        with status_progress(f"calibrating {backend}", enabled=not (quiet or json_out), total=total) as progress:
+            timings = asyncio.run(
+                _measure(engine, batch_sizes, repetitions, warmup, lambda: progress.advance(progress.task_ids[0]))
+            )
+    fit, jitter = timings.fit()
     fitted = fit.predict(timings.sizes)
-    jitter = jitter_quantiles(fit, timings.samples_ms)
     points = [
         CalibrationPoint(batch_size=s, median_ms=med, p95_ms=p95, min_ms=min(timings.samples_ms[s]), fitted_ms=f)
         for s, med, p95, f in zip(timings.sizes, timings.median_ms(), timings.p95_ms(), fitted, strict=True)
     ]
     result = CalibrationResult(
-        backend=backend,
+        backend=f"{backend} (traffic, last {window_s:g} s)" if from_traffic else backend,
         model=model,
         repetitions=repetitions,
         warmup=warmup,
@@ -85,7 +100,7 @@ def calibrate(
         profile_path=str(out),
     )
     evidence = {
-        "backend": backend,
+        "backend": result.backend,
         "model": model or "",
         "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "batch_sizes": timings.sizes,
@@ -110,6 +125,16 @@ async def _measure(engine: Backend, sizes: list[int], repetitions: int, warmup: 
         raise InferPlanError(f"calibration failed: {err}") from None
     finally:
         await engine.close()
+
+
+async def _served(upstream: str, window_s: float) -> BatchTimings:
+    try:
+        return await served_batch_timings(upstream, window_s)
+    except TooFewSizesError as err:
+        hint = "widen --window, wait for varied load, or calibrate with synthetic batches (without --from-traffic)"
+        raise InferPlanError(f"calibration failed: {err}: {hint}") from None
+    except BackendError as err:
+        raise InferPlanError(f"calibration failed: {err}") from None
 
 
 def _parse_sizes(text: str | None, max_batch: int) -> list[int]:

@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import typer
 
+from ..loadtests.analysis import BatchLogRerun, GateLimits, analyse
 from ..reports.schema import LoadTestResult, load_result
 from ..reports.terminal import render_loadtest
+from ..server.backends.base import BackendError
+from ..server.calibrate import served_batch_timings
 from ..server.keys import KeyStore
-from ..sim.arrivals import ArrivalProcess, generate_arrivals
+from ..sim.arrivals import ArrivalProcess, Arrivals, generate_arrivals
 from ..sim.engine import simulate_arrivals
 from ..sim.errors import ConfigError, UsageError
-from ..sim.params import Tier
+from ..sim.params import ServiceModel, Tier
+from ..sim.profile import calibrated_model
 from ..sim.scenario import parse_spike
 from .options import (
     KernelOpt,
@@ -69,9 +76,15 @@ def loadtest(
     quiet: QuietOpt = False,
     junit_file: Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML (one case per gate).")] = None,
     html_file: Annotated[Path | None, typer.Option("--html", help="Write the HTML report here.")] = None,
+    batch_log: Annotated[
+        str | None,
+        typer.Option(
+            "--batch-log",
+            help="The target's internal URL: after the run, re-simulate with the batch times it logged during it.",
+        ),
+    ] = None,
 ) -> None:
     """Drive a server with open-loop Locust load and gate on P95, errors and rejects (exit 1 on a failed gate)."""
-    from ..loadtests.analysis import GateLimits, analyse
     from ..loadtests.harness import run_plan
     from ..loadtests.junit import write_junit
     from ..loadtests.plan import LoadPlan
@@ -91,6 +104,8 @@ def loadtest(
     workload = scen.workload(rps=rps, arrival=arrival, extra_segments=tuple(parse_spike(s) for s in spike or ()))
     if target != "sim" and not target.startswith(("http://", "https://")):
         raise UsageError(f"--target must be 'sim' or an http(s) URL, got {target!r}")
+    if batch_log is not None and (target == "sim" or not batch_log.startswith(("http://", "https://"))):
+        raise UsageError("--batch-log takes the internal http(s) URL of the --target server you started")
     base = None
     if baseline is not None:
         loaded = load_result(baseline)
@@ -118,6 +133,9 @@ def loadtest(
             task = progress.task_ids[0]
             return run_plan(plan, workers=workers, on_tick=lambda s: progress.update(task, completed=min(s, horizon)))
 
+    if batch_log is not None and fleet is None:
+        raise UsageError("--batch-log re-runs the simulation, which needs the target's --gpus")
+    started = time.time()
     if target == "sim":
         assert fleet is not None
         with local_sim_server(model, fleet, keys) as url:
@@ -126,10 +144,13 @@ def loadtest(
         url = target
         records, locust_stats = drive(url)
 
-    simulated = None
+    simulated = rerun = None
     if fleet is not None:
         out = simulate_arrivals(model, arrivals, fleet)
         simulated = (out.completion - arrivals.times) * 1000.0
+    if batch_log is not None:
+        assert fleet is not None
+        rerun = _rerun_with_batch_log(batch_log, time.time() - started + 1.0, model, arrivals, fleet)
     limits = GateLimits(
         slo_p95_ms=model.slo_p95_ms,
         max_error_rate=max_error_rate,
@@ -149,6 +170,7 @@ def loadtest(
         simulated_ms=simulated,
         limits=limits,
         locust=locust_stats,
+        batch_log=rerun,
     )
     emit_json(result, print_it=False, path=json_file)
     if junit_file is not None:
@@ -160,3 +182,25 @@ def loadtest(
     render_loadtest(result, terminal())
     if not result.passed:
         raise typer.Exit(1)
+
+
+def _rerun_with_batch_log(
+    internal_url: str, window_s: float, model: ServiceModel, arrivals: Arrivals, gpus: int
+) -> BatchLogRerun | None:
+    """The same arrivals simulated with the batch times the server logged during the run.
+
+    A failure here costs only this check: the load test's own result is still written.
+    """
+    try:
+        timings = asyncio.run(served_batch_timings(internal_url, window_s))
+    except BackendError as err:
+        print(f"infer-plan loadtest: no batch-log check: {err}", file=sys.stderr)
+        return None
+    fit, jitter = timings.fit()
+    out = simulate_arrivals(calibrated_model(model, fit, jitter), arrivals, gpus)
+    return BatchLogRerun(
+        batches=sum(len(v) for v in timings.samples_ms.values()),
+        sizes=timings.sizes,
+        fit=fit,
+        simulated_ms=(out.completion - arrivals.times) * 1000.0,
+    )

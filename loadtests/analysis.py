@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..reports.schema import CDF_POINTS, Gate, LoadTestResult, MeasuredVsSimulated
+from ..reports.schema import CDF_POINTS, BatchLogCheck, Gate, LoadTestResult, MeasuredVsSimulated
 from ..sim.params import Tier
+from ..sim.profile import LinearFit
 from .plan import Records
 
-__all__ = ["GateLimits", "analyse"]
+__all__ = ["BatchLogRerun", "GateLimits", "analyse"]
 
 _QUANTILES = {"p50_ms": 50, "p95_ms": 95, "p99_ms": 99}
 
@@ -27,6 +28,16 @@ class GateLimits:
     max_reject_rate: float = 0.01
     baseline: LoadTestResult | None = None
     baseline_tolerance: float = 0.10
+
+
+@dataclass(frozen=True)
+class BatchLogRerun:
+    """The same arrivals simulated with a fit of the batches the server logged during the run."""
+
+    batches: int
+    sizes: list[int]
+    fit: LinearFit
+    simulated_ms: np.ndarray
 
 
 def _percentiles(values: np.ndarray) -> dict[str, float | None]:
@@ -67,6 +78,7 @@ def analyse(
     simulated_ms: np.ndarray | None,
     limits: GateLimits,
     locust: dict[str, dict[str, float]],
+    batch_log: BatchLogRerun | None = None,
 ) -> LoadTestResult:
     window = records.scheduled >= warmup_s
     ok = (records.status == 200) & ~records.wrong_output
@@ -115,6 +127,15 @@ def analyse(
         gates=[],
         passed=True,
         latency_over_time=_latency_over_time(records, ok),
+        batch_log_check=None
+        if batch_log is None
+        else BatchLogCheck(
+            batches=batch_log.batches,
+            sizes=batch_log.sizes,
+            fixed_ms=batch_log.fit.fixed_ms,
+            per_item_ms=batch_log.fit.per_item_ms,
+            overall=_compare(latency[overall_mask], batch_log.simulated_ms[overall_mask]),
+        ),
     )
     gates = evaluate_gates(result, limits)
     return result.model_copy(update={"gates": gates, "passed": all(g.passed for g in gates)})

@@ -19,6 +19,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "AnyResult",
     "BackOfEnvelope",
+    "BatchLogCheck",
     "CalibrationPoint",
     "CalibrationResult",
     "CapacityResult",
@@ -32,12 +33,13 @@ __all__ = [
     "load_result",
 ]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # What each version added; a saved result of an older version is upgraded on load
 # (its new fields take their defaults, so renderers show less, never something wrong).
 SCHEMA_HISTORY = {
     1: "simulate, capacity and loadtest results",
     2: "loadtest latency CDFs (measured and simulated) per tier; calibrate results",
+    3: "loadtest batch_log_check (the simulation re-run with the batch times the server logged during the run)",
 }
 
 # Percentile points kept for latency CDF plots: fine steps in the tail where SLOs live.
@@ -169,6 +171,21 @@ class MeasuredVsSimulated(_Model):
     simulated_cdf_ms: list[float] | None = None
 
 
+class BatchLogCheck(_Model):
+    """The simulation re-run with the batch times the server logged during this load test.
+
+    Read beside the prediction from the profile given: when this one matches the
+    measurement and that one does not, the engine's speed changed since it was
+    calibrated; when neither matches, the model misses something of this server.
+    """
+
+    batches: int
+    sizes: list[int] = Field(description="batch sizes seen often enough to enter the fit")
+    fixed_ms: float
+    per_item_ms: float
+    overall: MeasuredVsSimulated
+
+
 class Gate(_Model):
     name: str
     passed: bool
@@ -201,6 +218,7 @@ class LoadTestResult(_Model):
     gates: list[Gate]
     passed: bool
     latency_over_time: dict[str, list[float]] | None = None
+    batch_log_check: BatchLogCheck | None = None
 
 
 class CalibrationPoint(_Model):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .schema import AnyResult, CalibrationResult, CapacityResult, LoadTestResult, SimulationResult
+from .schema import AnyResult, BatchLogCheck, CalibrationResult, CapacityResult, LoadTestResult, SimulationResult
 
-__all__ = ["Summary", "Table", "summarise"]
+__all__ = ["Summary", "Table", "batch_log_summary", "summarise"]
 
 
 def _ms(value: float | None) -> str:
@@ -138,6 +138,7 @@ def _loadtest(r: LoadTestResult) -> Summary:
             ),
             ("statuses", ", ".join(f"{k}: {v:,}" for k, v in r.status_counts.items())),
             ("errors / rejects", f"{r.error_rate:.3%} / {r.reject_rate:.3%}; wrong outputs {r.wrong_outputs}"),
+            *([("batch-log check", batch_log_summary(r.batch_log_check))] if r.batch_log_check else []),
         ],
         tables=[
             Table(
@@ -165,4 +166,14 @@ def _calibration(r: CalibrationResult) -> Summary:
             ("profile", r.profile_path or "-"),
         ],
         tables=[Table("Batch latency by batch size (ms)", ["batch size", "median", "P95", "min", "fitted"], rows)],
+    )
+
+
+def batch_log_summary(c: BatchLogCheck) -> str:
+    """One line: the simulation re-run with the batch times the server logged during the load test."""
+    sim, err = c.overall.simulated_ms or {}, c.overall.relative_error or {}
+    return (
+        f"simulated with a fit of {c.batches:,} batches the server logged during the run "
+        f"({c.fixed_ms:.1f} ms + {c.per_item_ms:.2f} ms/item, sizes {c.sizes[0]}-{c.sizes[-1]}): "
+        f"P50 {_ms(sim.get('p50_ms'))} ms, P95 {_ms(sim.get('p95_ms'))} ms (P95 error {_pct(err.get('p95_ms'))})"
     )

@@ -8,6 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from .schema import AnyResult, CalibrationResult, CapacityResult, LoadTestResult, SimulationResult
+from .tables import batch_log_summary
 
 __all__ = ["fmt_ms", "render", "render_calibration", "render_capacity", "render_loadtest", "render_simulation"]
 
@@ -150,6 +151,8 @@ def render_loadtest(result: LoadTestResult, console: Console) -> None:
         f"{result.requests:,} after {result.warmup_s:g} s warm-up; "
         + ", ".join(f"{k}: {v:,}" for k, v in result.status_counts.items()),
     )
+    if result.batch_log_check is not None:
+        head.add_row("batch-log check", batch_log_summary(result.batch_log_check))
     table = Table(title="Latency from scheduled send (ms): measured vs simulated", title_justify="left")
     for col in ("tier", "P50", "P95", "P99", "sim P50", "sim P95", "sim P99", "err P50", "err P95", "err P99"):
         table.add_column(col, justify="left" if col == "tier" else "right")

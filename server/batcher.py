@@ -28,9 +28,11 @@ from .backends.base import Backend, BackendError
 from .errors import ApiError
 from .metrics import ServerMetrics
 
-__all__ = ["Batcher", "Pending"]
+__all__ = ["Batcher", "Pending", "ServedBatch"]
 
 log = logging.getLogger("infer_plan.server.batcher")
+
+SERVED_LOG_SIZE = 50_000  # a few MB; at 100 batches/s the last eight minutes of traffic
 
 
 @dataclass(slots=True)
@@ -41,6 +43,23 @@ class Pending:
     tier: int
     arrived: float  # loop.time() at arrival
     future: asyncio.Future[str] = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class ServedBatch:
+    """One batch of client traffic that completed: what ``calibrate --from-traffic`` and ``loadtest --batch-log`` fit.
+
+    Batch times under real load (with the gateway, the load and the neighbours on the
+    machine) can differ from those of batches run alone, which is why they are kept.
+    """
+
+    ended_at: float  # time.time()
+    size: int
+    ms: float  # how long the batch held its GPU
+
+
+class _DirectBatch(list):
+    """An internal-API batch (e.g. a synthetic calibration batch): run, but not traffic."""
 
 
 class Queued(Protocol):
@@ -64,7 +83,8 @@ class Batcher:
         self.gpus = gpus
         self.metrics = metrics
         self.queues: list[deque[Pending]] = [deque() for _ in Tier]
-        self.direct: deque[list[Pending]] = deque()  # internal-API batches, run as they are
+        self.direct: deque[_DirectBatch] = deque()  # internal-API batches, run as they are
+        self.served: deque[ServedBatch] = deque(maxlen=SERVED_LOG_SIZE)
         self._queued = 0
         self.max_batch = model.max_batch
         self.max_wait_s = model.max_wait_ms / 1000.0
@@ -117,7 +137,7 @@ class Batcher:
     async def run_now(self, texts: list[str]) -> list[str]:
         """Run ``texts`` as one batch on the next free GPU, bypassing the tier queues."""
         loop = asyncio.get_running_loop()
-        batch = [Pending(text, Tier.ENTERPRISE, loop.time(), loop.create_future()) for text in texts]
+        batch = _DirectBatch(Pending(text, Tier.ENTERPRISE, loop.time(), loop.create_future()) for text in texts)
         self.direct.append(batch)
         self._wake.set()
         return list(await asyncio.gather(*(p.future for p in batch)))
@@ -198,6 +218,8 @@ class Batcher:
                 metrics.gpu_busy_seconds.inc(elapsed)
                 metrics.batch_latency.observe(elapsed)
                 metrics.batch_size.observe(len(batch))
+                if isinstance(result, list) and not isinstance(batch, _DirectBatch):
+                    self.served.append(ServedBatch(time.time(), len(batch), elapsed * 1000.0))
                 self.running -= 1
 
     async def _run(self, batch: Sequence[Queued], gpu: int) -> list[str]:

@@ -1,24 +1,34 @@
 """Measuring a backend's batch latency against batch size, as the server's GPU worker sees it.
 
-The backend is driven directly (no HTTP, no queueing): each measurement is one
-``run_batch`` call, the same call a GPU worker makes, so the profile holds exactly the
-time a batch occupies its GPU. Sizes are visited in a shuffled order on every
-repetition, so a slow drift of the machine does not masquerade as a size effect, and
-warm-up batches (first-call compilation, cache allocation) are run and discarded.
+Two sources. Synthetic (:func:`measure_batches`): the backend is driven directly (no
+HTTP, no queueing), each measurement one ``run_batch`` call, the same call a GPU worker
+makes, so the profile holds exactly the time a batch occupies its GPU. Sizes are
+visited in a shuffled order on every repetition, so a slow drift of the machine does
+not masquerade as a size effect, and warm-up batches (first-call compilation, cache
+allocation) are run and discarded. From traffic (:func:`served_batch_timings`): the
+batches a running server actually served to its clients, read from its internal API;
+nothing is added to its load, and the times are those under its real load, which on a
+busy machine differ from batches run alone.
 """
 
 from __future__ import annotations
 
 import random
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import aiohttp
 import numpy as np
 
+from ..sim.profile import LinearFit, fit_batch_latency, jitter_quantiles
 from .backends.base import Backend, BackendError
+from .backends.http_client import request_json
 
-__all__ = ["BatchTimings", "measure_batches"]
+__all__ = ["MIN_TRAFFIC_SAMPLES", "BatchTimings", "TooFewSizesError", "measure_batches", "served_batch_timings"]
+
+MIN_TRAFFIC_SAMPLES = 5  # batches of one size needed before its median enters the fit
 
 
 @dataclass
@@ -31,6 +41,11 @@ class BatchTimings:
 
     def p95_ms(self) -> list[float]:
         return [float(np.percentile(self.samples_ms[s], 95)) for s in self.sizes]
+
+    def fit(self) -> tuple[LinearFit, list[float]]:
+        """The profile's line through the per-size medians, and the spread around it (cycle_jitter)."""
+        line = fit_batch_latency(self.sizes, self.median_ms())
+        return line, jitter_quantiles(line, self.samples_ms)
 
 
 async def measure_batches(
@@ -69,3 +84,33 @@ async def measure_batches(
             if on_batch:
                 on_batch()
     return BatchTimings(sizes=list(sizes), samples_ms=samples)
+
+
+class TooFewSizesError(BackendError):
+    """The traffic in the window does not hold two batch sizes seen often enough to fit a line."""
+
+
+async def served_batch_timings(internal_url: str, window_s: float, timeout_s: float = 30.0) -> BatchTimings:
+    """The batch times of the client traffic a server served in its last ``window_s`` seconds, by size.
+
+    Sizes seen fewer than ``MIN_TRAFFIC_SAMPLES`` times are left out: one odd batch
+    would weigh as much in the fit as a size seen a thousand times.
+    """
+    url = f"{internal_url.rstrip('/')}/internal/batches?window_s={window_s:g}"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
+        data = await request_json(session, "GET", url)
+    by_size: dict[int, list[float]] = defaultdict(list)
+    try:
+        for _ended_at, size, ms in data["batches"]:
+            by_size[int(size)].append(float(ms))
+    except (KeyError, TypeError, ValueError) as err:
+        raise BackendError(f"{url} sent no batch log (ended_at, size, ms): {err!r}") from None
+    sizes = sorted(s for s, v in by_size.items() if len(v) >= MIN_TRAFFIC_SAMPLES)
+    if len(sizes) < 2:
+        counts = [f"{len(v)} of size {s}" for s, v in sorted(by_size.items(), key=lambda kv: -len(kv[1]))]
+        seen = ", ".join(counts[:6]) + (", ..." if len(counts) > 6 else "") if counts else "none"
+        raise TooFewSizesError(
+            f"the last {window_s:g} s of traffic give {len(sizes)} batch size(s) with >= {MIN_TRAFFIC_SAMPLES} "
+            f"batches (seen: {seen}); a line needs two"
+        )
+    return BatchTimings(sizes=sizes, samples_ms={s: by_size[s] for s in sizes})

@@ -1,4 +1,4 @@
-"""HTTP handlers: the public inference API, health, metrics, and the internal batch API.
+"""HTTP handlers: the public inference API, health, metrics, and the internal API (batches in, batch log out).
 
 The public request path: authenticate the key (tier), parse and validate the body,
 check the model and the size, apply backpressure (429 at once, before queueing), then
@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -155,15 +157,23 @@ def public_routes(state: ServerState) -> list[web.RouteDef]:
 
 
 class InternalApi:
-    """``POST /internal/batch``: run one batch on a free GPU, results by index position."""
+    """The loopback API between a gateway and its GPU pool, and for tools that measure the pool.
+
+    ``POST /internal/batch`` runs one batch on a free GPU, results by index position;
+    ``GET /internal/batches?window_s=N`` lists the client-traffic batches served in the
+    last N seconds (``calibrate --from-traffic``).
+    """
 
     def __init__(self, state: ServerState) -> None:
         self.state = state
 
-    async def batch(self, request: web.Request) -> web.Response:
+    def _refuse_client_keys(self, request: web.Request) -> None:
         header = request.headers.get("Authorization", "")
         if header.startswith(_BEARER) and self.state.keys.tier_of(header[len(_BEARER) :].strip()) is not None:
             raise ApiError(403, "client keys cannot use the internal API")
+
+    async def batch(self, request: web.Request) -> web.Response:
+        self._refuse_client_keys(request)
         body = await _json_body(request)
         if not isinstance(body, dict) or not isinstance(body.get("requests"), list):
             raise ApiError(400, 'body must be {"batch_id": ..., "requests": [{"input": str}, ...]}')
@@ -185,7 +195,24 @@ class InternalApi:
             }
         )
 
+    async def batches(self, request: web.Request) -> web.Response:
+        self._refuse_client_keys(request)
+        try:
+            window_s = float(request.query.get("window_s", "inf"))
+        except ValueError:
+            window_s = math.nan
+        if not window_s > 0:
+            raise ApiError(400, "'window_s' must be a number of seconds > 0")
+        since = time.time() - window_s  # this server's clock, so the caller's does not matter
+        served = self.state.batcher.served if self.state.batcher is not None else ()
+        rows = [[round(b.ended_at, 3), b.size, round(b.ms, 3)] for b in served if b.ended_at >= since]
+        return web.json_response({"columns": ["ended_at", "size", "ms"], "batches": rows})
+
 
 def internal_routes(state: ServerState) -> list[web.RouteDef]:
     api = InternalApi(state)
-    return [web.post("/internal/batch", api.batch), web.get("/healthz", PublicApi(state).healthz)]
+    return [
+        web.post("/internal/batch", api.batch),
+        web.get("/internal/batches", api.batches),
+        web.get("/healthz", PublicApi(state).healthz),
+    ]

@@ -204,6 +204,7 @@ class SharedBatcher(Batcher):
 
     async def _enqueue_many(self, batch: list[tuple[list[object], asyncio.Future[int]]]) -> None:
         keys = [*self.keys.queues, self.keys.wake]
+        results: list[object] = []
         try:
             for attempt in range(2):
                 async with self.client.pipeline(transaction=False) as pipe:
@@ -219,13 +220,15 @@ class SharedBatcher(Batcher):
         except Exception as err:  # a bug of ours must still answer every waiting request
             log.exception("enqueue failed")
             results = [RedisError(f"enqueue failed: {err!r}")] * len(batch)
-        for (_, done), result in zip(batch, results, strict=True):
-            if done.done():
-                continue
-            if isinstance(result, Exception):
-                done.set_exception(result)
-            else:
-                done.set_result(int(result))
+        finally:  # even when cancelled: no offer may wait on a future nobody will resolve
+            for i, (_, done) in enumerate(batch):
+                result = results[i] if i < len(results) else RedisError("enqueue interrupted")
+                if done.done():
+                    continue
+                if isinstance(result, Exception):
+                    done.set_exception(result)
+                else:
+                    done.set_result(int(result))
 
     # -- assembly under the shared lock -----------------------------------------------------
 
@@ -318,15 +321,24 @@ class SharedBatcher(Batcher):
         await self._publish(batch, remote)
 
     async def _publish(self, batch: Sequence[TakenEntry], messages: dict[str, dict]) -> None:
-        """Send each owner its answers and end the batch's lease, in one round trip."""
-        try:
-            async with self.client.pipeline(transaction=False) as pipe:
-                for owner, message in messages.items():
-                    pipe.publish(self.keys.reply(owner), json.dumps(message))
-                pipe.hdel(self.keys.inflight, batch[0].batch_id)
-                await pipe.execute()
-        except (RedisError, OSError) as err:
-            self._lost(err)  # the owners notice the outage too and answer their requests 503
+        """Send each owner its answers and end the batch's lease, in one round trip.
+
+        One failure may be a pooled connection that died with an earlier Redis while
+        this one is up and the owners are listening: the answers are sent once more on
+        a fresh connection (an owner ignores an answer it has had). Only when that fails
+        too is Redis down, which the owners notice themselves and answer 503.
+        """
+        for attempt in range(2):
+            try:
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for owner, message in messages.items():
+                        pipe.publish(self.keys.reply(owner), json.dumps(message))
+                    pipe.hdel(self.keys.inflight, batch[0].batch_id)
+                    await pipe.execute()
+                return
+            except (RedisError, OSError) as err:
+                if attempt == 1:
+                    self._lost(err)
 
     def _resolve(self, request_id: str, result: str | ApiError) -> None:
         pending = self.pending.pop(request_id, None)
@@ -364,6 +376,11 @@ class SharedBatcher(Batcher):
                     else:
                         self._on_reply(message["data"])
             except (RedisError, OSError) as err:
+                self._subscribed = False
+                self._lost(err)
+                await asyncio.sleep(0.2)
+            except Exception as err:  # a bug of ours: say so, answer what waits, and listen again
+                log.exception("reply listener failed")
                 self._subscribed = False
                 self._lost(err)
                 await asyncio.sleep(0.2)

@@ -21,7 +21,17 @@ import numpy as np
 import tomli_w
 from scipy.optimize import nnls
 
-__all__ = ["JITTER_POINTS", "LinearFit", "fit_batch_latency", "jitter_quantiles", "profile_toml"]
+from .params import ServiceModel
+
+__all__ = [
+    "JITTER_POINTS",
+    "LinearFit",
+    "calibrated_model",
+    "fit_batch_latency",
+    "jitter_quantiles",
+    "profile_toml",
+    "service_table",
+]
 
 JITTER_POINTS = 21  # quantiles 0, 0.05, ..., 1 of the batch-time multiplier
 
@@ -57,11 +67,25 @@ def jitter_quantiles(fit: LinearFit, samples_ms: dict[int, list[float]], points:
     return [round(float(x), 4) for x in np.quantile(ratios, np.linspace(0.0, 1.0, points))]
 
 
+def service_table(fit: LinearFit, jitter: list[float]) -> dict[str, object]:
+    """The service parameters a profile sets: the fitted line and its spread; PCIe is inside the measurement."""
+    return {
+        "pcie_in_ms": 0.0,
+        "kernel_ms": round(fit.fixed_ms, 4),
+        "pcie_out_ms": 0.0,
+        "per_item_ms": round(fit.per_item_ms, 5),
+        "cycle_jitter": jitter,
+    }
+
+
+def calibrated_model(model: ServiceModel, fit: LinearFit, jitter: list[float]) -> ServiceModel:
+    """``model`` with a profile applied, as ``--profile`` would apply the file (validated the same way)."""
+    return ServiceModel(**{**model.model_dump(), **service_table(fit, jitter)})
+
+
 def profile_toml(fit: LinearFit, jitter: list[float], measured: dict[str, object]) -> str:
     """The profile file's text: the [service] layer the simulator reads, then the evidence."""
-    service = {"pcie_in_ms": 0.0, "kernel_ms": round(fit.fixed_ms, 4), "pcie_out_ms": 0.0}
-    service["per_item_ms"] = round(fit.per_item_ms, 5)
-    service["cycle_jitter"] = jitter
+    service = service_table(fit, jitter)
     header = (
         "# Calibrated profile written by `infer-plan calibrate`.\n"
         "# Use it with: infer-plan simulate|capacity|loadtest --profile THIS_FILE\n"

@@ -1,4 +1,4 @@
-"""The HTTP call the forwarding backends share: one JSON POST, every failure a BackendError.
+"""The HTTP call the forwarding backends share: one JSON request, every failure a BackendError.
 
 Connection refused, a timeout, a non-200 answer or a body that is not JSON all fail the
 batch the same way, so the worker answers each of its requests with one 503.
@@ -12,7 +12,7 @@ import aiohttp
 
 from .base import Backend, BackendError
 
-__all__ = ["ForwardingBackend", "post_json"]
+__all__ = ["ForwardingBackend", "post_json", "request_json"]
 
 
 class ForwardingBackend(Backend):
@@ -36,10 +36,16 @@ class ForwardingBackend(Backend):
 
 
 async def post_json(session: aiohttp.ClientSession | None, url: str, body: dict[str, Any]) -> Any:
+    return await request_json(session, "POST", url, body)
+
+
+async def request_json(
+    session: aiohttp.ClientSession | None, method: str, url: str, body: dict[str, Any] | None = None
+) -> Any:
     if session is None:
         raise BackendError("the backend's HTTP session is not open (backend not started)")
     try:
-        async with session.post(url, json=body) as resp:
+        async with session.request(method, url, json=body) as resp:
             if resp.status != 200:
                 detail = (await resp.text())[:200]
                 raise BackendError(f"{url} answered {resp.status}: {detail}")

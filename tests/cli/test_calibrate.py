@@ -43,7 +43,21 @@ def test_measured_jitter_widens_the_simulated_tail_but_not_the_mean_throughput()
     assert np.percentile(lat["jitter"], 50) == pytest.approx(np.percentile(lat["steady"], 50), rel=0.1)
 
 
-@pytest.mark.timeout(300)
+def _loadtest(srv, profile, summary, *extra: str) -> dict:
+    """A 20 s load at 150 req/s with ``profile``; fails the test on a failed gate."""
+    done = cli(
+        "loadtest", "--target", srv.url, "--gpus", "1", "--profile", str(profile),
+        "--rps", "150", "--duration", "20", "--json", str(summary), *extra,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    return json.loads(summary.read_text())
+
+
+def _p95s(stats: dict) -> tuple[float, float]:
+    return stats["measured_ms"]["p95_ms"], stats["simulated_ms"]["p95_ms"]
+
+
+@pytest.mark.timeout(400)
 def test_calibrate_a_running_server_then_the_profile_predicts_its_p95(tmp_path):
     scenario = write_model_scenario(ENGINE, tmp_path / "engine.toml", gpus=1)
     profile, saved, summary = tmp_path / "profile.toml", tmp_path / "calibration.json", tmp_path / "loadtest.json"
@@ -62,16 +76,35 @@ def test_calibrate_a_running_server_then_the_profile_predicts_its_p95(tmp_path):
         assert service["per_item_ms"] == pytest.approx(0.5, abs=0.25)
         assert service["cycle_jitter"][0] < 0.95 and service["cycle_jitter"][-1] > 1.3
         assert calibration["kind"] == "calibrate" and len(calibration["points"]) == 5
+        traffic = ("calibrate", "--backend", "remote", "--upstream", srv.internal_url, "--from-traffic")
+        done = cli(*traffic, "--out", str(tmp_path / "none.toml"))
+        assert done.returncode == 2 and "seen: none" in done.stderr  # calibration batches are not traffic
 
-        done = cli(
-            "loadtest", "--target", srv.url, "--gpus", "1", "--profile", str(profile),
-            "--rps", "150", "--duration", "20", "--json", str(summary),
-        )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-3000:]
-    overall = json.loads(summary.read_text())["overall"]
-    measured, simulated = overall["measured_ms"]["p95_ms"], overall["simulated_ms"]["p95_ms"]
-    print(f"\ncalibrated sim backend at 150 req/s: measured P95 {measured:.1f} ms, simulated {simulated:.1f} ms")
-    assert overall["relative_error"]["p95_ms"] <= 0.10
+        measured, simulated = _p95s(_loadtest(srv, profile, summary)["overall"])
+        print(f"\ncalibrated sim backend at 150 req/s: measured P95 {measured:.1f} ms, simulated {simulated:.1f} ms")
+        assert abs(measured - simulated) / simulated <= 0.10
+
+        # The same server calibrated from the traffic that load test just sent (no batch of its own).
+        traffic_profile, traffic_saved = tmp_path / "traffic.toml", tmp_path / "traffic.json"
+        done = cli(*traffic, "--window", "60", "--out", str(traffic_profile), "--save", str(traffic_saved))
+        assert done.returncode == 0, done.stderr
+        fitted = json.loads(traffic_saved.read_text())
+        assert fitted["backend"].startswith("remote (traffic") and fitted["warmup"] == 0
+        sizes = [p["batch_size"] for p in fitted["points"]]
+        assert len(sizes) >= 2 and fitted["repetitions"] >= 5
+        calibrated = load_scenario(None, traffic_profile).model
+        for size in (sizes[0], sizes[-1]):  # only sizes the traffic had are claimed
+            assert calibrated.gpu_cycle_ms(size) == pytest.approx(ENGINE.gpu_cycle_ms(size), rel=0.1)
+        result = _loadtest(srv, traffic_profile, summary, "--batch-log", srv.internal_url)
+    measured, simulated = _p95s(result["overall"])
+    print(f"calibrated from traffic, sizes {sizes}: measured P95 {measured:.1f} ms, simulated {simulated:.1f} ms")
+    assert abs(measured - simulated) / simulated <= 0.10
+    # --batch-log: the same arrivals re-simulated with the batches logged during that very run.
+    check = result["batch_log_check"]
+    assert check["batches"] >= 100 and check["fixed_ms"] == pytest.approx(70.0, rel=0.15)
+    _, rerun = _p95s(check["overall"])
+    print(f"batch-log check of that run ({check['batches']} batches): simulated P95 {rerun:.1f} ms")
+    assert abs(measured - rerun) / rerun <= 0.10
 
 
 @pytest.mark.parametrize(
@@ -82,6 +115,9 @@ def test_calibrate_a_running_server_then_the_profile_predicts_its_p95(tmp_path):
         (["--backend", "vllm"], "needs --model"),
         (["--backend", "remote"], "needs --upstream"),
         (["--backend", "nope"], "unknown backend"),
+        (["--from-traffic"], "use --backend remote"),
+        (["--backend", "remote", "--upstream", "http://127.0.0.1:9", "--from-traffic"], "unreachable"),
+        (["--backend", "remote", "--upstream", "http://127.0.0.1:9", "--from-traffic", "--window", "0"], "--window"),
     ],
 )
 def test_calibrate_usage_errors_exit_2(tmp_path, args, needle):

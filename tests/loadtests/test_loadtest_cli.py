@@ -10,8 +10,13 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 
+from tests.helpers import running_server
+
 CLI = [sys.executable, "-m", "infer_plan.cli", "loadtest"]
 pytestmark = pytest.mark.timeout(240)
+
+
+_NOWHERE = "http://127.0.0.1:9"  # the discard port: connection refused
 
 
 def loadtest(*args: str, timeout: float = 200) -> subprocess.CompletedProcess:
@@ -151,9 +156,25 @@ def test_distributed_mode_with_two_workers(tmp_path):
         (["--target", "sim", "--rps", "10"], "duration"),
         (["--target", "sim", "--rps", "10", "--duration", "1", "--baseline", "/nope.json"], "not found"),
         (["--target", "sim", "--rps", "10", "--duration", "1", "--keys", "/nope.toml"], "not found"),
+        (["--target", "sim", "--rps", "10", "--duration", "1", "--batch-log", "http://127.0.0.1:9"], "--batch-log"),
+        (["--target", "http://127.0.0.1:9", "--rps", "10", "--duration", "1", "--batch-log", "x"], "--batch-log"),
+        (["--target", "http://127.0.0.1:9", "--rps", "1", "--duration", "1", "--batch-log", _NOWHERE], "--gpus"),
     ],
 )
 def test_usage_errors_exit_2(args, needle):
     proc = loadtest(*args, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert needle in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_an_unreadable_batch_log_loses_only_that_check(tmp_path):
+    out = tmp_path / "out.json"
+    with running_server() as srv:
+        proc = loadtest(
+            "--target", srv.url, "--gpus", "1", "--rps", "20", "--duration", "3", "--warmup", "0",
+            "--json", str(out), "--batch-log", _NOWHERE,
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "no batch-log check" in proc.stderr and "unreachable" in proc.stderr and "Traceback" not in proc.stderr
+    data = json.loads(out.read_text())
+    assert data["batch_log_check"] is None and data["status_counts"] == {"200": data["requests"]}

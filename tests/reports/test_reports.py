@@ -122,7 +122,7 @@ def test_older_schema_renders_and_unknown_ones_are_refused_clearly(saved, tmp_pa
         done = cli("report", str(future))
         assert done.returncode == 2
         assert f"schema_version {version} is not supported" in done.stderr and hint in done.stderr
-        assert "reads schema_version 1, 2" in done.stderr and "Traceback" not in done.stderr
+        assert "reads schema_version 1, 2, 3" in done.stderr and "Traceback" not in done.stderr
     garbage = tmp_path / "g.json"
     garbage.write_text("{not json")
     done = cli("report", str(garbage))

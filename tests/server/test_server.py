@@ -70,6 +70,39 @@ async def test_internal_batch_is_not_public_and_refuses_client_keys(server):
     assert [r["output"] for r in payload["results"]] == [sim_output("a"), sim_output("b")]
 
 
+async def test_batch_log_lists_client_traffic_only_within_its_window():
+    with running_server("--gpus", "1") as srv:  # a fresh log: nothing served yet
+        async with aiohttp.ClientSession() as session:
+
+            async def log(query="", key=None):
+                hdrs = {"Authorization": f"Bearer {key}"} if key else {}
+                async with session.get(f"{srv.internal_url}/internal/batches{query}", headers=hdrs) as resp:
+                    return resp.status, await resp.json(content_type=None)
+
+            body = {"batch_id": "synthetic", "requests": [{"input": "a"}, {"input": "b"}]}
+            assert (await post(session, f"{srv.internal_url}/internal/batch", body, key=None))[0] == 200
+            assert (await log())[1]["batches"] == []  # an internal-API batch is not client traffic
+            answers = await asyncio.gather(
+                *(post(session, f"{srv.url}/v1/inference", {"model": "sim", "input": f"t{i}"}) for i in range(7))
+            )
+            assert [a[0] for a in answers] == [200] * 7
+            status, payload = await log("?window_s=60")
+            assert status == 200 and payload["columns"] == ["ended_at", "size", "ms"]
+            rows = payload["batches"]
+            assert sum(size for _, size, _ in rows) == 7 and len(rows) <= 2  # one batch, or two if split
+            cycle = ServiceModel().gpu_cycle_ms()
+            assert all(cycle - 1 <= ms <= cycle + 50 and abs(ended - time.time()) < 30 for ended, _, ms in rows)
+            await asyncio.sleep(1.2)
+            assert (await log("?window_s=1"))[1]["batches"] == []  # served more than a second ago
+            for bad in ("?window_s=0", "?window_s=-5", "?window_s=abc", "?window_s=nan"):
+                status, payload = await log(bad)
+                assert status == 400 and "window_s" in payload["error"]["message"], bad
+            status, payload = await log(key="dev-paid")
+            assert status == 403 and payload["error"]["code"] == "forbidden"
+        async with aiohttp.ClientSession() as session, session.get(f"{srv.url}/internal/batches") as resp:
+            assert resp.status == 404  # not on the public port
+
+
 async def test_a_thousand_concurrent_requests_each_get_their_own_output(server):
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
 
@@ -109,7 +142,9 @@ async def test_lone_request_leaves_after_the_timeout_plus_one_cycle(server):
             assert status == 200
             await asyncio.sleep(0.2)  # GPU idle again
     assert expected - 1 <= min(latencies)
-    assert float(np.median(latencies)) <= expected + 8 and max(latencies) <= expected + 20
+    # A second assembly wait or a missed wake-up would add >= max_wait (40 ms) to every request; the
+    # margins below allow for a busy CI machine (its median was +8.7 ms once) and still catch that.
+    assert float(np.median(latencies)) <= expected + 20 and max(latencies) <= expected + 35
 
 
 async def test_health_ready_and_metrics(server):

@@ -252,7 +252,8 @@ async def test_redis_restart_mid_load_gives_503_or_success_never_a_hang_and_serv
         logs = [s.log_text() for s in servers]
     by_status = {code: sum(s.status == code for s in sent) for code in sorted({s.status for s in sent})}
     print(f"\nRedis down 2.5-3.5 s of 9 s: {by_status}; slowest {max(s.seconds for s in sent):.2f} s")
-    assert set(by_status) <= {200, 503}
+    unanswered = [(s.instance, round(s.at, 3), round(s.seconds, 3)) for s in sent if s.status == 0]
+    assert set(by_status) <= {200, 503}, (unanswered, [log[-3000:] for log in logs])
     assert all(s.code == "queue_unavailable" and s.retry_after == "1" for s in sent if s.status == 503)
     assert all(s.output == sim_output(s.text) for s in sent if s.status == 200)
     assert by_status.get(503, 0) > 0, "the outage was noticed"

@@ -116,20 +116,29 @@ def test_calibrated_simulation_predicts_the_vllm_servers_p95(vllm_server, tiny_m
     summary = tmp_path / "loadtest.json"
     done = cli(
         "loadtest", "--target", vllm_server.url, "--model", "tiny", "--gpus", "1", "--profile", str(profile),
-        "--rps", "25", "--duration", "30", "--warmup", "5", "--json", str(summary), timeout=240,
+        "--rps", "25", "--duration", "30", "--warmup", "5", "--json", str(summary),
+        "--batch-log", vllm_server.internal_url, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     result = json.loads(summary.read_text())
     measured = result["overall"]["measured_ms"]["p95_ms"]
     simulated = result["overall"]["simulated_ms"]["p95_ms"]
-    error = result["overall"]["relative_error"]["p95_ms"]
+    check = result["batch_log_check"]
+    rerun = check["overall"]["simulated_ms"]["p95_ms"]
     fit = f"{fitted['fixed_ms']:.1f} ms + {fitted['per_item_ms']:.2f} ms/item"
-    print(f"\nvLLM at 25 req/s: measured P95 {measured:.1f} ms, simulated {simulated:.1f} ms ({error:+.1%}); fit {fit}")
+    print(
+        f"\nvLLM at 25 req/s: measured P95 {measured:.1f} ms; simulated from the profile {simulated:.1f} ms "
+        f"({measured / simulated - 1:+.1%}; fit {fit}); with the run's {check['batches']} logged batches "
+        f"{rerun:.1f} ms ({measured / rerun - 1:+.1%})"
+    )
     assert result["status_counts"] == {"200": result["requests"]}
-    # A sanity bound, not the 10% target: on 2 shared cores one round's error ranges 3-45% (median 8%
-    # over 10 rounds of benchmarks/bench_vllm_calibration.py; README, "vLLM"); the 10% check of the
-    # calibrate -> profile -> simulate chain runs on the sim backend (tests/cli/test_calibrate.py).
-    assert abs(error) <= 0.6
+    # Sanity bounds, not the 10% target. On 2 shared cores the engine's own batch time moves between the
+    # calibration and the load a minute later (fits of one server 55-98 ms; README, "vLLM"): the profile's
+    # prediction missed by 3-86% in benchmarks/bench_vllm_calibration.py, while the same arrivals simulated
+    # with the batches logged during the run stayed within 1.6-11.5%. The 10% check of the calibrate ->
+    # profile -> simulate chain runs on the sim backend (tests/cli/test_calibrate.py).
+    assert 0.5 <= measured / simulated <= 2.0
+    assert check["batches"] >= 100 and abs(measured - rerun) / rerun <= 0.25
 
 
 async def test_gateway_answers_health_checks_and_429s_while_a_batch_runs(vllm_server):
