@@ -104,8 +104,6 @@ def loadtest(
     workload = scen.workload(rps=rps, arrival=arrival, extra_segments=tuple(parse_spike(s) for s in spike or ()))
     if target != "sim" and not target.startswith(("http://", "https://")):
         raise UsageError(f"--target must be 'sim' or an http(s) URL, got {target!r}")
-    if batch_log is not None and (target == "sim" or not batch_log.startswith(("http://", "https://"))):
-        raise UsageError("--batch-log takes the internal http(s) URL of the --target server you started")
     base = None
     if baseline is not None:
         loaded = load_result(baseline)
@@ -113,6 +111,10 @@ def loadtest(
             raise ConfigError(f"{baseline}: a loadtest result is needed as baseline, not {loaded.kind}")
         base = loaded
     fleet = model.gpus or (1 if target == "sim" else None)
+    if batch_log is not None and (target == "sim" or not batch_log.startswith(("http://", "https://"))):
+        raise UsageError("--batch-log takes the internal http(s) URL of the --target server you started")
+    if batch_log is not None and fleet is None:
+        raise UsageError("--batch-log re-runs the simulation, which needs the target's --gpus")
     horizon = warmup + duration
     arrivals = generate_arrivals(
         workload.schedule, horizon, model.tier_shares, np.random.default_rng(seed), workload.arrival
@@ -133,8 +135,6 @@ def loadtest(
             task = progress.task_ids[0]
             return run_plan(plan, workers=workers, on_tick=lambda s: progress.update(task, completed=min(s, horizon)))
 
-    if batch_log is not None and fleet is None:
-        raise UsageError("--batch-log re-runs the simulation, which needs the target's --gpus")
     started = time.time()
     if target == "sim":
         assert fleet is not None

@@ -28,7 +28,7 @@ from .backends.base import Backend, BackendError
 from .errors import ApiError
 from .metrics import ServerMetrics
 
-__all__ = ["Batcher", "Pending", "ServedBatch"]
+__all__ = ["Batcher", "DirectBatch", "Pending", "ServedBatch"]
 
 log = logging.getLogger("infer_plan.server.batcher")
 
@@ -58,7 +58,7 @@ class ServedBatch:
     ms: float  # how long the batch held its GPU
 
 
-class _DirectBatch(list):
+class DirectBatch(list):
     """An internal-API batch (e.g. a synthetic calibration batch): run, but not traffic."""
 
 
@@ -83,7 +83,7 @@ class Batcher:
         self.gpus = gpus
         self.metrics = metrics
         self.queues: list[deque[Pending]] = [deque() for _ in Tier]
-        self.direct: deque[_DirectBatch] = deque()  # internal-API batches, run as they are
+        self.direct: deque[DirectBatch] = deque()  # internal-API batches, run as they are
         self.served: deque[ServedBatch] = deque(maxlen=SERVED_LOG_SIZE)
         self._queued = 0
         self.max_batch = model.max_batch
@@ -137,7 +137,7 @@ class Batcher:
     async def run_now(self, texts: list[str]) -> list[str]:
         """Run ``texts`` as one batch on the next free GPU, bypassing the tier queues."""
         loop = asyncio.get_running_loop()
-        batch = _DirectBatch(Pending(text, Tier.ENTERPRISE, loop.time(), loop.create_future()) for text in texts)
+        batch = DirectBatch(Pending(text, Tier.ENTERPRISE, loop.time(), loop.create_future()) for text in texts)
         self.direct.append(batch)
         self._wake.set()
         return list(await asyncio.gather(*(p.future for p in batch)))
@@ -218,7 +218,7 @@ class Batcher:
                 metrics.gpu_busy_seconds.inc(elapsed)
                 metrics.batch_latency.observe(elapsed)
                 metrics.batch_size.observe(len(batch))
-                if isinstance(result, list) and not isinstance(batch, _DirectBatch):
+                if isinstance(result, list) and not isinstance(batch, DirectBatch):
                     self.served.append(ServedBatch(time.time(), len(batch), elapsed * 1000.0))
                 self.running -= 1
 
@@ -248,12 +248,14 @@ class Batcher:
 
     async def _deliver(self, batch: Sequence[Queued], result: list[str] | ApiError) -> None:
         """Hand each request its output, or the batch's error: here, the future its handler awaits."""
-        for i, item in enumerate(batch):
-            if not item.future.done():
-                if isinstance(result, ApiError):
+        if isinstance(result, ApiError):
+            for item in batch:
+                if not item.future.done():
                     item.future.set_exception(result)
-                else:
-                    item.future.set_result(result[i])
+            return
+        for item, output in zip(batch, result, strict=True):
+            if not item.future.done():
+                item.future.set_result(output)
 
 
 class _WrongCountError(Exception):

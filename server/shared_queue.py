@@ -39,7 +39,7 @@ from redis.exceptions import NoScriptError, RedisError
 
 from ..sim.params import ServiceModel
 from .backends.base import Backend
-from .batcher import Batcher, Pending
+from .batcher import Batcher, DirectBatch, Pending
 from .errors import ApiError
 from .metrics import ServerMetrics
 from .shared_scripts import ASSEMBLE, ENQUEUE, HEARTBEAT, RELEASE, SharedKeys
@@ -204,7 +204,7 @@ class SharedBatcher(Batcher):
 
     async def _enqueue_many(self, batch: list[tuple[list[object], asyncio.Future[int]]]) -> None:
         keys = [*self.keys.queues, self.keys.wake]
-        results: list[object] = []
+        results: list[object] = [RedisError("enqueue interrupted")] * len(batch)
         try:
             for attempt in range(2):
                 async with self.client.pipeline(transaction=False) as pipe:
@@ -221,8 +221,7 @@ class SharedBatcher(Batcher):
             log.exception("enqueue failed")
             results = [RedisError(f"enqueue failed: {err!r}")] * len(batch)
         finally:  # even when cancelled: no offer may wait on a future nobody will resolve
-            for i, (_, done) in enumerate(batch):
-                result = results[i] if i < len(results) else RedisError("enqueue interrupted")
+            for (_, done), result in zip(batch, results, strict=True):
                 if done.done():
                     continue
                 if isinstance(result, Exception):
@@ -302,7 +301,7 @@ class SharedBatcher(Batcher):
 
     async def _deliver(self, batch: Sequence[TakenEntry] | Sequence[Pending], result: list[str] | ApiError) -> None:
         """Own requests are answered here; each other owner gets one message on its reply channel."""
-        if batch and isinstance(batch[0], Pending):  # an internal-API batch: run here, answered here
+        if isinstance(batch, DirectBatch):  # an internal-API batch: run here, answered here
             return await super()._deliver(batch, result)
         failed = isinstance(result, ApiError)
         remote: dict[str, dict[str, list]] = defaultdict(lambda: {"ids": [], "outputs": []})
@@ -375,12 +374,9 @@ class SharedBatcher(Batcher):
                         self._wake.set()
                     else:
                         self._on_reply(message["data"])
-            except (RedisError, OSError) as err:
-                self._subscribed = False
-                self._lost(err)
-                await asyncio.sleep(0.2)
-            except Exception as err:  # a bug of ours: say so, answer what waits, and listen again
-                log.exception("reply listener failed")
+            except Exception as err:  # Redis went away, or a bug of ours: answer what waits, listen again
+                if not isinstance(err, (RedisError, OSError)):
+                    log.exception("reply listener failed")
                 self._subscribed = False
                 self._lost(err)
                 await asyncio.sleep(0.2)
