@@ -24,9 +24,10 @@ from pathlib import Path
 
 import numpy as np
 from bench_server import LUA, ZERO_GPU, free_port, wait_listening, wrk_rps
+from infer_plan.core import ServiceModel
 from infer_plan.loadtests.openloop import send_open_loop
 from infer_plan.loadtests.target import RedisProcess, redis_server
-from infer_plan.sim import RateSchedule, ServiceModel
+from infer_plan.sim import RateSchedule
 from infer_plan.sim.arrivals import generate_arrivals
 
 KEYS = {0: "dev-enterprise", 1: "dev-paid", 2: "dev-free"}
@@ -87,11 +88,11 @@ async def latency(redis: RedisProcess, rps: float, seconds: float, repeats: int)
             with serving(*args) as port:
                 await asyncio.sleep(1.0)  # subscribed and heart-beating
                 result = await send_open_loop(f"http://127.0.0.1:{port}", arrivals, KEYS)
-            ok = result.status[warm] == 200
+            ok = result.records.status[warm] == 200
             if not ok.all():
-                codes = dict(zip(*np.unique(result.status[warm], return_counts=True), strict=True))
+                codes = dict(zip(*np.unique(result.records.status[warm], return_counts=True), strict=True))
                 raise RuntimeError(f"{name}: {int((~ok).sum())} requests not answered 200 (status: count {codes})")
-            measured = result.latency_ms[warm]
+            measured = result.records.latency_ms[warm]
             runs[name].append((float(np.percentile(measured, 50)), float(np.percentile(measured, 95))))
     return {name: (statistics.median(p[0] for p in r), statistics.median(p[1] for p in r)) for name, r in runs.items()}
 

@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+from infer_plan.core import ServiceModel
 from infer_plan.loadtests.openloop import send_open_loop
-from infer_plan.sim import RateSchedule, ServiceModel
+from infer_plan.sim import RateSchedule
 from infer_plan.sim.arrivals import generate_arrivals
 from infer_plan.sim.engine import simulate_arrivals
 
@@ -131,10 +132,10 @@ async def added_latency(rps: float, seconds: float, gpus: int) -> tuple[float, f
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    predicted = (simulate_arrivals(model, arr, gpus).completion - arr.times) * 1000.0
+    predicted = simulate_arrivals(model, arr, gpus).records.latency_ms
     warm = arr.times >= 1.0
-    ok = result.status[warm] == 200
-    measured = result.latency_ms[warm][ok]
+    ok = result.records.status[warm] == 200
+    measured = result.records.latency_ms[warm][ok]
     return float(np.percentile(measured, 95)), float(np.percentile(predicted[warm], 95)), float(ok.mean())
 
 

@@ -15,7 +15,8 @@ import sys
 import time
 
 import numpy as np
-from infer_plan.sim import RateSchedule, ServiceModel
+from infer_plan.core import ServiceModel
+from infer_plan.sim import RateSchedule
 from infer_plan.sim.arrivals import generate_arrivals
 from infer_plan.sim.engine import simulate_arrivals
 from infer_plan.sim.reference import simulate_reference

@@ -25,8 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from infer_plan.core import ServiceModel
 from infer_plan.loadtests.target import server_process, write_model_scenario
-from infer_plan.sim import ServiceModel
 
 ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
 SERVICE = ServiceModel(request_timeout_s=60)

@@ -1,7 +1,7 @@
 """The ``infer-plan`` command: one Typer app, one place that turns errors into exit codes.
 
 Exit codes everywhere: 0 success, 1 a gate or constraint failed, 2 bad usage or input.
-Errors below the CLI are typed (:class:`~infer_plan.sim.errors.InferPlanError`); here
+Errors below the CLI are typed (:class:`~infer_plan.core.errors.InferPlanError`); here
 they become one line on stderr, never a traceback.
 """
 
@@ -16,10 +16,11 @@ try:  # typer >= 0.25 vendors click; its exceptions are the ones raised here
 except ImportError:  # pragma: no cover - older typer uses the click distribution
     import click
 
-from ..sim.errors import InferPlanError
+from ..core.errors import InferPlanError
 from .calibrate import calibrate
 from .capacity import capacity
 from .loadtest import loadtest
+from .options import FLAG_OF
 from .report import report
 from .serve import serve
 from .simulate import simulate
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         result = app(args=argv, standalone_mode=False, prog_name="infer-plan")
         return result if isinstance(result, int) else 0
     except InferPlanError as err:
-        print(f"infer-plan: error: {err}", file=sys.stderr)
+        setting = FLAG_OF.get(err.field, err.field) if err.field else None
+        print(f"infer-plan: error: {setting + ': ' if setting else ''}{err}", file=sys.stderr)
         return err.exit_code
     except typer.Exit as done:
         return done.exit_code

@@ -6,8 +6,8 @@ from typing import Annotated
 
 import typer
 
-from ..reports.terminal import render_capacity
-from ..sim.errors import UsageError
+from ..core.errors import UsageError
+from ..core.tiers import Tier
 from ..sim.planner import Constraints, plan_capacity, sweep_capacity
 from .options import (
     DurationOpt,
@@ -26,7 +26,8 @@ from .options import (
     WarmupOpt,
     build_scenario,
 )
-from .output import emit_json, terminal
+from .output import emit_json, render_result
+from .parsing import parse_tier_mix
 from .progress import status_progress
 
 SWEEP_FACTORS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -109,7 +110,7 @@ def capacity(
             )
     emit_json(result, print_it=json_out, path=save)
     if not json_out:
-        render_capacity(result, terminal())
+        render_result(result)
     if result.gpus is None:
         raise typer.Exit(1)
 
@@ -117,10 +118,7 @@ def capacity(
 def _parse_tier_slo(text: str | None) -> dict[str, float] | None:
     if text is None:
         return None
-    from ..sim.params import Tier
-    from ..sim.scenario import parse_tier_mix
-
-    values = parse_tier_mix(text)
+    values = parse_tier_mix(text, flag="--tier-slo")
     for name, value in values.items():
         try:
             Tier.parse(name)

@@ -11,9 +11,13 @@ from typing import Annotated, Any
 
 import typer
 
+from ..core.errors import UsageError
 from ..server.backends.base import Generation
-from ..sim.errors import UsageError
-from ..sim.scenario import Scenario, load_scenario, parse_tier_mix
+from ..sim.arrivals import ArrivalProcess
+from ..sim.scenario import Scenario, load_scenario
+from .parsing import parse_spike, parse_tier_mix
+
+__all__ = ["FLAG_OF", "build_scenario", "engine_options", "parse_spike"]
 
 ScenarioOpt = Annotated[Path | None, typer.Option("--scenario", help="TOML scenario file ([service], [load], [run]).")]
 ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="Calibrated profile from 'infer-plan calibrate'.")]
@@ -29,6 +33,23 @@ WarmupOpt = Annotated[float | None, typer.Option("--warmup", min=0, help="Simula
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed [0].")]
 JsonFlagOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 SaveOpt = Annotated[Path | None, typer.Option("--save", help="Also write the result JSON to this file.")]
+ArrivalOpt = Annotated[ArrivalProcess | None, typer.Option("--arrival", help="Arrival process [poisson].")]
+SpikeOpt = Annotated[list[str] | None, typer.Option("--spike", help="FACTOR:AT_S:DURATION_S, e.g. 3:120:60.")]
+KeysOpt = Annotated[Path | None, typer.Option("--keys", help="TOML [keys] table: key = tier.")]
+
+# Which flag sets which field: errors from below the CLI name the field, the CLI names the flag.
+FLAG_OF = {
+    "target": "--target",
+    "gpus": "--gpus",
+    "batch_log_url": "--batch-log",
+    "baseline": "--baseline",
+    "overlap": "overlap = false (--no-overlap)",
+    "warmup_s": "--warmup",
+    "redis_url": "--redis",
+    "internal_host": "--internal-host",
+    "sizes": "--sizes",
+    "out": "--out",
+}
 
 
 def build_scenario(

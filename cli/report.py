@@ -7,12 +7,11 @@ from typing import Annotated
 
 import typer
 
+from ..core.errors import UsageError
+from ..core.schema import load_result
 from ..reports.html import write_html
 from ..reports.markdown import result_markdown
-from ..reports.schema import load_result
-from ..reports.terminal import render
-from ..sim.errors import UsageError
-from .output import terminal
+from .output import render_result
 
 
 def report(
@@ -37,4 +36,4 @@ def report(
             markdown_file.write_text(text, encoding="utf-8")
         except OSError as err:
             raise UsageError(f"cannot write {markdown_file}: {err.strerror}") from None
-    render(result, terminal())
+    render_result(result)

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import logging
 import sys
-from pathlib import Path
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
 
+from ..core.errors import UsageError
 from ..server.config import ServerConfig
 from ..server.instances import run_instances
 from ..server.keys import DEV_KEYS
 from ..server.runner import Listening, run_server
 from .options import (
     KernelOpt,
+    KeysOpt,
     MaxBatchOpt,
     MaxModelLenOpt,
     MaxTokensOpt,
@@ -26,41 +28,54 @@ from .options import (
     engine_options,
 )
 
+HostOpt = Annotated[str, typer.Option("--host", help="Public listener address.")]
+PortOpt = Annotated[int, typer.Option("--port", min=0, max=65535, help="Public port (0: any free one).")]
+BackendOpt = Annotated[str, typer.Option("--backend", help="sim | vllm | openai | remote | package.module:Class.")]
+GpusOpt = Annotated[int | None, typer.Option("--gpus", min=1, help="GPU workers (default: the scenario's, else 1).")]
+ModelOpt = Annotated[str | None, typer.Option("--model", help="Model name or local path.")]
+ServedNameOpt = Annotated[
+    str | None,
+    typer.Option("--served-model-name", help="Name clients send as model (default: --model, else the backend's)."),
+]
+UpstreamOpt = Annotated[str | None, typer.Option("--upstream", help="OpenAI-compatible base URL.")]
+InternalHostOpt = Annotated[str, typer.Option("--internal-host", help="Internal listener address.")]
+InternalPortOpt = Annotated[
+    int | None, typer.Option("--internal-port", min=0, max=65535, help="Internal port (default: port + 1).")
+]
+RemoteInternalOpt = Annotated[
+    bool, typer.Option("--allow-remote-internal", help="Let the internal API bind a non-loopback address.")
+]
+DrainOpt = Annotated[float, typer.Option("--drain-timeout", min=0, help="Seconds to drain on SIGTERM.")]
+AccessLogOpt = Annotated[bool, typer.Option("--access-log/--no-access-log", help="JSON access log on stderr.")]
+RedisOpt = Annotated[
+    str | None, typer.Option("--redis", help="Share the tier queues with other instances in this Redis (URL).")
+]
+PrefixOpt = Annotated[str, typer.Option("--redis-prefix", help="Key prefix in Redis: one deployment's queues.")]
+InstancesOpt = Annotated[
+    int, typer.Option("--instances", min=1, help="Server processes sharing the ports (needs --redis when > 1).")
+]
+
 
 def serve(
-    host: Annotated[str, typer.Option("--host", help="Public listener address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="Public port (0: any free one).")] = 8000,
-    backend: Annotated[
-        str, typer.Option("--backend", help="sim | vllm | openai | package.module:Class (your own).")
-    ] = "sim",
-    gpus: Annotated[int | None, typer.Option("--gpus", min=1, help="GPU workers [scenario's, else 1].")] = None,
-    keys: Annotated[Path | None, typer.Option("--keys", help="TOML [keys] table: key = tier.")] = None,
-    model: Annotated[str | None, typer.Option("--model", help="Model name or local path.")] = None,
-    served_model_name: Annotated[
-        str | None, typer.Option("--served-model-name", help="Name clients send as 'model' [--model, else backend].")
-    ] = None,
-    upstream: Annotated[str | None, typer.Option("--upstream", help="OpenAI-compatible base URL.")] = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8000,
+    backend: BackendOpt = "sim",
+    gpus: GpusOpt = None,
+    keys: KeysOpt = None,
+    model: ModelOpt = None,
+    served_model_name: ServedNameOpt = None,
+    upstream: UpstreamOpt = None,
     max_tokens: MaxTokensOpt = 16,
     temperature: TemperatureOpt = 0.0,
     max_model_len: MaxModelLenOpt = 512,
-    internal_host: Annotated[str, typer.Option("--internal-host", help="Internal listener address.")] = "127.0.0.1",
-    internal_port: Annotated[
-        int | None, typer.Option("--internal-port", min=0, max=65535, help="Internal port [port+1].")
-    ] = None,
-    allow_remote_internal: Annotated[
-        bool, typer.Option("--allow-remote-internal", help="Let the internal API bind a non-loopback address.")
-    ] = False,
-    drain_timeout: Annotated[float, typer.Option("--drain-timeout", min=0, help="Seconds to drain on SIGTERM.")] = 30.0,
-    access_log: Annotated[bool, typer.Option("--access-log/--no-access-log", help="JSON access log on stderr.")] = True,
-    redis: Annotated[
-        str | None, typer.Option("--redis", help="Share the tier queues with other instances in this Redis (URL).")
-    ] = None,
-    redis_prefix: Annotated[
-        str, typer.Option("--redis-prefix", help="Key prefix in Redis: one deployment's queues.")
-    ] = "infer-plan",
-    instances: Annotated[
-        int, typer.Option("--instances", min=1, help="Server processes sharing the ports (needs --redis when > 1).")
-    ] = 1,
+    internal_host: InternalHostOpt = "127.0.0.1",
+    internal_port: InternalPortOpt = None,
+    allow_remote_internal: RemoteInternalOpt = False,
+    drain_timeout: DrainOpt = 30.0,
+    access_log: AccessLogOpt = True,
+    redis: RedisOpt = None,
+    redis_prefix: PrefixOpt = "infer-plan",
+    instances: InstancesOpt = 1,
     max_batch: MaxBatchOpt = None,
     max_wait_ms: MaxWaitOpt = None,
     kernel_ms: KernelOpt = None,
@@ -68,40 +83,36 @@ def serve(
     profile: ProfileOpt = None,
 ) -> None:
     """Serve the batching design over HTTP: tier queues, dynamic batcher, GPU workers, 429 backpressure."""
+    if instances > 1 and redis is None:
+        raise UsageError("--instances > 1 needs --redis URL: the instances share their queues there")
     scen = build_scenario(
         scenario=scenario, profile=profile, gpus=gpus, max_batch=max_batch, max_wait_ms=max_wait_ms, kernel_ms=kernel_ms
     )
-    options = engine_options(backend, model, upstream, max_tokens, temperature, max_model_len)
     config = ServerConfig(
-        model=scen.model,
-        host=host,
-        port=port,
-        internal_host=internal_host,
-        internal_port=internal_port,
-        allow_remote_internal=allow_remote_internal,
-        backend=backend,
-        backend_options=options,
-        gpus=scen.model.gpus or 1,
-        keys_file=keys,
-        model_name=served_model_name or model,
-        drain_timeout_s=drain_timeout,
-        access_log=access_log,
-        redis_url=redis,
-        redis_prefix=redis_prefix,
-    )
+        model=scen.model, host=host, port=port, internal_host=internal_host, internal_port=internal_port,
+        allow_remote_internal=allow_remote_internal, backend=backend, gpus=scen.model.gpus or 1,
+        backend_options=engine_options(backend, model, upstream, max_tokens, temperature, max_model_len),
+        keys_file=keys, model_name=served_model_name or model, drain_timeout_s=drain_timeout, access_log=access_log,
+        redis_url=redis, redis_prefix=redis_prefix,
+    )  # fmt: skip
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+    if instances > 1:
+        raise typer.Exit(run_instances(config, instances, _announcer(config, instances)))
+    run_server(config, on_ready=_announcer(config, instances))
+
+
+def _announcer(config: ServerConfig, instances: int) -> Callable[[Listening], None]:
+    """The start-up line: where it listens and what it serves (tests and tools read the URLs from it)."""
+    key_note = f"keys from {config.keys_file}" if config.keys_file else "development keys " + ", ".join(DEV_KEYS)
+    shared = f", queues shared in {config.redis_url}" if config.redis_url else ""
+    many = f"{instances} instances x " if instances > 1 else ""
 
     def announce(where: Listening) -> None:
-        key_note = f"keys from {keys}" if keys else "development keys " + ", ".join(DEV_KEYS)
-        shared = f", queues shared in {redis}" if redis else ""
-        many = f"{instances} instances x " if instances > 1 else ""
-        tiers = ", ".join(where.tiers)
         print(
-            f"infer-plan serve: listening on {where.url} (internal {where.internal_url}); backend {backend}, "
-            f"model {where.model_name!r}, {many}{config.gpus} GPU(s){shared}; {key_note} (tiers: {tiers})",
+            f"infer-plan serve: listening on {where.url} (internal {where.internal_url}); backend {config.backend}, "
+            f"model {where.model_name!r}, {many}{config.gpus} GPU(s){shared}; {key_note} "
+            f"(tiers: {', '.join(where.tiers)})",
             flush=True,
         )
 
-    if instances > 1:
-        raise typer.Exit(run_instances(config, instances, announce))
-    run_server(config, on_ready=announce)
+    return announce

@@ -7,11 +7,9 @@ from typing import Annotated
 
 import typer
 
-from ..reports.terminal import render_simulation
+from ..core.errors import UsageError
 from ..sim.arrivals import ArrivalProcess
-from ..sim.errors import UsageError
 from ..sim.runner import run_simulation
-from ..sim.scenario import parse_spike
 from .options import (
     DurationOpt,
     JsonFlagOpt,
@@ -28,7 +26,8 @@ from .options import (
     WarmupOpt,
     build_scenario,
 )
-from .output import emit_json, terminal
+from .output import emit_json, render_result
+from .parsing import parse_spike
 from .progress import status_progress
 
 
@@ -93,4 +92,4 @@ def simulate(
         result = run_simulation(scen.model, workload, settings, fleet)
     emit_json(result, print_it=json_out, path=save)
     if not json_out:
-        render_simulation(result, terminal())
+        render_result(result)

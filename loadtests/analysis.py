@@ -1,8 +1,10 @@
-"""From raw load-test records to the result: percentiles, the simulator beside them, gates.
+"""From request records to the load test's result: latency measured and simulated, and the gates.
 
-Latency counts from the *scheduled* send time. Percentiles are computed from exact
-per-request times (Locust's own stats round to buckets and count from the actual
-send, so they are kept beside, not used for gates).
+Latency counts from the *scheduled* send time. Percentiles come from exact per-request
+times through the one latency summary (Locust's own stats round to buckets and count
+from the actual send, so they are kept beside, not used for gates). The simulation is
+the same arrivals run through the simulator: its records line up row by row with the
+measured ones, so "which requests count" is one mask for both.
 """
 
 from __future__ import annotations
@@ -11,14 +13,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..reports.schema import CDF_POINTS, BatchLogCheck, Gate, LoadTestResult, MeasuredVsSimulated
-from ..sim.params import Tier
-from ..sim.profile import LinearFit
-from .plan import Records
+from ..calibrate.profile import LinearFit
+from ..core.records import Outcome, RequestRecords
+from ..core.schema import BatchLogCheck, Gate, LoadTestResult, MeasuredVsSimulated
+from ..core.stats import latency_stats, relative_errors
+from ..core.tiers import Tier
 
-__all__ = ["BatchLogRerun", "GateLimits", "analyse"]
-
-_QUANTILES = {"p50_ms": 50, "p95_ms": 95, "p99_ms": 99}
+__all__ = ["BatchLogRerun", "GateLimits", "analyse", "evaluate_gates"]
 
 
 @dataclass(frozen=True)
@@ -37,96 +38,76 @@ class BatchLogRerun:
     batches: int
     sizes: list[int]
     fit: LinearFit
-    simulated_ms: np.ndarray
+    simulated: RequestRecords
 
 
-def _percentiles(values: np.ndarray) -> dict[str, float | None]:
-    if values.size == 0:
-        return dict.fromkeys(_QUANTILES)
-    return {k: float(v) for k, v in zip(_QUANTILES, np.percentile(values, list(_QUANTILES.values())), strict=True)}
+@dataclass(frozen=True)
+class RunFacts:
+    """What the result reports about the run besides its records."""
 
-
-def _cdf(values: np.ndarray) -> list[float]:
-    return np.percentile(values, CDF_POINTS).tolist() if values.size else []
+    target: str
+    url: str
+    gpus: int | None
+    rps: float
+    duration_s: float
+    warmup_s: float
+    workers: int
 
 
 def _compare(measured: np.ndarray, simulated: np.ndarray | None) -> MeasuredVsSimulated:
-    m = _percentiles(measured)
+    m = latency_stats(measured)
     if simulated is None:
-        return MeasuredVsSimulated(measured_ms=m, measured_cdf_ms=_cdf(measured))
-    s = _percentiles(simulated)
-    err = {k: (abs(m[k] - s[k]) / s[k] if m[k] is not None and s[k] else None) for k in _QUANTILES}
-    return MeasuredVsSimulated(
-        measured_ms=m,
-        simulated_ms=s,
-        relative_error=err,
-        measured_cdf_ms=_cdf(measured),
-        simulated_cdf_ms=_cdf(simulated),
-    )
+        return MeasuredVsSimulated(measured_ms=m)
+    s = latency_stats(simulated)
+    return MeasuredVsSimulated(measured_ms=m, simulated_ms=s, relative_error=relative_errors(m, s))
 
 
 def analyse(
-    records: Records,
-    *,
-    target: str,
-    url: str,
-    gpus: int | None,
-    rps: float,
-    duration_s: float,
-    warmup_s: float,
-    workers: int,
-    simulated_ms: np.ndarray | None,
+    measured: RequestRecords,
+    simulated: RequestRecords | None,
+    facts: RunFacts,
     limits: GateLimits,
+    *,
     locust: dict[str, dict[str, float]],
     batch_log: BatchLogRerun | None = None,
 ) -> LoadTestResult:
-    window = records.scheduled >= warmup_s
-    ok = (records.status == 200) & ~records.wrong_output
-    latency = records.latency_ms
+    window = measured.scheduled >= facts.warmup_s
+    ok = measured.ok
+    latency = measured.latency_ms
+    sim_latency = simulated.latency_ms if simulated is not None else None
     n = int(window.sum())
-    per_tier = {}
-    for tier in Tier:
-        mask = window & ok & (records.tiers == tier)
-        sim = simulated_ms[mask] if simulated_ms is not None else None
-        per_tier[tier.label] = _compare(latency[mask], sim)
-    overall_mask = window & ok
-    overall = _compare(latency[overall_mask], simulated_ms[overall_mask] if simulated_ms is not None else None)
 
-    statuses, counts = np.unique(records.status[window], return_counts=True)
+    def compare(mask: np.ndarray, sim: np.ndarray | None = sim_latency) -> MeasuredVsSimulated:
+        return _compare(latency[mask], None if sim is None else sim[mask])
+
+    counted = window & ok
+    per_tier = {tier.label: compare(counted & (measured.tier == tier)) for tier in Tier}
+    statuses, counts = np.unique(measured.status[window], return_counts=True)
     status_counts = {
         ("transport_error" if s == 0 else str(int(s))): int(c) for s, c in zip(statuses, counts, strict=True)
     }
-    rejected = int((records.status[window] == 429).sum())
-    errors = n - int(ok[window].sum()) - rejected
-    sent = records.sent[~np.isnan(records.sent)]
-    span = float(sent.max() - sent.min()) if sent.size > 1 else 0.0
-    achieved = (sent.size - 1) / span if span > 0 else 0.0
-    planned_span = float(records.scheduled.max() - records.scheduled.min()) if records.scheduled.size > 1 else 0.0
-    planned = (records.scheduled.size - 1) / planned_span if planned_span > 0 else 0.0
-    lag = (records.sent - records.scheduled)[~np.isnan(records.sent)] * 1000.0
-
+    rejected = int((measured.outcome[window] == Outcome.REJECTED).sum())
+    errors = n - int(counted.sum()) - rejected
     result = LoadTestResult(
-        target=target,
-        url=url,
-        gpus=gpus,
-        rps=rps,
-        duration_s=duration_s,
-        warmup_s=warmup_s,
-        workers=workers,
+        target=facts.target,
+        url=facts.url,
+        gpus=facts.gpus,
+        rps=facts.rps,
+        duration_s=facts.duration_s,
+        warmup_s=facts.warmup_s,
+        workers=facts.workers,
         requests=n,
-        achieved_rps=achieved,
-        shortfall=max(0.0, 1 - achieved / planned) if planned else 0.0,
-        send_lag_p95_ms=float(np.percentile(lag, 95)) if lag.size else 0.0,
+        **_send_rate(measured),
         status_counts=status_counts,
         error_rate=errors / n if n else 0.0,
         reject_rate=rejected / n if n else 0.0,
-        wrong_outputs=int(records.wrong_output.sum()),
+        wrong_outputs=int((measured.outcome == Outcome.WRONG_OUTPUT).sum()),
         per_tier=per_tier,
-        overall=overall,
+        overall=compare(counted),
         locust=locust,
         gates=[],
         passed=True,
-        latency_over_time=_latency_over_time(records, ok),
+        latency_over_time=_latency_over_time(measured),
         batch_log_check=None
         if batch_log is None
         else BatchLogCheck(
@@ -134,15 +115,31 @@ def analyse(
             sizes=batch_log.sizes,
             fixed_ms=batch_log.fit.fixed_ms,
             per_item_ms=batch_log.fit.per_item_ms,
-            overall=_compare(latency[overall_mask], batch_log.simulated_ms[overall_mask]),
+            overall=compare(counted, batch_log.simulated.latency_ms),
         ),
     )
     gates = evaluate_gates(result, limits)
     return result.model_copy(update={"gates": gates, "passed": all(g.passed for g in gates)})
 
 
-def _latency_over_time(records: Records, ok: np.ndarray, buckets: int = 60) -> dict[str, list[float]]:
+def _send_rate(records: RequestRecords) -> dict[str, float]:
+    """Achieved send rate against the plan's, and how late requests left (generator headroom)."""
+    sent = records.sent[~np.isnan(records.sent)]
+    span = float(sent.max() - sent.min()) if sent.size > 1 else 0.0
+    achieved = (sent.size - 1) / span if span > 0 else 0.0
+    planned_span = float(records.scheduled.max() - records.scheduled.min()) if len(records) > 1 else 0.0
+    planned = (len(records) - 1) / planned_span if planned_span > 0 else 0.0
+    lag = records.send_lag_ms[~np.isnan(records.sent)]
+    return {
+        "achieved_rps": achieved,
+        "shortfall": max(0.0, 1 - achieved / planned) if planned else 0.0,
+        "send_lag_p95_ms": float(np.percentile(lag, 95)) if lag.size else 0.0,
+    }
+
+
+def _latency_over_time(records: RequestRecords, buckets: int = 60) -> dict[str, list[float]]:
     """P95 per time slice of the schedule: shows a backlog growing under overload."""
+    ok = records.ok
     if not ok.any():
         return {"t_s": [], "p95_ms": []}
     t, lat = records.scheduled[ok], records.latency_ms[ok]
@@ -161,7 +158,7 @@ def evaluate_gates(result: LoadTestResult, limits: GateLimits) -> list[Gate]:
     gates = []
 
     def p95_gate(name: str, stats: MeasuredVsSimulated) -> None:
-        value = stats.measured_ms.get("p95_ms")
+        value = stats.measured_ms.p95_ms
         gates.append(
             Gate(
                 name=name,
@@ -174,7 +171,7 @@ def evaluate_gates(result: LoadTestResult, limits: GateLimits) -> list[Gate]:
 
     p95_gate("p95_overall", result.overall)
     for tier, stats in result.per_tier.items():
-        if stats.measured_ms.get("p95_ms") is not None:
+        if stats.measured_ms.p95_ms is not None:
             p95_gate(f"p95_{tier}", stats)
     gates.append(
         Gate(
@@ -201,8 +198,8 @@ def evaluate_gates(result: LoadTestResult, limits: GateLimits) -> list[Gate]:
             ("overall", result.overall, base.overall),
             *[(t, s, base.per_tier.get(t)) for t, s in result.per_tier.items()],
         ]:
-            old = before.measured_ms.get("p95_ms") if before else None
-            new = now.measured_ms.get("p95_ms")
+            old = before.measured_ms.p95_ms if before else None
+            new = now.measured_ms.p95_ms
             if old is None or new is None:
                 continue
             limit = old * (1 + limits.baseline_tolerance)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from junit_xml import TestCase, TestSuite, to_xml_report_string
 
-from ..reports.schema import LoadTestResult
+from ..core.schema import LoadTestResult
 
 __all__ = ["write_junit"]
 

@@ -11,23 +11,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import aiohttp
-import numpy as np
 
+from ..core.records import Outcome, RequestRecords
 from ..sim.arrivals import Arrivals
-from .plan import Records
 
 __all__ = ["OpenLoopResult", "send_open_loop"]
 
 
 @dataclass
-class OpenLoopResult(Records):
-    """Records plus what each request sent and got back."""
+class OpenLoopResult:
+    """The request records, and what each request sent and got back."""
 
-    outputs: list[str | None] = field(default_factory=list)
-    inputs: list[str] = field(default_factory=list)
+    records: RequestRecords
+    inputs: list[str]
+    outputs: list[str | None]
 
 
 async def send_open_loop(
@@ -41,9 +41,7 @@ async def send_open_loop(
 ) -> OpenLoopResult:
     """POST one inference per arrival at its scheduled offset from now; bounded by the arrivals."""
     n = len(arrivals)
-    sent = np.full(n, np.nan)
-    finished = np.full(n, np.nan)
-    status = np.zeros(n, dtype=np.int32)
+    records = RequestRecords.unanswered(arrivals.times, arrivals.tiers)
     outputs: list[str | None] = [None] * n
     inputs = [f"{input_prefix}-{i}" for i in range(n)]
     endpoint = f"{url}/v1/inference"
@@ -53,18 +51,20 @@ async def send_open_loop(
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def one(i: int, start: float) -> None:
-            sent[i] = time.perf_counter() - start
+            records.sent[i] = time.perf_counter() - start
+            status = 0
             try:
                 async with session.post(
                     endpoint, json={"model": model, "input": inputs[i]}, headers=headers[i]
                 ) as resp:
                     body = await resp.json(content_type=None)
-                    status[i] = resp.status
-                    if resp.status == 200:
+                    status = resp.status
+                    if status == 200:
                         outputs[i] = body["output"]
             except (aiohttp.ClientError, TimeoutError, ValueError):
-                status[i] = 0
-            finished[i] = time.perf_counter() - start
+                status = 0
+            records.finished[i] = time.perf_counter() - start
+            records.status[i], records.outcome[i] = status, Outcome.of_answer(status)
 
         start = time.perf_counter()
         tasks = []
@@ -74,13 +74,4 @@ async def send_open_loop(
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(i, start)))
         await asyncio.gather(*tasks)
-    return OpenLoopResult(
-        scheduled=arrivals.times.copy(),
-        sent=sent,
-        finished=finished,
-        status=status,
-        outputs=outputs,
-        inputs=inputs,
-        tiers=arrivals.tiers.copy(),
-        wrong_output=np.zeros(n, dtype=bool),
-    )
+    return OpenLoopResult(records=records, inputs=inputs, outputs=outputs)

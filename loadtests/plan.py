@@ -1,20 +1,21 @@
 """What a load test sends: the arrival schedule, keys per tier, and where.
 
-The plan is a plain file (``.npz``) so Locust worker processes can load the very same
-schedule the master made; worker *k* of *N* sends arrivals ``k, k+N, k+2N, ...``.
+The plan travels to Locust worker processes as bytes (a Locust message from the master,
+so a worker on another machine needs nothing but the master's address); worker *k* of
+*N* sends arrivals ``k, k+N, k+2N, ...``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from ..sim.arrivals import Arrivals
 
-__all__ = ["LoadPlan", "Records"]
+__all__ = ["LoadPlan"]
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class LoadPlan:
     model: str
     timeout_s: float = 60.0
 
-    def save(self, path: Path) -> None:
+    def to_bytes(self) -> bytes:
         meta = json.dumps(
             {
                 "url": self.url,
@@ -34,13 +35,15 @@ class LoadPlan:
                 "timeout_s": self.timeout_s,
             }
         )
-        np.savez(path, times=self.arrivals.times, tiers=self.arrivals.tiers, meta=np.array(meta))
+        buffer = io.BytesIO()
+        np.savez(buffer, times=self.arrivals.times, tiers=self.arrivals.tiers, meta=np.array(meta))
+        return buffer.getvalue()
 
     @classmethod
-    def load(cls, path: Path) -> LoadPlan:
-        with np.load(path) as data:
-            meta = json.loads(str(data["meta"]))
-            arrivals = Arrivals(times=data["times"].copy(), tiers=data["tiers"].copy())
+    def from_bytes(cls, data: bytes) -> LoadPlan:
+        with np.load(io.BytesIO(data)) as arrays:
+            meta = json.loads(str(arrays["meta"]))
+            arrivals = Arrivals(times=arrays["times"].copy(), tiers=arrays["tiers"].copy())
         return cls(
             url=meta["url"],
             arrivals=arrivals,
@@ -52,59 +55,3 @@ class LoadPlan:
     def share(self, index: int, count: int) -> np.ndarray:
         """Indices of the arrivals that worker ``index`` of ``count`` sends."""
         return np.arange(index, len(self.arrivals), count)
-
-
-@dataclass
-class Records:
-    """Exact per-request outcomes (Locust's own stats round to buckets), indexed like the plan."""
-
-    scheduled: np.ndarray
-    sent: np.ndarray
-    finished: np.ndarray
-    status: np.ndarray  # HTTP status; 0 = transport error or never answered
-    tiers: np.ndarray
-    wrong_output: np.ndarray  # bool: a 200 whose output was not this request's
-
-    @classmethod
-    def empty(cls, plan: LoadPlan) -> Records:
-        n = len(plan.arrivals)
-        return cls(
-            scheduled=plan.arrivals.times.copy(),
-            sent=np.full(n, np.nan),
-            finished=np.full(n, np.nan),
-            status=np.zeros(n, dtype=np.int32),
-            tiers=plan.arrivals.tiers.copy(),
-            wrong_output=np.zeros(n, dtype=bool),
-        )
-
-    def save(self, path: Path, indices: np.ndarray) -> None:
-        np.savez(
-            path,
-            indices=indices,
-            sent=self.sent[indices],
-            finished=self.finished[indices],
-            status=self.status[indices],
-            wrong_output=self.wrong_output[indices],
-        )
-
-    def merge_file(self, path: Path) -> None:
-        with np.load(path) as data:
-            idx = data["indices"]
-            self.sent[idx] = data["sent"]
-            self.finished[idx] = data["finished"]
-            self.status[idx] = data["status"]
-            self.wrong_output[idx] = data["wrong_output"]
-
-    @property
-    def latency_ms(self) -> np.ndarray:
-        """From the scheduled send time, so generator lag cannot hide latency."""
-        return (self.finished - self.scheduled) * 1000.0
-
-    @property
-    def service_ms(self) -> np.ndarray:
-        """From the actual send time."""
-        return (self.finished - self.sent) * 1000.0
-
-    @property
-    def send_lag_ms(self) -> np.ndarray:
-        return (self.sent - self.scheduled) * 1000.0

@@ -24,8 +24,8 @@ from pathlib import Path
 import redis
 import tomli_w
 
-from ..sim.errors import InferPlanError
-from ..sim.params import ServiceModel
+from ..core.errors import InferPlanError
+from ..core.model import ServiceModel
 
 __all__ = [
     "RedisProcess",

@@ -1,45 +1,44 @@
 """A Locust worker process for ``infer-plan loadtest --workers N``.
 
-Run on another machine with ``python -m infer_plan.loadtests.worker --master-host HOST
---master-port PORT --plan PLAN.npz --out DIR --workers N`` (the plan file and output
-folder must be reachable, e.g. a shared mount).
+``loadtest --workers N`` starts N of these on this machine. To add load generators on
+other machines, run ``python -m infer_plan.loadtests.worker --master-host HOST
+--master-port PORT`` there: the master sends each worker the plan and collects its
+records as Locust messages, so nothing else needs sharing.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
+from typing import Any
 
 import gevent
-from locust.env import Environment
 
-from .locust_user import OpenLoopUser
-from .plan import LoadPlan, Records
+from ..core.records import RequestRecords
+from .harness import PLAN_MESSAGE, RECORDS_MESSAGE, share_message
+from .locust_user import OpenLoopEnvironment, OpenLoopRun
+from .plan import LoadPlan
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--master-host", default="127.0.0.1")
     parser.add_argument("--master-port", type=int, required=True)
-    parser.add_argument("--plan", type=Path, required=True)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--workers", type=int, required=True)
     args = parser.parse_args()
 
-    plan = LoadPlan.load(args.plan)
-    records = Records.empty(plan)
-
-    class WorkerUser(OpenLoopUser):
-        def finished_share(self, indices) -> None:
-            tmp = args.out / f".records-{os.getpid()}.npz"
-            records.save(tmp, indices)
-            tmp.rename(args.out / f"records-{os.getpid()}.npz")
-
-    WorkerUser.__name__ = OpenLoopUser.__name__  # the master dispatches users by class name
-    env = Environment(user_classes=[WorkerUser], host=plan.url)
-    OpenLoopUser.plan, OpenLoopUser.records, OpenLoopUser.share_count = plan, records, args.workers
+    env = OpenLoopEnvironment(host="http://127.0.0.1")
     runner = env.create_worker_runner(args.master_host, args.master_port)
+
+    def on_plan(environment: OpenLoopEnvironment, msg: Any, **_: object) -> None:
+        plan = LoadPlan.from_bytes(msg.data["plan"])
+        records = RequestRecords.unanswered(plan.arrivals.times, plan.arrivals.tiers)
+        environment.host = plan.url
+        environment.open_loop = OpenLoopRun(plan, records, runner.worker_index, int(msg.data["count"]))
+
+    def on_share_sent(indices: Any, records: RequestRecords, **_: object) -> None:
+        runner.send_message(RECORDS_MESSAGE, share_message(records, indices))
+
+    runner.register_message(PLAN_MESSAGE, on_plan)
+    env.events.share_sent.add_listener(on_share_sent)
     runner.greenlet.join()
     gevent.sleep(0)
 

@@ -15,12 +15,13 @@ from pathlib import Path
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..sim.errors import UsageError
-from .schema import (
+from ..core.errors import UsageError
+from ..core.schema import (
     CDF_POINTS,
     AnyResult,
     CalibrationResult,
     CapacityResult,
+    LatencyStats,
     LoadTestResult,
     SimulationResult,
 )
@@ -31,7 +32,7 @@ __all__ = ["result_html", "write_html"]
 _STYLE = (
     "body{font-family:system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em}"
     "td,th{padding:3px 10px;border-bottom:1px solid #ddd;text-align:right}td:first-child,th:first-child"
-    "{text-align:left}.PASS{color:#080}.FAIL{color:#c00;font-weight:bold}"
+    "{text-align:left}.PASS{color:#080}.FAIL{color:#c00;font-weight:bold}.emphasis{font-weight:bold}"
     "dl{display:grid;grid-template-columns:max-content auto;gap:2px 14px}dt{color:#666}dd{margin:0}"
 )
 _TIER_COLOURS = {"enterprise": "#1f77b4", "paid": "#ff7f0e", "free": "#2ca02c", "all": "#444"}
@@ -122,14 +123,14 @@ def _loadtest_figures(r: LoadTestResult) -> list[go.Figure]:
     for q, colour in (("p50_ms", "#1f77b4"), ("p95_ms", "#ff7f0e"), ("p99_ms", "#d62728")):
         label = q.removesuffix("_ms").upper()
         bars.add_trace(
-            go.Bar(name=f"measured {label}", x=names, y=[s.measured_ms.get(q) for s in stats], marker_color=colour)
+            go.Bar(name=f"measured {label}", x=names, y=[getattr(s.measured_ms, q) for s in stats], marker_color=colour)
         )
         if r.overall.simulated_ms is not None:
             bars.add_trace(
                 go.Bar(
                     name=f"simulated {label}",
                     x=names,
-                    y=[(s.simulated_ms or {}).get(q) for s in stats],
+                    y=[getattr(s.simulated_ms or LatencyStats(), q) for s in stats],
                     marker={"color": colour, "opacity": 0.55, "pattern": {"shape": "/"}},
                 )
             )
@@ -137,10 +138,10 @@ def _loadtest_figures(r: LoadTestResult) -> list[go.Figure]:
     figures = [bars]
     cdf = _cdf_figure("Latency CDF per tier: measured (solid) and simulated (dashed)")
     for name, s in zip(names, stats, strict=True):
-        if s.measured_cdf_ms:
-            cdf.add_trace(_cdf_traces(name, s.measured_cdf_ms, suffix=" measured"))
-        if s.simulated_cdf_ms:
-            cdf.add_trace(_cdf_traces(name, s.simulated_cdf_ms, dash="dash", suffix=" simulated"))
+        if s.measured_ms.cdf_ms:
+            cdf.add_trace(_cdf_traces(name, s.measured_ms.cdf_ms, suffix=" measured"))
+        if s.simulated_ms is not None and s.simulated_ms.cdf_ms:
+            cdf.add_trace(_cdf_traces(name, s.simulated_ms.cdf_ms, dash="dash", suffix=" simulated"))
     if cdf.data:  # results from schema version 1 carry no CDFs
         figures.append(cdf)
     if r.latency_over_time:
@@ -196,16 +197,21 @@ _FIGURES = {
 
 
 def _summary_html(summary: Summary) -> str:
-    facts = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in summary.facts)
-    parts = [f"<h1>{html.escape(summary.title)}</h1>", f"<p><b>{html.escape(summary.headline)}</b></p>"]
+    esc = html.escape
+    facts = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in summary.facts)
+    parts = [f"<h1>{esc(summary.title)}</h1>", f"<p class='{summary.verdict.name}'><b>{esc(summary.headline)}</b></p>"]
     parts.append(f"<dl>{facts}</dl>")
+    parts += [f"<h3>{esc(b.title)}</h3><pre>{esc(chr(10).join(b.lines))}</pre>" for b in summary.blocks]
+    parts += [f"<p>{esc(note)}</p>" for note in summary.notes]
     for table in summary.tables:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
+        head = "".join(f"<th>{esc(h)}</th>" for h in table.headers)
         body = "".join(
-            "<tr>" + "".join(f"<td class='{html.escape(c)}'>{html.escape(c)}</td>" for c in row) + "</tr>"
-            for row in table.rows
+            f"<tr{' class=emphasis' if i in table.emphasis else ''}>"
+            + "".join(f"<td class='{esc(c)}'>{esc(c)}</td>" for c in row)
+            + "</tr>"
+            for i, row in enumerate(table.rows)
         )
-        parts.append(f"<h3>{html.escape(table.title)}</h3><table><tr>{head}</tr>{body}</table>")
+        parts.append(f"<h3>{esc(table.title)}</h3><table><tr>{head}</tr>{body}</table>")
     return "".join(parts)
 
 

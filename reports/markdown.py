@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from .schema import AnyResult
+from ..core.schema import AnyResult
 from .tables import Table, summarise
 
 __all__ = ["result_markdown"]
 
 
-def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+def _cell(text: str, bold: bool = False) -> str:
+    text = text.replace("|", "\\|").replace("\n", " ")
+    return f"**{text}**" if bold and text else text
 
 
 def _table(table: Table) -> list[str]:
     lines = [f"**{table.title}**", "", "| " + " | ".join(table.headers) + " |"]
     lines.append("|" + "|".join(":---" if i == 0 else "---:" for i in range(len(table.headers))) + "|")
-    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in table.rows]
+    lines += [
+        "| " + " | ".join(_cell(c, i in table.emphasis) for c in row) + " |" for i, row in enumerate(table.rows)
+    ]
     return [*lines, ""]
 
 
@@ -24,6 +27,10 @@ def result_markdown(result: AnyResult) -> str:
     lines = [f"### {summary.title}", "", f"**{_cell(summary.headline)}**", ""]
     lines += [f"- {name}: {_cell(value)}" for name, value in summary.facts]
     lines.append("")
+    for block in summary.blocks:
+        lines += [f"**{block.title}**", "", "```", *block.lines, "```", ""]
+    if summary.notes:
+        lines += [*summary.notes, ""]
     for table in summary.tables:
         lines += _table(table)
     return "\n".join(lines).rstrip() + "\n"

@@ -1,16 +1,25 @@
-"""Each result kind as a headline, key facts and plain tables: what Markdown and HTML both show.
+"""Each result kind as a headline, key facts, text blocks and plain tables: what every rendering shows.
 
-Terminal output keeps its own rich layout; these tables are the format-free content, so
-the Markdown comment in a pull request and the HTML page cannot disagree on a number.
+The terminal (rich), Markdown and HTML renderers only lay this content out, so a pull
+request comment, the HTML page and the terminal cannot disagree on a number.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
-from .schema import AnyResult, BatchLogCheck, CalibrationResult, CapacityResult, LoadTestResult, SimulationResult
+from ..core.schema import (
+    AnyResult,
+    BatchLogCheck,
+    CalibrationResult,
+    CapacityResult,
+    LatencyStats,
+    LoadTestResult,
+    SimulationResult,
+)
 
-__all__ = ["Summary", "Table", "batch_log_summary", "summarise"]
+__all__ = ["Block", "Summary", "Table", "Verdict", "batch_log_summary", "summarise"]
 
 
 def _ms(value: float | None) -> str:
@@ -21,18 +30,42 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{value:.1%}"
 
 
+def _span(low: float, high: float) -> str:
+    return f"{low:,.3f} .. {high:,.3f}"
+
+
+class Verdict(Enum):
+    """How the headline reads: a pass, a failure, or plain information."""
+
+    PASS = "pass"
+    FAIL = "fail"
+    INFO = "info"
+
+
 @dataclass
 class Table:
     title: str
     headers: list[str]
     rows: list[list[str]]
+    emphasis: set[int] = field(default_factory=set)  # rows shown bold: the plan, the "all" row
+
+
+@dataclass
+class Block:
+    """Preformatted lines under a title (the back-of-envelope arithmetic)."""
+
+    title: str
+    lines: list[str]
 
 
 @dataclass
 class Summary:
     title: str
     headline: str
+    verdict: Verdict = Verdict.INFO
     facts: list[tuple[str, str]] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
 
 
@@ -46,38 +79,57 @@ def summarise(result: AnyResult) -> Summary:
     return builders[result.kind](result)
 
 
+def _latency_row(name: str, requests: int, s: LatencyStats, rejected: float, errors: float) -> list[str]:
+    cells = [_ms(s.p50_ms), _ms(s.p95_ms), _ms(s.p99_ms), _ms(s.max_ms)]
+    return [name, f"{requests:,}", *cells, _pct(rejected), _pct(errors)]
+
+
 def _simulation(r: SimulationResult) -> Summary:
-    rows = [
-        [t, f"{s.requests:,}", _ms(s.p50_ms), _ms(s.p95_ms), _ms(s.p99_ms), _pct(s.rejected_fraction)]
-        for t, s in r.per_tier.items()
+    rows = [_latency_row(t, s.requests, s, s.rejected_fraction, s.error_fraction) for t, s in r.per_tier.items()]
+    rows.append(_latency_row("all", r.requests, r, r.rejected_fraction, r.error_fraction))
+    tables = [
+        Table(
+            "Latency, arrival to response (ms)",
+            ["tier", "requests", "P50", "P95", "P99", "max", "rejected", "errors"],
+            rows,
+            emphasis={len(rows) - 1},
+        )
     ]
-    rows.append(["all", f"{r.requests:,}", _ms(r.p50_ms), _ms(r.p95_ms), _ms(r.p99_ms), _pct(r.rejected_fraction)])
+    if r.intervals:
+        tables.append(
+            Table(
+                f"Across {r.replications} replications (95%)",
+                ["metric", "mean", "confidence interval of the mean", "prediction interval, one run"],
+                [
+                    [k, f"{v.mean:,.3f}", _span(v.ci95_low, v.ci95_high), _span(v.pi95_low, v.pi95_high)]
+                    for k, v in r.intervals.items()
+                ],
+            )
+        )
+    window = f"{r.duration_s:g} s measured after {r.warmup_s:g} s warm-up, seed {r.seed}"
+    window += f", {r.replications} runs" if r.replications > 1 else ""
     return Summary(
         title="infer-plan simulate",
         headline=f"{r.gpus} GPUs at {r.offered_rps:,.0f} req/s offered: P95 {_ms(r.p95_ms)} ms",
         facts=[
+            ("offered", f"{r.offered_rps:,.0f} req/s (base {r.rps:,.0f})"),
             ("throughput", f"{r.throughput_rps:,.0f} req/s"),
-            ("load_factor", f"{r.load_factor:.2f}"),
-            ("gpu_busy", f"{r.gpu_busy:.2f}"),
+            ("load_factor", f"{r.load_factor:.2f}  (offered / full-batch capacity)"),
+            ("gpu_busy", f"{r.gpu_busy:.2f}  (share of GPU time running batches)"),
             ("mean batch", f"{r.mean_batch_size:.1f} over {r.batches:,} batches"),
-            ("window", f"{r.duration_s:g} s after {r.warmup_s:g} s warm-up, seed {r.seed}, {r.replications} run(s)"),
+            ("window", window + ("" if r.overlap else ", no overlap")),
         ],
-        tables=[
-            Table("Latency, arrival to response (ms)", ["tier", "requests", "P50", "P95", "P99", "rejected"], rows)
-        ],
+        tables=tables,
     )
 
 
 def _capacity(r: CapacityResult) -> Summary:
-    headline = (
-        f"No GPU count up to {r.search_limit} meets every constraint at {r.rps:,.0f} req/s"
-        if r.gpus is None
-        else f"{r.gpus} GPUs for {r.rps:,.0f} req/s: P95 {_ms(r.p95_ms)} ms, load_factor {r.load_factor:.2f}"
-    )
+    tiers = list(r.neighbours[0].per_tier_p95_ms) if r.neighbours else []
     neighbours = [
         [
             str(n.gpus),
             _ms(n.p95_ms),
+            *[_ms(n.per_tier_p95_ms.get(t)) for t in tiers],
             f"{n.load_factor:.2f}",
             f"{n.gpu_busy:.2f}",
             _pct(n.rejected_fraction),
@@ -88,29 +140,39 @@ def _capacity(r: CapacityResult) -> Summary:
     tables = [
         Table(
             "Neighbouring GPU counts (simulated)",
-            ["GPUs", "P95 ms", "load", "gpu_busy", "rejected", "meets"],
+            ["GPUs", "P95", *[f"P95 {t}" for t in tiers], "load", "gpu_busy", "rejected", "meets"],
             neighbours,
+            emphasis={i for i, n in enumerate(r.neighbours) if n.gpus == r.gpus},
         )
     ]
     if r.sweep:
         tables.append(
             Table(
                 "GPUs versus rps",
-                ["rps", "GPUs", "raw GPUs", "at ceiling", "P95 ms"],
+                ["rps", "GPUs (simulated)", "raw GPUs", "at ceiling", "P95"],
                 [
                     [f"{p.rps:,.0f}", str(p.gpus or "-"), f"{p.raw_gpus:.2f}", str(p.gpus_at_ceiling), _ms(p.p95_ms)]
                     for p in r.sweep
                 ],
             )
         )
+    if r.gpus is None:
+        headline = f"No GPU count up to {r.search_limit} meets every constraint at {r.rps:,.0f} req/s"
+    else:
+        headline = (
+            f"{r.gpus} GPUs for {r.rps:,.0f} req/s: P95 {_ms(r.p95_ms)} ms (SLO {r.constraints['slo_p95_ms']:g}), "
+            f"load_factor {r.load_factor:.2f} (ceiling {r.constraints['max_load']:g}), gpu_busy {r.gpu_busy:.2f}"
+        )
     return Summary(
         title="infer-plan capacity",
         headline=headline,
+        verdict=Verdict.FAIL if r.gpus is None else Verdict.PASS,
         facts=[
             ("binding constraint", r.binding_constraint),
-            ("back-of-envelope", "; ".join(r.back_of_envelope.arithmetic)),
             ("constraints", ", ".join(f"{k} {v:g}" for k, v in r.constraints.items())),
         ],
+        blocks=[Block("back-of-envelope", r.back_of_envelope.arithmetic)],
+        notes=r.explanation,
         tables=tables,
     )
 
@@ -119,22 +181,26 @@ def _loadtest(r: LoadTestResult) -> Summary:
     keys = ("p50_ms", "p95_ms", "p99_ms")
     rows = []
     for name, s in [*r.per_tier.items(), ("all", r.overall)]:
-        sim, err = s.simulated_ms or {}, s.relative_error or {}
+        sim, err = s.simulated_ms or LatencyStats(), s.relative_error or {}
         rows.append(
             [name]
-            + [_ms(s.measured_ms.get(k)) for k in keys]
-            + [_ms(sim.get(k)) for k in keys]
+            + [_ms(getattr(s.measured_ms, k)) for k in keys]
+            + [_ms(getattr(sim, k)) for k in keys]
             + [_pct(err.get(k)) for k in keys]
         )
     gates = [[g.name, "PASS" if g.passed else "FAIL", g.detail] for g in r.gates]
+    target = f"{r.target} ({r.url})" if r.url != r.target else r.target
     return Summary(
         title="infer-plan loadtest",
         headline=f"{'PASSED' if r.passed else 'FAILED'}: {r.requests:,} requests at {r.rps:,.0f} req/s "
         f"against {r.target}",
+        verdict=Verdict.PASS if r.passed else Verdict.FAIL,
         facts=[
+            ("target", target + (f", {r.gpus} GPU(s)" if r.gpus else "")),
             (
                 "sent",
-                f"{r.achieved_rps:,.0f} req/s (shortfall {r.shortfall:.1%}, send lag P95 {r.send_lag_p95_ms:.1f} ms)",
+                f"{r.achieved_rps:,.0f} req/s (shortfall {r.shortfall:.1%}, send lag P95 {r.send_lag_p95_ms:.1f} ms), "
+                f"{r.workers or 1} Locust process(es)",
             ),
             ("statuses", ", ".join(f"{k}: {v:,}" for k, v in r.status_counts.items())),
             ("errors / rejects", f"{r.error_rate:.3%} / {r.reject_rate:.3%}; wrong outputs {r.wrong_outputs}"),
@@ -145,6 +211,7 @@ def _loadtest(r: LoadTestResult) -> Summary:
                 "Latency from scheduled send (ms): measured vs simulated",
                 ["tier", "P50", "P95", "P99", "sim P50", "sim P95", "sim P99", "err P50", "err P95", "err P99"],
                 rows,
+                emphasis={len(rows) - 1},
             ),
             Table("Gates", ["gate", "result", "detail"], gates),
         ],
@@ -152,28 +219,40 @@ def _loadtest(r: LoadTestResult) -> Summary:
 
 
 def _calibration(r: CalibrationResult) -> Summary:
-    rows = [[str(p.batch_size), _ms(p.median_ms), _ms(p.p95_ms), _ms(p.min_ms), _ms(p.fitted_ms)] for p in r.points]
+    rows = [
+        [
+            str(p.batch_size),
+            _ms(p.median_ms),
+            _ms(p.p95_ms),
+            _ms(p.min_ms),
+            _ms(p.fitted_ms),
+            _pct(abs(p.fitted_ms - p.median_ms) / p.median_ms if p.median_ms else None),
+        ]
+        for p in r.points
+    ]
+    spread = " .. ".join(f"{q:.2f}" for q in r.cycle_jitter[:: max(1, len(r.cycle_jitter) // 4)])
     return Summary(
         title="infer-plan calibrate",
-        headline=f"batch latency = {r.fixed_ms:.2f} ms + {r.per_item_ms:.4f} ms x batch size ({r.backend})",
+        headline=f"fitted: batch latency = {r.fixed_ms:.2f} ms + {r.per_item_ms:.4f} ms x batch size ({r.backend})",
         facts=[
             ("fit error", f"max {r.max_relative_error:.1%}, mean {r.mean_relative_error:.1%}"),
-            ("measurements", f"{r.repetitions} per size after {r.warmup} warm-up batches"),
-            (
-                "spread",
-                "batch time x " + " .. ".join(f"{q:.2f}" for q in r.cycle_jitter[:: max(1, len(r.cycle_jitter) // 4)]),
-            ),
-            ("profile", r.profile_path or "-"),
+            ("measurements", f"{r.repetitions} per size after {r.warmup_batches} warm-up batches"),
+            ("spread", f"batch time x {spread}" if spread else "-"),
+            ("profile written", f"{r.profile_path}: use it with --profile" if r.profile_path else "-"),
         ],
-        tables=[Table("Batch latency by batch size (ms)", ["batch size", "median", "P95", "min", "fitted"], rows)],
+        tables=[
+            Table(
+                "Batch latency by batch size (ms)", ["batch size", "median", "P95", "min", "fitted", "fit error"], rows
+            )
+        ],
     )
 
 
 def batch_log_summary(c: BatchLogCheck) -> str:
     """One line: the simulation re-run with the batch times the server logged during the load test."""
-    sim, err = c.overall.simulated_ms or {}, c.overall.relative_error or {}
+    sim, err = c.overall.simulated_ms or LatencyStats(), c.overall.relative_error or {}
     return (
         f"simulated with a fit of {c.batches:,} batches the server logged during the run "
         f"({c.fixed_ms:.1f} ms + {c.per_item_ms:.2f} ms/item, sizes {c.sizes[0]}-{c.sizes[-1]}): "
-        f"P50 {_ms(sim.get('p50_ms'))} ms, P95 {_ms(sim.get('p95_ms'))} ms (P95 error {_pct(err.get('p95_ms'))})"
+        f"P50 {_ms(sim.p50_ms)} ms, P95 {_ms(sim.p95_ms)} ms (P95 error {_pct(err.get('p95_ms'))})"
     )

@@ -1,6 +1,6 @@
 """App factories: the public and the internal aiohttp applications of one server.
 
-The batcher and one worker per GPU run as tasks of a ``cleanup_ctx`` generator, which
+The tier queue and one GPU worker per GPU run as tasks of a ``cleanup_ctx`` generator, which
 creates them, yields while the app serves, then cancels and awaits them, so nothing is
 left orphaned when the app stops.
 """
@@ -17,12 +17,14 @@ from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
 from .backends.base import Backend
-from .batcher import Batcher
 from .config import ServerConfig
 from .errors import error_middleware
 from .gateway import internal_routes, public_routes
+from .gpu_pool import GpuPool
 from .keys import KeyStore
-from .shared_queue import SharedBatcher
+from .memory_queue import MemoryQueue
+from .queue import TierQueue
+from .shared_queue import SharedQueue
 from .state import ServerState
 
 __all__ = ["STATE", "build_apps", "make_state"]
@@ -69,7 +71,7 @@ class _LazyJson:
 
 def make_state(config: ServerConfig) -> ServerState:
     keys = KeyStore.load(config.keys_file)
-    backend = Backend.create(config.backend, model=config.model, **config.backend_options)
+    backend = Backend.create(config.backend, config.model, config.backend_options)
     return ServerState(config=config, keys=keys, backend=backend)
 
 
@@ -77,15 +79,15 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     config = state.config
     await state.backend.start()
+    queue: TierQueue
     if config.redis_url is None:
-        batcher = Batcher(config.model, state.backend, config.gpus, state.metrics)
+        queue = MemoryQueue(config.model, config.gpus)
     else:
-        batcher = SharedBatcher(
-            config.model, state.backend, config.gpus, state.metrics, url=config.redis_url, prefix=config.redis_prefix
-        )
-    state.batcher = batcher
-    await batcher.start()
-    tasks = [asyncio.create_task(batcher.gpu_worker(g), name=f"gpu-{g}") for g in range(config.gpus)]
+        queue = SharedQueue(config.model, config.gpus, state.metrics, url=config.redis_url, prefix=config.redis_prefix)
+    pool = GpuPool(queue, state.backend, state.metrics, timeout_s=config.model.request_timeout_s)
+    state.queue, state.pool = queue, pool
+    await queue.start()
+    tasks = [asyncio.create_task(pool.worker(g), name=f"gpu-{g}") for g in range(config.gpus)]
     state.ready = True
     try:
         yield
@@ -96,7 +98,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await batcher.close()
+        await queue.close()
         await state.backend.close()
 
 

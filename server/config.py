@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..sim.errors import UsageError
-from ..sim.params import ServiceModel
+from ..core.errors import UsageError
+from ..core.model import ServiceModel
 
 __all__ = ["ServerConfig"]
 
@@ -34,13 +34,20 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         if self.gpus < 1:
-            raise UsageError("--gpus must be >= 1")
+            raise UsageError("a server needs at least one GPU worker", field="gpus")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise UsageError(f"--redis must be a redis://, rediss:// or unix:// URL, not {self.redis_url!r}")
+            raise UsageError(f"must be a redis://, rediss:// or unix:// URL, not {self.redis_url!r}", field="redis_url")
         if not self.allow_remote_internal and not _is_loopback(self.internal_host):
             raise UsageError(
                 f"the internal listener must bind a loopback address, not {self.internal_host!r} "
-                "(pass --allow-remote-internal to override)"
+                "(allow_remote_internal overrides)",
+                field="internal_host",
+            )
+        if not self.model.overlap:
+            raise UsageError(
+                "the server always overlaps batch assembly with GPU work; overlap = false models the design's "
+                "back-of-envelope cycle for planning only: drop it to serve",
+                field="overlap",
             )
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -41,6 +42,14 @@ class ApiError(Exception):
         self.code = code or _CODES.get(status, "error")
         self.message = message
         self.retry_after_s = retry_after_s
+
+    def to_dict(self) -> dict[str, Any]:
+        """What another instance needs to answer with this same error (shared queue replies)."""
+        return {"status": self.status, "code": self.code, "message": self.message, "retry_after_s": self.retry_after_s}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ApiError:
+        return cls(data["status"], data["message"], code=data["code"], retry_after_s=data["retry_after_s"])
 
 
 def error_response(err: ApiError, headers: dict[str, str] | None = None) -> web.Response:

@@ -21,11 +21,12 @@ from typing import Any
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..sim.params import Tier
-from .batcher import Batcher
+from ..core.tiers import Tier
 from .errors import ApiError
+from .gpu_pool import GpuPool
 from .keys import KeyStore
 from .metrics import ServerMetrics
+from .queue import TierQueue
 from .state import ServerState
 
 __all__ = ["internal_routes", "public_routes"]
@@ -68,12 +69,12 @@ class PublicApi:
         self._prefix = f"{os.getpid():x}"
 
     @property
-    def batcher(self) -> Batcher:
+    def queue(self) -> TierQueue:
         """Created when the app starts (inside the running loop), after the routes."""
-        batcher = self.state.batcher
-        if batcher is None:
+        queue = self.state.queue
+        if queue is None:
             raise ApiError(503, "starting up", code="not_ready", retry_after_s=1)
-        return batcher
+        return queue
 
     async def inference(self, request: web.Request) -> web.Response:
         loop = asyncio.get_running_loop()
@@ -97,7 +98,7 @@ class PublicApi:
             raise ApiError(404, f"unknown model {model!r}; this server serves {self.state.model_name!r}")
         if len(text) > self.max_input_bytes or len(text.encode("utf-8", "surrogatepass")) > self.max_input_bytes:
             raise ApiError(413, f"input too large (limit {self.max_input_bytes} bytes)")
-        future = await self.batcher.offer(text, tier)
+        future = await self.queue.offer(text, tier)
         if future is None:
             self.metrics.shed[tier].inc()
             raise ApiError(429, "overloaded: shedding this tier for now", retry_after_s=self.retry_after)
@@ -127,9 +128,9 @@ class PublicApi:
     async def readyz(self, request: web.Request) -> web.Response:
         if self.state.draining or not self.state.ready:
             raise ApiError(503, "not ready" if not self.state.draining else "draining", code="not_ready")
-        if (why := self.batcher.unavailable) is not None:
+        if (why := self.queue.unavailable) is not None:
             raise ApiError(503, why, code="queue_unavailable")
-        return web.json_response({"status": "ready", "gpus": self.batcher.gpus, "queued": self.batcher.queued})
+        return web.json_response({"status": "ready", "gpus": self.queue.gpus, "queued": self.queue.queued})
 
     async def openapi(self, request: web.Request) -> web.Response:
         # The kept description names the default model; this server's copy names its own.
@@ -139,7 +140,7 @@ class PublicApi:
         return web.Response(text=text, content_type="application/yaml")
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        for tier, depth in enumerate(await self.batcher.depths()):
+        for tier, depth in enumerate(await self.queue.depths()):
             self.metrics.tier_depth[tier].set(depth)
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -167,6 +168,13 @@ class InternalApi:
     def __init__(self, state: ServerState) -> None:
         self.state = state
 
+    @property
+    def _pool(self) -> GpuPool:
+        pool = self.state.pool
+        if pool is None:
+            raise ApiError(503, "starting up", code="not_ready", retry_after_s=1)
+        return pool
+
     def _refuse_client_keys(self, request: web.Request) -> None:
         header = request.headers.get("Authorization", "")
         if header.startswith(_BEARER) and self.state.keys.tier_of(header[len(_BEARER) :].strip()) is not None:
@@ -186,7 +194,7 @@ class InternalApi:
             if not isinstance(item, dict) or not isinstance(item.get("input"), str):
                 raise ApiError(400, f"requests[{i}] must be an object with a string 'input'")
             inputs.append(item["input"])
-        outputs = await self.state.run_direct(inputs)
+        outputs = await self._pool.run_now(inputs)
         return web.json_response(
             {
                 "batch_id": batch_id,
@@ -204,7 +212,7 @@ class InternalApi:
         if not window_s > 0:
             raise ApiError(400, "'window_s' must be a number of seconds > 0")
         since = time.time() - window_s  # this server's clock, so the caller's does not matter
-        served = self.state.batcher.served if self.state.batcher is not None else ()
+        served = self.state.pool.served if self.state.pool is not None else ()
         rows = [[round(b.ended_at, 3), b.size, round(b.ms, 3)] for b in served if b.ended_at >= since]
         return web.json_response({"columns": ["ended_at", "size", "ms"], "batches": rows})
 

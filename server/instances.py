@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 
-from ..sim.errors import UsageError
+from ..core.errors import UsageError
 from .config import ServerConfig
 from .runner import Listening, bind, run_server
 
@@ -35,7 +35,7 @@ STARTUP_S = 120.0
 def run_instances(config: ServerConfig, count: int, announce: Callable[[Listening], None]) -> int:
     """Run ``count`` children until a signal; returns the exit code (0 when all drained cleanly)."""
     if config.redis_url is None:
-        raise UsageError("--instances > 1 needs --redis URL: the instances share their queues there")
+        raise ValueError("instances share their queues in Redis: config.redis_url must be set")
     # Reserve the ports (bound, never listening) so `--port 0` resolves once for all children.
     reserved = [_reserve(config.host, config.port)]
     reserved.append(_reserve(config.internal_host, config.resolved_internal_port))

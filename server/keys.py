@@ -14,8 +14,8 @@ import hmac
 import tomllib
 from pathlib import Path
 
-from ..sim.errors import ConfigError
-from ..sim.params import Tier
+from ..core.errors import ConfigError
+from ..core.tiers import Tier
 
 __all__ = ["DEV_KEYS", "KeyStore"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from ..sim.params import Tier
+from ..core.tiers import Tier
 
 __all__ = ["ServerMetrics"]
 

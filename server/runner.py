@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from ..sim.errors import UsageError
+from ..core.errors import UsageError
 from .app import JsonAccessLogger, build_apps, make_state
 from .config import ServerConfig
 
@@ -135,12 +135,15 @@ async def serve(
             )
         await stop.wait()
         state.draining = True
-        log.info("draining: %d queued, %d batches running", state.batcher.queued, state.batcher.running)
-        drain_task = asyncio.create_task(state.batcher.wait_idle())
+        queue, pool = state.queue, state.pool
+        assert queue is not None and pool is not None  # made before the listeners started
+        log.info("draining: %d queued, %d batches running", queue.queued, pool.running)
+        queue.drain()
+        drain_task = asyncio.create_task(pool.wait_idle())
         try:
             await asyncio.wait_for(drain_task, config.drain_timeout_s)
         except (TimeoutError, asyncio.CancelledError):
-            log.warning("drain cut short with %d queued", state.batcher.queued)
+            log.warning("drain cut short with %d queued", queue.queued)
         await asyncio.sleep(0.05)  # let handlers whose futures just resolved write their responses
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -3,8 +3,8 @@
 Every instance admits requests into the same per-tier Redis lists (backpressure on the
 shared depth, so all instances shed the same tiers at the same moment). Free GPUs of
 all instances take turns assembling: the one holding ``batch_lock`` (``SET NX PX 50``)
-waits until the batch is due by the simulator's rule and takes it; the lock is
-extended while it waits and released by its owner only. The batch runs on the taking
+waits until the batch is due by the dispatch rule and takes it; the lock is extended
+while it waits and released by its owner only. The batch runs on the taking
 instance's GPU workers; each output goes back on the reply channel of the instance
 that holds the client's connection (its own requests are answered directly).
 
@@ -31,20 +31,32 @@ import socket
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
-from ..sim.params import ServiceModel
-from .backends.base import Backend
-from .batcher import Batcher, DirectBatch, Pending
+from ..core.model import ServiceModel
 from .errors import ApiError
+from .memory_queue import Pending
 from .metrics import ServerMetrics
-from .shared_scripts import ASSEMBLE, ENQUEUE, HEARTBEAT, RELEASE, SharedKeys
+from .queue import Interrupted, TierQueue
+from .shared_scripts import (
+    ASSEMBLE,
+    ENQUEUE,
+    HEARTBEAT,
+    RELEASE,
+    Assembled,
+    AssembleReply,
+    HeartbeatReply,
+    ReplyMessage,
+    SharedKeys,
+    admitted_depth,
+)
 
-__all__ = ["SharedBatcher"]
+__all__ = ["Link", "SharedQueue"]
 
 log = logging.getLogger("infer_plan.server.shared")
 
@@ -58,6 +70,14 @@ MAX_CONNECTIONS = 32
 STARTUP_WAIT_S = 3.0
 
 
+class Link(Enum):
+    """The state of one of the two long-lived exchanges with Redis (the reply subscription, the heartbeat)."""
+
+    CONNECTING = "connecting"
+    UP = "up"
+    LOST = "lost"
+
+
 @dataclass(slots=True)
 class TakenEntry:
     """A request in a batch this instance took from Redis; its owner may be another instance."""
@@ -68,16 +88,16 @@ class TakenEntry:
     batch_id: str
 
 
-class SharedBatcher(Batcher):
-    """The Batcher with its queues in Redis: same gateway interface, same GPU workers, same dispatch rule.
+class SharedQueue(TierQueue):
+    """The tier queues in Redis; ``pending`` holds this instance's own waiting requests (their futures)."""
 
-    ``pending`` holds this instance's own waiting requests (their futures), whoever runs them.
-    """
-
-    def __init__(
-        self, model: ServiceModel, backend: Backend, gpus: int, metrics: ServerMetrics, *, url: str, prefix: str
-    ) -> None:
-        super().__init__(model, backend, gpus, metrics)
+    def __init__(self, model: ServiceModel, gpus: int, metrics: ServerMetrics, *, url: str, prefix: str) -> None:
+        self.gpus = gpus
+        self.model = model
+        self.metrics = metrics
+        self.max_batch = model.max_batch
+        self.timeout_ms = int(model.request_timeout_s * 1000)
+        self.thresholds = model.backpressure.thresholds(gpus, model.max_batch)
         self.url = url
         self.keys = SharedKeys(prefix)
         self.instance = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}".replace("#", "-")
@@ -98,14 +118,15 @@ class SharedBatcher(Batcher):
         self._release = self.client.register_script(RELEASE)
         self._heartbeat = self.client.register_script(HEARTBEAT)
         self.pending: dict[str, Pending] = {}
-        self.pool_gpus = gpus
         self._request_ids = itertools.count(1)
         self._batch_ids = itertools.count(1)
-        self._subscribed = False
-        self._beating = False
-        self._outage: str | None = "connecting to Redis"
+        self.replies = Link.CONNECTING
+        self.heartbeat = Link.CONNECTING
+        self.outage: str | None = "connecting to Redis"  # why Redis failed us last; None while serving
+        self.draining = False
+        self._assembly = asyncio.Lock()  # one GPU of this instance competes for the Redis lock at a time
+        self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
-        self._draining = False
         self._outbox: list[tuple[list[object], asyncio.Future[int]]] = []  # enqueues of this loop pass
         self._flushing: set[asyncio.Task] = set()
 
@@ -144,16 +165,15 @@ class SharedBatcher(Batcher):
     def queued(self) -> int:
         return len(self.pending)
 
-    async def wait_idle(self) -> None:
-        """Drain: keep taking shared batches only while requests of ours wait, so the drain ends."""
-        self._draining = True
-        await super().wait_idle()
+    def drain(self) -> None:
+        """Keep taking shared batches only while requests of ours wait, so the drain ends."""
+        self.draining = True
 
     @property
     def unavailable(self) -> str | None:
-        if self._subscribed and self._beating:
+        if self.replies is Link.UP and self.heartbeat is Link.UP:
             return None
-        return f"shared queue unavailable: {self._outage or 'connecting to Redis'}"
+        return f"shared queue unavailable: {self.outage or 'connecting to Redis'}"
 
     async def depths(self) -> list[int]:
         try:
@@ -174,14 +194,14 @@ class SharedBatcher(Batcher):
         future: asyncio.Future[str] = loop.create_future()
         self.pending[request_id] = Pending(text, tier, loop.time(), future)
         future.add_done_callback(lambda _, rid=request_id: self.pending.pop(rid, None))
-        payload = json.dumps([self.instance, request_id, int(tier), int(self.batch_timeout_s * 1000), text])
+        payload = json.dumps([self.instance, request_id, int(tier), self.timeout_ms, text])
         try:
-            depth = await self._send_enqueue([int(tier), payload, *self.thresholds, self.max_batch])
+            depth = admitted_depth(await self._send_enqueue([int(tier), payload, *self.thresholds, self.max_batch]))
         except (RedisError, OSError) as err:
             future.cancel()
             self._lost(err)
             raise _unavailable(self.unavailable or str(err)) from None
-        if depth < 0:
+        if depth is None:
             future.cancel()
             return None
         if depth == 1 or depth >= self.max_batch:
@@ -231,58 +251,61 @@ class SharedBatcher(Batcher):
 
     # -- assembly under the shared lock -----------------------------------------------------
 
-    async def _next_batch(self) -> Sequence[TakenEntry] | Sequence[Pending]:
-        async with self._assembly:  # one GPU of this instance competes for the Redis lock at a time
-            while True:
-                if self.direct:
-                    return self.direct.popleft()
-                if self.unavailable is not None or (self._draining and not self.pending):
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def next_batch(self, interrupted: Interrupted) -> list[TakenEntry] | None:
+        async with self._assembly:
+            while not interrupted():
+                if self.unavailable is not None or (self.draining and not self.pending):
                     await asyncio.sleep(0.05)  # nothing to take: Redis is away, or we leave once ours are answered
                     continue
                 try:
-                    batch = await self._assemble_under_lock()
+                    batch = await self._assemble_under_lock(interrupted)
                 except (RedisError, OSError) as err:
                     self._lost(err)
                     await asyncio.sleep(0.05)  # a failing Redis is not retried in a tight loop
                     continue
                 if batch:
                     return batch
+            return None
 
-    async def _assemble_under_lock(self) -> list[TakenEntry] | None:
+    async def _assemble_under_lock(self, interrupted: Interrupted) -> list[TakenEntry] | None:
         self._wake.clear()
         if not await self.client.set(self.keys.lock, self.instance, nx=True, px=LOCK_PX):
             await self._sleep_or_wake(LOCK_POLL_S)  # the holder's release publishes a wake
             return None
         held = True
         try:
-            while not self.direct:
+            while not interrupted():
                 self._wake.clear()  # arrivals during the script set it again
                 batch_id = f"{self.instance}#{next(self._batch_ids)}"
-                result = await self._assemble(
-                    keys=[self.keys.lock, *self.keys.queues, self.keys.inflight, self.keys.wake],
-                    args=[self.instance, self.max_batch, self.model.max_wait_ms, LOCK_PX, batch_id],
+                reply = AssembleReply.parse(
+                    await self._assemble(
+                        keys=[self.keys.lock, *self.keys.queues, self.keys.inflight, self.keys.wake],
+                        args=[self.instance, self.max_batch, self.model.max_wait_ms, LOCK_PX, batch_id],
+                    )
                 )
-                if result[0] == "lost":  # we stalled past the lock's expiry; someone else may hold it
+                if reply.outcome is Assembled.LOST:
                     held = False
                     return None
-                if result[0] == "batch":
+                if reply.outcome is Assembled.TAKEN:
                     held = False
-                    return await self._unpack(batch_id, int(result[1]), result[2])
-                remaining_ms = int(result[1])
-                await self._sleep_or_wake(EXTEND_S if remaining_ms < 0 else min(remaining_ms / 1000, EXTEND_S))
+                    return await self._unpack(batch_id, reply)
+                await self._sleep_or_wake(min(reply.wait_ms / 1000, EXTEND_S))
             return None
         finally:
             if held:
                 with contextlib.suppress(RedisError, OSError):
                     await self._release(keys=[self.keys.lock], args=[self.instance])
 
-    async def _unpack(self, batch_id: str, now_ms: int, entries: list[str]) -> list[TakenEntry]:
+    async def _unpack(self, batch_id: str, reply: AssembleReply) -> list[TakenEntry]:
         """Entries to run; ones past their deadline were answered 504 by their owner and are skipped."""
         batch = []
-        for entry in entries:
+        for entry in reply.entries:
             stamp, _, payload = entry.partition("|")
             owner, request_id, _tier, timeout_ms, text = json.loads(payload)
-            if int(stamp) + timeout_ms > now_ms:
+            if int(stamp) + timeout_ms > reply.now_ms:
                 batch.append(TakenEntry(owner, request_id, text, batch_id))
         if not batch:
             await self.client.hdel(self.keys.inflight, batch_id)
@@ -299,27 +322,22 @@ class SharedBatcher(Batcher):
 
     # -- delivery -------------------------------------------------------------------------
 
-    async def _deliver(self, batch: Sequence[TakenEntry] | Sequence[Pending], result: list[str] | ApiError) -> None:
+    async def deliver(self, batch: Sequence[TakenEntry], result: list[str] | ApiError) -> None:
         """Own requests are answered here; each other owner gets one message on its reply channel."""
-        if isinstance(batch, DirectBatch):  # an internal-API batch: run here, answered here
-            return await super()._deliver(batch, result)
         failed = isinstance(result, ApiError)
-        remote: dict[str, dict[str, list]] = defaultdict(lambda: {"ids": [], "outputs": []})
+        error = result.to_dict() if failed else None
+        remote: dict[str, ReplyMessage] = defaultdict(lambda: ReplyMessage([], [], error))
         for i, entry in enumerate(batch):
             answer = result if failed else result[i]
             if entry.owner == self.instance:
                 self._resolve(entry.request_id, answer)
             else:
-                remote[entry.owner]["ids"].append(entry.request_id)
-                remote[entry.owner]["outputs"].append(None if failed else answer)
-        if failed:
-            error = {"status": result.status, "code": result.code, "message": result.message}
-            error["retry_after_s"] = result.retry_after_s
-            for message in remote.values():
-                message["error"] = error
-        await self._publish(batch, remote)
+                message = remote[entry.owner]
+                message.ids.append(entry.request_id)
+                message.outputs.append(None if failed else answer)
+        await self._publish(batch[0].batch_id, remote)
 
-    async def _publish(self, batch: Sequence[TakenEntry], messages: dict[str, dict]) -> None:
+    async def _publish(self, batch_id: str, messages: dict[str, ReplyMessage]) -> None:
         """Send each owner its answers and end the batch's lease, in one round trip.
 
         One failure may be a pooled connection that died with an earlier Redis while
@@ -331,8 +349,8 @@ class SharedBatcher(Batcher):
             try:
                 async with self.client.pipeline(transaction=False) as pipe:
                     for owner, message in messages.items():
-                        pipe.publish(self.keys.reply(owner), json.dumps(message))
-                    pipe.hdel(self.keys.inflight, batch[0].batch_id)
+                        pipe.publish(self.keys.reply(owner), message.to_json())
+                    pipe.hdel(self.keys.inflight, batch_id)
                     await pipe.execute()
                 return
             except (RedisError, OSError) as err:
@@ -349,10 +367,9 @@ class SharedBatcher(Batcher):
             pending.future.set_result(result)
 
     def _on_reply(self, data: str) -> None:
-        message = json.loads(data)
-        e = message.get("error")
-        err = e and ApiError(e["status"], e["message"], code=e["code"], retry_after_s=e["retry_after_s"])
-        for request_id, output in zip(message["ids"], message["outputs"], strict=True):
+        message = ReplyMessage.from_json(data)
+        err = None if message.error is None else ApiError.from_dict(message.error)
+        for request_id, output in zip(message.ids, message.outputs, strict=True):
             self._resolve(request_id, err or output)
 
     # -- background: replies, heartbeat, outages ------------------------------------------------
@@ -364,7 +381,7 @@ class SharedBatcher(Batcher):
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(*channels)
-                self._subscribed = True
+                self.replies = Link.UP
                 self._resumed()
                 while True:
                     message = await pubsub.get_message(timeout=1.0)
@@ -377,11 +394,11 @@ class SharedBatcher(Batcher):
             except Exception as err:  # Redis went away, or a bug of ours: answer what waits, listen again
                 if not isinstance(err, (RedisError, OSError)):
                     log.exception("reply listener failed")
-                self._subscribed = False
+                self.replies = Link.LOST
                 self._lost(err)
                 await asyncio.sleep(0.2)
             finally:
-                self._subscribed = False
+                self.replies = Link.LOST
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
 
@@ -389,37 +406,39 @@ class SharedBatcher(Batcher):
         """Keep this instance alive in Redis, learn the pool's GPUs, reclaim dead instances' batches."""
         while True:
             try:
-                gpus, requeued, dropped = await self._heartbeat(
-                    keys=[self.keys.instances, self.keys.gpus, self.keys.inflight, *self.keys.queues],
-                    args=[self.instance, self.gpus, INSTANCE_TTL_MS],
+                beat = HeartbeatReply.parse(
+                    await self._heartbeat(
+                        keys=[self.keys.instances, self.keys.gpus, self.keys.inflight, *self.keys.queues],
+                        args=[self.instance, self.gpus, INSTANCE_TTL_MS],
+                    )
                 )
             except (RedisError, OSError) as err:
-                self._beating = False
+                self.heartbeat = Link.LOST
                 self._lost(err)
                 await asyncio.sleep(0.2)
                 continue
-            if requeued or dropped:
-                self.metrics.shared_reclaimed.labels("requeued").inc(requeued)
-                self.metrics.shared_reclaimed.labels("dropped").inc(dropped)
-                log.warning("reclaimed the batches of a stopped instance: %d requeued, %d dropped", requeued, dropped)
-            if int(gpus) != self.pool_gpus:
-                self.pool_gpus = int(gpus)
-                self.thresholds = self.model.backpressure.thresholds(self.pool_gpus, self.max_batch)
-            self._beating = True
+            if beat.requeued or beat.dropped:
+                self.metrics.shared_reclaimed.labels("requeued").inc(beat.requeued)
+                self.metrics.shared_reclaimed.labels("dropped").inc(beat.dropped)
+                log.warning(
+                    "reclaimed the batches of a stopped instance: %d requeued, %d dropped", beat.requeued, beat.dropped
+                )
+            self.thresholds = self.model.backpressure.thresholds(beat.gpus, self.max_batch)  # the pool's, not ours
+            self.heartbeat = Link.UP
             self._resumed()
             await asyncio.sleep(HEARTBEAT_S)
 
     def _lost(self, err: Exception) -> None:
         """Redis failed us: say so once, and answer every waiting request now rather than at its deadline."""
-        if self._outage is None:
+        if self.outage is None:
             log.error("Redis at %s unreachable (%s); answering 503 until it is back", self.url, err)
-        self._outage = f"Redis unreachable ({type(err).__name__}: {err})"
+        self.outage = f"Redis unreachable ({type(err).__name__}: {err})"
         self._fail_pending("Redis became unreachable; the request's fate is unknown, retry it")
 
     def _resumed(self) -> None:
-        if self._outage is not None and self.unavailable is None:
+        if self.outage is not None and self.unavailable is None:
             log.info("Redis at %s reachable; serving", self.url)
-            self._outage = None
+            self.outage = None
 
     def _fail_pending(self, why: str) -> None:
         for request_id in list(self.pending):

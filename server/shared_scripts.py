@@ -12,9 +12,23 @@ first so the due check reads it with one pattern match instead of a JSON decode.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import math
+from dataclasses import dataclass, field
+from enum import Enum
 
-__all__ = ["ASSEMBLE", "ENQUEUE", "HEARTBEAT", "RELEASE", "SharedKeys"]
+__all__ = [
+    "ASSEMBLE",
+    "ENQUEUE",
+    "HEARTBEAT",
+    "RELEASE",
+    "AssembleReply",
+    "Assembled",
+    "HeartbeatReply",
+    "ReplyMessage",
+    "SharedKeys",
+    "admitted_depth",
+]
 
 
 @dataclass(frozen=True)
@@ -63,7 +77,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 # KEYS: queue0, queue1, queue2, wake channel
-# ARGV: tier, payload, yellow, red, full (the zone bounds of sim.admission), max_batch
+# ARGV: tier, payload, yellow, red, full (the zone bounds of core.admission), max_batch
+# core.admission.zone_admits on the shared depth, held to it by tests/core/test_rule_tables.py.
 # Returns the shared depth after queueing, or -1 when the tier is shed at the current depth.
 ENQUEUE = (
     _NOW_MS
@@ -84,9 +99,10 @@ return depth
 
 # KEYS: lock, queue0, queue1, queue2, inflight, wake channel
 # ARGV: owner, max_batch, max_wait_ms, lock_px, batch_id
-# The SIMULATOR's dispatch rule (sim.engine): take a batch when max_batch are queued or
-# the oldest has waited max_wait_ms. Only the lock's owner may take one; taking it
-# records the lease and releases the lock. Returns {'batch', now, entries},
+# core.dispatch.decide and take_by_priority, in Lua because they must be atomic with the
+# pops, held to them by tests/core/test_rule_tables.py: take a batch when max_batch are
+# queued or the oldest has waited max_wait_ms, by tier. Only the lock's owner may take
+# one; taking it records the lease and releases the lock. Returns {'batch', now, entries},
 # {'wait', ms until due or -1 when empty, now} (lock extended), or {'lost'}.
 ASSEMBLE = (
     """
@@ -174,3 +190,63 @@ for _, n in ipairs(redis.call('HVALS', KEYS[2])) do gpus = gpus + tonumber(n) en
 return {gpus, requeued, dropped}
 """
 )
+
+
+def admitted_depth(reply: int) -> int | None:
+    """ENQUEUE's reply: the shared depth after queueing, or None when the tier was shed."""
+    depth = int(reply)
+    return None if depth < 0 else depth
+
+
+class Assembled(Enum):
+    """What ASSEMBLE did for the lock holder."""
+
+    LOST = "lost"  # the lock expired under us; someone else may hold it
+    WAIT = "wait"  # nothing due yet; the lock was extended
+    TAKEN = "batch"  # a batch was popped, leased and the lock released
+
+
+@dataclass(frozen=True, slots=True)
+class AssembleReply:
+    outcome: Assembled
+    now_ms: int = 0  # Redis's clock when the script ran
+    wait_ms: float = math.inf  # WAIT: until the oldest request is due; inf: the queues are empty
+    entries: list[str] = field(default_factory=list)  # TAKEN: the queue entries, by priority
+
+    @classmethod
+    def parse(cls, raw: list) -> AssembleReply:
+        outcome = Assembled(raw[0])
+        if outcome is Assembled.WAIT:
+            remaining = int(raw[1])
+            return cls(outcome, int(raw[2]), math.inf if remaining < 0 else float(remaining))
+        if outcome is Assembled.TAKEN:
+            return cls(outcome, int(raw[1]), entries=list(raw[2]))
+        return cls(outcome)
+
+
+@dataclass(frozen=True, slots=True)
+class HeartbeatReply:
+    gpus: int  # GPU workers of all live instances: the shared zones' size
+    requeued: int  # entries of dead instances' batches put back at the head of their tier
+    dropped: int  # entries whose owner is gone too or whose deadline passed
+
+    @classmethod
+    def parse(cls, raw: list) -> HeartbeatReply:
+        return cls(*(int(x) for x in raw))
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyMessage:
+    """Answers for one owner instance from one batch, published on its reply channel."""
+
+    ids: list[str]
+    outputs: list[str | None]  # None for every request when the batch failed
+    error: dict | None = None  # status, code, message, retry_after_s of the batch's ApiError
+
+    def to_json(self) -> str:
+        return json.dumps({"ids": self.ids, "outputs": self.outputs, "error": self.error})
+
+    @classmethod
+    def from_json(cls, data: str) -> ReplyMessage:
+        message = json.loads(data)
+        return cls(message["ids"], message["outputs"], message.get("error"))

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .backends.base import Backend
-from .batcher import Batcher
 from .config import ServerConfig
+from .gpu_pool import GpuPool
 from .keys import KeyStore
 from .metrics import ServerMetrics
+from .queue import TierQueue
 
 __all__ = ["ServerState"]
 
@@ -19,7 +20,8 @@ class ServerState:
     keys: KeyStore
     backend: Backend
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
-    batcher: Batcher | None = None  # made inside the running loop by the app's cleanup context
+    queue: TierQueue | None = None  # both made inside the running loop by the app's cleanup context
+    pool: GpuPool | None = None
     ready: bool = False
     draining: bool = False
 
@@ -27,7 +29,3 @@ class ServerState:
     def model_name(self) -> str:
         """The name clients must send: the configured one, else what the backend serves."""
         return self.config.model_name or self.backend.served_name
-
-    async def run_direct(self, inputs: list[str]) -> list[str]:
-        assert self.batcher is not None
-        return await self.batcher.run_now(inputs)

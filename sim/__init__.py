@@ -1,17 +1,10 @@
-"""Simulator and capacity planner for a batched inference service (SPEC sections 2 and 3)."""
+"""Simulator and capacity planner for a batched inference service (SPEC sections 2 and 3).
 
-from .params import AutoscalePolicy, Backpressure, Faults, ServiceModel, Tier
+The service model it simulates lives in :mod:`infer_plan.core`, shared with the server
+and the load tests.
+"""
+
 from .runner import RunSettings, Workload, run_simulation
 from .schedule import RateSchedule
 
-__all__ = [
-    "AutoscalePolicy",
-    "Backpressure",
-    "Faults",
-    "RateSchedule",
-    "RunSettings",
-    "ServiceModel",
-    "Tier",
-    "Workload",
-    "run_simulation",
-]
+__all__ = ["RateSchedule", "RunSettings", "Workload", "run_simulation"]

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError
-from .params import Tier
+from ..core.errors import ConfigError
+from ..core.tiers import Tier
 from .schedule import RateSchedule
 
 __all__ = ["ArrivalProcess", "Arrivals", "generate_arrivals", "load_trace"]

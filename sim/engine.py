@@ -1,11 +1,13 @@
 """The batch-level discrete-event simulator.
 
 SimPy drives time at batch granularity: the dispatcher process sleeps until the next
-moment the dispatch rule can fire (the queue reaches ``max_batch``, the oldest request
-reaches ``max_wait_ms``, a GPU frees up), takes a batch by tier priority and books its
-GPU cycle. Requests never get a SimPy process of their own: arrival times, tiers,
-admission and completion times live in numpy arrays, and each tier's FIFO queue is a
-slice of a preallocated index buffer. That is what makes an hour at 10,000 req/s take
+moment the dispatch decision (:func:`infer_plan.core.dispatch.decide`, the one the
+server's queues follow too) can say "take": the queue reaches ``max_batch``, the oldest
+request reaches ``max_wait_ms``, a GPU frees up. It then takes the batch by tier
+priority and books its GPU cycle (``ServiceModel.batch_hold_ms``). Requests never get
+a SimPy process of their own: arrival times, tiers, admission and completion times
+live in numpy arrays, and each tier's FIFO queue is a slice of a preallocated index
+buffer. That is what makes an hour at 10,000 req/s take
 seconds (see ``benchmarks/bench_sim.py``); :mod:`infer_plan.sim.reference` holds the
 slow per-request model the tests compare this one against.
 
@@ -23,13 +25,16 @@ from enum import IntEnum
 import numpy as np
 import simpy
 
-from .admission import admit_burst
+from ..core.admission import admit_burst
+from ..core.dispatch import EPS as _EPS
+from ..core.dispatch import Take, decide, take_by_priority
+from ..core.model import ServiceModel
+from ..core.records import Outcome, RequestRecords
+from ..core.tiers import Tier
 from .arrivals import Arrivals
-from .params import ServiceModel, Tier
 
 __all__ = ["EngineOutput", "GpuState", "simulate_arrivals"]
 
-_EPS = 1e-9
 _N_TIERS = len(Tier)
 
 
@@ -42,12 +47,13 @@ class GpuState(IntEnum):
 
 @dataclass
 class EngineOutput:
-    """Raw per-request and per-batch records of one run; summarised by :mod:`.metrics`."""
+    """Raw per-request and per-batch records of one run; summarised by :mod:`.metrics`.
 
-    arrivals: Arrivals
-    admitted: np.ndarray  # bool
-    completion: np.ndarray  # float64 seconds; nan when not served
-    failed: np.ndarray  # bool: the request's batch was on a GPU that failed
+    ``records.finished`` is when each answer reaches its client; a request whose batch
+    was on a GPU that failed is FAILED and finished when the failure answered it.
+    """
+
+    records: RequestRecords
     batch_start: np.ndarray  # when the GPU was taken (window open without overlap)
     batch_end: np.ndarray
     batch_size: np.ndarray
@@ -74,11 +80,9 @@ class _Engine:
         self.times = arrivals.times
         self.tiers = arrivals.tiers
         self.n = arrivals.times.size
+        self.rule = model.dispatch_rule
         self.max_batch = model.max_batch
         self.max_wait_s = model.max_wait_ms / 1000.0
-        hold_ms = model.pcie_in_ms + model.kernel_ms + model.pcie_out_ms
-        self.run_s = hold_ms / 1000.0
-        self.per_item_s = model.per_item_ms / 1000.0
         self.shared_queue_s = model.shared_queue_ms / 1000.0  # answers reach the client this much after the batch
         # Measured batch-time variability (calibrate): its own stream, so faults draw as before.
         self.jitter_rng = np.random.default_rng(rng.integers(2**63)) if model.cycle_jitter else None
@@ -150,6 +154,16 @@ class _Engine:
             self.tail[k] = t + chunk.size
             self.queued += chunk.size
 
+    def records(self) -> RequestRecords:
+        """The run's per-request records: every request REJECTED, FAILED, OK, or PENDING if no GPU ever served it."""
+        outcome = np.where(np.isnan(self.completion), Outcome.PENDING, Outcome.OK).astype(np.int8)
+        outcome[~self.admitted] = Outcome.REJECTED
+        outcome[self.failed] = Outcome.FAILED
+        return RequestRecords(tier=self.tiers, scheduled=self.times, finished=self.completion, outcome=outcome)
+
+    def next_arrival_time(self) -> float:
+        return float(self.times[self.next_arrival]) if self.next_arrival < self.n else math.inf
+
     def oldest_arrival(self) -> float:
         oldest = math.inf
         for k in range(_N_TIERS):
@@ -173,23 +187,21 @@ class _Engine:
             return math.inf
         return float(self.times[start + int(np.searchsorted(counts, need))])
 
-    def take_batch(self, now: float, gpu: int, taken_at: float) -> None:
-        """Take up to max_batch queued requests by priority and run them on ``gpu``."""
-        room = self.max_batch
+    def take_batch(self, now: float, gpu: int, taken_at: float, n: int) -> None:
+        """Take ``n`` queued requests by priority and run them on ``gpu``."""
         parts: list[np.ndarray] = []
-        for k in range(_N_TIERS):
-            h = self.head[k]
-            m = min(room, self.tail[k] - h)
+        depths = [self.tail[k] - self.head[k] for k in range(_N_TIERS)]
+        for k, m in enumerate(take_by_priority(depths, n)):
             if m > 0:
+                h = self.head[k]
                 parts.append(self.queue[k][h : h + m])
                 self.head[k] = h + m
-                room -= m
-        size = self.max_batch - room
+        size = n
         self.queued -= size
         if size == 0:
             self.free_at[gpu] = now
             return
-        hold = self.run_s + self.per_item_s * size
+        hold = self.model.batch_hold_ms(size) / 1000.0
         if self.jitter_rng is not None:
             hold *= float(np.interp(self.jitter_rng.random(), self.jitter_u, self.jitter_q))
         done = now + hold
@@ -212,22 +224,21 @@ class _Engine:
     # -- the dispatcher: the SPEC's rule, with and without overlap -----------------------
 
     def step_overlap(self, now: float) -> float:
-        """Dispatch every batch due now; return when the rule could fire next."""
+        """Dispatch every batch due now; return when the decision could say "take" next."""
         while True:
-            queued = self.queued
-            if queued:
-                oldest = self.oldest_arrival()
-            elif self.next_arrival < self.n:
-                oldest = float(self.times[self.next_arrival])  # the next arrival will start the clock
-            else:
-                return math.inf
             gpu = self.free_gpu(now)
-            if gpu < 0:
-                return max(self.next_gpu_free(), oldest)
-            deadline = oldest + self.max_wait_s
-            if queued >= self.max_batch or (queued and now + _EPS >= deadline):
-                self.take_batch(now, gpu, now)
+            queued = self.queued
+            decision = decide(self.rule, queued, self.oldest_arrival(), now, gpu >= 0)
+            if isinstance(decision, Take):
+                self.take_batch(now, gpu, now, decision.n)
                 continue
+            # Look ahead: the engine knows the arrivals to come, so it sleeps past every
+            # moment at which the decision would still say "wait".
+            if gpu < 0:
+                return self.next_gpu_free() if queued else max(self.next_gpu_free(), self.next_arrival_time())
+            deadline = decision.until
+            if not queued:  # the next arrival will start the clock
+                deadline = self.next_arrival_time() + self.max_wait_s
             return min(deadline, self.time_queue_reaches(self.max_batch - queued, deadline))
 
     def step_no_overlap(self, now: float) -> float:
@@ -237,7 +248,7 @@ class _Engine:
             self.windows = [w for w in self.windows if w[0] > now + _EPS]
             for _, gpu in sorted(due):
                 if self.state[gpu] is GpuState.UP:
-                    self.take_batch(now, gpu, now - self.max_wait_s)
+                    self.take_batch(now, gpu, now - self.max_wait_s, min(self.queued, self.max_batch))
         # Open a window on each free GPU while queued requests exceed what open windows will take.
         while self.queued > self.max_batch * len(self.windows):
             gpu = self.free_gpu(now)
@@ -307,7 +318,7 @@ class _Engine:
     def autoscaler(self):  # SimPy process
         policy = self.model.autoscale
         env = self.env
-        per_gpu = self.model.per_gpu_rps()
+        load_factor = self.model.load_factor
         above_since: float | None = None
         below_since: float | None = None
         while True:
@@ -316,8 +327,7 @@ class _Engine:
             lo, hi = np.searchsorted(self.times, [now - policy.tick_s, now])
             rate = (hi - lo) / policy.tick_s
             fleet = sum(1 for s in self.state if s in (GpuState.UP, GpuState.COLD))
-            load = rate / (per_gpu * max(fleet, 1))
-            if load > policy.scale_up_load and fleet < policy.max_gpus:
+            if load_factor(rate, max(fleet, 1)) > policy.scale_up_load and fleet < policy.max_gpus:
                 above_since = now if above_since is None else above_since
                 if now - above_since >= policy.scale_up_after_s - _EPS:
                     env.process(self.provision())
@@ -325,7 +335,7 @@ class _Engine:
             else:
                 above_since = None
             fewer = fleet - 1
-            if fewer >= policy.min_gpus and rate / (per_gpu * fewer) < policy.scale_down_load:
+            if fewer >= policy.min_gpus and load_factor(rate, fewer) < policy.scale_down_load:
                 below_since = now if below_since is None else below_since
                 if now - below_since >= policy.scale_down_after_s - _EPS:
                     self.retire_one()
@@ -343,7 +353,6 @@ class _Engine:
 
     def monitor(self, samples: dict[str, list[float]]):  # SimPy process
         env = self.env
-        per_gpu = self.model.per_gpu_rps()
         step = self.sample_every_s
         while env.now <= self.horizon_s:
             now = env.now
@@ -354,8 +363,9 @@ class _Engine:
             samples["queue_depth"].append(self.queued)
             samples["gpus_up"].append(up)
             samples["gpus_provisioning"].append(sum(1 for s in self.state if s is GpuState.COLD))
-            samples["offered_rps"].append((hi - lo) / step if now > 0 else 0.0)
-            samples["load_factor"].append((hi - lo) / step / (per_gpu * up) if up and now > 0 else 0.0)
+            rate = (hi - lo) / step if now > 0 else 0.0
+            samples["offered_rps"].append(rate)
+            samples["load_factor"].append(self.model.load_factor(rate, up) if up else 0.0)
             yield env.timeout(step)
 
 
@@ -387,10 +397,7 @@ def simulate_arrivals(
         env.process(engine.autoscaler())
     env.run(until=engine.dispatcher)
     return EngineOutput(
-        arrivals=arrivals,
-        admitted=engine.admitted,
-        completion=engine.completion,
-        failed=engine.failed,
+        records=engine.records(),
         batch_start=np.asarray(engine.b_start),
         batch_end=np.asarray(engine.b_end),
         batch_size=np.asarray(engine.b_size, dtype=np.int64),

@@ -2,7 +2,8 @@
 
 Latency is end to end: arrival to the completion of the request's batch. Only requests
 that arrive inside the measured window ``[warmup, warmup + duration)`` count, so the
-empty-system start does not flatter the percentiles.
+empty-system start does not flatter the percentiles. Percentiles come from the one
+latency summary (:func:`infer_plan.core.stats.latency_stats`) a load test uses too.
 """
 
 from __future__ import annotations
@@ -10,25 +11,14 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from ..reports.schema import CDF_POINTS, Interval, SimulationResult, TierStats, TimeSeries
+from ..core.model import ServiceModel
+from ..core.records import Outcome
+from ..core.schema import Interval, SimulationResult, TierStats, TimeSeries
+from ..core.stats import latency_stats
+from ..core.tiers import Tier
 from .engine import EngineOutput
-from .params import ServiceModel, Tier
 
-__all__ = ["interval", "latency_percentiles", "summarise"]
-
-
-def latency_percentiles(latency_ms: np.ndarray) -> dict[str, float | None]:
-    """P50/P95/P99/max/mean of a latency sample in ms (None for an empty sample)."""
-    if latency_ms.size == 0:
-        return {"p50_ms": None, "p95_ms": None, "p99_ms": None, "max_ms": None, "mean_ms": None}
-    p50, p95, p99 = np.percentile(latency_ms, [50, 95, 99])
-    return {
-        "p50_ms": float(p50),
-        "p95_ms": float(p95),
-        "p99_ms": float(p99),
-        "max_ms": float(latency_ms.max()),
-        "mean_ms": float(latency_ms.mean()),
-    }
+__all__ = ["interval", "summarise"]
 
 
 def interval(values: np.ndarray, level: float = 0.95) -> Interval:
@@ -70,36 +60,32 @@ def summarise(
     keep_timeseries: bool = True,
 ) -> SimulationResult:
     w0, w1 = warmup_s, warmup_s + duration_s
-    times = out.arrivals.times
-    lo, hi = np.searchsorted(times, [w0, w1])
-    window = slice(int(lo), int(hi))
-    tiers = out.arrivals.tiers[window]
-    admitted = out.admitted[window]
-    failed = out.failed[window]
-    served = admitted & ~failed
-    latency_ms = (out.completion[window] - times[window]) * 1000.0
-    requests = int(hi - lo)
+    lo, hi = np.searchsorted(out.records.scheduled, [w0, w1])
+    window = out.records.take(slice(int(lo), int(hi)))
+    served = window.ok
+    rejected = window.outcome == Outcome.REJECTED
+    failed = window.outcome == Outcome.FAILED
+    latency_ms = window.latency_ms
+    requests = len(window)
 
     per_tier: dict[str, TierStats] = {}
     for tier in Tier:
-        mine = tiers == tier
+        mine = window.tier == tier
         n = int(mine.sum())
         lat = latency_ms[mine & served]
-        cdf = np.percentile(lat, CDF_POINTS).tolist() if lat.size else []
         per_tier[tier.label] = TierStats(
             requests=n,
             completed=int(lat.size),
-            rejected_fraction=float((mine & ~admitted).sum() / n) if n else 0.0,
+            rejected_fraction=float((mine & rejected).sum() / n) if n else 0.0,
             error_fraction=float((mine & failed).sum() / n) if n else 0.0,
-            cdf_ms=cdf,
-            **latency_percentiles(lat),
+            **latency_stats(lat).model_dump(),
         )
 
     in_window = (out.batch_start >= w0) & (out.batch_start < w1)
     up_seconds = _up_gpu_seconds(out.up_changes, w0, w1)
     mean_up = up_seconds / duration_s if duration_s > 0 else float(gpus)
     offered = requests / duration_s if duration_s > 0 else 0.0
-    completions = out.completion[out.admitted & ~out.failed]
+    completions = out.records.finished[out.records.ok]
     done_in_window = int(((completions >= w0) & (completions < w1)).sum())
     ts = None
     if keep_timeseries and out.timeseries:
@@ -114,7 +100,7 @@ def summarise(
         overlap=model.overlap,
         requests=requests,
         throughput_rps=done_in_window / duration_s if duration_s > 0 else 0.0,
-        rejected_fraction=float((~admitted).sum() / requests) if requests else 0.0,
+        rejected_fraction=float(rejected.sum() / requests) if requests else 0.0,
         error_fraction=float(failed.sum() / requests) if requests else 0.0,
         load_factor=model.load_factor(offered, mean_up),
         gpu_busy=_busy_seconds(out.batch_start, out.batch_end, w0, w1) / up_seconds if up_seconds else 0.0,
@@ -122,5 +108,5 @@ def summarise(
         batches=int(in_window.sum()),
         per_tier=per_tier,
         timeseries=ts,
-        **latency_percentiles(latency_ms[served]),
+        **latency_stats(latency_ms[served], cdf=False).model_dump(),
     )

@@ -13,8 +13,8 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..reports.schema import BackOfEnvelope, CapacityResult, CapacityRow, SimulationResult, SweepPoint
-from .params import ServiceModel
+from ..core.model import ServiceModel
+from ..core.schema import BackOfEnvelope, CapacityResult, CapacityRow, SimulationResult, SweepPoint
 from .runner import RunSettings, Workload, run_simulation
 
 __all__ = ["Constraints", "back_of_envelope", "plan_capacity", "sweep_capacity"]

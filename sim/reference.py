@@ -15,9 +15,10 @@ from collections import deque
 import numpy as np
 import simpy
 
-from .admission import zone_admits
+from ..core.admission import zone_admits
+from ..core.model import ServiceModel
+from ..core.tiers import Tier
 from .arrivals import Arrivals
-from .params import ServiceModel, Tier
 
 __all__ = ["simulate_reference"]
 

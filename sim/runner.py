@@ -2,7 +2,7 @@
 
 A :class:`Workload` says what load arrives (a rate schedule, or a trace to replay) and
 a :class:`RunSettings` how long to watch it and with which seed. Together with the
-:class:`~infer_plan.sim.params.ServiceModel` they are everything a run depends on, so a
+:class:`~infer_plan.core.model.ServiceModel` they are everything a run depends on, so a
 run is reproducible from those three objects alone.
 """
 
@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..reports.schema import SimulationResult
+from ..core.errors import UsageError
+from ..core.model import ServiceModel
+from ..core.schema import SimulationResult
 from .arrivals import ArrivalProcess, Arrivals, generate_arrivals, load_trace
 from .engine import simulate_arrivals
-from .errors import UsageError
 from .metrics import interval, summarise
-from .params import ServiceModel
 from .schedule import RateSchedule
 
 __all__ = ["RunSettings", "Workload", "run_simulation"]
@@ -69,7 +69,8 @@ def _one_run(
         duration = arrivals.end_s - settings.warmup_s
         if duration <= 0:
             raise UsageError(
-                f"the trace lasts {arrivals.end_s:.1f} s, not longer than --warmup {settings.warmup_s:g} s"
+                f"the trace lasts {arrivals.end_s:.1f} s, not longer than the warm-up of {settings.warmup_s:g} s",
+                field="warmup_s",
             )
     horizon = settings.warmup_s + duration
     out = simulate_arrivals(model, arrivals, gpus, seed=seed, horizon_s=horizon, sample_every_s=settings.sample_every_s)

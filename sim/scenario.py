@@ -36,11 +36,11 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import ConfigError
-from .params import ServiceModel
+from ..core.errors import ConfigError
+from ..core.model import ServiceModel
 from .runner import RunSettings, Workload
 
-__all__ = ["Scenario", "describe_validation_error", "load_scenario", "parse_spike", "parse_tier_mix"]
+__all__ = ["Scenario", "describe_validation_error", "load_scenario"]
 
 _TABLES = ("service", "load", "run", "profile")
 _M = TypeVar("_M", bound=BaseModel)
@@ -132,31 +132,3 @@ def load_scenario(
     scen.workload(rps=load.get("rps", 0.0))
     scen.settings()
     return scen
-
-
-def parse_tier_mix(text: str) -> dict[str, float]:
-    """``enterprise=0.1,paid=0.3,free=0.6`` -> mapping; shares are checked by the model."""
-    mix: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        name, sep, value = part.partition("=")
-        if not sep:
-            raise ConfigError(f"--tier-mix: expected name=share, got {part!r}")
-        try:
-            mix[name.strip().lower()] = float(value)
-        except ValueError:
-            raise ConfigError(f"--tier-mix: share for {name.strip()!r} is not a number: {value!r}") from None
-    if not mix:
-        raise ConfigError("--tier-mix: empty")
-    return mix
-
-
-def parse_spike(text: str) -> dict[str, Any]:
-    """``3:120:60`` -> a 3x spike starting at 120 s lasting 60 s (as a segment dict)."""
-    parts = text.replace("x", "").split(":")
-    if len(parts) != 3:
-        raise ConfigError(f"--spike: expected FACTOR:AT_S:DURATION_S (e.g. 3:120:60), got {text!r}")
-    try:
-        factor, at_s, duration_s = (float(p) for p in parts)
-    except ValueError:
-        raise ConfigError(f"--spike: numbers expected in {text!r}") from None
-    return {"kind": "spike", "factor": factor, "at_s": at_s, "duration_s": duration_s}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from infer_plan.sim import ServiceModel
+from infer_plan.core import ServiceModel
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """The one interface every engine sits behind: a batch of inputs in, outputs out, same order.
 
 A backend is registered under a name (``@Backend.register("sim")``) and built with
-:meth:`Backend.create`, so adding an engine is one new module. A name of the form
+:meth:`Backend.create`, so adding an engine is one new module. Each declares its
+settings as a typed model (``Options``) that :meth:`Backend.create` validates, so a
+misspelled or missing option is an error naming it, not a silent default. A name of the form
 ``package.module:ClassName`` imports a user's own backend class instead, so a team
 can serve its engine (or a fault-injecting one, as the reliability tests do) without
 forking the server. The GPU worker pool
@@ -15,20 +17,32 @@ import importlib
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ...sim.errors import ConfigError
+from ...core.errors import ConfigError
+from ...core.model import ServiceModel
 
-__all__ = ["Backend", "BackendError", "Generation", "non_empty", "scatter"]
+__all__ = ["Backend", "BackendError", "BackendOptions", "Generation", "non_empty", "scatter"]
 
 
 class BackendError(Exception):
     """The engine failed a batch; every request in it is answered 503."""
 
 
+class BackendOptions(BaseModel):
+    """A backend's own settings; the base has none (the sim backend needs only the service model)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
 class Backend(ABC):
     registry: ClassVar[dict[str, type[Backend]]] = {}
     name: ClassVar[str] = ""
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
+
+    def __init__(self, model: ServiceModel, options: BackendOptions) -> None:
+        self.model = model
+        self.options = options
 
     @classmethod
     def register(cls, name: str):
@@ -40,13 +54,19 @@ class Backend(ABC):
         return deco
 
     @classmethod
-    def create(cls, name: str, **options: Any) -> Backend:
+    def create(cls, name: str, model: ServiceModel, options: dict[str, Any] | None = None) -> Backend:
         _load_builtin_backends()
         sub = _import_backend(name) if ":" in name else cls.registry.get(name)
         if sub is None:
             valid = ", ".join(sorted(cls.registry))
             raise ConfigError(f"unknown backend {name!r} (valid: {valid}, or package.module:ClassName)")
-        return sub(**options)
+        try:
+            typed = sub.Options.model_validate(options or {})
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            raise ConfigError(f"backend {name!r}: option {where!r}: {first['msg']}") from None
+        return sub(model, typed)
 
     @property
     def served_name(self) -> str:

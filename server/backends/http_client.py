@@ -9,24 +9,34 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+from pydantic import Field
 
-from .base import Backend, BackendError
+from ...core.model import ServiceModel
+from .base import Backend, BackendError, BackendOptions
 
-__all__ = ["ForwardingBackend", "post_json", "request_json"]
+__all__ = ["ForwardingBackend", "ForwardingOptions", "post_json", "request_json"]
+
+
+class ForwardingOptions(BackendOptions):
+    upstream: str = Field(description="base URL of the server each batch is sent to")
+    connections: int = Field(default=16, ge=1, description="pooled connections to it")
 
 
 class ForwardingBackend(Backend):
     """A backend that sends each batch over HTTP: one pooled session from start() to close()."""
 
-    def __init__(self, timeout_s: float, connections: int) -> None:
-        self.timeout_s = timeout_s
-        self.connections = connections
+    Options = ForwardingOptions
+    options: ForwardingOptions
+
+    def __init__(self, model: ServiceModel, options: ForwardingOptions) -> None:
+        super().__init__(model, options)
+        self.base = options.upstream.rstrip("/")
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.connections),
-            timeout=aiohttp.ClientTimeout(total=self.timeout_s, connect=5.0),
+            connector=aiohttp.TCPConnector(limit=self.options.connections),
+            timeout=aiohttp.ClientTimeout(total=self.model.request_timeout_s, connect=5.0),
         )
 
     async def close(self) -> None:

@@ -12,30 +12,30 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+from pydantic import Field
 
-from ...sim.params import ServiceModel
+from ...core.model import ServiceModel
 from .base import Backend, BackendError, Generation, non_empty, scatter
-from .http_client import ForwardingBackend, post_json
+from .http_client import ForwardingBackend, ForwardingOptions, post_json
 
 __all__ = ["OpenAIBackend"]
 
 
+class OpenAIOptions(ForwardingOptions):
+    served_model: str | None = Field(default=None, description="model name to ask for; None: the upstream's first")
+    generation: Generation = Field(default_factory=Generation)
+
+
 @Backend.register("openai")
 class OpenAIBackend(ForwardingBackend):
-    def __init__(
-        self,
-        model: ServiceModel,
-        upstream: str,
-        served_model: str | None = None,
-        generation: Generation | None = None,
-        connections: int = 16,
-        **_: object,
-    ) -> None:
-        super().__init__(model.request_timeout_s, connections)
-        self.base = upstream.rstrip("/")
+    Options = OpenAIOptions
+    options: OpenAIOptions
+
+    def __init__(self, model: ServiceModel, options: OpenAIOptions) -> None:
+        super().__init__(model, options)
         self.endpoint = f"{self.base}/v1/completions"
-        self.served_model = served_model
-        self.generation = generation or Generation()
+        self.served_model = options.served_model
+        self.generation = options.generation
 
     @property
     def served_name(self) -> str:

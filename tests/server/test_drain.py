@@ -8,9 +8,10 @@ import time
 import aiohttp
 import numpy as np
 import pytest
+from infer_plan.core import ServiceModel
 from infer_plan.loadtests.openloop import send_open_loop
 from infer_plan.server.backends.sim import sim_output
-from infer_plan.sim import RateSchedule, ServiceModel
+from infer_plan.sim import RateSchedule
 from infer_plan.sim.arrivals import generate_arrivals
 
 from tests.helpers import DEV_KEYS, running_server
@@ -44,11 +45,11 @@ async def test_sigterm_drains_queued_work_and_refuses_newcomers_with_retry_after
     assert code == 0
     assert exited_after < DRAIN_TIMEOUT_S
     assert late_status == 503 and late_body["error"]["code"] == "draining" and retry_after is not None
-    before = result.sent < 2.0 - 0.05
+    before = result.records.sent < 2.0 - 0.05
     assert before.sum() > 80
-    assert (result.status[before] == 200).all(), np.unique(result.status[before], return_counts=True)
-    assert ((result.finished > 2.0) & (result.status == 200)).any()  # the drain finished queued work
-    served = np.flatnonzero(result.status == 200)
+    assert (result.records.status[before] == 200).all(), np.unique(result.records.status[before], return_counts=True)
+    assert ((result.records.finished > 2.0) & (result.records.status == 200)).any()  # the drain finished queued work
+    served = np.flatnonzero(result.records.status == 200)
     assert all(result.outputs[i] == sim_output(result.inputs[i]) for i in served)
     # Requests that reached a listener after the signal were refused, not queued and lost.
-    assert set(np.unique(result.status[~before])) <= {200, 503, 0}
+    assert set(np.unique(result.records.status[~before])) <= {200, 503, 0}

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from infer_plan.core import ServiceModel
 from infer_plan.loadtests.target import write_model_scenario
-from infer_plan.sim import ServiceModel
 
 from tests.helpers import REPO, running_server
 

@@ -13,8 +13,8 @@ import random
 import aiohttp
 import pytest
 from aiohttp import web
+from infer_plan.core import ServiceModel
 from infer_plan.loadtests.target import write_model_scenario
-from infer_plan.sim import ServiceModel
 
 from tests.helpers import running_server
 

@@ -8,9 +8,10 @@ import time
 import aiohttp
 import numpy as np
 import pytest
+from infer_plan.core import ServiceModel, Tier
 from infer_plan.loadtests.openloop import send_open_loop
 from infer_plan.server.backends.sim import sim_output
-from infer_plan.sim import RateSchedule, ServiceModel, Tier
+from infer_plan.sim import RateSchedule
 from infer_plan.sim.arrivals import Arrivals, generate_arrivals
 from infer_plan.sim.engine import simulate_arrivals
 
@@ -170,15 +171,15 @@ async def test_overload_sheds_free_first_and_keeps_serving_enterprise():
     with running_server("--gpus", "1", "--kernel-ms", "400") as srv:
         arr = generate_arrivals(RateSchedule(rps=600), 4.0, ServiceModel().tier_shares, np.random.default_rng(1))
         result = await send_open_loop(srv.url, arr, DEV_KEYS)
-    status = result.status
+    status = result.records.status
     assert set(np.unique(status)) <= {200, 429}
-    by_tier = {t: status[result.tiers == t] for t in Tier}
+    by_tier = {t: status[result.records.tier == t] for t in Tier}
     assert (by_tier[Tier.ENTERPRISE] == 200).all()
     free_shed = (by_tier[Tier.FREE] == 429).mean()
     paid_shed = (by_tier[Tier.PAID] == 429).mean()
     assert free_shed > 0.5 and free_shed > paid_shed
     first_429 = int(np.argmax(status == 429))
-    assert result.tiers[first_429] == Tier.FREE
+    assert result.records.tier[first_429] == Tier.FREE
     ok = status == 200
     assert all(result.outputs[i] == sim_output(result.inputs[i]) for i in np.flatnonzero(ok))
 
@@ -193,11 +194,11 @@ async def test_sigterm_under_load_loses_no_accepted_request():
         result = await sender
         code = srv.proc.wait(timeout=30)
     assert code == 0
-    before = result.sent < signalled - 0.05
-    assert (result.status[before] == 200).all(), np.unique(result.status[before], return_counts=True)
+    before = result.records.sent < signalled - 0.05
+    assert (result.records.status[before] == 200).all(), np.unique(result.records.status[before], return_counts=True)
     # After the signal: served (accepted earlier), 503 while draining, or refused once the listener closed.
-    assert set(np.unique(result.status[~before])) <= {200, 503, 0}
-    served = np.flatnonzero(result.status == 200)
+    assert set(np.unique(result.records.status[~before])) <= {200, 503, 0}
+    served = np.flatnonzero(result.records.status == 200)
     assert all(result.outputs[i] == sim_output(result.inputs[i]) for i in served)
 
 
@@ -206,16 +207,16 @@ async def test_measured_latency_matches_the_simulator_at_200_rps():
     arr = generate_arrivals(RateSchedule(rps=200), 20.0, model.tier_shares, np.random.default_rng(7))
     with running_server("--gpus", "1") as srv:
         result = await send_open_loop(srv.url, arr, DEV_KEYS)
-    assert (result.status == 200).all()
+    assert (result.records.status == 200).all()
     # The simulator gets the arrivals the server actually saw (the actual send times): this test is
     # about the server reproducing the model, and the Python sender's own lag on these shared 2 cores
     # (a P95 of several ms) belongs to neither. Latency from scheduled send is what loadtest reports.
-    order = np.argsort(result.sent, kind="stable")
-    seen = Arrivals(times=result.sent[order], tiers=arr.tiers[order])
+    order = np.argsort(result.records.sent, kind="stable")
+    seen = Arrivals(times=result.records.sent[order], tiers=arr.tiers[order])
     predicted = simulate_arrivals(model, seen, gpus=1)
-    sim_ms = (predicted.completion - seen.times) * 1000.0
+    sim_ms = predicted.records.latency_ms
     warm = seen.times >= 2.0
-    measured = ((result.finished - result.sent) * 1000.0)[order][warm]
+    measured = ((result.records.finished - result.records.sent) * 1000.0)[order][warm]
     for q in (50, 95):
         m, s = np.percentile(measured, q), np.percentile(sim_ms[warm], q)
         print(f"P{q}: measured {m:.1f} ms, simulated {s:.1f} ms ({(m - s) / s:+.1%})")

@@ -15,10 +15,11 @@ import aiohttp
 import numpy as np
 import psutil
 import pytest
+from infer_plan.core import ServiceModel, Tier
 from infer_plan.loadtests.openloop import OpenLoopResult, send_open_loop
 from infer_plan.loadtests.target import write_model_scenario
 from infer_plan.server.backends.sim import sim_output
-from infer_plan.sim import RateSchedule, ServiceModel, Tier
+from infer_plan.sim import RateSchedule
 from infer_plan.sim.arrivals import generate_arrivals
 
 from tests.helpers import DEV_KEYS, running_server
@@ -72,13 +73,13 @@ async def sampling(server, every_s: float) -> AsyncIterator[Sampler]:
 
 
 def p95_ms(result: OpenLoopResult, mask: np.ndarray) -> float:
-    latency = (result.finished - result.scheduled)[mask & (result.status == 200)]
+    latency = (result.records.finished - result.records.scheduled)[mask & (result.records.status == 200)]
     return float(np.percentile(latency, 95) * 1000.0)
 
 
 def assert_all_answered_correctly(result: OpenLoopResult) -> None:
-    assert set(np.unique(result.status)) <= {200, 429}, np.unique(result.status, return_counts=True)
-    ok = np.flatnonzero(result.status == 200)
+    assert set(np.unique(result.records.status)) <= {200, 429}, np.unique(result.records.status, return_counts=True)
+    ok = np.flatnonzero(result.records.status == 200)
     assert all(result.outputs[i] == sim_output(result.inputs[i]) for i in ok)
 
 
@@ -95,19 +96,19 @@ async def test_three_times_capacity_for_a_minute(tmp_path):
         assert srv.terminate() == 0
 
     assert_all_answered_correctly(result)
-    shed = {t: (result.status[result.tiers == t] == 429).mean() for t in Tier}
-    first_429 = float(result.scheduled[np.argmax(result.status == 429)])
-    enterprise_p95 = p95_ms(result, result.tiers == Tier.ENTERPRISE)
+    shed = {t: (result.records.status[result.records.tier == t] == 429).mean() for t in Tier}
+    first_429 = float(result.records.scheduled[np.argmax(result.records.status == 429)])
+    enterprise_p95 = p95_ms(result, result.records.tier == Tier.ENTERPRISE)
     growth = max(sampler.rss_mb) - sampler.rss_mb[min(5, len(sampler.rss_mb) - 1)]
     print(
-        f"\noverload: {len(result.status)} requests at {3 * CAPACITY_RPS:.0f} req/s for 60 s; "
-        f"200: {(result.status == 200).sum()}, 429: {(result.status == 429).sum()}, lost: 0; "
+        f"\noverload: {len(result.records.status)} requests at {3 * CAPACITY_RPS:.0f} req/s for 60 s; "
+        f"200: {(result.records.status == 200).sum()}, 429: {(result.records.status == 429).sum()}, lost: 0; "
         f"shed enterprise/paid/free {shed[Tier.ENTERPRISE]:.1%}/{shed[Tier.PAID]:.1%}/{shed[Tier.FREE]:.1%}; "
         f"first 429 at {first_429:.2f} s; enterprise P95 {enterprise_p95:.0f} ms; "
         f"max queued {max(sampler.queued)} (limit {limit}); RSS {sampler.rss_mb[0]:.0f} -> {max(sampler.rss_mb):.0f} MB"
     )
     assert first_429 < 2.0  # shedding starts within the first seconds, not after a backlog built up
-    assert result.tiers[np.argmax(result.status == 429)] == Tier.FREE
+    assert result.records.tier[np.argmax(result.records.status == 429)] == Tier.FREE
     assert shed[Tier.FREE] > shed[Tier.PAID] >= shed[Tier.ENTERPRISE]
     assert shed[Tier.ENTERPRISE] < 0.01
     assert enterprise_p95 < 500.0
@@ -128,9 +129,9 @@ async def test_soak_ten_minutes_at_seventy_percent(tmp_path):
                 arr = generate_arrivals(RateSchedule(rps=rate), 60.0, SMALL_FLEET.tier_shares, rng)
                 result = await send_open_loop(srv.url, arr, DEV_KEYS, input_prefix=f"m{minute}", timeout_s=60)
                 assert_all_answered_correctly(result)
-                assert (result.status == 200).all()
-                answered += len(result.status)
-                p95_by_minute.append(p95_ms(result, np.ones(len(result.status), dtype=bool)))
+                assert (result.records.status == 200).all()
+                answered += len(result.records.status)
+                p95_by_minute.append(p95_ms(result, np.ones(len(result.records.status), dtype=bool)))
         await asyncio.sleep(1.0)  # the sender's connections are closed; the server's sockets go with them
         fds_after = psutil.Process(srv.pid).num_fds()
         assert srv.terminate() == 0

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from infer_plan.core import ServiceModel
 from infer_plan.loadtests.target import stop_process, write_model_scenario
-from infer_plan.sim import ServiceModel
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import run_cli, running_server
@@ -242,7 +242,7 @@ def test_calibrate_loads_vllm_itself_and_writes_a_profile(tiny_model, tmp_path):
     profile = tmp_path / "profile.toml"
     done = cli(
         "calibrate", "--backend", "vllm", "--model", str(tiny_model), "--max-tokens", "4",
-        "--sizes", "1,8", "--repetitions", "3", "--warmup", "1", "--out", str(profile), "--json",
+        "--sizes", "1,8", "--repetitions", "3", "--warmup-batches", "1", "--out", str(profile), "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)

@@ -1,7 +1,7 @@
 import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from infer_plan.sim.admission import admit_burst, zone_admits
+from infer_plan.core.admission import admit_burst, zone_admits
 
 
 def sequential(tiers, depth, thresholds):

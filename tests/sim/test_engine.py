@@ -2,7 +2,8 @@
 
 import numpy as np
 import pytest
-from infer_plan.sim import RateSchedule, RunSettings, ServiceModel, Tier, Workload, run_simulation
+from infer_plan.core import Outcome, ServiceModel, Tier
+from infer_plan.sim import RateSchedule, RunSettings, Workload, run_simulation
 from infer_plan.sim.arrivals import Arrivals, generate_arrivals
 from infer_plan.sim.engine import simulate_arrivals
 from infer_plan.sim.reference import simulate_reference
@@ -16,14 +17,14 @@ def arrivals(times, tiers=None):
 
 def test_lone_request_waits_for_the_timeout_then_one_cycle(model):
     out = simulate_arrivals(model, arrivals([0.0]), gpus=1)
-    assert out.completion[0] == pytest.approx((model.max_wait_ms + model.gpu_cycle_ms()) / 1000)
+    assert out.records.finished[0] == pytest.approx((model.max_wait_ms + model.gpu_cycle_ms()) / 1000)
 
 
 def test_full_batch_leaves_at_once_and_the_next_waits_for_the_gpu(model):
     times = np.linspace(0.0, 0.010, 150)  # 150 requests in 10 ms, one GPU
     out = simulate_arrivals(model, arrivals(times), gpus=1)
     cycle = model.gpu_cycle_ms() / 1000
-    first, rest = out.completion[:100], out.completion[100:]
+    first, rest = out.records.finished[:100], out.records.finished[100:]
     assert np.all(first == pytest.approx(times[99] + cycle))  # 100th arrival fills the batch
     assert np.all(rest == pytest.approx(times[99] + 2 * cycle))  # GPU free again after one cycle
     assert out.batch_size.tolist() == [100, 50]
@@ -36,7 +37,7 @@ def test_batch_takes_enterprise_then_paid_then_free_fifo_inside_a_tier(model):
     times = np.concatenate(([0.0], np.linspace(0.05, 0.06, 120)))
     out = simulate_arrivals(model, arrivals(times, tiers), gpus=1)
     cycle = model.gpu_cycle_ms() / 1000
-    second = np.isclose(out.completion, 0.150 + cycle)
+    second = np.isclose(out.records.finished, 0.150 + cycle)
     assert second.sum() == 100
     assert second[61:].all()  # every paid and enterprise request
     assert second[1:41].all() and not second[41:61].any()  # the 40 oldest free, FIFO
@@ -66,13 +67,13 @@ def test_overload_orders_tiers_and_sheds_free_first(model):
     # The first request ever shed is a free one.
     arr = generate_arrivals(RateSchedule(rps=2 * capacity), 10, model.tier_shares, np.random.default_rng(0))
     out = simulate_arrivals(model, arr, gpus=1)
-    assert arr.tiers[np.argmax(~out.admitted)] == Tier.FREE
+    assert arr.tiers[np.argmax(out.records.outcome == Outcome.REJECTED)] == Tier.FREE
 
 
 def test_no_overlap_cycle_is_assembly_plus_gpu_time():
     model = ServiceModel(overlap=False)
     out = simulate_arrivals(model, arrivals([0.0]), gpus=1)
-    assert out.completion[0] == pytest.approx(0.150)
+    assert out.records.finished[0] == pytest.approx(0.150)
     assert model.per_gpu_rps() == pytest.approx(100 / 0.150)
     result = run_simulation(model, Workload.constant(1000), RunSettings(duration_s=30, warmup_s=5), gpus=1)
     assert result.throughput_rps == pytest.approx(model.per_gpu_rps(), rel=0.01)
@@ -83,8 +84,8 @@ def test_fast_engine_matches_per_request_reference(model, rps, gpus):
     arr = generate_arrivals(RateSchedule(rps=rps), 8.0, model.tier_shares, np.random.default_rng(rps))
     out = simulate_arrivals(model, arr, gpus)
     admitted, completion = simulate_reference(model, arr, gpus)
-    assert out.admitted.tolist() == admitted.tolist()
-    np.testing.assert_allclose(out.completion, completion, atol=1e-9, equal_nan=True)
+    assert (out.records.outcome != Outcome.REJECTED).tolist() == admitted.tolist()
+    np.testing.assert_allclose(out.records.finished, completion, atol=1e-9, equal_nan=True)
 
 
 def test_shared_queue_time_shifts_every_answer_but_not_the_batches(model):
@@ -92,10 +93,10 @@ def test_shared_queue_time_shifts_every_answer_but_not_the_batches(model):
     arr = generate_arrivals(RateSchedule(rps=1500), 8.0, model.tier_shares, np.random.default_rng(3))
     shared = model.model_copy(update={"shared_queue_ms": 2.5})
     base, hop = simulate_arrivals(model, arr, gpus=2), simulate_arrivals(shared, arr, gpus=2)
-    np.testing.assert_allclose(hop.completion - base.completion, 0.0025, atol=1e-12)
+    np.testing.assert_allclose(hop.records.finished - base.records.finished, 0.0025, atol=1e-12)
     assert hop.batch_size.tolist() == base.batch_size.tolist()
     _, reference = simulate_reference(shared, arr, gpus=2)
-    np.testing.assert_allclose(hop.completion, reference, atol=1e-9, equal_nan=True)
+    np.testing.assert_allclose(hop.records.finished, reference, atol=1e-9, equal_nan=True)
 
 
 def test_same_seed_same_result_and_other_seeds_inside_the_interval(model):
@@ -125,10 +126,11 @@ def test_gpu_failures_fail_their_batch_and_account_for_every_request():
     model = ServiceModel(faults={"mtbf_s": 5.0, "mttr_s": 2.0})
     arr = generate_arrivals(RateSchedule(rps=1500), 60.0, model.tier_shares, np.random.default_rng(3))
     out = simulate_arrivals(model, arr, gpus=3, seed=3)
-    assert out.failed.any()
-    served = out.admitted & ~out.failed
-    assert not np.isnan(out.completion[out.admitted]).any()  # every admitted request got an answer
-    assert (out.completion[served] >= arr.times[served]).all()
+    assert (out.records.outcome == Outcome.FAILED).any()
+    served = out.records.ok
+    admitted = out.records.outcome != Outcome.REJECTED
+    assert not np.isnan(out.records.finished[admitted]).any()  # every admitted request got an answer
+    assert (out.records.finished[served] >= arr.times[served]).all()
     assert out.up_changes[:, 1].min() < 3  # GPUs really went down
 
 

@@ -1,7 +1,8 @@
 import math
 
 import pytest
-from infer_plan.sim import RunSettings, ServiceModel, Workload
+from infer_plan.core import ServiceModel
+from infer_plan.sim import RunSettings, Workload
 from infer_plan.sim.planner import Constraints, back_of_envelope, plan_capacity
 
 

@@ -2,55 +2,28 @@
 
 The numbers come from the system design infer-plan was born from. A batch of up to
 ``max_batch`` requests leaves the batcher when a GPU is free *and* either the batch is
-full or its oldest request has waited ``max_wait_ms``; the GPU then spends
-``pcie_in_ms + kernel_ms + pcie_out_ms`` on it whatever its size ("1 string or 100
-strings, same"), plus ``per_item_ms`` per request when a calibrated profile says so.
+full or its oldest request has waited ``max_wait_ms`` (:mod:`.dispatch`); the GPU then
+spends ``pcie_in_ms + kernel_ms + pcie_out_ms`` on it whatever its size ("1 string or
+100 strings, same"), plus ``per_item_ms`` per request when a calibrated profile says so.
 
 Keeping every consumer on this one frozen object is what makes a simulated P95, a
 planned GPU count and a measured P95 comparable: they are answers about the same
-service.
+service. The formulas derived from it (the cycle, per-GPU throughput, the load factor)
+are methods here and nowhere else.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-from enum import IntEnum
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = [
-    "TIER_NAMES",
-    "AutoscalePolicy",
-    "Backpressure",
-    "Faults",
-    "ServiceModel",
-    "Tier",
-]
+from .dispatch import DispatchRule
+from .tiers import Tier
 
-
-class Tier(IntEnum):
-    """Customer tiers; the integer value is the priority (lower is served first)."""
-
-    ENTERPRISE = 0
-    PAID = 1
-    FREE = 2
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
-
-    @classmethod
-    def parse(cls, name: str) -> Tier:
-        try:
-            return cls[name.strip().upper()]
-        except KeyError:
-            valid = ", ".join(t.label for t in cls)
-            raise ValueError(f"unknown tier {name!r} (valid: {valid})") from None
-
-
-TIER_NAMES: tuple[str, ...] = tuple(t.label for t in Tier)
+__all__ = ["AutoscalePolicy", "Backpressure", "Faults", "ServiceModel"]
 
 
 class _Frozen(BaseModel):
@@ -58,7 +31,7 @@ class _Frozen(BaseModel):
 
 
 class Backpressure(_Frozen):
-    """Admission zones on total queue depth: 429 early, cheapest tier first.
+    """Admission zones on total queue depth: 429 early, cheapest tier first (:mod:`.admission`).
 
     The hard limit defaults to four full batches per serving GPU: past that even an
     enterprise request would wait four GPU cycles (~440 ms) in the queue, which cannot
@@ -168,6 +141,16 @@ class ServiceModel(_Frozen):
     # -- derived quantities: pure functions of the parameters, used everywhere -------------
 
     @property
+    def dispatch_rule(self) -> DispatchRule:
+        """The parameters of the dispatch decision, in seconds."""
+        return DispatchRule(max_batch=self.max_batch, max_wait_s=self.max_wait_ms / 1000.0)
+
+    @property
+    def tier_shares(self) -> tuple[float, ...]:
+        """Shares in Tier order (enterprise, paid, free)."""
+        return tuple(self.tiers[t.label] for t in Tier)
+
+    @property
     def jitter_mean(self) -> float:
         """Mean batch-time multiplier: the mean of the piecewise-linear quantile function."""
         q = self.cycle_jitter
@@ -178,20 +161,22 @@ class ServiceModel(_Frozen):
         q = self.cycle_jitter
         return np.interp(u, np.linspace(0.0, 1.0, len(q)), q) if q else np.ones_like(u, dtype=float)
 
+    def batch_hold_ms(self, batch_size: int) -> float:
+        """The cycle formula: how long a batch of ``batch_size`` holds its GPU, before any jitter.
+
+        The simulator's engine, the server's sim backend and the planner's arithmetic all
+        take their batch time from here.
+        """
+        return self.pcie_in_ms + self.kernel_ms + self.pcie_out_ms + self.per_item_ms * batch_size
+
     def gpu_cycle_ms(self, batch_size: int | None = None, quantile: float | None = None) -> float:
-        """GPU time one batch holds its GPU: PCIe in, kernel, PCIe out (+ per-item time).
+        """GPU time per batch as the planner counts it: the hold, times the jitter, plus assembly without overlap.
 
         With a measured ``cycle_jitter`` this is the mean hold, or the hold at ``quantile``.
         """
-        n = self.max_batch if batch_size is None else batch_size
-        hold = self.pcie_in_ms + self.kernel_ms + self.pcie_out_ms + self.per_item_ms * n
+        hold = self.batch_hold_ms(self.max_batch if batch_size is None else batch_size)
         hold *= self.jitter_mean if quantile is None else float(self.jitter(quantile))
         return hold if self.overlap else hold + self.max_wait_ms
-
-    @property
-    def tier_shares(self) -> tuple[float, ...]:
-        """Shares in Tier order (enterprise, paid, free)."""
-        return tuple(self.tiers[t.label] for t in Tier)
 
     def per_gpu_rps(self) -> float:
         """Full-batch throughput of one GPU: max_batch per full cycle (inf for a zero-time cycle)."""

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import ConfigError
 
 __all__ = [
     "SCHEMA_HISTORY",
@@ -33,13 +35,15 @@ __all__ = [
     "load_result",
 ]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # What each version added; a saved result of an older version is upgraded on load
-# (its new fields take their defaults, so renderers show less, never something wrong).
+# (:func:`_upgrade`; new fields take their defaults, so renderers show less, never something wrong).
 SCHEMA_HISTORY = {
     1: "simulate, capacity and loadtest results",
     2: "loadtest latency CDFs (measured and simulated) per tier; calibrate results",
     3: "loadtest batch_log_check (the simulation re-run with the batch times the server logged during the run)",
+    4: "one latency summary everywhere: a loadtest's measured_ms/simulated_ms carry max, mean and the CDF (cdf_ms); "
+    "calibrate's warmup is warmup_batches",
 }
 
 # Percentile points kept for latency CDF plots: fine steps in the tail where SLOs live.
@@ -51,11 +55,14 @@ class _Model(BaseModel):
 
 
 class LatencyStats(_Model):
+    """The one latency summary (:func:`infer_plan.core.stats.latency_stats`); None where nothing was measured."""
+
     p50_ms: float | None = None
     p95_ms: float | None = None
     p99_ms: float | None = None
     max_ms: float | None = None
     mean_ms: float | None = None
+    cdf_ms: list[float] = Field(default_factory=list, description="latency at each of CDF_POINTS percentiles")
 
 
 class TierStats(LatencyStats):
@@ -63,7 +70,6 @@ class TierStats(LatencyStats):
     completed: int = 0
     rejected_fraction: float = 0.0
     error_fraction: float = 0.0
-    cdf_ms: list[float] = Field(default_factory=list, description="latency at each of CDF_POINTS percentiles")
 
 
 class Interval(_Model):
@@ -162,13 +168,11 @@ class CapacityResult(_Model):
 
 
 class MeasuredVsSimulated(_Model):
-    """One tier's (or all's) percentiles, measured and simulated, and the relative error."""
+    """One tier's (or all's) latency, measured and simulated, and the relative error of P50/P95/P99."""
 
-    measured_ms: dict[str, float | None]
-    simulated_ms: dict[str, float | None] | None = None
+    measured_ms: LatencyStats
+    simulated_ms: LatencyStats | None = None
     relative_error: dict[str, float | None] | None = None
-    measured_cdf_ms: list[float] = Field(default_factory=list, description="latency at each of CDF_POINTS")
-    simulated_cdf_ms: list[float] | None = None
 
 
 class BatchLogCheck(_Model):
@@ -237,7 +241,7 @@ class CalibrationResult(_Model):
     backend: str
     model: str | None
     repetitions: int
-    warmup: int
+    warmup_batches: int = Field(description="batches run and discarded before measuring")
     points: list[CalibrationPoint]
     fixed_ms: float
     per_item_ms: float
@@ -255,10 +259,37 @@ class _Envelope(BaseModel):
     result: Result
 
 
+def _measured_vs_simulated_v3(stats: dict[str, Any]) -> dict[str, Any]:
+    """Version <= 3 kept the CDFs beside the percentiles; version 4 keeps them inside the one summary."""
+    stats = dict(stats)
+    measured_cdf, simulated_cdf = stats.pop("measured_cdf_ms", []), stats.pop("simulated_cdf_ms", None)
+    stats["measured_ms"] = {**stats["measured_ms"], "cdf_ms": measured_cdf or []}
+    if stats.get("simulated_ms") is not None:
+        stats["simulated_ms"] = {**stats["simulated_ms"], "cdf_ms": simulated_cdf or []}
+    return stats
+
+
+def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A result of an older schema version in today's shape."""
+    if data["schema_version"] < 4 and data["kind"] == "calibrate" and "warmup" in data:
+        data = {key if key != "warmup" else "warmup_batches": value for key, value in data.items()}
+    if data["schema_version"] < 4 and data["kind"] == "loadtest":
+        data = dict(data)
+        for key in ("overall", "per_tier"):
+            if key == "overall" and isinstance(data.get(key), dict):
+                data[key] = _measured_vs_simulated_v3(data[key])
+            elif isinstance(data.get(key), dict):
+                data[key] = {t: _measured_vs_simulated_v3(v) for t, v in data[key].items()}
+        if isinstance(data.get("batch_log_check"), dict):
+            data["batch_log_check"] = {
+                **data["batch_log_check"],
+                "overall": _measured_vs_simulated_v3(data["batch_log_check"]["overall"]),
+            }
+    return {**data, "schema_version": SCHEMA_VERSION}
+
+
 def load_result(path: Path) -> AnyResult:
     """Read a saved result; refuse other schema versions with a message naming the one expected."""
-    from ..sim.errors import ConfigError  # here, not at the top: sim imports this module
-
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -276,9 +307,12 @@ def load_result(path: Path) -> AnyResult:
             f"{path}: schema_version {version!r} is not supported; this infer-plan reads schema_version "
             f"{known} and writes {SCHEMA_VERSION} ({hint})"
         )
-    data = {**data, "schema_version": SCHEMA_VERSION}  # older versions only lack fields added later
     try:
-        return _Envelope.model_validate({"result": data}).result
+        upgraded = _upgrade(data)
+    except (KeyError, TypeError) as err:
+        raise ConfigError(f"{path}: invalid {data['kind']} result of schema_version {version}: {err!r}") from err
+    try:
+        return _Envelope.model_validate({"result": upgraded}).result
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"][1:])

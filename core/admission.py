@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .params import Tier
+from .tiers import Tier
 
 __all__ = ["admit_burst", "zone_admits"]
 

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import aiohttp
 import numpy as np
 
-from ..sim.profile import LinearFit, fit_batch_latency, jitter_quantiles
-from .backends.base import Backend, BackendError
-from .backends.http_client import request_json
+from ..server.backends.base import Backend, BackendError
+from ..server.backends.http_client import request_json
+from .profile import LinearFit, fit_batch_latency, jitter_quantiles
 
 __all__ = ["MIN_TRAFFIC_SAMPLES", "BatchTimings", "TooFewSizesError", "measure_batches", "served_batch_timings"]
 

@@ -21,7 +21,7 @@ import numpy as np
 import tomli_w
 from scipy.optimize import nnls
 
-from .params import ServiceModel
+from ..core.model import ServiceModel
 
 __all__ = [
     "JITTER_POINTS",

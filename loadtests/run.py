@@ -1,0 +1,154 @@
+"""One load test, end to end: plan the arrivals, start the target if asked, send, simulate, analyse.
+
+:func:`run_loadtest` is what ``infer-plan loadtest`` calls after parsing its flags, and
+what a program can call directly; it returns the typed result and writes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..calibrate.measure import served_batch_timings
+from ..calibrate.profile import calibrated_model
+from ..core.errors import ConfigError, UsageError
+from ..core.model import ServiceModel
+from ..core.schema import LoadTestResult
+from ..core.tiers import Tier
+from ..server.backends.base import BackendError
+from ..server.keys import KeyStore
+from ..sim.arrivals import Arrivals, generate_arrivals
+from ..sim.engine import simulate_arrivals
+from ..sim.runner import Workload
+from .analysis import BatchLogRerun, GateLimits, RunFacts, analyse
+from .harness import run_plan
+from .plan import LoadPlan
+from .target import local_sim_server
+
+__all__ = ["LoadTestSpec", "run_loadtest"]
+
+log = logging.getLogger("infer_plan.loadtests")
+
+Progress = Callable[[float], None]  # seconds of the schedule sent so far
+
+
+@dataclass(frozen=True)
+class LoadTestSpec:
+    """Everything a load test depends on.
+
+    ``target`` is ``"sim"`` (start the reference server on the sim backend with
+    ``model``, for the run) or the base URL of a running server. ``gpus`` is the
+    target's fleet: it lets the simulator predict the same run (None: no prediction).
+    """
+
+    target: str
+    model: ServiceModel
+    workload: Workload
+    duration_s: float
+    limits: GateLimits
+    warmup_s: float = 2.0
+    seed: int = 0
+    gpus: int | None = None
+    model_name: str = "sim"
+    keys_file: Path | None = None
+    workers: int = 0
+    batch_log_url: str | None = None  # the target's internal URL: re-simulate with the batches it logged
+
+    def __post_init__(self) -> None:
+        if self.target != "sim" and not self.target.startswith(("http://", "https://")):
+            raise UsageError(f"must be 'sim' or an http(s) URL, got {self.target!r}", field="target")
+        if self.target == "sim" and not self.model.overlap:
+            raise UsageError(
+                "the reference server always overlaps assembly with GPU work, so a model with overlap = false "
+                "would predict another service than the one measured; drop it to test the server",
+                field="overlap",
+            )
+        if self.batch_log_url is not None:
+            if self.target == "sim" or not self.batch_log_url.startswith(("http://", "https://")):
+                raise UsageError("takes the internal http(s) URL of a target server you started", field="batch_log_url")
+            if self.fleet is None:
+                raise UsageError(
+                    "the batch-log check re-runs the simulation, which needs the target's GPU count", field="gpus"
+                )
+
+    @property
+    def fleet(self) -> int | None:
+        return self.gpus or (1 if self.target == "sim" else None)
+
+
+def run_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) -> LoadTestResult:
+    """Send the planned load, simulate the same arrivals, and gate the outcome."""
+    horizon = spec.warmup_s + spec.duration_s
+    arrivals = generate_arrivals(
+        spec.workload.schedule, horizon, spec.model.tier_shares, np.random.default_rng(spec.seed), spec.workload.arrival
+    )
+    if len(arrivals) == 0:
+        raise UsageError("the schedule produces no requests: raise the rate or the duration")
+    keys = _keys_per_tier(spec.keys_file, arrivals)
+    started = time.time()
+    with _target_url(spec) as url:
+        plan = LoadPlan(url.rstrip("/"), arrivals, keys, spec.model_name, timeout_s=spec.model.request_timeout_s)
+        measured, locust = run_plan(plan, workers=spec.workers, on_tick=progress)
+    fleet = spec.fleet
+    simulated = simulate_arrivals(spec.model, arrivals, fleet).records if fleet is not None else None
+    rerun = None
+    if spec.batch_log_url is not None and fleet is not None:
+        rerun = _rerun_with_batch_log(spec.batch_log_url, time.time() - started + 1.0, spec.model, arrivals, fleet)
+    facts = RunFacts(
+        target=spec.target,
+        url=url,
+        gpus=fleet,
+        rps=spec.workload.schedule.rps,
+        duration_s=spec.duration_s,
+        warmup_s=spec.warmup_s,
+        workers=spec.workers,
+    )
+    return analyse(measured, simulated, facts, spec.limits, locust=locust, batch_log=rerun)
+
+
+@contextlib.contextmanager
+def _target_url(spec: LoadTestSpec) -> Iterator[str]:
+    if spec.target != "sim":
+        yield spec.target
+        return
+    assert spec.fleet is not None
+    with local_sim_server(spec.model, spec.fleet, spec.keys_file) as url:
+        yield url
+
+
+def _keys_per_tier(path: Path | None, arrivals: Arrivals) -> dict[int, str]:
+    """The first key of each tier in the keys file (or the development keys), read by the server's own rules."""
+    keys = {int(tier): key for tier, key in KeyStore.load(path).first_key.items()}
+    missing = [t.label for t in Tier if int(t) not in keys and np.any(arrivals.tiers == t)]
+    if missing:
+        raise ConfigError(f"{path}: no key for tier(s) {', '.join(missing)} in the mix")
+    return keys
+
+
+def _rerun_with_batch_log(
+    internal_url: str, window_s: float, model: ServiceModel, arrivals: Arrivals, gpus: int
+) -> BatchLogRerun | None:
+    """The same arrivals simulated with the batch times the server logged during the run.
+
+    A failure here costs only this check: the load test's own result is still written.
+    """
+    try:
+        timings = asyncio.run(served_batch_timings(internal_url, window_s))
+    except BackendError as err:
+        log.warning("no batch-log check: %s", err)
+        return None
+    fit, jitter = timings.fit()
+    out = simulate_arrivals(calibrated_model(model, fit, jitter), arrivals, gpus)
+    return BatchLogRerun(
+        batches=sum(len(v) for v in timings.samples_ms.values()),
+        sizes=timings.sizes,
+        fit=fit,
+        simulated=out.records,
+    )
