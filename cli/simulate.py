@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 
 from ..core.errors import UsageError
-from ..sim.arrivals import ArrivalProcess
 from ..sim.runner import run_simulation
 from .options import (
+    ArrivalOpt,
     DurationOpt,
     JsonFlagOpt,
     KernelOpt,
@@ -22,6 +22,7 @@ from .options import (
     SaveOpt,
     ScenarioOpt,
     SeedOpt,
+    SpikeOpt,
     TierMixOpt,
     WarmupOpt,
     build_scenario,
@@ -30,25 +31,30 @@ from .output import emit_json, render_result
 from .parsing import parse_spike
 from .progress import status_progress
 
+RateOpt = Annotated[float | None, typer.Option("--rps", min=0, help="Offered rate, requests/s.")]
+FleetOpt = Annotated[int | None, typer.Option("--gpus", min=1, help="Fleet size.")]
+ReplicationsOpt = Annotated[
+    int | None, typer.Option("--replications", "-r", min=1, max=1000, help="Independent runs for confidence intervals.")
+]
+TraceOpt = Annotated[Path | None, typer.Option("--trace", help="Replay arrivals from CSV/JSONL.")]
+AutoscaleOpt = Annotated[bool, typer.Option("--autoscale", help="Scale up at 80% load after 120 s, cold start.")]
+MtbfOpt = Annotated[float | None, typer.Option("--mtbf-s", min=0.001, help="Mean time between GPU failures.")]
+MttrOpt = Annotated[float | None, typer.Option("--mttr-s", min=0.001, help="Mean time to repair a GPU.")]
+
 
 def simulate(
-    rps: Annotated[float | None, typer.Option("--rps", min=0, help="Offered rate, requests/s.")] = None,
-    gpus: Annotated[int | None, typer.Option("--gpus", min=1, help="Fleet size.")] = None,
+    rps: RateOpt = None,
+    gpus: FleetOpt = None,
     duration: DurationOpt = None,
     warmup: WarmupOpt = None,
     seed: SeedOpt = None,
-    replications: Annotated[
-        int | None,
-        typer.Option("--replications", "-r", min=1, max=1000, help="Independent runs for confidence intervals [1]."),
-    ] = None,
-    arrival: Annotated[ArrivalProcess | None, typer.Option("--arrival", help="Arrival process [poisson].")] = None,
-    spike: Annotated[list[str] | None, typer.Option("--spike", help="FACTOR:AT_S:DURATION_S, e.g. 3:120:60.")] = None,
-    trace: Annotated[Path | None, typer.Option("--trace", help="Replay arrivals from CSV/JSONL.")] = None,
-    autoscale: Annotated[
-        bool, typer.Option("--autoscale", help="Scale up at 80% load after 120 s, cold start.")
-    ] = False,
-    mtbf_s: Annotated[float | None, typer.Option("--mtbf-s", min=0.001, help="Mean time between GPU failures.")] = None,
-    mttr_s: Annotated[float | None, typer.Option("--mttr-s", min=0.001, help="Mean time to repair a GPU.")] = None,
+    replications: ReplicationsOpt = None,
+    arrival: ArrivalOpt = None,
+    spike: SpikeOpt = None,
+    trace: TraceOpt = None,
+    autoscale: AutoscaleOpt = False,
+    mtbf_s: MtbfOpt = None,
+    mttr_s: MttrOpt = None,
     tier_mix: TierMixOpt = None,
     no_overlap: NoOverlapOpt = False,
     max_batch: MaxBatchOpt = None,
@@ -61,32 +67,19 @@ def simulate(
     quiet: QuietOpt = False,
 ) -> None:
     """Simulate the batched service on a fixed fleet and report latency, load and rejects."""
-    extra = {}
-    if autoscale:
-        extra["autoscale"] = {"enabled": True}
-    if mtbf_s is not None or mttr_s is not None:
-        extra["faults"] = {k: v for k, v in (("mtbf_s", mtbf_s), ("mttr_s", mttr_s)) if v is not None}
+    faults = {k: v for k, v in (("mtbf_s", mtbf_s), ("mttr_s", mttr_s)) if v is not None}
     scen = build_scenario(
-        scenario=scenario,
-        profile=profile,
-        tier_mix=tier_mix,
-        no_overlap=no_overlap,
-        gpus=gpus,
-        max_batch=max_batch,
-        max_wait_ms=max_wait_ms,
-        kernel_ms=kernel_ms,
-        **extra,
-    )
+        scenario=scenario, profile=profile, tier_mix=tier_mix, no_overlap=no_overlap, gpus=gpus, max_batch=max_batch,
+        max_wait_ms=max_wait_ms, kernel_ms=kernel_ms, autoscale={"enabled": True} if autoscale else None,
+        faults=faults or None,
+    )  # fmt: skip
     workload = scen.workload(
         rps=rps, arrival=arrival, trace=trace, extra_segments=tuple(parse_spike(s) for s in spike or ())
     )
     if workload.trace is None and workload.schedule.rps <= 0 and not workload.schedule.segments:
         raise UsageError("give the offered rate with --rps (or [load] rps in the scenario, or --trace)")
-    fleet = scen.model.gpus
-    if fleet is None:
-        raise UsageError(
-            "give the fleet size with --gpus (or [service] gpus in the scenario); 'infer-plan capacity' finds one"
-        )
+    if (fleet := scen.model.gpus) is None:
+        raise UsageError("give the fleet size with --gpus (or [service] gpus in the scenario): 'capacity' finds one")
     settings = scen.settings(duration_s=duration, warmup_s=warmup, seed=seed, replications=replications)
     with status_progress(f"simulating {fleet} GPUs", enabled=not (quiet or json_out)):
         result = run_simulation(scen.model, workload, settings, fleet)

@@ -18,7 +18,7 @@ from aiohttp.abc import AbstractAccessLogger
 
 from .backends.base import Backend
 from .config import ServerConfig
-from .errors import error_middleware
+from .errors import CLIENT_GONE, ErrorMiddleware
 from .gateway import internal_routes, public_routes
 from .gpu_pool import GpuPool
 from .keys import KeyStore
@@ -37,6 +37,8 @@ class JsonAccessLogger(AbstractAccessLogger):
     """One JSON object per request: no key, no input text, only what operators need."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        if request.get(CLIENT_GONE):
+            return  # the middleware logged it once, as a client disconnect
         self.logger.info(
             "%s",
             _LazyJson(
@@ -109,12 +111,13 @@ def _client_max_size(config: ServerConfig, inputs: int = 1) -> int:
 
 def build_apps(state: ServerState) -> tuple[web.Application, web.Application]:
     """(public app, internal app); the public one owns the engine's lifecycle."""
-    public = web.Application(middlewares=[error_middleware], client_max_size=_client_max_size(state.config))
+    errors = ErrorMiddleware(state.metrics.client_disconnects.labels("request"))
+    public = web.Application(middlewares=[errors], client_max_size=_client_max_size(state.config))
     public[STATE] = state
     public.add_routes(public_routes(state))
     public.cleanup_ctx.append(_engine_ctx)
     internal = web.Application(
-        middlewares=[error_middleware], client_max_size=_client_max_size(state.config, state.config.model.max_batch)
+        middlewares=[errors], client_max_size=_client_max_size(state.config, state.config.model.max_batch)
     )
     internal[STATE] = state
     internal.add_routes(internal_routes(state))

@@ -3,7 +3,8 @@
 Handlers raise :class:`ApiError`; the middleware turns it, and aiohttp's own HTTP
 errors (oversized bodies, unknown routes), into ``{"error": {"code", "message"}}``.
 Anything unexpected becomes a 500 with a generic message; the traceback goes to the
-log, never to the client.
+log, never to the client. A client that hangs up before its request has arrived
+whole is no error of ours: one log line and a counter, no traceback, no 500.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import Counter
 
-__all__ = ["ApiError", "error_middleware", "error_response"]
+__all__ = ["CLIENT_GONE", "ApiError", "ErrorMiddleware", "error_response"]
+
+CLIENT_GONE = "client_gone"  # request key: the client disconnected; the access log leaves the request out
 
 log = logging.getLogger("infer_plan.server")
 
@@ -62,19 +66,31 @@ def error_response(err: ApiError, headers: dict[str, str] | None = None) -> web.
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as err:
-        return error_response(err)
-    except web.HTTPRequestEntityTooLarge as err:
-        return error_response(ApiError(413, f"request body too large: {err.text}"))
-    except web.HTTPException as err:
-        if err.status < 400:
-            raise
-        kept = {"Allow": err.headers["Allow"]} if "Allow" in err.headers else None  # RFC 9110 for 405
-        return error_response(ApiError(err.status, err.reason), kept)
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(ApiError(500, "internal error"))
+class ErrorMiddleware:
+    """Every failure of a handler as the JSON error body (see the module docstring)."""
+
+    __middleware_version__ = 1  # aiohttp's mark of a new-style middleware (what @web.middleware sets)
+
+    def __init__(self, client_disconnects: Counter) -> None:
+        self.client_disconnects = client_disconnects
+
+    async def __call__(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as err:
+            return error_response(err)
+        except ConnectionResetError:  # aiohttp's "Connection lost" while the body was still arriving
+            self.client_disconnects.inc()
+            request[CLIENT_GONE] = True
+            log.info("client disconnected before its request arrived whole: %s %s", request.method, request.path)
+            return web.Response(status=499)  # nginx's "client closed request"; nobody is there to read it
+        except web.HTTPRequestEntityTooLarge as err:
+            return error_response(ApiError(413, f"request body too large: {err.text}"))
+        except web.HTTPException as err:
+            if err.status < 400:
+                raise
+            kept = {"Allow": err.headers["Allow"]} if "Allow" in err.headers else None  # RFC 9110 for 405
+            return error_response(ApiError(err.status, err.reason), kept)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            return error_response(ApiError(500, "internal error"))

@@ -41,6 +41,9 @@ class ServerMetrics:
         )
         self.responses = Counter("inferplan_responses", "Responses by tier and status", ["tier", "status"], registry=r)
         self.backend_faults = Counter("inferplan_backend_faults", "Failed batches by kind", ["kind"], registry=r)
+        self.client_disconnects = Counter(
+            "inferplan_client_disconnects", "Clients that hung up before their answer, by stage", ["stage"], registry=r
+        )
         # Shared queue (serve --redis): how much work crosses instances, and what was reclaimed from dead ones.
         self.shared_remote = Counter(
             "inferplan_shared_remote_requests", "Requests run here that another instance admitted", registry=r

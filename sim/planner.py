@@ -147,9 +147,13 @@ def plan_capacity(
     *,
     max_gpus: int | None = None,
     neighbours: int = 2,
+    sweep_rates: list[float] | None = None,
     progress: ProgressFn | None = None,
 ) -> CapacityResult:
-    """Search the smallest GPU count meeting ``constraints`` and simulate its neighbours."""
+    """Search the smallest GPU count meeting ``constraints`` and simulate its neighbours.
+
+    With ``sweep_rates``, the same search at each rate gives the GPUs-versus-rps curve.
+    """
     rps = workload.schedule.rps
     model = model.model_copy(update={"max_load": constraints.max_load})
     envelope = back_of_envelope(model, rps)
@@ -187,6 +191,7 @@ def plan_capacity(
         warmup_s=settings.warmup_s,
         seed=settings.seed,
         overlap=model.overlap,
+        sweep=sweep_capacity(model, sweep_rates, settings, constraints, max_gpus, progress) if sweep_rates else None,
     )
 
 
@@ -229,7 +234,6 @@ def sweep_capacity(
     rates: list[float],
     settings: RunSettings,
     constraints: Constraints,
-    *,
     max_gpus: int | None = None,
     progress: ProgressFn | None = None,
 ) -> list[SweepPoint]:

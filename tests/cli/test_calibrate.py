@@ -124,3 +124,15 @@ def test_calibrate_usage_errors_exit_2(tmp_path, args, needle):
     done = cli("calibrate", "--out", str(tmp_path / "p.toml"), *args, timeout=60)
     assert done.returncode == 2
     assert needle in done.stderr and "Traceback" not in done.stderr
+
+
+def test_warm_up_batches_have_their_own_flag_since_warmup_means_seconds_elsewhere(tmp_path):
+    old = cli("calibrate", "--out", str(tmp_path / "p.toml"), "--warmup", "2", timeout=60)
+    assert old.returncode == 2 and "--warmup" in old.stderr and "Traceback" not in old.stderr
+    saved = tmp_path / "c.json"
+    done = cli(
+        "calibrate", "--sizes", "1,4", "-n", "1", "--warmup-batches", "3",
+        "--out", str(tmp_path / "p.toml"), "--save", str(saved),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert json.loads(saved.read_text())["warmup_batches"] == 3

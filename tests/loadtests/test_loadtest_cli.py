@@ -178,3 +178,12 @@ def test_an_unreadable_batch_log_loses_only_that_check(tmp_path):
     assert "no batch-log check" in proc.stderr and "unreachable" in proc.stderr and "Traceback" not in proc.stderr
     data = json.loads(out.read_text())
     assert data["batch_log_check"] is None and data["status_counts"] == {"200": data["requests"]}
+
+
+def test_a_model_without_overlap_is_refused_for_the_sim_target(tmp_path):
+    """The sim target always overlaps: predicting the no-overlap cycle for it would compare two services."""
+    scenario = tmp_path / "no-overlap.toml"
+    scenario.write_text("[service]\noverlap = false\n")
+    proc = loadtest("--target", "sim", "--rps", "10", "--duration", "1", "--scenario", str(scenario), timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "overlap" in proc.stderr and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 
 import aiohttp
@@ -15,7 +16,7 @@ from infer_plan.sim import RateSchedule
 from infer_plan.sim.arrivals import Arrivals, generate_arrivals
 from infer_plan.sim.engine import simulate_arrivals
 
-from tests.helpers import DEV_KEYS, running_server
+from tests.helpers import DEV_KEYS, run_cli, running_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -221,3 +222,36 @@ async def test_measured_latency_matches_the_simulator_at_200_rps():
         m, s = np.percentile(measured, q), np.percentile(sim_ms[warm], q)
         print(f"P{q}: measured {m:.1f} ms, simulated {s:.1f} ms ({(m - s) / s:+.1%})")
         assert abs(m - s) / s <= 0.05, (q, m, s)
+
+
+def test_a_client_that_hangs_up_mid_body_is_one_quiet_line_not_a_server_error():
+    with running_server("--gpus", "1", access_log=True) as srv:
+        host, port = srv.url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port))) as raw:  # promises 100 bytes, sends 9, hangs up
+            raw.sendall(
+                b"POST /v1/inference HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer dev-paid\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":"
+            )
+            time.sleep(0.2)
+        time.sleep(0.3)
+
+        async def then_serve() -> tuple[int, str]:
+            async with aiohttp.ClientSession() as session:
+                status, _, _ = await post(session, f"{srv.url}/v1/inference", {"model": "sim", "input": "next"})
+                return status, await (await session.get(f"{srv.url}/metrics")).text()
+
+        status, metrics = asyncio.run(then_serve())
+        log = srv.log_text()
+    assert status == 200
+    assert _metric(metrics, 'inferplan_client_disconnects_total{stage="request"}') == 1
+    lines = [line for line in log.splitlines() if "disconnected" in line]
+    assert len(lines) == 1 and "POST /v1/inference" in lines[0], log
+    assert "Traceback" not in log and '"status":500' not in log and "ConnectionResetError" not in log
+
+
+def test_serve_refuses_a_model_without_overlap_in_one_line(tmp_path):
+    scenario = tmp_path / "no-overlap.toml"
+    scenario.write_text("[service]\noverlap = false\n")
+    done = run_cli("serve", "--port", "0", "--scenario", str(scenario), timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "overlap" in done.stderr and "Traceback" not in done.stderr
