@@ -1,9 +1,15 @@
 """Server overhead: throughput at zero GPU time vs a bare aiohttp handler, and added latency.
 
-Run: python benchmarks/bench_server.py [--repeats 3] [--seconds 8]
-Needs `wrk` (Debian package). Each server is pinned to core 0 and wrk to core 1, the
-two alternate, and medians are printed. Targets (issue #3): throughput >= 50% of the
-bare handler; server-added P95 latency at 1,000 req/s <= 5 ms over the model.
+Run: python benchmarks/bench_server.py [--repeats 3] [--seconds 8] [--baseline-python PATH]
+Needs `wrk` (Debian package). Each server is pinned to core 0 and wrk to core 1; the
+servers alternate within each repeat and medians are printed. Measured: a bare aiohttp
+handler, `serve` with its default JSON access log (written to a file, as in production),
+and `serve --no-access-log`. With ``--baseline-python`` (the interpreter of another
+installed build, e.g. the previous release's virtual environment) that build's two
+`serve` variants run in the same rotation, so the builds are compared side by side.
+Targets: throughput >= 50% of the bare handler (issue #3); the access log keeps >= 75%
+of the throughput without it (issue #14); server-added P95 latency at 1,000 req/s
+<= 5 ms over the model.
 """
 
 from __future__ import annotations
@@ -78,44 +84,39 @@ def wrk_rps(port: int, seconds: int, script: Path, pin: bool = True, threads: in
     return float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
 
 
-def run_pinned(cmd: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(["taskset", "-c", "0", *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def run_pinned(cmd: list[str], log: Path) -> subprocess.Popen:
+    with log.open("w") as sink:  # the access log goes to a file, as a deployment's would
+        return subprocess.Popen(["taskset", "-c", "0", *cmd], stdout=subprocess.DEVNULL, stderr=sink)
 
 
-def throughput(repeats: int, seconds: int, tmp: Path) -> tuple[float, float]:
+def servers(python: str, label: str, scenario: Path) -> dict[str, list[str]]:
+    serve = [python, "-m", "infer_plan.cli", "serve", "--gpus", "4", "--scenario", str(scenario)]
+    return {f"{label}serve (access log)": serve, f"{label}serve --no-access-log": [*serve, "--no-access-log"]}
+
+
+def throughput(repeats: int, seconds: int, tmp: Path, baseline: str | None) -> dict[str, float]:
+    """Median req/s of each server, measured in rotation."""
     script = tmp / "post.lua"
     script.write_text(LUA)
     scenario = tmp / "zero.toml"
     scenario.write_text(ZERO_GPU)
-    bare, ours = [], []
+    commands = {"bare aiohttp handler": [sys.executable, str(HERE / "bare_server.py")]}
+    commands |= servers(sys.executable, "", scenario)
+    if baseline:
+        commands |= servers(baseline, "baseline ", scenario)
+    rates: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(repeats):
-        for bucket, cmd in (
-            (bare, [sys.executable, str(HERE / "bare_server.py")]),
-            (
-                ours,
-                [
-                    sys.executable,
-                    "-m",
-                    "infer_plan.cli",
-                    "serve",
-                    "--no-access-log",
-                    "--gpus",
-                    "4",
-                    "--scenario",
-                    str(scenario),
-                ],
-            ),
-        ):
+        for name, cmd in commands.items():
             port = free_port()
-            proc = run_pinned([*cmd, str(port)] if bucket is bare else [*cmd, "--port", str(port)])
+            proc = run_pinned([*cmd, str(port)] if "bare" in name else [*cmd, "--port", str(port)], tmp / "server.log")
             try:
                 wait_listening(port)
                 wrk_rps(port, 1, script)  # warm-up
-                bucket.append(wrk_rps(port, seconds, script))
+                rates[name].append(wrk_rps(port, seconds, script))
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-    return statistics.median(bare), statistics.median(ours)
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 async def added_latency(rps: float, seconds: float, gpus: int) -> tuple[float, float, float]:
@@ -123,7 +124,8 @@ async def added_latency(rps: float, seconds: float, gpus: int) -> tuple[float, f
     arr = generate_arrivals(RateSchedule(rps=rps), seconds, model.tier_shares, np.random.default_rng(11))
     port = free_port()
     proc = run_pinned(
-        [sys.executable, "-m", "infer_plan.cli", "serve", "--no-access-log", "--gpus", str(gpus), "--port", str(port)]
+        [sys.executable, "-m", "infer_plan.cli", "serve", "--no-access-log", "--gpus", str(gpus), "--port", str(port)],
+        Path(os.devnull),
     )
     try:
         wait_listening(port)
@@ -143,14 +145,20 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--baseline-python", help="interpreter of another installed build to compare with")
     args = parser.parse_args()
     if not shutil.which("wrk") or not shutil.which("taskset"):
         sys.exit("needs wrk and taskset (apt-get install wrk util-linux)")
     print(f"machine: {os.cpu_count()} cores; servers pinned to core 0, load generator to core 1")
     with tempfile.TemporaryDirectory() as tmp:
-        bare, ours = throughput(args.repeats, args.seconds, Path(tmp))
-    print(f"bare aiohttp handler      : {bare:>9,.0f} req/s (median of {args.repeats})")
-    print(f"infer-plan serve, GPU 0 ms: {ours:>9,.0f} req/s  -> {ours / bare:.0%} of bare")
+        rates = throughput(args.repeats, args.seconds, Path(tmp), args.baseline_python)
+    bare = rates["bare aiohttp handler"]
+    print(f"throughput at GPU time 0, medians of {args.repeats} (each server in rotation):")
+    for name, rate in rates.items():
+        print(f"  {name:<38}: {rate:>9,.0f} req/s  {rate / bare:>5.0%} of bare")
+    for label in ("", "baseline ") if args.baseline_python else ("",):
+        logged, quiet = rates[f"{label}serve (access log)"], rates[f"{label}serve --no-access-log"]
+        print(f"  {label or 'this build '}access log keeps {logged / quiet:.0%} of the throughput without it")
     p95_measured, p95_model, ok = asyncio.run(added_latency(1000, 10, gpus=2))
     print(
         f"1,000 req/s open loop, 2 GPUs: P95 measured {p95_measured:.1f} ms, simulator {p95_model:.1f} ms, "

@@ -29,7 +29,9 @@ MaxWaitOpt = Annotated[float | None, typer.Option("--max-wait-ms", min=0, help="
 KernelOpt = Annotated[float | None, typer.Option("--kernel-ms", min=0, help="Kernel time per batch, ms [100].")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 DurationOpt = Annotated[float | None, typer.Option("--duration", min=0.001, help="Measured simulated seconds [60].")]
-WarmupOpt = Annotated[float | None, typer.Option("--warmup", min=0, help="Simulated seconds excluded first [10].")]
+WarmupOpt = Annotated[
+    float | None, typer.Option("--warmup", min=0, help="Simulated seconds excluded first [10; a trace: 0].")
+]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed [0].")]
 JsonFlagOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 SaveOpt = Annotated[Path | None, typer.Option("--save", help="Also write the result JSON to this file.")]

@@ -9,6 +9,7 @@ message (:func:`load_result`).
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -20,6 +21,7 @@ __all__ = [
     "SCHEMA_HISTORY",
     "SCHEMA_VERSION",
     "AnyResult",
+    "AutoscaleLog",
     "BackOfEnvelope",
     "BatchLogCheck",
     "CalibrationPoint",
@@ -30,6 +32,8 @@ __all__ = [
     "LatencyStats",
     "LoadTestResult",
     "Result",
+    "ScaleAction",
+    "ScaleEvent",
     "SimulationResult",
     "TierStats",
     "load_result",
@@ -43,7 +47,7 @@ SCHEMA_HISTORY = {
     2: "loadtest latency CDFs (measured and simulated) per tier; calibrate results",
     3: "loadtest batch_log_check (the simulation re-run with the batch times the server logged during the run)",
     4: "one latency summary everywhere: a loadtest's measured_ms/simulated_ms carry max, mean and the CDF (cdf_ms); "
-    "calibrate's warmup is warmup_batches",
+    "calibrate's warmup is warmup_batches; simulate's autoscale log",
 }
 
 # Percentile points kept for latency CDF plots: fine steps in the tail where SLOs live.
@@ -91,6 +95,30 @@ class TimeSeries(_Model):
     load_factor: list[float]
 
 
+class ScaleAction(StrEnum):
+    ORDERED = "ordered"  # the autoscaler provisioned a GPU; it serves after the cold start
+    SERVING = "serving"  # a provisioned GPU finished its cold start
+    RELEASED = "released"  # the autoscaler scaled down by one GPU
+
+
+class ScaleEvent(_Model):
+    t_s: float
+    action: ScaleAction
+    gpus_up: int = Field(description="GPUs serving after the event")
+    gpus_cold: int = Field(description="GPUs cold-starting after the event")
+
+
+class AutoscaleLog(_Model):
+    """What the autoscaler did during a run (all of it, warm-up included: a cold start spans both)."""
+
+    events: list[ScaleEvent]
+    peak_gpus: int = Field(description="most GPUs serving at once")
+    peak_load_factor: float = Field(description="highest load_factor the time-series monitor saw")
+    scale_up_load: float = Field(description="the policy's trigger")
+    scale_up_after_s: float = Field(description="how long the load must stay above the trigger")
+    longest_above_s: float = Field(description="the longest the load stayed above the trigger")
+
+
 class SimulationResult(LatencyStats):
     kind: Literal["simulate"] = "simulate"
     schema_version: int = SCHEMA_VERSION
@@ -113,6 +141,7 @@ class SimulationResult(LatencyStats):
     per_tier: dict[str, TierStats]
     intervals: dict[str, Interval] = Field(default_factory=dict)
     timeseries: TimeSeries | None = None
+    autoscale: AutoscaleLog | None = Field(default=None, description="set when the run had autoscaling on")
 
 
 class BackOfEnvelope(_Model):

@@ -11,11 +11,13 @@ from enum import Enum
 
 from ..core.schema import (
     AnyResult,
+    AutoscaleLog,
     BatchLogCheck,
     CalibrationResult,
     CapacityResult,
     LatencyStats,
     LoadTestResult,
+    ScaleAction,
     SimulationResult,
 )
 
@@ -106,21 +108,53 @@ def _simulation(r: SimulationResult) -> Summary:
                 ],
             )
         )
-    window = f"{r.duration_s:g} s measured after {r.warmup_s:g} s warm-up, seed {r.seed}"
+    window = f"{r.duration_s:.4g} s measured after {r.warmup_s:g} s warm-up, seed {r.seed}"
     window += f", {r.replications} runs" if r.replications > 1 else ""
+    facts = [
+        ("offered", f"{r.offered_rps:,.0f} req/s" + (f" (base {r.rps:,.0f})" if r.rps else "")),
+        ("throughput", f"{r.throughput_rps:,.0f} req/s"),
+        ("load_factor", f"{r.load_factor:.2f}  (offered / full-batch capacity)"),
+        ("gpu_busy", f"{r.gpu_busy:.2f}  (share of GPU time running batches)"),
+        ("mean batch", f"{r.mean_batch_size:.1f} over {r.batches:,} batches"),
+        ("window", window + ("" if r.overlap else ", no overlap")),
+    ]
+    if r.autoscale is not None:
+        facts.append(("autoscaler", _autoscale_fact(r.autoscale)))
+        if r.autoscale.events:
+            tables.append(
+                Table(
+                    "Autoscaler decisions",
+                    ["time (s)", "action", "GPUs serving", "GPUs cold-starting"],
+                    [[f"{e.t_s:,.0f}", e.action.value, str(e.gpus_up), str(e.gpus_cold)] for e in r.autoscale.events],
+                )
+            )
     return Summary(
         title="infer-plan simulate",
-        headline=f"{r.gpus} GPUs at {r.offered_rps:,.0f} req/s offered: P95 {_ms(r.p95_ms)} ms",
-        facts=[
-            ("offered", f"{r.offered_rps:,.0f} req/s (base {r.rps:,.0f})"),
-            ("throughput", f"{r.throughput_rps:,.0f} req/s"),
-            ("load_factor", f"{r.load_factor:.2f}  (offered / full-batch capacity)"),
-            ("gpu_busy", f"{r.gpu_busy:.2f}  (share of GPU time running batches)"),
-            ("mean batch", f"{r.mean_batch_size:.1f} over {r.batches:,} batches"),
-            ("window", window + ("" if r.overlap else ", no overlap")),
-        ],
+        headline=f"{_gpus(r.gpus)} at {r.offered_rps:,.0f} req/s offered: P95 {_ms(r.p95_ms)} ms",
+        facts=facts,
         tables=tables,
     )
+
+
+def _autoscale_fact(log: AutoscaleLog) -> str:
+    ordered = [e for e in log.events if e.action is ScaleAction.ORDERED]
+    serving = [e for e in log.events if e.action is ScaleAction.SERVING]
+    released = sum(e.action is ScaleAction.RELEASED for e in log.events)
+    if not ordered and not released:
+        return (
+            f"on; no change: the load stayed above {log.scale_up_load:.0%} for {log.longest_above_s:.0f} s at most "
+            f"and the policy waits {log.scale_up_after_s:.0f} s (peak load_factor {log.peak_load_factor:.2f})"
+        )
+    parts = [f"ordered {_gpus(len(ordered))}" + (f", first at {ordered[0].t_s:,.0f} s" if ordered else "")]
+    if serving:
+        parts.append(f"first serving at {serving[0].t_s:,.0f} s after its cold start")
+    if released:
+        parts.append(f"released {_gpus(released)}")
+    return "; ".join([*parts, f"peak {_gpus(log.peak_gpus)} serving"])
+
+
+def _gpus(n: int | None) -> str:
+    return f"{n} GPU" if n == 1 else f"{n} GPUs"
 
 
 def _capacity(r: CapacityResult) -> Summary:

@@ -9,16 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import logging
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
+from .access_log import AccessLog
 from .backends.base import Backend
 from .config import ServerConfig
-from .errors import CLIENT_GONE, ErrorMiddleware
+from .errors import ErrorMiddleware
 from .gateway import internal_routes, public_routes
 from .gpu_pool import GpuPool
 from .keys import KeyStore
@@ -30,51 +28,13 @@ from .state import ServerState
 __all__ = ["STATE", "build_apps", "make_state"]
 
 STATE = web.AppKey("state", ServerState)
-access_log = logging.getLogger("infer_plan.access")
-
-
-class JsonAccessLogger(AbstractAccessLogger):
-    """One JSON object per request: no key, no input text, only what operators need."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        if request.get(CLIENT_GONE):
-            return  # the middleware logged it once, as a client disconnect
-        self.logger.info(
-            "%s",
-            _LazyJson(
-                {
-                    "method": request.method,
-                    "path": request.path,
-                    "status": response.status,
-                    "ms": round(time * 1000.0, 3),
-                    "tier": request.get("tier"),
-                    "remote": request.remote,
-                    "bytes": response.body_length,
-                }
-            ),
-        )
-
-    @property
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
-
-
-class _LazyJson:
-    """Formats only if a handler actually emits the record."""
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: dict) -> None:
-        self.data = data
-
-    def __str__(self) -> str:
-        return json.dumps(self.data, separators=(",", ":"))
 
 
 def make_state(config: ServerConfig) -> ServerState:
     keys = KeyStore.load(config.keys_file)
     backend = Backend.create(config.backend, config.model, config.backend_options)
-    return ServerState(config=config, keys=keys, backend=backend)
+    access_log = AccessLog() if config.access_log else None
+    return ServerState(config=config, keys=keys, backend=backend, access_log=access_log)
 
 
 async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -104,6 +64,16 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         await state.backend.close()
 
 
+async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
+    access_log = app[STATE].access_log
+    task = asyncio.create_task(access_log.run(), name="access-log") if access_log is not None else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
 def _client_max_size(config: ServerConfig, inputs: int = 1) -> int:
     # Room for JSON escaping of the largest allowed input (up to 6 bytes per char for \uXXXX) plus fields.
     return inputs * (config.model.max_input_bytes * 6 + 64) + 4096
@@ -116,6 +86,7 @@ def build_apps(state: ServerState) -> tuple[web.Application, web.Application]:
     public[STATE] = state
     public.add_routes(public_routes(state))
     public.cleanup_ctx.append(_engine_ctx)
+    public.cleanup_ctx.append(_access_log_ctx)
     internal = web.Application(
         middlewares=[errors], client_max_size=_client_max_size(state.config, state.config.model.max_batch)
     )

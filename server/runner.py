@@ -19,7 +19,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from ..core.errors import UsageError
-from .app import JsonAccessLogger, build_apps, make_state
+from .access_log import JsonAccessLogger
+from .app import build_apps, make_state
 from .config import ServerConfig
 
 __all__ = ["Listening", "bind", "run_server", "serve"]
@@ -97,7 +98,7 @@ async def serve(
     public_runner = web.AppRunner(
         public_app,
         access_log_class=JsonAccessLogger,
-        access_log=logging.getLogger("infer_plan.access") if config.access_log else None,
+        access_log=state.access_log,  # type: ignore[arg-type]  (aiohttp hands it to JsonAccessLogger as is)
         handle_signals=False,
     )
     internal_runner = web.AppRunner(internal_app, access_log=None, handle_signals=False)
@@ -151,6 +152,8 @@ async def serve(
                 loop.remove_signal_handler(sig)
         await internal_runner.cleanup()
         await public_runner.cleanup()
+        if state.access_log is not None:
+            state.access_log.flush()  # requests answered while the listeners closed
 
 
 def run_server(config: ServerConfig, on_ready: Callable[[Listening], None] | None = None) -> None:

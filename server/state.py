@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .access_log import AccessLog
 from .backends.base import Backend
 from .config import ServerConfig
 from .gpu_pool import GpuPool
@@ -20,6 +21,7 @@ class ServerState:
     keys: KeyStore
     backend: Backend
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
+    access_log: AccessLog | None = None
     queue: TierQueue | None = None  # both made inside the running loop by the app's cleanup context
     pool: GpuPool | None = None
     ready: bool = False

@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -88,25 +89,23 @@ def generate_arrivals(
 
 
 def load_trace(path: Path, default_tier: Tier = Tier.FREE) -> Arrivals:
-    """Replay a trace: CSV with a ``timestamp`` (or ``t``) column and optional ``tier``, or JSONL.
+    """Replay a trace: CSV or JSONL rows of a timestamp in seconds and an optional tier.
 
-    Timestamps are seconds (epoch or relative); they are shifted so the first is 0.
+    CSV with a header names its columns ``timestamp`` (or ``t``) and ``tier``; CSV without
+    one has the seconds in the first column and the tier, if any, in the second. JSONL
+    rows are objects with the same keys. Timestamps may be epoch or relative; they are
+    shifted so the first is 0. A row without a tier is ``default_tier``.
     """
     if not path.is_file():
         raise ConfigError(f"trace file not found: {path}")
-    rows: list[tuple[float, int]] = []
     try:
-        if path.suffix.lower() in {".jsonl", ".ndjson"}:
-            with path.open(encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if line.strip():
-                        rows.append(_trace_row(json.loads(line), default_tier, path, lineno))
-        else:
-            with path.open(encoding="utf-8", newline="") as fh:
-                for lineno, record in enumerate(csv.DictReader(fh), 2):
-                    rows.append(_trace_row(record, default_tier, path, lineno))
-    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as err:
-        raise ConfigError(f"{path}: not a readable trace ({err})") from err
+        with path.open(encoding="utf-8", newline="") as fh:
+            if path.suffix.lower() in {".jsonl", ".ndjson"}:
+                rows = [_json_row(line, n, default_tier, path) for n, line in enumerate(fh, 1) if line.strip()]
+            else:
+                rows = _csv_rows(fh, default_tier, path)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text trace ({err})") from err
     if not rows:
         raise ConfigError(f"{path}: the trace holds no requests")
     data = np.array(rows, dtype=np.float64)
@@ -115,17 +114,58 @@ def load_trace(path: Path, default_tier: Tier = Tier.FREE) -> Arrivals:
     return Arrivals(times=times, tiers=data[order, 1].astype(np.int8))
 
 
-def _trace_row(record: object, default_tier: Tier, path: Path, lineno: int) -> tuple[float, int]:
+def _csv_rows(fh: TextIO, default_tier: Tier, path: Path) -> list[tuple[float, int]]:
+    try:
+        lines = [(n, row) for n, row in enumerate(csv.reader(fh), 1) if row and any(cell.strip() for cell in row)]
+    except csv.Error as err:
+        raise ConfigError(f"{path}: not a readable CSV trace ({err})") from err
+    if not lines:
+        return []
+    first = [cell.strip().lower() for cell in lines[0][1]]
+    if _is_number(first[0]):  # no header: seconds, then an optional tier
+        return [_trace_row(row[0], row[1] if len(row) > 1 else None, default_tier, path, n) for n, row in lines]
+    stamp = next((i for i, name in enumerate(first) if name in ("timestamp", "t")), None)
+    if stamp is None:
+        raise ConfigError(
+            f"{path}:1: expected seconds in the first column, or a header naming a 'timestamp' column, "
+            f"got {lines[0][1][0]!r}"
+        )
+    tier = first.index("tier") if "tier" in first else None
+    return [
+        _trace_row(_cell(row, stamp), _cell(row, tier) if tier is not None else None, default_tier, path, n)
+        for n, row in lines[1:]
+    ]
+
+
+def _json_row(line: str, lineno: int, default_tier: Tier, path: Path) -> tuple[float, int]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}:{lineno}: not a JSON object ({err.msg})") from None
     if not isinstance(record, dict):
-        raise ConfigError(f"{path}:{lineno}: expected an object with a timestamp")
-    raw = record.get("timestamp", record.get("t"))
+        raise ConfigError(f'{path}:{lineno}: expected an object like {{"timestamp": 1.5, "tier": "paid"}}')
+    return _trace_row(record.get("timestamp", record.get("t")), record.get("tier"), default_tier, path, lineno)
+
+
+def _cell(row: list[str], i: int) -> str | None:
+    return row[i] if i < len(row) else None
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _trace_row(raw: object, tier_name: object, default_tier: Tier, path: Path, lineno: int) -> tuple[float, int]:
     try:
         stamp = float(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ConfigError(f"{path}:{lineno}: timestamp {raw!r} is not a number of seconds") from None
+        raise ConfigError(f"{path}:{lineno}: expected a timestamp in seconds, got {raw!r}") from None
     if not np.isfinite(stamp):
-        raise ConfigError(f"{path}:{lineno}: timestamp must be finite")
-    tier_name = record.get("tier")
+        raise ConfigError(f"{path}:{lineno}: expected a finite timestamp in seconds, got {raw!r}")
     try:
         tier = Tier.parse(str(tier_name)) if tier_name not in (None, "") else default_tier
     except ValueError as err:

@@ -17,7 +17,6 @@ change the fleet and interrupt the dispatcher so it re-plans at once.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -30,6 +29,7 @@ from ..core.dispatch import EPS as _EPS
 from ..core.dispatch import Take, decide, take_by_priority
 from ..core.model import ServiceModel
 from ..core.records import Outcome, RequestRecords
+from ..core.schema import ScaleAction, ScaleEvent
 from ..core.tiers import Tier
 from .arrivals import Arrivals
 
@@ -59,6 +59,8 @@ class EngineOutput:
     batch_size: np.ndarray
     up_changes: np.ndarray  # (time, GPUs up) after each change, first row at t=0
     timeseries: dict[str, np.ndarray] = field(default_factory=dict)
+    scale_events: list[ScaleEvent] = field(default_factory=list)
+    longest_above_s: float = 0.0
 
 
 class _Engine:
@@ -81,6 +83,8 @@ class _Engine:
         self.tiers = arrivals.tiers
         self.n = arrivals.times.size
         self.rule = model.dispatch_rule
+        # The cycle formula tabulated once per batch size: looked up per batch, it costs nothing.
+        self.hold_s = [model.batch_hold_ms(size) / 1000.0 for size in range(model.max_batch + 1)]
         self.max_batch = model.max_batch
         self.max_wait_s = model.max_wait_ms / 1000.0
         self.shared_queue_s = model.shared_queue_ms / 1000.0  # answers reach the client this much after the batch
@@ -116,6 +120,8 @@ class _Engine:
         self.b_end: list[float] = []
         self.b_size: list[int] = []
         self.up_changes: list[tuple[float, int]] = [(0.0, gpus)]
+        self.scale_events: list[ScaleEvent] = []  # the autoscaler's decisions, for the report
+        self.longest_above_s = 0.0  # the longest the autoscaler saw its load above the scale-up trigger
         self.dispatcher: simpy.Process | None = None
 
     # -- queue bookkeeping ---------------------------------------------------------------
@@ -141,24 +147,27 @@ class _Engine:
         mask = None if all_in else admit_burst(self.tiers[start:stop], depth, thresholds)[0]
         if mask is not None:
             self.admitted[start:stop] = mask
-        for k in range(_N_TIERS):
-            ids = self.tier_ids[k]
-            lo = self.tier_pos[k]
+        tier_pos, tail, queued = self.tier_pos, self.tail, 0
+        for k, ids in enumerate(self.tier_ids):
+            lo = tier_pos[k]
             hi = int(ids.searchsorted(stop))
             if hi == lo:
                 continue
-            self.tier_pos[k] = hi
+            tier_pos[k] = hi
             chunk = ids[lo:hi] if mask is None else ids[lo:hi][mask[ids[lo:hi] - start]]
-            t = self.tail[k]
+            t = tail[k]
             self.queue[k][t : t + chunk.size] = chunk
-            self.tail[k] = t + chunk.size
-            self.queued += chunk.size
+            tail[k] = t + chunk.size
+            queued += chunk.size
+        self.queued += queued
 
     def records(self) -> RequestRecords:
-        """The run's per-request records: every request REJECTED, FAILED, OK, or PENDING if no GPU ever served it."""
-        outcome = np.where(np.isnan(self.completion), Outcome.PENDING, Outcome.OK).astype(np.int8)
-        outcome[~self.admitted] = Outcome.REJECTED
-        outcome[self.failed] = Outcome.FAILED
+        """The run's per-request records: each REJECTED, FAILED, OK, or PENDING if no GPU ever served it."""
+        outcome = np.where(self.admitted, np.int8(Outcome.OK), np.int8(Outcome.REJECTED))
+        if self.track_running:  # only a GPU failure fails a request
+            outcome[self.failed] = Outcome.FAILED
+        if self.queued:  # the run ended with requests no GPU took (the whole fleet down)
+            outcome[self.admitted & np.isnan(self.completion)] = Outcome.PENDING
         return RequestRecords(tier=self.tiers, scheduled=self.times, finished=self.completion, outcome=outcome)
 
     def next_arrival_time(self) -> float:
@@ -190,18 +199,18 @@ class _Engine:
     def take_batch(self, now: float, gpu: int, taken_at: float, n: int) -> None:
         """Take ``n`` queued requests by priority and run them on ``gpu``."""
         parts: list[np.ndarray] = []
-        depths = [self.tail[k] - self.head[k] for k in range(_N_TIERS)]
-        for k, m in enumerate(take_by_priority(depths, n)):
-            if m > 0:
-                h = self.head[k]
+        head, tail = self.head, self.tail
+        for k, m in enumerate(take_by_priority((tail[0] - head[0], tail[1] - head[1], tail[2] - head[2]), n)):
+            if m:
+                h = head[k]
                 parts.append(self.queue[k][h : h + m])
-                self.head[k] = h + m
+                head[k] = h + m
         size = n
         self.queued -= size
         if size == 0:
             self.free_at[gpu] = now
             return
-        hold = self.model.batch_hold_ms(size) / 1000.0
+        hold = self.hold_s[size]
         if self.jitter_rng is not None:
             hold *= float(np.interp(self.jitter_rng.random(), self.jitter_u, self.jitter_q))
         done = now + hold
@@ -228,8 +237,9 @@ class _Engine:
         while True:
             gpu = self.free_gpu(now)
             queued = self.queued
-            decision = decide(self.rule, queued, self.oldest_arrival(), now, gpu >= 0)
-            if isinstance(decision, Take):
+            oldest = self.oldest_arrival() if queued and gpu >= 0 else math.inf  # decide() reads it only then
+            decision = decide(self.rule, queued, oldest, now, gpu >= 0)
+            if type(decision) is Take:
                 self.take_batch(now, gpu, now, decision.n)
                 continue
             # Look ahead: the engine knows the arrivals to come, so it sleeps past every
@@ -276,8 +286,10 @@ class _Engine:
                     return
                 # Work is queued but no GPU serves: wait for the fleet to change (poke).
                 wake = now + self.horizon_s + 3600.0
-            with contextlib.suppress(simpy.Interrupt):  # a poke: the fleet changed, re-plan now
-                yield env.timeout(max(0.0, wake - now))
+            try:  # noqa: SIM105  (contextlib.suppress would build an object per batch on this hot loop)
+                yield env.timeout(wake - now if wake > now else 0.0)
+            except simpy.Interrupt:  # a poke: the fleet changed, re-plan now
+                pass
 
     def poke(self) -> None:
         """Make the dispatcher re-plan now (the fleet changed)."""
@@ -310,8 +322,10 @@ class _Engine:
         self.state.append(GpuState.COLD)
         self.free_at.append(math.inf)
         self.running.append(None)
+        self.log_scaling(ScaleAction.ORDERED)
         yield self.env.timeout(self.model.cold_start_s)
         self.set_state(gpu, GpuState.UP)
+        self.log_scaling(ScaleAction.SERVING)
         if self.model.faults.mtbf_s is not None:
             self.env.process(self.gpu_faults(gpu))
 
@@ -329,6 +343,7 @@ class _Engine:
             fleet = sum(1 for s in self.state if s in (GpuState.UP, GpuState.COLD))
             if load_factor(rate, max(fleet, 1)) > policy.scale_up_load and fleet < policy.max_gpus:
                 above_since = now if above_since is None else above_since
+                self.longest_above_s = max(self.longest_above_s, now - above_since)
                 if now - above_since >= policy.scale_up_after_s - _EPS:
                     env.process(self.provision())
                     above_since = None
@@ -350,6 +365,11 @@ class _Engine:
             gpu = min(up, key=lambda g: self.free_at[g])
             self.windows = [w for w in self.windows if w[1] != gpu]
             self.set_state(gpu, GpuState.RETIRED)
+            self.log_scaling(ScaleAction.RELEASED)
+
+    def log_scaling(self, action: ScaleAction) -> None:
+        cold = sum(1 for s in self.state if s is GpuState.COLD)
+        self.scale_events.append(ScaleEvent(t_s=self.env.now, action=action, gpus_up=self.n_up, gpus_cold=cold))
 
     def monitor(self, samples: dict[str, list[float]]):  # SimPy process
         env = self.env
@@ -403,4 +423,6 @@ def simulate_arrivals(
         batch_size=np.asarray(engine.b_size, dtype=np.int64),
         up_changes=np.asarray(engine.up_changes, dtype=np.float64),
         timeseries={k: np.asarray(v) for k, v in samples.items()},
+        scale_events=engine.scale_events,
+        longest_above_s=engine.longest_above_s,
     )

@@ -13,7 +13,7 @@ from scipy import stats
 
 from ..core.model import ServiceModel
 from ..core.records import Outcome
-from ..core.schema import Interval, SimulationResult, TierStats, TimeSeries
+from ..core.schema import AutoscaleLog, Interval, SimulationResult, TierStats, TimeSeries
 from ..core.stats import latency_stats
 from ..core.tiers import Tier
 from .engine import EngineOutput
@@ -90,6 +90,16 @@ def summarise(
     ts = None
     if keep_timeseries and out.timeseries:
         ts = TimeSeries(**{k: v.tolist() for k, v in out.timeseries.items()})
+    autoscale = None
+    if model.autoscale.enabled:
+        autoscale = AutoscaleLog(
+            events=out.scale_events,
+            peak_gpus=int(out.up_changes[:, 1].max()),
+            peak_load_factor=float(out.timeseries["load_factor"].max()) if out.timeseries else 0.0,
+            scale_up_load=model.autoscale.scale_up_load,
+            scale_up_after_s=model.autoscale.scale_up_after_s,
+            longest_above_s=out.longest_above_s,
+        )
     return SimulationResult(
         gpus=gpus,
         rps=rps,
@@ -108,5 +118,6 @@ def summarise(
         batches=int(in_window.sum()),
         per_tier=per_tier,
         timeseries=ts,
+        autoscale=autoscale,
         **latency_stats(latency_ms[served], cdf=False).model_dump(),
     )

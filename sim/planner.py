@@ -188,7 +188,7 @@ def plan_capacity(
         neighbours=table,
         search_limit=limit,
         duration_s=settings.duration_s,
-        warmup_s=settings.warmup_s,
+        warmup_s=settings.warmup_for(workload),
         seed=settings.seed,
         overlap=model.overlap,
         sweep=sweep_capacity(model, sweep_rates, settings, constraints, max_gpus, progress) if sweep_rates else None,

@@ -21,7 +21,9 @@ from .engine import simulate_arrivals
 from .metrics import interval, summarise
 from .schedule import RateSchedule
 
-__all__ = ["RunSettings", "Workload", "run_simulation"]
+__all__ = ["DEFAULT_WARMUP_S", "RunSettings", "Workload", "run_simulation"]
+
+DEFAULT_WARMUP_S = 10.0
 
 # Metrics whose spread across replications is reported as intervals.
 _INTERVAL_KEYS = ("p50_ms", "p95_ms", "p99_ms", "throughput_rps", "rejected_fraction", "gpu_busy", "mean_batch_size")
@@ -45,16 +47,24 @@ class RunSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     duration_s: float = Field(default=60.0, gt=0, description="measured period")
-    warmup_s: float = Field(default=10.0, ge=0, description="simulated before the measured period, excluded")
+    warmup_s: float | None = Field(
+        default=None, ge=0, description="simulated before the measured period, excluded; None: 10 s, 0 for a trace"
+    )
     seed: int = 0
     replications: int = Field(default=1, ge=1, le=1000)
     sample_every_s: float | None = Field(default=None, gt=0)
+
+    def warmup_for(self, workload: Workload) -> float:
+        """The warm-up actually used: as given, else none for a trace (it is the window) and 10 s for a rate."""
+        if self.warmup_s is not None:
+            return self.warmup_s
+        return 0.0 if workload.trace is not None else DEFAULT_WARMUP_S
 
 
 def make_arrivals(model: ServiceModel, workload: Workload, settings: RunSettings, seed: int) -> Arrivals:
     if workload.trace is not None:
         return load_trace(workload.trace)
-    horizon = settings.warmup_s + settings.duration_s
+    horizon = settings.warmup_for(workload) + settings.duration_s
     rng = np.random.default_rng(seed)
     return generate_arrivals(workload.schedule, horizon, model.tier_shares, rng, workload.arrival)
 
@@ -63,27 +73,30 @@ def _one_run(
     model: ServiceModel, workload: Workload, settings: RunSettings, gpus: int, seed: int, keep_timeseries: bool
 ) -> SimulationResult:
     arrivals = make_arrivals(model, workload, settings, seed)
-    duration = settings.duration_s
-    if workload.trace is not None:
-        # A trace sets its own length: measure everything after the warm-up.
-        duration = arrivals.end_s - settings.warmup_s
-        if duration <= 0:
-            raise UsageError(
-                f"the trace lasts {arrivals.end_s:.1f} s, not longer than the warm-up of {settings.warmup_s:g} s",
-                field="warmup_s",
-            )
-    horizon = settings.warmup_s + duration
+    warmup = settings.warmup_for(workload)
+    duration = settings.duration_s if workload.trace is None else _trace_window(arrivals) - warmup
+    if duration <= 0:
+        raise UsageError(
+            f"the trace lasts {arrivals.end_s:.1f} s, not longer than the warm-up of {warmup:g} s", field="warmup_s"
+        )
+    horizon = warmup + duration
     out = simulate_arrivals(model, arrivals, gpus, seed=seed, horizon_s=horizon, sample_every_s=settings.sample_every_s)
     return summarise(
         out,
         model,
         gpus=gpus,
         rps=workload.schedule.rps,
-        warmup_s=settings.warmup_s,
+        warmup_s=warmup,
         duration_s=duration,
         seed=seed,
         keep_timeseries=keep_timeseries,
     )
+
+
+def _trace_window(arrivals: Arrivals) -> float:
+    """A trace's length: to one mean gap past its last request (so the last one counts), or 1 s for one request."""
+    n = len(arrivals)
+    return arrivals.end_s * n / (n - 1) if n > 1 and arrivals.end_s > 0 else 1.0
 
 
 def run_simulation(
