@@ -90,7 +90,8 @@ def run_pinned(cmd: list[str], log: Path) -> subprocess.Popen:
 
 
 def servers(python: str, label: str, scenario: Path) -> dict[str, list[str]]:
-    serve = [python, "-m", "infer_plan.cli", "serve", "--gpus", "4", "--scenario", str(scenario)]
+    serve = [python, "-m", "infer_plan.cli", "serve", "--gpus", "4", "--internal-port", "0"]
+    serve += ["--scenario", str(scenario)]
     return {f"{label}serve (access log)": serve, f"{label}serve --no-access-log": [*serve, "--no-access-log"]}
 
 
@@ -108,9 +109,13 @@ def throughput(repeats: int, seconds: int, tmp: Path, baseline: str | None) -> d
     for _ in range(repeats):
         for name, cmd in commands.items():
             port = free_port()
-            proc = run_pinned([*cmd, str(port)] if "bare" in name else [*cmd, "--port", str(port)], tmp / "server.log")
+            log = tmp / "server.log"
+            proc = run_pinned([*cmd, str(port)] if "bare" in name else [*cmd, "--port", str(port)], log)
             try:
-                wait_listening(port)
+                try:
+                    wait_listening(port)
+                except RuntimeError as err:
+                    raise RuntimeError(f"{name}: {err}; its log ends: {log.read_text()[-1500:]}") from None
                 wrk_rps(port, 1, script)  # warm-up
                 rates[name].append(wrk_rps(port, seconds, script))
             finally:

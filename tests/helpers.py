@@ -16,7 +16,9 @@ DEV_KEYS = {0: "dev-enterprise", 1: "dev-paid", 2: "dev-free"}
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, timeout: float = 240, env: dict[str, str] | None = None, cwd: Path = REPO
+) -> subprocess.CompletedProcess:
     """``infer-plan ARGS`` in a child process, output captured, bounded in time."""
     return subprocess.run(
         [sys.executable, "-m", "infer_plan.cli", *args],
@@ -24,7 +26,7 @@ def run_cli(*args: str, timeout: float = 240, env: dict[str, str] | None = None)
         capture_output=True,
         text=True,
         timeout=timeout,
-        cwd=REPO,
+        cwd=cwd,
         env={**os.environ, **(env or {})},
     )
 

@@ -134,3 +134,29 @@ def test_capacity_impossible_constraint_exits_1():
     proc = run("capacity", "--rps", "1000", "--slo-p95-ms", "50", "--max-gpus", "4", "--duration", "5")
     assert proc.returncode == 1
     assert "No GPU count" in proc.stdout
+
+
+def test_autoscale_prints_its_decisions_and_the_cold_start():
+    proc = run("simulate", "--rps", "5000", "--gpus", "8", "--spike", "1.5:60:900", "--autoscale", "--duration", "1200")
+    assert proc.returncode == 0, proc.stderr
+    assert "autoscaler" in proc.stdout and "Autoscaler decisions" in proc.stdout
+    data = json.loads(
+        run(
+            "simulate", "--rps", "5000", "--gpus", "8", "--spike", "1.5:60:900", "--autoscale", "--duration", "1200",
+            "--json",
+        ).stdout
+    )  # fmt: skip
+    events = data["autoscale"]["events"]
+    ordered = [e["t_s"] for e in events if e["action"] == "ordered"]
+    serving = [e["t_s"] for e in events if e["action"] == "serving"]
+    # Load above 80% from the spike at 60 s; the policy waits 120 s, then each GPU cold-starts 300 s.
+    assert 60 + 120 <= ordered[0] <= 60 + 120 + 10
+    assert serving == pytest.approx([t + 300 for t in ordered])
+    assert data["autoscale"]["peak_gpus"] == 8 + len(ordered)
+
+
+def test_autoscale_that_never_fires_says_why():
+    proc = run("simulate", "--rps", "5000", "--gpus", "8", "--spike", "3:120:60", "--autoscale", "--duration", "300")
+    assert proc.returncode == 0, proc.stderr
+    flat = " ".join(proc.stdout.split())
+    assert "no change: the load stayed above 80% for" in flat and "the policy waits 120 s" in flat

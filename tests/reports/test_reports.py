@@ -84,7 +84,9 @@ def test_report_renders_markdown_and_html_with_the_numbers_and_plots(saved, kind
         assert number in markdown, (number, markdown)
         assert number in html, number
     assert re.search(r"^\| .+ \|$", markdown, re.MULTILINE) and "|---:" in markdown
-    assert done.stdout.strip()  # and the terminal rendering
+    assert not done.stdout.strip() and f"wrote {page}" in done.stderr  # files asked for: no terminal tables
+    terminal = cli("report", str(saved[kind]))
+    assert terminal.returncode == 0 and expected_numbers(kind, data)[0] in terminal.stdout
 
     # Self-contained: plotly inlined once, nothing fetched.
     assert "<script src=" not in html and html.count('class="plotly-graph-div"') == len(FIGURE_TITLES[kind])

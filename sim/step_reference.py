@@ -1,0 +1,125 @@
+"""A slow, obviously-correct model of continuous batching: one SimPy process per request, one step at a time.
+
+This is how one would first write it: each request arrives, is admitted or shed by the
+zones on the waiting depth, and waits in its tier; each GPU is a process that, before
+every step, admits waiting requests by tier while a sequence slot and KV room remain,
+runs one step over its sequences (prefill chunks within the token budget, one token per
+sequence), and lets finished ones go. It shares nothing with the fast engine but the
+service model and the zones, and tests hold the fast engine to it request by request.
+It covers the fleet without failures or autoscaling.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import simpy
+
+from ..core.admission import zone_admits
+from ..core.model import ServiceModel
+from ..core.tiers import Tier
+
+__all__ = ["ReferenceTokens", "simulate_steps_reference"]
+
+
+@dataclass
+class ReferenceTokens:
+    admitted: np.ndarray  # bool
+    first_token: np.ndarray  # float64 seconds; nan when shed
+    finished: np.ndarray
+    gaps: list[float]  # every inter-token gap of every request, in seconds
+
+
+@dataclass
+class _Seq:
+    i: int
+    prefill_left: int
+    out_left: int
+    last_token: float = float("nan")
+    chunk: int = 0
+
+
+def simulate_steps_reference(
+    model: ServiceModel, times: np.ndarray, tiers: np.ndarray, prompt: np.ndarray, output: np.ndarray, gpus: int
+) -> ReferenceTokens:
+    env = simpy.Environment()
+    n = times.size
+    admitted = np.ones(n, dtype=bool)
+    first_token = np.full(n, np.nan)
+    finished = np.full(n, np.nan)
+    gaps: list[float] = []
+    waiting: list[deque[int]] = [deque() for _ in Tier]
+    thresholds = model.backpressure.thresholds(gpus, model.max_num_seqs)
+    kv_budget = model.kv_cache_tokens if model.kv_cache_tokens is not None else float("inf")
+    signal = {"work": env.event()}
+
+    def request(i: int):
+        depth = sum(len(q) for q in waiting)
+        if not zone_admits(int(tiers[i]), depth, thresholds):
+            admitted[i] = False
+            return
+        waiting[int(tiers[i])].append(i)
+        if not signal["work"].triggered:
+            signal["work"].succeed()
+        yield env.timeout(0)
+
+    def source():
+        for i in range(n):
+            if times[i] > env.now:
+                yield env.timeout(times[i] - env.now)
+            env.process(request(i))
+
+    def gpu():
+        running: list[_Seq] = []
+        kv = 0
+        while True:
+            while len(running) < model.max_num_seqs:
+                tier = next((t for t in range(len(waiting)) if waiting[t]), None)
+                if tier is None:
+                    break
+                i = waiting[tier][0]
+                if kv + prompt[i] + output[i] > kv_budget:
+                    break  # the first that does not fit blocks the rest
+                waiting[tier].popleft()
+                running.append(_Seq(i, int(prompt[i]), int(output[i])))
+                kv += int(prompt[i] + output[i])
+            if not running:
+                work = signal["work"] = env.event() if signal["work"].triggered else signal["work"]
+                yield work
+                continue
+            budget = model.max_batched_tokens
+            in_step = []
+            for seq in running:
+                seq.chunk = 0
+                if seq.prefill_left > 0:
+                    seq.chunk = min(seq.prefill_left, budget)
+                    budget -= seq.chunk
+                    if seq.chunk == 0:
+                        continue
+                in_step.append(seq)
+            prefill = sum(seq.chunk for seq in in_step)
+            yield env.timeout(model.step_ms(prefill, len(in_step)) / 1000.0)
+            now = env.now
+            for seq in in_step:
+                if seq.chunk:
+                    seq.prefill_left -= seq.chunk
+                    if seq.prefill_left > 0:
+                        continue  # more chunks to go: no token yet
+                    first_token[seq.i] = now
+                else:
+                    gaps.append(now - seq.last_token)
+                seq.last_token = now
+                seq.out_left -= 1
+                if seq.out_left == 0:
+                    finished[seq.i] = now
+            for seq in [s for s in running if s.out_left == 0]:
+                running.remove(seq)
+                kv -= int(prompt[seq.i] + output[seq.i])
+
+    env.process(source())
+    for _ in range(gpus):
+        env.process(gpu())
+    env.run()
+    return ReferenceTokens(admitted, first_token, finished, gaps)

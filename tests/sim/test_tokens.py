@@ -1,0 +1,147 @@
+"""The token-level model (SPEC section 10) against its worked cases and against the step-by-step reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from infer_plan.core import ServiceModel, Tier
+from infer_plan.sim import RateSchedule
+from infer_plan.sim.arrivals import Arrivals, generate_arrivals
+from infer_plan.sim.engine import simulate_arrivals
+from infer_plan.sim.step_reference import simulate_steps_reference
+
+# Coefficients of the step formula: 8 ms a step, 0.05 ms a sequence, 0.02 ms a prompt token.
+TOKENS = {"decode_step_ms": 8.0, "decode_ms_per_seq": 0.05, "prefill_ms_per_token": 0.02}
+
+
+def lone(prompt: int, output: int, at: float = 0.0, tier: Tier = Tier.PAID) -> Arrivals:
+    one = np.ones(1)
+    return Arrivals(
+        times=one * at, tiers=np.array([tier], np.int8), prompt_tokens=(one * prompt).astype(np.int32),
+        output_tokens=(one * output).astype(np.int32),
+    )  # fmt: skip
+
+
+def ms(x: float) -> float:
+    return x / 1000.0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_static_lone_request_is_the_worked_case(stream):
+    model = ServiceModel(**TOKENS)
+    p, o = 300, 20
+    out = simulate_arrivals(model, lone(p, o), gpus=1, stream=stream)
+    step1 = 8.0 + 0.02 * p + 0.05
+    ttft = 40 + 5 + 100 + 0 + step1
+    last = ttft + (o - 1) * (8.0 + 0.05)
+    assert out.records.first_token[0] == pytest.approx(ms(ttft))
+    assert out.records.finished[0] == pytest.approx(ms(last if stream else last + 5))
+    assert out.itl.gaps_ms.tolist() == pytest.approx([8.05])  # every later token one decode step apart
+    assert out.itl.counts.sum() == o - 1
+
+
+def test_static_with_no_token_coefficients_is_todays_cycle():
+    out = simulate_arrivals(ServiceModel(), lone(512, 128), gpus=1)
+    assert out.records.finished[0] == pytest.approx(0.150)  # 40 + 5 + 100 + 5, whatever the lengths
+    assert out.records.first_token[0] == pytest.approx(0.145)
+
+
+def test_a_static_batch_answers_short_and_long_requests_together_unless_streamed():
+    model = ServiceModel(**TOKENS)
+    arrivals = Arrivals(
+        times=np.array([0.0, 0.001]), tiers=np.array([1, 1], np.int8),
+        prompt_tokens=np.array([10, 10], np.int32), output_tokens=np.array([1, 100], np.int32),
+    )  # fmt: skip
+    batch = simulate_arrivals(model, arrivals, gpus=1, stream=False).records
+    assert batch.finished[0] == batch.finished[1]  # the 1-token request waits for the batch's longest
+    streamed = simulate_arrivals(model, arrivals, gpus=1, stream=True).records
+    assert streamed.finished[0] == streamed.first_token[0] < streamed.finished[1]
+
+
+def test_continuous_lone_request_is_the_worked_case():
+    model = ServiceModel(batching="continuous", **TOKENS)
+    p, o = 300, 20
+    out = simulate_arrivals(model, lone(p, o, at=2.5), gpus=1)
+    ttft = 8.0 + 0.02 * p + 0.05
+    assert out.records.first_token[0] == pytest.approx(2.5 + ms(ttft))
+    assert out.records.finished[0] == pytest.approx(2.5 + ms(ttft + (o - 1) * 8.05))
+    assert out.itl.gaps_ms.tolist() == pytest.approx([8.05]) and out.itl.counts.sum() == o - 1
+
+
+@pytest.mark.parametrize(
+    ("rps", "gpus", "extra"),
+    [
+        (20, 1, {}),
+        (60, 2, {}),
+        (40, 1, {"kv_cache_tokens": 3000}),  # KV binds: head-of-line blocking
+        (40, 1, {"max_num_seqs": 3, "max_batched_tokens": 200}),  # chunked prefill, few slots
+        (200, 1, {"max_num_seqs": 8, "backpressure": {"queue_limit": 30}}),  # overload: the zones shed
+    ],
+)
+def test_continuous_engine_matches_the_step_by_step_reference(rps, gpus, extra):
+    model = ServiceModel(batching="continuous", **TOKENS, **extra)
+    rng = np.random.default_rng(rps)
+    arr = generate_arrivals(RateSchedule(rps=rps), 6.0, model.tier_shares, rng)
+    arr = Arrivals(
+        times=arr.times, tiers=arr.tiers, prompt_tokens=rng.integers(20, 600, len(arr)).astype(np.int32),
+        output_tokens=rng.integers(1, 60, len(arr)).astype(np.int32),
+    )  # fmt: skip
+    fast = simulate_arrivals(model, arr, gpus)
+    slow = simulate_steps_reference(
+        model, arr.times, arr.tiers, arr.prompt_tokens, arr.output_tokens, gpus
+    )
+    admitted = fast.records.outcome != 2
+    assert admitted.tolist() == slow.admitted.tolist()
+    np.testing.assert_allclose(fast.records.first_token, slow.first_token, atol=1e-9, equal_nan=True)
+    np.testing.assert_allclose(fast.records.finished, slow.finished, atol=1e-9, equal_nan=True)
+    gaps = np.repeat(fast.itl.gaps_ms, fast.itl.counts.sum(axis=1))
+    np.testing.assert_allclose(np.sort(gaps), np.sort(np.asarray(slow.gaps) * 1000), atol=1e-6)
+    if rps == 200:
+        assert (~admitted).sum() > 10, "the overload case must shed"
+
+
+def test_a_kv_budget_for_exactly_k_sequences_never_runs_k_plus_one():
+    k, p, o = 4, 100, 50
+    model = ServiceModel(batching="continuous", kv_cache_tokens=k * (p + o), **TOKENS)
+    arr = Arrivals(
+        times=np.zeros(12), tiers=np.full(12, 1, np.int8), prompt_tokens=np.full(12, p, np.int32),
+        output_tokens=np.full(12, o, np.int32),
+    )  # fmt: skip
+    rec = simulate_arrivals(model, arr, gpus=1).records
+    events = sorted([(t, 1) for t in rec.first_token] + [(t, -1) for t in rec.finished])
+    running = np.cumsum([d for _, d in events])
+    assert running.max() == k
+
+
+def test_a_prompt_longer_than_the_token_budget_is_prefilled_in_chunks():
+    model = ServiceModel(batching="continuous", max_batched_tokens=256, **TOKENS)
+    out = simulate_arrivals(model, lone(1000, 3), gpus=1)
+    chunks = [256, 256, 256, 232]
+    ttft = sum(8.0 + 0.02 * c + 0.05 for c in chunks)  # the first token comes with the last chunk
+    assert out.records.first_token[0] == pytest.approx(ms(ttft))
+
+
+def test_saturated_continuous_throughput_matches_the_step_formula():
+    model = ServiceModel(batching="continuous", max_num_seqs=64, **TOKENS)
+    rng = np.random.default_rng(0)
+    arr = generate_arrivals(RateSchedule(rps=400), 60.0, model.tier_shares, rng)  # far more than one GPU serves
+    n = len(arr)
+    arr = Arrivals(arr.times, arr.tiers, np.full(n, 1, np.int32), np.full(n, 200, np.int32))
+    model = model.model_copy(update={"backpressure": {"queue_limit": 100_000}})
+    out = simulate_arrivals(model, arr, gpus=1)
+    window = (out.records.finished > 10) & (out.records.finished < 50)
+    tokens_per_s = 200 * window.sum() / 40.0
+    bound = 64 / ms(8.0 + 0.05 * 64)  # a full step of 64 decoding sequences: 64 tokens
+    assert tokens_per_s == pytest.approx(bound, rel=0.02)
+
+
+def test_under_overload_enterprise_sees_the_shortest_ttft():
+    model = ServiceModel(batching="continuous", max_num_seqs=16, **TOKENS)
+    rng = np.random.default_rng(1)
+    arr = generate_arrivals(RateSchedule(rps=160), 60.0, model.tier_shares, rng)
+    n = len(arr)
+    arr = Arrivals(arr.times, arr.tiers, np.full(n, 200, np.int32), np.full(n, 40, np.int32))
+    rec = simulate_arrivals(model, arr, gpus=1).records
+    ttft = (rec.first_token - rec.scheduled) * 1000
+    p95 = {t: np.nanpercentile(ttft[(rec.tier == t) & rec.ok], 95) for t in Tier}
+    assert p95[Tier.ENTERPRISE] < p95[Tier.PAID] < p95[Tier.FREE]

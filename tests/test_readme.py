@@ -1,0 +1,67 @@
+"""The README's commands run as written: every `infer-plan` line of its bash blocks that needs no server,
+in order, in a scratch folder beside the repository's examples; and every console block that shows a
+command's output shows what that command prints today.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO, run_cli
+
+README = (REPO / "README.md").read_text(encoding="utf-8")
+# Commands that start or need a server, a model download or another machine are run by their own tests.
+NEEDS_MORE = {"serve", "loadtest", "tiny-model"}
+
+
+def _blocks(kind: str) -> list[str]:
+    return re.findall(rf"```{kind}\n(.*?)```", README, flags=re.DOTALL)
+
+
+def _needs_more(args: list[str]) -> bool:
+    return args[0] in NEEDS_MORE or (args[0] == "calibrate" and "--backend" in args)
+
+
+def _commands() -> list[list[str]]:
+    commands = []
+    for block in _blocks("bash"):
+        for line in block.splitlines():
+            line = line.split("  #", 1)[0].strip()
+            if line.startswith("infer-plan ") and not _needs_more(args := shlex.split(line)[1:]):
+                commands.append(args)
+    return commands
+
+
+COMMANDS = _commands()
+
+
+def test_the_readme_has_runnable_commands():
+    assert len(COMMANDS) >= 8
+    assert ["capacity", "--rps", "10000"] in [c[:3] for c in COMMANDS]
+
+
+@pytest.mark.timeout(600)
+def test_every_readme_command_without_a_server_runs_as_written(tmp_path: Path):
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    for args in COMMANDS:  # in order: a later command may read what an earlier one saved
+        done = run_cli(*args, timeout=300, cwd=tmp_path)
+        assert done.returncode == 0, (args, done.stderr[-2000:])
+        assert "Traceback" not in done.stderr
+
+
+CONSOLE = [b for b in _blocks("console") if b.startswith("$ infer-plan ")]
+
+
+@pytest.mark.parametrize(
+    "block", [b for b in CONSOLE if not _needs_more(shlex.split(b.partition("\n")[0])[2:])]
+)
+def test_console_blocks_show_what_the_command_prints(block: str):
+    command, _, shown = block.partition("\n")
+    done = run_cli(*shlex.split(command.removeprefix("$ infer-plan ")), timeout=300)
+    assert done.returncode == 0, done.stderr
+    printed = [line.rstrip() for line in done.stdout.splitlines()]
+    assert printed == [line.rstrip() for line in shown.splitlines()]
