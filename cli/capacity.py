@@ -7,24 +7,35 @@ from typing import Annotated
 import typer
 
 from ..core.errors import UsageError
+from ..core.model import Batching, ServiceModel
 from ..core.tiers import Tier
-from ..sim.planner import Constraints, plan_capacity
+from ..sim.planner import Constraints, plan_batching_modes
 from .options import (
+    BatchingOpt,
+    DatasetOpt,
     DurationOpt,
+    ItlSloOpt,
     JsonFlagOpt,
     KernelOpt,
     MaxBatchOpt,
     MaxWaitOpt,
     NoOverlapOpt,
+    OutputTokensOpt,
     ProfileOpt,
+    PromptTokensOpt,
     QuietOpt,
     SaveOpt,
     ScenarioOpt,
     SeedOpt,
     SloOpt,
+    StreamOpt,
     TierMixOpt,
+    TokenizerOpt,
+    TpotSloOpt,
+    TtftSloOpt,
     WarmupOpt,
     build_scenario,
+    token_load,
 )
 from .output import emit_json, render_result
 from .parsing import parse_tier_mix
@@ -71,38 +82,55 @@ def capacity(
     max_batch: MaxBatchOpt = None,
     max_wait_ms: MaxWaitOpt = None,
     kernel_ms: KernelOpt = None,
+    batching: BatchingOpt = None,
+    prompt_tokens: PromptTokensOpt = None,
+    output_tokens: OutputTokensOpt = None,
+    dataset: DatasetOpt = None,
+    tokenizer: TokenizerOpt = None,
+    stream: StreamOpt = False,
+    slo_ttft: TtftSloOpt = None,
+    slo_itl: ItlSloOpt = None,
+    slo_tpot: TpotSloOpt = None,
     scenario: ScenarioOpt = None,
     profile: ProfileOpt = None,
     json_out: JsonFlagOpt = False,
     save: SaveOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Find the smallest GPU count meeting P95, load ceiling and reject limits, by simulation."""
+    """Find the smallest GPU count meeting every SLO, the load ceiling and the reject limit, by simulation."""
     scen = build_scenario(
         scenario=scenario, profile=profile, tier_mix=tier_mix, no_overlap=no_overlap, slo_p95_ms=slo_p95_ms,
         max_load=max_load, max_batch=max_batch, max_wait_ms=max_wait_ms, kernel_ms=kernel_ms,
+        slo_ttft_p95_ms=slo_ttft, slo_itl_p95_ms=slo_itl, slo_tpot_p95_ms=slo_tpot,
     )  # fmt: skip
-    workload = scen.workload(rps=rps)
-    if workload.trace is not None:
-        raise UsageError("capacity plans for a rate; replay a trace with 'infer-plan simulate --trace'")
-    if workload.schedule.rps <= 0:
-        raise UsageError("give the planning rate with --rps (or [load] rps in the scenario)")
-    constraints = Constraints(
-        slo_p95_ms=scen.model.slo_p95_ms, max_load=scen.model.max_load, max_reject=max_reject,
-        tier_slo_p95_ms=_parse_tier_slo(tier_slo), check_tiers=not overall_only,
-    )  # fmt: skip
+    workload = scen.workload(rps=rps, **token_load(prompt_tokens, output_tokens, dataset, tokenizer, stream))
+    if workload.is_replay or workload.schedule.rps <= 0:
+        raise UsageError("capacity plans for a rate: give --rps (a trace or timed dataset replays with 'simulate')")
+    constraints = Constraints.of(
+        scen.model, max_reject=max_reject, tier_slo_p95_ms=_parse_tier_slo(tier_slo), check_tiers=not overall_only
+    )
     rates = _sweep_rates(sweep, sweep_rates, workload.schedule.rps)
     settings = scen.settings(duration_s=duration, warmup_s=warmup, seed=seed)
     with status_progress("searching GPU count", enabled=not (quiet or json_out)) as bar:
-        result = plan_capacity(
-            scen.model, workload, settings, constraints, max_gpus=max_gpus, sweep_rates=rates,
-            progress=lambda msg: bar.update(bar.task_ids[0], description=msg),
+        result = plan_batching_modes(
+            scen.model, _batching_modes(batching, scen.model), workload, settings, constraints, max_gpus=max_gpus,
+            sweep_rates=rates, progress=lambda msg: bar.update(bar.task_ids[0], description=msg),
         )  # fmt: skip
     emit_json(result, print_it=json_out, path=save)
     if not json_out:
         render_result(result)
     if result.gpus is None:
         raise typer.Exit(1)
+
+
+def _batching_modes(text: str | None, model: ServiceModel) -> list[Batching]:
+    """``static,continuous`` -> both, planned in turn; none given: the model's own."""
+    if text is None:
+        return [model.batching]
+    try:
+        return [Batching(m.strip()) for m in text.split(",") if m.strip()] or [model.batching]
+    except ValueError:
+        raise UsageError(f"--batching: expected static, continuous or both with a comma, got {text!r}") from None
 
 
 def _sweep_rates(sweep: bool, text: str | None, rps: float) -> list[float] | None:

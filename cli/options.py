@@ -39,6 +39,37 @@ ArrivalOpt = Annotated[ArrivalProcess | None, typer.Option("--arrival", help="Ar
 SpikeOpt = Annotated[list[str] | None, typer.Option("--spike", help="FACTOR:AT_S:DURATION_S, e.g. 3:120:60.")]
 KeysOpt = Annotated[Path | None, typer.Option("--keys", help="TOML [keys] table: key = tier.")]
 
+# The token-level model (SPEC section 10), on simulate, capacity and loadtest alike.
+BatchingOpt = Annotated[str | None, typer.Option("--batching", help="static or continuous (default: the scenario's).")]
+PromptTokensOpt = Annotated[
+    str | None, typer.Option("--prompt-tokens", help="Prompt length: a number or e.g. lognormal:mean=512,sd=256.")
+]
+OutputTokensOpt = Annotated[
+    str | None, typer.Option("--output-tokens", help="Output length: a number or e.g. uniform:64,1024.")
+]
+DatasetOpt = Annotated[
+    Path | None, typer.Option("--dataset", help="JSONL of prompt_tokens/output_tokens[/timestamp/tier], or ShareGPT.")
+]
+TokenizerOpt = Annotated[
+    str | None, typer.Option("--tokenizer", help="Counts a ShareGPT dataset's tokens (name or folder).")
+]
+StreamOpt = Annotated[bool, typer.Option("--stream/--no-stream", help="Requests stream their tokens.")]
+TtftSloOpt = Annotated[float | None, typer.Option("--slo-ttft-p95-ms", min=0.001, help="Time to first token P95, ms.")]
+ItlSloOpt = Annotated[float | None, typer.Option("--slo-itl-p95-ms", min=0.001, help="Inter-token latency P95, ms.")]
+TpotSloOpt = Annotated[
+    float | None, typer.Option("--slo-tpot-p95-ms", min=0.001, help="Time per output token P95, ms.")
+]
+
+
+def token_load(
+    prompt_tokens: str | None, output_tokens: str | None, dataset: Path | None, tokenizer: str | None, stream: bool
+) -> dict[str, Any]:
+    """The workload's token settings from the flags (lengths are parsed and checked by the workload)."""
+    load: dict[str, Any] = {"prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "dataset": dataset}
+    load |= {"tokenizer": tokenizer, "stream": stream or None}
+    return load
+
+
 # Which flag sets which field: errors from below the CLI name the field, the CLI names the flag.
 FLAG_OF = {
     "target": "--target",

@@ -11,21 +11,28 @@ from ..core.errors import UsageError
 from ..sim.runner import run_simulation
 from .options import (
     ArrivalOpt,
+    BatchingOpt,
+    DatasetOpt,
     DurationOpt,
     JsonFlagOpt,
     KernelOpt,
     MaxBatchOpt,
     MaxWaitOpt,
     NoOverlapOpt,
+    OutputTokensOpt,
     ProfileOpt,
+    PromptTokensOpt,
     QuietOpt,
     SaveOpt,
     ScenarioOpt,
     SeedOpt,
     SpikeOpt,
+    StreamOpt,
     TierMixOpt,
+    TokenizerOpt,
     WarmupOpt,
     build_scenario,
+    token_load,
 )
 from .output import emit_json, render_result
 from .parsing import parse_spike
@@ -60,24 +67,31 @@ def simulate(
     max_batch: MaxBatchOpt = None,
     max_wait_ms: MaxWaitOpt = None,
     kernel_ms: KernelOpt = None,
+    batching: BatchingOpt = None,
+    prompt_tokens: PromptTokensOpt = None,
+    output_tokens: OutputTokensOpt = None,
+    dataset: DatasetOpt = None,
+    tokenizer: TokenizerOpt = None,
+    stream: StreamOpt = False,
     scenario: ScenarioOpt = None,
     profile: ProfileOpt = None,
     json_out: JsonFlagOpt = False,
     save: SaveOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Simulate the batched service on a fixed fleet and report latency, load and rejects."""
+    """Simulate the service on a fixed fleet: latency (and tokens, when modelled), load and rejects."""
     faults = {k: v for k, v in (("mtbf_s", mtbf_s), ("mttr_s", mttr_s)) if v is not None}
     scen = build_scenario(
         scenario=scenario, profile=profile, tier_mix=tier_mix, no_overlap=no_overlap, gpus=gpus, max_batch=max_batch,
         max_wait_ms=max_wait_ms, kernel_ms=kernel_ms, autoscale={"enabled": True} if autoscale else None,
-        faults=faults or None,
+        faults=faults or None, batching=batching,
     )  # fmt: skip
     workload = scen.workload(
-        rps=rps, arrival=arrival, trace=trace, extra_segments=tuple(parse_spike(s) for s in spike or ())
-    )
-    if workload.trace is None and workload.schedule.rps <= 0 and not workload.schedule.segments:
-        raise UsageError("give the offered rate with --rps (or [load] rps in the scenario, or --trace)")
+        rps=rps, arrival=arrival, trace=trace, extra_segments=tuple(parse_spike(s) for s in spike or ()),
+        **token_load(prompt_tokens, output_tokens, dataset, tokenizer, stream),
+    )  # fmt: skip
+    if not workload.is_replay and workload.schedule.rps <= 0 and not workload.schedule.segments:
+        raise UsageError("give the offered rate with --rps (or [load] rps in a scenario, --trace or a timed --dataset)")
     if (fleet := scen.model.gpus) is None:
         raise UsageError("give the fleet size with --gpus (or [service] gpus in the scenario): 'capacity' finds one")
     settings = scen.settings(duration_s=duration, warmup_s=warmup, seed=seed, replications=replications)

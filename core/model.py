@@ -6,6 +6,14 @@ full or its oldest request has waited ``max_wait_ms`` (:mod:`.dispatch`); the GP
 spends ``pcie_in_ms + kernel_ms + pcie_out_ms`` on it whatever its size ("1 string or
 100 strings, same"), plus ``per_item_ms`` per request when a calibrated profile says so.
 
+The token-level model (SPEC section 10) refines that cycle: a batch also runs *steps*,
+each emitting one token per sequence and lasting ``decode_step_ms +
+prefill_ms_per_token * (prompt tokens prefilled) + decode_ms_per_seq * (sequences)``
+(:meth:`ServiceModel.step_ms`, the form BLIS fits). With ``batching = "static"`` the
+steps run inside the batch cycle; with ``"continuous"`` there is no batch cycle at all,
+only steps, admitting waiting requests between them. With every token coefficient at
+0 a static batch is exactly the fixed cycle above.
+
 Keeping every consumer on this one frozen object is what makes a simulated P95, a
 planned GPU count and a measured P95 comparable: they are answers about the same
 service. The formulas derived from it (the cycle, per-GPU throughput, the load factor)
@@ -16,6 +24,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
+from enum import StrEnum
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -23,7 +33,20 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .dispatch import DispatchRule
 from .tiers import Tier
 
-__all__ = ["AutoscalePolicy", "Backpressure", "Faults", "ServiceModel"]
+__all__ = ["AutoscalePolicy", "Backpressure", "Batching", "Faults", "ServiceModel", "TokenShape"]
+
+
+class Batching(StrEnum):
+    STATIC = "static"  # the design's batch cycle: a batch holds its GPU until its longest sequence is done
+    CONTINUOUS = "continuous"  # vLLM, SGLang, TGI: sequences join and leave between steps
+
+
+@dataclass(frozen=True, slots=True)
+class TokenShape:
+    """Mean prompt and output lengths of a workload: what the back-of-envelope arithmetic needs."""
+
+    prompt_tokens: float
+    output_tokens: float
 
 
 class _Frozen(BaseModel):
@@ -118,6 +141,21 @@ class ServiceModel(_Frozen):
     backpressure: Backpressure = Field(default_factory=Backpressure)
     autoscale: AutoscalePolicy = Field(default_factory=AutoscalePolicy)
     faults: Faults = Field(default_factory=Faults)
+    # -- the token-level model (SPEC section 10) --------------------------------------------------
+    batching: Batching = Field(default=Batching.STATIC)
+    decode_step_ms: float = Field(default=0.0, ge=0, description="fixed time of one step")
+    decode_ms_per_seq: float = Field(default=0.0, ge=0, description="step time per sequence in the step")
+    prefill_ms_per_token: float = Field(default=0.0, ge=0, description="step time per prompt token prefilled")
+    max_num_seqs: int = Field(default=256, ge=1, le=1_000_000, description="continuous: most running sequences")
+    max_batched_tokens: int = Field(
+        default=8192, ge=1, description="continuous: most prompt tokens one step prefills (longer prompts chunk)"
+    )
+    kv_cache_tokens: int | None = Field(
+        default=None, ge=1, description="continuous: prompt + output tokens the running sequences may hold; None: any"
+    )
+    slo_ttft_p95_ms: float | None = Field(default=None, gt=0, description="time to first token, P95")
+    slo_itl_p95_ms: float | None = Field(default=None, gt=0, description="inter-token latency, P95 over all gaps")
+    slo_tpot_p95_ms: float | None = Field(default=None, gt=0, description="time per output token, P95")
 
     @field_validator("tiers")
     @classmethod
@@ -139,6 +177,22 @@ class ServiceModel(_Frozen):
         return q
 
     # -- derived quantities: pure functions of the parameters, used everywhere -------------
+
+    @property
+    def tokens_modelled(self) -> bool:
+        """Whether request lengths change the timing: continuous batching, or any step coefficient."""
+        return self.batching is Batching.CONTINUOUS or bool(
+            self.decode_step_ms or self.decode_ms_per_seq or self.prefill_ms_per_token
+        )
+
+    @property
+    def batch_capacity(self) -> int:
+        """Requests one GPU holds at once: a full batch, or the running sequences of continuous batching."""
+        return self.max_num_seqs if self.batching is Batching.CONTINUOUS else self.max_batch
+
+    def step_ms(self, prefill_tokens: int | float, sequences: int | float) -> float:
+        """The step formula: one step over ``sequences`` sequences that prefills ``prefill_tokens`` prompt tokens."""
+        return self.decode_step_ms + self.prefill_ms_per_token * prefill_tokens + self.decode_ms_per_seq * sequences
 
     @property
     def dispatch_rule(self) -> DispatchRule:
@@ -178,11 +232,38 @@ class ServiceModel(_Frozen):
         hold *= self.jitter_mean if quantile is None else float(self.jitter(quantile))
         return hold if self.overlap else hold + self.max_wait_ms
 
-    def per_gpu_rps(self) -> float:
-        """Full-batch throughput of one GPU: max_batch per full cycle (inf for a zero-time cycle)."""
+    def token_batch_ms(self, batch_size: int, shape: TokenShape) -> float:
+        """A full static batch's steps for requests of the mean lengths: prefill all, then decode the longest."""
+        p, o = shape.prompt_tokens, shape.output_tokens
+        return self.step_ms(batch_size * p, batch_size) + max(o - 1, 0) * self.step_ms(0, batch_size)
+
+    def concurrent_sequences(self, shape: TokenShape) -> float:
+        """Sequences one GPU runs at once under continuous batching: max_num_seqs, or fewer if the KV cache binds."""
+        seqs = float(self.max_num_seqs)
+        if self.kv_cache_tokens is not None:
+            seqs = min(seqs, max(1.0, self.kv_cache_tokens // (shape.prompt_tokens + shape.output_tokens)))
+        return seqs
+
+    def gpu_ms_per_request(self, shape: TokenShape) -> float:
+        """Continuous batching: GPU time one request costs, its prefill plus its share of every decode step."""
+        seqs = self.concurrent_sequences(shape)
+        decode = shape.output_tokens * (self.decode_step_ms / seqs + self.decode_ms_per_seq)
+        return self.prefill_ms_per_token * shape.prompt_tokens + decode
+
+    def per_gpu_rps(self, shape: TokenShape | None = None) -> float:
+        """Throughput of one GPU at full occupancy (inf when a request costs no GPU time).
+
+        Static: ``max_batch`` per full cycle, the steps of a batch of mean-length requests
+        included when tokens are modelled. Continuous: 1 / :meth:`gpu_ms_per_request`.
+        """
+        if self.batching is Batching.CONTINUOUS and shape is not None:
+            ms = self.gpu_ms_per_request(shape)
+            return 1000.0 / ms if ms > 0 else math.inf
         cycle_ms = self.gpu_cycle_ms()
+        if shape is not None and self.tokens_modelled:
+            cycle_ms += self.token_batch_ms(self.max_batch, shape) * self.jitter_mean
         return self.max_batch / (cycle_ms / 1000.0) if cycle_ms > 0 else math.inf
 
-    def load_factor(self, rps: float, gpus: float) -> float:
-        """Share of the fleet's full-batch capacity that ``rps`` uses (the 70% ceiling applies here)."""
-        return rps / (self.per_gpu_rps() * gpus) if gpus > 0 else math.inf
+    def load_factor(self, rps: float, gpus: float, shape: TokenShape | None = None) -> float:
+        """Share of the fleet's full-occupancy capacity that ``rps`` uses (the 70% ceiling applies here)."""
+        return rps / (self.per_gpu_rps(shape) * gpus) if gpus > 0 else math.inf

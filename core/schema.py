@@ -36,6 +36,7 @@ __all__ = [
     "ScaleEvent",
     "SimulationResult",
     "TierStats",
+    "TokenStats",
     "load_result",
 ]
 
@@ -47,7 +48,8 @@ SCHEMA_HISTORY = {
     2: "loadtest latency CDFs (measured and simulated) per tier; calibrate results",
     3: "loadtest batch_log_check (the simulation re-run with the batch times the server logged during the run)",
     4: "one latency summary everywhere: a loadtest's measured_ms/simulated_ms carry max, mean and the CDF (cdf_ms); "
-    "calibrate's warmup is warmup_batches; simulate's autoscale log",
+    "calibrate's warmup is warmup_batches; simulate's autoscale log; token-level figures (TTFT, ITL, TPOT, "
+    "output tokens/s, goodput) in simulate and capacity",
 }
 
 # Percentile points kept for latency CDF plots: fine steps in the tail where SLOs live.
@@ -69,7 +71,29 @@ class LatencyStats(_Model):
     cdf_ms: list[float] = Field(default_factory=list, description="latency at each of CDF_POINTS percentiles")
 
 
-class TierStats(LatencyStats):
+class TokenStats(_Model):
+    """Token-level figures (SPEC section 10); all None when tokens are not modelled.
+
+    TTFT is arrival to first token; ITL every gap between a request's consecutive tokens
+    (percentiles over all gaps); TPOT (E2E - TTFT) / (output tokens - 1) per request;
+    goodput the requests per second whose own TTFT, TPOT and E2E each meet the SLOs set.
+    """
+
+    ttft_p50_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    ttft_p99_ms: float | None = None
+    itl_p50_ms: float | None = None
+    itl_p95_ms: float | None = None
+    itl_p99_ms: float | None = None
+    tpot_p50_ms: float | None = None
+    tpot_p95_ms: float | None = None
+    output_tokens_per_s: float | None = None
+    goodput_rps: float | None = None
+    ttft_cdf_ms: list[float] = Field(default_factory=list, description="TTFT at each of CDF_POINTS percentiles")
+    itl_cdf_ms: list[float] = Field(default_factory=list, description="ITL at each of CDF_POINTS percentiles")
+
+
+class TierStats(LatencyStats, TokenStats):
     requests: int = 0
     completed: int = 0
     rejected_fraction: float = 0.0
@@ -93,6 +117,9 @@ class TimeSeries(_Model):
     gpus_provisioning: list[float]
     offered_rps: list[float]
     load_factor: list[float]
+    output_tokens_per_s: list[float] = Field(
+        default_factory=list, description="tokens of the requests completing in each interval, per second"
+    )
 
 
 class ScaleAction(StrEnum):
@@ -119,7 +146,7 @@ class AutoscaleLog(_Model):
     longest_above_s: float = Field(description="the longest the load stayed above the trigger")
 
 
-class SimulationResult(LatencyStats):
+class SimulationResult(LatencyStats, TokenStats):
     kind: Literal["simulate"] = "simulate"
     schema_version: int = SCHEMA_VERSION
     gpus: int
@@ -130,6 +157,9 @@ class SimulationResult(LatencyStats):
     seed: int
     replications: int = 1
     overlap: bool = True
+    batching: str = "static"
+    stream: bool = False
+    lengths: str | None = Field(default=None, description="where request lengths came from, when tokens are modelled")
     requests: int
     throughput_rps: float
     rejected_fraction: float
@@ -145,8 +175,9 @@ class SimulationResult(LatencyStats):
 
 
 class BackOfEnvelope(_Model):
-    cycle_ms: float
+    cycle_ms: float = Field(description="static: the batch cycle; continuous: one full decode step")
     per_gpu_rps: float
+    tokens_per_s_per_gpu: float | None = Field(default=None, description="output tokens one GPU produces at full load")
     raw_gpus: float
     gpus_at_ceiling: int
     max_load: float
@@ -158,6 +189,8 @@ class CapacityRow(_Model):
     meets: bool
     failed: list[str]
     p95_ms: float | None
+    ttft_p95_ms: float | None = None
+    itl_p95_ms: float | None = None
     per_tier_p95_ms: dict[str, float | None]
     load_factor: float
     gpu_busy: float
@@ -179,6 +212,9 @@ class CapacityResult(_Model):
     gpus: int | None = Field(description="smallest GPU count meeting every constraint; None if none within the limit")
     rps: float
     p95_ms: float | None
+    ttft_p95_ms: float | None = None
+    itl_p95_ms: float | None = None
+    batching: str = "static"
     per_tier_p95_ms: dict[str, float | None]
     load_factor: float | None
     gpu_busy: float | None
@@ -194,6 +230,9 @@ class CapacityResult(_Model):
     seed: int
     overlap: bool = True
     sweep: list[SweepPoint] | None = None
+    alternatives: list[CapacityResult] = Field(
+        default_factory=list, description="the same plan under another batching mode (capacity --batching a,b)"
+    )
 
 
 class MeasuredVsSimulated(_Model):

@@ -8,11 +8,13 @@ statistics).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
-from .schema import CDF_POINTS, LatencyStats
+from .schema import CDF_POINTS, LatencyStats, TokenStats
 
-__all__ = ["latency_stats", "relative_errors"]
+__all__ = ["Slos", "latency_stats", "relative_errors", "token_stats", "weighted_percentiles"]
 
 _CDF = np.asarray(CDF_POINTS, dtype=float)
 _AT = {"p50_ms": CDF_POINTS.index(50), "p95_ms": CDF_POINTS.index(95), "p99_ms": CDF_POINTS.index(99)}
@@ -41,3 +43,70 @@ def relative_errors(measured: LatencyStats, simulated: LatencyStats) -> dict[str
         m, s = getattr(measured, key), getattr(simulated, key)
         errors[key] = abs(m - s) / s if m is not None and s else None
     return errors
+
+
+def weighted_percentiles(values: np.ndarray, weights: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """Percentiles of the sample in which ``values[i]`` appears ``weights[i]`` times, by numpy's linear rule.
+
+    Equal to ``np.percentile(np.repeat(values, weights), points)`` without building the
+    repeated sample: inter-token gaps come as (gap, count) pairs, millions of gaps in a
+    few thousand pairs.
+    """
+    keep = weights > 0
+    order = np.argsort(values[keep], kind="stable")
+    v, cum = values[keep][order], np.cumsum(weights[keep][order])
+    position = (cum[-1] - 1) * np.asarray(points, dtype=float) / 100.0
+    low = np.floor(position)
+    i_low = np.searchsorted(cum, low, side="right")
+    i_high = np.minimum(np.searchsorted(cum, low + 1, side="right"), v.size - 1)
+    return v[i_low] + (position - low) * (v[i_high] - v[i_low])
+
+
+@dataclass(frozen=True)
+class Slos:
+    """The per-request thresholds goodput counts against (None: not set)."""
+
+    e2e_ms: float | None = None
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+
+
+def token_stats(
+    *,
+    ttft_ms: np.ndarray,
+    e2e_ms: np.ndarray,
+    output_tokens: np.ndarray,
+    gaps_ms: np.ndarray,
+    gap_counts: np.ndarray,
+    duration_s: float,
+    slos: Slos,
+) -> TokenStats:
+    """TTFT, ITL, TPOT, output tokens/s and goodput of the requests given (completed ones, one window).
+
+    TPOT is ``(E2E - TTFT) / (output tokens - 1)``, for requests of more than one token.
+    Goodput counts the requests whose own TTFT, TPOT and E2E are each within the
+    thresholds set (as DistServe and ``vllm bench serve`` define it), per second.
+    """
+    stats: dict[str, object] = {}
+    if ttft_ms.size:
+        ttft = np.percentile(ttft_ms, _CDF)
+        stats |= {f"ttft_{k}": float(ttft[i]) for k, i in _AT.items()} | {"ttft_cdf_ms": ttft.tolist()}
+    if gap_counts.sum() > 0:
+        itl = weighted_percentiles(gaps_ms, gap_counts, _CDF)
+        stats |= {f"itl_{k}": float(itl[i]) for k, i in _AT.items()} | {"itl_cdf_ms": itl.tolist()}
+    several = output_tokens > 1
+    tpot = (e2e_ms[several] - ttft_ms[several]) / (output_tokens[several] - 1)
+    if tpot.size:
+        stats["tpot_p50_ms"], stats["tpot_p95_ms"] = (float(x) for x in np.percentile(tpot, [50, 95]))
+    if duration_s > 0:
+        good = np.ones(ttft_ms.size, dtype=bool)
+        if slos.e2e_ms is not None:
+            good &= e2e_ms <= slos.e2e_ms
+        if slos.ttft_ms is not None:
+            good &= ttft_ms <= slos.ttft_ms
+        if slos.tpot_ms is not None:
+            own_tpot = np.where(several, (e2e_ms - ttft_ms) / np.maximum(output_tokens - 1, 1), 0.0)
+            good &= own_tpot <= slos.tpot_ms
+        stats["output_tokens_per_s"] = float(output_tokens.sum() / duration_s)
+        stats["goodput_rps"] = float(good.sum() / duration_s)
+    return TokenStats(**stats)

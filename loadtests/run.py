@@ -26,7 +26,7 @@ from ..server.backends.base import BackendError
 from ..server.keys import KeyStore
 from ..sim.arrivals import Arrivals, generate_arrivals
 from ..sim.engine import simulate_arrivals
-from ..sim.runner import Workload
+from ..sim.workload import Workload
 from .analysis import BatchLogRerun, GateLimits, RunFacts, analyse
 from .harness import run_plan
 from .plan import LoadPlan

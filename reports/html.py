@@ -25,7 +25,7 @@ from ..core.schema import (
     LoadTestResult,
     SimulationResult,
 )
-from .tables import Summary, summarise
+from .tables import Summary, summaries, summarise
 
 __all__ = ["result_html", "write_html"]
 
@@ -218,6 +218,7 @@ def _summary_html(summary: Summary) -> str:
 def result_html(result: AnyResult) -> str:
     """One page: the headline and every number, then the figures drawn from them."""
     summary = summarise(result)
+    extra = "".join(_summary_html(other) for other in summaries(result)[1:])
     figures = _FIGURES[result.kind](result)
     plots = "".join(
         fig.to_html(full_html=False, include_plotlyjs=(i == 0), config={"displaylogo": False})
@@ -225,7 +226,7 @@ def result_html(result: AnyResult) -> str:
     )
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(summary.title)}</title>"
-        f"<style>{_STYLE}</style></head><body>{_summary_html(summary)}{plots}</body></html>"
+        f"<style>{_STYLE}</style></head><body>{_summary_html(summary)}{extra}{plots}</body></html>"
     )
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..core.schema import AnyResult
-from .tables import Table, summarise
+from .tables import Summary, Table, summaries
 
 __all__ = ["result_markdown"]
 
@@ -23,7 +23,10 @@ def _table(table: Table) -> list[str]:
 
 
 def result_markdown(result: AnyResult) -> str:
-    summary = summarise(result)
+    return "\n".join(_summary_markdown(summary) for summary in summaries(result))
+
+
+def _summary_markdown(summary: Summary) -> str:
     lines = [f"### {summary.title}", "", f"**{_cell(summary.headline)}**", ""]
     lines += [f"- {name}: {_cell(value)}" for name, value in summary.facts]
     lines.append("")

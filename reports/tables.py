@@ -19,9 +19,10 @@ from ..core.schema import (
     LoadTestResult,
     ScaleAction,
     SimulationResult,
+    TokenStats,
 )
 
-__all__ = ["Block", "Summary", "Table", "Verdict", "batch_log_summary", "summarise"]
+__all__ = ["Block", "Summary", "Table", "Verdict", "batch_log_summary", "summaries", "summarise"]
 
 
 def _ms(value: float | None) -> str:
@@ -71,6 +72,12 @@ class Summary:
     tables: list[Table] = field(default_factory=list)
 
 
+def summaries(result: AnyResult) -> list[Summary]:
+    """The result's summary, then one per plan made beside it (``capacity --batching static,continuous``)."""
+    alternatives = result.alternatives if isinstance(result, CapacityResult) else []
+    return [summarise(result), *[summarise(alternative) for alternative in alternatives]]
+
+
 def summarise(result: AnyResult) -> Summary:
     builders = {
         "simulate": _simulation,
@@ -108,16 +115,29 @@ def _simulation(r: SimulationResult) -> Summary:
                 ],
             )
         )
+    if r.ttft_p95_ms is not None:
+        token_rows = [_token_row(t, s) for t, s in r.per_tier.items()] + [_token_row("all", r)]
+        tables.append(
+            Table(
+                "Tokens: time to first token, between tokens, per output token (ms)",
+                ["tier", "TTFT P50", "TTFT P95", "TTFT P99", "ITL P50", "ITL P95", "ITL P99", "TPOT P50",
+                 "TPOT P95", "tokens/s", "goodput req/s"],
+                token_rows,
+                emphasis={len(token_rows) - 1},
+            )
+        )  # fmt: skip
     window = f"{r.duration_s:.4g} s measured after {r.warmup_s:g} s warm-up, seed {r.seed}"
     window += f", {r.replications} runs" if r.replications > 1 else ""
     facts = [
         ("offered", f"{r.offered_rps:,.0f} req/s" + (f" (base {r.rps:,.0f})" if r.rps else "")),
         ("throughput", f"{r.throughput_rps:,.0f} req/s"),
         ("load_factor", f"{r.load_factor:.2f}  (offered / full-batch capacity)"),
-        ("gpu_busy", f"{r.gpu_busy:.2f}  (share of GPU time running batches)"),
+        ("gpu_busy", f"{r.gpu_busy:.2f}  (share of GPU time running batches or steps)"),
         ("mean batch", f"{r.mean_batch_size:.1f} over {r.batches:,} batches"),
         ("window", window + ("" if r.overlap else ", no overlap")),
     ]
+    if r.lengths is not None:
+        facts.append(("requests", f"{r.batching} batching, {'streamed' if r.stream else 'not streamed'}; {r.lengths}"))
     if r.autoscale is not None:
         facts.append(("autoscaler", _autoscale_fact(r.autoscale)))
         if r.autoscale.events:
@@ -134,6 +154,13 @@ def _simulation(r: SimulationResult) -> Summary:
         facts=facts,
         tables=tables,
     )
+
+
+def _token_row(name: str, s: TokenStats) -> list[str]:
+    cells = [s.ttft_p50_ms, s.ttft_p95_ms, s.ttft_p99_ms, s.itl_p50_ms, s.itl_p95_ms, s.itl_p99_ms]
+    cells += [s.tpot_p50_ms, s.tpot_p95_ms]
+    rates = [s.output_tokens_per_s, s.goodput_rps]
+    return [name, *[_ms(c) for c in cells], *["-" if x is None else f"{x:,.0f}" for x in rates]]
 
 
 def _autoscale_fact(log: AutoscaleLog) -> str:
@@ -159,11 +186,13 @@ def _gpus(n: int | None) -> str:
 
 def _capacity(r: CapacityResult) -> Summary:
     tiers = list(r.neighbours[0].per_tier_p95_ms) if r.neighbours else []
+    tokens = any(n.ttft_p95_ms is not None for n in r.neighbours)
     neighbours = [
         [
             str(n.gpus),
             _ms(n.p95_ms),
             *[_ms(n.per_tier_p95_ms.get(t)) for t in tiers],
+            *([_ms(n.ttft_p95_ms), _ms(n.itl_p95_ms)] if tokens else []),
             f"{n.load_factor:.2f}",
             f"{n.gpu_busy:.2f}",
             _pct(n.rejected_fraction),
@@ -171,10 +200,11 @@ def _capacity(r: CapacityResult) -> Summary:
         ]
         for n in r.neighbours
     ]
+    token_headers = ["TTFT P95", "ITL P95"] if tokens else []
     tables = [
         Table(
             "Neighbouring GPU counts (simulated)",
-            ["GPUs", "P95", *[f"P95 {t}" for t in tiers], "load", "gpu_busy", "rejected", "meets"],
+            ["GPUs", "P95", *[f"P95 {t}" for t in tiers], *token_headers, "load", "gpu_busy", "rejected", "meets"],
             neighbours,
             emphasis={i for i, n in enumerate(r.neighbours) if n.gpus == r.gpus},
         )
@@ -197,8 +227,15 @@ def _capacity(r: CapacityResult) -> Summary:
             f"{r.gpus} GPUs for {r.rps:,.0f} req/s: P95 {_ms(r.p95_ms)} ms (SLO {r.constraints['slo_p95_ms']:g}), "
             f"load_factor {r.load_factor:.2f} (ceiling {r.constraints['max_load']:g}), gpu_busy {r.gpu_busy:.2f}"
         )
+        if r.ttft_p95_ms is not None:
+            headline += f"; TTFT P95 {_ms(r.ttft_p95_ms)} ms, ITL P95 {_ms(r.itl_p95_ms)} ms"
+    notes = list(r.explanation)
+    if r.alternatives:
+        answers = [f"{p.batching}: {p.gpus if p.gpus is not None else 'none found'}" for p in [r, *r.alternatives]]
+        notes.append("GPUs by batching mode: " + "; ".join(answers) + ".")
+    mode = f" ({r.batching} batching)" if r.ttft_p95_ms is not None or r.alternatives else ""
     return Summary(
-        title="infer-plan capacity",
+        title=f"infer-plan capacity{mode}",
         headline=headline,
         verdict=Verdict.FAIL if r.gpus is None else Verdict.PASS,
         facts=[
@@ -206,7 +243,7 @@ def _capacity(r: CapacityResult) -> Summary:
             ("constraints", ", ".join(f"{k} {v:g}" for k, v in r.constraints.items())),
         ],
         blocks=[Block("back-of-envelope", r.back_of_envelope.arithmetic)],
-        notes=r.explanation,
+        notes=notes,
         tables=tables,
     )
 

@@ -8,7 +8,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..core.schema import AnyResult
-from .tables import Summary, Verdict, summarise
+from .tables import Summary, Verdict, summaries
 
 __all__ = ["render", "render_summary"]
 
@@ -31,7 +31,7 @@ def render_summary(summary: Summary) -> Panel:
     for content in summary.tables:
         table = Table(title=content.title, title_justify="left")
         for i, header in enumerate(content.headers):
-            table.add_column(header, justify="left" if i == 0 else "right")
+            table.add_column(header, justify="left" if i == 0 else "right", no_wrap=i == 0)
         for i, row in enumerate(content.rows):
             cells = [Text(cell, style=_CELL_STYLE.get(cell, "")) for cell in row]
             table.add_row(*cells, style="bold" if i in content.emphasis else None)
@@ -41,4 +41,5 @@ def render_summary(summary: Summary) -> Panel:
 
 def render(result: AnyResult, console: Console) -> None:
     """Any result, by kind (every command, and ``infer-plan report``)."""
-    console.print(render_summary(summarise(result)))
+    for summary in summaries(result):
+        console.print(render_summary(summary))

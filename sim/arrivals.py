@@ -37,10 +37,22 @@ class Arrivals:
 
     times: np.ndarray  # float64 seconds since the start
     tiers: np.ndarray  # int8 Tier values
+    prompt_tokens: np.ndarray | None = None  # int32 per request, when tokens are modelled
+    output_tokens: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if self.times.shape != self.tiers.shape:
-            raise ValueError("times and tiers must have the same length")
+        for column in (self.tiers, self.prompt_tokens, self.output_tokens):
+            if column is not None and column.shape != self.times.shape:
+                raise ValueError("every column of Arrivals must have one entry per arrival")
+        if (self.prompt_tokens is None) != (self.output_tokens is None):
+            raise ValueError("prompt and output lengths come together")
+
+    @property
+    def has_tokens(self) -> bool:
+        return self.output_tokens is not None
+
+    def with_lengths(self, prompt_tokens: np.ndarray, output_tokens: np.ndarray) -> Arrivals:
+        return Arrivals(self.times, self.tiers, prompt_tokens.astype(np.int32), output_tokens.astype(np.int32))
 
     def __len__(self) -> int:
         return int(self.times.size)

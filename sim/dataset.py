@@ -14,6 +14,7 @@ Two formats:
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ def _jsonl(path: Path, text: str) -> Dataset:
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}:{lineno}: not a JSON object ({err.msg})") from None
         if not isinstance(row, dict):
-            raise ConfigError(f'{path}:{lineno}: expected an object like {{"prompt_tokens": 512, "output_tokens": 128}}')
+            raise ConfigError(f'{path}:{lineno}: expected an object like {{"prompt_tokens": 5, "output_tokens": 9}}')
         prompts.append(_count(row, "prompt_tokens", path, lineno))
         outputs.append(_count(row, "output_tokens", path, lineno))
         stamps.append(_stamp(row.get("timestamp"), path, lineno))
@@ -134,7 +135,7 @@ def _sharegpt(path: Path, text: str, tokenizer: str | None) -> Dataset:
 
 
 def _first_exchange(turns: list[Any]) -> tuple[str, str] | None:
-    for turn, reply in zip(turns, turns[1:], strict=False):
+    for turn, reply in itertools.pairwise(turns):
         if (
             isinstance(turn, dict)
             and isinstance(reply, dict)
@@ -147,7 +148,8 @@ def _first_exchange(turns: list[Any]) -> tuple[str, str] | None:
 
 def _counter(tokenizer: str | None):
     if tokenizer is None:
-        return (lambda text: math.ceil(len(text) / CHARS_PER_TOKEN)), f"estimated at {CHARS_PER_TOKEN} characters a token"
+        estimate = f"estimated at {CHARS_PER_TOKEN} characters a token"
+        return (lambda text: math.ceil(len(text) / CHARS_PER_TOKEN)), estimate
     try:
         from transformers import AutoTokenizer
     except ImportError:

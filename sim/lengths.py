@@ -63,7 +63,8 @@ class LengthDist(BaseModel):
             return cls._number(text)
         kind = kind.strip().lower()
         if kind not in _PARAMS:
-            raise UsageError(f"unknown length distribution {kind!r} in {text!r} (valid: a number, {', '.join(_PARAMS)})")
+            valid = ", ".join(_PARAMS)
+            raise UsageError(f"unknown length distribution {kind!r} in {text!r} (valid: a number, {valid})")
         names = _PARAMS[kind]
         values: dict[str, float] = {}
         for i, part in enumerate(p.strip() for p in rest.split(",")):

@@ -13,11 +13,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..core.model import ServiceModel
+from ..core.model import Batching, ServiceModel, TokenShape
 from ..core.schema import BackOfEnvelope, CapacityResult, CapacityRow, SimulationResult, SweepPoint
-from .runner import RunSettings, Workload, run_simulation
+from .runner import RunSettings, run_simulation
+from .workload import Workload
 
-__all__ = ["Constraints", "back_of_envelope", "plan_capacity", "sweep_capacity"]
+__all__ = ["Constraints", "back_of_envelope", "plan_batching_modes", "plan_capacity", "sweep_capacity"]
 
 ProgressFn = Callable[[str], None]
 
@@ -31,6 +32,21 @@ class Constraints:
     max_reject: float = 0.001  # the design's 99.9% availability
     tier_slo_p95_ms: dict[str, float] | None = None
     check_tiers: bool = True
+    slo_ttft_p95_ms: float | None = None  # the token SLOs, each a constraint when set
+    slo_itl_p95_ms: float | None = None
+    slo_tpot_p95_ms: float | None = None
+
+    @classmethod
+    def of(cls, model: ServiceModel, **settings: object) -> Constraints:
+        """The model's SLOs and load ceiling, with the planner's own settings."""
+        return cls(
+            slo_p95_ms=model.slo_p95_ms,
+            max_load=model.max_load,
+            slo_ttft_p95_ms=model.slo_ttft_p95_ms,
+            slo_itl_p95_ms=model.slo_itl_p95_ms,
+            slo_tpot_p95_ms=model.slo_tpot_p95_ms,
+            **settings,  # type: ignore[arg-type]
+        )
 
     def failures(self, result: SimulationResult) -> list[str]:
         failed = []
@@ -43,6 +59,13 @@ class Constraints:
                 slo = (self.tier_slo_p95_ms or {}).get(tier, self.slo_p95_ms)
                 if stats.p95_ms is None or stats.p95_ms > slo:
                     failed.append(f"p95:{tier}")
+        for name, slo, value in (
+            ("ttft", self.slo_ttft_p95_ms, result.ttft_p95_ms),
+            ("itl", self.slo_itl_p95_ms, result.itl_p95_ms),
+            ("tpot", self.slo_tpot_p95_ms, result.tpot_p95_ms),
+        ):
+            if slo is not None and (value is None or value > slo):
+                failed.append(name)
         if result.load_factor > self.max_load + 1e-9:
             failed.append("load")
         if result.rejected_fraction + result.error_fraction > self.max_reject:
@@ -50,33 +73,82 @@ class Constraints:
         return failed
 
 
-def back_of_envelope(model: ServiceModel, rps: float) -> BackOfEnvelope:
-    """The design's arithmetic: per-GPU throughput, raw GPUs, GPUs at the load ceiling."""
-    cycle = model.gpu_cycle_ms()
-    per_gpu = model.per_gpu_rps()
+def back_of_envelope(model: ServiceModel, rps: float, shape: TokenShape | None = None) -> BackOfEnvelope:
+    """The design's arithmetic: per-GPU throughput, raw GPUs, GPUs at the load ceiling.
+
+    With tokens in play (``shape``: the workload's mean lengths) the cycle includes a
+    batch's steps, or, for continuous batching, per-GPU throughput is the GPU time one
+    request costs at the step formula.
+    """
+    per_gpu = model.per_gpu_rps(shape)
     raw = rps / per_gpu
     # A tiny tolerance so that an exact multiple (e.g. 1.5 / 0.75 = 2) is not rounded up by float noise.
     at_ceiling = max(1, math.ceil(raw / model.max_load - 1e-9))
-    parts = f"{model.pcie_in_ms:g} + {model.kernel_ms:g} + {model.pcie_out_ms:g}"
-    if model.per_item_ms:
-        parts += f" + {model.per_item_ms:g} x {model.max_batch}"
-    if not model.overlap:
-        parts = f"{model.max_wait_ms:g} (assembly holds the GPU) + " + parts
-    lines = [
-        f"cycle = {parts} = {cycle:g} ms per batch of up to {model.max_batch}",
-        f"per-GPU throughput = {model.max_batch} / {cycle / 1000:g} s = {per_gpu:,.0f} req/s",
-        f"raw GPUs = {rps:,.0f} / {per_gpu:,.0f} = {raw:.2f}",
+    if model.batching is Batching.CONTINUOUS and shape is not None:
+        cycle, lines = _continuous_arithmetic(model, shape, per_gpu)
+    else:
+        cycle, lines = _static_arithmetic(model, shape, per_gpu)
+    lines += [
+        f"raw GPUs = {rps:,.0f} / {per_gpu:,.1f} = {raw:.2f}",
         f"at the {model.max_load:.0%} ceiling = ceil({raw:.2f} / {model.max_load:g}) = ceil({raw / model.max_load:.2f})"
         f" = {at_ceiling}",
     ]
     return BackOfEnvelope(
         cycle_ms=cycle,
         per_gpu_rps=per_gpu,
+        tokens_per_s_per_gpu=per_gpu * shape.output_tokens if shape is not None else None,
         raw_gpus=raw,
         gpus_at_ceiling=at_ceiling,
         max_load=model.max_load,
         arithmetic=lines,
     )
+
+
+def _static_arithmetic(model: ServiceModel, shape: TokenShape | None, per_gpu: float) -> tuple[float, list[str]]:
+    b = model.max_batch
+    parts = f"{model.pcie_in_ms:g} + {model.kernel_ms:g} + {model.pcie_out_ms:g}"
+    if model.per_item_ms:
+        parts += f" + {model.per_item_ms:g} x {b}"
+    if not model.overlap:
+        parts = f"{model.max_wait_ms:g} (assembly holds the GPU) + " + parts
+    cycle = model.gpu_cycle_ms()
+    lines = []
+    if shape is not None and model.tokens_modelled:
+        p, o = shape.prompt_tokens, shape.output_tokens
+        steps = model.token_batch_ms(b, shape) * model.jitter_mean
+        lines.append(
+            f"steps of a full batch = prefill ({model.decode_step_ms:g} + {model.prefill_ms_per_token:g} x {b} x {p:g}"
+            f" + {model.decode_ms_per_seq:g} x {b}) + {o - 1:g} decode steps x ({model.decode_step_ms:g} + "
+            f"{model.decode_ms_per_seq:g} x {b}) = {steps:,.1f} ms"
+        )
+        parts += f" + {steps:,.1f} (steps)"
+        cycle += steps
+    lines.insert(0, f"cycle = {parts} = {cycle:,.4g} ms per batch of up to {b}")
+    lines.append(f"per-GPU throughput = {b} / {cycle / 1000:,.4g} s = {per_gpu:,.1f} req/s")
+    return cycle, lines
+
+
+def _continuous_arithmetic(model: ServiceModel, shape: TokenShape, per_gpu: float) -> tuple[float, list[str]]:
+    p, o = shape.prompt_tokens, shape.output_tokens
+    seqs = model.concurrent_sequences(shape)
+    kv = (
+        f", KV {model.kv_cache_tokens:,} / ({p:g} + {o:g}) = {model.kv_cache_tokens // (p + o):,.0f}"
+        if model.kv_cache_tokens is not None
+        else ""
+    )
+    step = model.step_ms(0, seqs)
+    prefill = model.prefill_ms_per_token * p
+    decode = o * (model.decode_step_ms / seqs + model.decode_ms_per_seq)
+    lines = [
+        f"sequences per GPU S = min(max_num_seqs {model.max_num_seqs}{kv}) = {seqs:,.0f}",
+        f"decode step of S = {model.decode_step_ms:g} + {model.decode_ms_per_seq:g} x {seqs:,.0f} = {step:,.3f} ms: "
+        f"{seqs / step * 1000 if step else math.inf:,.0f} tokens/s per GPU while only decoding",
+        f"GPU time per request = prefill {p:g} x {model.prefill_ms_per_token:g} = {prefill:,.3f} ms + {o:g} tokens x "
+        f"({model.decode_step_ms:g} / {seqs:,.0f} + {model.decode_ms_per_seq:g}) = {decode:,.3f} ms",
+        f"per-GPU throughput = 1000 / {prefill + decode:,.3f} ms = {per_gpu:,.1f} req/s "
+        f"({per_gpu * o:,.0f} output tokens/s)",
+    ]
+    return step, lines
 
 
 def _row(gpus: int, result: SimulationResult, constraints: Constraints) -> CapacityRow:
@@ -86,6 +158,8 @@ def _row(gpus: int, result: SimulationResult, constraints: Constraints) -> Capac
         meets=not failed,
         failed=failed,
         p95_ms=result.p95_ms,
+        ttft_p95_ms=result.ttft_p95_ms,
+        itl_p95_ms=result.itl_p95_ms,
         per_tier_p95_ms={t: s.p95_ms for t, s in result.per_tier.items()},
         load_factor=result.load_factor,
         gpu_busy=result.gpu_busy,
@@ -156,7 +230,7 @@ def plan_capacity(
     """
     rps = workload.schedule.rps
     model = model.model_copy(update={"max_load": constraints.max_load})
-    envelope = back_of_envelope(model, rps)
+    envelope = back_of_envelope(model, rps, workload.shape(model))
     # The load ceiling is arithmetic (load_factor is defined by the offered rate), so no
     # count below ceil(raw / max_load) can pass; start the simulated search there.
     start = max(1, envelope.gpus_at_ceiling)
@@ -173,6 +247,9 @@ def plan_capacity(
         gpus=best,
         rps=rps,
         p95_ms=chosen.p95_ms if chosen else None,
+        ttft_p95_ms=chosen.ttft_p95_ms if chosen else None,
+        itl_p95_ms=chosen.itl_p95_ms if chosen else None,
+        batching=model.batching.value,
         per_tier_p95_ms={t: s.p95_ms for t, s in chosen.per_tier.items()} if chosen else {},
         load_factor=chosen.load_factor if chosen else None,
         gpu_busy=chosen.gpu_busy if chosen else None,
@@ -182,6 +259,15 @@ def plan_capacity(
             "slo_p95_ms": constraints.slo_p95_ms,
             "max_load": constraints.max_load,
             "max_reject": constraints.max_reject,
+            **{
+                f"slo_{name}_p95_ms": value
+                for name, value in (
+                    ("ttft", constraints.slo_ttft_p95_ms),
+                    ("itl", constraints.slo_itl_p95_ms),
+                    ("tpot", constraints.slo_tpot_p95_ms),
+                )
+                if value is not None
+            },
         },
         back_of_envelope=envelope,
         explanation=explanation,
@@ -191,8 +277,37 @@ def plan_capacity(
         warmup_s=settings.warmup_for(workload),
         seed=settings.seed,
         overlap=model.overlap,
-        sweep=sweep_capacity(model, sweep_rates, settings, constraints, max_gpus, progress) if sweep_rates else None,
+        sweep=sweep_capacity(model, workload, sweep_rates, settings, constraints, max_gpus, progress)
+        if sweep_rates
+        else None,
     )
+
+
+def plan_batching_modes(
+    model: ServiceModel,
+    modes: list[Batching],
+    workload: Workload,
+    settings: RunSettings,
+    constraints: Constraints,
+    *,
+    max_gpus: int | None = None,
+    sweep_rates: list[float] | None = None,
+    progress: ProgressFn | None = None,
+) -> CapacityResult:
+    """:func:`plan_capacity` under each batching mode given; the first is the answer, the others ride beside it."""
+    plans = [
+        plan_capacity(
+            model.model_copy(update={"batching": mode}),
+            workload,
+            settings,
+            constraints,
+            max_gpus=max_gpus,
+            sweep_rates=sweep_rates,
+            progress=progress,
+        )
+        for mode in modes
+    ]
+    return plans[0].model_copy(update={"alternatives": plans[1:]})
 
 
 def _binding_constraint(
@@ -221,16 +336,23 @@ def _explain(
             f"The simulation needs {best} GPUs, {best - envelope.gpus_at_ceiling:+d} against the arithmetic's "
             f"{envelope.gpus_at_ceiling}: the binding constraint is {binding}."
         )
+    if model.batching is Batching.CONTINUOUS:
+        lines.append(
+            f"gpu_busy {chosen.gpu_busy:.0%} vs load_factor {chosen.load_factor:.0%}: a GPU steps whenever it runs"
+            f" anything; its steps average {chosen.mean_batch_size:.1f} of {model.max_num_seqs} sequences."
+        )
+        return lines
     cycle = model.gpu_cycle_ms(round(chosen.mean_batch_size))
     lines.append(
         f"gpu_busy {chosen.gpu_busy:.0%} vs load_factor {chosen.load_factor:.0%}: batches average"
-        f" {chosen.mean_batch_size:.1f} of {model.max_batch}, and a partial batch costs a full {cycle:g} ms cycle."
+        f" {chosen.mean_batch_size:.1f} of {model.max_batch}, and a partial batch costs a full {cycle:,.4g} ms cycle."
     )
     return lines
 
 
 def sweep_capacity(
     model: ServiceModel,
+    workload: Workload,
     rates: list[float],
     settings: RunSettings,
     constraints: Constraints,
@@ -240,8 +362,9 @@ def sweep_capacity(
     """The GPUs-versus-rps curve: one capacity search per rate."""
     points = []
     for rps in rates:
+        at_rate = workload.model_copy(update={"schedule": workload.schedule.model_copy(update={"rps": rps})})
         result = plan_capacity(
-            model, Workload.constant(rps), settings, constraints, max_gpus=max_gpus, neighbours=0, progress=progress
+            model, at_rate, settings, constraints, max_gpus=max_gpus, neighbours=0, progress=progress
         )
         env = result.back_of_envelope
         points.append(

@@ -8,39 +8,23 @@ run is reproducible from those three objects alone.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.errors import UsageError
 from ..core.model import ServiceModel
 from ..core.schema import SimulationResult
-from .arrivals import ArrivalProcess, Arrivals, generate_arrivals, load_trace
+from .arrivals import Arrivals
 from .engine import simulate_arrivals
 from .metrics import interval, summarise
-from .schedule import RateSchedule
+from .workload import Workload
 
-__all__ = ["DEFAULT_WARMUP_S", "RunSettings", "Workload", "run_simulation"]
+__all__ = ["DEFAULT_WARMUP_S", "RunSettings", "run_simulation"]
 
 DEFAULT_WARMUP_S = 10.0
 
 # Metrics whose spread across replications is reported as intervals.
 _INTERVAL_KEYS = ("p50_ms", "p95_ms", "p99_ms", "throughput_rps", "rejected_fraction", "gpu_busy", "mean_batch_size")
-
-
-class Workload(BaseModel):
-    """The offered load: a schedule (Poisson or constant arrivals) or a trace replay."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    schedule: RateSchedule
-    arrival: ArrivalProcess = ArrivalProcess.POISSON
-    trace: Path | None = None
-
-    @classmethod
-    def constant(cls, rps: float, arrival: ArrivalProcess = ArrivalProcess.POISSON) -> Workload:
-        return cls(schedule=RateSchedule(rps=rps), arrival=arrival)
 
 
 class RunSettings(BaseModel):
@@ -55,32 +39,27 @@ class RunSettings(BaseModel):
     sample_every_s: float | None = Field(default=None, gt=0)
 
     def warmup_for(self, workload: Workload) -> float:
-        """The warm-up actually used: as given, else none for a trace (it is the window) and 10 s for a rate."""
+        """The warm-up actually used: as given, else none for a replay (it is the window) and 10 s for a rate."""
         if self.warmup_s is not None:
             return self.warmup_s
-        return 0.0 if workload.trace is not None else DEFAULT_WARMUP_S
-
-
-def make_arrivals(model: ServiceModel, workload: Workload, settings: RunSettings, seed: int) -> Arrivals:
-    if workload.trace is not None:
-        return load_trace(workload.trace)
-    horizon = settings.warmup_for(workload) + settings.duration_s
-    rng = np.random.default_rng(seed)
-    return generate_arrivals(workload.schedule, horizon, model.tier_shares, rng, workload.arrival)
+        return 0.0 if workload.is_replay else DEFAULT_WARMUP_S
 
 
 def _one_run(
     model: ServiceModel, workload: Workload, settings: RunSettings, gpus: int, seed: int, keep_timeseries: bool
 ) -> SimulationResult:
-    arrivals = make_arrivals(model, workload, settings, seed)
     warmup = settings.warmup_for(workload)
-    duration = settings.duration_s if workload.trace is None else _trace_window(arrivals) - warmup
+    arrivals = workload.arrivals(model, warmup + settings.duration_s, seed)
+    duration = _trace_window(arrivals) - warmup if workload.is_replay else settings.duration_s
     if duration <= 0:
         raise UsageError(
             f"the trace lasts {arrivals.end_s:.1f} s, not longer than the warm-up of {warmup:g} s", field="warmup_s"
         )
     horizon = warmup + duration
-    out = simulate_arrivals(model, arrivals, gpus, seed=seed, horizon_s=horizon, sample_every_s=settings.sample_every_s)
+    out = simulate_arrivals(
+        model, arrivals, gpus, seed=seed, horizon_s=horizon, sample_every_s=settings.sample_every_s,
+        stream=workload.stream,
+    )  # fmt: skip
     return summarise(
         out,
         model,
@@ -90,6 +69,8 @@ def _one_run(
         duration_s=duration,
         seed=seed,
         keep_timeseries=keep_timeseries,
+        stream=workload.stream,
+        lengths=workload.describe_lengths() if arrivals.has_tokens else None,
     )
 
 

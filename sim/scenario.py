@@ -38,7 +38,8 @@ from pydantic import BaseModel, ValidationError
 
 from ..core.errors import ConfigError
 from ..core.model import ServiceModel
-from .runner import RunSettings, Workload
+from .runner import RunSettings
+from .workload import Workload
 
 __all__ = ["Scenario", "describe_validation_error", "load_scenario"]
 

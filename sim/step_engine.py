@@ -5,24 +5,29 @@ Each GPU runs *steps*. A step holds the GPU's running sequences: each either pre
 last prefill chunk emits its first token). A step lasts ``decode_step_ms +
 prefill_ms_per_token * (prompt tokens prefilled) + decode_ms_per_seq * (sequences in
 it)``. Between steps the GPU admits waiting requests by tier, FIFO within a tier, while
-it runs fewer than ``max_num_seqs`` and the running sequences' prompt and output
-tokens fit ``kv_cache_tokens`` (reserved whole at admission, so a sequence is never
-evicted); a step prefills at most ``max_batched_tokens`` prompt tokens, so a longer
-prompt is prefilled in chunks. A finished sequence leaves at once; a request arriving
-during a step waits for its end.
+it runs fewer than ``max_num_seqs`` and the running sequences' prompt and output tokens
+fit ``kv_cache_tokens`` (reserved whole at admission, so a sequence is never evicted;
+the first request that does not fit blocks the ones behind it); a step prefills at most
+``max_batched_tokens`` prompt tokens, so a longer prompt is prefilled in chunks. A
+finished sequence leaves at once; a request arriving during a step waits for its end.
 
-Speed comes from the same idea as the batch engine: nothing per token. A stretch of
-pure decode steps with nobody to admit is one event of ``k`` identical steps (``k`` up
-to the next sequence to finish or the next arrival), request data lives in numpy
-arrays, and inter-token gaps are kept as (gap, count per tier) pairs, not one per token.
-:mod:`infer_plan.sim.step_reference` is the slow, one-step-at-a-time model the tests
-hold this one to, request by request.
+Speed: a GPU does a hundred steps a second and most of them admit or finish someone,
+so a step must cost microseconds. Steps are therefore not SimPy events: the engine runs
+them in its own loop, in time order across GPUs, and hands control to SimPy only when
+a fleet event (a failure, the autoscaler, the monitor) comes first. Nothing is done per
+token: a decoding sequence only needs the step of its last token (a heap per GPU), a
+run of identical decode steps with nobody to admit or finish is one event, and the gaps
+between tokens are kept as (gap, count per tier) per step.
+:mod:`infer_plan.sim.step_reference` is the slow, obviously-correct model the tests hold
+this one to, request by request.
 """
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -30,32 +35,30 @@ import simpy
 
 from ..core.dispatch import EPS
 from ..core.model import ServiceModel
-from ..core.tiers import Tier
 from .fleet import Fleet, GpuState
-from .waiting import WaitingQueues
+from .tokens import TokenGaps
+from .waiting import ArrivalQueue
 
 __all__ = ["StepEngine"]
-
-_N_TIERS = len(Tier)
-_EMPTY = np.empty(0, dtype=np.int64)
 
 
 @dataclass(slots=True)
 class _Gpu:
-    """One GPU's running sequences (admission order) and the step it is in."""
+    """One GPU's sequences and the step (or run of identical decode steps) it is in."""
 
-    ids: np.ndarray = field(default_factory=lambda: _EMPTY)
-    prefill_left: np.ndarray = field(default_factory=lambda: _EMPTY)
-    out_left: np.ndarray = field(default_factory=lambda: _EMPTY)
-    kv: int = 0  # reserved prompt + output tokens of the running sequences
     accepting: bool = True  # serving and not released: admits new sequences
     busy: bool = False
     generation: int = 0  # bumped when its step is void (a failure), so a stale heap entry is skipped
-    # The step (or run of k identical decode steps) in flight:
+    steps_done: int = 0
+    kv: int = 0  # reserved prompt + output tokens of the running sequences
+    running: int = 0
+    prefilling: list[list[int]] = field(default_factory=list)  # [request, prompt tokens left], admission order
+    finishing: list[tuple[int, int]] = field(default_factory=list)  # heap of (step of its last token, request)
+    decoding: list[int] = field(default_factory=lambda: [0, 0, 0])  # decoding sequences per tier
+    n_decoding: int = 0
     step_s: float = 0.0
     steps: int = 0
-    chunk: np.ndarray = field(default_factory=lambda: _EMPTY)  # prompt tokens each sequence prefills
-    prefilling: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=bool))
+    chunks: list[int] = field(default_factory=list)  # prompt tokens each prefilling sequence gets this step
 
 
 class StepEngine:
@@ -74,161 +77,224 @@ class StepEngine:
         *,
         horizon_s: float,
         sample_every_s: float,
-        mean_lengths: tuple[float, float],
+        load_factor: Callable[[float, float], float],
     ) -> None:
         self.env = env
         self.model = model
-        self.waiting = WaitingQueues(times, tiers)
-        self.tiers = tiers
-        self.prompt = prompt.astype(np.int64)
-        self.output = output.astype(np.int64)
-        self.reserve = self.prompt + self.output  # KV tokens a sequence holds until it finishes
+        self.waiting = ArrivalQueue(times, tiers)
+        self.tiers = tiers.tolist()
+        self.prompt = prompt.tolist()
+        self.output = output.tolist()
+        self.reserve = (prompt.astype(np.int64) + output).tolist()  # KV tokens a sequence holds until it finishes
         n = times.size
-        self.first_token = np.full(n, np.nan)
-        self.finished = np.full(n, np.nan)
-        self.failed = np.zeros(n, dtype=bool)
+        self._first: list[float] = [math.nan] * n
+        self._done: list[float] = [math.nan] * n
+        self._failed: list[int] = []
         self.max_seqs = model.max_num_seqs
         self.kv_budget = model.kv_cache_tokens if model.kv_cache_tokens is not None else math.inf
         self.token_budget = model.max_batched_tokens
         self.gpus = [_Gpu() for _ in range(gpus)]
         self.heap: list[tuple[float, int, int]] = []  # (step end, gpu, generation)
-        self.gap_s: list[float] = []  # inter-token gaps, one entry per step run ...
-        self.gap_count: list[np.ndarray] = []  # ... with how many gaps of that length each tier had
+        self.now = 0.0  # the engine's own clock: ahead of SimPy's between fleet events
+        self.idle: list[int] = []  # accepting GPUs with nothing to run, sorted: they pick up in index order
+        # Inter-token gaps, one entry per step run: (gap s, gaps of enterprise, paid, free, when the run ended).
+        self.gaps: list[tuple[float, int, int, int, float]] = []
+        self.runs: list[tuple[float, float, int]] = []  # each step run: start, end, sequences it held
         self.scheduler: simpy.Process | None = None
-        p, o = mean_lengths
         self.fleet = Fleet(
             env,
             model,
             gpus,
             rng,
             self,
-            load_factor=lambda rate, fleet: model.load_factor(rate, fleet, prompt_tokens=p, output_tokens=o),
+            load_factor=load_factor,
             capacity=model.max_num_seqs,
             horizon_s=horizon_s,
             sample_every_s=sample_every_s,
         )
 
-    # -- the scheduler: one SimPy process that moves to the next step end or pick-up ----------
+    # -- results ----------------------------------------------------------------------------------
+
+    @property
+    def first_token(self) -> np.ndarray:
+        return np.asarray(self._first)
+
+    @property
+    def completion(self) -> np.ndarray:
+        return np.asarray(self._done)
+
+    @property
+    def failed(self) -> np.ndarray:
+        failed = np.zeros(len(self._done), dtype=bool)
+        failed[self._failed] = True
+        return failed
+
+    def token_gaps(self) -> TokenGaps:
+        gaps = np.asarray(self.gaps, dtype=np.float64).reshape(-1, 5)
+        return TokenGaps(gaps[:, 0] * 1000.0, gaps[:, 1:4].astype(np.int64), gaps[:, 4])
+
+    def batches(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Start, end and size of every step run (what the report counts as GPU busy time and batch size)."""
+        runs = np.asarray(self.runs, dtype=np.float64).reshape(-1, 3)
+        return runs[:, 0], runs[:, 1], runs[:, 2].astype(np.int64)
+
+    # -- the loop: steps in time order; SimPy only for the fleet's events -------------------------
 
     def run(self):  # SimPy process
-        env, waiting = self.env, self.waiting
+        env = self.env
+        self.idle = list(range(len(self.gpus)))
         while True:
-            now = env.now
-            wake = self.heap[0][0] if self.heap else math.inf
-            if self._idle_accepting():
-                wake = now if waiting.queued else min(wake, waiting.next_arrival_time())
-            if wake == math.inf:
-                if waiting.next_arrival >= waiting.n and not self.heap:
-                    return  # every arrival taken or shed, every step done
-                wake = now + 1e9  # work waits but no GPU serves: sleep until the fleet changes (poke)
-            if wake > now:
-                try:  # noqa: SIM105  (contextlib.suppress would build an object per step on this hot loop)
-                    yield env.timeout(wake - now)
-                except simpy.Interrupt:  # a poke: the fleet changed, re-plan now
-                    pass
-                now = env.now
-            waiting.admit_until(now)
-            while self.heap and self.heap[0][0] <= now + EPS:  # steps ending now, by GPU index
-                _, g, generation = heapq.heappop(self.heap)
-                gpu = self.gpus[g]
-                if generation == gpu.generation and gpu.busy:
-                    self._end_step(gpu, now)
+            self.now = max(self.now, env.now)
+            event = self._next_event()
+            fleet_next = env.peek()
+            while event < fleet_next:  # steps before the fleet's next event need no SimPy event of their own
+                self._events_at(event)
+                event = self._next_event()
+            if event == math.inf and self.waiting.next_arrival >= self.waiting.n and not self.heap:
+                return  # every arrival taken or shed, every step done
+            wait = event - env.now if event < math.inf else 1e9  # inf: nothing serves; the fleet must change
+            try:  # noqa: SIM105  (contextlib.suppress would build an object per wake-up on this hot loop)
+                yield env.timeout(max(wait, 0.0))
+            except simpy.Interrupt:  # a poke: the fleet changed, re-plan now
+                pass
+
+    def _next_event(self) -> float:
+        heap = self.heap
+        while heap and heap[0][2] != self.gpus[heap[0][1]].generation:
+            heapq.heappop(heap)  # a step voided by a failure
+        event = heap[0][0] if heap else math.inf
+        if self.idle:
+            pickup = self.now if self.waiting.queued else self.waiting.next_arrival_time()
+            event = min(event, pickup)
+        return event
+
+    def _events_at(self, now: float) -> None:
+        self.now = now
+        self.waiting.admit_until(now)
+        heap, gpus = self.heap, self.gpus
+        while heap and heap[0][0] <= now + EPS:  # steps ending now, by GPU index
+            _, g, generation = heapq.heappop(heap)
+            if generation == gpus[g].generation:
+                self._end_step(gpus[g], now)
+                self._plan(g, now)
+        if self.idle and self.waiting.queued:
+            for g in list(self.idle):  # idle GPUs pick up what waits, in index order
+                if self.waiting.queued:
+                    self.idle.remove(g)
                     self._plan(g, now)
-            if waiting.queued:
-                for g, gpu in enumerate(self.gpus):  # idle GPUs pick up what waits, in index order
-                    if not gpu.busy and gpu.accepting:
-                        self._plan(g, now)
+
+    # -- one GPU: admit, plan a step (or a run of identical ones), end it --------------------------
+
+    def _plan(self, g: int, now: float) -> None:
+        gpu = self.gpus[g]
+        if gpu.accepting and self.waiting.queued and gpu.running < self.max_seqs:
+            self._admit(gpu)
+        if gpu.running == 0:
+            gpu.busy = False
+            if gpu.accepting:
+                bisect.insort(self.idle, g)
+            return
+        sequences, prefill, budget = gpu.n_decoding, 0, self.token_budget
+        chunks = []
+        for entry in gpu.prefilling:
+            chunk = entry[1] if entry[1] < budget else budget
+            chunks.append(chunk)
+            budget -= chunk
+            prefill += chunk
+            sequences += chunk > 0
+        step_s = self.model.step_ms(prefill, sequences) / 1000.0
+        steps = 1
+        if not gpu.prefilling:  # pure decode: skip ahead to the next finish, or to the next arrival it could admit
+            steps = gpu.finishing[0][0] - gpu.steps_done
+            if steps > 1 and gpu.accepting and gpu.running < self.max_seqs and step_s > 0:
+                arrival = self.waiting.next_arrival_time()
+                if arrival < math.inf:
+                    steps = min(steps, max(1, math.ceil((arrival - now) / step_s - EPS)))
+        gpu.busy, gpu.step_s, gpu.steps, gpu.chunks = True, step_s, steps, chunks
+        end = now + step_s * steps
+        self.runs.append((now, end, gpu.running))
+        heapq.heappush(self.heap, (end, g, gpu.generation))
+
+    def _admit(self, gpu: _Gpu) -> None:
+        """Waiting requests by tier, FIFO within a tier, while a sequence slot and KV room remain."""
+        waiting, prompt, budget = self.waiting, self.prompt, self.kv_budget
+        while waiting.queued and gpu.running < self.max_seqs:
+            i = waiting.pop()
+            reserve = self.reserve[i]
+            if gpu.kv + reserve > budget:
+                if reserve <= budget:
+                    waiting.push_back(i)  # the first that does not fit blocks the ones behind it
+                    return
+                self._failed.append(i)  # would never fit, even alone: it fails at once instead of blocking all
+                self._done[i] = self.now
+                continue
+            gpu.prefilling.append([i, prompt[i]])
+            gpu.kv += reserve
+            gpu.running += 1
+
+    def _end_step(self, gpu: _Gpu, now: float) -> None:
+        steps = gpu.steps
+        gpu.steps_done += steps
+        gpu.busy = False
+        if gpu.n_decoding:  # every decoding sequence emitted `steps` tokens, one step apart
+            d = gpu.decoding
+            self.gaps.append((gpu.step_s, d[0] * steps, d[1] * steps, d[2] * steps, now))
+        done, reserve = self._done, self.reserve
+        if gpu.prefilling:
+            still = []
+            for entry, chunk in zip(gpu.prefilling, gpu.chunks):  # noqa: B905  (same length by construction)
+                entry[1] -= chunk
+                if entry[1]:
+                    still.append(entry)
+                    continue
+                i = entry[0]
+                self._first[i] = now  # the last prompt chunk emits the first token
+                if self.output[i] == 1:
+                    done[i] = now
+                    gpu.kv -= reserve[i]
+                    gpu.running -= 1
+                    continue
+                heapq.heappush(gpu.finishing, (gpu.steps_done + self.output[i] - 1, i))
+                gpu.decoding[self.tiers[i]] += 1
+                gpu.n_decoding += 1
+            gpu.prefilling = still
+        finishing, tiers, decoding = gpu.finishing, self.tiers, gpu.decoding
+        while finishing and finishing[0][0] <= gpu.steps_done:
+            _, i = heapq.heappop(finishing)
+            decoding[tiers[i]] -= 1
+            gpu.n_decoding -= 1
+            done[i] = now
+            gpu.kv -= reserve[i]
+            gpu.running -= 1
+
+    # -- what the fleet tells us ------------------------------------------------------------------
 
     def poke(self) -> None:
         proc = self.scheduler
         if proc is not None and proc.is_alive and proc.target is not None and proc is not self.env.active_process:
             proc.interrupt()
 
-    def _idle_accepting(self) -> bool:
-        return any(not gpu.busy and gpu.accepting for gpu in self.gpus)
-
-    # -- one GPU: admit, plan a step (or k identical ones), end it --------------------------------
-
-    def _plan(self, g: int, now: float) -> None:
-        gpu = self.gpus[g]
-        if gpu.accepting and self.waiting.queued:
-            self._admit(gpu)
-        running = gpu.ids.size
-        if running == 0:
-            gpu.busy = False
-            return
-        prefilling = gpu.prefill_left > 0
-        if prefilling.any():
-            wanted = np.where(prefilling, gpu.prefill_left, 0)
-            before = np.cumsum(wanted) - wanted  # prompt tokens ahead of each sequence in admission order
-            chunk = np.clip(self.token_budget - before, 0, wanted)
-            in_step = int((~prefilling).sum() + (chunk > 0).sum())
-            step_s = self.model.step_ms(int(chunk.sum()), in_step) / 1000.0
-            steps = 1
-        else:
-            chunk = _EMPTY
-            step_s = self.model.step_ms(0, running) / 1000.0
-            steps = int(gpu.out_left.min())
-            if gpu.accepting and running < self.max_seqs and step_s > 0:
-                arrival = self.waiting.next_arrival_time()  # it could join at the first step end after it
-                if arrival < math.inf:
-                    steps = min(steps, max(1, math.ceil((arrival - now) / step_s - EPS)))
-        gpu.busy, gpu.step_s, gpu.steps, gpu.chunk, gpu.prefilling = True, step_s, steps, chunk, prefilling
-        heapq.heappush(self.heap, (now + step_s * steps, g, gpu.generation))
-
-    def _admit(self, gpu: _Gpu) -> None:
-        """Waiting requests by tier, FIFO within a tier, while the GPU has a sequence slot and KV room."""
-        room = self.max_seqs - gpu.ids.size
-        if room <= 0:
-            return
-        candidates = self.waiting.heads(room)
-        fits = gpu.kv + np.cumsum(self.reserve[candidates]) <= self.kv_budget
-        n = int(fits.size if fits.all() else np.argmin(fits))  # the first that does not fit blocks the rest
-        if n == 0:
-            return
-        ids = np.concatenate(self.waiting.take(n))
-        gpu.ids = np.concatenate((gpu.ids, ids))
-        gpu.prefill_left = np.concatenate((gpu.prefill_left, self.prompt[ids]))
-        gpu.out_left = np.concatenate((gpu.out_left, self.output[ids]))
-        gpu.kv += int(self.reserve[ids].sum())
-
-    def _end_step(self, gpu: _Gpu, now: float) -> None:
-        ids, out_left, steps = gpu.ids, gpu.out_left, gpu.steps
-        prefilling = gpu.prefilling
-        decoding = ~prefilling
-        first = np.zeros_like(prefilling)
-        if prefilling.any():
-            gpu.prefill_left = gpu.prefill_left - gpu.chunk
-            first = prefilling & (gpu.prefill_left == 0)
-            self.first_token[ids[first]] = now
-        out_left = out_left - first - decoding * steps
-        if decoding.any():
-            self.gap_s.append(gpu.step_s)
-            self.gap_count.append(np.bincount(self.tiers[ids[decoding]], minlength=_N_TIERS) * steps)
-        done = (out_left == 0) & (first | decoding)
-        gpu.out_left = out_left
-        gpu.busy = False
-        if done.any():
-            self.finished[ids[done]] = now
-            gpu.kv -= int(self.reserve[ids[done]].sum())
-            keep = ~done
-            gpu.ids, gpu.prefill_left, gpu.out_left = ids[keep], gpu.prefill_left[keep], gpu.out_left[keep]
-
-    # -- what the fleet tells us ------------------------------------------------------------------
-
     def gpu_added(self) -> None:
         self.gpus.append(_Gpu(accepting=False))
 
-    def gpu_changed(self, gpu: int, state: GpuState) -> None:
-        self.gpus[gpu].accepting = state is GpuState.UP
+    def gpu_changed(self, g: int, state: GpuState) -> None:
+        gpu = self.gpus[g]
+        gpu.accepting = state is GpuState.UP
+        if not gpu.accepting and g in self.idle:
+            self.idle.remove(g)
+        elif gpu.accepting and not gpu.busy and g not in self.idle:
+            bisect.insort(self.idle, g)
         self.poke()
 
     def gpu_failing(self, g: int) -> None:
-        gpu = self.gpus[g]
-        if gpu.ids.size:
-            self.failed[gpu.ids] = True
-            self.finished[gpu.ids] = self.env.now  # the clients get their error now
+        gpu, now = self.gpus[g], self.env.now
+        lost = [entry[0] for entry in gpu.prefilling] + [i for _, i in gpu.finishing]
+        for i in lost:  # the clients get their error now
+            self._done[i] = now
+        self._failed.extend(lost)
         self.gpus[g] = _Gpu(accepting=False, generation=gpu.generation + 1)
+        if g in self.idle:
+            self.idle.remove(g)
 
     def retire_choice(self, up: list[int]) -> int:
-        return min(up, key=lambda g: (self.gpus[g].ids.size, g))
+        return min(up, key=lambda g: (self.gpus[g].running, g))

@@ -5,20 +5,22 @@ at the queue at time ``now`` it first admits every arrival up to ``now`` in one 
 (:meth:`WaitingQueues.admit_until`): the admission zones are decided for the whole burst
 with cumulative sums (:func:`~infer_plan.core.admission.admit_burst`), and each tier's
 queue is a slice of a preallocated buffer of ids. Both engines (the batch cycle and
-continuous batching) wait here, so they shed and prioritise identically.
+continuous batching) wait here, so they shed and prioritise identically; continuous
+batching reads it request by request (:class:`ArrivalQueue`).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import numpy as np
 
-from ..core.admission import admit_burst
+from ..core.admission import admit_burst, zone_admits
 from ..core.dispatch import EPS, take_by_priority
 from ..core.tiers import Tier
 
-__all__ = ["WaitingQueues"]
+__all__ = ["ArrivalQueue", "WaitingQueues"]
 
 _N_TIERS = len(Tier)
 
@@ -105,12 +107,58 @@ class WaitingQueues:
         self.queued -= n
         return parts
 
-    def heads(self, limit: int) -> np.ndarray:
-        """Up to ``limit`` waiting ids in the order they would be taken, without taking them."""
-        parts, head, tail = [], self.head, self.tail
-        for k in range(_N_TIERS):
-            m = min(limit, tail[k] - head[k])
-            if m:
-                parts.append(self.queue[k][head[k] : head[k] + m])
-                limit -= m
-        return np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
+
+class ArrivalQueue:
+    """The same waiting room, request by request, for an engine that admits one request at a time.
+
+    Continuous batching admits requests one by one between steps, thousands of times a
+    simulated second; there numpy's per-call cost would dominate, so arrivals are read
+    from plain lists and each passes the zones (:func:`~infer_plan.core.admission.zone_admits`)
+    as it arrives.
+    """
+
+    def __init__(self, times: np.ndarray, tiers: np.ndarray) -> None:
+        self.times = times
+        self.n = times.size
+        self._times = times.tolist()
+        self._tiers = tiers.tolist()
+        self.queues: list[deque[int]] = [deque() for _ in range(_N_TIERS)]
+        self.queued = 0
+        self.next_arrival = 0
+        self.shed: list[int] = []
+        self.thresholds: tuple[int, int, int] = (1 << 62, 1 << 62, 1 << 62)  # set by the engine from its fleet
+
+    @property
+    def admitted(self) -> np.ndarray:
+        admitted = np.ones(self.n, dtype=bool)
+        admitted[self.shed] = False
+        return admitted
+
+    def admit_until(self, now: float) -> None:
+        times, i, n, limit = self._times, self.next_arrival, self.n, now + EPS
+        green = self.thresholds[0]
+        while i < n and times[i] <= limit:
+            tier = self._tiers[i]
+            if self.queued < green or zone_admits(tier, self.queued, self.thresholds):  # green admits everyone
+                self.queues[tier].append(i)
+                self.queued += 1
+            else:
+                self.shed.append(i)
+            i += 1
+        self.next_arrival = i
+
+    def next_arrival_time(self) -> float:
+        return self._times[self.next_arrival] if self.next_arrival < self.n else math.inf
+
+    def pop(self) -> int:
+        """The next request by priority: enterprise first, FIFO inside a tier."""
+        for queue in self.queues:
+            if queue:
+                self.queued -= 1
+                return queue.popleft()
+        raise IndexError("nobody waits")
+
+    def push_back(self, i: int) -> None:
+        """Return the request just popped to the head of its tier (it could not be admitted after all)."""
+        self.queues[self._tiers[i]].appendleft(i)
+        self.queued += 1

@@ -29,8 +29,8 @@ def _needs_more(args: list[str]) -> bool:
 def _commands() -> list[list[str]]:
     commands = []
     for block in _blocks("bash"):
-        for line in block.splitlines():
-            line = line.split("  #", 1)[0].strip()
+        for text in block.splitlines():
+            line = text.split("  #", 1)[0].strip()
             if line.startswith("infer-plan ") and not _needs_more(args := shlex.split(line)[1:]):
                 commands.append(args)
     return commands

@@ -24,7 +24,10 @@ def write(tmp_path: Path, name: str, text: str) -> Path:
         ("headerless.csv", "0.000144,enterprise\n0.5,free\n0.25,paid\n"),
         ("header.csv", "timestamp,tier\n0.000144,enterprise\n0.5,free\n0.25,paid\n"),
         ("short-header.csv", "tier,t\nenterprise,0.000144\nfree,0.5\npaid,0.25\n"),
-        ("rows.jsonl", '{"timestamp": 0.000144, "tier": "enterprise"}\n{"t": 0.5, "tier": "free"}\n{"t": 0.25, "tier": "paid"}\n'),
+        (
+            "rows.jsonl",
+            '{"timestamp": 0.000144, "tier": "enterprise"}\n{"t": 0.5, "tier": "free"}\n{"t": 0.25, "tier": "paid"}\n',
+        ),
     ],
 )
 def test_every_trace_form_reads_the_same_requests(tmp_path, name, text):

@@ -1,0 +1,257 @@
+"""The batch cycle of the design (``batching = "static"``), simulated batch by batch.
+
+SimPy drives time at batch granularity: the dispatcher process sleeps until the next
+moment the dispatch decision (:func:`infer_plan.core.dispatch.decide`, the one the
+server's queues follow too) can say "take": the queue reaches ``max_batch``, the oldest
+request reaches ``max_wait_ms``, a GPU frees up. It then takes the batch by tier
+priority (:class:`~.waiting.WaitingQueues`) and books its GPU cycle
+(``ServiceModel.batch_hold_ms``). Requests never get a SimPy process of their own:
+arrival times, tiers, admission and completion times live in numpy arrays. That is
+what makes an hour at 10,000 req/s take seconds (``benchmarks/bench_sim.py``);
+:mod:`infer_plan.sim.reference` is the slow per-request model the tests hold it to.
+
+With token lengths the batch also runs its steps (SPEC section 10): PCIe in, kernel,
+then one prefill step for all prompts, then decode steps until the longest sequence is
+done, then PCIe out. Every request's first and last token follow from the batch's
+lengths in closed form (no loop over steps), and the gaps between tokens are kept as
+(gap, count per tier) pairs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import simpy
+
+from ..core.dispatch import EPS, Take, decide
+from ..core.model import ServiceModel
+from ..core.tiers import Tier
+from .fleet import Fleet, GpuState
+from .tokens import TokenGaps
+from .waiting import WaitingQueues
+
+__all__ = ["BatchEngine"]
+
+_N_TIERS = len(Tier)
+
+
+class BatchEngine:
+    def __init__(
+        self,
+        env: simpy.Environment,
+        model: ServiceModel,
+        times: np.ndarray,
+        tiers: np.ndarray,
+        gpus: int,
+        rng: np.random.Generator,
+        *,
+        horizon_s: float,
+        sample_every_s: float,
+        lengths: tuple[np.ndarray, np.ndarray] | None,
+        stream: bool,
+        load_factor,
+    ) -> None:
+        self.env = env
+        self.model = model
+        self.horizon_s = horizon_s
+        self.waiting = WaitingQueues(times, tiers)
+        self.tiers = tiers
+        self.n = times.size
+        self.rule = model.dispatch_rule
+        # The cycle formula tabulated once per batch size: looked up per batch, it costs nothing.
+        self.hold_s = [model.batch_hold_ms(size) / 1000.0 for size in range(model.max_batch + 1)]
+        self.max_batch = model.max_batch
+        self.max_wait_s = model.max_wait_ms / 1000.0
+        self.shared_queue_s = model.shared_queue_ms / 1000.0  # answers reach the client this much after the batch
+        # Measured batch-time variability (calibrate): its own stream, so faults draw as before.
+        self.jitter_rng = np.random.default_rng(rng.integers(2**63)) if model.cycle_jitter else None
+        self.jitter_u = np.linspace(0.0, 1.0, len(model.cycle_jitter))  # quantile grid, built once, not per batch
+        self.jitter_q = np.asarray(model.cycle_jitter, dtype=float)
+
+        self.completion = np.full(self.n, np.nan)
+        self.failed = np.zeros(self.n, dtype=bool)
+        self.lengths = lengths
+        self.stream = stream
+        self.first_token = np.full(self.n, np.nan) if lengths is not None else None
+        self.gap_s: list[np.ndarray] = []  # inter-token gaps of each batch's steps ...
+        self.gap_count: list[np.ndarray] = []  # ... how many of each gap each tier had
+        self.gap_at: list[np.ndarray] = []  # ... and when they ended
+
+        # free_at is inf for any GPU that cannot take a batch (down, cold, retired, in a window),
+        # so "a free GPU" and "the next GPU to free up" are both a builtin min() away.
+        self.free_at: list[float] = [0.0] * gpus
+        self.running: list[np.ndarray | None] = [None] * gpus  # ids on each GPU, kept only with faults
+        self.windows: list[tuple[float, int]] = []  # open assembly windows without overlap: (end, gpu)
+        self.track_running = model.faults.mtbf_s is not None
+
+        self.b_start: list[float] = []
+        self.b_end: list[float] = []
+        self.b_size: list[int] = []
+        self.dispatcher: simpy.Process | None = None
+        self.fleet = Fleet(
+            env,
+            model,
+            gpus,
+            rng,
+            self,
+            load_factor=load_factor,
+            capacity=model.max_batch,
+            horizon_s=horizon_s,
+            sample_every_s=sample_every_s,
+        )
+
+    def take_batch(self, now: float, gpu: int, taken_at: float, n: int) -> None:
+        """Take ``n`` queued requests by priority and run them on ``gpu``."""
+        parts = self.waiting.take(n)
+        if n == 0:
+            self.free_at[gpu] = now
+            return
+        jitter = float(np.interp(self.jitter_rng.random(), self.jitter_u, self.jitter_q)) if self.jitter_rng else 1.0
+        if self.lengths is None:
+            done = now + self.hold_s[n] * jitter
+            for ids in parts:
+                self.completion[ids] = done + self.shared_queue_s
+        else:
+            done = self._run_steps(np.concatenate(parts), now, jitter)
+        if self.track_running:
+            self.running[gpu] = np.concatenate(parts)
+        self.free_at[gpu] = done
+        self.b_start.append(taken_at)
+        self.b_end.append(done)
+        self.b_size.append(n)
+
+    def _run_steps(self, ids: np.ndarray, start: float, jitter: float) -> float:
+        """The batch's tokens: every request's first and last token, the gaps between tokens; returns its end."""
+        model, n = self.model, ids.size
+        prompt, output = self.lengths[0][ids].astype(np.int64), self.lengths[1][ids].astype(np.int64)
+        scale = jitter / 1000.0
+        first_s = start + (model.batch_hold_ms(n) - model.pcie_out_ms + model.step_ms(int(prompt.sum()), n)) * scale
+        # Decode step m (m >= 2) holds the sequences still generating: alive_m = #{j: o_j >= m}. A request's
+        # decode time is the sum of its steps: (o_i - 1) * decode_step + per_seq * sum_j (min(o_i, o_j) - 1).
+        ordered = np.sort(output)
+        below = np.searchsorted(ordered, output, side="right")  # how many are no longer than this one
+        sum_min = np.cumsum(ordered)[below - 1] + output * (n - below)
+        decode_ms = (output - 1) * model.decode_step_ms + model.decode_ms_per_seq * (sum_min - n)
+        longest = int(ordered[-1])
+        end = first_s + ((longest - 1) * model.decode_step_ms + model.decode_ms_per_seq * (output.sum() - n)) * scale
+        end += model.pcie_out_ms * scale
+        self.first_token[ids] = first_s + self.shared_queue_s
+        self.completion[ids] = (first_s + decode_ms * scale if self.stream else end) + self.shared_queue_s
+        if longest > 1:
+            by_tier = np.zeros((_N_TIERS, longest + 1), dtype=np.int64)
+            np.add.at(by_tier, (self.tiers[ids], output), 1)
+            alive = np.cumsum(by_tier[:, ::-1], axis=1)[:, ::-1][:, 2:].T  # steps 2..longest, per tier
+            gaps = (model.decode_step_ms + model.decode_ms_per_seq * alive.sum(axis=1)) * scale
+            self.gap_s.append(gaps)
+            self.gap_count.append(alive)
+            self.gap_at.append(first_s + np.cumsum(gaps))
+        return end
+
+    def batches(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return np.asarray(self.b_start), np.asarray(self.b_end), np.asarray(self.b_size, dtype=np.int64)
+
+    def token_gaps(self) -> TokenGaps:
+        if not self.gap_s:
+            return TokenGaps(np.empty(0), np.empty((0, _N_TIERS), np.int64), np.empty(0))
+        return TokenGaps(
+            np.concatenate(self.gap_s) * 1000.0, np.concatenate(self.gap_count), np.concatenate(self.gap_at)
+        )
+
+    def free_gpu(self, now: float) -> int:
+        soonest = min(self.free_at, default=math.inf)
+        return self.free_at.index(soonest) if soonest <= now + EPS else -1
+
+    def next_gpu_free(self) -> float:
+        return min(self.free_at, default=math.inf)
+
+    # -- the dispatcher: the SPEC's rule, with and without overlap -----------------------
+
+    def step_overlap(self, now: float) -> float:
+        """Dispatch every batch due now; return when the decision could say "take" next."""
+        waiting = self.waiting
+        while True:
+            gpu = self.free_gpu(now)
+            queued = waiting.queued
+            oldest = waiting.oldest_arrival() if queued and gpu >= 0 else math.inf  # decide() reads it only then
+            decision = decide(self.rule, queued, oldest, now, gpu >= 0)
+            if type(decision) is Take:
+                self.take_batch(now, gpu, now, decision.n)
+                continue
+            # Look ahead: the engine knows the arrivals to come, so it sleeps past every
+            # moment at which the decision would still say "wait".
+            if gpu < 0:
+                return self.next_gpu_free() if queued else max(self.next_gpu_free(), waiting.next_arrival_time())
+            deadline = decision.until
+            if not queued:  # the next arrival will start the clock
+                deadline = waiting.next_arrival_time() + self.max_wait_s
+            return min(deadline, waiting.time_queue_reaches(self.max_batch - queued, deadline))
+
+    def step_no_overlap(self, now: float) -> float:
+        """Without overlap a free GPU holds an assembly window of max_wait_ms, then runs."""
+        waiting = self.waiting
+        due = [w for w in self.windows if w[0] <= now + EPS]
+        if due:
+            self.windows = [w for w in self.windows if w[0] > now + EPS]
+            for _, gpu in sorted(due):
+                if self.fleet.state[gpu] is GpuState.UP:
+                    self.take_batch(now, gpu, now - self.max_wait_s, min(waiting.queued, self.max_batch))
+        # Open a window on each free GPU while queued requests exceed what open windows will take.
+        while waiting.queued > self.max_batch * len(self.windows):
+            gpu = self.free_gpu(now)
+            if gpu < 0:
+                break
+            self.free_at[gpu] = math.inf  # held by the window
+            self.windows.append((now + self.max_wait_s, gpu))
+        wake = min((w[0] for w in self.windows), default=math.inf)
+        uncovered = waiting.queued - self.max_batch * len(self.windows)
+        if uncovered > 0:
+            return min(wake, self.next_gpu_free())
+        # Next wake-up: a window closes, or enough arrivals for one more window.
+        horizon = wake if wake < math.inf else (float(waiting.times[-1]) if self.n else 0.0)
+        return min(wake, waiting.time_queue_reaches(1 - uncovered, horizon))
+
+    def run(self):  # SimPy process: the dispatcher
+        env, waiting = self.env, self.waiting
+        step = self.step_overlap if self.model.overlap else self.step_no_overlap
+        while True:
+            now = env.now
+            waiting.admit_until(now)
+            wake = step(now)
+            if wake == math.inf:
+                if waiting.next_arrival >= self.n and waiting.queued == 0 and not self.windows:
+                    return
+                # Work is queued but no GPU serves: wait for the fleet to change (poke).
+                wake = now + self.horizon_s + 3600.0
+            try:  # noqa: SIM105  (contextlib.suppress would build an object per batch on this hot loop)
+                yield env.timeout(wake - now if wake > now else 0.0)
+            except simpy.Interrupt:  # a poke: the fleet changed, re-plan now
+                pass
+
+    def poke(self) -> None:
+        """Make the dispatcher re-plan now (the fleet changed)."""
+        proc = self.dispatcher
+        if proc is not None and proc.is_alive and proc.target is not None and proc is not self.env.active_process:
+            proc.interrupt()
+
+    # -- what the fleet tells us ------------------------------------------------------------------
+
+    def gpu_added(self) -> None:
+        self.free_at.append(math.inf)
+        self.running.append(None)
+
+    def gpu_changed(self, gpu: int, state: GpuState) -> None:
+        self.free_at[gpu] = self.env.now if state is GpuState.UP else math.inf
+        if state is not GpuState.UP:
+            self.windows = [w for w in self.windows if w[1] != gpu]
+        self.poke()
+
+    def gpu_failing(self, gpu: int) -> None:
+        now = self.env.now
+        if self.free_at[gpu] > now and self.running[gpu] is not None:
+            ids = self.running[gpu]
+            self.failed[ids] = True
+            self.completion[ids] = now  # the clients get their error now
+
+    def retire_choice(self, up: list[int]) -> int:
+        return min(up, key=lambda g: self.free_at[g])
