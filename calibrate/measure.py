@@ -1,14 +1,17 @@
-"""Measuring a backend's batch latency against batch size, as the server's GPU worker sees it.
+"""Measuring a backend's batch latency by batch size (and prompt and output length), as a GPU worker sees it.
 
 Two sources. Synthetic (:func:`measure_batches`): the backend is driven directly (no
 HTTP, no queueing), each measurement one ``run_batch`` call, the same call a GPU worker
-makes, so the profile holds exactly the time a batch occupies its GPU. Sizes are
+makes, so the profile holds exactly the time a batch occupies its GPU. Cells are
 visited in a shuffled order on every repetition, so a slow drift of the machine does
 not masquerade as a size effect, and warm-up batches (first-call compilation, cache
-allocation) are run and discarded. From traffic (:func:`served_batch_timings`): the
-batches a running server actually served to its clients, read from its internal API;
-nothing is added to its load, and the times are those under its real load, which on a
-busy machine differ from batches run alone.
+allocation) are run and discarded. A token cell's requests carry prompts of exactly
+``prompt_tokens`` random token ids (random, so an engine's prefix cache cannot skip
+their prefill) and ask for exactly ``output_tokens`` tokens, end of sequence ignored.
+From traffic (:func:`served_batch_timings`): the batches a running server actually
+served to its clients, read from its internal API; nothing is added to its load, and
+the times are those under its real load, which on a busy machine differ from batches
+run alone.
 """
 
 from __future__ import annotations
@@ -22,68 +25,82 @@ from dataclasses import dataclass
 import aiohttp
 import numpy as np
 
-from ..server.backends.base import Backend, BackendError
+from ..server.backends.base import Backend, BackendError, Generate
 from ..server.backends.http_client import request_json
-from .profile import LinearFit, fit_batch_latency, jitter_quantiles
+from .profile import Cell, LinearFit, fit_batch_latency, jitter_quantiles
 
 __all__ = ["MIN_TRAFFIC_SAMPLES", "BatchTimings", "TooFewSizesError", "measure_batches", "served_batch_timings"]
 
 MIN_TRAFFIC_SAMPLES = 5  # batches of one size needed before its median enters the fit
+PROMPT_IDS = range(100, 1000)  # token ids of calibration prompts: inside any real vocabulary (the tiny model's is 2000)
 
 
 @dataclass
 class BatchTimings:
-    sizes: list[int]
-    samples_ms: dict[int, list[float]]
+    samples_ms: dict[Cell, list[float]]  # in the order the cells were asked for
+
+    @property
+    def cells(self) -> list[Cell]:
+        return list(self.samples_ms)
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted({c.size for c in self.samples_ms})
 
     def median_ms(self) -> list[float]:
-        return [float(np.median(self.samples_ms[s])) for s in self.sizes]
+        return [float(np.median(v)) for v in self.samples_ms.values()]
 
     def p95_ms(self) -> list[float]:
-        return [float(np.percentile(self.samples_ms[s], 95)) for s in self.sizes]
+        return [float(np.percentile(v, 95)) for v in self.samples_ms.values()]
 
     def fit(self) -> tuple[LinearFit, list[float]]:
-        """The profile's line through the per-size medians, and the spread around it (cycle_jitter)."""
-        line = fit_batch_latency(self.sizes, self.median_ms())
-        return line, jitter_quantiles(line, self.samples_ms)
+        """The profile's costs fitted to the per-cell medians, and the spread around them (cycle_jitter)."""
+        fit = fit_batch_latency(self.cells, self.median_ms())
+        return fit, jitter_quantiles(fit, self.samples_ms)
 
 
 async def measure_batches(
     backend: Backend,
-    sizes: list[int],
+    cells: list[Cell],
     repetitions: int,
     warmup: int,
     *,
     seed: int = 0,
     on_batch: Callable[[], None] | None = None,
 ) -> BatchTimings:
-    """Time ``repetitions`` batches of every size (after ``warmup`` discarded ones of the largest)."""
+    """Time ``repetitions`` batches of every cell (after ``warmup`` discarded ones of the largest)."""
     rng = random.Random(seed)
     counter = 0
 
-    def inputs(n: int) -> list[str]:
+    def batch(cell: Cell) -> list[Generate]:
         nonlocal counter
         counter += 1
-        return [f"calibration prompt {counter}-{i}: the quick brown fox jumps over the lazy dog" for i in range(n)]
+        if not cell.tokens:
+            text = f"calibration prompt {counter}-{{}}: the quick brown fox jumps over the lazy dog"
+            return [Generate(text.format(i)) for i in range(cell.size)]
+        p = cell.prompt_tokens or 0
+        ids = rng.choices(PROMPT_IDS, k=cell.size * p)
+        return [Generate(ids[i * p : (i + 1) * p], cell.output_tokens, ignore_eos=True) for i in range(cell.size)]
 
+    largest = max(cells, key=lambda c: c.size * ((c.prompt_tokens or 0) + (c.output_tokens or 1)))
     for _ in range(warmup):
-        await backend.run_batch(inputs(max(sizes)), 0)
+        await backend.run_batch(batch(largest), 0)
         if on_batch:
             on_batch()
-    samples: dict[int, list[float]] = {s: [] for s in sizes}
+    samples: dict[Cell, list[float]] = {c: [] for c in cells}
     for _ in range(repetitions):
-        order = list(sizes)
+        order = list(cells)
         rng.shuffle(order)
-        for size in order:
-            batch = inputs(size)
+        for cell in order:
+            requests = batch(cell)
             started = time.perf_counter()
-            outputs = await backend.run_batch(batch, 0)
-            samples[size].append((time.perf_counter() - started) * 1000.0)
-            if len(outputs) != size:
-                raise BackendError(f"backend returned {len(outputs)} outputs for a batch of {size}")
+            outputs = await backend.run_batch(requests, 0)
+            samples[cell].append((time.perf_counter() - started) * 1000.0)
+            if len(outputs) != cell.size:
+                raise BackendError(f"backend returned {len(outputs)} outputs for a batch of {cell.size}")
             if on_batch:
                 on_batch()
-    return BatchTimings(sizes=list(sizes), samples_ms=samples)
+    return BatchTimings(samples)
 
 
 class TooFewSizesError(BackendError):
@@ -113,4 +130,4 @@ async def served_batch_timings(internal_url: str, window_s: float, timeout_s: fl
             f"the last {window_s:g} s of traffic give {len(sizes)} batch size(s) with >= {MIN_TRAFFIC_SAMPLES} "
             f"batches (seen: {seen}); a line needs two"
         )
-    return BatchTimings(sizes=sizes, samples_ms={s: by_size[s] for s in sizes})
+    return BatchTimings({Cell(s): by_size[s] for s in sizes})

@@ -34,6 +34,12 @@ UpstreamOpt = Annotated[
 SizesOpt = Annotated[
     str | None, typer.Option("--sizes", help="Batch sizes, e.g. 1,10,100 (default 1,2,5,10,20,50,100 to max_batch).")
 ]
+PromptLengthsOpt = Annotated[
+    str | None, typer.Option("--prompt-tokens", help="Prompt lengths to measure, e.g. 32,256: fits the token costs.")
+]
+OutputLengthsOpt = Annotated[
+    str | None, typer.Option("--output-tokens", help="Output lengths to measure, e.g. 1,16: fits the token costs.")
+]
 RepetitionsOpt = Annotated[int, typer.Option("--repetitions", "-n", min=1, max=1000, help="Batches per size.")]
 WarmupBatchesOpt = Annotated[
     int, typer.Option("--warmup-batches", min=0, max=100, help="Batches run and discarded before measuring.")
@@ -50,6 +56,8 @@ def calibrate(
     model: ModelOpt = None,
     upstream: UpstreamOpt = None,
     sizes: SizesOpt = None,
+    prompt_tokens: PromptLengthsOpt = None,
+    output_tokens: OutputLengthsOpt = None,
     repetitions: RepetitionsOpt = 10,
     warmup_batches: WarmupBatchesOpt = 2,
     from_traffic: FromTrafficOpt = False,
@@ -62,8 +70,8 @@ def calibrate(
     save: SaveOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Measure batch latency against batch size and write a profile that replaces the fixed kernel time."""
-    from ..calibrate.run import CalibrationSpec, batch_sizes, run_calibration
+    """Measure batch latency against batch size (and token lengths) and write a profile of the fitted costs."""
+    from ..calibrate.run import CalibrationSpec, calibration_cells, run_calibration
 
     service = build_scenario(scenario=scenario).model
     options = engine_options(backend, model, upstream, max_tokens, temperature, max_model_len)
@@ -71,12 +79,17 @@ def calibrate(
         raise UsageError("--from-traffic reads a running server's batch log: use --backend remote --upstream URL")
     spec = CalibrationSpec(
         out=out, model=service, backend=backend, backend_options=options, model_name=model,
-        sizes=parse_int_list(sizes, "--sizes") if sizes else None, repetitions=repetitions,
+        sizes=_lengths(sizes, "--sizes"), prompt_tokens=_lengths(prompt_tokens, "--prompt-tokens"),
+        output_tokens=_lengths(output_tokens, "--output-tokens"), repetitions=repetitions,
         warmup_batches=warmup_batches, traffic_url=options["upstream"] if from_traffic else None, window_s=window_s,
     )  # fmt: skip
-    total = warmup_batches + repetitions * len(batch_sizes(spec.sizes, service.max_batch))
+    total = warmup_batches + repetitions * len(calibration_cells(spec))
     with status_progress(f"calibrating {backend}", enabled=not (quiet or json_out or from_traffic), total=total) as bar:
         result = run_calibration(spec, on_batch=lambda: bar.advance(bar.task_ids[0]))
     emit_json(result, print_it=json_out, path=save)
     if not json_out:
         render_result(result)
+
+
+def _lengths(text: str | None, flag: str) -> list[int] | None:
+    return parse_int_list(text, flag) if text else None

@@ -81,6 +81,8 @@ FLAG_OF = {
     "redis_url": "--redis",
     "internal_host": "--internal-host",
     "sizes": "--sizes",
+    "prompt_tokens": "--prompt-tokens",
+    "output_tokens": "--output-tokens",
     "out": "--out",
 }
 

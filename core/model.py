@@ -232,6 +232,18 @@ class ServiceModel(_Frozen):
         hold *= self.jitter_mean if quantile is None else float(self.jitter(quantile))
         return hold if self.overlap else hold + self.max_wait_ms
 
+    def static_batch_ms(self, batch_size: int, prompt_tokens: int, output_tokens: int, longest: int) -> float:
+        """A static batch's whole GPU time with its steps: the hold, one prefill step, decode to the longest.
+
+        ``prompt_tokens`` and ``output_tokens`` are the batch's totals, ``longest`` its
+        longest output. Decode step m (m >= 2) holds the sequences still generating, so
+        the decode steps sum to (longest - 1) fixed step costs plus one per-sequence cost
+        per later token of every sequence. The simulator and the sim backend both time a
+        batch with this; with every token coefficient at 0 it is ``batch_hold_ms``.
+        """
+        decode = (longest - 1) * self.decode_step_ms + self.decode_ms_per_seq * (output_tokens - batch_size)
+        return self.batch_hold_ms(batch_size) + self.step_ms(prompt_tokens, batch_size) + decode
+
     def token_batch_ms(self, batch_size: int, shape: TokenShape) -> float:
         """A full static batch's steps for requests of the mean lengths: prefill all, then decode the longest."""
         p, o = shape.prompt_tokens, shape.output_tokens

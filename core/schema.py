@@ -295,6 +295,8 @@ class LoadTestResult(_Model):
 
 class CalibrationPoint(_Model):
     batch_size: int
+    prompt_tokens: int | None = Field(default=None, description="each request's prompt (token calibration)")
+    output_tokens: int | None = Field(default=None, description="each request's answer (token calibration)")
     median_ms: float
     p95_ms: float
     min_ms: float
@@ -302,7 +304,7 @@ class CalibrationPoint(_Model):
 
 
 class CalibrationResult(_Model):
-    """A backend's batch latency by batch size, and the straight line the simulator uses."""
+    """A backend's batch latency by batch size (and token lengths), and the costs the simulator uses."""
 
     kind: Literal["calibrate"] = "calibrate"
     schema_version: int = SCHEMA_VERSION
@@ -313,6 +315,9 @@ class CalibrationResult(_Model):
     points: list[CalibrationPoint]
     fixed_ms: float
     per_item_ms: float
+    decode_step_ms: float = 0.0
+    prefill_ms_per_token: float = 0.0
+    decode_ms_per_seq: float = 0.0
     max_relative_error: float
     mean_relative_error: float
     cycle_jitter: list[float] = Field(default_factory=list, description="batch-time multipliers at quantiles 0..1")

@@ -93,9 +93,7 @@ def _run_distributed(
 
     runner.register_message(RECORDS_MESSAGE, on_records)
     worker_cmd = [sys.executable, "-m", "infer_plan.loadtests.worker", "--master-port", str(port)]
-    procs = [
-        subprocess.Popen(worker_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(workers)
-    ]
+    procs = [subprocess.Popen(worker_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for _ in range(workers)]
     try:
         deadline = time.monotonic() + 60
         while len(runner.clients.ready) < workers:

@@ -48,29 +48,39 @@ def _cdf_traces(name: str, cdf_ms: list[float], *, dash: str | None = None, suff
     )
 
 
-def _cdf_figure(title: str) -> go.Figure:
+def _cdf_figure(title: str, xaxis: str = "latency (ms)") -> go.Figure:
     fig = go.Figure()
-    fig.update_layout(title=title, xaxis_title="latency (ms)", yaxis_title="percentile", height=420)
+    fig.update_layout(title=title, xaxis_title=xaxis, yaxis_title="percentile", height=420)
     return fig
 
 
 def _simulation_figures(r: SimulationResult) -> list[go.Figure]:
-    cdf = _cdf_figure("Latency CDF per tier (simulated)")
-    for tier, stats in r.per_tier.items():
-        if stats.cdf_ms:
-            cdf.add_trace(_cdf_traces(tier, stats.cdf_ms))
-    figures = [cdf]
+    figures = []
+    for title, field, xaxis in (
+        ("End-to-end latency CDF per tier (simulated)", "cdf_ms", "latency (ms)"),
+        ("Time to first token CDF per tier (simulated)", "ttft_cdf_ms", "TTFT (ms)"),
+        ("Inter-token latency CDF per tier, over all gaps (simulated)", "itl_cdf_ms", "ITL (ms)"),
+    ):
+        cdf = _cdf_figure(title, xaxis)
+        for tier, stats in r.per_tier.items():
+            if getattr(stats, field):
+                cdf.add_trace(_cdf_traces(tier, getattr(stats, field)))
+        if cdf.data or field == "cdf_ms":  # token CDFs only where tokens are modelled
+            figures.append(cdf)
     ts = r.timeseries
     if ts is not None and ts.t_s:
-        over = make_subplots(
-            rows=3, cols=1, shared_xaxes=True, subplot_titles=("queue depth", "GPUs", "load factor and offered rate")
-        )
+        tokens = bool(ts.output_tokens_per_s)
+        rows = 4 if tokens else 3
+        titles = ("queue depth", "GPUs", "load factor and offered rate", "output tokens/s")[:rows]
+        over = make_subplots(rows=rows, cols=1, shared_xaxes=True, subplot_titles=titles)
         over.add_trace(go.Scatter(x=ts.t_s, y=ts.queue_depth, name="queued requests"), 1, 1)
         over.add_trace(go.Scatter(x=ts.t_s, y=ts.gpus_up, name="GPUs up", line_shape="hv"), 2, 1)
         over.add_trace(go.Scatter(x=ts.t_s, y=ts.gpus_provisioning, name="GPUs cold-starting", line_shape="hv"), 2, 1)
         over.add_trace(go.Scatter(x=ts.t_s, y=ts.load_factor, name="load factor"), 3, 1)
-        over.update_xaxes(title_text="time (s)", row=3, col=1)
-        over.update_layout(title="Over time", height=640)
+        if tokens:
+            over.add_trace(go.Scatter(x=ts.t_s, y=ts.output_tokens_per_s, name="output tokens/s"), 4, 1)
+        over.update_xaxes(title_text="time (s)", row=rows, col=1)
+        over.update_layout(title="Over time", height=220 * rows)
         figures.append(over)
     return figures
 
@@ -154,6 +164,8 @@ def _loadtest_figures(r: LoadTestResult) -> list[go.Figure]:
 
 
 def _calibration_figures(r: CalibrationResult) -> list[go.Figure]:
+    if any(p.prompt_tokens is not None for p in r.points):
+        return [_token_calibration_figure(r)]
     sizes = [p.batch_size for p in r.points]
     fig = go.Figure()
     fig.add_trace(
@@ -186,6 +198,30 @@ def _calibration_figures(r: CalibrationResult) -> list[go.Figure]:
         height=440,
     )
     return [fig]
+
+
+def _token_calibration_figure(r: CalibrationResult) -> go.Figure:
+    """Measured against fitted time per cell: on the diagonal where the step formula holds."""
+    labels = [f"n={p.batch_size} prompt={p.prompt_tokens} output={p.output_tokens}" for p in r.points]
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=[p.fitted_ms for p in r.points], y=[p.median_ms for p in r.points], text=labels,
+            mode="markers", name="cells (median; bars min to P95)",
+            error_y={
+                "type": "data", "symmetric": False,
+                "array": [p.p95_ms - p.median_ms for p in r.points],
+                "arrayminus": [p.median_ms - p.min_ms for p in r.points],
+            },
+        )
+    )  # fmt: skip
+    top = max(max(p.p95_ms, p.fitted_ms) for p in r.points)
+    fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="measured = fitted", line={"dash": "dot"}))
+    fig.update_layout(
+        title=f"Batch time per cell, measured versus fitted ({r.backend}; max error {r.max_relative_error:.1%})",
+        xaxis_title="fitted (ms)", yaxis_title="measured (ms)", height=460,
+    )  # fmt: skip
+    return fig
 
 
 _FIGURES = {

@@ -16,9 +16,7 @@ def _cell(text: str, bold: bool = False) -> str:
 def _table(table: Table) -> list[str]:
     lines = [f"**{table.title}**", "", "| " + " | ".join(table.headers) + " |"]
     lines.append("|" + "|".join(":---" if i == 0 else "---:" for i in range(len(table.headers))) + "|")
-    lines += [
-        "| " + " | ".join(_cell(c, i in table.emphasis) for c in row) + " |" for i, row in enumerate(table.rows)
-    ]
+    lines += ["| " + " | ".join(_cell(c, i in table.emphasis) for c in row) + " |" for i, row in enumerate(table.rows)]
     return [*lines, ""]
 
 

@@ -290,9 +290,11 @@ def _loadtest(r: LoadTestResult) -> Summary:
 
 
 def _calibration(r: CalibrationResult) -> Summary:
+    tokens = any(p.prompt_tokens is not None for p in r.points)
     rows = [
         [
             str(p.batch_size),
+            *([str(p.prompt_tokens), str(p.output_tokens)] if tokens else []),
             _ms(p.median_ms),
             _ms(p.p95_ms),
             _ms(p.min_ms),
@@ -302,20 +304,32 @@ def _calibration(r: CalibrationResult) -> Summary:
         for p in r.points
     ]
     spread = " .. ".join(f"{q:.2f}" for q in r.cycle_jitter[:: max(1, len(r.cycle_jitter) // 4)])
+    headline = f"fitted: batch latency = {r.fixed_ms:.2f} ms + {r.per_item_ms:.4f} ms x batch size"
+    facts = []
+    if tokens:
+        headline = (
+            f"fitted: batch of n = {r.fixed_ms:.2f} ms + {r.per_item_ms:.4f} ms x n"
+            f" + {r.decode_step_ms:.4f} ms x output + {r.prefill_ms_per_token:.6f} ms x n x prompt"
+            f" + {r.decode_ms_per_seq:.5f} ms x n x output"
+        )
+        facts.append(
+            ("step time", f"{r.decode_step_ms:.4f} ms + {r.prefill_ms_per_token:.6f} ms x prefilled tokens"
+             f" + {r.decode_ms_per_seq:.5f} ms x sequences (continuous batching)")
+        )  # fmt: skip
+    cells = "cell" if tokens else "size"
+    cells_named = "batch size, prompt and output" if tokens else "batch size"
+    columns = ["batch size", *(["prompt", "output"] if tokens else []), "median", "P95", "min", "fitted", "fit error"]
     return Summary(
         title="infer-plan calibrate",
-        headline=f"fitted: batch latency = {r.fixed_ms:.2f} ms + {r.per_item_ms:.4f} ms x batch size ({r.backend})",
+        headline=f"{headline} ({r.backend})",
         facts=[
+            *facts,
             ("fit error", f"max {r.max_relative_error:.1%}, mean {r.mean_relative_error:.1%}"),
-            ("measurements", f"{r.repetitions} per size after {r.warmup_batches} warm-up batches"),
+            ("measurements", f"{r.repetitions} per {cells} after {r.warmup_batches} warm-up batches"),
             ("spread", f"batch time x {spread}" if spread else "-"),
             ("profile written", f"{r.profile_path}: use it with --profile" if r.profile_path else "-"),
         ],
-        tables=[
-            Table(
-                "Batch latency by batch size (ms)", ["batch size", "median", "P95", "min", "fitted", "fit error"], rows
-            )
-        ],
+        tables=[Table(f"Batch latency by {cells_named} (ms)", columns, rows)],
     )
 
 

@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..core.tiers import Tier
+from .backends.base import Generate
 from .errors import ApiError
 from .gpu_pool import GpuPool
 from .keys import KeyStore
@@ -98,7 +99,7 @@ class PublicApi:
             raise ApiError(404, f"unknown model {model!r}; this server serves {self.state.model_name!r}")
         if len(text) > self.max_input_bytes or len(text.encode("utf-8", "surrogatepass")) > self.max_input_bytes:
             raise ApiError(413, f"input too large (limit {self.max_input_bytes} bytes)")
-        future = await self.queue.offer(text, tier)
+        future = await self.queue.offer(Generate(text), tier)
         if future is None:
             self.metrics.shed[tier].inc()
             raise ApiError(429, "overloaded: shedding this tier for now", retry_after_s=self.retry_after)
@@ -117,7 +118,7 @@ class PublicApi:
         return web.json_response(
             {
                 "request_id": f"{self._prefix}-{next(self._ids)}",
-                "output": output,
+                "output": output.text,
                 "latency_ms": round(latency * 1000.0, 3),
             }
         )
@@ -189,17 +190,12 @@ class InternalApi:
         requests = body["requests"]
         if not requests or len(requests) > self.state.config.model.max_batch:
             raise ApiError(400, f"a batch holds 1 to {self.state.config.model.max_batch} requests")
-        inputs = []
-        for i, item in enumerate(requests):
-            if not isinstance(item, dict) or not isinstance(item.get("input"), str):
-                raise ApiError(400, f"requests[{i}] must be an object with a string 'input'")
-            inputs.append(item["input"])
-        outputs = await self._pool.run_now(inputs)
+        outputs = await self._pool.run_now([_internal_request(i, item) for i, item in enumerate(requests)])
         return web.json_response(
             {
                 "batch_id": batch_id,
                 "status": "ok",
-                "results": [{"index": i, "output": o} for i, o in enumerate(outputs)],
+                "results": [{"index": i, **o.to_wire()} for i, o in enumerate(outputs)],
             }
         )
 
@@ -215,6 +211,21 @@ class InternalApi:
         served = self.state.pool.served if self.state.pool is not None else ()
         rows = [[round(b.ended_at, 3), b.size, round(b.ms, 3)] for b in served if b.ended_at >= since]
         return web.json_response({"columns": ["ended_at", "size", "ms"], "batches": rows})
+
+
+def _internal_request(i: int, item: object) -> Generate:
+    """One request of an internal batch: ``input`` (text or token ids), optional ``max_tokens`` and ``ignore_eos``."""
+    prompt = item.get("input") if isinstance(item, dict) else None
+    ids = isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    if not (isinstance(prompt, str) or ids):
+        raise ApiError(400, f"requests[{i}] must be an object with an 'input': a string or a list of token ids")
+    assert isinstance(item, dict)
+    max_tokens = item.get("max_tokens")
+    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):
+        raise ApiError(400, f"requests[{i}].max_tokens must be an integer >= 1")
+    if not isinstance(item.get("ignore_eos", False), bool):
+        raise ApiError(400, f"requests[{i}].ignore_eos must be true or false")
+    return Generate.from_wire(item)
 
 
 def internal_routes(state: ServerState) -> list[web.RouteDef]:

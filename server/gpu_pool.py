@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..core.tiers import Tier
-from .backends.base import Backend, BackendError
+from .backends.base import Backend, BackendError, Generate, Generated
 from .errors import ApiError
 from .memory_queue import Pending, deliver_to_futures
 from .metrics import ServerMetrics
@@ -68,10 +68,10 @@ class GpuPool:
     def gpus(self) -> int:
         return self.queue.gpus
 
-    async def run_now(self, texts: list[str]) -> list[str]:
-        """Run ``texts`` as one batch on the next free GPU, bypassing the tier queues."""
+    async def run_now(self, requests: list[Generate]) -> list[Generated]:
+        """Run ``requests`` as one batch on the next free GPU, bypassing the tier queues."""
         loop = asyncio.get_running_loop()
-        batch = _DirectBatch(Pending(text, Tier.ENTERPRISE, loop.time(), loop.create_future()) for text in texts)
+        batch = _DirectBatch(Pending(r, Tier.ENTERPRISE, loop.time(), loop.create_future()) for r in requests)
         self.direct.append(batch)
         self.queue.wake()
         return list(await asyncio.gather(*(p.future for p in batch)))
@@ -95,7 +95,7 @@ class GpuPool:
             started = time.perf_counter()
             metrics.gpus_busy.inc()
             try:
-                result: list[str] | ApiError = await self._run(batch, gpu)
+                result: list[Generated] | ApiError = await self._run(batch, gpu)
             except ApiError as err:
                 result = err
             try:
@@ -113,10 +113,11 @@ class GpuPool:
                     self.served.append(ServedBatch(time.time(), len(batch), elapsed * 1000.0))
                 self.running -= 1
 
-    async def _run(self, batch: Sequence[Queued], gpu: int) -> list[str]:
+    async def _run(self, batch: Sequence[Queued], gpu: int) -> list[Generated]:
         """The backend's outputs for ``batch``; any failure becomes the ApiError every request in it gets."""
         try:
-            outputs = await asyncio.wait_for(self.backend.run_batch([p.text for p in batch], gpu), self.timeout_s)
+            requests = [p.request for p in batch]
+            outputs = await asyncio.wait_for(self.backend.run_batch(requests, gpu), self.timeout_s)
             if not isinstance(outputs, list) or len(outputs) != len(batch):
                 got = len(outputs) if isinstance(outputs, list) else type(outputs).__name__
                 raise _WrongCountError(f"backend returned {got} outputs for {len(batch)} inputs")

@@ -21,6 +21,7 @@ from ..core.admission import zone_admits
 from ..core.dispatch import Take, decide, take_by_priority
 from ..core.model import ServiceModel
 from ..core.tiers import Tier
+from .backends.base import Generate, Generated
 from .errors import ApiError
 from .queue import Interrupted, TierQueue
 
@@ -31,10 +32,10 @@ __all__ = ["MemoryQueue", "Pending"]
 class Pending:
     """One admitted request waiting for its output."""
 
-    text: str
+    request: Generate
     tier: int
     arrived: float  # loop.time() at arrival
-    future: asyncio.Future[str] = field(repr=False)
+    future: asyncio.Future[Generated] = field(repr=False)
 
 
 class MemoryQueue(TierQueue):
@@ -54,12 +55,12 @@ class MemoryQueue(TierQueue):
     async def depths(self) -> list[int]:
         return [len(q) for q in self.tiers]
 
-    async def offer(self, text: str, tier: int) -> asyncio.Future[str] | None:
+    async def offer(self, request: Generate, tier: int) -> asyncio.Future[Generated] | None:
         if not zone_admits(tier, self._queued, self.thresholds):
             return None
         loop = asyncio.get_running_loop()
-        fut: asyncio.Future[str] = loop.create_future()
-        self.tiers[tier].append(Pending(text, tier, loop.time(), fut))
+        fut: asyncio.Future[Generated] = loop.create_future()
+        self.tiers[tier].append(Pending(request, tier, loop.time(), fut))
         self._queued += 1
         if self._queued == 1 or self._queued >= self.rule.max_batch:
             self._wake.set()  # start the oldest-request clock, or a full batch is ready
@@ -103,11 +104,11 @@ class MemoryQueue(TierQueue):
         self._queued -= n
         return batch
 
-    async def deliver(self, batch: Sequence[Pending], result: list[str] | ApiError) -> None:
+    async def deliver(self, batch: Sequence[Pending], result: list[Generated] | ApiError) -> None:
         deliver_to_futures(batch, result)
 
 
-def deliver_to_futures(batch: Sequence[Pending], result: list[str] | ApiError) -> None:
+def deliver_to_futures(batch: Sequence[Pending], result: list[Generated] | ApiError) -> None:
     """Resolve each waiting request's future with its output, or the batch's error (answered ones are skipped)."""
     if isinstance(result, ApiError):
         for item in batch:

@@ -16,6 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from .backends.base import Generate, Generated
 from .errors import ApiError
 
 __all__ = ["Interrupted", "Queued", "TierQueue"]
@@ -24,9 +25,9 @@ Interrupted = Callable[[], bool]  # asked while a batch assembles: True makes ne
 
 
 class Queued(Protocol):
-    """What a GPU worker needs of a request in its batch: the input (delivery is the queue's business)."""
+    """What a GPU worker needs of a request in its batch: what to generate (delivery is the queue's business)."""
 
-    text: str
+    request: Generate
 
 
 class TierQueue(ABC):
@@ -55,7 +56,7 @@ class TierQueue(ABC):
         """Waiting requests per tier, for the metrics page."""
 
     @abstractmethod
-    async def offer(self, text: str, tier: int) -> asyncio.Future[str] | None:
+    async def offer(self, request: Generate, tier: int) -> asyncio.Future[Generated] | None:
         """Queue the request if its tier is admitted now; None means shed (429).
 
         The caller awaits the future, which resolves to the output or raises ApiError.
@@ -70,7 +71,7 @@ class TierQueue(ABC):
         """Make a waiting ``next_batch`` look again (at ``interrupted`` and at the queue)."""
 
     @abstractmethod
-    async def deliver(self, batch: Sequence[Queued], result: list[str] | ApiError) -> None:
+    async def deliver(self, batch: Sequence[Queued], result: list[Generated] | ApiError) -> None:
         """Hand output *i* (or the batch's error) to the request of position *i*, wherever its client waits."""
 
     def drain(self) -> None:  # noqa: B027  (a process's own memory queue needs no notice)

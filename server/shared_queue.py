@@ -39,6 +39,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
 from ..core.model import ServiceModel
+from .backends.base import Generate, Generated
 from .errors import ApiError
 from .memory_queue import Pending
 from .metrics import ServerMetrics
@@ -84,7 +85,7 @@ class TakenEntry:
 
     owner: str
     request_id: str
-    text: str
+    request: Generate
     batch_id: str
 
 
@@ -186,15 +187,15 @@ class SharedQueue(TierQueue):
 
     # -- request side ---------------------------------------------------------------------
 
-    async def offer(self, text: str, tier: int) -> asyncio.Future[str] | None:
+    async def offer(self, request: Generate, tier: int) -> asyncio.Future[Generated] | None:
         if (why := self.unavailable) is not None:
             raise _unavailable(why)
         loop = asyncio.get_running_loop()
         request_id = str(next(self._request_ids))
-        future: asyncio.Future[str] = loop.create_future()
-        self.pending[request_id] = Pending(text, tier, loop.time(), future)
+        future: asyncio.Future[Generated] = loop.create_future()
+        self.pending[request_id] = Pending(request, tier, loop.time(), future)
         future.add_done_callback(lambda _, rid=request_id: self.pending.pop(rid, None))
-        payload = json.dumps([self.instance, request_id, int(tier), self.timeout_ms, text])
+        payload = json.dumps([self.instance, request_id, int(tier), self.timeout_ms, request.to_wire()])
         try:
             depth = admitted_depth(await self._send_enqueue([int(tier), payload, *self.thresholds, self.max_batch]))
         except (RedisError, OSError) as err:
@@ -304,9 +305,9 @@ class SharedQueue(TierQueue):
         batch = []
         for entry in reply.entries:
             stamp, _, payload = entry.partition("|")
-            owner, request_id, _tier, timeout_ms, text = json.loads(payload)
+            owner, request_id, _tier, timeout_ms, wire = json.loads(payload)
             if int(stamp) + timeout_ms > reply.now_ms:
-                batch.append(TakenEntry(owner, request_id, text, batch_id))
+                batch.append(TakenEntry(owner, request_id, Generate.from_wire(wire), batch_id))
         if not batch:
             await self.client.hdel(self.keys.inflight, batch_id)
             return batch
@@ -322,7 +323,7 @@ class SharedQueue(TierQueue):
 
     # -- delivery -------------------------------------------------------------------------
 
-    async def deliver(self, batch: Sequence[TakenEntry], result: list[str] | ApiError) -> None:
+    async def deliver(self, batch: Sequence[TakenEntry], result: list[Generated] | ApiError) -> None:
         """Own requests are answered here; each other owner gets one message on its reply channel."""
         failed = isinstance(result, ApiError)
         error = result.to_dict() if failed else None
@@ -334,7 +335,7 @@ class SharedQueue(TierQueue):
             else:
                 message = remote[entry.owner]
                 message.ids.append(entry.request_id)
-                message.outputs.append(None if failed else answer)
+                message.outputs.append(None if failed else answer.to_wire())
         await self._publish(batch[0].batch_id, remote)
 
     async def _publish(self, batch_id: str, messages: dict[str, ReplyMessage]) -> None:
@@ -357,7 +358,7 @@ class SharedQueue(TierQueue):
                 if attempt == 1:
                     self._lost(err)
 
-    def _resolve(self, request_id: str, result: str | ApiError) -> None:
+    def _resolve(self, request_id: str, result: Generated | ApiError) -> None:
         pending = self.pending.pop(request_id, None)
         if pending is None or pending.future.done():
             return  # answered already (deadline, outage) or a re-run of a reclaimed batch
@@ -370,7 +371,7 @@ class SharedQueue(TierQueue):
         message = ReplyMessage.from_json(data)
         err = None if message.error is None else ApiError.from_dict(message.error)
         for request_id, output in zip(message.ids, message.outputs, strict=True):
-            self._resolve(request_id, err or output)
+            self._resolve(request_id, err or Generated.from_wire(output))
 
     # -- background: replies, heartbeat, outages ------------------------------------------------
 

@@ -6,7 +6,8 @@ take the same request or both admit past a threshold. Times are Redis's own cloc
 (``TIME``), so instances on different machines agree on when a batch is due.
 
 Queue entries are strings ``"<arrival ms>|<json payload>"``; the payload is
-``[owner instance, request id, tier, timeout ms, input]``. The arrival stamp comes
+``[owner instance, request id, tier, timeout ms, request]`` (the request as
+``Generate.to_wire()``: its input and, when given, its length). The arrival stamp comes
 first so the due check reads it with one pattern match instead of a JSON decode.
 """
 
@@ -240,7 +241,7 @@ class ReplyMessage:
     """Answers for one owner instance from one batch, published on its reply channel."""
 
     ids: list[str]
-    outputs: list[str | None]  # None for every request when the batch failed
+    outputs: list[dict | None]  # answers as Generated.to_wire(); None for every request when the batch failed
     error: dict | None = None  # status, code, message, retry_after_s of the batch's ApiError
 
     def to_json(self) -> str:

@@ -72,6 +72,7 @@ class BatchEngine:
         self.completion = np.full(self.n, np.nan)
         self.failed = np.zeros(self.n, dtype=bool)
         self.lengths = lengths
+        self.tier_index = tiers.astype(np.int64)  # tier x step-count indices of the gap histogram must not wrap
         self.stream = stream
         self.first_token = np.full(self.n, np.nan) if lengths is not None else None
         self.gap_s: list[np.ndarray] = []  # inter-token gaps of each batch's steps ...
@@ -124,24 +125,27 @@ class BatchEngine:
     def _run_steps(self, ids: np.ndarray, start: float, jitter: float) -> float:
         """The batch's tokens: every request's first and last token, the gaps between tokens; returns its end."""
         model, n = self.model, ids.size
-        prompt, output = self.lengths[0][ids].astype(np.int64), self.lengths[1][ids].astype(np.int64)
+        output = self.lengths[1][ids]
+        prompt_total, output_total, longest = int(self.lengths[0][ids].sum()), int(output.sum()), int(output.max())
         scale = jitter / 1000.0
-        first_s = start + (model.batch_hold_ms(n) - model.pcie_out_ms + model.step_ms(int(prompt.sum()), n)) * scale
-        # Decode step m (m >= 2) holds the sequences still generating: alive_m = #{j: o_j >= m}. A request's
-        # decode time is the sum of its steps: (o_i - 1) * decode_step + per_seq * sum_j (min(o_i, o_j) - 1).
-        ordered = np.sort(output)
-        below = np.searchsorted(ordered, output, side="right")  # how many are no longer than this one
-        sum_min = np.cumsum(ordered)[below - 1] + output * (n - below)
-        decode_ms = (output - 1) * model.decode_step_ms + model.decode_ms_per_seq * (sum_min - n)
-        longest = int(ordered[-1])
-        end = first_s + ((longest - 1) * model.decode_step_ms + model.decode_ms_per_seq * (output.sum() - n)) * scale
-        end += model.pcie_out_ms * scale
+        first_s = start + (model.batch_hold_ms(n) - model.pcie_out_ms + model.step_ms(prompt_total, n)) * scale
+        end = start + model.static_batch_ms(n, prompt_total, output_total, longest) * scale
         self.first_token[ids] = first_s + self.shared_queue_s
-        self.completion[ids] = (first_s + decode_ms * scale if self.stream else end) + self.shared_queue_s
+        if self.stream:
+            # Decode step m (m >= 2) holds the sequences still generating: alive_m = #{j: o_j >= m}. A request's
+            # decode time is the sum of its steps: (o_i - 1) * decode_step + per_seq * sum_j (min(o_i, o_j) - 1).
+            output = output.astype(np.int64)
+            ordered = np.sort(output)
+            below = np.searchsorted(ordered, output, side="right")  # how many are no longer than this one
+            sum_min = np.cumsum(ordered)[below - 1] + output * (n - below)
+            decode_ms = (output - 1) * model.decode_step_ms + model.decode_ms_per_seq * (sum_min - n)
+            self.completion[ids] = first_s + decode_ms * scale + self.shared_queue_s
+        else:
+            self.completion[ids] = end + self.shared_queue_s
         if longest > 1:
-            by_tier = np.zeros((_N_TIERS, longest + 1), dtype=np.int64)
-            np.add.at(by_tier, (self.tiers[ids], output), 1)
-            alive = np.cumsum(by_tier[:, ::-1], axis=1)[:, ::-1][:, 2:].T  # steps 2..longest, per tier
+            width = longest + 1
+            by_tier = np.bincount(self.tier_index[ids] * width + output, minlength=_N_TIERS * width)
+            alive = np.cumsum(by_tier.reshape(_N_TIERS, width)[:, :1:-1], axis=1)[:, ::-1].T  # steps 2..longest
             gaps = (model.decode_step_ms + model.decode_ms_per_seq * alive.sum(axis=1)) * scale
             self.gap_s.append(gaps)
             self.gap_count.append(alive)

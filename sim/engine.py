@@ -107,6 +107,8 @@ def _output(engine: BatchEngine | StepEngine, fleet: Fleet, arrivals: Arrivals) 
     waiting = engine.waiting
     outcome = np.where(waiting.admitted, np.int8(Outcome.OK), np.int8(Outcome.REJECTED))
     outcome[engine.failed] = Outcome.FAILED
+    if isinstance(engine, StepEngine):
+        outcome[engine.refused] = Outcome.CLIENT_ERROR
     finished = engine.completion
     if waiting.queued:  # the run ended with requests no GPU took (the whole fleet down)
         outcome[waiting.admitted & np.isnan(finished)] = Outcome.PENDING

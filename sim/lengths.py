@@ -82,6 +82,11 @@ class LengthDist(BaseModel):
 
     @classmethod
     def _number(cls, text: str) -> LengthDist:
+        try:
+            value = float(text)
+        except ValueError:
+            examples = ", ".join(_EXAMPLES.values())
+            raise UsageError(f"{text!r} is neither a token count nor a distribution (e.g. 512, {examples})") from None
         value = _number(text, text)
         if value < 1:
             raise UsageError(f"a token count must be >= 1, got {text!r}")

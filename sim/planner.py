@@ -89,7 +89,7 @@ def back_of_envelope(model: ServiceModel, rps: float, shape: TokenShape | None =
     else:
         cycle, lines = _static_arithmetic(model, shape, per_gpu)
     lines += [
-        f"raw GPUs = {rps:,.0f} / {per_gpu:,.1f} = {raw:.2f}",
+        f"raw GPUs = {rps:,.0f} / {_rate(per_gpu)} = {raw:.2f}",
         f"at the {model.max_load:.0%} ceiling = ceil({raw:.2f} / {model.max_load:g}) = ceil({raw / model.max_load:.2f})"
         f" = {at_ceiling}",
     ]
@@ -102,6 +102,11 @@ def back_of_envelope(model: ServiceModel, rps: float, shape: TokenShape | None =
         max_load=model.max_load,
         arithmetic=lines,
     )
+
+
+def _rate(per_gpu: float) -> str:
+    """Whole requests/s where that is precise enough (909), a decimal below 100 (80.1)."""
+    return f"{per_gpu:,.0f}" if per_gpu >= 100 else f"{per_gpu:,.1f}"
 
 
 def _static_arithmetic(model: ServiceModel, shape: TokenShape | None, per_gpu: float) -> tuple[float, list[str]]:
@@ -124,7 +129,7 @@ def _static_arithmetic(model: ServiceModel, shape: TokenShape | None, per_gpu: f
         parts += f" + {steps:,.1f} (steps)"
         cycle += steps
     lines.insert(0, f"cycle = {parts} = {cycle:,.4g} ms per batch of up to {b}")
-    lines.append(f"per-GPU throughput = {b} / {cycle / 1000:,.4g} s = {per_gpu:,.1f} req/s")
+    lines.append(f"per-GPU throughput = {b} / {cycle / 1000:,.4g} s = {_rate(per_gpu)} req/s")
     return cycle, lines
 
 
@@ -145,7 +150,7 @@ def _continuous_arithmetic(model: ServiceModel, shape: TokenShape, per_gpu: floa
         f"{seqs / step * 1000 if step else math.inf:,.0f} tokens/s per GPU while only decoding",
         f"GPU time per request = prefill {p:g} x {model.prefill_ms_per_token:g} = {prefill:,.3f} ms + {o:g} tokens x "
         f"({model.decode_step_ms:g} / {seqs:,.0f} + {model.decode_ms_per_seq:g}) = {decode:,.3f} ms",
-        f"per-GPU throughput = 1000 / {prefill + decode:,.3f} ms = {per_gpu:,.1f} req/s "
+        f"per-GPU throughput = 1000 / {prefill + decode:,.3f} ms = {_rate(per_gpu)} req/s "
         f"({per_gpu * o:,.0f} output tokens/s)",
     ]
     return step, lines
@@ -340,6 +345,13 @@ def _explain(
         lines.append(
             f"gpu_busy {chosen.gpu_busy:.0%} vs load_factor {chosen.load_factor:.0%}: a GPU steps whenever it runs"
             f" anything; its steps average {chosen.mean_batch_size:.1f} of {model.max_num_seqs} sequences."
+        )
+        return lines
+    if model.tokens_modelled:
+        lines.append(
+            f"gpu_busy {chosen.gpu_busy:.0%} vs load_factor {chosen.load_factor:.0%}: batches average"
+            f" {chosen.mean_batch_size:.1f} of {model.max_batch}, and each holds its GPU until its longest answer"
+            " is done, its finished sequences idle in it."
         )
         return lines
     cycle = model.gpu_cycle_ms(round(chosen.mean_batch_size))

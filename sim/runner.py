@@ -12,7 +12,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.errors import UsageError
-from ..core.model import ServiceModel
+from ..core.model import Batching, ServiceModel
 from ..core.schema import SimulationResult
 from .arrivals import Arrivals
 from .engine import simulate_arrivals
@@ -50,6 +50,7 @@ def _one_run(
 ) -> SimulationResult:
     warmup = settings.warmup_for(workload)
     arrivals = workload.arrivals(model, warmup + settings.duration_s, seed)
+    _check_some_fit(model, arrivals)
     duration = _trace_window(arrivals) - warmup if workload.is_replay else settings.duration_s
     if duration <= 0:
         raise UsageError(
@@ -72,6 +73,20 @@ def _one_run(
         stream=workload.stream,
         lengths=workload.describe_lengths() if arrivals.has_tokens else None,
     )
+
+
+def _check_some_fit(model: ServiceModel, arrivals: Arrivals) -> None:
+    """A request longer than the KV cache fails at once (as an engine refuses it); all of them is a mistake."""
+    if model.batching is not Batching.CONTINUOUS or model.kv_cache_tokens is None or not len(arrivals):
+        return
+    assert arrivals.prompt_tokens is not None and arrivals.output_tokens is not None
+    shortest = int((arrivals.prompt_tokens.astype(np.int64) + arrivals.output_tokens).min())
+    if shortest > model.kv_cache_tokens:
+        raise UsageError(
+            f"no request fits the KV cache of {model.kv_cache_tokens:,} tokens: the shortest needs {shortest:,} "
+            "(prompt + output)",
+            field="kv_cache_tokens",
+        )
 
 
 def _trace_window(arrivals: Arrivals) -> float:

@@ -90,16 +90,24 @@ class StepEngine:
         self._first: list[float] = [math.nan] * n
         self._done: list[float] = [math.nan] * n
         self._failed: list[int] = []
+        self._refused: list[int] = []
         self.max_seqs = model.max_num_seqs
         self.kv_budget = model.kv_cache_tokens if model.kv_cache_tokens is not None else math.inf
         self.token_budget = model.max_batched_tokens
+        # The step formula's coefficients, read once: model.step_ms's own expression, inlined on the hot path.
+        self.decode_step_ms, self.prefill_ms, self.per_seq_ms = (
+            model.decode_step_ms,
+            model.prefill_ms_per_token,
+            model.decode_ms_per_seq,
+        )
         self.gpus = [_Gpu() for _ in range(gpus)]
         self.heap: list[tuple[float, int, int]] = []  # (step end, gpu, generation)
         self.now = 0.0  # the engine's own clock: ahead of SimPy's between fleet events
         self.idle: list[int] = []  # accepting GPUs with nothing to run, sorted: they pick up in index order
         # Inter-token gaps, one entry per step run: (gap s, gaps of enterprise, paid, free, when the run ended).
-        self.gaps: list[tuple[float, int, int, int, float]] = []
-        self.runs: list[tuple[float, float, int]] = []  # each step run: start, end, sequences it held
+        # Flat lists, five and three numbers an entry: numpy reads them back an order of magnitude faster than tuples.
+        self.gaps: list[float] = []
+        self.runs: list[float] = []  # each step run: start, end, sequences it held
         self.scheduler: simpy.Process | None = None
         self.fleet = Fleet(
             env,
@@ -129,13 +137,20 @@ class StepEngine:
         failed[self._failed] = True
         return failed
 
+    @property
+    def refused(self) -> np.ndarray:
+        """Requests longer than the whole KV cache, which no GPU could ever run."""
+        refused = np.zeros(len(self._done), dtype=bool)
+        refused[self._refused] = True
+        return refused
+
     def token_gaps(self) -> TokenGaps:
-        gaps = np.asarray(self.gaps, dtype=np.float64).reshape(-1, 5)
+        gaps = np.fromiter(self.gaps, dtype=np.float64, count=len(self.gaps)).reshape(-1, 5)
         return TokenGaps(gaps[:, 0] * 1000.0, gaps[:, 1:4].astype(np.int64), gaps[:, 4])
 
     def batches(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Start, end and size of every step run (what the report counts as GPU busy time and batch size)."""
-        runs = np.asarray(self.runs, dtype=np.float64).reshape(-1, 3)
+        runs = np.fromiter(self.runs, dtype=np.float64, count=len(self.runs)).reshape(-1, 3)
         return runs[:, 0], runs[:, 1], runs[:, 2].astype(np.int64)
 
     # -- the loop: steps in time order; SimPy only for the fleet's events -------------------------
@@ -145,11 +160,12 @@ class StepEngine:
         self.idle = list(range(len(self.gpus)))
         while True:
             self.now = max(self.now, env.now)
-            event = self._next_event()
+            next_event, events_at = self._next_event, self._events_at
+            event = next_event()
             fleet_next = env.peek()
             while event < fleet_next:  # steps before the fleet's next event need no SimPy event of their own
-                self._events_at(event)
-                event = self._next_event()
+                events_at(event)
+                event = next_event()
             if event == math.inf and self.waiting.next_arrival >= self.waiting.n and not self.heap:
                 return  # every arrival taken or shed, every step done
             wait = event - env.now if event < math.inf else 1e9  # inf: nothing serves; the fleet must change
@@ -159,113 +175,128 @@ class StepEngine:
                 pass
 
     def _next_event(self) -> float:
-        heap = self.heap
-        while heap and heap[0][2] != self.gpus[heap[0][1]].generation:
+        heap, gpus = self.heap, self.gpus
+        while heap and heap[0][2] != gpus[heap[0][1]].generation:
             heapq.heappop(heap)  # a step voided by a failure
         event = heap[0][0] if heap else math.inf
         if self.idle:
             pickup = self.now if self.waiting.queued else self.waiting.next_arrival_time()
-            event = min(event, pickup)
+            if pickup < event:
+                return pickup
         return event
 
     def _events_at(self, now: float) -> None:
         self.now = now
-        self.waiting.admit_until(now)
-        heap, gpus = self.heap, self.gpus
-        while heap and heap[0][0] <= now + EPS:  # steps ending now, by GPU index
+        waiting = self.waiting
+        limit = now + EPS
+        if waiting.next_time <= limit:
+            waiting.admit_until(now)
+        heap, gpus, plan = self.heap, self.gpus, self._plan
+        while heap and heap[0][0] <= limit:  # steps ending now, by GPU index
             _, g, generation = heapq.heappop(heap)
-            if generation == gpus[g].generation:
-                self._end_step(gpus[g], now)
-                self._plan(g, now)
-        if self.idle and self.waiting.queued:
+            gpu = gpus[g]
+            if generation == gpu.generation:
+                self._end_step(gpu, now)
+                plan(g, now)
+        if self.idle and waiting.queued:
             for g in list(self.idle):  # idle GPUs pick up what waits, in index order
-                if self.waiting.queued:
+                if waiting.queued:
                     self.idle.remove(g)
-                    self._plan(g, now)
+                    plan(g, now)
 
     # -- one GPU: admit, plan a step (or a run of identical ones), end it --------------------------
 
     def _plan(self, g: int, now: float) -> None:
         gpu = self.gpus[g]
-        if gpu.accepting and self.waiting.queued and gpu.running < self.max_seqs:
+        waiting = self.waiting
+        if gpu.accepting and waiting.queued and gpu.running < self.max_seqs:
             self._admit(gpu)
         if gpu.running == 0:
             gpu.busy = False
             if gpu.accepting:
                 bisect.insort(self.idle, g)
             return
-        sequences, prefill, budget = gpu.n_decoding, 0, self.token_budget
-        chunks = []
-        for entry in gpu.prefilling:
-            chunk = entry[1] if entry[1] < budget else budget
-            chunks.append(chunk)
-            budget -= chunk
-            prefill += chunk
-            sequences += chunk > 0
-        step_s = self.model.step_ms(prefill, sequences) / 1000.0
-        steps = 1
-        if not gpu.prefilling:  # pure decode: skip ahead to the next finish, or to the next arrival it could admit
+        prefilling = gpu.prefilling
+        if prefilling:
+            sequences, prefill, budget = gpu.n_decoding, 0, self.token_budget
+            chunks = []
+            for entry in prefilling:
+                chunk = entry[1] if entry[1] < budget else budget
+                chunks.append(chunk)
+                budget -= chunk
+                prefill += chunk
+                sequences += chunk > 0
+            gpu.chunks = chunks
+            step_s = (self.decode_step_ms + self.prefill_ms * prefill + self.per_seq_ms * sequences) / 1000.0
+            steps = 1
+        else:  # pure decode: skip ahead to the next finish, or to the next arrival it could admit
+            step_s = (self.decode_step_ms + self.prefill_ms * 0 + self.per_seq_ms * gpu.n_decoding) / 1000.0
             steps = gpu.finishing[0][0] - gpu.steps_done
             if steps > 1 and gpu.accepting and gpu.running < self.max_seqs and step_s > 0:
-                arrival = self.waiting.next_arrival_time()
+                arrival = waiting.next_time
                 if arrival < math.inf:
                     steps = min(steps, max(1, math.ceil((arrival - now) / step_s - EPS)))
-        gpu.busy, gpu.step_s, gpu.steps, gpu.chunks = True, step_s, steps, chunks
+        gpu.busy, gpu.step_s, gpu.steps = True, step_s, steps
         end = now + step_s * steps
-        self.runs.append((now, end, gpu.running))
+        self.runs.extend((now, end, gpu.running))
         heapq.heappush(self.heap, (end, g, gpu.generation))
 
     def _admit(self, gpu: _Gpu) -> None:
         """Waiting requests by tier, FIFO within a tier, while a sequence slot and KV room remain."""
-        waiting, prompt, budget = self.waiting, self.prompt, self.kv_budget
-        while waiting.queued and gpu.running < self.max_seqs:
+        waiting, prompt, budget, reserves = self.waiting, self.prompt, self.kv_budget, self.reserve
+        prefilling, max_seqs = gpu.prefilling, self.max_seqs
+        while waiting.queued and gpu.running < max_seqs:
             i = waiting.pop()
-            reserve = self.reserve[i]
+            reserve = reserves[i]
             if gpu.kv + reserve > budget:
                 if reserve <= budget:
                     waiting.push_back(i)  # the first that does not fit blocks the ones behind it
                     return
-                self._failed.append(i)  # would never fit, even alone: it fails at once instead of blocking all
+                self._refused.append(i)  # would never fit, even alone: refused at once (an engine's 400)
                 self._done[i] = self.now
                 continue
-            gpu.prefilling.append([i, prompt[i]])
+            prefilling.append([i, prompt[i]])
             gpu.kv += reserve
             gpu.running += 1
 
     def _end_step(self, gpu: _Gpu, now: float) -> None:
         steps = gpu.steps
-        gpu.steps_done += steps
+        steps_done = gpu.steps_done = gpu.steps_done + steps
         gpu.busy = False
+        decoding = gpu.decoding
         if gpu.n_decoding:  # every decoding sequence emitted `steps` tokens, one step apart
-            d = gpu.decoding
-            self.gaps.append((gpu.step_s, d[0] * steps, d[1] * steps, d[2] * steps, now))
-        done, reserve = self._done, self.reserve
+            self.gaps.extend((gpu.step_s, decoding[0] * steps, decoding[1] * steps, decoding[2] * steps, now))
+        done, reserve, tiers, finishing = self._done, self.reserve, self.tiers, gpu.finishing
         if gpu.prefilling:
             still = []
+            output, first = self.output, self._first
             for entry, chunk in zip(gpu.prefilling, gpu.chunks):  # noqa: B905  (same length by construction)
                 entry[1] -= chunk
                 if entry[1]:
                     still.append(entry)
                     continue
                 i = entry[0]
-                self._first[i] = now  # the last prompt chunk emits the first token
-                if self.output[i] == 1:
+                first[i] = now  # the last prompt chunk emits the first token
+                if output[i] == 1:
                     done[i] = now
                     gpu.kv -= reserve[i]
                     gpu.running -= 1
                     continue
-                heapq.heappush(gpu.finishing, (gpu.steps_done + self.output[i] - 1, i))
-                gpu.decoding[self.tiers[i]] += 1
+                heapq.heappush(finishing, (steps_done + output[i] - 1, i))
+                decoding[tiers[i]] += 1
                 gpu.n_decoding += 1
             gpu.prefilling = still
-        finishing, tiers, decoding = gpu.finishing, self.tiers, gpu.decoding
-        while finishing and finishing[0][0] <= gpu.steps_done:
-            _, i = heapq.heappop(finishing)
-            decoding[tiers[i]] -= 1
-            gpu.n_decoding -= 1
-            done[i] = now
-            gpu.kv -= reserve[i]
-            gpu.running -= 1
+        if finishing and finishing[0][0] <= steps_done:
+            freed, leaving = 0, 0
+            while finishing and finishing[0][0] <= steps_done:
+                _, i = heapq.heappop(finishing)
+                decoding[tiers[i]] -= 1
+                done[i] = now
+                freed += reserve[i]
+                leaving += 1
+            gpu.n_decoding -= leaving
+            gpu.kv -= freed
+            gpu.running -= leaving
 
     # -- what the fleet tells us ------------------------------------------------------------------
 

@@ -127,6 +127,7 @@ class ArrivalQueue:
         self.next_arrival = 0
         self.shed: list[int] = []
         self.thresholds: tuple[int, int, int] = (1 << 62, 1 << 62, 1 << 62)  # set by the engine from its fleet
+        self.next_time = self._times[0] if self.n else math.inf  # the next arrival's time, read on the hot path
 
     @property
     def admitted(self) -> np.ndarray:
@@ -146,9 +147,10 @@ class ArrivalQueue:
                 self.shed.append(i)
             i += 1
         self.next_arrival = i
+        self.next_time = times[i] if i < n else math.inf
 
     def next_arrival_time(self) -> float:
-        return self._times[self.next_arrival] if self.next_arrival < self.n else math.inf
+        return self.next_time
 
     def pop(self) -> int:
         """The next request by priority: enterprise first, FIFO inside a tier."""

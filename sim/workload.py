@@ -64,8 +64,11 @@ class Workload(BaseModel):
         return self.trace is not None or (self.dataset is not None and self._dataset().times is not None)
 
     def wants_tokens(self, model: ServiceModel) -> bool:
-        return model.tokens_modelled or self.dataset is not None or self.prompt_tokens is not None or (
-            self.output_tokens is not None
+        return (
+            model.tokens_modelled
+            or self.dataset is not None
+            or self.prompt_tokens is not None
+            or (self.output_tokens is not None)
         )
 
     def _dataset(self) -> Dataset:

@@ -56,9 +56,7 @@ def test_every_readme_command_without_a_server_runs_as_written(tmp_path: Path):
 CONSOLE = [b for b in _blocks("console") if b.startswith("$ infer-plan ")]
 
 
-@pytest.mark.parametrize(
-    "block", [b for b in CONSOLE if not _needs_more(shlex.split(b.partition("\n")[0])[2:])]
-)
+@pytest.mark.parametrize("block", [b for b in CONSOLE if not _needs_more(shlex.split(b.partition("\n")[0])[2:])])
 def test_console_blocks_show_what_the_command_prints(block: str):
     command, _, shown = block.partition("\n")
     done = run_cli(*shlex.split(command.removeprefix("$ infer-plan ")), timeout=300)

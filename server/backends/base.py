@@ -1,4 +1,8 @@
-"""The one interface every engine sits behind: a batch of inputs in, outputs out, same order.
+"""The one interface every engine sits behind: a batch of requests in, their outputs out, same order.
+
+Each request of a batch is a :class:`Generate` (its prompt, as text or as token ids, and
+how many tokens to generate); each answer a :class:`Generated` (its text and its token
+counts, which ``usage`` and the token-level measurements need).
 
 A backend is registered under a name (``@Backend.register("sim")``) and built with
 :meth:`Backend.create`, so adding an engine is one new module. Each declares its
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,7 +27,70 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ...core.errors import ConfigError
 from ...core.model import ServiceModel
 
-__all__ = ["Backend", "BackendError", "BackendOptions", "Generation", "non_empty", "scatter"]
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendOptions",
+    "Generate",
+    "Generated",
+    "Generation",
+    "non_empty",
+    "scatter",
+]
+
+
+@dataclass(slots=True)
+class Generate:
+    """One request of a batch, as the engine sees it."""
+
+    prompt: str | list[int]  # text, or token ids (a prompt of exactly known length, as calibration sends)
+    max_tokens: int | None = None  # None: the backend's default
+    ignore_eos: bool = False  # generate exactly max_tokens, whatever the model would say
+
+    @property
+    def empty(self) -> bool:
+        return not self.prompt
+
+    def to_wire(self) -> dict[str, Any]:
+        """As the internal batch API and the shared queue carry it (``input``: text or token ids)."""
+        wire: dict[str, Any] = {"input": self.prompt}
+        if self.max_tokens is not None:
+            wire["max_tokens"] = self.max_tokens
+        if self.ignore_eos:
+            wire["ignore_eos"] = True
+        return wire
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Generate:
+        return cls(wire["input"], wire.get("max_tokens"), bool(wire.get("ignore_eos", False)))
+
+
+@dataclass(slots=True)
+class Generated:
+    """One request's answer and its token counts."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "length"  # or "stop": the model ended it
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "output": self.text,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "finish_reason": self.finish_reason,
+        }
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Generated:
+        """An answer as another server sent it; an older server sends only ``output``."""
+        return cls(
+            str(wire["output"]),
+            int(wire.get("prompt_tokens", 0)),
+            int(wire.get("completion_tokens", 0)),
+            str(wire.get("finish_reason", "length")),
+        )
 
 
 class BackendError(Exception):
@@ -80,8 +148,8 @@ class Backend(ABC):
         """Release what start() took."""
 
     @abstractmethod
-    async def run_batch(self, inputs: list[str], gpu: int) -> list[str]:
-        """Outputs for ``inputs``, in the same order; raise BackendError on failure."""
+    async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:
+        """Outputs for ``requests``, in the same order; raise BackendError on failure."""
 
 
 def _load_builtin_backends() -> None:
@@ -114,21 +182,21 @@ class Generation(BaseModel):
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
 
 
-def non_empty(inputs: list[str]) -> tuple[list[int], list[str]]:
-    """Positions and texts of the inputs an engine should see.
+def non_empty(requests: list[Generate]) -> tuple[list[int], list[Generate]]:
+    """Positions and requests an engine should see.
 
     Engines refuse an empty prompt, and one refusal fails the whole batch; an empty
-    input is answered with an empty output instead, in every engine backend alike.
+    prompt is answered with an empty output instead, in every engine backend alike.
     """
-    keep = [i for i, text in enumerate(inputs) if text]
-    return keep, [inputs[i] for i in keep]
+    keep = [i for i, request in enumerate(requests) if not request.empty]
+    return keep, [requests[i] for i in keep]
 
 
-def scatter(n: int, positions: list[int], outputs: list[str]) -> list[str]:
-    """Outputs back at their inputs' positions; empty inputs get ''."""
+def scatter(n: int, positions: list[int], outputs: list[Generated]) -> list[Generated]:
+    """Outputs back at their requests' positions; empty prompts get an empty answer."""
     if len(outputs) != len(positions):
         raise BackendError(f"engine returned {len(outputs)} outputs for {len(positions)} prompts")
-    result = [""] * n
-    for i, text in zip(positions, outputs, strict=True):
-        result[i] = text
+    result = [Generated("", finish_reason="stop") for _ in range(n)]
+    for i, output in zip(positions, outputs, strict=True):
+        result[i] = output
     return result

@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 
 from ...core.model import ServiceModel
-from .base import Backend, BackendError
+from .base import Backend, BackendError, Generate, Generated
 from .http_client import ForwardingBackend, ForwardingOptions, post_json
 
 __all__ = ["RemoteBackend"]
@@ -25,16 +25,16 @@ class RemoteBackend(ForwardingBackend):
         self.endpoint = f"{self.base}/internal/batch"
         self._ids = itertools.count(1)
 
-    async def run_batch(self, inputs: list[str], gpu: int) -> list[str]:
+    async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:
         batch_id = f"b{next(self._ids)}"
         data = await post_json(
-            self._session, self.endpoint, {"batch_id": batch_id, "requests": [{"input": t} for t in inputs]}
+            self._session, self.endpoint, {"batch_id": batch_id, "requests": [r.to_wire() for r in requests]}
         )
         try:
             results = sorted(data["results"], key=lambda r: r["index"])
-            outputs = [str(r["output"]) for r in results]
-        except (KeyError, TypeError) as err:
+            outputs = [Generated.from_wire(r) for r in results]
+        except (KeyError, TypeError, ValueError) as err:
             raise BackendError(f"{self.endpoint} sent no results/index/output: {err!r}") from err
-        if data.get("batch_id") != batch_id or [r["index"] for r in results] != list(range(len(inputs))):
+        if data.get("batch_id") != batch_id or [r["index"] for r in results] != list(range(len(requests))):
             raise BackendError(f"{self.endpoint} answered batch {data.get('batch_id')!r} with {len(outputs)} results")
         return outputs

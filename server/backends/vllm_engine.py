@@ -24,7 +24,7 @@ from pydantic import Field
 
 from ...core.errors import ConfigError
 from ...core.model import ServiceModel
-from .base import Backend, BackendError, BackendOptions, Generation, non_empty, scatter
+from .base import Backend, BackendError, BackendOptions, Generate, Generated, Generation, non_empty, scatter
 
 __all__ = ["VllmBackend"]
 
@@ -45,7 +45,8 @@ class VllmBackend(Backend):
         self.generation = options.generation
         self.max_model_len = options.max_model_len
         self._llm: Any = None
-        self._params: Any = None
+        self._sampling_params: Any = None  # vLLM's SamplingParams class, imported in start()
+        self._params_cache: dict[tuple[int, bool], Any] = {}
         self._tokenizer: Any = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm")
 
@@ -72,26 +73,43 @@ class VllmBackend(Backend):
         except Exception as err:  # vLLM raises many types for a bad model directory
             raise ConfigError(f"vLLM could not load {self.model_path!r}: {err}") from None
         self._tokenizer = self._llm.get_tokenizer()
-        self._params = SamplingParams(
-            max_tokens=self.generation.max_tokens, temperature=self.generation.temperature, ignore_eos=True
-        )
+        self._sampling_params = SamplingParams
 
-    async def run_batch(self, inputs: list[str], gpu: int) -> list[str]:
-        positions, prompts = non_empty(inputs)
-        if not prompts:
-            return [""] * len(inputs)
-        outputs = await asyncio.get_running_loop().run_in_executor(self._thread, self._generate, prompts)
-        return scatter(len(inputs), positions, outputs)
+    async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:
+        positions, live = non_empty(requests)
+        if not live:
+            return scatter(len(requests), [], [])
+        outputs = await asyncio.get_running_loop().run_in_executor(self._thread, self._generate, live)
+        return scatter(len(requests), positions, outputs)
 
-    def _generate(self, prompts: list[str]) -> list[str]:
-        # Token ids, cut to leave room for the answer: one over-long prompt must not fail its whole batch.
-        room = self.max_model_len - self.generation.max_tokens
-        token_prompts = [{"prompt_token_ids": self._tokenizer.encode(p)[-room:]} for p in prompts]
+    def _params(self, request: Generate) -> Any:
+        """A request without a length (``/v1/inference``) gets ``--max-tokens``, generated in full."""
+        max_tokens = request.max_tokens or self.generation.max_tokens
+        key = (max_tokens, request.ignore_eos or request.max_tokens is None)
+        if key not in self._params_cache:
+            self._params_cache[key] = self._sampling_params(
+                max_tokens=key[0], temperature=self.generation.temperature, ignore_eos=key[1]
+            )
+        return self._params_cache[key]
+
+    def _generate(self, requests: list[Generate]) -> list[Generated]:
+        prompts, params = [], []
+        for request in requests:
+            ids = request.prompt if isinstance(request.prompt, list) else self._tokenizer.encode(request.prompt)
+            # Cut to leave room for the answer: one over-long prompt must not fail its whole batch.
+            sampling = self._params(request)
+            prompts.append({"prompt_token_ids": ids[-max(1, self.max_model_len - sampling.max_tokens) :]})
+            params.append(sampling)
         try:
-            results = self._llm.generate(token_prompts, self._params, use_tqdm=False)
+            results = self._llm.generate(prompts, params, use_tqdm=False)
         except Exception as err:
             raise BackendError(f"vLLM generate failed: {err}") from err
-        return [r.outputs[0].text for r in results]
+        return [
+            Generated(
+                r.outputs[0].text, len(r.prompt_token_ids), len(r.outputs[0].token_ids), r.outputs[0].finish_reason
+            )
+            for r in results
+        ]
 
     async def close(self) -> None:
         self._llm = None

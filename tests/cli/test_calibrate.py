@@ -57,6 +57,7 @@ def _p95s(stats: dict) -> tuple[float, float]:
     return stats["measured_ms"]["p95_ms"], stats["simulated_ms"]["p95_ms"]
 
 
+@pytest.mark.slow  # about a minute: two 20 s load tests
 @pytest.mark.timeout(400)
 def test_calibrate_a_running_server_then_the_profile_predicts_its_p95(tmp_path):
     scenario = write_model_scenario(ENGINE, tmp_path / "engine.toml", gpus=1)
@@ -107,11 +108,51 @@ def test_calibrate_a_running_server_then_the_profile_predicts_its_p95(tmp_path):
     assert abs(measured - rerun) / rerun <= 0.10
 
 
+# A token-level engine (SPEC section 10) with a +-10 % spread per batch.
+TOKEN_ENGINE = ServiceModel(
+    pcie_in_ms=2.0, kernel_ms=10.0, pcie_out_ms=2.0, per_item_ms=0.2,
+    decode_step_ms=2.0, prefill_ms_per_token=0.02, decode_ms_per_seq=0.3, cycle_jitter=(0.9, 0.97, 1.0, 1.03, 1.1),
+)  # fmt: skip
+
+
+@pytest.mark.timeout(180)
+def test_calibrate_recovers_the_token_costs_of_a_sim_server_with_jitter(tmp_path):
+    scenario = write_model_scenario(TOKEN_ENGINE, tmp_path / "engine.toml", gpus=1)
+    profile, saved = tmp_path / "profile.toml", tmp_path / "calibration.json"
+    with running_server("--scenario", str(scenario)) as srv:
+        done = cli(
+            "calibrate", "--backend", "remote", "--upstream", srv.internal_url, "--sizes", "1,4,16",
+            "--prompt-tokens", "16,256", "--output-tokens", "1,32", "-n", "5",
+            "--out", str(profile), "--save", str(saved),
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    calibration = json.loads(saved.read_text())
+    cells = {(p["batch_size"], p["prompt_tokens"], p["output_tokens"]) for p in calibration["points"]}
+    assert cells == {(n, p, o) for n in (1, 4, 16) for p in (16, 256) for o in (1, 32)}
+    assert "fit error" in done.stdout and "prompt" in done.stdout  # the per-cell table
+    fitted = load_scenario(None, profile).model
+    mean = TOKEN_ENGINE.jitter_mean  # the engine's batches take the formula x its mean multiplier
+    for name in ("decode_step_ms", "prefill_ms_per_token", "decode_ms_per_seq"):
+        assert getattr(fitted, name) == pytest.approx(getattr(TOKEN_ENGINE, name) * mean, rel=0.10), name
+    assert calibration["max_relative_error"] < 0.10
+    # The profile drives the token-level simulator: a lone request's first token at the fitted costs.
+    done = cli(
+        "simulate", "--profile", str(profile), "--gpus", "1", "--rps", "0.5", "--duration", "60",
+        "--prompt-tokens", "100", "--output-tokens", "10", "--batching", "continuous", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    ttft = json.loads(done.stdout)["ttft_p50_ms"]
+    assert ttft == pytest.approx(fitted.step_ms(100, 1), rel=0.01)
+
+
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
         (["--sizes", "1,x"], "comma-separated integers"),
         (["--sizes", "5"], "at least two batch sizes"),
+        (["--prompt-tokens", "32"], "at least two prompt lengths"),
+        (["--output-tokens", "4,4"], "at least two output lengths"),
+        (["--prompt-tokens", "0,8"], "--prompt-tokens"),
         (["--backend", "vllm"], "needs --model"),
         (["--backend", "remote"], "needs --upstream"),
         (["--backend", "nope"], "unknown backend"),

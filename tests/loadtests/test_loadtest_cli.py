@@ -108,6 +108,7 @@ def test_baseline_gate_compares_with_an_earlier_run(passing_run, tmp_path):
     assert "baseline_p95_overall" in slower.stdout
 
 
+@pytest.mark.slow  # about 30 s of deliberate overload
 def test_slow_server_latency_grows_with_the_backlog(tmp_path):
     # Batches take 2 s: one GPU serves 50 req/s; offer 80 req/s for 12 s with a queue that never sheds.
     scenario = tmp_path / "slow.toml"

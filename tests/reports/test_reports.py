@@ -16,6 +16,8 @@ from infer_plan.reports.screenshot import dump_dom, screenshot
 from tests.helpers import run_cli as cli
 
 pytestmark = pytest.mark.timeout(300)
+EXAMPLE_PROFILE = Path(__file__).parents[2] / "examples/profiles/llama-3.1-8b-instruct-h100.toml"
+TOKEN_KEYS = ("ttft_p95_ms", "itl_p95_ms", "p95_ms")
 
 
 def ms(value: float) -> str:
@@ -41,7 +43,15 @@ def saved(tmp_path_factory) -> dict[str, Path]:
             "--save",
         ],
         "loadtest": ["loadtest", "--target", "sim", "--rps", "100", "--duration", "4", "--json"],
-    }
+        "simulate-tokens": [
+            "simulate", "--profile", str(EXAMPLE_PROFILE), "--gpus", "2", "--rps", "100", "--duration", "30",
+            "--prompt-tokens", "lognormal:mean=512,sd=256", "--output-tokens", "64", "--save",
+        ],
+        "calibrate-tokens": [
+            "calibrate", "--sizes", "1,4", "--prompt-tokens", "16,64", "--output-tokens", "1,4", "-n", "1",
+            "--warmup-batches", "0", "--out", str(out / "t.toml"), "--save",
+        ],
+    }  # fmt: skip
     paths = {}
     for kind, args in runs.items():
         paths[kind] = out / f"{kind}.json"
@@ -51,7 +61,14 @@ def saved(tmp_path_factory) -> dict[str, Path]:
 
 
 FIGURE_TITLES = {
-    "simulate": ["Latency CDF per tier (simulated)", "Over time"],
+    "simulate": ["End-to-end latency CDF per tier (simulated)", "Over time"],
+    "simulate-tokens": [
+        "End-to-end latency CDF per tier (simulated)",
+        "Time to first token CDF per tier",
+        "Inter-token latency CDF per tier",
+        "Over time",
+    ],
+    "calibrate-tokens": ["Batch time per cell, measured versus fitted"],
     "capacity": ["P95 and load versus GPU count", "P95 and GPUs versus rps (sweep)"],
     "calibrate": ["Batch latency versus batch size"],
     "loadtest": ["Measured versus simulated percentiles", "Latency CDF per tier", "P95 over the run"],
@@ -62,6 +79,11 @@ def expected_numbers(kind: str, data: dict) -> list[str]:
     """Figures a reader must find in every rendering, taken from the saved JSON itself."""
     if kind == "simulate":
         return [f"{data['gpus']} GPUs", ms(data["p95_ms"])] + [ms(t["p95_ms"]) for t in data["per_tier"].values()]
+    if kind == "simulate-tokens":
+        tiers = data["per_tier"].values()
+        return [f"{data['gpus']} GPUs", ms(data["ttft_p95_ms"])] + [ms(t[q]) for t in tiers for q in TOKEN_KEYS]
+    if kind == "calibrate-tokens":
+        return [f"{data['decode_step_ms']:.4f} ms"] + [ms(p["median_ms"]) for p in data["points"]]
     if kind == "capacity":
         return [f"{data['gpus']} GPUs", ms(data["p95_ms"]), data["binding_constraint"]] + [
             f"{p['rps']:,.0f}" for p in data["sweep"]
@@ -73,7 +95,7 @@ def expected_numbers(kind: str, data: dict) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("kind", ["simulate", "capacity", "calibrate", "loadtest"])
+@pytest.mark.parametrize("kind", list(FIGURE_TITLES))
 def test_report_renders_markdown_and_html_with_the_numbers_and_plots(saved, kind, tmp_path):
     data = json.loads(saved[kind].read_text())
     page, md = tmp_path / f"{kind}.html", tmp_path / f"{kind}.md"

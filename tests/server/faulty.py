@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import asyncio
 
-from infer_plan.server.backends.base import BackendError
+from infer_plan.server.backends.base import BackendError, Generate, Generated
 from infer_plan.server.backends.sim import SimBackend
 
 RAISE, FAIL, HANG, SHORT = "fault:raise", "fault:backend-error", "fault:hang", "fault:short"
 
 
 class FaultyBackend(SimBackend):
-    async def run_batch(self, inputs: list[str], gpu: int) -> list[str]:
-        outputs = await super().run_batch(inputs, gpu)
+    async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:
+        outputs = await super().run_batch(requests, gpu)
+        inputs = [r.prompt for r in requests]
         if RAISE in inputs:
             raise RuntimeError("injected crash mid-batch")
         if FAIL in inputs:

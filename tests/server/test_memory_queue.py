@@ -13,7 +13,7 @@ import asyncio
 import numpy as np
 import pytest
 from infer_plan.core import Backpressure, ServiceModel, Tier
-from infer_plan.server.backends.base import Backend
+from infer_plan.server.backends.base import Backend, Generate
 from infer_plan.server.backends.sim import sim_output
 from infer_plan.server.gpu_pool import GpuPool
 from infer_plan.server.memory_queue import MemoryQueue
@@ -27,56 +27,60 @@ pytestmark = [pytest.mark.looptime(resolution=1e-9), pytest.mark.timeout(60)]
 NEVER = lambda: False  # noqa: E731  (next_batch is not interrupted)
 
 
+def texts(batch) -> list[str]:
+    return [p.request.prompt for p in batch]
+
+
 async def test_a_lone_request_leaves_exactly_at_its_deadline():
     queue = MemoryQueue(ServiceModel(max_wait_ms=40), gpus=1)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    await queue.offer("a", Tier.FREE)
+    await queue.offer(Generate("a"), Tier.FREE)
     batch = await queue.next_batch(NEVER)
     assert loop.time() - start == pytest.approx(0.040, abs=1e-9)
-    assert [p.text for p in batch] == ["a"] and queue.queued == 0
+    assert texts(batch) == ["a"] and queue.queued == 0
 
 
 async def test_a_later_request_rides_with_the_oldest_and_a_full_batch_leaves_at_once():
     queue = MemoryQueue(ServiceModel(max_wait_ms=40, max_batch=3), gpus=1)
     loop = asyncio.get_running_loop()
     start = loop.time()
-    await queue.offer("first", Tier.FREE)
+    await queue.offer(Generate("first"), Tier.FREE)
     await asyncio.sleep(0.030)
-    await queue.offer("second", Tier.PAID)
+    await queue.offer(Generate("second"), Tier.PAID)
     batch = await queue.next_batch(NEVER)
     assert loop.time() - start == pytest.approx(0.040, abs=1e-9)  # the oldest's deadline, not the second's
-    assert [p.text for p in batch] == ["second", "first"]  # paid before free
+    assert texts(batch) == ["second", "first"]  # paid before free
     for text in ("x", "y", "z", "w"):
-        await queue.offer(text, Tier.FREE)
+        await queue.offer(Generate(text), Tier.FREE)
     before = loop.time()
-    assert [p.text for p in await queue.next_batch(NEVER)] == ["x", "y", "z"]
+    assert texts(await queue.next_batch(NEVER)) == ["x", "y", "z"]
     assert loop.time() == before and queue.queued == 1  # full: no wait at all
 
 
 async def test_a_batch_takes_enterprise_then_paid_then_free_fifo_inside_a_tier():
     queue = MemoryQueue(ServiceModel(max_batch=4), gpus=1)
     for text, tier in [("f1", 2), ("f2", 2), ("p1", 1), ("f3", 2), ("e1", 0), ("p2", 1)]:
-        await queue.offer(text, tier)
-    assert [p.text for p in await queue.next_batch(NEVER)] == ["e1", "p1", "p2", "f1"]
-    assert [p.text for p in await queue.next_batch(NEVER)] == ["f2", "f3"]
+        await queue.offer(Generate(text), tier)
+    assert texts(await queue.next_batch(NEVER)) == ["e1", "p1", "p2", "f1"]
+    assert texts(await queue.next_batch(NEVER)) == ["f2", "f3"]
 
 
 async def test_zones_shed_free_then_paid_then_everyone_before_queueing():
     model = ServiceModel(backpressure=Backpressure(queue_limit=4, yellow=0.5, red=0.75))  # bounds 2, 3, 4
     queue = MemoryQueue(model, gpus=1)
-    admitted = [await queue.offer(f"r{i}", tier) is not None for i, tier in enumerate([2, 2, 2, 1, 1, 0, 0])]
+    admitted = [await queue.offer(Generate(f"r{i}"), tier) is not None for i, tier in enumerate([2, 2, 2, 1, 1, 0, 0])]
     assert admitted == [True, True, False, True, False, True, False]
     assert await queue.depths() == [1, 1, 2]
 
 
 async def test_a_request_whose_client_gave_up_takes_no_batch_slot():
     queue = MemoryQueue(ServiceModel(max_batch=2), gpus=1)
-    gone = await queue.offer("gone", Tier.FREE)
-    await queue.offer("a", Tier.FREE)
+    gone = await queue.offer(Generate("gone"), Tier.FREE)
+    await queue.offer(Generate("a"), Tier.FREE)
     gone.cancel()
-    await queue.offer("b", Tier.FREE)
-    assert [p.text for p in await queue.next_batch(NEVER)] == ["a", "b"]
+    await queue.offer(Generate("b"), Tier.FREE)
+    assert texts(await queue.next_batch(NEVER)) == ["a", "b"]
 
 
 async def test_an_internal_batch_interrupts_a_waiting_assembly_and_runs_first():
@@ -86,11 +90,11 @@ async def test_an_internal_batch_interrupts_a_waiting_assembly_and_runs_first():
     worker = asyncio.create_task(pool.worker(0))
     loop = asyncio.get_running_loop()
     start = loop.time()
-    queued = await queue.offer("queued", Tier.PAID)
+    queued = await queue.offer(Generate("queued"), Tier.PAID)
     await asyncio.sleep(0.1)  # the GPU is waiting for the queued request's deadline (1 s)
-    assert await pool.run_now(["direct"]) == [sim_output("direct")]
+    assert [g.text for g in await pool.run_now([Generate("direct")])] == [sim_output("direct")]
     assert loop.time() - start == pytest.approx(0.110, abs=1e-9)  # at once, not after the queued one's deadline
-    assert await queued == sim_output("queued") and loop.time() - start == pytest.approx(1.010, abs=1e-9)
+    assert (await queued).text == sim_output("queued") and loop.time() - start == pytest.approx(1.010, abs=1e-9)
     assert len(pool.served) == 1  # the internal batch is not client traffic
     worker.cancel()
 
@@ -110,9 +114,9 @@ async def test_queue_and_pool_answer_every_request_when_the_simulator_does(rps, 
 
     async def client(i: int) -> None:
         await asyncio.sleep(start + arrivals.times[i] - loop.time())
-        future = await queue.offer(f"r{i}", int(arrivals.tiers[i]))
+        future = await queue.offer(Generate(f"r{i}"), int(arrivals.tiers[i]))
         if future is not None:
-            assert await future == sim_output(f"r{i}")
+            assert (await future).text == sim_output(f"r{i}")
             finished[i] = loop.time() - start
 
     await asyncio.gather(*(client(i) for i in range(len(arrivals))))

@@ -230,7 +230,7 @@ def test_a_client_that_hangs_up_mid_body_is_one_quiet_line_not_a_server_error():
         with socket.create_connection((host, int(port))) as raw:  # promises 100 bytes, sends 9, hangs up
             raw.sendall(
                 b"POST /v1/inference HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer dev-paid\r\n"
-                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\":"
+                b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"model":'
             )
             time.sleep(0.2)
         time.sleep(0.3)

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import aiohttp
@@ -249,3 +250,21 @@ def test_calibrate_loads_vllm_itself_and_writes_a_profile(tiny_model, tmp_path):
     assert result["backend"] == "vllm" and [p["batch_size"] for p in result["points"]] == [1, 8]
     text = profile.read_text()
     assert f"kernel_ms = {round(result['fixed_ms'], 4)}" in text and "cycle_jitter" in text
+
+
+def test_calibrate_fits_the_token_costs_of_vllm_and_prints_the_fit_error(tiny_model, tmp_path):
+    profile = tmp_path / "profile.toml"
+    done = cli(
+        "calibrate", "--backend", "vllm", "--model", str(tiny_model), "--sizes", "1,8",
+        "--prompt-tokens", "16,128", "--output-tokens", "1,16", "--repetitions", "3", "--warmup-batches", "1",
+        "--out", str(profile),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fit error" in done.stdout and "step time" in done.stdout
+    print(done.stdout)
+    service = tomllib.loads(profile.read_text())["service"]
+    # Sixteen tokens cost more than one on any engine: the decode step is real time.
+    assert service["decode_step_ms"] > 0
+    assert {"prefill_ms_per_token", "decode_ms_per_seq", "cycle_jitter"} <= set(service)
+    evidence = tomllib.loads(profile.read_text())["profile"]
+    assert len(evidence["median_ms"]) == 2 * 2 * 2 and evidence["output_tokens"].count(16) == 4

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from infer_plan.core import ServiceModel, Tier
+from infer_plan.core.model import TokenShape
+from infer_plan.core.records import Outcome
 from infer_plan.sim import RateSchedule
 from infer_plan.sim.arrivals import Arrivals, generate_arrivals
 from infer_plan.sim.engine import simulate_arrivals
@@ -91,9 +93,7 @@ def test_continuous_engine_matches_the_step_by_step_reference(rps, gpus, extra):
         output_tokens=rng.integers(1, 60, len(arr)).astype(np.int32),
     )  # fmt: skip
     fast = simulate_arrivals(model, arr, gpus)
-    slow = simulate_steps_reference(
-        model, arr.times, arr.tiers, arr.prompt_tokens, arr.output_tokens, gpus
-    )
+    slow = simulate_steps_reference(model, arr.times, arr.tiers, arr.prompt_tokens, arr.output_tokens, gpus)
     admitted = fast.records.outcome != 2
     assert admitted.tolist() == slow.admitted.tolist()
     np.testing.assert_allclose(fast.records.first_token, slow.first_token, atol=1e-9, equal_nan=True)
@@ -147,3 +147,58 @@ def test_under_overload_enterprise_sees_the_shortest_ttft():
     ttft = (rec.first_token - rec.scheduled) * 1000
     p95 = {t: np.nanpercentile(ttft[(rec.tier == t) & rec.ok], 95) for t in Tier}
     assert p95[Tier.ENTERPRISE] < p95[Tier.PAID] < p95[Tier.FREE]
+
+
+def test_a_request_longer_than_the_whole_kv_cache_is_refused_without_blocking_the_rest():
+    model = ServiceModel(batching="continuous", kv_cache_tokens=500, **TOKENS)
+    arr = Arrivals(
+        times=np.array([0.0, 0.001, 0.002]), tiers=np.full(3, 1, np.int8),
+        prompt_tokens=np.array([100, 900, 100], np.int32), output_tokens=np.array([10, 10, 10], np.int32),
+    )  # fmt: skip
+    rec = simulate_arrivals(model, arr, gpus=1).records
+    assert rec.outcome.tolist() == [Outcome.OK, Outcome.CLIENT_ERROR, Outcome.OK]
+    assert rec.finished[2] < 0.5  # served behind the first, not stuck behind the refused one
+
+
+def tokens_of(arr: Arrivals, prompt: int, output: int) -> Arrivals:
+    n = len(arr)
+    return Arrivals(arr.times, arr.tiers, np.full(n, prompt, np.int32), np.full(n, output, np.int32))
+
+
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_zones_shed_free_before_paid_before_enterprise_in_both_modes(batching):
+    model = ServiceModel(batching=batching, max_num_seqs=64, **TOKENS)
+    one_gpu = model.per_gpu_rps(TokenShape(200, 40))
+    arr = generate_arrivals(RateSchedule(rps=3 * one_gpu), 60.0, model.tier_shares, np.random.default_rng(2))
+    rec = simulate_arrivals(model, tokens_of(arr, 200, 40), gpus=1).records
+    shed = {t: (rec.outcome[rec.tier == t] == Outcome.REJECTED).mean() for t in Tier}
+    assert shed[Tier.FREE] > 0.5 and shed[Tier.FREE] > shed[Tier.PAID] > shed[Tier.ENTERPRISE]
+    assert ((rec.outcome == Outcome.OK) | (rec.outcome == Outcome.REJECTED)).all()  # nothing lost
+
+
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_a_spike_scales_out_after_the_cold_start_in_both_modes(batching):
+    autoscale = {"enabled": True, "scale_up_after_s": 10.0, "tick_s": 2.0, "scale_down_after_s": 1000.0}
+    model = ServiceModel(batching=batching, max_num_seqs=64, cold_start_s=30.0, autoscale=autoscale, **TOKENS)
+    rate = 0.5 * model.per_gpu_rps(TokenShape(200, 40))
+    schedule = RateSchedule(rps=rate, segments=[{"kind": "spike", "factor": 4.0, "at_s": 20.0, "duration_s": 120.0}])
+    arr = generate_arrivals(schedule, 200.0, model.tier_shares, np.random.default_rng(3))
+    out = simulate_arrivals(model, tokens_of(arr, 200, 40), gpus=1, horizon_s=200.0)
+    ordered = [e for e in out.scale_events if e.action == "ordered"]
+    serving = [e for e in out.scale_events if e.action == "serving"]
+    assert ordered and ordered[0].t_s >= 20.0 + 10.0  # the load must stay high for scale_up_after_s
+    assert serving[0].t_s == pytest.approx(ordered[0].t_s + 30.0)  # the cold start
+    assert max(e.gpus_up for e in out.scale_events) >= 2
+
+
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_gpu_failures_answer_their_requests_with_errors_and_lose_none_in_both_modes(batching):
+    model = ServiceModel(batching=batching, max_num_seqs=64, faults={"mtbf_s": 20.0, "mttr_s": 5.0}, **TOKENS)
+    rate = 0.5 * 3 * model.per_gpu_rps(TokenShape(200, 40))
+    arr = generate_arrivals(RateSchedule(rps=rate), 120.0, model.tier_shares, np.random.default_rng(4))
+    rec = simulate_arrivals(model, tokens_of(arr, 200, 40), gpus=3, horizon_s=120.0).records
+    failed = rec.outcome == Outcome.FAILED
+    assert failed.sum() > 0 and (rec.outcome == Outcome.OK).mean() > 0.5
+    assert not np.isnan(rec.finished[failed]).any()  # each failed request got its error, at the failure
+    answered = np.isin(rec.outcome, [Outcome.OK, Outcome.FAILED, Outcome.REJECTED])
+    assert answered[rec.scheduled < 100].all()  # every request before the run's tail has an outcome
