@@ -180,7 +180,7 @@ class StepEngine:
             heapq.heappop(heap)  # a step voided by a failure
         event = heap[0][0] if heap else math.inf
         if self.idle:
-            pickup = self.now if self.waiting.queued else self.waiting.next_arrival_time()
+            pickup = self.now if self.waiting.queued else self.waiting.next_time
             if pickup < event:
                 return pickup
         return event
@@ -230,7 +230,7 @@ class StepEngine:
             step_s = (self.decode_step_ms + self.prefill_ms * prefill + self.per_seq_ms * sequences) / 1000.0
             steps = 1
         else:  # pure decode: skip ahead to the next finish, or to the next arrival it could admit
-            step_s = (self.decode_step_ms + self.prefill_ms * 0 + self.per_seq_ms * gpu.n_decoding) / 1000.0
+            step_s = (self.decode_step_ms + self.per_seq_ms * gpu.n_decoding) / 1000.0
             steps = gpu.finishing[0][0] - gpu.steps_done
             if steps > 1 and gpu.accepting and gpu.running < self.max_seqs and step_s > 0:
                 arrival = waiting.next_time

@@ -149,9 +149,6 @@ class ArrivalQueue:
         self.next_arrival = i
         self.next_time = times[i] if i < n else math.inf
 
-    def next_arrival_time(self) -> float:
-        return self.next_time
-
     def pop(self) -> int:
         """The next request by priority: enterprise first, FIFO inside a tier."""
         for queue in self.queues:

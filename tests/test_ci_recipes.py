@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -177,4 +176,3 @@ def test_both_recipes_parse_and_use_only_flags_that_exist():
         helps[command] = done.stdout
     missing = [(c, f) for c, f in sorted(used) if not re.search(rf"{re.escape(f)}\b", helps[c])]
     assert not missing, missing
-    assert shlex.split(TEST_LOAD)[0] == "--rps"
