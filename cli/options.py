@@ -37,7 +37,10 @@ JsonFlagOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object
 SaveOpt = Annotated[Path | None, typer.Option("--save", help="Also write the result JSON to this file.")]
 ArrivalOpt = Annotated[ArrivalProcess | None, typer.Option("--arrival", help="Arrival process [poisson].")]
 SpikeOpt = Annotated[list[str] | None, typer.Option("--spike", help="FACTOR:AT_S:DURATION_S, e.g. 3:120:60.")]
-KeysOpt = Annotated[Path | None, typer.Option("--keys", help="TOML [keys] table: key = tier.")]
+KeysOpt = Annotated[
+    Path | None,
+    typer.Option("--keys", help="TOML [keys] table: key = tier, or key = { tier, rps, burst, max_in_flight }."),
+]
 
 # The token-level model (SPEC section 10), on simulate, capacity and loadtest alike.
 BatchingOpt = Annotated[str | None, typer.Option("--batching", help="static or continuous (default: the scenario's).")]
@@ -79,6 +82,7 @@ FLAG_OF = {
     "overlap": "overlap = false (--no-overlap)",
     "warmup_s": "--warmup",
     "redis_url": "--redis",
+    "keys_file": "--keys",
     "internal_host": "--internal-host",
     "sizes": "--sizes",
     "prompt_tokens": "--prompt-tokens",

@@ -45,6 +45,10 @@ InternalPortOpt = Annotated[
 RemoteInternalOpt = Annotated[
     bool, typer.Option("--allow-remote-internal", help="Let the internal API bind a non-loopback address.")
 ]
+DevKeysOpt = Annotated[
+    bool,
+    typer.Option("--allow-dev-keys", help="Accept the public development keys on a non-loopback --host (warns)."),
+]
 DrainOpt = Annotated[float, typer.Option("--drain-timeout", min=0, help="Seconds to drain on SIGTERM.")]
 AccessLogOpt = Annotated[bool, typer.Option("--access-log/--no-access-log", help="JSON access log on stderr.")]
 RedisOpt = Annotated[
@@ -71,6 +75,7 @@ def serve(
     internal_host: InternalHostOpt = "127.0.0.1",
     internal_port: InternalPortOpt = None,
     allow_remote_internal: RemoteInternalOpt = False,
+    allow_dev_keys: DevKeysOpt = False,
     drain_timeout: DrainOpt = 30.0,
     access_log: AccessLogOpt = True,
     redis: RedisOpt = None,
@@ -92,8 +97,8 @@ def serve(
         model=scen.model, host=host, port=port, internal_host=internal_host, internal_port=internal_port,
         allow_remote_internal=allow_remote_internal, backend=backend, gpus=scen.model.gpus or 1,
         backend_options=engine_options(backend, model, upstream, max_tokens, temperature, max_model_len),
-        keys_file=keys, model_name=served_model_name or model, drain_timeout_s=drain_timeout, access_log=access_log,
-        redis_url=redis, redis_prefix=redis_prefix,
+        keys_file=keys, allow_dev_keys=allow_dev_keys, model_name=served_model_name or model,
+        drain_timeout_s=drain_timeout, access_log=access_log, redis_url=redis, redis_prefix=redis_prefix,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     if instances > 1:

@@ -19,6 +19,7 @@ from .config import ServerConfig
 from .errors import ErrorMiddleware
 from .gateway import internal_routes, public_routes
 from .gpu_pool import GpuPool
+from .key_limiter import LocalKeyLimiter, SharedKeyLimiter
 from .keys import KeyStore
 from .memory_queue import MemoryQueue
 from .queue import TierQueue
@@ -44,8 +45,12 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     queue: TierQueue
     if config.redis_url is None:
         queue = MemoryQueue(config.model, config.gpus)
+        state.limiter = LocalKeyLimiter(state.metrics, clock=asyncio.get_running_loop().time)
     else:
         queue = SharedQueue(config.model, config.gpus, state.metrics, url=config.redis_url, prefix=config.redis_prefix)
+        state.limiter = SharedKeyLimiter(
+            state.metrics, queue.client, queue.keys, queue.instance, ttl_s=config.model.request_timeout_s
+        )
     pool = GpuPool(queue, state.backend, state.metrics, timeout_s=config.model.request_timeout_s)
     state.queue, state.pool = queue, pool
     await queue.start()
@@ -60,6 +65,7 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await state.limiter.close()
         await queue.close()
         await state.backend.close()
 

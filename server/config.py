@@ -25,6 +25,7 @@ class ServerConfig:
     backend_options: dict[str, Any] = field(default_factory=dict)
     gpus: int = 1
     keys_file: Path | None = None
+    allow_dev_keys: bool = False  # accept the public development keys on a non-loopback address
     model_name: str | None = None  # what clients send as "model"; None: the backend's own name
     drain_timeout_s: float = 30.0
     access_log: bool = True
@@ -43,12 +44,24 @@ class ServerConfig:
                 "(allow_remote_internal overrides)",
                 field="internal_host",
             )
+        if self.keys_file is None and not self.allow_dev_keys and not _is_loopback(self.host):
+            raise UsageError(
+                f"without a keys file the server accepts the public development keys, so it listens on a loopback "
+                f"address only, not {self.host!r}: pass a TOML [keys] table (README, 'Keys and limits'), "
+                "or --allow-dev-keys to serve them anyway",
+                field="keys_file",
+            )
         if not self.model.overlap:
             raise UsageError(
                 "the server always overlaps batch assembly with GPU work; overlap = false models the design's "
                 "back-of-envelope cycle for planning only: drop it to serve",
                 field="overlap",
             )
+
+    @property
+    def dev_keys_exposed(self) -> bool:
+        """The development keys are accepted on an address others can reach (``--allow-dev-keys``)."""
+        return self.keys_file is None and not _is_loopback(self.host)
 
     @property
     def resolved_internal_port(self) -> int:

@@ -22,10 +22,11 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..core.tiers import Tier
-from .backends.base import Generate
+from .backends.base import Generate, Generated
 from .errors import ApiError
 from .gpu_pool import GpuPool
-from .keys import KeyStore
+from .key_limiter import KeyLimiter
+from .keys import KeyGrant, KeyStore
 from .metrics import ServerMetrics
 from .queue import TierQueue
 from .state import ServerState
@@ -36,14 +37,14 @@ _BEARER = "Bearer "
 _OPENAPI = Path(__file__).with_name("openapi.yaml")  # the public API's description, kept in the repository
 
 
-def _tier_of(request: web.Request, keys: KeyStore) -> Tier:
+def _grant_of(request: web.Request, keys: KeyStore) -> KeyGrant:
     header = request.headers.get("Authorization", "")
     if not header.startswith(_BEARER):
         raise ApiError(401, "missing API key: send 'Authorization: Bearer KEY'")
-    tier = keys.tier_of(header[len(_BEARER) :].strip())
-    if tier is None:
+    grant = keys.grant_of(header[len(_BEARER) :].strip())
+    if grant is None:
         raise ApiError(401, "unknown API key")
-    return tier
+    return grant
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -77,10 +78,18 @@ class PublicApi:
             raise ApiError(503, "starting up", code="not_ready", retry_after_s=1)
         return queue
 
+    @property
+    def limiter(self) -> KeyLimiter:
+        limiter = self.state.limiter
+        if limiter is None:
+            raise ApiError(503, "starting up", code="not_ready", retry_after_s=1)
+        return limiter
+
     async def inference(self, request: web.Request) -> web.Response:
         loop = asyncio.get_running_loop()
         arrived = loop.time()
-        tier = _tier_of(request, self.keys)
+        grant = _grant_of(request, self.keys)
+        tier = grant.tier
         if self.state.draining:
             self.metrics.rejected.labels(tier.label, "draining").inc()
             raise ApiError(
@@ -99,18 +108,11 @@ class PublicApi:
             raise ApiError(404, f"unknown model {model!r}; this server serves {self.state.model_name!r}")
         if len(text) > self.max_input_bytes or len(text.encode("utf-8", "surrogatepass")) > self.max_input_bytes:
             raise ApiError(413, f"input too large (limit {self.max_input_bytes} bytes)")
-        future = await self.queue.offer(Generate(text), tier)
-        if future is None:
-            self.metrics.shed[tier].inc()
-            raise ApiError(429, "overloaded: shedding this tier for now", retry_after_s=self.retry_after)
+        slot = await self.limiter.admit(grant)
         try:
-            output = await asyncio.wait_for(future, self.timeout_s)
-        except TimeoutError:
-            self.metrics.responses.labels(tier.label, "504").inc()
-            raise ApiError(504, f"no answer within {self.timeout_s:g} s") from None
-        except ApiError as err:
-            self.metrics.responses.labels(tier.label, str(err.status)).inc()
-            raise
+            output = await self._generate(Generate(text), tier)
+        finally:
+            self.limiter.release(slot)
         latency = loop.time() - arrived
         self.metrics.ok[tier].inc()
         self.metrics.tier_latency[tier].observe(latency)
@@ -122,6 +124,21 @@ class PublicApi:
                 "latency_ms": round(latency * 1000.0, 3),
             }
         )
+
+    async def _generate(self, request: Generate, tier: Tier) -> Generated:
+        """Queue the request if its tier is admitted now (429 if not) and wait for its output."""
+        future = await self.queue.offer(request, tier)
+        if future is None:
+            self.metrics.shed[tier].inc()
+            raise ApiError(429, "overloaded: shedding this tier for now", retry_after_s=self.retry_after)
+        try:
+            return await asyncio.wait_for(future, self.timeout_s)
+        except TimeoutError:
+            self.metrics.responses.labels(tier.label, "504").inc()
+            raise ApiError(504, f"no answer within {self.timeout_s:g} s") from None
+        except ApiError as err:
+            self.metrics.responses.labels(tier.label, str(err.status)).inc()
+            raise
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

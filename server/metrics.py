@@ -39,6 +39,12 @@ class ServerMetrics:
         self.rejected = Counter(
             "inferplan_rejected", "Requests refused, by tier and reason", ["tier", "reason"], registry=r
         )
+        self.key_in_flight_peak = Gauge(
+            "inferplan_key_in_flight_peak",
+            "Most requests one limited key of the tier has had in flight at once (all instances with --redis)",
+            ["tier"],
+            registry=r,
+        )
         self.responses = Counter("inferplan_responses", "Responses by tier and status", ["tier", "status"], registry=r)
         self.backend_faults = Counter("inferplan_backend_faults", "Failed batches by kind", ["kind"], registry=r)
         self.client_disconnects = Counter(

@@ -91,6 +91,12 @@ async def serve(
 ) -> None:
     """Serve until ``stop`` is set or SIGTERM/SIGINT arrives; then drain and return."""
     state = make_state(config)
+    if config.dev_keys_exposed:
+        log.warning(
+            "WARNING: serving the public development keys on %s: anyone who can reach it gets enterprise "
+            "priority; pass --keys FILE for real keys",
+            config.host,
+        )
     protocol_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, _ClientProtocolErrors) for f in protocol_log.filters):
         protocol_log.addFilter(_ClientProtocolErrors())

@@ -22,6 +22,7 @@ __all__ = [
     "ASSEMBLE",
     "ENQUEUE",
     "HEARTBEAT",
+    "KEY_ADMIT",
     "RELEASE",
     "AssembleReply",
     "Assembled",
@@ -66,6 +67,14 @@ class SharedKeys:
     def wake(self) -> str:
         """Channel: "a batch may be due" or "the lock was released"; wakes every instance's assembler."""
         return f"{self.prefix}:wake"
+
+    def key_bucket(self, key_id: str) -> str:
+        """Hash of one API key's token bucket: tokens, updated (ms); ``key_id`` is a digest, never the key."""
+        return f"{self.prefix}:key:{key_id}:bucket"
+
+    def key_in_flight(self, key_id: str) -> str:
+        """Sorted set of one API key's unanswered requests -> the ms their entry expires (a dead instance's leave)."""
+        return f"{self.prefix}:key:{key_id}:inflight"
 
     def reply(self, instance: str) -> str:
         """Channel of one instance: outputs of its requests, run by whichever instance took the batch."""
@@ -144,6 +153,43 @@ redis.call('HSET', KEYS[5], ARGV[5], cjson.encode(batch))
 redis.call('DEL', KEYS[1])
 redis.call('PUBLISH', KEYS[6], 'released')
 return {'batch', now, batch}
+"""
+)
+
+# KEYS: the key's bucket hash, the key's in-flight sorted set
+# ARGV: rps, burst, max_in_flight ('' for no limit of that kind), member, ttl_ms
+# core.key_limits.bucket_take and the in-flight cap, atomic across instances, held to the
+# Python rule by tests/core/test_rule_tables.py. The cap is checked first, so a request
+# refused for it takes no token; in-flight entries expire after ttl_ms, so the requests
+# of an instance that died free their key's slots. Returns {'ok', in flight now},
+# {'concurrency', in flight now} or {'rate', seconds until a token as a string}.
+KEY_ADMIT = (
+    _NOW_MS
+    + """
+local cap = tonumber(ARGV[3])
+local in_flight = 0
+if cap then
+  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+  in_flight = redis.call('ZCARD', KEYS[2])
+  if in_flight >= cap then return {'concurrency', in_flight} end
+end
+local rps = tonumber(ARGV[1])
+if rps then
+  local burst = tonumber(ARGV[2])
+  local state = redis.call('HMGET', KEYS[1], 'tokens', 'updated')
+  local tokens = tonumber(state[1]) or burst
+  local updated = tonumber(state[2]) or now
+  tokens = math.min(burst, tokens + math.max(0, now - updated) * rps / 1000)
+  if tokens < 1 then return {'rate', string.format('%.6f', (1 - tokens) / rps)} end
+  redis.call('HSET', KEYS[1], 'tokens', string.format('%.17g', tokens - 1), 'updated', now)
+  redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rps * 1000) + 60000)
+end
+if cap then
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[5]), ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[5]) + 60000)
+  in_flight = in_flight + 1
+end
+return {'ok', in_flight}
 """
 )
 

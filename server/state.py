@@ -8,6 +8,7 @@ from .access_log import AccessLog
 from .backends.base import Backend
 from .config import ServerConfig
 from .gpu_pool import GpuPool
+from .key_limiter import KeyLimiter
 from .keys import KeyStore
 from .metrics import ServerMetrics
 from .queue import TierQueue
@@ -24,6 +25,7 @@ class ServerState:
     access_log: AccessLog | None = None
     queue: TierQueue | None = None  # both made inside the running loop by the app's cleanup context
     pool: GpuPool | None = None
+    limiter: KeyLimiter | None = None
     ready: bool = False
     draining: bool = False
 

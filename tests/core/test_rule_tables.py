@@ -1,7 +1,7 @@
 """One table of cases for each rule, run against the Python rule and against its Lua copy in a real redis-server.
 
 The shared queue must decide inside Redis (atomically with the pops), so the dispatch
-decision and the admission zones exist twice: once in :mod:`infer_plan.core` and once
+decision, the admission zones and the per-key token bucket exist twice: once in :mod:`infer_plan.core` and once
 as Lua in :mod:`infer_plan.server.shared_scripts`. These tables are what holds the two
 together; a case added here is checked against both.
 """
@@ -15,8 +15,17 @@ import pytest
 import redis
 from infer_plan.core import DispatchRule, Take, decide, take_by_priority
 from infer_plan.core.admission import zone_admits
+from infer_plan.core.key_limits import bucket_take
 from infer_plan.loadtests.target import redis_server
-from infer_plan.server.shared_scripts import ASSEMBLE, ENQUEUE, Assembled, AssembleReply, SharedKeys, admitted_depth
+from infer_plan.server.shared_scripts import (
+    ASSEMBLE,
+    ENQUEUE,
+    KEY_ADMIT,
+    Assembled,
+    AssembleReply,
+    SharedKeys,
+    admitted_depth,
+)
 
 # Queue contents as ages in ms per tier (enterprise, paid, free), oldest first; the rule's
 # max_batch and max_wait_ms; and what must happen: take (per-tier counts) or wait (ms; inf: empty).
@@ -125,3 +134,59 @@ def test_zone_table_against_lua(client, depth, tier, thresholds, admitted):
     assert (depth_after is not None) == admitted
     assert depth_after in (None, depth + 1)
     assert sum(client.llen(k) for k in keys.queues) == depth + admitted
+
+
+# A key's bucket (tokens left, ms since it was last taken from; None: a new key), its rps
+# and burst, the cap on in flight and how many are: admitted? and if refused, why.
+BUCKET_CASES = [
+    ("new key", (None, 0), 10.0, 5.0, None, 0, ("ok", 0.0)),
+    ("last token", (1.0, 0), 10.0, 5.0, None, 0, ("ok", 0.0)),
+    ("empty, refills soon", (0.0, 20), 10.0, 5.0, None, 0, ("rate", 0.08)),
+    ("empty, refilled", (0.0, 5_000), 10.0, 5.0, None, 0, ("ok", 0.0)),
+    ("slow key", (0.5, 0), 0.1, 1.0, None, 0, ("rate", 5.0)),
+    ("full cap comes first", (None, 0), 10.0, 5.0, 3, 3, ("concurrency", 0.0)),
+    ("room under the cap", (None, 0), None, None, 3, 2, ("ok", 0.0)),
+    ("cap only, no rate", (None, 0), None, None, 1, 0, ("ok", 0.0)),
+]
+
+
+def python_key_admit(bucket, rps, burst, cap, in_flight) -> tuple[str, float]:
+    if cap is not None and in_flight >= cap:
+        return "concurrency", 0.0
+    if rps is None:
+        return "ok", 0.0
+    tokens, age_ms = bucket
+    took = bucket_take(burst if tokens is None else tokens, -age_ms / 1000.0, 0.0, rps, burst)
+    return ("ok", 0.0) if took.admitted else ("rate", took.retry_after_s)
+
+
+@pytest.mark.parametrize(("name", "bucket", "rps", "burst", "cap", "in_flight", "expected"), BUCKET_CASES)
+def test_key_limit_table_against_python(name, bucket, rps, burst, cap, in_flight, expected):
+    kind, retry = python_key_admit(bucket, rps, burst, cap, in_flight)
+    assert kind == expected[0], name
+    assert retry == pytest.approx(expected[1]), name
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("name", "bucket", "rps", "burst", "cap", "in_flight", "expected"), BUCKET_CASES)
+def test_key_limit_table_against_lua(client, name, bucket, rps, burst, cap, in_flight, expected):
+    keys, key_id = SharedKeys(f"bucket:{name}"), "k"
+    seconds, micros = client.time()
+    now_ms = seconds * 1000 + micros // 1000
+    tokens, age_ms = bucket
+    if tokens is not None:
+        client.hset(keys.key_bucket(key_id), mapping={"tokens": tokens, "updated": now_ms - age_ms})
+    for i in range(in_flight):
+        client.zadd(keys.key_in_flight(key_id), {f"other#{i}": now_ms + 60_000})
+    client.zadd(keys.key_in_flight(key_id), {"expired#1": now_ms - 1})  # an entry a dead instance left
+    args = ["" if v is None else repr(v) for v in (rps, burst, cap)]
+    kind, value = client.register_script(KEY_ADMIT)(
+        keys=[keys.key_bucket(key_id), keys.key_in_flight(key_id)], args=[*args, "me#1", 60_000]
+    )
+    assert kind == expected[0], name
+    if kind == "rate":
+        assert float(value) == pytest.approx(expected[1], abs=0.01), name  # the script runs a few ms later
+    admitted_here = kind == "ok" and cap is not None
+    assert client.zscore(keys.key_in_flight(key_id), "me#1") is not None if admitted_here else True
+    if cap is not None:
+        assert int(value) == in_flight + admitted_here  # the expired entry no longer counts
