@@ -1,7 +1,8 @@
 """API errors as typed exceptions and the JSON body every error response has.
 
 Handlers raise :class:`ApiError`; the middleware turns it, and aiohttp's own HTTP
-errors (oversized bodies, unknown routes), into ``{"error": {"code", "message"}}``.
+errors (oversized bodies, unknown routes), into ``{"error": {"code", "message", "type",
+"param"}}`` (our code and message, OpenAI's type and param, so both kinds of client read it).
 Anything unexpected becomes a 500 with a generic message; the traceback goes to the
 log, never to the client. A client that hangs up before its request has arrived
 whole is no error of ours: one log line and a counter, no traceback, no 500.
@@ -37,15 +38,40 @@ _CODES = {
 }
 
 
-class ApiError(Exception):
-    """An error answer: HTTP status, a stable machine code and a human message."""
+# OpenAI's error "type" by status, which its SDKs and the tools built on them read beside the status.
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
 
-    def __init__(self, status: int, message: str, *, code: str | None = None, retry_after_s: int | None = None) -> None:
+
+class ApiError(Exception):
+    """An error answer: HTTP status, a stable machine code, a human message, and the field at fault if one is."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        retry_after_s: int | None = None,
+        param: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code or _CODES.get(status, "error")
         self.message = message
         self.retry_after_s = retry_after_s
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        """The ``error`` object: our code and message, with OpenAI's ``type`` and ``param`` beside them."""
+        kind = _TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+        return {"code": self.code, "message": self.message, "type": kind, "param": self.param}
 
     def to_dict(self) -> dict[str, Any]:
         """What another instance needs to answer with this same error (shared queue replies)."""
@@ -60,7 +86,7 @@ def error_response(err: ApiError, headers: dict[str, str] | None = None) -> web.
     headers = dict(headers or {})
     if err.retry_after_s is not None:
         headers["Retry-After"] = str(err.retry_after_s)
-    return web.json_response({"error": {"code": err.code, "message": err.message}}, status=err.status, headers=headers)
+    return web.json_response({"error": err.body()}, status=err.status, headers=headers)
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -88,13 +88,8 @@ class PublicApi:
     async def inference(self, request: web.Request) -> web.Response:
         loop = asyncio.get_running_loop()
         arrived = loop.time()
-        grant = _grant_of(request, self.keys)
+        grant = self.authorize(request)
         tier = grant.tier
-        if self.state.draining:
-            self.metrics.rejected.labels(tier.label, "draining").inc()
-            raise ApiError(
-                503, "server is draining; retry on another instance", code="draining", retry_after_s=self.retry_after
-            )
         body = await _json_body(request)
         if not isinstance(body, dict):
             raise ApiError(400, 'body must be a JSON object: {"model": str, "input": str}')
@@ -104,13 +99,11 @@ class PublicApi:
             raise ApiError(400, f"missing field(s): {', '.join(missing)}")
         if not isinstance(model, str) or not isinstance(text, str):
             raise ApiError(400, "fields 'model' and 'input' must be strings")
-        if model != self.state.model_name:
-            raise ApiError(404, f"unknown model {model!r}; this server serves {self.state.model_name!r}")
-        if len(text) > self.max_input_bytes or len(text.encode("utf-8", "surrogatepass")) > self.max_input_bytes:
-            raise ApiError(413, f"input too large (limit {self.max_input_bytes} bytes)")
+        self.check_model(model)
+        self.check_size(text, "input")
         slot = await self.limiter.admit(grant)
         try:
-            output = await self._generate(Generate(text), tier)
+            output = await self.generate(Generate(text), tier)
         finally:
             self.limiter.release(slot)
         latency = loop.time() - arrived
@@ -125,12 +118,42 @@ class PublicApi:
             }
         )
 
-    async def _generate(self, request: Generate, tier: Tier) -> Generated:
-        """Queue the request if its tier is admitted now (429 if not) and wait for its output."""
+    def authorize(self, request: web.Request) -> KeyGrant:
+        """The key's grant (401 without one); 503 while draining, so clients go to another instance."""
+        grant = _grant_of(request, self.keys)
+        if self.state.draining:
+            self.metrics.rejected.labels(grant.tier.label, "draining").inc()
+            raise ApiError(
+                503, "server is draining; retry on another instance", code="draining", retry_after_s=self.retry_after
+            )
+        return grant
+
+    def check_model(self, model: str, code: str = "not_found") -> None:
+        """404 for another model's name (the OpenAI routes answer with OpenAI's code, ``model_not_found``)."""
+        if model != self.state.model_name:
+            raise ApiError(
+                404, f"unknown model {model!r}; this server serves {self.state.model_name!r}", code=code, param="model"
+            )
+
+    def check_size(self, prompt: str | list[int], param: str) -> None:
+        """413 past ``max_input_bytes`` (a token id counts as one byte: the bound is on work, not encoding)."""
+        size = len(prompt)
+        if size > self.max_input_bytes or (
+            isinstance(prompt, str) and len(prompt.encode("utf-8", "surrogatepass")) > self.max_input_bytes
+        ):
+            raise ApiError(413, f"{param} too large (limit {self.max_input_bytes} bytes)", param=param)
+
+    async def offer(self, request: Generate, tier: Tier) -> asyncio.Future[Generated]:
+        """Queue the request if its tier is admitted now, else the 429 that sheds it."""
         future = await self.queue.offer(request, tier)
         if future is None:
             self.metrics.shed[tier].inc()
             raise ApiError(429, "overloaded: shedding this tier for now", retry_after_s=self.retry_after)
+        return future
+
+    async def generate(self, request: Generate, tier: Tier) -> Generated:
+        """Queue the request if its tier is admitted now (429 if not) and wait for its output."""
+        future = await self.offer(request, tier)
         try:
             return await asyncio.wait_for(future, self.timeout_s)
         except TimeoutError:
@@ -165,8 +188,11 @@ class PublicApi:
 
 
 def public_routes(state: ServerState) -> list[web.RouteDef]:
+    from .openai_gateway import openai_routes  # it builds on PublicApi
+
     api = PublicApi(state)
     return [
+        *openai_routes(api),
         web.post("/v1/inference", api.inference),
         web.get("/healthz", api.healthz),
         web.get("/readyz", api.readyz),

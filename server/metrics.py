@@ -12,6 +12,8 @@ from ..core.tiers import Tier
 __all__ = ["ServerMetrics"]
 
 _BATCH_SIZE_BUCKETS = (1, 2, 5, 10, 20, 40, 60, 80, 100, 200, 500)
+_TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5, 10)
+_ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2, 5, 10, 30)
 
 
@@ -63,6 +65,29 @@ class ServerMetrics:
             ["outcome"],
             registry=r,
         )
+        # The OpenAI surface: tokens, as the engines' own servers count them.
+        self.ttft = Histogram(
+            "inferplan_time_to_first_token_seconds",
+            "Arrival to the first token written to a streamed request, by tier",
+            ["tier"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "inferplan_inter_token_latency_seconds",
+            "Gaps between consecutive tokens written to streamed requests",
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "inferplan_prompt_tokens", "Prompt tokens of answered requests", ["tier"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "inferplan_generation_tokens", "Tokens generated for answered requests", ["tier"], registry=r
+        )
+        self.tier_ttft = [self.ttft.labels(t.label) for t in Tier]
+        self.tier_prompt_tokens = [self.prompt_tokens.labels(t.label) for t in Tier]
+        self.tier_generation_tokens = [self.generation_tokens.labels(t.label) for t in Tier]
         self.tier_depth = [self.queue_depth.labels(t.label) for t in Tier]
         self.tier_latency = [self.request_latency.labels(t.label) for t in Tier]
         self.shed = [self.rejected.labels(t.label, "backpressure") for t in Tier]

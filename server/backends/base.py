@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -34,18 +34,42 @@ __all__ = [
     "Generate",
     "Generated",
     "Generation",
+    "TokenSink",
     "non_empty",
+    "plain_chat_prompt",
     "scatter",
 ]
 
 
+class TokenSink(Protocol):
+    """Where a streamed request's tokens go as the engine produces them (the client's open stream).
+
+    A backend that can stream calls :meth:`token` for each token of the request in order
+    and :meth:`finish` once, right after the last; one that cannot simply returns the
+    outputs, and the stream sends each answer whole. ``cancelled`` turns true when the
+    client has gone: a backend may stop generating for it (continuous batching frees the
+    slot) or keep going and drop the tokens (a static batch runs to its end anyway).
+    """
+
+    cancelled: bool
+
+    def token(self, piece: str) -> None: ...
+
+    def finish(self, output: Generated) -> None: ...
+
+
 @dataclass(slots=True)
 class Generate:
-    """One request of a batch, as the engine sees it."""
+    """One request of a batch, as the engine sees it: its prompt and its generation parameters."""
 
     prompt: str | list[int]  # text, or token ids (a prompt of exactly known length, as calibration sends)
     max_tokens: int | None = None  # None: the backend's default
     ignore_eos: bool = False  # generate exactly max_tokens, whatever the model would say
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    temperature: float | None = None  # None: the backend's default
+    seed: int | None = None
+    sink: TokenSink | None = field(default=None, repr=False, compare=False)  # not carried to other processes
 
     @property
     def empty(self) -> bool:
@@ -54,15 +78,29 @@ class Generate:
     def to_wire(self) -> dict[str, Any]:
         """As the internal batch API and the shared queue carry it (``input``: text or token ids)."""
         wire: dict[str, Any] = {"input": self.prompt}
-        if self.max_tokens is not None:
-            wire["max_tokens"] = self.max_tokens
-        if self.ignore_eos:
-            wire["ignore_eos"] = True
+        for name in _WIRE_PARAMS:
+            value = getattr(self, name)
+            if value != _DEFAULTS[name]:
+                wire[name] = list(value) if name == "stop" else value
         return wire
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Generate:
-        return cls(wire["input"], wire.get("max_tokens"), bool(wire.get("ignore_eos", False)))
+        params = {name: wire[name] for name in _WIRE_PARAMS if wire.get(name) is not None}
+        if "stop" in params:
+            params["stop"] = tuple(params["stop"])
+        return cls(wire["input"], **params)
+
+
+_WIRE_PARAMS = ("max_tokens", "ignore_eos", "min_tokens", "stop", "temperature", "seed")
+_DEFAULTS: dict[str, Any] = {
+    "max_tokens": None,
+    "ignore_eos": False,
+    "min_tokens": 0,
+    "stop": (),
+    "temperature": None,
+    "seed": None,
+}
 
 
 @dataclass(slots=True)
@@ -147,9 +185,18 @@ class Backend(ABC):
     async def close(self) -> None:  # noqa: B027  (optional hook)
         """Release what start() took."""
 
+    def render_chat(self, messages: list[dict[str, str]]) -> str | list[int]:
+        """A chat as one prompt: the engine's chat template where it has one, else :func:`plain_chat_prompt`."""
+        return plain_chat_prompt(messages)
+
     @abstractmethod
     async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:
         """Outputs for ``requests``, in the same order; raise BackendError on failure."""
+
+
+def plain_chat_prompt(messages: list[dict[str, str]]) -> str:
+    """The documented template for engines without their own: one ``role: content`` line each, then ``assistant:``."""
+    return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
 
 
 def _load_builtin_backends() -> None:

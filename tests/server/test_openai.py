@@ -1,0 +1,189 @@
+"""The OpenAI-compatible surface of a real server process, driven by the real ``openai`` SDK and raw HTTP.
+
+The sim backend runs the token model in real time: a scenario with slow steps makes the
+stream's timing visible (each token at the end of its step), and exact token counts make
+``usage`` checkable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from pathlib import Path
+
+import aiohttp
+import openai
+import pytest
+from infer_plan.core import Backpressure, ServiceModel
+from infer_plan.loadtests.target import write_model_scenario
+from infer_plan.server.backends.base import plain_chat_prompt
+from infer_plan.server.backends.sim import sim_pieces, sim_words
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import running_server
+
+pytestmark = pytest.mark.timeout(180)
+
+# Steps slow enough to see: 40 ms per decode step, a prefill of 2 ms per token, no fixed cycle.
+STEPPED = ServiceModel(
+    pcie_in_ms=0, kernel_ms=0, pcie_out_ms=0, max_wait_ms=10, decode_step_ms=40, prefill_ms_per_token=2
+)
+
+
+def scenario(tmp_path: Path, model: ServiceModel = STEPPED, gpus: int = 1) -> str:
+    return str(write_model_scenario(model, tmp_path / "model.toml", gpus=gpus))
+
+
+@pytest.fixture
+def stepped(tmp_path):
+    with running_server("--scenario", scenario(tmp_path)) as srv:
+        yield srv
+
+
+def client(srv, key: str = "dev-paid") -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key=key, max_retries=0, timeout=30)
+
+
+async def test_sdk_completions_and_chat_streamed_and_not_with_exact_usage(stepped):
+    sdk = client(stepped)
+    prompt = "one two three four"
+    done = await sdk.completions.create(model="sim", prompt=prompt, max_tokens=5)
+    assert done.choices[0].text == sim_words(prompt, 5) and done.choices[0].finish_reason == "length"
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens, done.usage.total_tokens) == (4, 5, 9)
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    chat = await sdk.chat.completions.create(model="sim", messages=messages, max_completion_tokens=3)
+    rendered = plain_chat_prompt(messages)
+    assert chat.choices[0].message.content == sim_words(rendered, 3) and chat.choices[0].message.role == "assistant"
+    assert chat.usage.prompt_tokens == len(rendered.split()) and chat.usage.completion_tokens == 3
+
+    start = time.perf_counter()
+    arrivals, texts, usage, reasons = [], [], None, []
+    stream = await sdk.completions.create(
+        model="sim", prompt=prompt, max_tokens=6, stream=True, stream_options={"include_usage": True}
+    )
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+            assert chunk.choices == []
+            continue
+        arrivals.append(time.perf_counter() - start)
+        texts.append(chunk.choices[0].text)
+        reasons.append(chunk.choices[0].finish_reason)
+    assert texts == sim_pieces(prompt, 6)  # one chunk per token
+    assert reasons == [None] * 5 + ["length"]  # the finish reason rides on the last token
+    assert usage.completion_tokens == 6 and usage.prompt_tokens == 4
+    # Each token at the end of its step: 40 ms apart (a batch of one), the first after wait + prefill.
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
+    assert all(0.030 <= g <= 0.080 for g in gaps), gaps
+    assert 0.050 - 0.005 <= arrivals[0] <= 0.150, arrivals[0]  # 10 ms wait + 40 + 4 x 2 ms prefill
+
+    roles, contents = [], []
+    async for chunk in await sdk.chat.completions.create(model="sim", messages=messages, max_tokens=3, stream=True):
+        roles.append(chunk.choices[0].delta.role)
+        contents.append(chunk.choices[0].delta.content)
+    assert roles == ["assistant", None, None] and "".join(contents) == sim_words(rendered, 3)
+    await sdk.close()
+
+
+async def test_sdk_errors_are_its_typed_exceptions(tmp_path):
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[keys]\n"k-one" = { tier = "paid", rps = 0.01, burst = 1 }\n')
+    with running_server("--keys", str(keys)) as srv:
+        with pytest.raises(openai.AuthenticationError):
+            await client(srv, "wrong").completions.create(model="sim", prompt="x")
+        sdk = client(srv, "k-one")
+        with pytest.raises(openai.NotFoundError) as missing:
+            await sdk.completions.create(model="gpt-4", prompt="x")
+        assert missing.value.body["param"] == "model" and missing.value.body["code"] == "model_not_found"
+        with pytest.raises(openai.BadRequestError) as bad:
+            await sdk.completions.create(model="sim", prompt="x", max_tokens=0)
+        assert bad.value.body["param"] == "max_tokens" and bad.value.body["type"] == "invalid_request_error"
+        await sdk.completions.create(model="sim", prompt="x")  # the key's one token
+        with pytest.raises(openai.RateLimitError) as limited:
+            await sdk.completions.create(model="sim", prompt="x", stream=True)
+        assert limited.value.response.headers["Retry-After"] == "100"
+        assert limited.value.body["code"] == "key_rate_limited"
+        models = await client(srv, "k-one").models.list()
+        assert [m.id for m in models.data] == ["sim"]
+        await sdk.close()
+
+
+async def raw_stream(session: aiohttp.ClientSession, url: str, key: str, body: dict) -> tuple[int, dict, bytes]:
+    async with session.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+        return resp.status, dict(resp.headers), await resp.read()
+
+
+async def test_the_stream_is_sse_events_then_done_and_bad_fields_name_their_param(stepped):
+    async with aiohttp.ClientSession() as session:
+        status, headers, raw = await raw_stream(
+            session, stepped.url, "dev-free", {"model": "sim", "prompt": "a b", "max_tokens": 3, "stream": True}
+        )
+        assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
+        events = raw.decode().split("\n\n")
+        assert events[-2:] == ["data: [DONE]", ""]
+        chunks = [json.loads(e.removeprefix("data: ")) for e in events[:-2]]
+        assert [c["choices"][0]["text"] for c in chunks] == sim_pieces("a b", 3)
+        assert all(c["object"] == "text_completion" and c["id"] == chunks[0]["id"] for c in chunks)
+        for body, param in [
+            ({"model": "sim", "prompt": 5}, "prompt"),
+            ({"model": "sim", "prompt": "x", "stream": "yes"}, "stream"),
+            ({"model": "sim", "prompt": "x", "temperature": 9}, "temperature"),
+            ({"model": "sim", "prompt": "x", "stop": [""]}, "stop"),
+            ({"prompt": "x"}, "model"),
+        ]:
+            status, _, raw = await raw_stream(session, stepped.url, "dev-paid", body)
+            error = json.loads(raw)["error"]
+            assert status == 400 and error["param"] == param and error["code"] == "bad_request", (body, error)
+        async with session.get(f"{stepped.url}/health") as resp:
+            assert resp.status == 200
+
+
+async def test_overload_sheds_free_streams_before_any_byte_while_enterprise_streams(tmp_path):
+    # One GPU, 2 s batches of one, and a queue of 4 whose yellow zone starts at 2.
+    slow = ServiceModel(max_batch=1, max_wait_ms=0, kernel_ms=2000, backpressure=Backpressure(queue_limit=4))
+    with running_server("--scenario", scenario(tmp_path, slow)) as srv:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            body = {"model": "sim", "prompt": "fill", "max_tokens": 1}
+            fillers = [asyncio.create_task(raw_stream(session, srv.url, "dev-enterprise", body)) for _ in range(4)]
+            await asyncio.sleep(0.5)  # one runs, three wait: past the yellow zone
+            stream = {"model": "sim", "prompt": "free", "max_tokens": 2, "stream": True}
+            status, headers, raw = await raw_stream(session, srv.url, "dev-free", stream)
+            assert status == 429 and headers["Content-Type"].startswith("application/json")
+            assert int(headers["Retry-After"]) >= 1 and json.loads(raw)["error"]["type"] == "rate_limit_error"
+            status, headers, raw = await raw_stream(session, srv.url, "dev-enterprise", stream)
+            assert status == 200 and raw.endswith(b"data: [DONE]\n\n")
+            assert [s for s, _, _ in await asyncio.gather(*fillers)] == [200] * 4
+
+
+async def test_a_client_that_leaves_mid_stream_costs_one_log_line_and_the_next_are_served(tmp_path):
+    with running_server("--scenario", scenario(tmp_path)) as srv:
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "sim", "prompt": "long answer", "max_tokens": 50, "stream": True}
+            async with session.post(
+                f"{srv.url}/v1/completions", json=body, headers={"Authorization": "Bearer dev-paid"}
+            ) as resp:
+                first = await resp.content.readuntil(b"\n\n")
+                assert first.startswith(b"data: {")
+                resp.close()  # hang up after the first token, 49 to go
+            await asyncio.sleep(0.3)  # a few more steps: the server writes to a closed connection
+            sdk = client(srv)
+            answers = await asyncio.gather(*(sdk.completions.create(model="sim", prompt=f"n{i}") for i in range(5)))
+            assert all(a.usage.completion_tokens == 16 for a in answers)
+            await sdk.close()
+            await asyncio.sleep(2.2)  # the abandoned sequence's batch ends
+            text = await (await session.get(f"{srv.url}/metrics")).text()
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text)
+            for s in f.samples
+        }
+        assert samples[("inferplan_client_disconnects_total", (("stage", "stream"),))] == 1
+        assert samples[("inferplan_generation_tokens_total", (("tier", "paid"),))] == 5 * 16
+        assert samples[("inferplan_time_to_first_token_seconds_count", (("tier", "paid"),))] >= 1
+        assert srv.terminate() == 0
+        log = srv.log_text()
+    assert "Traceback" not in log and log.count("client disconnected mid-stream") == 1
