@@ -46,7 +46,7 @@ class VllmBackend(Backend):
         self.max_model_len = options.max_model_len
         self._llm: Any = None
         self._sampling_params: Any = None  # vLLM's SamplingParams class, imported in start()
-        self._params_cache: dict[tuple[int, bool], Any] = {}
+        self._params_cache: dict[tuple, Any] = {}
         self._tokenizer: Any = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm")
 
@@ -84,12 +84,23 @@ class VllmBackend(Backend):
 
     def _params(self, request: Generate) -> Any:
         """A request without a length (``/v1/inference``) gets ``--max-tokens``, generated in full."""
-        max_tokens = request.max_tokens or self.generation.max_tokens
-        key = (max_tokens, request.ignore_eos or request.max_tokens is None)
+        temperature = self.generation.temperature if request.temperature is None else request.temperature
+        key = (
+            request.max_tokens or self.generation.max_tokens,
+            request.ignore_eos or request.max_tokens is None,
+            temperature,
+            request.stop,
+            request.seed,
+            request.min_tokens,
+        )
         if key not in self._params_cache:
+            if len(self._params_cache) >= 1024:  # seeds and stop lists vary per client: keep the cache bounded
+                self._params_cache.clear()
+            max_tokens, ignore_eos, _, stop, seed, min_tokens = key
             self._params_cache[key] = self._sampling_params(
-                max_tokens=key[0], temperature=self.generation.temperature, ignore_eos=key[1]
-            )
+                max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos, stop=list(stop) or None,
+                seed=seed, min_tokens=min_tokens,
+            )  # fmt: skip
         return self._params_cache[key]
 
     def _generate(self, requests: list[Generate]) -> list[Generated]:

