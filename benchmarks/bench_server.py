@@ -58,7 +58,15 @@ def wait_listening(port: int, timeout: float = 30) -> None:
     raise RuntimeError(f"nothing listening on {port}")
 
 
-def wrk_rps(port: int, seconds: int, script: Path, pin: bool = True, threads: int = 1, connections: int = 128) -> float:
+def wrk_rps(
+    port: int,
+    seconds: int,
+    script: Path,
+    pin: bool = True,
+    threads: int = 1,
+    connections: int = 128,
+    path: str = "/v1/inference",
+) -> float:
     """Requests/s wrk reached; any non-2xx answer is an error. ``pin``: wrk on core 1."""
     out = subprocess.run(
         [
@@ -69,7 +77,7 @@ def wrk_rps(port: int, seconds: int, script: Path, pin: bool = True, threads: in
             f"-d{seconds}s",
             "-s",
             str(script),
-            f"http://127.0.0.1:{port}/v1/inference",
+            f"http://127.0.0.1:{port}{path}",
         ],
         capture_output=True,
         text=True,
