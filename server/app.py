@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
+from ..core.model import Batching
 from .access_log import AccessLog
 from .backends.base import Backend
 from .config import ServerConfig
@@ -51,7 +52,14 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
         state.limiter = SharedKeyLimiter(
             state.metrics, queue.client, queue.keys, queue.instance, ttl_s=config.model.request_timeout_s
         )
-    pool = GpuPool(queue, state.backend, state.metrics, timeout_s=config.model.request_timeout_s)
+    continuous = config.model.batching is Batching.CONTINUOUS
+    pool = GpuPool(
+        queue,
+        state.backend,
+        state.metrics,
+        timeout_s=config.model.request_timeout_s,
+        continuous_seqs=config.model.max_num_seqs if continuous else None,
+    )
     state.queue, state.pool = queue, pool
     await queue.start()
     tasks = [asyncio.create_task(pool.worker(g), name=f"gpu-{g}") for g in range(config.gpus)]

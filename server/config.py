@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import UsageError
-from ..core.model import ServiceModel
+from ..core.model import Batching, ServiceModel
 
 __all__ = ["ServerConfig"]
 
@@ -50,6 +50,12 @@ class ServerConfig:
                 f"address only, not {self.host!r}: pass a TOML [keys] table (README, 'Keys and limits'), "
                 "or --allow-dev-keys to serve them anyway",
                 field="keys_file",
+            )
+        if self.redis_url is not None and self.model.batching is Batching.CONTINUOUS:
+            raise UsageError(
+                "continuous batching runs on the in-process queue only (the shared Redis queue hands out whole "
+                "batches): drop --redis or use batching = static",
+                field="redis_url",
             )
         if not self.model.overlap:
             raise UsageError(

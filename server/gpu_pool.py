@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 from ..core.tiers import Tier
 from .backends.base import Backend, BackendError, Generate, Generated
+from .continuous import StepFeed, pass_through
 from .errors import ApiError
-from .memory_queue import Pending, deliver_to_futures
+from .memory_queue import MemoryQueue, Pending, deliver_to_futures
 from .metrics import ServerMetrics
 from .queue import Queued, TierQueue
 
@@ -54,7 +55,17 @@ class _DirectBatch(list):
 class GpuPool:
     """``worker(g)`` is the task of GPU ``g``; the pool counts what runs and logs what was served."""
 
-    def __init__(self, queue: TierQueue, backend: Backend, metrics: ServerMetrics, *, timeout_s: float) -> None:
+    def __init__(
+        self,
+        queue: TierQueue,
+        backend: Backend,
+        metrics: ServerMetrics,
+        *,
+        timeout_s: float,
+        continuous_seqs: int | None = None,
+    ) -> None:
+        self.continuous_seqs = continuous_seqs  # set: continuous batching, this many sequences per GPU
+        self.feeds: list[StepFeed] = []
         self.queue = queue
         self.backend = backend
         self.metrics = metrics
@@ -78,7 +89,8 @@ class GpuPool:
 
     @property
     def is_idle(self) -> bool:
-        return self.queue.queued == 0 and self.running == 0 and not self.direct
+        running = self.running + sum(feed.running for feed in self.feeds)
+        return self.queue.queued == 0 and running == 0 and not self.direct
 
     async def wait_idle(self) -> None:
         """Until nothing of this process is queued or running (the drain on shutdown polls; it is rare)."""
@@ -86,6 +98,8 @@ class GpuPool:
             await asyncio.sleep(0.01)
 
     async def worker(self, gpu: int) -> None:
+        if self.continuous_seqs is not None:
+            await self._continuous_worker(gpu, self.continuous_seqs)
         metrics = self.metrics
         while True:
             batch = self.direct.popleft() if self.direct else await self.queue.next_batch(lambda: bool(self.direct))
@@ -112,6 +126,24 @@ class GpuPool:
                 if isinstance(result, list) and not isinstance(batch, _DirectBatch):
                     self.served.append(ServedBatch(time.time(), len(batch), elapsed * 1000.0))
                 self.running -= 1
+
+    async def _continuous_worker(self, gpu: int, max_seqs: int) -> None:
+        """Sequences join and leave between steps; an internal-API batch runs when the GPU is idle."""
+        assert isinstance(self.queue, MemoryQueue)  # ServerConfig refuses continuous batching with --redis
+        feed = StepFeed(self.queue, self.metrics, lambda: bool(self.direct))
+        self.feeds.append(feed)
+        while True:
+            if self.direct:
+                batch = self.direct.popleft()
+                try:
+                    result: list[Generated] | ApiError = await self._run(batch, gpu)
+                except ApiError as err:
+                    result = err
+                deliver_to_futures(batch, result)
+            elif self.backend.steps_itself:
+                await self.backend.run_continuous(gpu, feed)
+            else:
+                await pass_through(self.backend, feed, gpu, max_seqs, self.timeout_s)
 
     async def _run(self, batch: Sequence[Queued], gpu: int) -> list[Generated]:
         """The backend's outputs for ``batch``; any failure becomes the ApiError every request in it gets."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from ..core.admission import zone_admits
 from ..core.dispatch import Take, decide, take_by_priority
-from ..core.model import ServiceModel
+from ..core.model import Batching, ServiceModel
 from ..core.tiers import Tier
 from .backends.base import Generate, Generated
 from .errors import ApiError
@@ -42,7 +42,10 @@ class MemoryQueue(TierQueue):
     def __init__(self, model: ServiceModel, gpus: int) -> None:
         self.gpus = gpus
         self.rule = model.dispatch_rule
-        self.thresholds = model.backpressure.thresholds(gpus, model.max_batch)
+        self.thresholds = model.backpressure.thresholds(gpus, model.batch_capacity)
+        # Continuous batching: a GPU with a free slot takes the next request at its next step, so
+        # every arrival may be work for an idle GPU; a batch cycle only cares about the first and a full one.
+        self.wake_at = 1 if model.batching is Batching.CONTINUOUS else self.rule.max_batch
         self.tiers: list[deque[Pending]] = [deque() for _ in Tier]
         self._queued = 0
         self._assembly = asyncio.Lock()
@@ -62,7 +65,7 @@ class MemoryQueue(TierQueue):
         fut: asyncio.Future[Generated] = loop.create_future()
         self.tiers[tier].append(Pending(request, tier, loop.time(), fut))
         self._queued += 1
-        if self._queued == 1 or self._queued >= self.rule.max_batch:
+        if self._queued == 1 or self._queued >= self.wake_at:
             self._wake.set()  # start the oldest-request clock, or a full batch is ready
         return fut
 
@@ -83,6 +86,27 @@ class MemoryQueue(TierQueue):
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout)
             return None
+
+    # -- continuous batching: one request at a time, between steps -------------------------
+
+    def head(self) -> Pending | None:
+        """The request a GPU with a free slot would admit next: by tier, FIFO within a tier."""
+        self._drop_abandoned_heads()
+        return next((q[0] for q in self.tiers if q), None)
+
+    def pop_head(self) -> Pending:
+        """Take the request :meth:`head` returned (call it in the same loop pass)."""
+        self._queued -= 1
+        return next(q for q in self.tiers if q).popleft()
+
+    async def wait_work(self, interrupted: Interrupted) -> bool:
+        """Until a request waits (True) or ``interrupted()`` (False)."""
+        while not interrupted():
+            if self.head() is not None:
+                return True
+            self._wake.clear()
+            await self._wake.wait()
+        return False
 
     def _oldest(self) -> float:
         return min((q[0].arrived for q in self.tiers if q), default=float("inf"))

@@ -143,6 +143,7 @@ class BackendOptions(BaseModel):
 
 class Backend(ABC):
     registry: ClassVar[dict[str, type[Backend]]] = {}
+    steps_itself: ClassVar[bool] = False  # True: run_continuous runs the step loop (continuous batching)
     name: ClassVar[str] = ""
     Options: ClassVar[type[BackendOptions]] = BackendOptions
 
@@ -188,6 +189,15 @@ class Backend(ABC):
     def render_chat(self, messages: list[dict[str, str]]) -> str | list[int]:
         """A chat as one prompt: the engine's chat template where it has one, else :func:`plain_chat_prompt`."""
         return plain_chat_prompt(messages)
+
+    async def run_continuous(self, gpu: int, feed: Any) -> None:
+        """Continuous batching on GPU ``gpu``: admit from ``feed`` (a ``StepFeed``) between steps, answer each
+        request as its sequence ends, and return once ``feed.wait()`` says False with nothing running.
+
+        Only for backends with ``steps_itself``; the others get each request as a batch of one
+        as soon as a slot is free, and their engine steps (``server/continuous.py``).
+        """
+        raise NotImplementedError
 
     @abstractmethod
     async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:

@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import random
+from dataclasses import dataclass
+from typing import Any
 
 from ...core.model import ServiceModel
+from ..errors import ApiError
 from .base import Backend, BackendOptions, Generate, Generated
 
 __all__ = ["SimBackend", "sim_output", "sim_pieces", "sim_tokens", "sim_words"]
@@ -46,8 +50,27 @@ def sim_pieces(prompt: str | list[int], count: int) -> list[str]:
     return [f" w{(seed + 7919 * j) % 10007}" for j in range(count)]
 
 
+@dataclass(slots=True)
+class _Sequence:
+    """A request running under continuous batching: what is left to prefill and which token comes next."""
+
+    pending: Any  # the queue's Pending: its request and its future
+    output: Generated
+    pieces: list[str]
+    prefill_left: int
+    emitted: int = 0
+    chunk: int = 0  # prompt tokens prefilled in the current step
+
+    @property
+    def reserve(self) -> int:
+        """KV tokens held from admission to the end (prompt and whole output), so it is never evicted."""
+        return self.output.prompt_tokens + len(self.pieces)
+
+
 @Backend.register("sim")
 class SimBackend(Backend):
+    steps_itself = True
+
     def __init__(self, model: ServiceModel, options: BackendOptions) -> None:
         super().__init__(model, options)
         self._uniform = random.Random(0).random  # draws quantiles of a measured cycle_jitter
@@ -97,6 +120,82 @@ class SimBackend(Backend):
         deadline += model.pcie_out_ms * factor / 1000.0
         if (delay := deadline - loop.time()) > 0:
             await asyncio.sleep(delay)
+
+    async def run_continuous(self, gpu: int, feed: Any) -> None:
+        """The continuous step model in real time, as the simulator runs it (``sim/step_reference.py``).
+
+        Before every step, admit waiting requests by tier while a sequence slot and KV room
+        remain (the first that does not fit blocks the rest; one that could never fit is
+        refused with 400); run one step (prefill chunks within ``max_batched_tokens``, one
+        token for every sequence whose prompt is done); send each streamed token; answer
+        each request when its last token is out. Returns when idle and ``feed.wait()`` says so.
+        """
+        model = self.model
+        loop = asyncio.get_running_loop()
+        kv_budget = model.kv_cache_tokens if model.kv_cache_tokens is not None else math.inf
+        running: list[_Sequence] = []
+        kv = 0
+        deadline = loop.time()
+        while True:
+            while len(running) < model.max_num_seqs and (head := feed.head()) is not None:
+                output, pieces = _answer(head.request)
+                seq = _Sequence(head, output, pieces, output.prompt_tokens)
+                if kv + seq.reserve > kv_budget:
+                    if seq.reserve <= kv_budget:
+                        break
+                    feed.deliver(feed.take(), _too_long(seq.reserve, kv_budget))
+                    continue
+                feed.take()
+                running.append(seq)
+                kv += seq.reserve
+            if not running:
+                if not await feed.wait():
+                    return
+                deadline = loop.time()  # an idle GPU starts its next step when the request arrives
+                continue
+            budget = model.max_batched_tokens
+            in_step = []
+            for seq in running:
+                seq.chunk = min(seq.prefill_left, budget)
+                budget -= seq.chunk
+                if seq.prefill_left == 0 or seq.chunk > 0:
+                    in_step.append(seq)
+            deadline += model.step_ms(sum(s.chunk for s in in_step), len(in_step)) / 1000.0
+            if (delay := deadline - loop.time()) > 0:
+                await asyncio.sleep(delay)
+            else:
+                deadline = loop.time()  # behind (a busy loop): no catching up in zero-length steps
+                await asyncio.sleep(0)  # steps of no time still let the gateway admit and write
+            for seq in in_step:
+                seq.prefill_left -= seq.chunk
+                if seq.prefill_left > 0:
+                    continue  # more prompt chunks to go: no token yet
+                sink = seq.pending.request.sink
+                if sink is not None and not sink.cancelled:
+                    sink.token(seq.pieces[seq.emitted])
+                seq.emitted += 1
+            for seq in [s for s in running if s.emitted == len(s.pieces) or _abandoned(s)]:
+                running.remove(seq)
+                kv -= seq.reserve
+                sink = seq.pending.request.sink
+                if sink is not None and not sink.cancelled and seq.emitted == len(seq.pieces):
+                    sink.finish(seq.output)
+                feed.deliver(seq.pending, seq.output)
+
+
+def _abandoned(seq: _Sequence) -> bool:
+    """The client left mid-stream or gave up waiting: the slot and its KV are freed at once."""
+    sink = seq.pending.request.sink
+    return (sink is not None and sink.cancelled) or seq.pending.future.done()
+
+
+def _too_long(reserve: int, kv_budget: float) -> ApiError:
+    return ApiError(
+        400,
+        f"prompt and max_tokens need {reserve} tokens of KV cache; one GPU holds {kv_budget:g}",
+        code="context_length_exceeded",
+        param="max_tokens",
+    )
 
 
 def _answer(request: Generate) -> tuple[Generated, list[str]]:

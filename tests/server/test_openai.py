@@ -187,3 +187,58 @@ async def test_a_client_that_leaves_mid_stream_costs_one_log_line_and_the_next_a
         assert srv.terminate() == 0
         log = srv.log_text()
     assert "Traceback" not in log and log.count("client disconnected mid-stream") == 1
+
+
+# Continuous batching: two sequence slots, 30 ms steps, a small KV cache.
+CONTINUOUS = ServiceModel(
+    batching="continuous", max_num_seqs=2, kv_cache_tokens=200, decode_step_ms=30, prefill_ms_per_token=0.5
+)
+
+
+async def stream_times(session, url: str, key: str, prompt: str, tokens: int) -> tuple[float, list[float]]:
+    """(when the request was sent, when each token arrived), on the monotonic clock."""
+    body = {"model": "sim", "prompt": prompt, "max_tokens": tokens, "stream": True}
+    sent = time.perf_counter()
+    arrivals = []
+    async with session.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as resp:
+        assert resp.status == 200, await resp.text()
+        while (event := await resp.content.readuntil(b"\n\n")) != b"data: [DONE]\n\n":
+            arrivals.append(time.perf_counter())
+            assert event.startswith(b"data: {")
+    return sent, arrivals
+
+
+async def test_continuous_batching_admits_between_steps_by_tier(tmp_path):
+    with running_server("--scenario", scenario(tmp_path, CONTINUOUS)) as srv:
+        async with aiohttp.ClientSession() as session:
+            sent, alone = await stream_times(session, srv.url, "dev-paid", "a b c d", 5)
+            # No assembly wait: the first token after one step (30 ms + 4 x 0.5 ms prefill), then 30 ms apart.
+            assert 0.025 <= alone[0] - sent <= 0.080, alone[0] - sent
+            gaps = [b - a for a, b in itertools.pairwise(alone)]
+            assert all(0.020 <= g <= 0.045 for g in gaps), gaps
+
+            # A long sequence runs; a second joins at the next step instead of waiting for the first to end.
+            long_run = asyncio.create_task(stream_times(session, srv.url, "dev-free", "long", 20))
+            await asyncio.sleep(0.1)
+            sent, joined = await stream_times(session, srv.url, "dev-free", "short", 2)
+            assert joined[0] - sent <= 0.080
+            _, long_tokens = await long_run
+            assert joined[-1] < long_tokens[-1]  # it left while the long one ran on
+
+            # Both slots busy: of the two that wait, enterprise gets the first free slot though it came last.
+            busy = [asyncio.create_task(stream_times(session, srv.url, "dev-free", f"busy {i}", i)) for i in (5, 8)]
+            await asyncio.sleep(0.05)
+            free = asyncio.create_task(stream_times(session, srv.url, "dev-free", "free waits", 3))
+            await asyncio.sleep(0.02)
+            enterprise = asyncio.create_task(stream_times(session, srv.url, "dev-enterprise", "vip", 3))
+            (_, free_tokens), (_, vip_tokens) = await asyncio.gather(free, enterprise)
+            await asyncio.gather(*busy)
+            assert free_tokens[0] - vip_tokens[0] >= 0.060  # the free one waited for the 8-token sequence to end
+
+            body = {"model": "sim", "prompt": "too long " * 100, "max_tokens": 16}
+            async with session.post(
+                f"{srv.url}/v1/completions", json=body, headers={"Authorization": "Bearer dev-paid"}
+            ) as resp:
+                error = (await resp.json())["error"]
+                assert resp.status == 400 and error["code"] == "context_length_exceeded"
+        assert srv.terminate() == 0

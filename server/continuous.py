@@ -1,0 +1,91 @@
+"""Continuous batching in the server (SPEC section 10): a GPU admits waiting requests between steps.
+
+With ``batching = "continuous"`` there is no batch to form: a GPU worker hands the
+tier queue to the backend as a :class:`StepFeed`, and the backend admits the next
+waiting request (by tier, FIFO within a tier) whenever it has room, answering each
+request as its sequence ends. The sim backend runs the step model in real time
+(``SimBackend.run_continuous``); an engine that batches continuously itself (vLLM's
+scheduler, an upstream server) gets each request as soon as a slot is free, up to
+``max_num_seqs`` per GPU worker (:func:`pass_through`), and does its own steps.
+
+Only the in-process queue serves this mode: the shared Redis queue hands out whole
+batches, so ``serve --redis`` with continuous batching is refused at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from .backends.base import Backend, Generated
+from .errors import ApiError
+from .memory_queue import MemoryQueue, Pending
+from .metrics import ServerMetrics
+from .queue import Interrupted
+
+__all__ = ["StepFeed", "pass_through"]
+
+
+class StepFeed:
+    """One GPU's view of the tier queue under continuous batching; counts what runs for the drain and /metrics."""
+
+    def __init__(self, queue: MemoryQueue, metrics: ServerMetrics, interrupted: Interrupted) -> None:
+        self.queue = queue
+        self.metrics = metrics
+        self.interrupted = interrupted
+        self.running = 0
+
+    def head(self) -> Pending | None:
+        return self.queue.head()
+
+    def take(self) -> Pending:
+        """Admit the head: it now holds a sequence slot until :meth:`deliver`."""
+        self.running += 1
+        return self.queue.pop_head()
+
+    async def wait(self) -> bool:
+        """Until a request waits (True), or the worker is wanted for something else (False: return when idle)."""
+        return await self.queue.wait_work(self.interrupted)
+
+    def deliver(self, pending: Pending, result: Generated | ApiError) -> None:
+        self.running -= 1
+        if pending.future.done():  # its client gave up; nobody waits for it
+            return
+        if isinstance(result, ApiError):
+            pending.future.set_exception(result)
+        else:
+            pending.future.set_result(result)
+
+
+async def pass_through(backend: Backend, feed: StepFeed, gpu: int, max_seqs: int, timeout_s: float) -> None:
+    """Each request to the engine as soon as one of ``max_seqs`` slots is free, as a batch of one; the engine steps."""
+    slots = asyncio.Semaphore(max_seqs)
+    tasks: set[asyncio.Task] = set()
+
+    async def one(pending: Pending) -> None:
+        try:
+            outputs = await asyncio.wait_for(backend.run_batch([pending.request], gpu), timeout_s)
+            feed.deliver(pending, outputs[0])
+        except ApiError as err:
+            feed.deliver(pending, err)
+        except Exception as err:  # any engine failure answers this request, never the worker
+            feed.metrics.backend_faults.labels(type(err).__name__).inc()
+            feed.deliver(pending, ApiError(503, "backend failure", code="backend_error", retry_after_s=1))
+        finally:
+            slots.release()
+
+    try:
+        while True:
+            await slots.acquire()
+            if not await feed.wait():  # wanted for something else: finish what runs, then hand the GPU back
+                slots.release()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                return
+            task = asyncio.create_task(one(feed.take()))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)
