@@ -139,8 +139,10 @@ class OpenAIApi:
                         output = future.result()  # raises the batch's ApiError; not streamed: the answer whole
                         if response is None and not pieces:
                             pieces = [output.text]
-                    if not pieces and output is None:
-                        continue
+                    if not pieces:
+                        if output is None:
+                            continue
+                        pieces = [""]  # the end came after the last token: an empty chunk carries the finish reason
                     now = loop.time()
                     first = response is None
                     if response is None:

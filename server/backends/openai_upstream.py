@@ -1,7 +1,9 @@
 """An upstream OpenAI-compatible server (``vllm serve``, SGLang, Ollama, LiteLLM) as the engine.
 
-Each batch is one ``POST /v1/completions`` whose ``prompt`` is the list of inputs; the
-choices come back with an ``index``, which maps each output to its request. Any
+A batch's non-streamed requests go as one ``POST /v1/completions`` per set of generation
+parameters, whose ``prompt`` is the list of their inputs; the choices come back with an
+``index``, which maps each output to its request. A streamed request gets a streaming
+call of its own, so its client sees the upstream's tokens as they come. Any
 failure (connection refused, timeout, non-200, a malformed answer, a wrong count) fails
 the whole batch with :class:`BackendError`, which the worker answers as 503 for every
 request in it. One pooled session is kept for the server's life.
@@ -10,6 +12,7 @@ request in it. One pooled session is kept for the server's life.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import defaultdict
 from typing import Any
 
@@ -59,28 +62,48 @@ class OpenAIBackend(ForwardingBackend):
             return None  # ask per batch without a model name; the upstream decides
 
     async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:
-        """One ``/v1/completions`` call per length in the batch (the API takes one ``max_tokens`` a call)."""
+        """One ``/v1/completions`` call per set of generation parameters for the non-streamed requests (the
+        API takes one ``max_tokens`` a call), and one streaming call for each streamed request."""
         positions, live = non_empty(requests)
-        groups: dict[tuple[int, bool], list[int]] = defaultdict(list)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        streamed: list[int] = []
         for i, request in enumerate(live):
-            groups[(request.max_tokens or self.generation.max_tokens, request.ignore_eos)].append(i)
-        answers = await asyncio.gather(*(self._complete([live[i] for i in idx], *key) for key, idx in groups.items()))
+            if request.sink is not None:
+                streamed.append(i)
+            else:
+                groups[self._params(request)].append(i)
+        calls = [self._complete([live[i] for i in idx], dict(key)) for key, idx in groups.items()]
+        calls += [self._stream(live[i]) for i in streamed]
+        answers = await asyncio.gather(*calls)
         outputs: list[Generated] = [Generated("")] * len(live)
-        for idx, answer in zip(groups.values(), answers, strict=True):
+        for idx, answer in zip([*groups.values(), *([i] for i in streamed)], answers, strict=True):
             for i, output in zip(idx, answer, strict=True):
                 outputs[i] = output
         return scatter(len(requests), positions, outputs)
 
-    async def _complete(self, requests: list[Generate], max_tokens: int, ignore_eos: bool) -> list[Generated]:
-        body: dict[str, Any] = {
-            "prompt": [r.prompt for r in requests],
-            "max_tokens": max_tokens,
-            "temperature": self.generation.temperature,
+    def _params(self, request: Generate) -> tuple:
+        """The request's generation parameters as the API names them; vLLM's and SGLang's extensions only when set."""
+        temperature = self.generation.temperature if request.temperature is None else request.temperature
+        params: dict[str, Any] = {
+            "max_tokens": request.max_tokens or self.generation.max_tokens,
+            "temperature": temperature,
         }
-        if ignore_eos:
-            body["ignore_eos"] = True  # vLLM's and SGLang's extension: exactly max_tokens tokens
+        if request.ignore_eos:
+            params["ignore_eos"] = True  # exactly max_tokens tokens
+        if request.stop:
+            params["stop"] = list(request.stop)
+        if request.seed is not None:
+            params["seed"] = request.seed
+        if request.min_tokens:
+            params["min_tokens"] = request.min_tokens
         if self.served_model:
-            body["model"] = self.served_model
+            params["model"] = self.served_model
+        return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items())
+
+    async def _complete(self, requests: list[Generate], params: dict[str, Any]) -> list[Generated]:
+        body = {**params, "prompt": [r.prompt for r in requests]}
+        if "stop" in body:
+            body["stop"] = list(body["stop"])
         data = await post_json(self._session, self.endpoint, body)
         n = len(requests)
         try:
@@ -96,10 +119,52 @@ class OpenAIBackend(ForwardingBackend):
         # (token-id prompts, ignore_eos), and split in proportion to text length otherwise.
         prompt_share = _shares([r.prompt for r in requests], int(usage.get("prompt_tokens") or 0))
         output_share = _shares(texts, int(usage.get("completion_tokens") or 0))
+        exact = params["max_tokens"] if params.get("ignore_eos") else None
         return [
-            Generated(text, prompt, max_tokens if ignore_eos else completion, reason)
+            Generated(text, prompt, exact or completion, reason)
             for text, prompt, completion, reason in zip(texts, prompt_share, output_share, reasons, strict=True)
         ]
+
+    async def _stream(self, request: Generate) -> list[Generated]:
+        """One streamed request: its tokens go to its client as the upstream sends them; ``usage`` passed through.
+
+        A client that leaves ends the upstream call (the upstream aborts the sequence, as vLLM does).
+        """
+        sink = request.sink
+        assert sink is not None and self._session is not None
+        body = {**dict(self._params(request)), "prompt": request.prompt, "stream": True}
+        body["stream_options"] = {"include_usage": True}
+        if "stop" in body:
+            body["stop"] = list(body["stop"])
+        pieces: list[str] = []
+        reason, usage = "length", {}
+        try:
+            async with self._session.post(self.endpoint, json=body) as resp:
+                if resp.status != 200:
+                    raise BackendError(f"{self.endpoint} answered {resp.status}: {(await resp.text())[:200]}")
+                async for line in resp.content:
+                    if not line.startswith(b"data:") or (data := line[5:].strip()) == b"[DONE]":
+                        continue
+                    event = json.loads(data)
+                    if "error" in event:
+                        raise BackendError(f"{self.endpoint} failed mid-stream: {event['error']}")
+                    for choice in event.get("choices") or ():
+                        if piece := choice.get("text"):
+                            pieces.append(piece)
+                            sink.token(piece)
+                        reason = choice.get("finish_reason") or reason
+                    usage = event.get("usage") or usage
+                    if sink.cancelled:
+                        break
+        except (aiohttp.ClientError, TimeoutError) as err:
+            raise BackendError(f"{self.endpoint} unreachable: {str(err) or type(err).__name__}") from err
+        except (ValueError, TypeError, AttributeError) as err:
+            raise BackendError(f"{self.endpoint} sent a malformed stream: {err!r}") from err
+        prompt = int(usage.get("prompt_tokens") or _shares([request.prompt], 0)[0])
+        output = Generated("".join(pieces), prompt, int(usage.get("completion_tokens") or len(pieces)), reason)
+        if not sink.cancelled:
+            sink.finish(output)
+        return [output]
 
 
 def _shares(items: list[str] | list[str | list[int]], total: int) -> list[int]:

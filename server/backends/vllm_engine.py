@@ -54,6 +54,12 @@ class VllmBackend(Backend):
     def served_name(self) -> str:
         return self.model_path  # as vLLM's own server does
 
+    def render_chat(self, messages: list[dict[str, str]]) -> str | list[int]:
+        """The model's own chat template when its tokenizer has one (as vLLM's server uses), else the plain one."""
+        if self._tokenizer is not None and getattr(self._tokenizer, "chat_template", None):
+            return self._tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return super().render_chat(messages)
+
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._thread, self._load)
 

@@ -8,9 +8,12 @@ or fails in each way an upstream can; every request of a failed batch must get 5
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import time
 
 import aiohttp
+import openai
 import pytest
 from aiohttp import web
 from infer_plan.core import ServiceModel
@@ -32,6 +35,8 @@ class ScriptedUpstream:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.bodies.append(body)
+        if body.get("stream"):
+            return await self.stream(request, body)
         prompts = body["prompt"]
         choices = [{"index": i, "text": f"echo:{p[::-1]}", "finish_reason": "length"} for i, p in enumerate(prompts)]
         random.Random(len(self.bodies)).shuffle(choices)
@@ -44,6 +49,18 @@ class ScriptedUpstream:
         if self.mode == "hang":
             await asyncio.wait_for(self.release.wait(), 60)
         return web.json_response({"id": "cmpl-1", "object": "text_completion", "choices": choices})
+
+    async def stream(self, request: web.Request, body: dict) -> web.StreamResponse:
+        """A streamed answer, as vLLM sends it: three tokens 20 ms apart, then usage, then [DONE]."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for piece in ("echo:", body["prompt"][::-1], "!"):
+            chunk = {"choices": [{"index": 0, "text": piece, "finish_reason": "stop" if piece == "!" else None}]}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            await asyncio.sleep(0.02)
+        usage = {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+        await response.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n".encode())
+        return response
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"data": [{"id": "upstream-model"}]})
@@ -125,3 +142,34 @@ async def test_unreachable_upstream_gives_503_not_a_hang(tmp_path):
         ):
             assert resp.status == 503
             assert (await resp.json())["error"]["code"] == "backend_error"
+
+
+async def test_a_streamed_request_gets_its_own_upstream_stream_token_by_token_with_its_usage(upstream, tmp_path):
+    scripted, upstream_url = upstream
+    scenario = write_model_scenario(ServiceModel(max_wait_ms=0), tmp_path / "m.toml", gpus=1)
+    server_cm = running_server("--backend", "openai", "--upstream", upstream_url, "--scenario", str(scenario))
+    srv = await asyncio.to_thread(server_cm.__enter__)
+    try:
+        sdk = openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="dev-paid", max_retries=0, timeout=30)
+        pieces, times, usage, reasons = [], [], None, []
+        stream = await sdk.completions.create(
+            model="upstream-model", prompt="abc", max_tokens=3, stream=True, stream_options={"include_usage": True}
+        )
+        async for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+                continue
+            pieces.append(chunk.choices[0].text)
+            reasons.append(chunk.choices[0].finish_reason)
+            times.append(time.perf_counter())
+        # The upstream's usage comes after its last token: the finish reason rides on an empty last chunk.
+        assert pieces == ["echo:", "cba", "!", ""] and reasons == [None, None, None, "stop"]
+        assert times[-1] - times[0] >= 0.03  # as the upstream sent them, not all at the end
+        assert (usage.prompt_tokens, usage.completion_tokens) == (11, 3)  # the upstream's own count
+        sent = scripted.bodies[-1]
+        assert sent["stream"] is True and sent["prompt"] == "abc" and sent["stream_options"] == {"include_usage": True}
+        done = await sdk.completions.create(model="upstream-model", prompt="xyz", max_tokens=3)
+        assert done.choices[0].text == "echo:zyx" and scripted.bodies[-1]["prompt"] == ["xyz"]  # not streamed: a batch
+        await sdk.close()
+    finally:
+        await asyncio.to_thread(server_cm.__exit__, None, None, None)
