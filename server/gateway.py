@@ -145,6 +145,7 @@ class PublicApi:
 
     async def offer(self, request: Generate, tier: Tier) -> asyncio.Future[Generated]:
         """Queue the request if its tier is admitted now, else the 429 that sheds it."""
+        request.priority = int(tier)  # what an engine with priority scheduling orders by (enterprise first)
         future = await self.queue.offer(request, tier)
         if future is None:
             self.metrics.shed[tier].inc()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -69,6 +69,7 @@ class Generate:
     stop: tuple[str, ...] = ()
     temperature: float | None = None  # None: the backend's default
     seed: int | None = None
+    priority: int = 0  # the tier (0 = enterprise): an engine with priority scheduling runs lower values first
     sink: TokenSink | None = field(default=None, repr=False, compare=False)  # not carried to other processes
 
     @property
@@ -92,15 +93,8 @@ class Generate:
         return cls(wire["input"], **params)
 
 
-_WIRE_PARAMS = ("max_tokens", "ignore_eos", "min_tokens", "stop", "temperature", "seed")
-_DEFAULTS: dict[str, Any] = {
-    "max_tokens": None,
-    "ignore_eos": False,
-    "min_tokens": 0,
-    "stop": (),
-    "temperature": None,
-    "seed": None,
-}
+_WIRE_PARAMS = ("max_tokens", "ignore_eos", "min_tokens", "stop", "temperature", "seed", "priority")
+_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Generate) if f.name in _WIRE_PARAMS}
 
 
 @dataclass(slots=True)

@@ -142,8 +142,8 @@ async def test_the_stream_is_sse_events_then_done_and_bad_fields_name_their_para
 
 
 async def test_overload_sheds_free_streams_before_any_byte_while_enterprise_streams(tmp_path):
-    # One GPU, 2 s batches of one, and a queue of 4 whose yellow zone starts at 2.
-    slow = ServiceModel(max_batch=1, max_wait_ms=0, kernel_ms=2000, backpressure=Backpressure(queue_limit=4))
+    # One GPU, 1 s batches of one, and a queue of 4 whose yellow zone starts at 2.
+    slow = ServiceModel(max_batch=1, max_wait_ms=0, kernel_ms=1000, backpressure=Backpressure(queue_limit=4))
     with running_server("--scenario", scenario(tmp_path, slow)) as srv:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:

@@ -204,6 +204,7 @@ async def test_backpressure_uses_the_shared_depth_so_all_instances_shed_alike(re
     assert outputs == [sim_output(t) for t in texts]
 
 
+@pytest.mark.slow  # about 12 s: the full suite runs it
 async def test_kill_9_of_one_instance_loses_none_of_the_others_requests(redis, tmp_path):
     # 1 s batches keep both GPUs busy, so the killed instance dies holding a batch with the survivor's requests.
     with instances(redis, 2, "--scenario", scenario(tmp_path, kernel_ms=1000, pcie_in_ms=0, pcie_out_ms=0)) as (a, b):
@@ -241,6 +242,7 @@ async def test_sigterm_drains_one_instance_while_the_other_keeps_serving(redis, 
     assert {s.status for s in sent if s.instance == 0 and s.at > 2.1} <= {0, 503}  # draining, then gone
 
 
+@pytest.mark.slow  # about 12 s: the full suite runs it
 async def test_redis_restart_mid_load_gives_503_or_success_never_a_hang_and_service_resumes(redis, tmp_path):
     with instances(redis, 2, "--scenario", scenario(tmp_path)) as servers:
         load = asyncio.create_task(spread_load([s.url for s in servers], rate=100, seconds=9))
