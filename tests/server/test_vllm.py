@@ -22,6 +22,7 @@ import aiohttp
 import openai
 import pytest
 from infer_plan.core import ServiceModel
+from infer_plan.core.model import Batching
 from infer_plan.loadtests.target import stop_process, write_model_scenario
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -287,6 +288,7 @@ async def test_openai_sdk_on_the_vllm_backend_streamed_and_not(vllm_server):
         else:
             pieces.append(chunk.choices[0].text)
     assert "".join(pieces) == done.choices[0].text  # greedy: the same answer, streamed
+    assert len(pieces) >= 2  # token by token as the engine makes them, not one chunk at the end
     assert usage.completion_tokens == 5
     messages = [{"role": "user", "content": "hi"}]
     chat = await sdk.chat.completions.create(model="tiny", messages=messages, **exact)
@@ -295,3 +297,31 @@ async def test_openai_sdk_on_the_vllm_backend_streamed_and_not(vllm_server):
     contents = [chunk.choices[0].delta.content async for chunk in streamed]
     assert "".join(contents) == chat.choices[0].message.content
     await sdk.close()
+
+
+async def test_continuous_batching_passes_requests_to_vllms_scheduler_as_they_come(tiny_model, tmp_path):
+    continuous = SERVICE.model_copy(update={"batching": Batching.CONTINUOUS, "max_num_seqs": 8})
+    scenario = write_model_scenario(continuous, tmp_path / "model.toml", gpus=1)
+    args = ("--backend", "vllm", "--model", str(tiny_model), "--served-model-name", "tiny", "--scenario", str(scenario))
+    with running_server(*args, env=VLLM_ENV, startup_s=300) as srv:
+        keys = ["dev-enterprise", "dev-paid", "dev-free"]
+        clients = [openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key=k, max_retries=0, timeout=120) for k in keys]
+
+        async def streamed(i: int) -> tuple[int, int]:
+            chunks, usage = 0, None
+            stream = await clients[i % 3].completions.create(
+                model="tiny", prompt=f"def f{i}():", max_tokens=6, stream=True, stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                else:
+                    chunks += 1
+            return chunks, usage.completion_tokens
+
+        answers = await asyncio.gather(*(streamed(i) for i in range(20)))  # more than the 8 slots at once
+        assert all(tokens == 6 and chunks >= 2 for chunks, tokens in answers)
+        for sdk in clients:
+            await sdk.close()
+        assert srv.terminate() == 0
