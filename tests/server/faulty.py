@@ -13,10 +13,17 @@ from infer_plan.server.backends.base import BackendError, Generate, Generated
 from infer_plan.server.backends.sim import SimBackend
 
 RAISE, FAIL, HANG, SHORT = "fault:raise", "fault:backend-error", "fault:hang", "fault:short"
+MID_STREAM = "fault:mid-stream"  # streamed requests get one token, then the engine fails
 
 
 class FaultyBackend(SimBackend):
     async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:
+        if any(r.prompt == MID_STREAM for r in requests):
+            for request in requests:
+                if request.sink is not None:
+                    request.sink.token(" first")
+            await asyncio.sleep(0.05)
+            raise BackendError("injected engine failure mid-stream")
         outputs = await super().run_batch(requests, gpu)
         inputs = [r.prompt for r in requests]
         if RAISE in inputs:

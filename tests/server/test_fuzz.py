@@ -74,6 +74,10 @@ bodies = st.one_of(
     st.fixed_dictionaries({"model": st.just("sim"), "input": st.text(max_size=300)}).map(
         lambda v: json.dumps(v, ensure_ascii=False).encode("utf-8", "surrogatepass")
     ),
+    st.fixed_dictionaries(
+        {"model": st.just("sim"), "prompt": st.text(max_size=100), "max_tokens": st.integers(-2, 64)},
+        optional={"stream": json_values, "stop": json_values, "messages": json_values, "stream_options": json_values},
+    ).map(lambda v: json.dumps(v).encode()),
     st.integers(1, 60_000).map(lambda depth: b"[" * depth + b"]" * depth),  # deep nesting
     st.integers(17_000, 400_000).map(lambda n: b'{"model":"sim","input":"' + b"x" * n + b'"}'),  # huge
     st.binary(min_size=1, max_size=40).map(lambda b: b'{"model":"sim","input":"' + b + b'"}'),  # bad bytes in a string
@@ -91,13 +95,19 @@ def test_fuzz_raw_requests_and_schemathesis_find_no_5xx_and_no_traceback(fuzz_se
     statuses: dict[int, int] = {}
 
     @settings(max_examples=RAW_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-    @given(body=bodies, ctype=content_types, key=keys, method=st.sampled_from(["POST", "POST", "POST", "PUT", "GET"]))
-    def raw_request(body: bytes, ctype: str, key: str, method: str) -> None:
+    @given(
+        body=bodies,
+        ctype=content_types,
+        key=keys,
+        method=st.sampled_from(["POST", "POST", "POST", "PUT", "GET"]),
+        path=st.sampled_from(["/v1/inference", "/v1/inference", "/v1/completions", "/v1/chat/completions"]),
+    )
+    def raw_request(body: bytes, ctype: str, key: str, method: str, path: str) -> None:
         conn = http.client.HTTPConnection(host, port, timeout=10)
         headers = {"Content-Type": ctype.encode("utf-8").decode("latin-1")} if ctype else {}
         if key:
             headers["Authorization"] = key
-        conn.request(method, "/v1/inference", body=body, headers=headers)
+        conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         payload = resp.read()
         conn.close()

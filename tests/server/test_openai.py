@@ -23,6 +23,7 @@ from infer_plan.server.backends.sim import sim_pieces, sim_words
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import running_server
+from tests.server.faulty import MID_STREAM
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -242,3 +243,20 @@ async def test_continuous_batching_admits_between_steps_by_tier(tmp_path):
                 error = (await resp.json())["error"]
                 assert resp.status == 400 and error["code"] == "context_length_exceeded"
         assert srv.terminate() == 0
+
+
+async def test_an_engine_failure_after_the_first_token_is_an_sse_error_event_then_done():
+    with running_server("--backend", "tests.server.faulty:FaultyBackend") as srv:
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "sim", "prompt": MID_STREAM, "max_tokens": 4, "stream": True}
+            status, _, raw = await raw_stream(session, srv.url, "dev-paid", body)
+            assert status == 200  # the stream had begun: the status is spent
+            events = raw.decode().split("\n\n")
+            assert json.loads(events[0].removeprefix("data: "))["choices"][0]["text"] == " first"
+            error = json.loads(events[1].removeprefix("data: "))["error"]
+            assert error["code"] == "backend_error" and error["type"] == "server_error"
+            assert events[2:] == ["data: [DONE]", ""]
+            status, _, raw = await raw_stream(session, srv.url, "dev-paid", {"model": "sim", "prompt": "ok"})
+            assert status == 200 and json.loads(raw)["usage"]["completion_tokens"] == 16  # and it serves on
+        assert srv.terminate() == 0
+        assert "Traceback" not in srv.log_text()
