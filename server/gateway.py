@@ -16,7 +16,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -34,6 +34,7 @@ from .state import ServerState
 __all__ = ["internal_routes", "public_routes"]
 
 _BEARER = "Bearer "
+_Part = TypeVar("_Part")
 _OPENAPI = Path(__file__).with_name("openapi.yaml")  # the public API's description, kept in the repository
 
 
@@ -45,6 +46,13 @@ def _grant_of(request: web.Request, keys: KeyStore) -> KeyGrant:
     if grant is None:
         raise ApiError(401, "unknown API key")
     return grant
+
+
+def _started(part: _Part | None) -> _Part:
+    """A part the app makes when it starts; until then requests get 503."""
+    if part is None:
+        raise ApiError(503, "starting up", code="not_ready", retry_after_s=1)
+    return part
 
 
 async def _json_body(request: web.Request) -> Any:
@@ -73,17 +81,15 @@ class PublicApi:
     @property
     def queue(self) -> TierQueue:
         """Created when the app starts (inside the running loop), after the routes."""
-        queue = self.state.queue
-        if queue is None:
-            raise ApiError(503, "starting up", code="not_ready", retry_after_s=1)
-        return queue
+        return _started(self.state.queue)
 
     @property
     def limiter(self) -> KeyLimiter:
-        limiter = self.state.limiter
-        if limiter is None:
-            raise ApiError(503, "starting up", code="not_ready", retry_after_s=1)
-        return limiter
+        return _started(self.state.limiter)
+
+    def request_id(self) -> str:
+        """Unique within the process and, by the pid, among the instances sharing a port."""
+        return f"{self._prefix}-{next(self._ids)}"
 
     async def inference(self, request: web.Request) -> web.Response:
         loop = asyncio.get_running_loop()
@@ -112,7 +118,7 @@ class PublicApi:
         request["tier"] = tier.label
         return web.json_response(
             {
-                "request_id": f"{self._prefix}-{next(self._ids)}",
+                "request_id": self.request_id(),
                 "output": output.text,
                 "latency_ms": round(latency * 1000.0, 3),
             }

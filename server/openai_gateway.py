@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
-import os
 import time
 
 from aiohttp import web
@@ -79,8 +77,6 @@ class OpenAIApi:
         self.public = public
         self.state = public.state
         self.metrics = public.metrics
-        self._ids = itertools.count(1)
-        self._prefix = f"{os.getpid():x}"
         self.created = int(time.time())
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -99,7 +95,7 @@ class OpenAIApi:
     async def _serve(self, request: web.Request, grant: KeyGrant, llm: LlmRequest) -> web.StreamResponse:
         arrived = asyncio.get_running_loop().time()
         self.public.check_size(llm.generate.prompt, "messages" if llm.chat else "prompt")
-        shapes = Shapes(f"{self._prefix}-{next(self._ids)}", llm.model, llm.chat)
+        shapes = Shapes(self.public.request_id(), llm.model, llm.chat)
         tier = grant.tier
         slot = await self.public.limiter.admit(grant)
         try:  # the key's in-flight slot is held until the answer, or the stream, has ended
