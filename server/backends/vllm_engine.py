@@ -83,12 +83,16 @@ class VllmBackend(Backend):
             ) from None
         if not torch.cuda.is_available():
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # Continuous batching: the service model's sequence limit is the engine's, so what the
+        # simulator plans with is what vLLM's scheduler runs (static batches bring their own size).
+        limits = {} if self._static else {"max_num_seqs": self.model.max_num_seqs}
         args = AsyncEngineArgs(
             model=self.model_path,
             enforce_eager=True,
             max_model_len=self.max_model_len,
             scheduling_policy="priority",
             disable_log_stats=True,
+            **limits,
         )
         try:  # the engine core starts in a child process; this thread waits for it (the server is not ready yet)
             self._engine = await asyncio.to_thread(AsyncLLM.from_engine_args, args)

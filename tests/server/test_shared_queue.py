@@ -260,7 +260,9 @@ async def test_redis_restart_mid_load_gives_503_or_success_never_a_hang_and_serv
     assert all(s.output == sim_output(s.text) for s in sent if s.status == 200)
     assert by_status.get(503, 0) > 0, "the outage was noticed"
     assert max(s.seconds for s in sent) < 3.0, "nobody waited for a deadline"
-    assert all(s.status == 200 for s in sent if s.at > 6.0), "service resumed by itself"
+    # Redis is back at about 3.5 s; on a loaded 2-core machine reconnecting took up to ~3 s once.
+    last_503 = max((s.at for s in sent if s.status == 503), default=0.0)
+    assert all(s.status == 200 for s in sent if s.at > 7.0), f"service resumed by itself (last 503 at {last_503:.2f} s)"
     assert all("unreachable" in log and "reachable; serving" in log.split("unreachable")[-1] for log in logs)
     assert not any("Traceback" in log for log in logs)
 

@@ -300,7 +300,7 @@ async def test_openai_sdk_on_the_vllm_backend_streamed_and_not(vllm_server):
 
 
 async def test_continuous_batching_passes_requests_to_vllms_scheduler_as_they_come(tiny_model, tmp_path):
-    continuous = SERVICE.model_copy(update={"batching": Batching.CONTINUOUS, "max_num_seqs": 8})
+    continuous = SERVICE.model_copy(update={"batching": Batching.CONTINUOUS, "max_num_seqs": 2})
     scenario = write_model_scenario(continuous, tmp_path / "model.toml", gpus=1)
     args = ("--backend", "vllm", "--model", str(tiny_model), "--served-model-name", "tiny", "--scenario", str(scenario))
     with running_server(*args, env=VLLM_ENV, startup_s=300) as srv:
@@ -320,8 +320,29 @@ async def test_continuous_batching_passes_requests_to_vllms_scheduler_as_they_co
                     chunks += 1
             return chunks, usage.completion_tokens
 
-        answers = await asyncio.gather(*(streamed(i) for i in range(20)))  # more than the 8 slots at once
+        answers = await asyncio.gather(*(streamed(i) for i in range(20)))  # more than the 2 slots at once
         assert all(tokens == 6 and chunks >= 2 for chunks, tokens in answers)
+
+        # Both slots busy with long free answers; a free request, then an enterprise one, wait: the
+        # enterprise one gets the first free slot (the tier queue orders them; vLLM gets the tier as priority).
+        async def first_token_at(sdk: openai.AsyncOpenAI, prompt: str, tokens: int) -> float:
+            stream = await sdk.completions.create(
+                model="tiny", prompt=prompt, max_tokens=tokens, stream=True, extra_body={"ignore_eos": True}
+            )
+            first = None
+            async for _ in stream:
+                first = first or time.perf_counter()
+            return first
+
+        free, enterprise = clients[2], clients[0]
+        long_runs = [asyncio.create_task(first_token_at(free, f"long {n}", n)) for n in (80, 240)]
+        await asyncio.sleep(0.3)
+        waiting_free = asyncio.create_task(first_token_at(free, "free waits", 4))
+        await asyncio.sleep(0.05)
+        waiting_enterprise = asyncio.create_task(first_token_at(enterprise, "enterprise waits", 4))
+        free_at, enterprise_at = await asyncio.gather(waiting_free, waiting_enterprise)
+        await asyncio.gather(*long_runs)
+        assert enterprise_at < free_at  # the first slot to free (after 80 tokens) went to enterprise
         for sdk in clients:
             await sdk.close()
         assert srv.terminate() == 0
