@@ -325,24 +325,29 @@ async def test_continuous_batching_passes_requests_to_vllms_scheduler_as_they_co
 
         # Both slots busy with long free answers; a free request, then an enterprise one, wait: the
         # enterprise one gets the first free slot (the tier queue orders them; vLLM gets the tier as priority).
-        async def first_token_at(sdk: openai.AsyncOpenAI, prompt: str, tokens: int) -> float:
+        async def first_token_at(sdk: openai.AsyncOpenAI, prompt: str, tokens: int, started: asyncio.Event) -> float:
             stream = await sdk.completions.create(
                 model="tiny", prompt=prompt, max_tokens=tokens, stream=True, extra_body={"ignore_eos": True}
             )
             first = None
             async for _ in stream:
                 first = first or time.perf_counter()
+                started.set()
             return first
 
         free, enterprise = clients[2], clients[0]
-        long_runs = [asyncio.create_task(first_token_at(free, f"long {n}", n)) for n in (80, 240)]
-        await asyncio.sleep(0.3)
-        waiting_free = asyncio.create_task(first_token_at(free, "free waits", 4))
-        await asyncio.sleep(0.05)
-        waiting_enterprise = asyncio.create_task(first_token_at(enterprise, "enterprise waits", 4))
+        running = [asyncio.Event(), asyncio.Event()]
+        long_runs = [
+            asyncio.create_task(first_token_at(free, f"long {n}", n, event))
+            for n, event in zip((200, 480), running, strict=True)
+        ]
+        await asyncio.gather(*(event.wait() for event in running))  # both slots hold a long sequence now
+        waiting_free = asyncio.create_task(first_token_at(free, "free waits", 4, asyncio.Event()))
+        await asyncio.sleep(0.02)
+        waiting_enterprise = asyncio.create_task(first_token_at(enterprise, "enterprise waits", 4, asyncio.Event()))
         free_at, enterprise_at = await asyncio.gather(waiting_free, waiting_enterprise)
         await asyncio.gather(*long_runs)
-        assert enterprise_at < free_at  # the first slot to free (after 80 tokens) went to enterprise
+        assert enterprise_at < free_at  # the first slot to free (after 200 tokens) went to enterprise
         for sdk in clients:
             await sdk.close()
         assert srv.terminate() == 0
