@@ -163,11 +163,13 @@ class OpenAIApi:
             err = failed
         except ConnectionResetError:
             sink.cancelled = True
+            future.cancel()  # still queued: it leaves the queue without taking a batch slot
             self.metrics.client_disconnects.labels("stream").inc()
             log.info("client disconnected mid-stream: %s", request.path)
             return response or web.Response(status=499)
         self.metrics.responses.labels(tier.label, str(err.status)).inc()
         sink.cancelled = True
+        future.cancel()
         if response is None:
             raise err
         with contextlib.suppress(ConnectionResetError):
