@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 
-from .backends.base import Backend, Generated
+from .backends.base import Generated
 from .errors import ApiError
-from .memory_queue import MemoryQueue, Pending
-from .metrics import ServerMetrics
+from .memory_queue import MemoryQueue, Pending, deliver_to_futures
 from .queue import Interrupted
+
+RunBatch = Callable[[list[Pending]], Awaitable[list[Generated]]]  # raises the ApiError every request of it gets
 
 __all__ = ["StepFeed", "pass_through"]
 
@@ -29,9 +31,8 @@ __all__ = ["StepFeed", "pass_through"]
 class StepFeed:
     """One GPU's view of the tier queue under continuous batching; counts what runs for the drain and /metrics."""
 
-    def __init__(self, queue: MemoryQueue, metrics: ServerMetrics, interrupted: Interrupted) -> None:
+    def __init__(self, queue: MemoryQueue, interrupted: Interrupted) -> None:
         self.queue = queue
-        self.metrics = metrics
         self.interrupted = interrupted
         self.running = 0
 
@@ -49,28 +50,23 @@ class StepFeed:
 
     def deliver(self, pending: Pending, result: Generated | ApiError) -> None:
         self.running -= 1
-        if pending.future.done():  # its client gave up; nobody waits for it
-            return
-        if isinstance(result, ApiError):
-            pending.future.set_exception(result)
-        else:
-            pending.future.set_result(result)
+        deliver_to_futures([pending], result if isinstance(result, ApiError) else [result])
 
 
-async def pass_through(backend: Backend, feed: StepFeed, gpu: int, max_seqs: int, timeout_s: float) -> None:
-    """Each request to the engine as soon as one of ``max_seqs`` slots is free, as a batch of one; the engine steps."""
+async def pass_through(run: RunBatch, feed: StepFeed, max_seqs: int) -> None:
+    """Each request to the engine as soon as one of ``max_seqs`` slots is free, as a batch of one; the engine steps.
+
+    ``run`` is the pool's own batch runner, so timeouts and engine faults are answered and
+    counted exactly as for a batch.
+    """
     slots = asyncio.Semaphore(max_seqs)
     tasks: set[asyncio.Task] = set()
 
     async def one(pending: Pending) -> None:
         try:
-            outputs = await asyncio.wait_for(backend.run_batch([pending.request], gpu), timeout_s)
-            feed.deliver(pending, outputs[0])
+            feed.deliver(pending, (await run([pending]))[0])
         except ApiError as err:
             feed.deliver(pending, err)
-        except Exception as err:  # any engine failure answers this request, never the worker
-            feed.metrics.backend_faults.labels(type(err).__name__).inc()
-            feed.deliver(pending, ApiError(503, "backend failure", code="backend_error", retry_after_s=1))
         finally:
             slots.release()
 

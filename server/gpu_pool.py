@@ -130,7 +130,7 @@ class GpuPool:
     async def _continuous_worker(self, gpu: int, max_seqs: int) -> None:
         """Sequences join and leave between steps; an internal-API batch runs when the GPU is idle."""
         assert isinstance(self.queue, MemoryQueue)  # ServerConfig refuses continuous batching with --redis
-        feed = StepFeed(self.queue, self.metrics, lambda: bool(self.direct))
+        feed = StepFeed(self.queue, lambda: bool(self.direct))
         self.feeds.append(feed)
         while True:
             if self.direct:
@@ -143,7 +143,7 @@ class GpuPool:
             elif self.backend.steps_itself:
                 await self.backend.run_continuous(gpu, feed)
             else:
-                await pass_through(self.backend, feed, gpu, max_seqs, self.timeout_s)
+                await pass_through(lambda batch: self._run(batch, gpu), feed, max_seqs)
 
     async def _run(self, batch: Sequence[Queued], gpu: int) -> list[Generated]:
         """The backend's outputs for ``batch``; any failure becomes the ApiError every request in it gets."""
