@@ -3,31 +3,45 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from ..core.errors import ConfigError
 from ..core.schema import LoadTestResult, load_result
 from ..loadtests.analysis import GateLimits
+from ..loadtests.apis import Api
 from .options import (
     ArrivalOpt,
+    BatchingOpt,
+    DatasetOpt,
+    ItlSloOpt,
     KernelOpt,
     KeysOpt,
     MaxBatchOpt,
     MaxWaitOpt,
+    OutputTokensOpt,
     ProfileOpt,
+    PromptTokensOpt,
     QuietOpt,
     ScenarioOpt,
     SeedOpt,
     SloOpt,
     SpikeOpt,
+    StreamOpt,
     TierMixOpt,
+    TokenizerOpt,
+    TpotSloOpt,
+    TtftSloOpt,
     build_scenario,
     parse_spike,
+    token_load,
 )
 from .output import render_result, write_result_files
 from .progress import status_progress
+
+if TYPE_CHECKING:
+    from ..loadtests.run import LoadTestSpec
 
 TargetOpt = Annotated[str, typer.Option("--target", help="'sim' (start a sim-backend server) or a base URL.")]
 RpsOpt = Annotated[float, typer.Option("--rps", min=0.001, help="Target arrival rate, requests/s.")]
@@ -43,6 +57,17 @@ ToleranceOpt = Annotated[float, typer.Option("--baseline-tolerance", min=0, help
 JsonFileOpt = Annotated[Path | None, typer.Option("--json", help="Write the result JSON here.")]
 JunitOpt = Annotated[Path | None, typer.Option("--junit", help="Write JUnit XML (one case per gate).")]
 HtmlOpt = Annotated[Path | None, typer.Option("--html", help="Write the HTML report here.")]
+ApiOpt = Annotated[Api, typer.Option("--api", help="inference (/v1/inference), completions or chat (OpenAI).")]
+ApiKeyOpt = Annotated[
+    str | None, typer.Option("--api-key", help="One API key for every request (e.g. a LiteLLM master key).")
+]
+GoodputOpt = Annotated[
+    float | None, typer.Option("--min-goodput", min=0, help="Least goodput, req/s meeting every SLO set.")
+]
+ScrapeOpt = Annotated[
+    str | None,
+    typer.Option("--scrape-metrics", help="A Prometheus /metrics URL to sample during the run (queue, running)."),
+]
 BatchLogOpt = Annotated[
     str | None,
     typer.Option(
@@ -61,9 +86,21 @@ def loadtest(
     gpus: GpusOpt = None,
     model_name: ModelNameOpt = "sim",
     keys: KeysOpt = None,
+    api_key: ApiKeyOpt = None,
+    api: ApiOpt = Api.INFERENCE,
+    stream: StreamOpt = False,
+    prompt_tokens: PromptTokensOpt = None,
+    output_tokens: OutputTokensOpt = None,
+    dataset: DatasetOpt = None,
+    tokenizer: TokenizerOpt = None,
+    batching: BatchingOpt = None,
     workers: WorkersOpt = 0,
     seed: SeedOpt = None,
     slo_p95_ms: SloOpt = None,
+    slo_ttft: TtftSloOpt = None,
+    slo_itl: ItlSloOpt = None,
+    slo_tpot: TpotSloOpt = None,
+    min_goodput: GoodputOpt = None,
     max_error_rate: ErrorRateOpt = 0.001,
     max_reject_rate: RejectRateOpt = 0.01,
     baseline: BaselineOpt = None,
@@ -79,31 +116,51 @@ def loadtest(
     junit_file: JunitOpt = None,
     html_file: HtmlOpt = None,
     batch_log: BatchLogOpt = None,
+    scrape_metrics: ScrapeOpt = None,
 ) -> None:
-    """Drive a server with open-loop Locust load and gate on P95, errors and rejects (exit 1 on a failed gate)."""
-    from ..loadtests.run import LoadTestSpec, run_loadtest  # imports Locust, which needs gevent's patching first
+    """Drive a server with open-loop Locust load; gate on latency, tokens, errors and rejects (exit 1 on a failure)."""
+    flags = dict(locals())
+    from ..loadtests.run import run_loadtest  # imports Locust, which needs gevent's patching first
 
-    scen = build_scenario(
-        scenario=scenario, profile=profile, tier_mix=tier_mix, gpus=gpus, max_batch=max_batch,
-        max_wait_ms=max_wait_ms, kernel_ms=kernel_ms, slo_p95_ms=slo_p95_ms,
-    )  # fmt: skip
-    limits = GateLimits(
-        slo_p95_ms=scen.model.slo_p95_ms, max_error_rate=max_error_rate, max_reject_rate=max_reject_rate,
-        baseline=_baseline(baseline), baseline_tolerance=baseline_tolerance,
-    )  # fmt: skip
-    workload = scen.workload(rps=rps, arrival=arrival, extra_segments=tuple(parse_spike(s) for s in spike or ()))
-    spec = LoadTestSpec(
-        target=target, model=scen.model, workload=workload, duration_s=duration, limits=limits, warmup_s=warmup,
-        seed=seed or 0, gpus=scen.model.gpus, model_name=model_name, keys_file=keys, workers=workers,
-        batch_log_url=batch_log,
-    )  # fmt: skip
-    horizon = warmup + duration
+    spec, horizon = _spec(flags), warmup + duration
     with status_progress(f"load test over {horizon:g} s", enabled=not quiet, total=horizon) as bar:
         result = run_loadtest(spec, progress=lambda s: bar.update(bar.task_ids[0], completed=min(s, horizon)))
     write_result_files(result, json_file=json_file, junit_file=junit_file, html_file=html_file)
     render_result(result)
     if not result.passed:
         raise typer.Exit(1)
+
+
+def _spec(f: dict[str, Any]) -> LoadTestSpec:
+    """The load test the flags ask for: scenario, then profile, then flags (as for simulate and capacity)."""
+    from ..loadtests.run import LoadTestSpec
+
+    scen = build_scenario(
+        scenario=f["scenario"], profile=f["profile"], tier_mix=f["tier_mix"], gpus=f["gpus"],
+        max_batch=f["max_batch"], max_wait_ms=f["max_wait_ms"], kernel_ms=f["kernel_ms"], slo_p95_ms=f["slo_p95_ms"],
+        slo_ttft_p95_ms=f["slo_ttft"], slo_itl_p95_ms=f["slo_itl"], slo_tpot_p95_ms=f["slo_tpot"],
+        batching=f["batching"],
+    )  # fmt: skip
+    model = scen.model
+    limits = GateLimits(
+        slo_p95_ms=model.slo_p95_ms, max_error_rate=f["max_error_rate"], max_reject_rate=f["max_reject_rate"],
+        baseline=_baseline(f["baseline"]), baseline_tolerance=f["baseline_tolerance"],
+        slo_ttft_p95_ms=model.slo_ttft_p95_ms, slo_itl_p95_ms=model.slo_itl_p95_ms,
+        slo_tpot_p95_ms=model.slo_tpot_p95_ms, min_goodput_rps=f["min_goodput"],
+    )  # fmt: skip
+    workload = scen.workload(
+        rps=f["rps"], arrival=f["arrival"], extra_segments=tuple(parse_spike(s) for s in f["spike"] or ()),
+        tokens=f["api"].has_tokens or None,
+        **token_load(f["prompt_tokens"], f["output_tokens"], f["dataset"], f["tokenizer"], f["stream"]),
+    )  # fmt: skip
+    # A URL target with a known model (a scenario or a profile) is one engine unless told otherwise.
+    known = f["target"] == "sim" or f["scenario"] is not None or f["profile"] is not None
+    return LoadTestSpec(
+        target=f["target"], model=model, workload=workload, duration_s=f["duration"], limits=limits,
+        warmup_s=f["warmup"], seed=f["seed"] or 0, gpus=model.gpus or (1 if known else None),
+        model_name=f["model_name"], keys_file=f["keys"], workers=f["workers"], batch_log_url=f["batch_log"],
+        api=f["api"], api_key=f["api_key"], scrape_metrics_url=f["scrape_metrics"],
+    )  # fmt: skip
 
 
 def _baseline(path: Path | None) -> LoadTestResult | None:

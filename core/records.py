@@ -33,6 +33,7 @@ class Outcome(IntEnum):
     WRONG_OUTPUT = 5  # a 200 whose output was not this request's
     TRANSPORT_ERROR = 6  # the connection broke or the client gave up
     CLIENT_ERROR = 7  # another 4xx: the request itself was refused
+    BAD_RESPONSE = 8  # a 200 that was not the API's answer: HTML, a non-SSE stream, an error mid-stream
 
     @classmethod
     def of_answer(cls, status: int, *, right_output: bool = True) -> Outcome:
@@ -66,7 +67,9 @@ class RequestRecords:
         return int(self.scheduled.size)
 
     @classmethod
-    def unanswered(cls, scheduled: np.ndarray, tier: np.ndarray, *, with_status: bool = True) -> RequestRecords:
+    def unanswered(
+        cls, scheduled: np.ndarray, tier: np.ndarray, *, with_status: bool = True, with_tokens: bool = False
+    ) -> RequestRecords:
         """Records for a schedule before anything was sent (a load generator fills them in)."""
         n = scheduled.size
         return cls(
@@ -76,6 +79,9 @@ class RequestRecords:
             outcome=np.zeros(n, dtype=np.int8),
             sent=np.full(n, np.nan),
             status=np.zeros(n, dtype=np.int32) if with_status else None,
+            first_token=np.full(n, np.nan) if with_tokens else None,
+            prompt_tokens=np.zeros(n, dtype=np.int32) if with_tokens else None,
+            output_tokens=np.zeros(n, dtype=np.int32) if with_tokens else None,
         )
 
     @property

@@ -34,13 +34,15 @@ __all__ = [
     "Result",
     "ScaleAction",
     "ScaleEvent",
+    "ServerMetrics",
     "SimulationResult",
     "TierStats",
+    "TokenComparison",
     "TokenStats",
     "load_result",
 ]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # What each version added; a saved result of an older version is upgraded on load
 # (:func:`_upgrade`; new fields take their defaults, so renderers show less, never something wrong).
 SCHEMA_HISTORY = {
@@ -50,6 +52,9 @@ SCHEMA_HISTORY = {
     4: "one latency summary everywhere: a loadtest's measured_ms/simulated_ms carry max, mean and the CDF (cdf_ms); "
     "calibrate's warmup is warmup_batches; simulate's autoscale log; token-level figures (TTFT, ITL, TPOT, "
     "output tokens/s, goodput) in simulate and capacity",
+    5: "loadtest by tokens: api and stream, TTFT/ITL/TPOT/goodput measured and simulated (tokens), where the token "
+    "counts came from (token_counts), the target's own metrics over the run (server_metrics), why requests failed "
+    "(failures)",
 }
 
 # Percentile points kept for latency CDF plots: fine steps in the tail where SLOs live.
@@ -235,12 +240,34 @@ class CapacityResult(_Model):
     )
 
 
+class TokenComparison(_Model):
+    """Token figures of one tier (or all) of a load test: measured, and simulated for the same requests."""
+
+    measured: TokenStats
+    simulated: TokenStats | None = None
+    relative_error: dict[str, float | None] = Field(
+        default_factory=dict, description="|measured - simulated| / simulated of each TTFT, ITL and TPOT percentile"
+    )
+
+
+class ServerMetrics(_Model):
+    """The target's own Prometheus gauges sampled during a load test (``--scrape-metrics``)."""
+
+    url: str
+    t_s: list[float] = Field(description="seconds into the schedule")
+    waiting: list[float | None] = Field(description="requests queued at the target")
+    running: list[float | None] = Field(description="requests (sequences) the target was running")
+    names: dict[str, str] = Field(description="which metric each series was read from")
+    failed_scrapes: int = 0
+
+
 class MeasuredVsSimulated(_Model):
     """One tier's (or all's) latency, measured and simulated, and the relative error of P50/P95/P99."""
 
     measured_ms: LatencyStats
     simulated_ms: LatencyStats | None = None
     relative_error: dict[str, float | None] | None = None
+    tokens: TokenComparison | None = Field(default=None, description="load tests of a token API (--api)")
 
 
 class BatchLogCheck(_Model):
@@ -291,6 +318,13 @@ class LoadTestResult(_Model):
     passed: bool
     latency_over_time: dict[str, list[float]] | None = None
     batch_log_check: BatchLogCheck | None = None
+    api: str = "inference"
+    stream: bool = False
+    token_counts: str | None = Field(
+        default=None, description="where output token counts came from: the answers' usage, or counted chunks"
+    )
+    server_metrics: ServerMetrics | None = None
+    failures: dict[str, int] = Field(default_factory=dict, description="why requests failed: reason -> how often")
 
 
 class CalibrationPoint(_Model):

@@ -73,7 +73,7 @@ class Slos:
 
 def token_stats(
     *,
-    ttft_ms: np.ndarray,
+    ttft_ms: np.ndarray | None,
     e2e_ms: np.ndarray,
     output_tokens: np.ndarray,
     gaps_ms: np.ndarray,
@@ -86,27 +86,37 @@ def token_stats(
     TPOT is ``(E2E - TTFT) / (output tokens - 1)``, for requests of more than one token.
     Goodput counts the requests whose own TTFT, TPOT and E2E are each within the
     thresholds set (as DistServe and ``vllm bench serve`` define it), per second.
+    ``ttft_ms`` None: the answers were not streamed, so there is no first token to time
+    (no TTFT or TPOT figures, and goodput counts E2E alone).
     """
     stats: dict[str, object] = {}
-    if ttft_ms.size:
-        ttft = np.percentile(ttft_ms, _CDF)
-        stats |= {f"ttft_{k}": float(ttft[i]) for k, i in _AT.items()} | {"ttft_cdf_ms": ttft.tolist()}
-    if gap_counts.sum() > 0:
-        itl = weighted_percentiles(gaps_ms, gap_counts, _CDF)
-        stats |= {f"itl_{k}": float(itl[i]) for k, i in _AT.items()} | {"itl_cdf_ms": itl.tolist()}
-    several = output_tokens > 1
-    tpot = (e2e_ms[several] - ttft_ms[several]) / (output_tokens[several] - 1)
-    if tpot.size:
-        stats["tpot_p50_ms"], stats["tpot_p95_ms"] = (float(x) for x in np.percentile(tpot, [50, 95]))
-    if duration_s > 0:
-        good = np.ones(ttft_ms.size, dtype=bool)
-        if slos.e2e_ms is not None:
-            good &= e2e_ms <= slos.e2e_ms
+    good = np.ones(e2e_ms.size, dtype=bool)
+    if slos.e2e_ms is not None:
+        good &= e2e_ms <= slos.e2e_ms
+    if ttft_ms is not None:
+        stats |= _first_token_stats(ttft_ms, e2e_ms, output_tokens)
+        several = output_tokens > 1
         if slos.ttft_ms is not None:
             good &= ttft_ms <= slos.ttft_ms
         if slos.tpot_ms is not None:
             own_tpot = np.where(several, (e2e_ms - ttft_ms) / np.maximum(output_tokens - 1, 1), 0.0)
             good &= own_tpot <= slos.tpot_ms
+    if gap_counts.sum() > 0:
+        itl = weighted_percentiles(gaps_ms, gap_counts, _CDF)
+        stats |= {f"itl_{k}": float(itl[i]) for k, i in _AT.items()} | {"itl_cdf_ms": itl.tolist()}
+    if duration_s > 0:
         stats["output_tokens_per_s"] = float(output_tokens.sum() / duration_s)
         stats["goodput_rps"] = float(good.sum() / duration_s)
     return TokenStats(**stats)
+
+
+def _first_token_stats(ttft_ms: np.ndarray, e2e_ms: np.ndarray, output_tokens: np.ndarray) -> dict[str, object]:
+    stats: dict[str, object] = {}
+    if ttft_ms.size:
+        ttft = np.percentile(ttft_ms, _CDF)
+        stats |= {f"ttft_{k}": float(ttft[i]) for k, i in _AT.items()} | {"ttft_cdf_ms": ttft.tolist()}
+    several = output_tokens > 1
+    tpot = (e2e_ms[several] - ttft_ms[several]) / (output_tokens[several] - 1)
+    if tpot.size:
+        stats["tpot_p50_ms"], stats["tpot_p95_ms"] = (float(x) for x in np.percentile(tpot, [50, 95]))
+    return stats

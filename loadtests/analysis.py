@@ -15,9 +15,10 @@ import numpy as np
 
 from ..calibrate.profile import LinearFit
 from ..core.records import Outcome, RequestRecords
-from ..core.schema import BatchLogCheck, Gate, LoadTestResult, MeasuredVsSimulated
+from ..core.schema import BatchLogCheck, Gate, LoadTestResult, MeasuredVsSimulated, ServerMetrics
 from ..core.stats import latency_stats, relative_errors
 from ..core.tiers import Tier
+from .token_analysis import TokenSides, compare_tokens
 
 __all__ = ["BatchLogRerun", "GateLimits", "analyse", "evaluate_gates"]
 
@@ -29,6 +30,17 @@ class GateLimits:
     max_reject_rate: float = 0.01
     baseline: LoadTestResult | None = None
     baseline_tolerance: float = 0.10
+    slo_ttft_p95_ms: float | None = None
+    slo_itl_p95_ms: float | None = None
+    slo_tpot_p95_ms: float | None = None
+    min_goodput_rps: float | None = None
+
+    @property
+    def token_slos(self) -> dict[str, float]:
+        """The token percentile gates set: TokenStats field -> limit."""
+        named = {"ttft_p95_ms": self.slo_ttft_p95_ms, "itl_p95_ms": self.slo_itl_p95_ms}
+        named["tpot_p95_ms"] = self.slo_tpot_p95_ms
+        return {key: limit for key, limit in named.items() if limit is not None}
 
 
 @dataclass(frozen=True)
@@ -52,6 +64,8 @@ class RunFacts:
     duration_s: float
     warmup_s: float
     workers: int
+    api: str = "inference"
+    stream: bool = False
 
 
 def _compare(measured: np.ndarray, simulated: np.ndarray | None) -> MeasuredVsSimulated:
@@ -70,6 +84,9 @@ def analyse(
     *,
     locust: dict[str, dict[str, float]],
     batch_log: BatchLogRerun | None = None,
+    tokens: TokenSides | None = None,
+    server_metrics: ServerMetrics | None = None,
+    failures: dict[str, int] | None = None,
 ) -> LoadTestResult:
     window = measured.scheduled >= facts.warmup_s
     ok = measured.ok
@@ -77,11 +94,16 @@ def analyse(
     sim_latency = simulated.latency_ms if simulated is not None else None
     n = int(window.sum())
 
-    def compare(mask: np.ndarray, sim: np.ndarray | None = sim_latency) -> MeasuredVsSimulated:
-        return _compare(latency[mask], None if sim is None else sim[mask])
+    def compare(
+        mask: np.ndarray, sim: np.ndarray | None = sim_latency, tier: int | None = None, with_tokens: bool = True
+    ) -> MeasuredVsSimulated:
+        pair = _compare(latency[mask], None if sim is None else sim[mask])
+        if tokens is None or not with_tokens:
+            return pair
+        return pair.model_copy(update={"tokens": compare_tokens(tokens, mask, tier)})
 
     counted = window & ok
-    per_tier = {tier.label: compare(counted & (measured.tier == tier)) for tier in Tier}
+    per_tier = {tier.label: compare(counted & (measured.tier == tier), tier=int(tier)) for tier in Tier}
     statuses, counts = np.unique(measured.status[window], return_counts=True)
     status_counts = {
         ("transport_error" if s == 0 else str(int(s))): int(c) for s, c in zip(statuses, counts, strict=True)
@@ -107,7 +129,7 @@ def analyse(
         locust=locust,
         gates=[],
         passed=True,
-        latency_over_time=_latency_over_time(measured),
+        latency_over_time=_latency_over_time(measured, stream=facts.stream),
         batch_log_check=None
         if batch_log is None
         else BatchLogCheck(
@@ -115,8 +137,13 @@ def analyse(
             sizes=batch_log.sizes,
             fixed_ms=batch_log.fit.fixed_ms,
             per_item_ms=batch_log.fit.per_item_ms,
-            overall=compare(counted, batch_log.simulated.latency_ms),
+            overall=compare(counted, batch_log.simulated.latency_ms, with_tokens=False),
         ),
+        api=facts.api,
+        stream=facts.stream,
+        token_counts=tokens.log.describe(np.flatnonzero(counted)) if tokens is not None else None,
+        server_metrics=server_metrics,
+        failures=failures or {},
     )
     gates = evaluate_gates(result, limits)
     return result.model_copy(update={"gates": gates, "passed": all(g.passed for g in gates)})
@@ -137,21 +164,25 @@ def _send_rate(records: RequestRecords) -> dict[str, float]:
     }
 
 
-def _latency_over_time(records: RequestRecords, buckets: int = 60) -> dict[str, list[float]]:
-    """P95 per time slice of the schedule: shows a backlog growing under overload."""
+def _latency_over_time(records: RequestRecords, *, stream: bool, buckets: int = 60) -> dict[str, list[float]]:
+    """P95 (and TTFT P95 of a stream) per time slice of the schedule: shows a backlog growing under overload."""
     ok = records.ok
     if not ok.any():
         return {"t_s": [], "p95_ms": []}
-    t, lat = records.scheduled[ok], records.latency_ms[ok]
+    t = records.scheduled[ok]
+    series = {"p95_ms": records.latency_ms[ok]}
+    if stream and records.first_token is not None:
+        series["ttft_p95_ms"] = (records.first_token[ok] - t) * 1000.0
     edges = np.linspace(t.min(), t.max() + 1e-9, buckets + 1)
     which = np.digitize(t, edges) - 1
-    out_t, out_p = [], []
+    out: dict[str, list[float]] = {"t_s": [], **{name: [] for name in series}}
     for b in range(buckets):
-        sel = lat[which == b]
-        if sel.size:
-            out_t.append(float((edges[b] + edges[b + 1]) / 2))
-            out_p.append(float(np.percentile(sel, 95)))
-    return {"t_s": out_t, "p95_ms": out_p}
+        inside = which == b
+        if inside.any():
+            out["t_s"].append(float((edges[b] + edges[b + 1]) / 2))
+            for name, values in series.items():
+                out[name].append(float(np.nanpercentile(values[inside], 95)))
+    return out
 
 
 def evaluate_gates(result: LoadTestResult, limits: GateLimits) -> list[Gate]:
@@ -173,6 +204,7 @@ def evaluate_gates(result: LoadTestResult, limits: GateLimits) -> list[Gate]:
     for tier, stats in result.per_tier.items():
         if stats.measured_ms.p95_ms is not None:
             p95_gate(f"p95_{tier}", stats)
+    gates += _token_gates(result, limits)
     gates.append(
         Gate(
             name="error_rate",
@@ -213,6 +245,53 @@ def evaluate_gates(result: LoadTestResult, limits: GateLimits) -> list[Gate]:
                 )
             )
     return gates
+
+
+_TOKEN_GATE_NAMES = {"ttft_p95_ms": ("ttft_p95", "TTFT"), "itl_p95_ms": ("itl_p95", "ITL")}
+_TOKEN_GATE_NAMES["tpot_p95_ms"] = ("tpot_p95", "TPOT")
+
+
+def _token_gates(result: LoadTestResult, limits: GateLimits) -> list[Gate]:
+    """TTFT, ITL and TPOT P95 (overall and per tier) and goodput: a gate each that is set.
+
+    A gate whose figure the run could not measure fails and says why (TTFT needs a
+    stream; none of them exist for ``--api inference``), rather than passing unseen.
+    """
+    gates = []
+    for key, limit in limits.token_slos.items():
+        name, label = _TOKEN_GATE_NAMES[key]
+        scopes = [("overall", result.overall), *[(t, s) for t, s in result.per_tier.items() if s.measured_ms.p95_ms]]
+        for scope, stats in scopes:
+            value = getattr(stats.tokens.measured, key) if stats.tokens is not None else None
+            why = "" if value is not None else f" (not measured: {_unmeasured(result)})"
+            gates.append(
+                Gate(
+                    name=f"{name}_{scope}",
+                    passed=value is not None and value <= limit,
+                    value=value,
+                    limit=limit,
+                    detail=f"{label} P95 {_ms(value)} ms vs SLO {limit:g} ms{why}",
+                )
+            )
+    if limits.min_goodput_rps is not None:
+        value = result.overall.tokens.measured.goodput_rps if result.overall.tokens is not None else None
+        gates.append(
+            Gate(
+                name="goodput",
+                passed=value is not None and value >= limits.min_goodput_rps,
+                value=value,
+                limit=limits.min_goodput_rps,
+                detail=f"goodput {'-' if value is None else f'{value:,.1f}'} req/s meeting every SLO set "
+                f"(at least {limits.min_goodput_rps:g} req/s)",
+            )
+        )
+    return gates
+
+
+def _unmeasured(result: LoadTestResult) -> str:
+    if result.api == "inference":
+        return "--api inference has no tokens; use completions or chat"
+    return "needs --stream" if not result.stream else "no request of this scope answered with tokens"
 
 
 def _ms(value: float | None) -> str:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import gevent
@@ -24,29 +25,57 @@ from ..core.errors import InferPlanError
 from ..core.records import RequestRecords
 from .locust_user import OpenLoopEnvironment, OpenLoopRun
 from .plan import LoadPlan
+from .token_log import TokenLog
 
-__all__ = ["PLAN_MESSAGE", "RECORDS_MESSAGE", "locust_summary", "merge_share", "run_plan", "share_message"]
+__all__ = [
+    "PLAN_MESSAGE",
+    "RECORDS_MESSAGE",
+    "Sent",
+    "locust_failures",
+    "locust_summary",
+    "merge_share",
+    "run_plan",
+    "share_message",
+]
 
 PLAN_MESSAGE, RECORDS_MESSAGE = "infer_plan_plan", "infer_plan_records"
 _START_DELAY_S = 1.0
-_SHARE_COLUMNS = {"sent": np.float64, "finished": np.float64, "status": np.int32, "outcome": np.int8}
+_SHARE_COLUMNS = {
+    "sent": np.float64,
+    "finished": np.float64,
+    "status": np.int32,
+    "outcome": np.int8,
+    "first_token": np.float64,
+    "prompt_tokens": np.int32,
+    "output_tokens": np.int32,
+}
 
 Tick = Callable[[float], None]
 
 
-def run_plan(
-    plan: LoadPlan, *, workers: int = 0, on_tick: Tick | None = None
-) -> tuple[RequestRecords, dict[str, dict[str, float]]]:
+@dataclass
+class Sent:
+    """What sending a plan produced: the exact records, the token log (token APIs), Locust's own stats."""
+
+    records: RequestRecords
+    tokens: TokenLog | None
+    locust: dict[str, dict[str, float]]
+    failures: dict[str, int]
+
+
+def run_plan(plan: LoadPlan, *, workers: int = 0, on_tick: Tick | None = None) -> Sent:
     """Send the plan; return the exact records and Locust's own per-name stats.
 
     ``on_tick(seconds into the schedule)`` is called about twice a second (progress bars).
     """
-    records = RequestRecords.unanswered(plan.arrivals.times, plan.arrivals.tiers)
     budget = float(plan.arrivals.end_s) + plan.timeout_s + 30.0
     if workers > 0:
-        return records, _run_distributed(plan, records, workers, budget, on_tick)
+        run = OpenLoopRun.of(plan)
+        env = _run_distributed(plan, run, workers, budget, on_tick)
+        return Sent(run.records, run.tokens, locust_summary(env), locust_failures(env))
     start_at = time.time() + _START_DELAY_S
-    env = OpenLoopEnvironment(host=plan.url, run=OpenLoopRun(plan, records, start_at=start_at))
+    run = OpenLoopRun.of(plan, start_at=start_at)
+    env = OpenLoopEnvironment(host=plan.url, run=run)
     done = Event()
     env.events.share_sent.add_listener(lambda **_: done.set())
     runner = env.create_local_runner()
@@ -56,21 +85,28 @@ def run_plan(
         if on_tick is not None:
             on_tick(max(0.0, time.time() - start_at))
     runner.quit()
-    return records, locust_summary(env)
+    return Sent(run.records, run.tokens, locust_summary(env), locust_failures(env))
 
 
-def share_message(records: RequestRecords, indices: np.ndarray) -> dict[str, Any]:
+def share_message(run: OpenLoopRun, indices: np.ndarray) -> dict[str, Any]:
     """A worker's share of the records as a Locust message (raw bytes: msgpack carries them as they are)."""
     data = {"indices": indices.astype(np.int64).tobytes()}
     for name, dtype in _SHARE_COLUMNS.items():
-        data[name] = getattr(records, name)[indices].astype(dtype).tobytes()
+        column = getattr(run.records, name)
+        if column is not None:
+            data[name] = column[indices].astype(dtype).tobytes()
+    if run.tokens is not None:
+        data |= run.tokens.message(indices)
     return data
 
 
-def merge_share(records: RequestRecords, data: dict[str, Any]) -> None:
+def merge_share(run: OpenLoopRun, data: dict[str, Any]) -> None:
     indices = np.frombuffer(data["indices"], dtype=np.int64)
     for name, dtype in _SHARE_COLUMNS.items():
-        getattr(records, name)[indices] = np.frombuffer(data[name], dtype=dtype)
+        if name in data:
+            getattr(run.records, name)[indices] = np.frombuffer(data[name], dtype=dtype)
+    if run.tokens is not None:
+        run.tokens.merge(indices, data)
 
 
 def _free_port() -> int:
@@ -80,15 +116,15 @@ def _free_port() -> int:
 
 
 def _run_distributed(
-    plan: LoadPlan, records: RequestRecords, workers: int, budget: float, on_tick: Tick | None
-) -> dict[str, dict[str, float]]:
+    plan: LoadPlan, run: OpenLoopRun, workers: int, budget: float, on_tick: Tick | None
+) -> OpenLoopEnvironment:
     port = _free_port()
     env = OpenLoopEnvironment(host=plan.url)
     runner = env.create_master_runner(master_bind_host="127.0.0.1", master_bind_port=port)
     reported: list[str] = []
 
     def on_records(environment: object, msg: Any, **_: object) -> None:
-        merge_share(records, msg.data)
+        merge_share(run, msg.data)
         reported.append(msg.node_id)
 
     runner.register_message(RECORDS_MESSAGE, on_records)
@@ -118,7 +154,16 @@ def _run_distributed(
                 p.wait()
             if p.stderr is not None:
                 p.stderr.close()
-    return locust_summary(env)
+    return env
+
+
+def locust_failures(env: OpenLoopEnvironment) -> dict[str, int]:
+    """Why requests failed, as Locust collected it (from every worker): ``"NAME: reason"`` -> how often."""
+    failures: dict[str, int] = {}
+    for error in env.stats.errors.values():
+        key = f"{error.name}: {error.error}"
+        failures[key] = failures.get(key, 0) + error.occurrences
+    return dict(sorted(failures.items(), key=lambda kv: -kv[1]))
 
 
 def locust_summary(env: OpenLoopEnvironment) -> dict[str, dict[str, float]]:

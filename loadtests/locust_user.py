@@ -13,8 +13,10 @@ every user (:class:`OpenLoopEnvironment`), and the end of a share is the Locust 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import gevent
 from gevent.pool import Group
@@ -24,9 +26,18 @@ from locust.event import EventHook, Events
 
 from ..core.records import Outcome, RequestRecords
 from ..core.tiers import TIER_NAMES
+from .apis import Api, Reading, prompt_text, read_answer, read_stream, request_body
 from .plan import LoadPlan
+from .token_log import TokenLog
 
-__all__ = ["OpenLoopEnvironment", "OpenLoopEvents", "OpenLoopRun", "OpenLoopUser", "expected_output"]
+__all__ = [
+    "OpenLoopEnvironment",
+    "OpenLoopEvents",
+    "OpenLoopRun",
+    "OpenLoopUser",
+    "expected_output",
+    "expected_tokens_text",
+]
 
 
 def expected_output(model: str, text: str) -> str | None:
@@ -38,6 +49,17 @@ def expected_output(model: str, text: str) -> str | None:
     return sim_output(text)
 
 
+def expected_tokens_text(api: Api, model: str, prompt: str, tokens: int) -> str | None:
+    """The text a sim-backend server must answer ``prompt`` with on a token API (None: not checkable)."""
+    if model != "sim":
+        return None
+    from ..server.backends.base import plain_chat_prompt
+    from ..server.backends.sim import sim_words
+
+    seen = plain_chat_prompt([{"role": "user", "content": prompt}]) if api is Api.CHAT else prompt
+    return sim_words(seen, tokens)
+
+
 @dataclass
 class OpenLoopRun:
     """One Locust process's part of a load test."""
@@ -47,6 +69,15 @@ class OpenLoopRun:
     share_index: int = 0  # this process sends arrivals share_index, share_index + share_count, ...
     share_count: int = 1
     start_at: float = 0.0  # time.time() of schedule time 0; 0: when the user starts
+    tokens: TokenLog | None = None  # token APIs: each stream's gaps and who counted
+
+    @classmethod
+    def of(cls, plan: LoadPlan, share_index: int = 0, share_count: int = 1, start_at: float = 0.0) -> OpenLoopRun:
+        """A run with empty records for the whole plan (token columns when the API has tokens)."""
+        arrivals, tokens = plan.arrivals, plan.api.has_tokens
+        records = RequestRecords.unanswered(arrivals.times, arrivals.tiers, with_tokens=tokens)
+        log = TokenLog.empty(len(arrivals)) if tokens else None
+        return cls(plan, records, share_index, share_count, start_at, log)
 
 
 class OpenLoopEvents(Events):
@@ -103,6 +134,9 @@ class OpenLoopUser(FastHttpUser):
         self.stop()
 
     def _send(self, run: OpenLoopRun, i: int, perf0: float) -> None:
+        if run.plan.api.has_tokens:
+            self._send_tokens(run, i, perf0)
+            return
         plan, records = run.plan, run.records
         tier = int(plan.arrivals.tiers[i])
         text = f"lt-{i}"
@@ -117,15 +151,82 @@ class OpenLoopUser(FastHttpUser):
             records.finished[i] = time.perf_counter() - perf0
             status = resp.status_code or 0
             right = status != 200 or _is_output_for(resp, plan.model, text)
-            outcome = Outcome.of_answer(status, right_output=right)
-            records.status[i], records.outcome[i] = status, outcome
-            if outcome is Outcome.OK:
-                resp.success()
-            else:
-                resp.failure(_FAILURES.get(outcome, f"HTTP {status}"))
+            _settle(resp, records, i, status, Outcome.of_answer(status, right_output=right))
+
+    def _send_tokens(self, run: OpenLoopRun, i: int, perf0: float) -> None:
+        """One completions or chat request; a stream is read chunk by chunk, each content chunk timed."""
+        plan, records, log = run.plan, run.records, run.tokens
+        assert log is not None and records.first_token is not None and plan.arrivals.output_tokens is not None
+        assert records.prompt_tokens is not None and records.output_tokens is not None
+        tier = int(plan.arrivals.tiers[i])
+        prompt = prompt_text(i, int(plan.arrivals.prompt_tokens[i]))  # type: ignore[index]
+        wanted = int(plan.arrivals.output_tokens[i])
+        headers = {"Authorization": f"Bearer {plan.keys[tier]}"}
+        if plan.stream:
+            headers["Accept-Encoding"] = "identity"  # chunks as they are sent, never a compressed whole
+        records.sent[i] = time.perf_counter() - perf0
+        with self.client.post(
+            f"{plan.url}{plan.api.path}",
+            json=request_body(plan.api, plan.model, prompt, wanted, stream=plan.stream),
+            headers=headers,
+            name=f"{plan.api.path} [{TIER_NAMES[tier]}]",
+            catch_response=True,
+            stream=plan.stream,
+        ) as resp:
+            status = resp.status_code or 0
+            reading, broke = _read(resp, plan, status)
+            records.finished[i] = time.perf_counter() - perf0
+            if reading.token_times:
+                records.first_token[i] = reading.token_times[0] - perf0
+            records.output_tokens[i] = reading.output_tokens
+            records.prompt_tokens[i] = reading.prompt_tokens or 0
+            log.record(i, reading.counted_by, reading.token_times)
+            outcome = Outcome.of_answer(status)
+            if broke:
+                outcome = Outcome.TRANSPORT_ERROR
+            elif status == 200 and reading.problem is not None:
+                outcome = Outcome.BAD_RESPONSE
+            elif status == 200:
+                expected = expected_tokens_text(plan.api, plan.model, prompt, reading.output_tokens)
+                if expected is not None and "".join(reading.text) != expected:
+                    outcome = Outcome.WRONG_OUTPUT
+            _settle(resp, records, i, status, outcome, reading.problem)
 
 
-_FAILURES = {Outcome.WRONG_OUTPUT: "wrong output for this request", Outcome.REJECTED: "429 shed"}
+def _read(resp: Any, plan: LoadPlan, status: int) -> tuple[Reading, bool]:
+    """The answer's tokens; ``broke`` when the connection failed or timed out mid-answer."""
+    if status != 200:
+        with contextlib.suppress(Exception):
+            resp.content  # noqa: B018  (reads the error body, so the connection goes back to the pool)
+        return Reading(), False
+    try:
+        if not plan.stream:
+            return read_answer(resp.json(), plan.api), False
+        kind = (resp.headers or {}).get("content-type", "")
+        if not kind.startswith("text/event-stream"):
+            resp.content  # noqa: B018
+            return Reading(problem=f"asked for a stream, got {kind or 'no content type'}"), False
+        raw = resp._response  # geventhttpclient's response: lines as they arrive (Locust's reads whole blocks)
+        return read_stream(lambda: raw.readline(b"\n")), False
+    except ValueError:
+        return Reading(problem="an answer that is not JSON"), False
+    except Exception as err:  # a socket error or timeout mid-stream (geventhttpclient raises several kinds)
+        return Reading(problem=f"{type(err).__name__} reading the answer"), True
+
+
+def _settle(resp: Any, records: RequestRecords, i: int, status: int, outcome: Outcome, why: str | None = None) -> None:
+    records.status[i], records.outcome[i] = status, outcome  # type: ignore[index]
+    if outcome is Outcome.OK:
+        resp.success()
+    else:
+        resp.failure(why or _FAILURES.get(outcome, f"HTTP {status}"))
+
+
+_FAILURES = {
+    Outcome.WRONG_OUTPUT: "wrong output for this request",
+    Outcome.REJECTED: "429 shed",
+    Outcome.TRANSPORT_ERROR: "no answer (connection failed or timed out)",
+}
 
 
 def _is_output_for(resp: object, model: str, text: str) -> bool:

@@ -1,4 +1,4 @@
-"""What a load test sends: the arrival schedule, keys per tier, and where.
+"""What a load test sends: the arrival schedule (with token lengths), keys per tier, the API, and where.
 
 The plan travels to Locust worker processes as bytes (a Locust message from the master,
 so a worker on another machine needs nothing but the master's address); worker *k* of
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..sim.arrivals import Arrivals
+from .apis import Api
 
 __all__ = ["LoadPlan"]
 
@@ -25,6 +26,12 @@ class LoadPlan:
     keys: dict[int, str]  # tier -> API key
     model: str
     timeout_s: float = 60.0
+    api: Api = Api.INFERENCE
+    stream: bool = False
+
+    def __post_init__(self) -> None:
+        if self.api.has_tokens and not self.arrivals.has_tokens:
+            raise ValueError("a token API needs each request's prompt and output lengths")
 
     def to_bytes(self) -> bytes:
         meta = json.dumps(
@@ -33,23 +40,31 @@ class LoadPlan:
                 "keys": {str(k): v for k, v in self.keys.items()},
                 "model": self.model,
                 "timeout_s": self.timeout_s,
+                "api": self.api.value,
+                "stream": self.stream,
             }
         )
+        columns = {"times": self.arrivals.times, "tiers": self.arrivals.tiers}
+        if self.arrivals.has_tokens:
+            columns |= {"prompt_tokens": self.arrivals.prompt_tokens, "output_tokens": self.arrivals.output_tokens}
         buffer = io.BytesIO()
-        np.savez(buffer, times=self.arrivals.times, tiers=self.arrivals.tiers, meta=np.array(meta))
+        np.savez(buffer, meta=np.array(meta), **columns)
         return buffer.getvalue()
 
     @classmethod
     def from_bytes(cls, data: bytes) -> LoadPlan:
         with np.load(io.BytesIO(data)) as arrays:
             meta = json.loads(str(arrays["meta"]))
-            arrivals = Arrivals(times=arrays["times"].copy(), tiers=arrays["tiers"].copy())
+            lengths = [arrays[k].copy() if k in arrays else None for k in ("prompt_tokens", "output_tokens")]
+            arrivals = Arrivals(arrays["times"].copy(), arrays["tiers"].copy(), *lengths)
         return cls(
             url=meta["url"],
             arrivals=arrivals,
             keys={int(k): v for k, v in meta["keys"].items()},
             model=meta["model"],
             timeout_s=meta["timeout_s"],
+            api=Api(meta["api"]),
+            stream=meta["stream"],
         )
 
     def share(self, index: int, count: int) -> np.ndarray:

@@ -20,17 +20,22 @@ from ..calibrate.measure import served_batch_timings
 from ..calibrate.profile import calibrated_model
 from ..core.errors import ConfigError, UsageError
 from ..core.model import ServiceModel
+from ..core.records import RequestRecords
 from ..core.schema import LoadTestResult
+from ..core.stats import Slos
 from ..core.tiers import Tier
 from ..server.backends.base import BackendError
 from ..server.keys import KeyStore
-from ..sim.arrivals import Arrivals, generate_arrivals
+from ..sim.arrivals import Arrivals
 from ..sim.engine import simulate_arrivals
 from ..sim.workload import Workload
 from .analysis import BatchLogRerun, GateLimits, RunFacts, analyse
+from .apis import Api
 from .harness import run_plan
 from .plan import LoadPlan
-from .target import local_sim_server
+from .scrape import scraping
+from .target import check_reachable, local_sim_server
+from .token_analysis import TokenSides
 
 __all__ = ["LoadTestSpec", "run_loadtest"]
 
@@ -60,6 +65,9 @@ class LoadTestSpec:
     keys_file: Path | None = None
     workers: int = 0
     batch_log_url: str | None = None  # the target's internal URL: re-simulate with the batches it logged
+    api: Api = Api.INFERENCE
+    api_key: str | None = None  # one key for every request (a LiteLLM master key), instead of keys per tier
+    scrape_metrics_url: str | None = None  # a Prometheus endpoint to sample during the run
 
     def __post_init__(self) -> None:
         if self.target != "sim" and not self.target.startswith(("http://", "https://")):
@@ -70,6 +78,12 @@ class LoadTestSpec:
                 "would predict another service than the one measured; drop it to test the server",
                 field="overlap",
             )
+        if self.workload.stream and not self.api.has_tokens:
+            raise UsageError("needs a token API: --api completions or --api chat", field="stream")
+        if self.api_key is not None and self.keys_file is not None:
+            raise UsageError("give either --api-key (one key for all) or --keys (a key per tier)", field="api_key")
+        if self.scrape_metrics_url is not None and not self.scrape_metrics_url.startswith(("http://", "https://")):
+            raise UsageError("takes the http(s) URL of a Prometheus endpoint", field="scrape_metrics_url")
         if self.batch_log_url is not None:
             if self.target == "sim" or not self.batch_log_url.startswith(("http://", "https://")):
                 raise UsageError("takes the internal http(s) URL of a target server you started", field="batch_log_url")
@@ -86,18 +100,25 @@ class LoadTestSpec:
 def run_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) -> LoadTestResult:
     """Send the planned load, simulate the same arrivals, and gate the outcome."""
     horizon = spec.warmup_s + spec.duration_s
-    arrivals = generate_arrivals(
-        spec.workload.schedule, horizon, spec.model.tier_shares, np.random.default_rng(spec.seed), spec.workload.arrival
-    )
+    arrivals = spec.workload.arrivals(spec.model, horizon, spec.seed)
     if len(arrivals) == 0:
         raise UsageError("the schedule produces no requests: raise the rate or the duration")
-    keys = _keys_per_tier(spec.keys_file, arrivals)
+    keys = {int(t): spec.api_key for t in Tier} if spec.api_key else _keys_per_tier(spec.keys_file, arrivals)
     started = time.time()
     with _target_url(spec) as url:
-        plan = LoadPlan(url.rstrip("/"), arrivals, keys, spec.model_name, timeout_s=spec.model.request_timeout_s)
-        measured, locust = run_plan(plan, workers=spec.workers, on_tick=progress)
-    fleet = spec.fleet
-    simulated = simulate_arrivals(spec.model, arrivals, fleet).records if fleet is not None else None
+        check_reachable(url)
+        plan = LoadPlan(
+            url.rstrip("/"), arrivals, keys, spec.model_name, timeout_s=spec.model.request_timeout_s, api=spec.api,
+            stream=spec.workload.stream,
+        )  # fmt: skip
+        with scraping(spec.scrape_metrics_url, started) as scraped:
+            sent = run_plan(plan, workers=spec.workers, on_tick=progress)
+    measured, fleet = sent.records, spec.fleet
+    predicted = None
+    if fleet is not None:
+        served = _served_lengths(arrivals, measured) if spec.api.has_tokens else arrivals
+        predicted = simulate_arrivals(spec.model, served, fleet, stream=spec.workload.stream)
+    simulated = predicted.records if predicted is not None else None
     rerun = None
     if spec.batch_log_url is not None and fleet is not None:
         rerun = _rerun_with_batch_log(spec.batch_log_url, time.time() - started + 1.0, spec.model, arrivals, fleet)
@@ -109,8 +130,34 @@ def run_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) -> Loa
         duration_s=spec.duration_s,
         warmup_s=spec.warmup_s,
         workers=spec.workers,
+        api=spec.api.value,
+        stream=spec.workload.stream,
     )
-    return analyse(measured, simulated, facts, spec.limits, locust=locust, batch_log=rerun)
+    tokens = None
+    if sent.tokens is not None:
+        tokens = TokenSides(
+            measured=measured,
+            log=sent.tokens,
+            stream=spec.workload.stream,
+            slos=Slos(spec.model.slo_p95_ms, spec.model.slo_ttft_p95_ms, spec.model.slo_tpot_p95_ms),
+            window=(spec.warmup_s, horizon),
+            simulated=simulated,
+            simulated_gaps=predicted.itl if predicted is not None else None,
+        )
+    return analyse(
+        measured, simulated, facts, spec.limits, locust=sent.locust, batch_log=rerun, tokens=tokens,
+        server_metrics=scraped.result(), failures=sent.failures,
+    )  # fmt: skip
+
+
+def _served_lengths(arrivals: Arrivals, measured: RequestRecords) -> Arrivals:
+    """The plan's lengths, replaced by what the target counted where it answered (its tokenizer is the truth)."""
+    assert arrivals.prompt_tokens is not None and arrivals.output_tokens is not None
+    assert measured.prompt_tokens is not None and measured.output_tokens is not None
+    answered = measured.ok & (measured.output_tokens > 0)
+    prompt = np.where(answered & (measured.prompt_tokens > 0), measured.prompt_tokens, arrivals.prompt_tokens)
+    output = np.where(answered, measured.output_tokens, arrivals.output_tokens)
+    return arrivals.with_lengths(prompt, output)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from ..core.model import ServiceModel
 __all__ = [
     "RedisProcess",
     "ServerProcess",
+    "check_reachable",
     "local_sim_server",
     "redis_server",
     "server_process",
@@ -108,6 +110,17 @@ def local_sim_server(model: ServiceModel, gpus: int, keys: Path | None, startup_
             args += ["--keys", str(keys)]
         with server_process(*args, log_path=Path(tmp) / "server.log", startup_s=startup_s) as server:
             yield server.url
+
+
+def check_reachable(url: str, timeout_s: float = 5.0) -> None:
+    """A one-line error now for a target nobody answers on, rather than a run of connection errors."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "127.0.0.1", port), timeout=timeout_s):
+            pass
+    except OSError as err:
+        raise InferPlanError(f"cannot reach the target {url}: {err.strerror or err}") from None
 
 
 def _await_announce(proc: subprocess.Popen, startup_s: float, log_path: Path) -> tuple[str, str]:

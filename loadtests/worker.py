@@ -13,7 +13,6 @@ from typing import Any
 
 import gevent
 
-from ..core.records import RequestRecords
 from .harness import PLAN_MESSAGE, RECORDS_MESSAGE, share_message
 from .locust_user import OpenLoopEnvironment, OpenLoopRun
 from .plan import LoadPlan
@@ -30,12 +29,12 @@ def main() -> None:
 
     def on_plan(environment: OpenLoopEnvironment, msg: Any, **_: object) -> None:
         plan = LoadPlan.from_bytes(msg.data["plan"])
-        records = RequestRecords.unanswered(plan.arrivals.times, plan.arrivals.tiers)
         environment.host = plan.url
-        environment.open_loop = OpenLoopRun(plan, records, runner.worker_index, int(msg.data["count"]))
+        environment.open_loop = OpenLoopRun.of(plan, runner.worker_index, int(msg.data["count"]))
 
-    def on_share_sent(indices: Any, records: RequestRecords, **_: object) -> None:
-        runner.send_message(RECORDS_MESSAGE, share_message(records, indices))
+    def on_share_sent(indices: Any, **_: object) -> None:
+        assert env.open_loop is not None
+        runner.send_message(RECORDS_MESSAGE, share_message(env.open_loop, indices))
 
     runner.register_message(PLAN_MESSAGE, on_plan)
     env.events.share_sent.add_listener(on_share_sent)

@@ -23,6 +23,7 @@ from ..core.schema import (
     CapacityResult,
     LatencyStats,
     LoadTestResult,
+    MeasuredVsSimulated,
     SimulationResult,
 )
 from .tables import Summary, summaries, summarise
@@ -154,12 +155,41 @@ def _loadtest_figures(r: LoadTestResult) -> list[go.Figure]:
             cdf.add_trace(_cdf_traces(name, s.simulated_ms.cdf_ms, dash="dash", suffix=" simulated"))
     if cdf.data:  # results from schema version 1 carry no CDFs
         figures.append(cdf)
+    figures += _token_cdfs(names, stats)
     if r.latency_over_time:
-        over = go.Figure(
-            go.Scatter(x=r.latency_over_time["t_s"], y=r.latency_over_time["p95_ms"], mode="lines+markers", name="P95")
-        )
+        over = go.Figure()
+        for key, label in (("p95_ms", "P95"), ("ttft_p95_ms", "TTFT P95")):
+            if key in r.latency_over_time:
+                x, y = r.latency_over_time["t_s"], r.latency_over_time[key]
+                over.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=label))
         over.update_layout(title="P95 over the run, from scheduled send (ms)", xaxis_title="time (s)", height=380)
         figures.append(over)
+    if r.server_metrics is not None and r.server_metrics.t_s:
+        m = r.server_metrics
+        load = go.Figure()
+        for label, series in (("waiting", m.waiting), ("running", m.running)):
+            if label in m.names:
+                load.add_trace(go.Scatter(x=m.t_s, y=series, mode="lines", name=f"{label} ({m.names[label]})"))
+        load.update_layout(title=f"The target's queue over the run ({m.url})", xaxis_title="time (s)", height=380)
+        figures.append(load)
+    return figures
+
+
+def _token_cdfs(names: list[str], stats: list[MeasuredVsSimulated]) -> list[go.Figure]:
+    """TTFT and ITL CDFs per tier, measured (solid) and simulated (dashed)."""
+    figures = []
+    for field, label in (("ttft_cdf_ms", "TTFT"), ("itl_cdf_ms", "ITL")):
+        cdf = _cdf_figure(f"{label} CDF per tier: measured (solid) and simulated (dashed)")
+        for name, s in zip(names, stats, strict=True):
+            if s.tokens is None:
+                continue
+            if getattr(s.tokens.measured, field):
+                cdf.add_trace(_cdf_traces(name, getattr(s.tokens.measured, field), suffix=f" {label} measured"))
+            if s.tokens.simulated is not None and getattr(s.tokens.simulated, field):
+                points = getattr(s.tokens.simulated, field)
+                cdf.add_trace(_cdf_traces(name, points, dash="dash", suffix=f" {label} simulated"))
+        if cdf.data:
+            figures.append(cdf)
     return figures
 
 

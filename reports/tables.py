@@ -261,6 +261,15 @@ def _loadtest(r: LoadTestResult) -> Summary:
         )
     gates = [[g.name, "PASS" if g.passed else "FAIL", g.detail] for g in r.gates]
     target = f"{r.target} ({r.url})" if r.url != r.target else r.target
+    token_facts = []
+    if r.api != "inference":
+        token_facts.append(("api", f"{r.api}, {'streamed' if r.stream else 'not streamed'}"))
+        token_facts.append(("token counts", r.token_counts or "no answer carried tokens"))
+    if r.server_metrics is not None:
+        token_facts.append(("target's metrics", _server_metrics_line(r)))
+    if r.failures:
+        top = list(r.failures.items())[:3]
+        token_facts.append(("failures", "; ".join(f"{n:,} x {why}" for why, n in top)))
     return Summary(
         title="infer-plan loadtest",
         headline=f"{'PASSED' if r.passed else 'FAILED'}: {r.requests:,} requests at {r.rps:,.0f} req/s "
@@ -276,6 +285,7 @@ def _loadtest(r: LoadTestResult) -> Summary:
             ("statuses", ", ".join(f"{k}: {v:,}" for k, v in r.status_counts.items())),
             ("errors / rejects", f"{r.error_rate:.3%} / {r.reject_rate:.3%}; wrong outputs {r.wrong_outputs}"),
             *([("batch-log check", batch_log_summary(r.batch_log_check))] if r.batch_log_check else []),
+            *token_facts,
         ],
         tables=[
             Table(
@@ -284,9 +294,55 @@ def _loadtest(r: LoadTestResult) -> Summary:
                 rows,
                 emphasis={len(rows) - 1},
             ),
+            *_token_table(r),
             Table("Gates", ["gate", "result", "detail"], gates),
         ],
     )
+
+
+def _token_table(r: LoadTestResult) -> list[Table]:
+    """TTFT (from scheduled send), ITL, TPOT, tokens/s and goodput per tier: measured, simulated, error."""
+    scopes = [(name, s.tokens) for name, s in [*r.per_tier.items(), ("all", r.overall)] if s.tokens is not None]
+    if not scopes:
+        return []
+    rows = []
+    for name, t in scopes:
+        sim, err = t.simulated or TokenStats(), t.relative_error
+        rows.append(
+            [
+                name,
+                _ms(t.measured.ttft_p50_ms),
+                _ms(t.measured.ttft_p95_ms),
+                _ms(sim.ttft_p95_ms),
+                _pct(err.get("ttft_p95_ms")),
+                _ms(t.measured.itl_p50_ms),
+                _ms(t.measured.itl_p95_ms),
+                _ms(sim.itl_p95_ms),
+                _pct(err.get("itl_p95_ms")),
+                _ms(t.measured.tpot_p95_ms),
+                _rate(t.measured.output_tokens_per_s),
+                _rate(t.measured.goodput_rps),
+            ]
+        )
+    headers = ["tier", "TTFT P50", "TTFT P95", "sim", "err", "ITL P50", "ITL P95", "sim", "err", "TPOT P95",
+               "tokens/s", "goodput"]  # fmt: skip
+    return [Table("Tokens (ms; TTFT from scheduled send): measured vs simulated", headers, rows, {len(rows) - 1})]
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _server_metrics_line(r: LoadTestResult) -> str:
+    m = r.server_metrics
+    assert m is not None
+    peaks = []
+    for label, series in (("waiting", m.waiting), ("running", m.running)):
+        values = [v for v in series if v is not None]
+        if values:
+            peaks.append(f"{label} peak {max(values):,.0f} ({m.names[label]})")
+    seen = ", ".join(peaks) or "none of the known queue gauges"
+    return f"{len(m.t_s)} samples of {m.url}: {seen}" + (f"; {m.failed_scrapes} failed" if m.failed_scrapes else "")
 
 
 def _calibration(r: CalibrationResult) -> Summary:

@@ -72,8 +72,10 @@ class GpuPool:
         self.timeout_s = timeout_s
         self.direct: deque[_DirectBatch] = deque()
         self.served: deque[ServedBatch] = deque(maxlen=SERVED_LOG_SIZE)
-        self.running = 0
+        self.running = 0  # batches on a GPU now
+        self.running_requests = 0  # requests in those batches
         metrics.gpus.set(queue.gpus)
+        metrics.requests_running.set_function(lambda: self.running_requests + sum(f.running for f in self.feeds))
 
     @property
     def gpus(self) -> int:
@@ -106,6 +108,7 @@ class GpuPool:
             if not batch:
                 continue
             self.running += 1
+            self.running_requests += len(batch)
             started = time.perf_counter()
             metrics.gpus_busy.inc()
             try:
@@ -126,6 +129,7 @@ class GpuPool:
                 if isinstance(result, list) and not isinstance(batch, _DirectBatch):
                     self.served.append(ServedBatch(time.time(), len(batch), elapsed * 1000.0))
                 self.running -= 1
+                self.running_requests -= len(batch)
 
     async def _continuous_worker(self, gpu: int, max_seqs: int) -> None:
         """Sequences join and leave between steps; an internal-API batch runs when the GPU is idle."""

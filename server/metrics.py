@@ -36,6 +36,9 @@ class ServerMetrics:
             registry=r,
         )
         self.gpus_busy = Gauge("inferplan_gpus_busy", "GPUs running a batch now", registry=r)
+        self.requests_running = Gauge(
+            "inferplan_requests_running", "Requests on a GPU now (sequences, in continuous batching)", registry=r
+        )
         self.gpus = Gauge("inferplan_gpus", "GPUs in the worker pool", registry=r)
         self.gpu_busy_seconds = Counter("inferplan_gpu_busy_seconds", "GPU time spent running batches", registry=r)
         self.rejected = Counter(

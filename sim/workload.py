@@ -48,6 +48,7 @@ class Workload(BaseModel):
     dataset: Path | None = None
     tokenizer: str | None = None  # counts a ShareGPT dataset's tokens; without one they are estimated
     stream: bool = False  # streamed requests: a static batch answers each at its last token
+    tokens: bool = False  # the requests carry lengths whatever the model (a load test of a token API)
 
     @field_validator("prompt_tokens", "output_tokens", mode="before")
     @classmethod
@@ -65,7 +66,8 @@ class Workload(BaseModel):
 
     def wants_tokens(self, model: ServiceModel) -> bool:
         return (
-            model.tokens_modelled
+            self.tokens
+            or model.tokens_modelled
             or self.dataset is not None
             or self.prompt_tokens is not None
             or (self.output_tokens is not None)

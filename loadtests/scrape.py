@@ -1,0 +1,99 @@
+"""The target's own view during a load test: its Prometheus gauges, sampled about once a second.
+
+vLLM (``vllm:num_requests_waiting`` / ``vllm:num_requests_running``), SGLang and our own
+server export how many requests wait and how many run; beside the measured latency
+they tell a queue that builds at the target from one that builds in the network or
+the generator. A sample that fails is counted, never fatal: this view is optional.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import gevent
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..core.schema import ServerMetrics
+
+__all__ = ["RUNNING", "WAITING", "parse_sample", "scraping"]
+
+# Candidate gauges, first found wins: vLLM, SGLang, infer-plan's reference server.
+WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs", "inferplan_queue_depth")
+RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs", "inferplan_requests_running")
+
+
+def parse_sample(text: str) -> dict[str, float]:
+    """Each known gauge's value in one exposition (summed over its labels: tiers, engines)."""
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in WAITING or sample.name in RUNNING:
+                found[sample.name] = found.get(sample.name, 0.0) + float(sample.value)
+    return found
+
+
+@dataclass
+class _Scrape:
+    url: str
+    started: float  # time.time() the run's schedule is measured from (about)
+    t_s: list[float] = field(default_factory=list)
+    samples: list[dict[str, float]] = field(default_factory=list)
+    failed: int = 0
+
+    def once(self) -> None:
+        try:
+            with urllib.request.urlopen(self.url, timeout=2.0) as resp:
+                text = resp.read().decode("utf-8", "replace")
+            sample = parse_sample(text)
+        except Exception:  # unreachable, not Prometheus text: one more failed scrape
+            self.failed += 1
+            return
+        self.t_s.append(time.time() - self.started)
+        self.samples.append(sample)
+
+    def result(self) -> ServerMetrics:
+        names = {"waiting": _first(WAITING, self.samples), "running": _first(RUNNING, self.samples)}
+        return ServerMetrics(
+            url=self.url,
+            t_s=self.t_s,
+            waiting=[s.get(names["waiting"] or "") for s in self.samples],
+            running=[s.get(names["running"] or "") for s in self.samples],
+            names={k: v for k, v in names.items() if v},
+            failed_scrapes=self.failed,
+        )
+
+
+def _first(candidates: tuple[str, ...], samples: list[dict[str, float]]) -> str | None:
+    return next((name for name in candidates if any(name in s for s in samples)), None)
+
+
+class _Handle:
+    def __init__(self, scrape: _Scrape | None) -> None:
+        self.scrape = scrape
+
+    def result(self) -> ServerMetrics | None:
+        return self.scrape.result() if self.scrape is not None else None
+
+
+@contextlib.contextmanager
+def scraping(url: str | None, started: float, every_s: float = 1.0) -> Iterator[_Handle]:
+    """Sample ``url`` every ``every_s`` in a greenlet while the block runs (nothing when ``url`` is None)."""
+    if url is None:
+        yield _Handle(None)
+        return
+    scrape = _Scrape(url, started)
+
+    def loop() -> None:
+        while True:
+            scrape.once()
+            gevent.sleep(every_s)
+
+    greenlet = gevent.spawn(loop)
+    try:
+        yield _Handle(scrape)
+    finally:
+        greenlet.kill(block=True, timeout=5)

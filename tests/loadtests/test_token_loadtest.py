@@ -1,0 +1,189 @@
+"""``infer-plan loadtest --api completions|chat``: real Locust runs against real servers on 127.0.0.1, by tokens."""
+
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from infer_plan.core import ServiceModel
+from infer_plan.loadtests.target import write_model_scenario
+
+from tests.helpers import run_cli, running_server
+from tests.loadtests.fake_targets import fake_target
+
+pytestmark = pytest.mark.timeout(300)
+
+# Continuous batching with steps long beside HTTP's ~2-3 ms, so 5% is a statement about the model:
+# at 10 req/s of 256/24 tokens about 11 sequences run, steps of ~46 ms (+13 ms with a prefill).
+STEPPED = ServiceModel(
+    batching="continuous", pcie_in_ms=0, kernel_ms=0, pcie_out_ms=0, decode_step_ms=40, prefill_ms_per_token=0.05,
+    decode_ms_per_seq=0.5, max_num_seqs=64,
+)  # fmt: skip
+LENGTHS = ["--prompt-tokens", "256", "--output-tokens", "24"]
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory):
+    return write_model_scenario(STEPPED, tmp_path_factory.mktemp("scenario") / "stepped.toml")
+
+
+def loadtest(*args: str, timeout: float = 240):
+    return run_cli("loadtest", "--quiet", *args, timeout=timeout)
+
+
+def junit_cases(path) -> dict[str, bool]:
+    """Each JUnit case's name -> failed."""
+    return {c.get("name"): c.find("failure") is not None for c in ET.parse(path).getroot().iter("testcase")}
+
+
+@pytest.fixture(scope="module")
+def streamed_run(scenario, tmp_path_factory):
+    out = tmp_path_factory.mktemp("streamed")
+    proc = loadtest(
+        "--target", "sim", "--scenario", str(scenario), "--api", "completions", "--stream", *LENGTHS,
+        "--rps", "10", "--duration", "20", "--slo-p95-ms", "5000", "--slo-ttft-p95-ms", "1000", "--slo-itl-p95-ms", "200",
+        "--slo-tpot-p95-ms", "200", "--min-goodput", "7", "--json", str(out / "out.json"),
+        "--junit", str(out / "junit.xml"), "--html", str(out / "report.html"),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "out.json").read_text()), out
+
+
+def test_streamed_completions_match_the_simulation(streamed_run):
+    data, _ = streamed_run
+    assert data["api"] == "completions" and data["stream"] is True and data["schema_version"] == 5
+    assert data["status_counts"] == {"200": data["requests"]} and data["wrong_outputs"] == 0
+    assert data["token_counts"].startswith("usage")
+    tokens = data["overall"]["tokens"]
+    measured, simulated, error = tokens["measured"], tokens["simulated"], tokens["relative_error"]
+    # A stream of 24 tokens: TTFT, 23 gaps; the simulator saw the same arrivals and lengths.
+    assert measured["ttft_p95_ms"] > 60 and measured["itl_p50_ms"] > 40
+    assert error["ttft_p95_ms"] <= 0.05, (measured["ttft_p95_ms"], simulated["ttft_p95_ms"])
+    assert data["overall"]["relative_error"]["p95_ms"] <= 0.05, data["overall"]
+    assert error["itl_p95_ms"] <= 0.10 and error["itl_p50_ms"] <= 0.10, (measured, simulated)
+    assert measured["output_tokens_per_s"] == pytest.approx(24 * data["requests"] / 20, rel=1e-9)
+    assert measured["goodput_rps"] == pytest.approx(data["requests"] / 20, rel=1e-9)  # every request met every SLO
+    for tier in ("enterprise", "paid", "free"):
+        assert data["per_tier"][tier]["tokens"]["measured"]["ttft_p95_ms"] is not None
+
+
+def test_every_token_gate_is_a_junit_case_and_the_report_shows_tokens(streamed_run):
+    _, out = streamed_run
+    cases = junit_cases(out / "junit.xml")
+    for name in ("ttft_p95", "itl_p95", "tpot_p95"):
+        assert {f"{name}_{s}" for s in ("overall", "enterprise", "paid", "free")} <= set(cases)
+    assert "goodput" in cases and not any(cases.values())
+    html = (out / "report.html").read_text()
+    assert "TTFT CDF per tier" in html and "ITL CDF per tier" in html and "TTFT P95" in html
+    report = run_cli("report", str(out / "out.json"))
+    assert report.returncode == 0 and "Tokens (ms; TTFT from scheduled send)" in report.stdout
+
+
+def test_an_impossible_ttft_slo_fails_exactly_the_ttft_gates(tmp_path):
+    junit = tmp_path / "junit.xml"
+    proc = loadtest(
+        "--target", "sim", "--api", "chat", "--stream", "--prompt-tokens", "16", "--output-tokens", "4",
+        "--rps", "20", "--duration", "4", "--warmup", "1", "--slo-ttft-p95-ms", "0.001", "--junit", str(junit),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    failed = {name for name, bad in junit_cases(junit).items() if bad}
+    assert failed == {"ttft_p95_overall", "ttft_p95_enterprise", "ttft_p95_paid", "ttft_p95_free"}
+
+
+def test_not_streamed_gates_e2e_and_says_ttft_was_not_measured(scenario, tmp_path):
+    out = tmp_path / "out.json"
+    proc = loadtest(
+        "--target", "sim", "--scenario", str(scenario), "--api", "chat", *LENGTHS, "--rps", "10", "--duration", "5",
+        "--warmup", "1", "--slo-ttft-p95-ms", "1000", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["stream"] is False and data["status_counts"] == {"200": data["requests"]}
+    gate = next(g for g in data["gates"] if g["name"] == "ttft_p95_overall")
+    assert not gate["passed"] and "needs --stream" in gate["detail"]
+    assert data["overall"]["tokens"]["measured"]["ttft_p95_ms"] is None
+    assert data["overall"]["relative_error"]["p95_ms"] <= 0.05, data["overall"]
+
+
+@pytest.mark.slow
+def test_overload_shows_ttft_growing_with_the_backlog(tmp_path):
+    """4 sequences of 40 x ~42 ms steps serve ~2.4 req/s; offered 6 req/s, TTFT from scheduled send keeps growing."""
+    scenario = write_model_scenario(STEPPED.model_copy(update={"max_num_seqs": 4}), tmp_path / "small.toml")
+    out = tmp_path / "out.json"
+    proc = loadtest(
+        "--target", "sim", "--scenario", str(scenario), "--api", "completions", "--stream", "--tier-mix",
+        "enterprise=1", "--prompt-tokens", "16", "--output-tokens", "40", "--rps", "6", "--duration", "12",
+        "--warmup", "0", "--json", str(out), "--slo-p95-ms", "100000", "--max-reject-rate", "1",
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    series = np.array(data["latency_over_time"]["ttft_p95_ms"])
+    third = len(series) // 3
+    assert series[-third:].mean() > 3 * series[:third].mean(), series
+    assert series[-1] > 2000, (series, proc.stdout[-2000:])
+
+
+@pytest.mark.slow
+def test_workers_and_the_targets_metrics(scenario, tmp_path):
+    """Two Locust workers share the plan (gaps and counts travel back); the target's gauges are sampled."""
+    out = tmp_path / "out.json"
+    with running_server("--scenario", str(scenario)) as srv:
+        proc = loadtest(
+            "--target", srv.url, "--scenario", str(scenario), "--api", "completions", "--stream", *LENGTHS,
+            "--rps", "10", "--duration", "8", "--slo-p95-ms", "5000", "--workers", "2", "--scrape-metrics", f"{srv.url}/metrics",
+            "--json", str(out),
+        )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["workers"] == 2 and data["gpus"] == 1  # a scenario makes the URL's model known: one engine
+    tokens = data["overall"]["tokens"]
+    assert tokens["measured"]["itl_p50_ms"] > 40 and tokens["relative_error"]["ttft_p95_ms"] <= 0.10
+    metrics = data["server_metrics"]
+    assert metrics["names"] == {"waiting": "inferplan_queue_depth", "running": "inferplan_requests_running"}
+    assert len(metrics["t_s"]) >= 6 and max(metrics["running"]) >= 1
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--api", "bogus"], "--api"),
+        (["--stream"], "--stream"),
+        (["--api", "chat", "--api-key", "k", "--keys", "examples/keys.toml"], "--api-key"),
+        (["--api", "chat", "--scrape-metrics", "nowhere"], "--scrape-metrics"),
+    ],
+)
+def test_usage_errors_are_one_line(args, needle):
+    proc = loadtest("--target", "sim", "--rps", "5", "--duration", "1", *args, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr and "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") <= 1
+
+
+def test_an_unreachable_target_is_one_line():
+    proc = loadtest("--target", "http://127.0.0.1:9", "--api", "completions", "--rps", "5", "--duration", "1")
+    assert proc.returncode == 2 and "cannot reach the target http://127.0.0.1:9" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "stream", "why"),
+    [
+        ("html", False, "an answer that is not JSON"),
+        ("html", True, "asked for a stream, got text/html"),
+        ("json", True, "asked for a stream, got application/json"),
+        ("garbage-sse", True, "not an SSE stream"),
+        ("error-mid-stream", True, "error mid-stream"),
+    ],
+)
+def test_a_target_that_answers_something_else_is_counted_not_a_crash(mode, stream, why, tmp_path):
+    out = tmp_path / "out.json"
+    with fake_target(mode) as url:
+        proc = loadtest(
+            "--target", url, "--api", "completions", *(["--stream"] if stream else []), "--prompt-tokens", "8",
+            "--output-tokens", "4", "--rps", "10", "--duration", "1", "--warmup", "0", "--json", str(out),
+        )  # fmt: skip
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert data["error_rate"] == 1.0 and data["status_counts"] == {"200": data["requests"]}
+    assert sum(data["failures"].values()) == data["requests"], data["failures"]
+    assert all(why in reason for reason in data["failures"]), data["failures"]
