@@ -13,12 +13,15 @@ general SSE parser over buffered chunks.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 from typing import Any
+
+from ..core.errors import UsageError
 
 __all__ = ["Api", "CountedBy", "Reading", "prompt_text", "read_answer", "read_stream", "request_body"]
 
@@ -104,16 +107,36 @@ _WORDS = [
 ]
 
 
-def prompt_text(index: int, tokens: int) -> str:
-    """A prompt of ``tokens`` words that starts with the request's own number.
+def prompt_text(index: int, tokens: int, tokenizer: str | None = None) -> str:
+    """A prompt of ``tokens`` tokens that starts with the request's own number.
 
-    The sim backend counts exactly ``tokens``; a real tokenizer about as many (the
-    answer's usage says how many it counted). The unique first word keeps a prefix
-    cache from answering one request's prompt with another's.
+    Without a tokenizer: ``tokens`` words, exactly that many for the sim backend and
+    about that many for a real vocabulary. With the target's tokenizer (a name or a
+    folder, as ``vllm bench serve --tokenizer`` takes): cut to that many of its tokens,
+    so a real engine prefills what was asked (give or take a merge at the cut; the
+    answer's usage says what it counted). The unique first word keeps a prefix cache
+    from answering one request's prompt with another's.
     """
     words = [f"r{index}"]
     words += [_WORDS[(index + j) % len(_WORDS)] for j in range(max(0, tokens - 1))]
-    return " ".join(words)
+    text = " ".join(words)
+    if tokenizer is None:
+        return text
+    encoder = _tokenizer(tokenizer)
+    ids = encoder(text, add_special_tokens=False)["input_ids"][: max(1, tokens)]
+    return encoder.decode(ids)
+
+
+@functools.cache
+def _tokenizer(name: str) -> Any:
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        raise UsageError("building prompts with --tokenizer needs transformers (the vllm-cpu extra)") from None
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot load the tokenizer {name!r}: {str(err).splitlines()[0]}", field="tokenizer") from None
 
 
 def request_body(api: Api, model: str, prompt: str, output_tokens: int, *, stream: bool) -> dict[str, Any]:

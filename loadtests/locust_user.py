@@ -159,7 +159,7 @@ class OpenLoopUser(FastHttpUser):
         assert log is not None and records.first_token is not None and plan.arrivals.output_tokens is not None
         assert records.prompt_tokens is not None and records.output_tokens is not None
         tier = int(plan.arrivals.tiers[i])
-        prompt = prompt_text(i, int(plan.arrivals.prompt_tokens[i]))  # type: ignore[index]
+        prompt = prompt_text(i, int(plan.arrivals.prompt_tokens[i]), plan.tokenizer)  # type: ignore[index]
         wanted = int(plan.arrivals.output_tokens[i])
         headers = {"Authorization": f"Bearer {plan.keys[tier]}"}
         if plan.stream:

@@ -28,6 +28,7 @@ class LoadPlan:
     timeout_s: float = 60.0
     api: Api = Api.INFERENCE
     stream: bool = False
+    tokenizer: str | None = None  # the target's: prompts of exactly the planned token counts
 
     def __post_init__(self) -> None:
         if self.api.has_tokens and not self.arrivals.has_tokens:
@@ -42,6 +43,7 @@ class LoadPlan:
                 "timeout_s": self.timeout_s,
                 "api": self.api.value,
                 "stream": self.stream,
+                "tokenizer": self.tokenizer,
             }
         )
         columns = {"times": self.arrivals.times, "tiers": self.arrivals.tiers}
@@ -65,6 +67,7 @@ class LoadPlan:
             timeout_s=meta["timeout_s"],
             api=Api(meta["api"]),
             stream=meta["stream"],
+            tokenizer=meta["tokenizer"],
         )
 
     def share(self, index: int, count: int) -> np.ndarray:

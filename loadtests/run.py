@@ -30,7 +30,7 @@ from ..sim.arrivals import Arrivals
 from ..sim.engine import simulate_arrivals
 from ..sim.workload import Workload
 from .analysis import BatchLogRerun, GateLimits, RunFacts, analyse
-from .apis import Api
+from .apis import Api, prompt_text
 from .harness import run_plan
 from .plan import LoadPlan
 from .scrape import scraping
@@ -109,8 +109,10 @@ def run_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) -> Loa
         check_reachable(url)
         plan = LoadPlan(
             url.rstrip("/"), arrivals, keys, spec.model_name, timeout_s=spec.model.request_timeout_s, api=spec.api,
-            stream=spec.workload.stream,
+            stream=spec.workload.stream, tokenizer=spec.workload.tokenizer if spec.api.has_tokens else None,
         )  # fmt: skip
+        if plan.tokenizer is not None:
+            prompt_text(0, 1, plan.tokenizer)  # loads it here: a bad name is one line now, not an error per request
         with scraping(spec.scrape_metrics_url, started) as scraped:
             sent = run_plan(plan, workers=spec.workers, on_tick=progress)
     measured, fleet = sent.records, spec.fleet

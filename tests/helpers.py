@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from infer_plan.loadtests.target import ServerProcess, server_process
+import pytest
+from infer_plan.loadtests.target import ServerProcess, server_process, stop_process
 
 DEV_KEYS = {0: "dev-enterprise", 1: "dev-paid", 2: "dev-free"}
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -47,3 +52,57 @@ def running_server(
         server_process(*flags, *args, log_path=Path(tmp) / "server.log", env=child_env, startup_s=startup_s) as server,
     ):
         yield server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, log: Path, startup_s: float) -> None:
+    """Until ``url`` answers 200, failing with the log's tail if the process exits or time runs out."""
+    deadline = time.monotonic() + startup_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:  # 127.0.0.1 only
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"{url} did not answer within {startup_s:g} s: {log.read_text(errors='replace')[-2000:]}")
+
+
+@contextlib.contextmanager
+def vllm_openai_server(
+    model: Path, served_name: str, log: Path, *extra: str, startup_s: float = 240
+) -> Iterator[tuple[subprocess.Popen, str]]:
+    """vLLM's own OpenAI-compatible server on 127.0.0.1 (``vllm serve`` fails in vllm-cpu; this module works).
+
+    Yields ``(process, base URL)``; stopped on exit.
+    """
+    port = free_port()
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+             "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+             "--max-model-len", "512", "--enforce-eager", *extra],
+            stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV},
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, f"{url}/health", log, startup_s)
+        yield proc, url
+    finally:
+        stop_process(proc, timeout_s=60)
+
+
+def client_tool(env_var: str, venv: str, name: str) -> Path:
+    path = Path(os.environ.get(env_var) or REPO / venv / "bin" / name)
+    if not path.exists():
+        why = f"{name} is not installed at {path} (.ci/run installs it; or set {env_var})"
+        if os.environ.get("INFER_PLAN_REQUIRE_CLIENTS") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+    return path

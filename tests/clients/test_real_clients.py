@@ -22,7 +22,7 @@ from infer_plan.core import ServiceModel
 from infer_plan.loadtests.target import write_model_scenario
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import REPO, run_cli, running_server
+from tests.helpers import REPO, client_tool, run_cli, running_server
 
 pytestmark = [pytest.mark.clients, pytest.mark.timeout(600)]
 
@@ -31,16 +31,6 @@ STEPPED = ServiceModel(
     pcie_in_ms=0, kernel_ms=0, pcie_out_ms=0, decode_step_ms=20, prefill_ms_per_token=0.05, decode_ms_per_seq=0.5
 )
 KEY = "dev-paid"
-
-
-def client_tool(env_var: str, venv: str, name: str) -> Path:
-    path = Path(os.environ.get(env_var) or REPO / venv / "bin" / name)
-    if not path.exists():
-        why = f"{name} is not installed at {path} (.ci/run installs it; or set {env_var})"
-        if os.environ.get("INFER_PLAN_REQUIRE_CLIENTS") == "1":
-            pytest.fail(why)
-        pytest.skip(why)
-    return path
 
 
 def run(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> str:

@@ -43,8 +43,8 @@ def streamed_run(scenario, tmp_path_factory):
     out = tmp_path_factory.mktemp("streamed")
     proc = loadtest(
         "--target", "sim", "--scenario", str(scenario), "--api", "completions", "--stream", *LENGTHS,
-        "--rps", "10", "--duration", "20", "--slo-p95-ms", "5000", "--slo-ttft-p95-ms", "1000", "--slo-itl-p95-ms", "200",
-        "--slo-tpot-p95-ms", "200", "--min-goodput", "7", "--json", str(out / "out.json"),
+        "--rps", "10", "--duration", "20", "--slo-p95-ms", "5000", "--slo-ttft-p95-ms", "1000",
+        "--slo-itl-p95-ms", "200", "--slo-tpot-p95-ms", "200", "--min-goodput", "7", "--json", str(out / "out.json"),
         "--junit", str(out / "junit.xml"), "--html", str(out / "report.html"),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -131,8 +131,8 @@ def test_workers_and_the_targets_metrics(scenario, tmp_path):
     with running_server("--scenario", str(scenario)) as srv:
         proc = loadtest(
             "--target", srv.url, "--scenario", str(scenario), "--api", "completions", "--stream", *LENGTHS,
-            "--rps", "10", "--duration", "8", "--slo-p95-ms", "5000", "--workers", "2", "--scrape-metrics", f"{srv.url}/metrics",
-            "--json", str(out),
+            "--rps", "10", "--duration", "8", "--slo-p95-ms", "5000", "--workers", "2",
+            "--scrape-metrics", f"{srv.url}/metrics", "--json", str(out),
         )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())

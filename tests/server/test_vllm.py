@@ -9,11 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -23,15 +19,15 @@ import openai
 import pytest
 from infer_plan.core import ServiceModel
 from infer_plan.core.model import Batching
-from infer_plan.loadtests.target import stop_process, write_model_scenario
+from infer_plan.loadtests.target import write_model_scenario
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import run_cli, running_server
+from tests.helpers import VLLM_ENV, run_cli, running_server
+from tests.helpers import vllm_openai_server as vllm_openai_server_process
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
 
 MAX_TOKENS = "32"
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 # A small queue limit, so the 429 path can be reached while one batch runs.
 SERVICE = ServiceModel(backpressure={"queue_limit": 60}, request_timeout_s=60)
 
@@ -174,44 +170,11 @@ async def test_gateway_answers_health_checks_and_429s_while_a_batch_runs(vllm_se
     assert {a[0] for a in shed_answers} <= {200, 429}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def vllm_openai_server(tiny_model, tmp_path_factory):
-    """vLLM's own OpenAI-compatible server on 127.0.0.1 (``vllm serve`` fails in vllm-cpu; this module works)."""
-    port = free_port()
     log = tmp_path_factory.mktemp("upstream") / "vllm.log"
-    with log.open("w") as fh:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(tiny_model),
-             "--served-model-name", "tiny-upstream", "--host", "127.0.0.1", "--port", str(port),
-             "--max-model-len", "512", "--enforce-eager"],
-            stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV},
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    pass
-                import urllib.request
-
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                time.sleep(1)
-        else:
-            raise AssertionError("vLLM's OpenAI server did not come up in 240 s")
-        yield proc, url
-    finally:
-        stop_process(proc, timeout_s=60)
+    with vllm_openai_server_process(tiny_model, "tiny-upstream", log) as upstream:
+        yield upstream
 
 
 async def test_openai_backend_through_vllm_openai_server_then_upstream_failure(vllm_openai_server, tmp_path):
@@ -297,6 +260,22 @@ async def test_openai_sdk_on_the_vllm_backend_streamed_and_not(vllm_server):
     contents = [chunk.choices[0].delta.content async for chunk in streamed]
     assert "".join(contents) == chat.choices[0].message.content
     await sdk.close()
+
+
+def test_loadtest_by_tokens_against_the_server_on_vllm(vllm_server, tiny_model, tmp_path):
+    """Our server on the vllm backend as a load-test target: streamed chat, tokens counted by its usage."""
+    out = tmp_path / "out.json"
+    done = cli(
+        "loadtest", "--quiet", "--target", vllm_server.url, "--model", "tiny", "--tokenizer", str(tiny_model),
+        "--api", "chat", "--stream", "--prompt-tokens", "32", "--output-tokens", "8", "--rps", "4",
+        "--duration", "8", "--slo-p95-ms", "5000", "--slo-ttft-p95-ms", "3000", "--json", str(out),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["status_counts"] == {"200": data["requests"]} and data["token_counts"].startswith("usage")
+    measured = data["overall"]["tokens"]["measured"]
+    assert measured["output_tokens_per_s"] == pytest.approx(8 * data["requests"] / 8)
+    assert measured["ttft_p95_ms"] is not None and measured["itl_p50_ms"] > 0
 
 
 async def test_continuous_batching_passes_requests_to_vllms_scheduler_as_they_come(tiny_model, tmp_path):

