@@ -225,23 +225,33 @@ def evaluate_gates(result: LoadTestResult, limits: GateLimits) -> list[Gate]:
         )
     )
     if limits.baseline is not None:
-        base = limits.baseline
-        for name, now, before in [
-            ("overall", result.overall, base.overall),
-            *[(t, s, base.per_tier.get(t)) for t, s in result.per_tier.items()],
-        ]:
-            old = before.measured_ms.p95_ms if before else None
-            new = now.measured_ms.p95_ms
+        gates += _baseline_gates(result, limits.baseline, limits.baseline_tolerance)
+    return gates
+
+
+def _baseline_gates(result: LoadTestResult, base: LoadTestResult, tolerance: float) -> list[Gate]:
+    """Each P95 (E2E; TTFT and ITL where both runs streamed tokens) within ``tolerance`` of the earlier run's."""
+    gates = []
+    for scope, now, before in [
+        ("overall", result.overall, base.overall),
+        *[(t, s, base.per_tier.get(t)) for t, s in result.per_tier.items()],
+    ]:
+        figures = [("p95", "P95", now.measured_ms.p95_ms, before.measured_ms.p95_ms if before else None)]
+        if now.tokens is not None and before is not None and before.tokens is not None:
+            for key, label in (("ttft_p95_ms", "TTFT P95"), ("itl_p95_ms", "ITL P95")):
+                figures.append((key.removesuffix("_ms"), label, getattr(now.tokens.measured, key),
+                                getattr(before.tokens.measured, key)))  # fmt: skip
+        for name, label, new, old in figures:
             if old is None or new is None:
                 continue
-            limit = old * (1 + limits.baseline_tolerance)
+            limit = old * (1 + tolerance)
             gates.append(
                 Gate(
-                    name=f"baseline_p95_{name}",
+                    name=f"baseline_{name}_{scope}",
                     passed=new <= limit,
                     value=new,
                     limit=limit,
-                    detail=f"P95 {new:.1f} ms vs baseline {old:.1f} ms (+{limits.baseline_tolerance:.0%} allowed)",
+                    detail=f"{label} {new:.1f} ms vs baseline {old:.1f} ms (+{tolerance:.0%} allowed)",
                 )
             )
     return gates

@@ -29,7 +29,7 @@ def _needs_more(args: list[str]) -> bool:
 def _commands() -> list[list[str]]:
     commands = []
     for block in _blocks("bash"):
-        for text in block.splitlines():
+        for text in block.replace("\\\n", " ").splitlines():  # a command continued with a backslash is one line
             line = text.split("  #", 1)[0].strip()
             if line.startswith("infer-plan ") and not _needs_more(args := shlex.split(line)[1:]):
                 commands.append(args)

@@ -187,3 +187,43 @@ def test_a_target_that_answers_something_else_is_counted_not_a_crash(mode, strea
     assert data["error_rate"] == 1.0 and data["status_counts"] == {"200": data["requests"]}
     assert sum(data["failures"].values()) == data["requests"], data["failures"]
     assert all(why in reason for reason in data["failures"]), data["failures"]
+
+
+def test_a_timed_dataset_replays_its_arrivals_tiers_and_lengths(scenario, tmp_path):
+    rows = [
+        {
+            "timestamp": i * 0.1,
+            "tier": ("enterprise", "paid", "free")[i % 3],
+            "prompt_tokens": 8 + i,
+            "output_tokens": 3,
+        }
+        for i in range(30)
+    ]
+    dataset = tmp_path / "replay.jsonl"
+    dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.json"
+    proc = loadtest(
+        "--target", "sim", "--scenario", str(scenario), "--api", "completions", "--stream", "--dataset", str(dataset),
+        "--rps", "1", "--duration", "3", "--warmup", "0", "--slo-p95-ms", "5000", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["requests"] == 30 and data["status_counts"] == {"200": 30}
+    assert data["overall"]["tokens"]["measured"]["output_tokens_per_s"] == pytest.approx(30 * 3 / 3)
+
+
+def test_the_baseline_gates_ttft_and_itl_too(streamed_run, scenario, tmp_path):
+    data, _ = streamed_run
+    faster = json.loads(json.dumps(data))
+    faster["overall"]["tokens"]["measured"]["ttft_p95_ms"] = 1.0  # a baseline no run can match
+    (tmp_path / "faster.json").write_text(json.dumps(faster))
+    junit = tmp_path / "junit.xml"
+    proc = loadtest(
+        "--target", "sim", "--scenario", str(scenario), "--api", "completions", "--stream", *LENGTHS,
+        "--rps", "10", "--duration", "5", "--slo-p95-ms", "5000", "--baseline", str(tmp_path / "faster.json"),
+        "--baseline-tolerance", "0.5", "--junit", str(junit),
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cases = junit_cases(junit)
+    assert cases["baseline_ttft_p95_overall"] is True and cases["baseline_itl_p95_overall"] is False
+    assert cases["baseline_ttft_p95_free"] is False and cases["baseline_p95_overall"] is False
