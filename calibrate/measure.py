@@ -27,7 +27,7 @@ import numpy as np
 
 from ..server.backends.base import Backend, BackendError, Generate
 from ..server.backends.http_client import request_json
-from .profile import Cell, LinearFit, fit_batch_latency, jitter_quantiles
+from .profile import Cell, LinearFit, PhaseSplit, fit_batch_latency, jitter_quantiles
 
 __all__ = ["MIN_TRAFFIC_SAMPLES", "BatchTimings", "TooFewSizesError", "measure_batches", "served_batch_timings"]
 
@@ -38,6 +38,7 @@ PROMPT_IDS = range(100, 1000)  # token ids of calibration prompts: inside any re
 @dataclass
 class BatchTimings:
     samples_ms: dict[Cell, list[float]]  # in the order the cells were asked for
+    phases_ms: dict[Cell, list[dict[str, float]]] | None = None  # per batch, from a backend that times its phases
 
     @property
     def cells(self) -> list[Cell]:
@@ -57,6 +58,28 @@ class BatchTimings:
         """The profile's costs fitted to the per-cell medians, and the spread around them (cycle_jitter)."""
         fit = fit_batch_latency(self.cells, self.median_ms())
         return fit, jitter_quantiles(fit, self.samples_ms)
+
+    def phase_medians(self) -> dict[str, list[float]] | None:
+        """Each phase's median per cell (None: the backend times no phases)."""
+        if not self.phases_ms or not all(self.phases_ms.values()):
+            return None
+        names = list(next(iter(self.phases_ms.values()))[0])
+        return {p: [float(np.median([b[p] for b in batches])) for batches in self.phases_ms.values()] for p in names}
+
+    def phase_split(self, fit: LinearFit) -> PhaseSplit | None:
+        """The fitted fixed cost split as the service model splits it: PCIe in, kernel, PCIe out.
+
+        Each phase is fitted against batch size on its own; its intercept is that phase's
+        fixed cost. PCIe in and out take theirs; the kernel the rest of the whole batch's
+        fixed cost, so the three add up to what was measured end to end.
+        """
+        medians = self.phase_medians()
+        if medians is None:
+            return None
+        sizes = np.array([c.size for c in self.phases_ms or {}], dtype=float)
+        intercept = {p: max(0.0, float(np.polyfit(sizes, v, 1)[1])) for p, v in medians.items()}
+        pcie_in, pcie_out = intercept.get("pcie_in_ms", 0.0), intercept.get("pcie_out_ms", 0.0)
+        return PhaseSplit(pcie_in, max(0.0, fit.fixed_ms - pcie_in - pcie_out), pcie_out)
 
 
 async def measure_batches(
@@ -88,6 +111,7 @@ async def measure_batches(
         if on_batch:
             on_batch()
     samples: dict[Cell, list[float]] = {c: [] for c in cells}
+    phases: dict[Cell, list[dict[str, float]]] = {}
     for _ in range(repetitions):
         order = list(cells)
         rng.shuffle(order)
@@ -96,11 +120,13 @@ async def measure_batches(
             started = time.perf_counter()
             outputs = await backend.run_batch(requests, 0)
             samples[cell].append((time.perf_counter() - started) * 1000.0)
+            if (timed := backend.batch_phases(0)) is not None:
+                phases.setdefault(cell, []).append(timed)
             if len(outputs) != cell.size:
                 raise BackendError(f"backend returned {len(outputs)} outputs for a batch of {cell.size}")
             if on_batch:
                 on_batch()
-    return BatchTimings(samples)
+    return BatchTimings(samples, {c: phases[c] for c in cells} if len(phases) == len(cells) else None)
 
 
 class TooFewSizesError(BackendError):
@@ -118,8 +144,8 @@ async def served_batch_timings(internal_url: str, window_s: float, timeout_s: fl
         data = await request_json(session, "GET", url)
     by_size: dict[int, list[float]] = defaultdict(list)
     try:
-        for _ended_at, size, ms in data["batches"]:
-            by_size[int(size)].append(float(ms))
+        for row in data["batches"]:
+            by_size[int(row[1])].append(float(row[2]))
     except (KeyError, TypeError, ValueError) as err:
         raise BackendError(f"{url} sent no batch log (ended_at, size, ms): {err!r}") from None
     sizes = sorted(s for s, v in by_size.items() if len(v) >= MIN_TRAFFIC_SAMPLES)

@@ -37,6 +37,7 @@ __all__ = [
     "JITTER_POINTS",
     "Cell",
     "LinearFit",
+    "PhaseSplit",
     "calibrated_model",
     "fit_batch_latency",
     "jitter_quantiles",
@@ -45,6 +46,14 @@ __all__ = [
 ]
 
 JITTER_POINTS = 21  # quantiles 0, 0.05, ..., 1 of the batch-time multiplier
+
+
+class PhaseSplit(NamedTuple):
+    """A batch's fixed cost by phase (ms), as the service model holds it."""
+
+    pcie_in_ms: float
+    kernel_ms: float
+    pcie_out_ms: float
 
 
 class Cell(NamedTuple):
@@ -114,12 +123,17 @@ def jitter_quantiles(fit: LinearFit, samples_ms: dict[Cell, list[float]], points
     return [round(float(x), 4) for x in np.quantile(ratios, np.linspace(0.0, 1.0, points))]
 
 
-def service_table(fit: LinearFit, jitter: list[float]) -> dict[str, object]:
-    """The service parameters a profile sets: the fitted costs and their spread; PCIe is inside the measurement."""
+def service_table(fit: LinearFit, jitter: list[float], split: PhaseSplit | None = None) -> dict[str, object]:
+    """The service parameters a profile sets: the fitted costs and their spread.
+
+    Without a phase split PCIe is inside the measured kernel time (an engine that does
+    not say where its time goes); with one, each phase gets its own share.
+    """
+    phases = split or PhaseSplit(0.0, fit.fixed_ms, 0.0)
     table: dict[str, object] = {
-        "pcie_in_ms": 0.0,
-        "kernel_ms": round(fit.fixed_ms, 4),
-        "pcie_out_ms": 0.0,
+        "pcie_in_ms": round(phases.pcie_in_ms, 4),
+        "kernel_ms": round(phases.kernel_ms, 4),
+        "pcie_out_ms": round(phases.pcie_out_ms, 4),
         "per_item_ms": round(fit.per_item_ms, 5),
     }
     if fit.tokens:
@@ -136,7 +150,9 @@ def calibrated_model(model: ServiceModel, fit: LinearFit, jitter: list[float]) -
     return ServiceModel(**{**model.model_dump(), **service_table(fit, jitter)})
 
 
-def profile_toml(fit: LinearFit, jitter: list[float], measured: dict[str, object]) -> str:
+def profile_toml(
+    fit: LinearFit, jitter: list[float], measured: dict[str, object], split: PhaseSplit | None = None
+) -> str:
     """The profile file's text: the [service] layer the simulator reads, then the evidence."""
     if fit.tokens:
         form = (
@@ -153,4 +169,4 @@ def profile_toml(fit: LinearFit, jitter: list[float], measured: dict[str, object
         "# Use it with: infer-plan simulate|capacity|loadtest --profile THIS_FILE\n"
         f"{form}# fit error: max {fit.max_relative_error:.1%}, mean {fit.mean_relative_error:.1%} over the cells\n"
     )
-    return header + tomli_w.dumps({"service": service_table(fit, jitter), "profile": measured})
+    return header + tomli_w.dumps({"service": service_table(fit, jitter, split), "profile": measured})

@@ -89,6 +89,7 @@ def run_calibration(spec: CalibrationSpec, *, on_batch: Callable[[], None] | Non
         timings = asyncio.run(_measure(engine, cells, spec.repetitions, spec.warmup_batches, on_batch))
         repetitions, warmup, source = spec.repetitions, spec.warmup_batches, spec.backend
     fit, jitter = timings.fit()
+    split, phase_medians = timings.phase_split(fit), timings.phase_medians()
     cells, fitted = timings.cells, fit.predict(timings.cells)
     points = [
         CalibrationPoint(
@@ -112,6 +113,7 @@ def run_calibration(spec: CalibrationSpec, *, on_batch: Callable[[], None] | Non
         mean_relative_error=fit.mean_relative_error,
         cycle_jitter=jitter,
         profile_path=str(spec.out),
+        phases=split._asdict() if split is not None else None,
     )
     lengths = {"prompt_tokens": [c.prompt_tokens for c in cells], "output_tokens": [c.output_tokens for c in cells]}
     evidence = {
@@ -124,8 +126,10 @@ def run_calibration(spec: CalibrationSpec, *, on_batch: Callable[[], None] | Non
         "fitted_ms": [round(float(f), 3) for f in fitted],
         "max_relative_error": round(fit.max_relative_error, 4),
     }
+    if phase_medians is not None:
+        evidence["phase_median_ms"] = {p: [round(m, 4) for m in v] for p, v in phase_medians.items()}
     try:
-        spec.out.write_text(profile_toml(fit, jitter, evidence), encoding="utf-8")
+        spec.out.write_text(profile_toml(fit, jitter, evidence, split), encoding="utf-8")
     except OSError as err:
         raise UsageError(f"cannot write {spec.out}: {err.strerror}", field="out") from None
     return result

@@ -9,6 +9,8 @@ import typer
 
 from ..core.errors import UsageError
 from .options import (
+    DeviceOpt,
+    DtypeOpt,
     JsonFlagOpt,
     MaxModelLenOpt,
     MaxTokensOpt,
@@ -16,6 +18,8 @@ from .options import (
     SaveOpt,
     ScenarioOpt,
     TemperatureOpt,
+    TorchFlags,
+    TorchModelOpt,
     build_scenario,
     engine_options,
 )
@@ -25,7 +29,8 @@ from .progress import status_progress
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Profile TOML to write (for --profile).")]
 BackendOpt = Annotated[
-    str, typer.Option("--backend", help="sim | vllm | openai | remote (a running server) | package.module:Class")
+    str,
+    typer.Option("--backend", help="sim | vllm | openai | torch | remote (a running server) | package.module:Class"),
 ]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Model directory (vllm) or name (openai).")]
 UpstreamOpt = Annotated[
@@ -65,6 +70,9 @@ def calibrate(
     max_tokens: MaxTokensOpt = 16,
     temperature: TemperatureOpt = 0.0,
     max_model_len: MaxModelLenOpt = 512,
+    torch_model: TorchModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     scenario: ScenarioOpt = None,
     json_out: JsonFlagOpt = False,
     save: SaveOpt = None,
@@ -74,7 +82,8 @@ def calibrate(
     from ..calibrate.run import CalibrationSpec, calibration_cells, run_calibration
 
     service = build_scenario(scenario=scenario).model
-    options = engine_options(backend, model, upstream, max_tokens, temperature, max_model_len)
+    torch = TorchFlags(torch_model, device, dtype)
+    options = engine_options(backend, model, upstream, max_tokens, temperature, max_model_len, torch)
     if from_traffic and backend != "remote":
         raise UsageError("--from-traffic reads a running server's batch log: use --backend remote --upstream URL")
     spec = CalibrationSpec(

@@ -6,6 +6,7 @@ reads flags or the environment itself.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -78,6 +79,8 @@ FLAG_OF = {
     "target": "--target",
     "gpus": "--gpus",
     "batch_log_url": "--batch-log",
+    "device": "--device",
+    "dtype": "--dtype",
     "api_key": "--api-key",
     "scrape_metrics_url": "--scrape-metrics",
     "stream": "--stream",
@@ -114,13 +117,37 @@ def build_scenario(
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens generated per request (vllm, openai).")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")]
 MaxModelLenOpt = Annotated[int, typer.Option("--max-model-len", min=16, help="vLLM context length; prompts are cut.")]
+TorchModelOpt = Annotated[
+    str | None, typer.Option("--torch-model", help="torch: MODULE:FACTORY returning (module, preprocess).")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="torch: cpu, cuda (one device per GPU worker) or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="torch: float32, float16 or bfloat16.")]
+
+
+@dataclass(frozen=True)
+class TorchFlags:
+    """The torch backend's flags, as serve and calibrate take them."""
+
+    torch_model: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
 
 
 def engine_options(
-    backend: str, model: str | None, upstream: str | None, max_tokens: int, temperature: float, max_model_len: int
+    backend: str,
+    model: str | None,
+    upstream: str | None,
+    max_tokens: int,
+    temperature: float,
+    max_model_len: int,
+    torch: TorchFlags | None = None,
+    gpus: int = 1,
 ) -> dict[str, Any]:
     """The keyword arguments of the chosen backend's constructor, checked for what it needs."""
     generation = Generation(max_tokens=max_tokens, temperature=temperature)
+    if backend == "torch":
+        flags = torch or TorchFlags()
+        return {"torch_model": flags.torch_model, "device": flags.device, "dtype": flags.dtype, "replicas": gpus}
     if backend == "openai":
         if not upstream:
             raise UsageError("--backend openai needs --upstream URL (an OpenAI-compatible server)")

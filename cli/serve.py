@@ -15,6 +15,8 @@ from ..server.instances import run_instances
 from ..server.keys import DEV_KEYS
 from ..server.runner import Listening, run_server
 from .options import (
+    DeviceOpt,
+    DtypeOpt,
     KernelOpt,
     KeysOpt,
     MaxBatchOpt,
@@ -24,13 +26,17 @@ from .options import (
     ProfileOpt,
     ScenarioOpt,
     TemperatureOpt,
+    TorchFlags,
+    TorchModelOpt,
     build_scenario,
     engine_options,
 )
 
 HostOpt = Annotated[str, typer.Option("--host", help="Public listener address.")]
 PortOpt = Annotated[int, typer.Option("--port", min=0, max=65535, help="Public port (0: any free one).")]
-BackendOpt = Annotated[str, typer.Option("--backend", help="sim | vllm | openai | remote | package.module:Class.")]
+BackendOpt = Annotated[
+    str, typer.Option("--backend", help="sim | vllm | openai | torch | remote | package.module:Class.")
+]
 GpusOpt = Annotated[int | None, typer.Option("--gpus", min=1, help="GPU workers (default: the scenario's, else 1).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Model name or local path.")]
 ServedNameOpt = Annotated[
@@ -72,6 +78,9 @@ def serve(
     max_tokens: MaxTokensOpt = 16,
     temperature: TemperatureOpt = 0.0,
     max_model_len: MaxModelLenOpt = 512,
+    torch_model: TorchModelOpt = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
     internal_host: InternalHostOpt = "127.0.0.1",
     internal_port: InternalPortOpt = None,
     allow_remote_internal: RemoteInternalOpt = False,
@@ -96,7 +105,10 @@ def serve(
     config = ServerConfig(
         model=scen.model, host=host, port=port, internal_host=internal_host, internal_port=internal_port,
         allow_remote_internal=allow_remote_internal, backend=backend, gpus=scen.model.gpus or 1,
-        backend_options=engine_options(backend, model, upstream, max_tokens, temperature, max_model_len),
+        backend_options=engine_options(
+            backend, model, upstream, max_tokens, temperature, max_model_len, TorchFlags(torch_model, device, dtype),
+            gpus=scen.model.gpus or 1,
+        ),
         keys_file=keys, allow_dev_keys=allow_dev_keys, model_name=served_model_name or model,
         drain_timeout_s=drain_timeout, access_log=access_log, redis_url=redis, redis_prefix=redis_prefix,
     )  # fmt: skip

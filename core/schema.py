@@ -54,7 +54,7 @@ SCHEMA_HISTORY = {
     "output tokens/s, goodput) in simulate and capacity",
     5: "loadtest by tokens: api and stream, TTFT/ITL/TPOT/goodput measured and simulated (tokens), where the token "
     "counts came from (token_counts), the target's own metrics over the run (server_metrics), why requests failed "
-    "(failures)",
+    "(failures); calibrate's phases (the fixed cost split into PCIe in, kernel, PCIe out)",
 }
 
 # Percentile points kept for latency CDF plots: fine steps in the tail where SLOs live.
@@ -356,6 +356,9 @@ class CalibrationResult(_Model):
     mean_relative_error: float
     cycle_jitter: list[float] = Field(default_factory=list, description="batch-time multipliers at quantiles 0..1")
     profile_path: str | None = None
+    phases: dict[str, float] | None = Field(
+        default=None, description="fixed cost by phase (pcie_in_ms, kernel_ms, pcie_out_ms) if the backend times it"
+    )
 
 
 Result = Annotated[SimulationResult | CapacityResult | LoadTestResult | CalibrationResult, Field(discriminator="kind")]

@@ -372,6 +372,11 @@ def _calibration(r: CalibrationResult) -> Summary:
             ("step time", f"{r.decode_step_ms:.4f} ms + {r.prefill_ms_per_token:.6f} ms x prefilled tokens"
              f" + {r.decode_ms_per_seq:.5f} ms x sequences (continuous batching)")
         )  # fmt: skip
+    if r.phases is not None:
+        facts.append(
+            ("phases", f"PCIe in {r.phases['pcie_in_ms']:.3f} ms, kernel {r.phases['kernel_ms']:.3f} ms, "
+             f"PCIe out {r.phases['pcie_out_ms']:.3f} ms (the fixed cost, as the backend timed it)")
+        )  # fmt: skip
     cells = "cell" if tokens else "size"
     cells_named = "batch size, prompt and output" if tokens else "batch size"
     columns = ["batch size", *(["prompt", "output"] if tokens else []), "median", "P95", "min", "fitted", "fit error"]

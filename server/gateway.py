@@ -213,7 +213,8 @@ class InternalApi:
 
     ``POST /internal/batch`` runs one batch on a free GPU, results by index position;
     ``GET /internal/batches?window_s=N`` lists the client-traffic batches served in the
-    last N seconds (``calibrate --from-traffic``).
+    last N seconds (``calibrate --from-traffic``), with each batch's phase times where the
+    backend measures them (torch), else null.
     """
 
     def __init__(self, state: ServerState) -> None:
@@ -259,8 +260,8 @@ class InternalApi:
             raise ApiError(400, "'window_s' must be a number of seconds > 0")
         since = time.time() - window_s  # this server's clock, so the caller's does not matter
         served = self.state.pool.served if self.state.pool is not None else ()
-        rows = [[round(b.ended_at, 3), b.size, round(b.ms, 3)] for b in served if b.ended_at >= since]
-        return web.json_response({"columns": ["ended_at", "size", "ms"], "batches": rows})
+        rows = [[round(b.ended_at, 3), b.size, round(b.ms, 3), b.phases] for b in served if b.ended_at >= since]
+        return web.json_response({"columns": ["ended_at", "size", "ms", "phases"], "batches": rows})
 
 
 def _internal_request(i: int, item: object) -> Generate:

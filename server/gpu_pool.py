@@ -46,6 +46,7 @@ class ServedBatch:
     ended_at: float  # time.time()
     size: int
     ms: float  # how long the batch held its GPU
+    phases: dict[str, float] | None = None  # PCIe in / kernel / PCIe out (ms), from a backend that times them
 
 
 class _DirectBatch(list):
@@ -126,8 +127,11 @@ class GpuPool:
                 metrics.gpu_busy_seconds.inc(elapsed)
                 metrics.batch_latency.observe(elapsed)
                 metrics.batch_size.observe(len(batch))
+                phases = self.backend.batch_phases(gpu) if isinstance(result, list) else None
+                for name, ms in (phases or {}).items():
+                    metrics.batch_phase.labels(name.removesuffix("_ms")).observe(ms / 1000.0)
                 if isinstance(result, list) and not isinstance(batch, _DirectBatch):
-                    self.served.append(ServedBatch(time.time(), len(batch), elapsed * 1000.0))
+                    self.served.append(ServedBatch(time.time(), len(batch), elapsed * 1000.0, phases))
                 self.running -= 1
                 self.running_requests -= len(batch)
 

@@ -36,6 +36,13 @@ class ServerMetrics:
             registry=r,
         )
         self.gpus_busy = Gauge("inferplan_gpus_busy", "GPUs running a batch now", registry=r)
+        self.batch_phase = Histogram(
+            "inferplan_batch_phase_seconds",
+            "Time of each phase of a batch (PCIe in, kernel, PCIe out), from a backend that times them",
+            ["phase"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0),
+            registry=r,
+        )
         self.requests_running = Gauge(
             "inferplan_requests_running", "Requests on a GPU now (sequences, in continuous batching)", registry=r
         )

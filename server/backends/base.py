@@ -180,6 +180,10 @@ class Backend(ABC):
     async def close(self) -> None:  # noqa: B027  (optional hook)
         """Release what start() took."""
 
+    def batch_phases(self, gpu: int) -> dict[str, float] | None:
+        """The last batch's PCIe in / kernel / PCIe out times on GPU ``gpu`` (ms), from a backend that times them."""
+        return None
+
     def render_chat(self, messages: list[dict[str, str]]) -> str | list[int]:
         """A chat as one prompt: the engine's chat template where it has one, else :func:`plain_chat_prompt`."""
         return plain_chat_prompt(messages)
@@ -205,7 +209,7 @@ def plain_chat_prompt(messages: list[dict[str, str]]) -> str:
 
 def _load_builtin_backends() -> None:
     # Each registers itself; the engine modules import their heavy libraries only in start().
-    from . import openai_upstream, remote, sim, vllm_engine  # noqa: F401
+    from . import openai_upstream, remote, sim, torch_backend, vllm_engine  # noqa: F401
 
 
 def _import_backend(spec: str) -> type[Backend]:

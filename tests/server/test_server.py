@@ -89,11 +89,12 @@ async def test_batch_log_lists_client_traffic_only_within_its_window():
             )
             assert [a[0] for a in answers] == [200] * 7
             status, payload = await log("?window_s=60")
-            assert status == 200 and payload["columns"] == ["ended_at", "size", "ms"]
+            assert status == 200 and payload["columns"] == ["ended_at", "size", "ms", "phases"]
             rows = payload["batches"]
-            assert sum(size for _, size, _ in rows) == 7 and len(rows) <= 2  # one batch, or two if split
+            assert sum(size for _, size, _, _ in rows) == 7 and len(rows) <= 2  # one batch, or two if split
             cycle = ServiceModel().gpu_cycle_ms()
-            assert all(cycle - 1 <= ms <= cycle + 50 and abs(ended - time.time()) < 30 for ended, _, ms in rows)
+            assert all(cycle - 1 <= ms <= cycle + 50 and abs(ended - time.time()) < 30 for ended, _, ms, _ in rows)
+            assert all(phases is None for *_, phases in rows)  # the sim backend sleeps its phases, times none
             await asyncio.sleep(1.2)
             assert (await log("?window_s=1"))[1]["batches"] == []  # served more than a second ago
             for bad in ("?window_s=0", "?window_s=-5", "?window_s=abc", "?window_s=nan"):
