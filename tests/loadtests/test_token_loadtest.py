@@ -92,6 +92,7 @@ def test_an_impossible_ttft_slo_fails_exactly_the_ttft_gates(tmp_path):
     assert failed == {"ttft_p95_overall", "ttft_p95_enterprise", "ttft_p95_paid", "ttft_p95_free"}
 
 
+@pytest.mark.slow
 def test_not_streamed_gates_e2e_and_says_ttft_was_not_measured(scenario, tmp_path):
     out = tmp_path / "out.json"
     proc = loadtest(
@@ -149,8 +150,10 @@ def test_workers_and_the_targets_metrics(scenario, tmp_path):
     [
         (["--api", "bogus"], "--api"),
         (["--stream"], "--stream"),
-        (["--api", "chat", "--api-key", "k", "--keys", "examples/keys.toml"], "--api-key"),
-        (["--api", "chat", "--scrape-metrics", "nowhere"], "--scrape-metrics"),
+        pytest.param(
+            ["--api", "chat", "--api-key", "k", "--keys", "examples/keys.toml"], "--api-key", marks=pytest.mark.slow
+        ),
+        pytest.param(["--api", "chat", "--scrape-metrics", "nowhere"], "--scrape-metrics", marks=pytest.mark.slow),
     ],
 )
 def test_usage_errors_are_one_line(args, needle):
@@ -169,10 +172,10 @@ def test_an_unreachable_target_is_one_line():
     ("mode", "stream", "why"),
     [
         ("html", False, "an answer that is not JSON"),
-        ("html", True, "asked for a stream, got text/html"),
-        ("json", True, "asked for a stream, got application/json"),
+        pytest.param("html", True, "asked for a stream, got text/html", marks=pytest.mark.slow),
+        pytest.param("json", True, "asked for a stream, got application/json", marks=pytest.mark.slow),
         ("garbage-sse", True, "not an SSE stream"),
-        ("error-mid-stream", True, "error mid-stream"),
+        pytest.param("error-mid-stream", True, "error mid-stream", marks=pytest.mark.slow),
     ],
 )
 def test_a_target_that_answers_something_else_is_counted_not_a_crash(mode, stream, why, tmp_path):
@@ -189,6 +192,7 @@ def test_a_target_that_answers_something_else_is_counted_not_a_crash(mode, strea
     assert all(why in reason for reason in data["failures"]), data["failures"]
 
 
+@pytest.mark.slow
 def test_a_timed_dataset_replays_its_arrivals_tiers_and_lengths(scenario, tmp_path):
     rows = [
         {
@@ -212,6 +216,7 @@ def test_a_timed_dataset_replays_its_arrivals_tiers_and_lengths(scenario, tmp_pa
     assert data["overall"]["tokens"]["measured"]["output_tokens_per_s"] == pytest.approx(30 * 3 / 3)
 
 
+@pytest.mark.slow
 def test_the_baseline_gates_ttft_and_itl_too(streamed_run, scenario, tmp_path):
     data, _ = streamed_run
     faster = json.loads(json.dumps(data))

@@ -105,8 +105,8 @@ async def test_out_of_memory_answers_that_batch_503_and_the_worker_goes_on():
     ("args", "needle"),
     [
         (["--device", "cuda:7"], "--device cuda:7"),
-        (["--device", "gpu"], "--device"),
-        (["--torch-model", "nowhere.at_all:factory"], "--torch-model"),
+        pytest.param(["--device", "gpu"], "--device", marks=pytest.mark.slow),
+        pytest.param(["--torch-model", "nowhere.at_all:factory"], "--torch-model", marks=pytest.mark.slow),
         (["--torch-model", "no_colon"], "MODULE:FACTORY"),
     ],
 )
