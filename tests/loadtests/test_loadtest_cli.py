@@ -142,6 +142,7 @@ def test_slow_server_latency_grows_with_the_backlog(tmp_path):
     assert proc.returncode == 0
 
 
+@pytest.mark.slow
 def test_distributed_mode_with_two_workers(tmp_path):
     out = tmp_path / "w.json"
     proc = loadtest("--target", "sim", "--rps", "200", "--duration", "6", "--workers", "2", "--json", str(out))

@@ -81,6 +81,7 @@ def test_every_token_gate_is_a_junit_case_and_the_report_shows_tokens(streamed_r
     assert report.returncode == 0 and "Tokens (ms; TTFT from scheduled send)" in report.stdout
 
 
+@pytest.mark.slow
 def test_an_impossible_ttft_slo_fails_exactly_the_ttft_gates(tmp_path):
     junit = tmp_path / "junit.xml"
     proc = loadtest(

@@ -162,6 +162,7 @@ async def test_a_failed_batch_answers_every_owner_with_the_error(redis, tmp_path
                     assert [body["output"] for _, body, _ in answers] == [sim_output(t) for t in texts]
 
 
+@pytest.mark.slow
 async def test_backpressure_uses_the_shared_depth_so_all_instances_shed_alike(redis, tmp_path):
     # Nothing leaves the queue for 8 s (a batch needs 100 or an 8 s wait), so the depth is exact.
     # Two instances x 1 GPU, queue limit 40: free shed from 20 queued, paid from 30, all from 40.
@@ -225,6 +226,7 @@ async def test_kill_9_of_one_instance_loses_none_of_the_others_requests(redis, t
     assert max(s.seconds for s in survivor) < 8, "reclaimed within the liveness TTL plus a rerun"
 
 
+@pytest.mark.slow
 async def test_sigterm_drains_one_instance_while_the_other_keeps_serving(redis, tmp_path):
     with instances(redis, 2, "--scenario", scenario(tmp_path)) as (a, b):
         load = asyncio.create_task(spread_load([a.url, b.url], rate=100, seconds=6))

@@ -152,7 +152,8 @@ async def test_soak_ten_minutes_at_seventy_percent(tmp_path):
         f"P95 by minute {', '.join(f'{p:.0f}' for p in p95_by_minute)} ms (spread {spread:.1%})"
     )
     assert abs(rss_slope) < 1.0  # MB per minute
-    assert abs(fd_slope) < 1.0
-    # Under load the count follows the client's keep-alive pool; once it closes, nothing may be left over.
+    # Under load the count follows the client's keep-alive pool (47-77 seen, a slope of +1.3/min once on CI);
+    # a leak of one fd per request would climb ~7,600/min. Once the pool closes, nothing may be left over.
+    assert abs(fd_slope) < 3.0
     assert fds_after <= sampler.fds[0] + 3
     assert spread < 0.25
