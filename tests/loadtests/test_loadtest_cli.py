@@ -73,6 +73,7 @@ def test_impossible_slo_fails_exactly_the_latency_gates(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_baseline_gate_compares_with_an_earlier_run(passing_run, tmp_path):
     _, _, out = passing_run
     ok = loadtest(

@@ -114,6 +114,7 @@ async def test_two_instances_answer_every_request_with_its_own_output_in_mixed_b
     assert sum(mixed) > 0
 
 
+@pytest.mark.slow
 async def test_two_instances_of_one_gpu_behave_as_the_simulators_pool_of_two(redis):
     # The topology in the simulator: instances sharing the queue are one pool of their GPUs, plus the
     # Redis path's per-request time (shared_queue_ms, from benchmarks/bench_redis.py).
