@@ -33,11 +33,14 @@ class Api(StrEnum):
 
     @property
     def path(self) -> str:
-        return {"inference": "/v1/inference", "completions": "/v1/completions", "chat": "/v1/chat/completions"}[self]
+        return _PATHS[self]
 
     @property
     def has_tokens(self) -> bool:
         return self is not Api.INFERENCE
+
+
+_PATHS = {Api.INFERENCE: "/v1/inference", Api.COMPLETIONS: "/v1/completions", Api.CHAT: "/v1/chat/completions"}
 
 
 class CountedBy(IntEnum):

@@ -148,7 +148,7 @@ def run_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) -> Loa
         )
     return analyse(
         measured, simulated, facts, spec.limits, locust=sent.locust, batch_log=rerun, tokens=tokens,
-        server_metrics=scraped.result(), failures=sent.failures,
+        server_metrics=scraped.result() if scraped else None, failures=sent.failures,
     )  # fmt: skip
 
 

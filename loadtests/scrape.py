@@ -71,19 +71,11 @@ def _first(candidates: tuple[str, ...], samples: list[dict[str, float]]) -> str 
     return next((name for name in candidates if any(name in s for s in samples)), None)
 
 
-class _Handle:
-    def __init__(self, scrape: _Scrape | None) -> None:
-        self.scrape = scrape
-
-    def result(self) -> ServerMetrics | None:
-        return self.scrape.result() if self.scrape is not None else None
-
-
 @contextlib.contextmanager
-def scraping(url: str | None, started: float, every_s: float = 1.0) -> Iterator[_Handle]:
+def scraping(url: str | None, started: float, every_s: float = 1.0) -> Iterator[_Scrape | None]:
     """Sample ``url`` every ``every_s`` in a greenlet while the block runs (nothing when ``url`` is None)."""
     if url is None:
-        yield _Handle(None)
+        yield None
         return
     scrape = _Scrape(url, started)
 
@@ -94,6 +86,6 @@ def scraping(url: str | None, started: float, every_s: float = 1.0) -> Iterator[
 
     greenlet = gevent.spawn(loop)
     try:
-        yield _Handle(scrape)
+        yield scrape
     finally:
         greenlet.kill(block=True, timeout=5)

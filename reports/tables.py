@@ -26,6 +26,7 @@ __all__ = ["Block", "Summary", "Table", "Verdict", "batch_log_summary", "summari
 
 
 def _ms(value: float | None) -> str:
+    """One decimal with thousands separators, "-" for none (ms, and rates beside them)."""
     return "-" if value is None else f"{value:,.1f}"
 
 
@@ -320,17 +321,13 @@ def _token_table(r: LoadTestResult) -> list[Table]:
                 _ms(sim.itl_p95_ms),
                 _pct(err.get("itl_p95_ms")),
                 _ms(t.measured.tpot_p95_ms),
-                _rate(t.measured.output_tokens_per_s),
-                _rate(t.measured.goodput_rps),
+                _ms(t.measured.output_tokens_per_s),
+                _ms(t.measured.goodput_rps),
             ]
         )
     headers = ["tier", "TTFT P50", "TTFT P95", "sim", "err", "ITL P50", "ITL P95", "sim", "err", "TPOT P95",
                "tokens/s", "goodput"]  # fmt: skip
     return [Table("Tokens (ms; TTFT from scheduled send): measured vs simulated", headers, rows, {len(rows) - 1})]
-
-
-def _rate(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.1f}"
 
 
 def _server_metrics_line(r: LoadTestResult) -> str:

@@ -78,7 +78,7 @@ class _Replica:
         started = time.perf_counter()
         inputs = [self.preprocess(text) for text in texts]
         width = max(int(t.numel()) for t in inputs)
-        host = torch.full((len(inputs), width), _pad_id(self.module), dtype=torch.long)
+        host = torch.zeros((len(inputs), width), dtype=torch.long)  # padded positions are masked, any id will do
         mask = torch.ones((len(inputs), width), dtype=torch.bool)
         for i, ids in enumerate(inputs):
             host[i, : ids.numel()] = ids
@@ -120,12 +120,6 @@ class _Replica:
             "pcie_out_ms": events[2].elapsed_time(events[3]),
         }
         return back.tolist()
-
-
-def _pad_id(module: Any) -> int:
-    """The model's padding id where it declares one (an embedding's padding_idx), else 0 (masked anyway)."""
-    embed = getattr(module, "embed", None)
-    return int(getattr(embed, "padding_idx", None) or 0)
 
 
 @Backend.register("torch")
