@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Annotated
 
 import typer
@@ -19,6 +20,7 @@ from .options import (
     KernelOpt,
     MaxBatchOpt,
     MaxWaitOpt,
+    MinDurationOpt,
     NoOverlapOpt,
     OutputTokensOpt,
     ProfileOpt,
@@ -35,7 +37,9 @@ from .options import (
     TtftSloOpt,
     WarmupOpt,
     build_scenario,
+    precision_option,
     token_load,
+    with_run_length,
 )
 from .output import emit_json, render_result
 from .parsing import parse_tier_mix
@@ -60,6 +64,9 @@ MaxRejectOpt = Annotated[float, typer.Option("--max-reject", min=0, max=1, help=
 TierSloOpt = Annotated[str | None, typer.Option("--tier-slo", help="Per-tier P95 SLOs, e.g. enterprise=300.")]
 OverallOnlyOpt = Annotated[bool, typer.Option("--overall-only", help="Check P95 overall only, not per tier.")]
 MaxGpusOpt = Annotated[int | None, typer.Option("--max-gpus", min=1, help="Search limit (default 4x the arithmetic).")]
+DEFAULT_PRECISION = 0.01  # P95 known to +-1%: finer than any SLO margin worth planning on
+PrecisionOpt = Annotated[float | None, precision_option("0.01")]
+JobsOpt = Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Simulations at once, in processes [cores].")]
 SweepOpt = Annotated[bool, typer.Option("--sweep", help="Also plan 0.1x..2x the rate: the GPUs-vs-rps curve.")]
 SweepRatesOpt = Annotated[str | None, typer.Option("--sweep-rates", help="Rates for --sweep, e.g. 1000,5000.")]
 
@@ -75,6 +82,9 @@ def capacity(
     duration: DurationOpt = None,
     warmup: WarmupOpt = None,
     seed: SeedOpt = None,
+    precision: PrecisionOpt = None,
+    min_duration: MinDurationOpt = None,
+    jobs: JobsOpt = None,
     sweep: SweepOpt = False,
     sweep_rates: SweepRatesOpt = None,
     tier_mix: TierMixOpt = None,
@@ -111,10 +121,12 @@ def capacity(
     )
     rates = _sweep_rates(sweep, sweep_rates, workload.schedule.rps)
     settings = scen.settings(duration_s=duration, warmup_s=warmup, seed=seed)
+    settings = with_run_length(settings, DEFAULT_PRECISION if precision is None else precision, min_duration)
     with status_progress("searching GPU count", enabled=not (quiet or json_out)) as bar:
         result = plan_batching_modes(
             scen.model, _batching_modes(batching, scen.model), workload, settings, constraints, max_gpus=max_gpus,
             sweep_rates=rates, progress=lambda msg: bar.update(bar.task_ids[0], description=msg),
+            jobs=jobs or os.cpu_count() or 1,
         )  # fmt: skip
     emit_json(result, print_it=json_out, path=save)
     if not json_out:

@@ -15,6 +15,7 @@ import typer
 from ..core.errors import UsageError
 from ..server.backends.base import Generation
 from ..sim.arrivals import ArrivalProcess
+from ..sim.runner import RunSettings
 from ..sim.scenario import Scenario, load_scenario
 from .parsing import parse_spike, parse_tier_mix
 
@@ -34,6 +35,35 @@ WarmupOpt = Annotated[
     float | None, typer.Option("--warmup", min=0, help="Simulated seconds excluded first [10; a trace: 0].")
 ]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed [0].")]
+MinDurationOpt = Annotated[
+    float | None, typer.Option("--min-duration", min=0.001, help="With --precision: measure at least this long [10].")
+]
+SaveRequestsOpt = Annotated[
+    Path | None, typer.Option("--save-requests", help="Write every simulated request to this CSV as it settles.")
+]
+
+
+def precision_option(default: str) -> object:
+    """``--precision``: stop once each P95 in play is known this well; 0 runs the whole --duration."""
+    return typer.Option(
+        "--precision",
+        min=0,
+        max=0.5,
+        help=f"Stop once every P95 in play is within this relative half-width (95% CI); 0: run all of --duration "
+        f"[{default}].",
+    )
+
+
+def with_run_length(settings: RunSettings, precision: float | None, min_duration: float | None) -> RunSettings:
+    """The run settings with the precision stop as the command line asks (0: off, a fixed duration)."""
+    update: dict[str, object] = {}
+    if precision is not None:
+        update["precision"] = precision or None
+    if min_duration is not None:
+        update["min_duration_s"] = min_duration
+    return settings.model_copy(update=update) if update else settings
+
+
 JsonFlagOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 SaveOpt = Annotated[Path | None, typer.Option("--save", help="Also write the result JSON to this file.")]
 ArrivalOpt = Annotated[ArrivalProcess | None, typer.Option("--arrival", help="Arrival process [poisson].")]

@@ -18,12 +18,14 @@ from .options import (
     KernelOpt,
     MaxBatchOpt,
     MaxWaitOpt,
+    MinDurationOpt,
     NoOverlapOpt,
     OutputTokensOpt,
     ProfileOpt,
     PromptTokensOpt,
     QuietOpt,
     SaveOpt,
+    SaveRequestsOpt,
     ScenarioOpt,
     SeedOpt,
     SpikeOpt,
@@ -32,7 +34,9 @@ from .options import (
     TokenizerOpt,
     WarmupOpt,
     build_scenario,
+    precision_option,
     token_load,
+    with_run_length,
 )
 from .output import emit_json, render_result
 from .parsing import parse_spike
@@ -43,6 +47,7 @@ FleetOpt = Annotated[int | None, typer.Option("--gpus", min=1, help="Fleet size.
 ReplicationsOpt = Annotated[
     int | None, typer.Option("--replications", "-r", min=1, max=1000, help="Independent runs for confidence intervals.")
 ]
+PrecisionOpt = Annotated[float | None, precision_option("0: off")]
 TraceOpt = Annotated[Path | None, typer.Option("--trace", help="Replay arrivals from CSV/JSONL.")]
 AutoscaleOpt = Annotated[bool, typer.Option("--autoscale", help="Scale up at 80% load after 120 s, cold start.")]
 MtbfOpt = Annotated[float | None, typer.Option("--mtbf-s", min=0.001, help="Mean time between GPU failures.")]
@@ -56,6 +61,8 @@ def simulate(
     warmup: WarmupOpt = None,
     seed: SeedOpt = None,
     replications: ReplicationsOpt = None,
+    precision: PrecisionOpt = None,
+    min_duration: MinDurationOpt = None,
     arrival: ArrivalOpt = None,
     spike: SpikeOpt = None,
     trace: TraceOpt = None,
@@ -77,6 +84,7 @@ def simulate(
     profile: ProfileOpt = None,
     json_out: JsonFlagOpt = False,
     save: SaveOpt = None,
+    save_requests: SaveRequestsOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Simulate the service on a fixed fleet: latency (and tokens, when modelled), load and rejects."""
@@ -95,8 +103,9 @@ def simulate(
     if (fleet := scen.model.gpus) is None:
         raise UsageError("give the fleet size with --gpus (or [service] gpus in the scenario): 'capacity' finds one")
     settings = scen.settings(duration_s=duration, warmup_s=warmup, seed=seed, replications=replications)
+    settings = with_run_length(settings, precision, min_duration)
     with status_progress(f"simulating {fleet} GPUs", enabled=not (quiet or json_out)):
-        result = run_simulation(scen.model, workload, settings, fleet)
+        result = run_simulation(scen.model, workload, settings, fleet, save_requests=save_requests)
     emit_json(result, print_it=json_out, path=save)
     if not json_out:
         render_result(result)

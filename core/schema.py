@@ -42,7 +42,7 @@ __all__ = [
     "load_result",
 ]
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # What each version added; a saved result of an older version is upgraded on load
 # (:func:`_upgrade`; new fields take their defaults, so renderers show less, never something wrong).
 SCHEMA_HISTORY = {
@@ -55,6 +55,8 @@ SCHEMA_HISTORY = {
     5: "loadtest by tokens: api and stream, TTFT/ITL/TPOT/goodput measured and simulated (tokens), where the token "
     "counts came from (token_counts), the target's own metrics over the run (server_metrics), why requests failed "
     "(failures); calibrate's phases (the fixed cost split into PCIe in, kernel, PCIe out)",
+    6: "simulate and capacity: how precisely the percentiles are known (precision: batch-means intervals, the "
+    "simulated seconds measured); capacity's jobs",
 }
 
 # Percentile points kept for latency CDF plots: fine steps in the tail where SLOs live.
@@ -113,6 +115,25 @@ class Interval(_Model):
     ci95_high: float
     pi95_low: float
     pi95_high: float
+
+
+class MetricInterval(_Model):
+    """A percentile and its 95% batch-means confidence interval."""
+
+    value_ms: float
+    low_ms: float
+    high_ms: float
+
+
+class PrecisionReport(_Model):
+    """How precisely a run's percentiles are known (``--precision``): batch means over slices of the window."""
+
+    target: float = Field(description="relative half-width asked for, e.g. 0.01")
+    reached: float | None = Field(description="the widest relative half-width among the percentiles watched")
+    met: bool = Field(description="the run stopped because every watched percentile was that precise")
+    measured_s: float = Field(description="simulated seconds measured (after the warm-up)")
+    slices: int = Field(description="slices (batches of the batch-means method) measured")
+    intervals: dict[str, MetricInterval] = Field(default_factory=dict)
 
 
 class TimeSeries(_Model):
@@ -177,6 +198,7 @@ class SimulationResult(LatencyStats, TokenStats):
     intervals: dict[str, Interval] = Field(default_factory=dict)
     timeseries: TimeSeries | None = None
     autoscale: AutoscaleLog | None = Field(default=None, description="set when the run had autoscaling on")
+    precision: PrecisionReport | None = Field(default=None, description="set when the run stopped on --precision")
 
 
 class BackOfEnvelope(_Model):
@@ -234,6 +256,9 @@ class CapacityResult(_Model):
     warmup_s: float
     seed: int
     overlap: bool = True
+    precision: PrecisionReport | None = Field(default=None, description="how precisely the answer's run was measured")
+    simulations: int = Field(default=0, description="GPU counts simulated by the search (and the sweep)")
+    jobs: int = Field(default=1, description="simulations run at once, in worker processes")
     sweep: list[SweepPoint] | None = None
     alternatives: list[CapacityResult] = Field(
         default_factory=list, description="the same plan under another batching mode (capacity --batching a,b)"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .histogram import weighted_percentiles
 from .schema import CDF_POINTS, LatencyStats, TokenStats
 
 __all__ = ["Slos", "latency_stats", "relative_errors", "token_stats", "weighted_percentiles"]
@@ -43,23 +44,6 @@ def relative_errors(measured: LatencyStats, simulated: LatencyStats) -> dict[str
         m, s = getattr(measured, key), getattr(simulated, key)
         errors[key] = abs(m - s) / s if m is not None and s else None
     return errors
-
-
-def weighted_percentiles(values: np.ndarray, weights: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """Percentiles of the sample in which ``values[i]`` appears ``weights[i]`` times, by numpy's linear rule.
-
-    Equal to ``np.percentile(np.repeat(values, weights), points)`` without building the
-    repeated sample: inter-token gaps come as (gap, count) pairs, millions of gaps in a
-    few thousand pairs.
-    """
-    keep = weights > 0
-    order = np.argsort(values[keep], kind="stable")
-    v, cum = values[keep][order], np.cumsum(weights[keep][order])
-    position = (cum[-1] - 1) * np.asarray(points, dtype=float) / 100.0
-    low = np.floor(position)
-    i_low = np.searchsorted(cum, low, side="right")
-    i_high = np.minimum(np.searchsorted(cum, low + 1, side="right"), v.size - 1)
-    return v[i_low] + (position - low) * (v[i_high] - v[i_low])
 
 
 @dataclass(frozen=True)

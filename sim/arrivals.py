@@ -11,7 +11,10 @@ thinning loops. Traces are replayed from CSV or JSONL files.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -23,7 +26,16 @@ from ..core.errors import ConfigError
 from ..core.tiers import Tier
 from .schedule import RateSchedule
 
-__all__ = ["ArrivalProcess", "Arrivals", "generate_arrivals", "load_trace"]
+__all__ = [
+    "ArrivalProcess",
+    "Arrivals",
+    "arrival_chunks",
+    "chunk_seconds",
+    "concatenate",
+    "generate_arrivals",
+    "load_trace",
+    "split",
+]
 
 
 class ArrivalProcess(StrEnum):
@@ -57,6 +69,11 @@ class Arrivals:
     def __len__(self) -> int:
         return int(self.times.size)
 
+    def slice(self, lo: int, hi: int) -> Arrivals:
+        cut = slice(lo, hi)
+        lengths = (self.prompt_tokens[cut], self.output_tokens[cut]) if self.has_tokens else (None, None)  # type: ignore[index]
+        return Arrivals(self.times[cut], self.tiers[cut], *lengths)
+
     @property
     def end_s(self) -> float:
         return float(self.times[-1]) if self.times.size else 0.0
@@ -70,6 +87,65 @@ def _cumulative_rate(schedule: RateSchedule, horizon_s: float) -> tuple[np.ndarr
     return grid, cum
 
 
+# About this many requests per chunk: a few tens of MB of columns, whatever the rate.
+_CHUNK_REQUESTS = 1 << 18
+
+
+def chunk_seconds(schedule: RateSchedule, horizon_s: float) -> float:
+    """The length of one chunk of arrivals: a second, shorter where the peak rate would make it large."""
+    peak = schedule.rps if schedule.is_constant else schedule.peak_rate(0.0, horizon_s)
+    return float(min(1.0, max(0.01, _CHUNK_REQUESTS / peak))) if peak > 0 else 1.0
+
+
+def arrival_chunks(
+    schedule: RateSchedule,
+    horizon_s: float,
+    tier_shares: tuple[float, ...],
+    rng: np.random.Generator,
+    process: ArrivalProcess = ArrivalProcess.POISSON,
+) -> Iterator[Arrivals]:
+    """Arrivals in ``[0, horizon_s)`` following ``schedule``, one time slice after another.
+
+    A streaming simulation draws its requests a chunk at a time, so a million requests a
+    second never exist at once; an exact one concatenates the same chunks
+    (:func:`generate_arrivals`), so both see the same requests for a seed.
+    """
+    if horizon_s <= 0:
+        raise ValueError("horizon must be > 0")
+    step = chunk_seconds(schedule, horizon_s)
+    shares = np.asarray(tier_shares)
+    grid, cum = (None, None) if schedule.is_constant else _cumulative_rate(schedule, horizon_s)
+    edges = np.append(np.arange(0.0, horizon_s, step), horizon_s)
+    for a, b in itertools.pairwise(edges.tolist()):
+        if grid is None:  # constant rate: unit time is rate x seconds
+            lo, hi = schedule.rps * a, schedule.rps * b
+        else:
+            lo, hi = (float(x) for x in np.interp([a, b], grid, cum))
+        if process is ArrivalProcess.POISSON:
+            unit = np.sort(rng.uniform(lo, hi, int(rng.poisson(hi - lo))))
+        else:  # one request at the middle of each unit of expected arrivals
+            unit = np.arange(math.ceil(lo - 0.5), math.ceil(hi - 0.5)) + 0.5
+        # Through the inverse of the cumulative rate; it is non-decreasing, and flat stretches (rate 0) map to
+        # their start, which is right.
+        times = unit / schedule.rps if grid is None else np.interp(unit, cum, grid)
+        times = np.clip(times, a, np.nextafter(b, a))  # float rounding never moves a request out of its slice
+        tiers = rng.choice(len(tier_shares), size=times.size, p=shares).astype(np.int8)
+        yield Arrivals(times=times.astype(np.float64), tiers=tiers)
+
+
+def concatenate(chunks: Iterable[Arrivals]) -> Arrivals:
+    """One Arrivals of several in time order (an exact run's whole load)."""
+    parts = list(chunks)
+    if not parts:
+        return Arrivals(np.empty(0), np.empty(0, np.int8))
+
+    def column(name: str) -> np.ndarray | None:
+        cols = [getattr(p, name) for p in parts]
+        return None if cols[0] is None else np.concatenate(cols)
+
+    return Arrivals(*(column(name) for name in ("times", "tiers", "prompt_tokens", "output_tokens")))
+
+
 def generate_arrivals(
     schedule: RateSchedule,
     horizon_s: float,
@@ -78,26 +154,20 @@ def generate_arrivals(
     process: ArrivalProcess = ArrivalProcess.POISSON,
 ) -> Arrivals:
     """Arrivals in ``[0, horizon_s)`` following ``schedule``, tiers drawn by ``tier_shares``."""
-    if horizon_s <= 0:
-        raise ValueError("horizon must be > 0")
-    if schedule.is_constant:
-        expected = schedule.rps * horizon_s
-        if process is ArrivalProcess.POISSON:
-            count = int(rng.poisson(expected))
-            times = np.sort(rng.uniform(0.0, horizon_s, count))
-        else:
-            times = (np.arange(int(expected)) + 0.5) / schedule.rps if schedule.rps > 0 else np.empty(0)
-    else:
-        grid, cum = _cumulative_rate(schedule, horizon_s)
-        total = float(cum[-1])
-        if process is ArrivalProcess.POISSON:
-            unit = np.sort(rng.uniform(0.0, total, int(rng.poisson(total))))
-        else:
-            unit = np.arange(int(total)) + 0.5
-        # cum is non-decreasing; flat stretches (rate 0) map to their start, which is right.
-        times = np.interp(unit, cum, grid)
-    tiers = rng.choice(len(tier_shares), size=times.size, p=np.asarray(tier_shares)).astype(np.int8)
-    return Arrivals(times=times.astype(np.float64), tiers=tiers)
+    return concatenate(arrival_chunks(schedule, horizon_s, tier_shares, rng, process))
+
+
+def split(arrivals: Arrivals, step_s: float) -> Iterator[Arrivals]:
+    """Arrivals held in memory (a trace, a dataset) handed out in time slices like generated ones."""
+    if len(arrivals) == 0:
+        return
+    edges = np.arange(0.0, arrivals.end_s + step_s, step_s)
+    bounds = np.searchsorted(arrivals.times, edges[1:], side="left")
+    lo = 0
+    for hi in [*bounds.tolist(), len(arrivals)]:
+        if hi > lo:
+            yield arrivals.slice(lo, hi)
+            lo = hi
 
 
 def load_trace(path: Path, default_tier: Tier = Tier.FREE) -> Arrivals:

@@ -19,15 +19,20 @@ lengths in closed form (no loop over steps), and the gaps between tokens are kep
 
 from __future__ import annotations
 
+import heapq
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import simpy
 
 from ..core.dispatch import EPS, Take, decide
 from ..core.model import ServiceModel
+from ..core.records import Outcome, RequestRecords
 from ..core.tiers import Tier
+from .arrivals import Arrivals
 from .fleet import Fleet, GpuState
+from .sinks import Sink
 from .tokens import TokenGaps
 from .waiting import WaitingQueues
 
@@ -41,23 +46,27 @@ class BatchEngine:
         self,
         env: simpy.Environment,
         model: ServiceModel,
-        times: np.ndarray,
-        tiers: np.ndarray,
+        chunks: Iterable[Arrivals],
         gpus: int,
         rng: np.random.Generator,
         *,
         horizon_s: float,
         sample_every_s: float,
-        lengths: tuple[np.ndarray, np.ndarray] | None,
+        tokens: bool,
         stream: bool,
         load_factor,
+        sink: Sink,
     ) -> None:
         self.env = env
         self.model = model
         self.horizon_s = horizon_s
-        self.waiting = WaitingQueues(times, tiers)
-        self.tiers = tiers
-        self.n = times.size
+        columns: dict[str, tuple[type, object]] = {"completion": (np.float64, np.nan), "failed": (np.bool_, False)}
+        if tokens:
+            columns["first_token"] = (np.float64, np.nan)
+        self.waiting = WaitingQueues(chunks, columns)
+        self.cols = self.waiting.cols  # completion, failed, first_token: one row per loaded request
+        self.waiting.fold, self.waiting.on_rebase, self.waiting.pinned = self._fold, self._shift, self._pinned
+        self.sink = sink
         self.rule = model.dispatch_rule
         # The cycle formula tabulated once per batch size: looked up per batch, it costs nothing.
         self.hold_s = [model.batch_hold_ms(size) / 1000.0 for size in range(model.max_batch + 1)]
@@ -69,19 +78,17 @@ class BatchEngine:
         self.jitter_u = np.linspace(0.0, 1.0, len(model.cycle_jitter))  # quantile grid, built once, not per batch
         self.jitter_q = np.asarray(model.cycle_jitter, dtype=float)
 
-        self.completion = np.full(self.n, np.nan)
-        self.failed = np.zeros(self.n, dtype=bool)
-        self.lengths = lengths
-        self.tier_index = tiers.astype(np.int64)  # tier x step-count indices of the gap histogram must not wrap
+        self.tokens = tokens
         self.stream = stream
-        self.first_token = np.full(self.n, np.nan) if lengths is not None else None
         self.gap_s: list[np.ndarray] = []  # inter-token gaps of each batch's steps ...
         self.gap_count: list[np.ndarray] = []  # ... how many of each gap each tier had
         self.gap_at: list[np.ndarray] = []  # ... and when they ended
 
-        # free_at is inf for any GPU that cannot take a batch (down, cold, retired, in a window),
-        # so "a free GPU" and "the next GPU to free up" are both a builtin min() away.
+        # free_at is inf for any GPU that cannot take a batch (down, cold, retired, in a window).
+        # A heap of (free_at, gpu) finds the next free GPU in O(log G) among thousands; an entry
+        # whose time no longer matches free_at is stale and skipped when it comes to the top.
         self.free_at: list[float] = [0.0] * gpus
+        self.free_heap: list[tuple[float, int]] = [(0.0, g) for g in range(gpus)]
         self.running: list[np.ndarray | None] = [None] * gpus  # ids on each GPU, kept only with faults
         self.windows: list[tuple[float, int]] = []  # open assembly windows without overlap: (end, gpu)
         self.track_running = model.faults.mtbf_s is not None
@@ -102,35 +109,46 @@ class BatchEngine:
             sample_every_s=sample_every_s,
         )
 
+    def _set_free(self, gpu: int, at: float) -> None:
+        self.free_at[gpu] = at
+        if at < math.inf:
+            heapq.heappush(self.free_heap, (at, gpu))
+
     def take_batch(self, now: float, gpu: int, taken_at: float, n: int) -> None:
         """Take ``n`` queued requests by priority and run them on ``gpu``."""
         parts = self.waiting.take(n)
         if n == 0:
-            self.free_at[gpu] = now
+            self._set_free(gpu, now)
             return
         jitter = float(np.interp(self.jitter_rng.random(), self.jitter_u, self.jitter_q)) if self.jitter_rng else 1.0
-        if self.lengths is None:
+        if not self.tokens:
             done = now + self.hold_s[n] * jitter
+            completion = self.cols.completion
             for ids in parts:
-                self.completion[ids] = done + self.shared_queue_s
+                completion[ids] = done + self.shared_queue_s
         else:
             done = self._run_steps(np.concatenate(parts), now, jitter)
         if self.track_running:
             self.running[gpu] = np.concatenate(parts)
-        self.free_at[gpu] = done
+        self._set_free(gpu, done)
         self.b_start.append(taken_at)
         self.b_end.append(done)
         self.b_size.append(n)
 
     def _run_steps(self, ids: np.ndarray, start: float, jitter: float) -> float:
         """The batch's tokens: every request's first and last token, the gaps between tokens; returns its end."""
-        model, n = self.model, ids.size
-        output = self.lengths[1][ids]
-        prompt_total, output_total, longest = int(self.lengths[0][ids].sum()), int(output.sum()), int(output.max())
+        model, n, waiting = self.model, ids.size, self.waiting
+        assert waiting.prompt_tokens is not None and waiting.output_tokens is not None
+        output = waiting.output_tokens[ids]
+        prompt_total, output_total, longest = (
+            int(waiting.prompt_tokens[ids].sum()),
+            int(output.sum()),
+            int(output.max()),
+        )
         scale = jitter / 1000.0
         first_s = start + (model.batch_hold_ms(n) - model.pcie_out_ms + model.step_ms(prompt_total, n)) * scale
         end = start + model.static_batch_ms(n, prompt_total, output_total, longest) * scale
-        self.first_token[ids] = first_s + self.shared_queue_s
+        self.cols.first_token[ids] = first_s + self.shared_queue_s
         if self.stream:
             # Decode step m (m >= 2) holds the sequences still generating: alive_m = #{j: o_j >= m}. A request's
             # decode time is the sum of its steps: (o_i - 1) * decode_step + per_seq * sum_j (min(o_i, o_j) - 1).
@@ -139,18 +157,68 @@ class BatchEngine:
             below = np.searchsorted(ordered, output, side="right")  # how many are no longer than this one
             sum_min = np.cumsum(ordered)[below - 1] + output * (n - below)
             decode_ms = (output - 1) * model.decode_step_ms + model.decode_ms_per_seq * (sum_min - n)
-            self.completion[ids] = first_s + decode_ms * scale + self.shared_queue_s
+            self.cols.completion[ids] = first_s + decode_ms * scale + self.shared_queue_s
         else:
-            self.completion[ids] = end + self.shared_queue_s
+            self.cols.completion[ids] = end + self.shared_queue_s
         if longest > 1:
             width = longest + 1
-            by_tier = np.bincount(self.tier_index[ids] * width + output, minlength=_N_TIERS * width)
+            tiers = waiting.tiers[ids].astype(np.int64)  # tier x step-count indices of the gap histogram must not wrap
+            by_tier = np.bincount(tiers * width + output, minlength=_N_TIERS * width)
             alive = np.cumsum(by_tier.reshape(_N_TIERS, width)[:, :1:-1], axis=1)[:, ::-1].T  # steps 2..longest
             gaps = (model.decode_step_ms + model.decode_ms_per_seq * alive.sum(axis=1)) * scale
             self.gap_s.append(gaps)
             self.gap_count.append(alive)
             self.gap_at.append(first_s + np.cumsum(gaps))
         return end
+
+    # -- handing settled requests over --------------------------------------------------------
+
+    def _fold(self, cut: int) -> None:
+        """Hand rows [0, cut) (all answered, shed or failed) and the batches booked so far to the sink."""
+        waiting = self.waiting
+        self.sink.fold_batches(*self.batches())
+        self.b_start, self.b_end, self.b_size = [], [], []
+        if self.tokens:
+            self.sink.fold_gaps(self.token_gaps())
+            self.gap_s, self.gap_count, self.gap_at = [], [], []
+        self.sink.fold(self._records(cut))
+        folded_until = min(self.env.now, float(waiting.times[cut]) if cut < waiting.n else math.inf)
+        if self.sink.settled(folded_until):
+            waiting.stop = True
+
+    def _records(self, cut: int, *, final: bool = False) -> RequestRecords:
+        waiting, cols = self.waiting, self.cols
+        outcome = np.where(waiting.admitted[:cut], np.int8(Outcome.OK), np.int8(Outcome.REJECTED))
+        outcome[cols.failed[:cut]] = Outcome.FAILED
+        if final:  # the run ended with requests no GPU took (the whole fleet down)
+            outcome[waiting.admitted[:cut] & np.isnan(cols.completion[:cut])] = Outcome.PENDING
+        lengths = waiting.prompt_tokens, waiting.output_tokens
+        return RequestRecords(
+            tier=waiting.tiers[:cut],
+            scheduled=waiting.times[:cut],
+            finished=cols.completion[:cut],
+            outcome=outcome,
+            first_token=cols.first_token[:cut] if self.tokens else None,
+            prompt_tokens=lengths[0][:cut] if lengths[0] is not None else None,
+            output_tokens=lengths[1][:cut] if lengths[1] is not None else None,
+        )
+
+    def finish(self) -> None:
+        """The run is over: hand every row left over."""
+        self.sink.fold_batches(*self.batches())
+        if self.tokens:
+            self.sink.fold_gaps(self.token_gaps())
+        self.sink.fold(self._records(self.waiting.n, final=True))
+
+    def _shift(self, cut: int) -> None:
+        for gpu, ids in enumerate(self.running):
+            if ids is not None:
+                self.running[gpu] = ids - cut
+
+    def _pinned(self) -> int:
+        """The lowest row a running batch holds: a GPU failure may still fail it."""
+        held = [int(ids.min()) for ids in self.running if ids is not None and ids.size]
+        return min(held, default=self.waiting.n)
 
     def batches(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return np.asarray(self.b_start), np.asarray(self.b_end), np.asarray(self.b_size, dtype=np.int64)
@@ -162,12 +230,15 @@ class BatchEngine:
             np.concatenate(self.gap_s) * 1000.0, np.concatenate(self.gap_count), np.concatenate(self.gap_at)
         )
 
-    def free_gpu(self, now: float) -> int:
-        soonest = min(self.free_at, default=math.inf)
-        return self.free_at.index(soonest) if soonest <= now + EPS else -1
-
     def next_gpu_free(self) -> float:
-        return min(self.free_at, default=math.inf)
+        heap, free_at = self.free_heap, self.free_at
+        while heap and free_at[heap[0][1]] != heap[0][0]:
+            heapq.heappop(heap)
+        return heap[0][0] if heap else math.inf
+
+    def free_gpu(self, now: float) -> int:
+        """The GPU free soonest (lowest number among equals), if it is free by ``now``; else -1."""
+        return self.free_heap[0][1] if self.next_gpu_free() <= now + EPS else -1
 
     # -- the dispatcher: the SPEC's rule, with and without overlap -----------------------
 
@@ -205,15 +276,14 @@ class BatchEngine:
             gpu = self.free_gpu(now)
             if gpu < 0:
                 break
-            self.free_at[gpu] = math.inf  # held by the window
+            self.free_at[gpu] = math.inf  # held by the window (its heap entry goes stale)
             self.windows.append((now + self.max_wait_s, gpu))
         wake = min((w[0] for w in self.windows), default=math.inf)
         uncovered = waiting.queued - self.max_batch * len(self.windows)
         if uncovered > 0:
             return min(wake, self.next_gpu_free())
         # Next wake-up: a window closes, or enough arrivals for one more window.
-        horizon = wake if wake < math.inf else (float(waiting.times[-1]) if self.n else 0.0)
-        return min(wake, waiting.time_queue_reaches(1 - uncovered, horizon))
+        return min(wake, waiting.time_queue_reaches(1 - uncovered, wake))
 
     def run(self):  # SimPy process: the dispatcher
         env, waiting = self.env, self.waiting
@@ -223,7 +293,7 @@ class BatchEngine:
             waiting.admit_until(now)
             wake = step(now)
             if wake == math.inf:
-                if waiting.next_arrival >= self.n and waiting.queued == 0 and not self.windows:
+                if waiting.drained and not self.windows:
                     return
                 # Work is queued but no GPU serves: wait for the fleet to change (poke).
                 wake = now + self.horizon_s + 3600.0
@@ -245,7 +315,7 @@ class BatchEngine:
         self.running.append(None)
 
     def gpu_changed(self, gpu: int, state: GpuState) -> None:
-        self.free_at[gpu] = self.env.now if state is GpuState.UP else math.inf
+        self._set_free(gpu, self.env.now if state is GpuState.UP else math.inf)
         if state is not GpuState.UP:
             self.windows = [w for w in self.windows if w[1] != gpu]
         self.poke()
@@ -254,8 +324,8 @@ class BatchEngine:
         now = self.env.now
         if self.free_at[gpu] > now and self.running[gpu] is not None:
             ids = self.running[gpu]
-            self.failed[ids] = True
-            self.completion[ids] = now  # the clients get their error now
+            self.cols.failed[ids] = True
+            self.cols.completion[ids] = now  # the clients get their error now
 
     def retire_choice(self, up: list[int]) -> int:
         return min(up, key=lambda g: self.free_at[g])

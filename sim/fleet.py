@@ -78,6 +78,8 @@ class Fleet:
         self.longest_above_s = 0.0  # the longest the autoscaler saw its load above the scale-up trigger
         self.samples: dict[str, list[float]] = {k: [] for k in SAMPLE_KEYS}
         engine.waiting.thresholds = model.backpressure.thresholds(gpus, capacity)
+        # The rate estimates look back this far; the waiting room keeps those arrivals for them.
+        engine.waiting.lookback_s = max(sample_every_s, model.autoscale.tick_s if model.autoscale.enabled else 0.0)
 
     def start(self) -> None:
         self.env.process(self.monitor())
@@ -121,14 +123,13 @@ class Fleet:
     def autoscaler(self):  # SimPy process
         policy = self.model.autoscale
         env = self.env
-        times = self.engine.waiting.times
+        waiting = self.engine.waiting
         above_since: float | None = None
         below_since: float | None = None
         while True:
             yield env.timeout(policy.tick_s)
             now = env.now
-            lo, hi = np.searchsorted(times, [now - policy.tick_s, now])
-            rate = (hi - lo) / policy.tick_s
+            rate = waiting.arrivals_between(now - policy.tick_s, now) / policy.tick_s
             fleet = sum(1 for s in self.state if s in (GpuState.UP, GpuState.COLD))
             if self.load_factor(rate, max(fleet, 1)) > policy.scale_up_load and fleet < policy.max_gpus:
                 above_since = now if above_since is None else above_since
@@ -164,13 +165,13 @@ class Fleet:
         while env.now <= self.horizon_s:
             now = env.now
             waiting.admit_until(now)
-            lo, hi = np.searchsorted(waiting.times, [now - step, now])
+            arrived = waiting.arrivals_between(now - step, now)
             up = self.n_up
             samples["t_s"].append(now)
             samples["queue_depth"].append(waiting.queued)
             samples["gpus_up"].append(up)
             samples["gpus_provisioning"].append(sum(1 for s in self.state if s is GpuState.COLD))
-            rate = (hi - lo) / step if now > 0 else 0.0
+            rate = arrived / step if now > 0 else 0.0
             samples["offered_rps"].append(rate)
             samples["load_factor"].append(self.load_factor(rate, up) if up else 0.0)
             yield env.timeout(step)

@@ -10,12 +10,16 @@ bisects back to the smallest passing one.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import multiprocessing
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..core.model import Batching, ServiceModel, TokenShape
 from ..core.schema import BackOfEnvelope, CapacityResult, CapacityRow, SimulationResult, SweepPoint
-from .runner import RunSettings, run_simulation
+from .runner import RunSettings, default_watch, run_simulation
+from .tally import Watch
 from .workload import Workload
 
 __all__ = ["Constraints", "back_of_envelope", "plan_batching_modes", "plan_capacity", "sweep_capacity"]
@@ -173,8 +177,20 @@ def _row(gpus: int, result: SimulationResult, constraints: Constraints) -> Capac
     )
 
 
+def _simulate(
+    model: ServiceModel, workload: Workload, settings: RunSettings, gpus: int, watch: tuple[Watch, ...]
+) -> SimulationResult:
+    """One GPU count's run (a worker process's job: a module-level function, so it pickles)."""
+    return run_simulation(model, workload, settings, gpus, keep_timeseries=False, watch=watch)
+
+
 class _Evaluator:
-    """Simulates each GPU count once, with the same arrivals (same seed) for all counts."""
+    """Simulates each GPU count once, with the same arrivals (same seed) for all counts.
+
+    With a process pool, counts the search will likely ask for next are started ahead
+    (:meth:`prefetch`), so ``jobs`` simulations run at once and the search waits only
+    for the one it needs.
+    """
 
     def __init__(
         self,
@@ -183,20 +199,48 @@ class _Evaluator:
         settings: RunSettings,
         constraints: Constraints,
         progress: ProgressFn | None,
+        pool: Executor | None = None,
     ) -> None:
         self.model, self.workload, self.settings, self.constraints = model, workload, settings, constraints
         self.progress = progress
+        self.pool = pool
+        self.watch = default_watch(model, tiers=constraints.check_tiers)
         self.results: dict[int, SimulationResult] = {}
+        self.futures: dict[int, Future[SimulationResult]] = {}
+
+    def prefetch(self, counts: Iterable[int]) -> None:
+        if self.pool is None:
+            return
+        for gpus in counts:
+            if gpus >= 1 and gpus not in self.results and gpus not in self.futures:
+                if self.progress:
+                    self.progress(f"simulating {gpus} GPUs")
+                args = (self.model, self.workload, self.settings, gpus, self.watch)
+                self.futures[gpus] = self.pool.submit(_simulate, *args)
 
     def __call__(self, gpus: int) -> SimulationResult:
         if gpus not in self.results:
-            if self.progress:
-                self.progress(f"simulating {gpus} GPUs")
-            self.results[gpus] = run_simulation(self.model, self.workload, self.settings, gpus, keep_timeseries=False)
+            if self.pool is not None:
+                self.prefetch([gpus])
+                self.results[gpus] = self.futures.pop(gpus).result()
+            else:
+                if self.progress:
+                    self.progress(f"simulating {gpus} GPUs")
+                self.results[gpus] = _simulate(self.model, self.workload, self.settings, gpus, self.watch)
         return self.results[gpus]
 
     def meets(self, gpus: int) -> bool:
+        self.prefetch([gpus, gpus + 1])  # the gallop's next step, or the table's neighbour
         return not self.constraints.failures(self(gpus))
+
+    def cancel(self) -> None:
+        """Drop speculative runs nobody asked for."""
+        for future in self.futures.values():
+            future.cancel()
+
+    @property
+    def simulated(self) -> int:
+        return len(self.results)
 
 
 def _smallest_passing(meets: Callable[[int], bool], start: int, limit: int) -> int | None:
@@ -228,11 +272,44 @@ def plan_capacity(
     neighbours: int = 2,
     sweep_rates: list[float] | None = None,
     progress: ProgressFn | None = None,
+    jobs: int = 1,
 ) -> CapacityResult:
     """Search the smallest GPU count meeting ``constraints`` and simulate its neighbours.
 
     With ``sweep_rates``, the same search at each rate gives the GPUs-versus-rps curve.
+    ``jobs`` > 1 runs that many simulations at once in worker processes.
     """
+    with _pool(jobs) as pool:
+        return _plan(model, workload, settings, constraints, max_gpus, neighbours, sweep_rates, progress, pool, jobs)
+
+
+@contextmanager
+def _pool(jobs: int) -> Iterator[Executor | None]:
+    """Worker processes for ``jobs`` > 1. Forked where the OS can (no re-import), else spawned."""
+    if jobs <= 1:
+        yield None
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _plan(
+    model: ServiceModel,
+    workload: Workload,
+    settings: RunSettings,
+    constraints: Constraints,
+    max_gpus: int | None,
+    neighbours: int,
+    sweep_rates: list[float] | None,
+    progress: ProgressFn | None,
+    pool: Executor | None,
+    jobs: int,
+) -> CapacityResult:
     rps = workload.schedule.rps
     model = model.model_copy(update={"max_load": constraints.max_load})
     envelope = back_of_envelope(model, rps, workload.shape(model))
@@ -240,11 +317,16 @@ def plan_capacity(
     # count below ceil(raw / max_load) can pass; start the simulated search there.
     start = max(1, envelope.gpus_at_ceiling)
     limit = max_gpus if max_gpus is not None else max(4 * start, start + 16)
-    evaluate = _Evaluator(model, workload, settings, constraints, progress)
+    evaluate = _Evaluator(model, workload, settings, constraints, progress, pool)
+    # The arithmetic's count is the likeliest answer: its table row neighbours go first.
+    evaluate.prefetch(sorted(range(start - neighbours, start + neighbours + 1), key=lambda g: abs(g - start)))
     best = _smallest_passing(evaluate.meets, start, limit) if start <= limit else None
 
     centre = best if best is not None else start
-    table = [_row(g, evaluate(g), constraints) for g in range(max(1, centre - neighbours), centre + neighbours + 1)]
+    counts = range(max(1, centre - neighbours), centre + neighbours + 1)
+    evaluate.prefetch(counts)
+    table = [_row(g, evaluate(g), constraints) for g in counts]
+    evaluate.cancel()
     chosen = evaluate(best) if best is not None else None
     binding = _binding_constraint(best, envelope, evaluate, constraints)
     explanation = _explain(best, envelope, chosen, binding, model)
@@ -282,7 +364,10 @@ def plan_capacity(
         warmup_s=settings.warmup_for(workload),
         seed=settings.seed,
         overlap=model.overlap,
-        sweep=sweep_capacity(model, workload, sweep_rates, settings, constraints, max_gpus, progress)
+        precision=chosen.precision if chosen else None,
+        simulations=evaluate.simulated,
+        jobs=jobs,
+        sweep=_sweep(model, workload, sweep_rates, settings, constraints, max_gpus, progress, pool)
         if sweep_rates
         else None,
     )
@@ -298,6 +383,7 @@ def plan_batching_modes(
     max_gpus: int | None = None,
     sweep_rates: list[float] | None = None,
     progress: ProgressFn | None = None,
+    jobs: int = 1,
 ) -> CapacityResult:
     """:func:`plan_capacity` under each batching mode given; the first is the answer, the others ride beside it."""
     plans = [
@@ -309,6 +395,7 @@ def plan_batching_modes(
             max_gpus=max_gpus,
             sweep_rates=sweep_rates,
             progress=progress,
+            jobs=jobs,
         )
         for mode in modes
     ]
@@ -370,22 +457,43 @@ def sweep_capacity(
     constraints: Constraints,
     max_gpus: int | None = None,
     progress: ProgressFn | None = None,
+    jobs: int = 1,
 ) -> list[SweepPoint]:
-    """The GPUs-versus-rps curve: one capacity search per rate."""
-    points = []
-    for rps in rates:
-        at_rate = workload.model_copy(update={"schedule": workload.schedule.model_copy(update={"rps": rps})})
-        result = plan_capacity(
-            model, at_rate, settings, constraints, max_gpus=max_gpus, neighbours=0, progress=progress
-        )
-        env = result.back_of_envelope
-        points.append(
-            SweepPoint(
-                rps=rps,
-                gpus=result.gpus,
-                raw_gpus=env.raw_gpus,
-                gpus_at_ceiling=env.gpus_at_ceiling,
-                p95_ms=result.p95_ms,
-            )
-        )
-    return points
+    """The GPUs-versus-rps curve: one capacity search per rate, ``jobs`` rates at once."""
+    with _pool(jobs) as pool:
+        return _sweep(model, workload, rates, settings, constraints, max_gpus, progress, pool)
+
+
+def _sweep_point(
+    model: ServiceModel,
+    workload: Workload,
+    rps: float,
+    settings: RunSettings,
+    constraints: Constraints,
+    max_gpus: int | None,
+) -> SweepPoint:
+    at_rate = workload.model_copy(update={"schedule": workload.schedule.model_copy(update={"rps": rps})})
+    result = plan_capacity(model, at_rate, settings, constraints, max_gpus=max_gpus, neighbours=0)
+    env = result.back_of_envelope
+    return SweepPoint(
+        rps=rps, gpus=result.gpus, raw_gpus=env.raw_gpus, gpus_at_ceiling=env.gpus_at_ceiling, p95_ms=result.p95_ms
+    )
+
+
+def _sweep(
+    model: ServiceModel,
+    workload: Workload,
+    rates: list[float],
+    settings: RunSettings,
+    constraints: Constraints,
+    max_gpus: int | None,
+    progress: ProgressFn | None,
+    pool: Executor | None,
+) -> list[SweepPoint]:
+    """Each point's search runs whole in one worker (points are independent); in order without a pool."""
+    args = [(model, workload, rps, settings, constraints, max_gpus) for rps in rates]
+    if progress:
+        progress(f"sweeping {len(rates)} rates")
+    if pool is None:
+        return [_sweep_point(*a) for a in args]
+    return [f.result() for f in [pool.submit(_sweep_point, *a) for a in args]]

@@ -8,18 +8,24 @@ run is reproducible from those three objects alone.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.errors import UsageError
 from ..core.model import Batching, ServiceModel
 from ..core.schema import SimulationResult
-from .arrivals import Arrivals
-from .engine import simulate_arrivals
+from ..core.tiers import Tier
+from .arrivals import Arrivals, concatenate, split
+from .engine import simulate_chunks
 from .metrics import interval, summarise
+from .sinks import RequestWriter, Tee
+from .tally import Precision, Tally, Watch
 from .workload import Workload
 
-__all__ = ["DEFAULT_WARMUP_S", "RunSettings", "run_simulation"]
+__all__ = ["DEFAULT_WARMUP_S", "RunSettings", "default_watch", "run_simulation"]
 
 DEFAULT_WARMUP_S = 10.0
 
@@ -30,13 +36,17 @@ _INTERVAL_KEYS = ("p50_ms", "p95_ms", "p99_ms", "throughput_rps", "rejected_frac
 class RunSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    duration_s: float = Field(default=60.0, gt=0, description="measured period")
+    duration_s: float = Field(default=60.0, gt=0, description="measured period; with precision, the longest")
     warmup_s: float | None = Field(
         default=None, ge=0, description="simulated before the measured period, excluded; None: 10 s, 0 for a trace"
     )
     seed: int = 0
     replications: int = Field(default=1, ge=1, le=1000)
     sample_every_s: float | None = Field(default=None, gt=0)
+    precision: float | None = Field(
+        default=None, gt=0, lt=1, description="stop once every P95 in play is known within this relative half-width"
+    )
+    min_duration_s: float = Field(default=10.0, gt=0, description="with precision: measure at least this long")
 
     def warmup_for(self, workload: Workload) -> float:
         """The warm-up actually used: as given, else none for a replay (it is the window) and 10 s for a rate."""
@@ -45,34 +55,70 @@ class RunSettings(BaseModel):
         return 0.0 if workload.is_replay else DEFAULT_WARMUP_S
 
 
+def default_watch(model: ServiceModel, *, tiers: bool = True) -> tuple[Watch, ...]:
+    """The percentiles a precision stop waits for: P95 overall and per tier, and each token P95 with an SLO."""
+    watch = [Watch("e2e")] + ([Watch("e2e", int(t)) for t in Tier] if tiers else [])
+    for metric, slo in (
+        ("ttft", model.slo_ttft_p95_ms),
+        ("itl", model.slo_itl_p95_ms),
+        ("tpot", model.slo_tpot_p95_ms),
+    ):
+        if slo is not None:
+            watch.append(Watch(metric))
+    return tuple(watch)
+
+
 def _one_run(
-    model: ServiceModel, workload: Workload, settings: RunSettings, gpus: int, seed: int, keep_timeseries: bool
+    model: ServiceModel,
+    workload: Workload,
+    settings: RunSettings,
+    gpus: int,
+    seed: int,
+    keep_timeseries: bool,
+    watch: tuple[Watch, ...] | None,
+    save_requests: Path | None,
 ) -> SimulationResult:
     warmup = settings.warmup_for(workload)
-    arrivals = workload.arrivals(model, warmup + settings.duration_s, seed)
-    _check_some_fit(model, arrivals)
-    duration = _trace_window(arrivals) - warmup if workload.is_replay else settings.duration_s
-    if duration <= 0:
-        raise UsageError(
-            f"the trace lasts {arrivals.end_s:.1f} s, not longer than the warm-up of {warmup:g} s", field="warmup_s"
-        )
+    if workload.is_replay:  # a file: its own window, in memory anyway
+        arrivals = workload.arrivals(model, 0.0, seed)
+        duration = _trace_window(arrivals) - warmup
+        if duration <= 0:
+            raise UsageError(
+                f"the trace lasts {arrivals.end_s:.1f} s, not longer than the warm-up of {warmup:g} s",
+                field="warmup_s",
+            )
+        chunks: Iterable[Arrivals] = split(arrivals, 1.0)
+        tokens = arrivals.has_tokens
+    else:
+        duration = settings.duration_s
+        chunks = workload.arrival_chunks(model, warmup + duration, seed)
+        tokens = workload.wants_tokens(model)
+    if model.batching is Batching.CONTINUOUS:  # it reads every arrival first anyway
+        arrivals = concatenate(chunks)
+        _check_some_fit(model, arrivals)
+        chunks = split(arrivals, 1.0)
     horizon = warmup + duration
-    out = simulate_arrivals(
-        model, arrivals, gpus, seed=seed, horizon_s=horizon, sample_every_s=settings.sample_every_s,
-        stream=workload.stream,
-    )  # fmt: skip
-    return summarise(
-        out,
-        model,
-        gpus=gpus,
-        rps=workload.schedule.rps,
-        warmup_s=warmup,
-        duration_s=duration,
-        seed=seed,
-        keep_timeseries=keep_timeseries,
-        stream=workload.stream,
-        lengths=workload.describe_lengths() if arrivals.has_tokens else None,
+    every = settings.sample_every_s if settings.sample_every_s is not None else max(1.0, horizon / 600.0)
+    precision = (
+        Precision(settings.precision, settings.min_duration_s, watch or default_watch(model))
+        if settings.precision
+        else None
     )
+    tally = Tally(model, warmup, duration, tokens=tokens, precision=precision, sample_every_s=every)
+    writer = RequestWriter(save_requests) if save_requests is not None else None
+    try:
+        fleet = simulate_chunks(
+            model, chunks, gpus, Tee(tally, writer) if writer else tally, seed=seed, horizon_s=horizon,
+            sample_every_s=every, stream=workload.stream, tokens=tokens, shape=workload.shape(model),
+        )  # fmt: skip
+    finally:
+        if writer is not None:
+            writer.close()
+    tally.finish()
+    return summarise(
+        tally, fleet, model, gpus=gpus, rps=workload.schedule.rps, seed=seed, keep_timeseries=keep_timeseries,
+        stream=workload.stream, lengths=workload.describe_lengths() if tokens else None,
+    )  # fmt: skip
 
 
 def _check_some_fit(model: ServiceModel, arrivals: Arrivals) -> None:
@@ -96,18 +142,31 @@ def _trace_window(arrivals: Arrivals) -> float:
 
 
 def run_simulation(
-    model: ServiceModel, workload: Workload, settings: RunSettings, gpus: int, *, keep_timeseries: bool = True
+    model: ServiceModel,
+    workload: Workload,
+    settings: RunSettings,
+    gpus: int,
+    *,
+    keep_timeseries: bool = True,
+    watch: tuple[Watch, ...] | None = None,
+    save_requests: Path | None = None,
 ) -> SimulationResult:
     """Simulate ``settings.replications`` independent runs (seeds seed, seed+1, ...).
 
     With one replication the result is that run. With several, latency and rate
     figures are the means across runs, and ``intervals`` gives each one's 95%
     confidence interval (for the mean) and prediction interval (for one more run).
+    ``settings.precision``: each run stops once the percentiles in ``watch`` (default
+    :func:`default_watch`) are that precise. ``save_requests``: every request of the
+    first run written to that CSV file as it settles.
     """
-    runs = [
-        _one_run(model, workload, settings, gpus, settings.seed + r, keep_timeseries and r == 0)
-        for r in range(settings.replications)
-    ]
+    runs = []
+    for r in range(settings.replications):
+        first = r == 0
+        runs.append(
+            _one_run(model, workload, settings, gpus, settings.seed + r, keep_timeseries and first, watch,
+                     save_requests if first else None)
+        )  # fmt: skip
     if len(runs) == 1:
         return runs[0]
     first = runs[0]

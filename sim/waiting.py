@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable, Iterable
+from types import SimpleNamespace
 
 import numpy as np
 
 from ..core.admission import admit_burst, zone_admits
 from ..core.dispatch import EPS, take_by_priority
 from ..core.tiers import Tier
+from .arrivals import Arrivals
 
 __all__ = ["ArrivalQueue", "WaitingQueues"]
 
@@ -26,24 +29,125 @@ _N_TIERS = len(Tier)
 
 
 class WaitingQueues:
-    """Admitted, not yet taken request ids per tier; ``admitted`` marks who got in."""
+    """Admitted, not yet taken request ids per tier; ``admitted`` marks who got in.
 
-    def __init__(self, times: np.ndarray, tiers: np.ndarray) -> None:
-        self.times = times
-        self.tiers = tiers
-        self.n = times.size
-        self.admitted = np.ones(self.n, dtype=bool)
-        self.tier_ids = [np.flatnonzero(tiers == k) for k in range(_N_TIERS)]
+    Arrivals come in chunks (time slices) and are loaded as far ahead as the dispatcher
+    looks. Each load first drops the rows nothing can change any more (answered or
+    shed, and older than the fleet's look-back) after handing them to ``fold``, so a
+    run holds the queue and about one chunk, whatever its length. Ids are local row
+    numbers; ``offset`` is the global number of row 0.
+    """
+
+    def __init__(self, chunks: Iterable[Arrivals], columns: dict[str, tuple[type, object]] | None = None) -> None:
+        self.chunks = iter(chunks)
+        self.exhausted = False
+        self.times = np.empty(0)
+        self.tiers = np.empty(0, dtype=np.int8)
+        self.prompt_tokens: np.ndarray | None = None
+        self.output_tokens: np.ndarray | None = None
+        self.admitted = np.ones(0, dtype=bool)
+        self.column_kinds = columns or {}  # the engine's own per-request columns: name -> (dtype, fill)
+        self.cols = SimpleNamespace(**{name: np.empty(0, dtype) for name, (dtype, _) in self.column_kinds.items()})
+        self.n = 0
+        self.offset = 0
+        self.tier_ids = [np.empty(0, np.int64) for _ in range(_N_TIERS)]
         self.tier_pos = [0] * _N_TIERS  # how many of tier_ids[k] have arrived
-        self.queue = [np.empty(ids.size, dtype=np.int64) for ids in self.tier_ids]
+        self.queue = [np.empty(0, dtype=np.int64) for _ in range(_N_TIERS)]
         self.head = [0] * _N_TIERS
         self.tail = [0] * _N_TIERS
         self.queued = 0
         self.next_arrival = 0
         self.thresholds: tuple[int, int, int] = (1 << 62, 1 << 62, 1 << 62)  # set by the engine from its fleet
+        self.now = 0.0
+        self.lookback_s = 0.0  # the fleet counts arrivals this far back
+        self.fold: Callable[[int], None] | None = None  # hand rows [0, cut) over before they are dropped
+        self.pinned: Callable[[], int] | None = None  # the lowest row the engine still needs (a running batch)
+        self.on_rebase: Callable[[int], None] | None = None  # the engine shifts the ids it holds
+        self.stop = False  # set by ``fold``'s owner: the run has measured enough, load no more
+
+    # -- loading and forgetting ---------------------------------------------------------
+
+    def _ensure(self, until: float) -> None:
+        """Load chunks until every arrival at or before ``until`` is loaded."""
+        while not self.exhausted and (self.n == 0 or self.times[-1] <= until + EPS):
+            self._load_next()
+
+    def _load_next(self) -> None:
+        chunk = None if self.stop else next(self.chunks, None)
+        if chunk is None:
+            self.exhausted = True
+            return
+        self._forget()
+        self._append(chunk)
+
+    def _forget(self) -> None:
+        """Fold and drop the rows no one needs any more."""
+        heads = [int(self.queue[k][self.head[k]]) for k in range(_N_TIERS) if self.tail[k] > self.head[k]]
+        cut = min(self.next_arrival, *heads, int(self.times.searchsorted(self.now - self.lookback_s - EPS)))
+        if self.pinned is not None:
+            cut = min(cut, self.pinned())
+        if cut <= 0:
+            return
+        if self.fold is not None:
+            self.fold(cut)
+        self._rebase(cut)
+
+    def _rebase(self, cut: int) -> None:
+        self.offset += cut
+        self.times, self.tiers, self.admitted = self.times[cut:], self.tiers[cut:], self.admitted[cut:]
+        if self.prompt_tokens is not None and self.output_tokens is not None:
+            self.prompt_tokens, self.output_tokens = self.prompt_tokens[cut:], self.output_tokens[cut:]
+        for name in self.column_kinds:
+            setattr(self.cols, name, getattr(self.cols, name)[cut:])
+        for k in range(_N_TIERS):
+            self.queue[k] = self.queue[k][self.head[k] : self.tail[k]] - cut
+            self.head[k], self.tail[k] = 0, self.queue[k].size
+        self.next_arrival -= cut
+        self.n -= cut
+        if self.on_rebase is not None:
+            self.on_rebase(cut)
+
+    def _append(self, chunk: Arrivals) -> None:
+        m = len(chunk)
+        if m == 0:
+            return
+        self.times = np.concatenate((self.times, chunk.times))
+        self.tiers = np.concatenate((self.tiers, chunk.tiers))
+        self.admitted = np.concatenate((self.admitted, np.ones(m, dtype=bool)))
+        if chunk.has_tokens:
+            assert chunk.prompt_tokens is not None and chunk.output_tokens is not None
+            if self.prompt_tokens is None or self.output_tokens is None:
+                self.prompt_tokens, self.output_tokens = chunk.prompt_tokens, chunk.output_tokens
+            else:
+                self.prompt_tokens = np.concatenate((self.prompt_tokens, chunk.prompt_tokens))
+                self.output_tokens = np.concatenate((self.output_tokens, chunk.output_tokens))
+        for name, (dtype, fill) in self.column_kinds.items():
+            setattr(self.cols, name, np.concatenate((getattr(self.cols, name), np.full(m, fill, dtype=dtype))))
+        self.n += m
+        for k in range(_N_TIERS):
+            self.tier_ids[k] = np.flatnonzero(self.tiers == k)
+            self.tier_pos[k] = int(self.tier_ids[k].searchsorted(self.next_arrival))
+            live = self.queue[k][self.head[k] : self.tail[k]]
+            buffer = np.empty(live.size + self.tier_ids[k].size - self.tier_pos[k], dtype=np.int64)
+            buffer[: live.size] = live
+            self.queue[k], self.head[k], self.tail[k] = buffer, 0, live.size
+
+    def rows_before(self, t: float) -> int:
+        """Local rows that arrived before ``t``: how far a fold may go without losing anyone still in flight."""
+        return int(self.times.searchsorted(t))
+
+    def arrivals_between(self, start: float, end: float) -> int:
+        """Arrivals in [start, end) (the fleet's rate estimates; start within its look-back)."""
+        self._ensure(end)
+        lo, hi = self.times.searchsorted([start, end])
+        return int(hi - lo)
+
+    # -- the queue ----------------------------------------------------------------------
 
     def admit_until(self, now: float) -> None:
         """Admit (or shed) every arrival up to ``now``; depth only grows until the next take."""
+        self.now = now
+        self._ensure(now)
         start = self.next_arrival
         stop = int(self.times.searchsorted(now + EPS, side="right"))
         if stop <= start:
@@ -70,7 +174,20 @@ class WaitingQueues:
         self.queued += queued
 
     def next_arrival_time(self) -> float:
+        if self.next_arrival >= self.n:
+            self._ensure(self.times[-1] if self.n else 0.0)
         return float(self.times[self.next_arrival]) if self.next_arrival < self.n else math.inf
+
+    def last_arrival_time(self) -> float:
+        """The latest arrival loaded (the look-ahead horizon of a window with nothing else to wait for)."""
+        return float(self.times[-1]) if self.n else 0.0
+
+    @property
+    def drained(self) -> bool:
+        """Every arrival loaded and admitted or shed, nobody waiting."""
+        if self.next_arrival >= self.n:
+            self._ensure(self.times[-1] if self.n else 0.0)
+        return self.exhausted and self.next_arrival >= self.n and self.queued == 0
 
     def oldest_arrival(self) -> float:
         oldest = math.inf
@@ -80,7 +197,18 @@ class WaitingQueues:
         return oldest
 
     def time_queue_reaches(self, need: int, until: float) -> float:
-        """When ``need`` more requests will have been admitted, if before ``until``; else inf."""
+        """When ``need`` more requests will have been admitted, if before ``until``; else inf.
+
+        Loads chunks only as far as the answer needs: a time found among the loaded
+        arrivals is final, since every earlier arrival is loaded too.
+        """
+        while True:
+            found = self._reaches(need, until)
+            if found < math.inf or self.exhausted or (self.n and self.times[-1] > until + EPS):
+                return found
+            self._load_next()
+
+    def _reaches(self, need: int, until: float) -> float:
         start = self.next_arrival
         stop = int(self.times.searchsorted(until + EPS, side="right"))
         if stop - start < need:
@@ -128,6 +256,11 @@ class ArrivalQueue:
         self.shed: list[int] = []
         self.thresholds: tuple[int, int, int] = (1 << 62, 1 << 62, 1 << 62)  # set by the engine from its fleet
         self.next_time = self._times[0] if self.n else math.inf  # the next arrival's time, read on the hot path
+
+    def arrivals_between(self, start: float, end: float) -> int:
+        """Arrivals in [start, end) (the fleet's rate estimates)."""
+        lo, hi = self.times.searchsorted([start, end])
+        return int(hi - lo)
 
     @property
     def admitted(self) -> np.ndarray:

@@ -11,6 +11,7 @@ so a prediction and a measurement see the same requests.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..core.model import ServiceModel, TokenShape
-from .arrivals import ArrivalProcess, Arrivals, generate_arrivals, load_trace
+from .arrivals import ArrivalProcess, Arrivals, arrival_chunks, concatenate, load_trace, split
 from .dataset import Dataset, load_dataset
 from .lengths import LengthDist
 from .schedule import RateSchedule
@@ -78,26 +79,33 @@ class Workload(BaseModel):
         return _cached_dataset(self.dataset, self.tokenizer)
 
     def arrivals(self, model: ServiceModel, horizon_s: float, seed: int) -> Arrivals:
-        """The requests of one run: times and tiers, and token lengths when tokens are in play."""
+        """The requests of one run, all at once: times and tiers, and token lengths when tokens are in play."""
+        return concatenate(self.arrival_chunks(model, horizon_s, seed))
+
+    def arrival_chunks(self, model: ServiceModel, horizon_s: float, seed: int) -> Iterator[Arrivals]:
+        """The same requests a time slice at a time (a streaming run never holds them all)."""
         data = self._dataset() if self.dataset is not None else None
         if data is not None and data.times is not None:
             assert data.tiers is not None
-            return Arrivals(data.times, data.tiers, data.prompt_tokens, data.output_tokens)
+            yield from split(Arrivals(data.times, data.tiers, data.prompt_tokens, data.output_tokens), 1.0)
+            return
         if self.trace is not None:
-            arrivals = load_trace(self.trace)
+            chunks = split(load_trace(self.trace), 1.0)
         else:
-            arrivals = generate_arrivals(
-                self.schedule, horizon_s, model.tier_shares, np.random.default_rng(seed), self.arrival
-            )
+            rng = np.random.default_rng(seed)
+            chunks = arrival_chunks(self.schedule, horizon_s, model.tier_shares, rng, self.arrival)
         if not self.wants_tokens(model):
-            return arrivals
+            yield from chunks
+            return
         rng = np.random.default_rng([seed, 1])  # its own stream: the arrivals stay those of a run without tokens
-        n = len(arrivals)
-        if data is not None:  # lengths of the dataset's rows, drawn with replacement
-            rows = rng.integers(0, len(data), size=n)
-            return arrivals.with_lengths(data.prompt_tokens[rows], data.output_tokens[rows])
         prompt, output = self.prompt_tokens or DEFAULT_PROMPT, self.output_tokens or DEFAULT_OUTPUT
-        return arrivals.with_lengths(prompt.sample(n, rng), output.sample(n, rng))
+        for arrivals in chunks:
+            n = len(arrivals)
+            if data is not None:  # lengths of the dataset's rows, drawn with replacement
+                rows = rng.integers(0, len(data), size=n)
+                yield arrivals.with_lengths(data.prompt_tokens[rows], data.output_tokens[rows])
+            else:
+                yield arrivals.with_lengths(prompt.sample(n, rng), output.sample(n, rng))
 
     def shape(self, model: ServiceModel) -> TokenShape | None:
         """Mean lengths for the back-of-envelope arithmetic (None when tokens are not in play)."""

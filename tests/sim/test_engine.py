@@ -61,7 +61,9 @@ def test_overload_orders_tiers_and_sheds_free_first(model):
     capacity = model.max_batch / (model.gpu_cycle_ms() / 1000)
     result = run_simulation(model, Workload.constant(2 * capacity), RunSettings(duration_s=60, warmup_s=5), gpus=1)
     tiers = result.per_tier
-    assert tiers["enterprise"].p95_ms < tiers["paid"].p95_ms < tiers["free"].p95_ms
+    # Means are exact; P95s come from 1%-wide histogram buckets, and the top two tiers' share one here.
+    assert tiers["enterprise"].mean_ms < tiers["paid"].mean_ms < tiers["free"].mean_ms
+    assert tiers["enterprise"].p95_ms <= tiers["paid"].p95_ms < tiers["free"].p95_ms
     assert tiers["free"].rejected_fraction > tiers["paid"].rejected_fraction >= tiers["enterprise"].rejected_fraction
     assert tiers["enterprise"].rejected_fraction == 0.0
     # The first request ever shed is a free one.
@@ -131,7 +133,7 @@ def test_gpu_failures_fail_their_batch_and_account_for_every_request():
     admitted = out.records.outcome != Outcome.REJECTED
     assert not np.isnan(out.records.finished[admitted]).any()  # every admitted request got an answer
     assert (out.records.finished[served] >= arr.times[served]).all()
-    assert out.up_changes[:, 1].min() < 3  # GPUs really went down
+    assert out.fleet.up_changes[:, 1].min() < 3  # GPUs really went down
 
 
 def test_autoscaler_adds_a_gpu_after_sustained_load_and_cold_start():
@@ -141,7 +143,7 @@ def test_autoscaler_adds_a_gpu_after_sustained_load_and_cold_start():
     # 90% load from t=0: above the 80% trigger.
     arr = generate_arrivals(RateSchedule(rps=0.9 * gpus * per_gpu), 700.0, model.tier_shares, np.random.default_rng(0))
     out = simulate_arrivals(model, arr, gpus, sample_every_s=5)
-    ts = out.timeseries
+    ts = out.fleet.timeseries
     first_up = ts["t_s"][np.argmax(ts["gpus_up"] > gpus)]
     # Ordered after 120 s above the trigger, serving 300 s later (ticks of 5 s).
     assert 120 + 300 <= first_up <= 120 + 300 + 10

@@ -184,11 +184,11 @@ def test_a_spike_scales_out_after_the_cold_start_in_both_modes(batching):
     schedule = RateSchedule(rps=rate, segments=[{"kind": "spike", "factor": 4.0, "at_s": 20.0, "duration_s": 120.0}])
     arr = generate_arrivals(schedule, 200.0, model.tier_shares, np.random.default_rng(3))
     out = simulate_arrivals(model, tokens_of(arr, 200, 40), gpus=1, horizon_s=200.0)
-    ordered = [e for e in out.scale_events if e.action == "ordered"]
-    serving = [e for e in out.scale_events if e.action == "serving"]
+    ordered = [e for e in out.fleet.scale_events if e.action == "ordered"]
+    serving = [e for e in out.fleet.scale_events if e.action == "serving"]
     assert ordered and ordered[0].t_s >= 20.0 + 10.0  # the load must stay high for scale_up_after_s
     assert serving[0].t_s == pytest.approx(ordered[0].t_s + 30.0)  # the cold start
-    assert max(e.gpus_up for e in out.scale_events) >= 2
+    assert max(e.gpus_up for e in out.fleet.scale_events) >= 2
 
 
 @pytest.mark.parametrize("batching", ["static", "continuous"])
