@@ -29,7 +29,6 @@ from typing import NamedTuple
 
 import numpy as np
 import tomli_w
-from scipy.optimize import nnls
 
 from ..core.model import ServiceModel
 
@@ -109,6 +108,8 @@ def fit_batch_latency(cells: Sequence[Cell | int], median_ms: Sequence[float]) -
     y = np.asarray(median_ms, dtype=float)
     weights = 1.0 / np.maximum(y, 1e-9)
     design = _design(cells, tokens=tokens)
+    from scipy.optimize import nnls  # loads on use: a third of a second every other command would pay
+
     coefficients, _ = nnls(design * weights[:, None], y * weights)
     rel = np.abs(design @ coefficients - y) / np.maximum(y, 1e-9)
     fixed, per_item, *token_terms = (float(c) for c in coefficients)

@@ -5,15 +5,16 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from ..core.errors import UsageError
 from ..server.config import ServerConfig
-from ..server.instances import run_instances
 from ..server.keys import DEV_KEYS
-from ..server.runner import Listening, run_server
+
+if TYPE_CHECKING:
+    from ..server.runner import Listening
 from .options import (
     DeviceOpt,
     DtypeOpt,
@@ -114,7 +115,11 @@ def serve(
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     if instances > 1:
+        from ..server.instances import run_instances  # the server stack loads only for `serve`: others start faster
+
         raise typer.Exit(run_instances(config, instances, _announcer(config, instances)))
+    from ..server.runner import run_server
+
     run_server(config, on_ready=_announcer(config, instances))
 
 

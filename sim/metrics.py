@@ -10,13 +10,12 @@ run of any length summarises in the same few megabytes.
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 
 from ..core.model import ServiceModel, TokenShape
 from ..core.schema import AutoscaleLog, Interval, SimulationResult, TierStats, TimeSeries
 from ..core.tiers import Tier
 from .engine import FleetLog
-from .tally import Tally
+from .tally import Tally, student_t
 
 __all__ = ["interval", "summarise"]
 
@@ -28,7 +27,7 @@ def interval(values: np.ndarray, level: float = 0.95) -> Interval:
     if n < 2:
         return Interval(mean=mean, ci95_low=mean, ci95_high=mean, pi95_low=mean, pi95_high=mean)
     sd = float(values.std(ddof=1))
-    t = float(stats.t.ppf(0.5 + level / 2, n - 1))
+    t = student_t(0.5 + level / 2, n - 1)
     half_ci = t * sd / np.sqrt(n)
     half_pi = t * sd * np.sqrt(1 + 1 / n)
     return Interval(

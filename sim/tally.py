@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats as scipy_stats
 
 from ..core.histogram import N_BUCKETS, LogHistogram, buckets_of
 from ..core.model import ServiceModel
@@ -30,7 +29,7 @@ from ..core.schema import CDF_POINTS, MetricInterval, PrecisionReport
 from ..core.tiers import Tier
 from .tokens import TokenGaps
 
-__all__ = ["Precision", "Tally", "Watch"]
+__all__ = ["Precision", "Tally", "Watch", "student_t"]
 
 _N_TIERS = len(Tier)
 _CDF = np.asarray(CDF_POINTS, dtype=float)
@@ -261,7 +260,7 @@ class Tally:
         if len(filled) < MIN_SLICES:
             return value, math.inf
         p95s = np.array([_histogram(row).percentiles(np.array([95.0]))[0] for row in filled])
-        t = float(scipy_stats.t.ppf(0.975, p95s.size - 1))
+        t = student_t(0.975, p95s.size - 1)
         return value, t * float(p95s.std(ddof=1)) / math.sqrt(p95s.size)
 
     # -- reading the figures back -------------------------------------------------------
@@ -311,6 +310,13 @@ class Tally:
             int(self.batches[:k].sum()),
             int(self.batch_items[:k].sum()),
         )
+
+
+def student_t(q: float, df: int) -> float:
+    """Student's t quantile. scipy loads on first use only: it costs half a second that most commands never need."""
+    from scipy.special import stdtrit
+
+    return float(stdtrit(df, q))
 
 
 def _histogram(counts: np.ndarray) -> LogHistogram:
