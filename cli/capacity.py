@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from ..core.errors import UsageError
 from ..core.model import Batching, ServiceModel
+from ..core.schema import CapacityResult
 from ..core.tiers import Tier
 from ..sim.planner import Constraints, plan_batching_modes
 from .options import (
@@ -116,18 +118,24 @@ def capacity(
     workload = scen.workload(rps=rps, **token_load(prompt_tokens, output_tokens, dataset, tokenizer, stream))
     if workload.is_replay or workload.schedule.rps <= 0:
         raise UsageError("capacity plans for a rate: give --rps (a trace or timed dataset replays with 'simulate')")
-    constraints = Constraints.of(
-        scen.model, max_reject=max_reject, tier_slo_p95_ms=_parse_tier_slo(tier_slo), check_tiers=not overall_only
-    )
+    tiers = {"tier_slo_p95_ms": _parse_tier_slo(tier_slo), "check_tiers": not overall_only}
+    constraints = Constraints.of(scen.model, max_reject=max_reject, **tiers)
     rates = _sweep_rates(sweep, sweep_rates, workload.schedule.rps)
-    settings = scen.settings(duration_s=duration, warmup_s=warmup, seed=seed)
-    settings = with_run_length(settings, DEFAULT_PRECISION if precision is None else precision, min_duration)
+    settings = with_run_length(
+        scen.settings(duration_s=duration, warmup_s=warmup, seed=seed),
+        DEFAULT_PRECISION if precision is None else precision, min_duration,
+    )  # fmt: skip
     with status_progress("searching GPU count", enabled=not (quiet or json_out)) as bar:
         result = plan_batching_modes(
             scen.model, _batching_modes(batching, scen.model), workload, settings, constraints, max_gpus=max_gpus,
             sweep_rates=rates, progress=lambda msg: bar.update(bar.task_ids[0], description=msg),
             jobs=jobs or os.cpu_count() or 1,
         )  # fmt: skip
+    _finish(result, json_out, save)
+
+
+def _finish(result: CapacityResult, json_out: bool, save: Path | None) -> None:
+    """Print or save the plan; exit 1 when no GPU count met every constraint."""
     emit_json(result, print_it=json_out, path=save)
     if not json_out:
         render_result(result)

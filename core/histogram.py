@@ -20,7 +20,9 @@ import math
 
 import numpy as np
 
-__all__ = ["HIGH_MS", "LOW_MS", "RATIO", "RELATIVE_ERROR", "LogHistogram", "weighted_percentiles"]
+__all__ = [
+    "HIGH_MS", "LOW_MS", "RATIO", "RELATIVE_ERROR", "LogHistogram", "row_percentiles", "weighted_percentiles",
+]  # fmt: skip
 
 RATIO = 1.01
 LOW_MS = 1e-3
@@ -52,6 +54,18 @@ def buckets_of(values_ms: np.ndarray) -> np.ndarray:
     """The bucket index of each value (clipped into range)."""
     scaled = np.log(np.maximum(values_ms, LOW_MS) / LOW_MS) / _LOG_RATIO
     return np.minimum(scaled.astype(np.int64), N_BUCKETS - 1)
+
+
+def row_percentiles(counts: np.ndarray, q: float) -> np.ndarray:
+    """The ``q`` percentile of each row of bucket counts (a histogram per row) in one pass; nan for empty rows."""
+    cum = np.cumsum(counts, axis=1)
+    total = cum[:, -1]
+    position = np.maximum(total - 1, 0) * q / 100.0
+    low = np.floor(position)
+    i_low = np.minimum((cum <= low[:, None]).sum(axis=1), N_BUCKETS - 1)
+    i_high = np.minimum((cum <= low[:, None] + 1).sum(axis=1), N_BUCKETS - 1)
+    value = CENTRES_MS[i_low] + (position - low) * (CENTRES_MS[i_high] - CENTRES_MS[i_low])
+    return np.where(total > 0, value, np.nan)
 
 
 class LogHistogram:

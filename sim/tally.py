@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..core.histogram import N_BUCKETS, LogHistogram, buckets_of
+from ..core.histogram import N_BUCKETS, LogHistogram, buckets_of, row_percentiles
 from ..core.model import ServiceModel
 from ..core.records import Outcome, RequestRecords
 from ..core.schema import CDF_POINTS, MetricInterval, PrecisionReport
@@ -35,7 +35,7 @@ _N_TIERS = len(Tier)
 _CDF = np.asarray(CDF_POINTS, dtype=float)
 _AT = {"p50_ms": CDF_POINTS.index(50), "p95_ms": CDF_POINTS.index(95), "p99_ms": CDF_POINTS.index(99)}
 _COUNTS = ("requests", "completed", "rejected", "failed", "good", "output_tokens")
-MAX_SLICES = 128  # a long run gets longer slices, so the histograms' memory stays bounded
+MAX_SLICES = 128  # a long run gets longer slices, so the per-slice figures stay a few kilobytes
 MIN_SLICES = 10  # fewer slice P95s make no interval worth the name
 
 
@@ -89,7 +89,13 @@ class Tally:
         shape = (self.n_slices, _N_TIERS)
         self.counts = {name: np.zeros(shape, np.int64) for name in _COUNTS}
         metrics = ("e2e", "ttft", "tpot", "itl") if tokens else ("e2e",)
-        self.hist = {m: np.zeros((*shape, N_BUCKETS), np.int64) for m in metrics}
+        # Histograms of the slices still filling, by slice; a slice whose requests have all been folded is
+        # closed: its P95s are noted for the precision stop and its counts merge into ``closed``. So memory holds
+        # the two or three open slices and the totals, however long the run.
+        self.open: dict[str, dict[int, np.ndarray]] = {m: {} for m in metrics}
+        self.closed = {m: np.zeros((_N_TIERS, N_BUCKETS), np.int64) for m in metrics}
+        self.closed_slices = 0
+        self.slice_p95: dict[Watch, list[float]] = {w: [] for w in (precision.watch if precision else ())}
         self.sum_ms = {m: np.zeros(shape) for m in metrics}
         self.max_ms = {m: np.full(shape, -np.inf) for m in metrics}
         self.completions = np.zeros(self.n_slices, np.int64)  # OK answers finishing in each slice
@@ -165,7 +171,11 @@ class Tally:
         if values.size == 0:
             return
         keys = tier * N_BUCKETS + buckets_of(values)
-        self.hist[metric][j] += (
+        if j < self.closed_slices:  # a straggler of a closed slice (not expected: folds come in arrival order)
+            raise RuntimeError(f"slice {j} is already closed")
+        if j not in self.open[metric]:
+            self.open[metric][j] = np.zeros((_N_TIERS, N_BUCKETS), np.int64)
+        self.open[metric][j] += (
             np.bincount(keys, weights=weights, minlength=_N_TIERS * N_BUCKETS)
             .reshape(_N_TIERS, N_BUCKETS)
             .astype(np.int64)
@@ -213,10 +223,15 @@ class Tally:
     # -- the precision stop -------------------------------------------------------------
 
     def settled(self, folded_until_s: float) -> bool:
-        """Whether a precision stop may end the run: every request before ``folded_until_s`` has been folded."""
-        if self.precision is None:
+        """Close the slices complete by now; whether a precision stop may end the run.
+
+        Every request that arrived before ``folded_until_s`` has been folded.
+        """
+        complete = min(self.n_slices, int(np.searchsorted(self.edges, folded_until_s, side="right")) - 1)
+        self._close_until(complete)
+        if self.precision is None or self.stopped_at is not None:
             return False
-        k = min(self.n_slices, int(np.searchsorted(self.edges, folded_until_s, side="right")) - 1)
+        k = self.closed_slices
         if k < MIN_SLICES or self.edges[k] - self.w0 < self.precision.min_s - 1e-9:
             return False
         report = self._precision_report(k)
@@ -224,9 +239,24 @@ class Tally:
             self.stopped_at, self.report = k, report
         return report.met
 
+    def _close_until(self, k: int) -> None:
+        if self.stopped_at is not None:
+            return  # the window is final; later slices are not part of it
+        for j in range(self.closed_slices, k):
+            rows = {m: self.open[m].pop(j, None) for m in self.open}
+            for watch, p95s in self.slice_p95.items():
+                row = rows[watch.metric]
+                counts = None if row is None else (row.sum(axis=0) if watch.tier is None else row[watch.tier])
+                p95s.append(float(row_percentiles(counts[None, :], 95.0)[0]) if counts is not None else math.nan)
+            for m, row in rows.items():
+                if row is not None:
+                    self.closed[m] += row
+        self.closed_slices = max(self.closed_slices, k)
+
     def finish(self) -> int:
         """Close the run: the number of slices measured, and the precision report when one was asked for."""
         if self.stopped_at is None:
+            self._close_until(self.n_slices)
             self.stopped_at = self.n_slices
             if self.precision is not None:
                 self.report = self._precision_report(self.n_slices)
@@ -249,17 +279,16 @@ class Tally:
         )  # fmt: skip
 
     def _interval(self, watch: Watch, k: int) -> tuple[float | None, float]:
-        """P95 of the first k slices and the half-width of its 95% batch-means interval (inf if too few slices)."""
-        hist = self.hist[watch.metric][:k]
-        per_slice = hist.sum(axis=1) if watch.tier is None else hist[:, watch.tier]
-        total = _histogram(per_slice.sum(axis=0))
+        """P95 of the k closed slices and the half-width of its 95% batch-means interval (inf if too few slices)."""
+        closed = self.closed[watch.metric]
+        total = _histogram(closed.sum(axis=0) if watch.tier is None else closed[watch.tier])
         if total.count == 0:
             return None, math.inf
         value = float(total.percentiles(np.array([95.0]))[0])
-        filled = [row for row in per_slice if row.sum() > 0]
-        if len(filled) < MIN_SLICES:
+        p95s = np.array(self.slice_p95[watch][:k])
+        p95s = p95s[~np.isnan(p95s)]
+        if p95s.size < MIN_SLICES:
             return value, math.inf
-        p95s = np.array([_histogram(row).percentiles(np.array([95.0]))[0] for row in filled])
         t = student_t(0.975, p95s.size - 1)
         return value, t * float(p95s.std(ddof=1)) / math.sqrt(p95s.size)
 
@@ -278,10 +307,10 @@ class Tally:
 
     def histogram(self, metric: str, tier: int | None = None) -> LogHistogram:
         k = self.stopped_at if self.stopped_at is not None else self.n_slices
-        counts, sums, peaks = self.hist[metric][:k], self.sum_ms[metric][:k], self.max_ms[metric][:k]
+        closed, sums, peaks = self.closed[metric], self.sum_ms[metric][:k], self.max_ms[metric][:k]
         if tier is not None:
-            counts, sums, peaks = counts[:, tier], sums[:, tier], peaks[:, tier]
-        hist = _histogram(counts.reshape(-1, N_BUCKETS).sum(axis=0))
+            sums, peaks = sums[:, tier], peaks[:, tier]
+        hist = _histogram(closed.sum(axis=0) if tier is None else closed[tier])
         hist.total_ms, hist.max_ms = float(sums.sum()), float(peaks.max(initial=-np.inf))
         return hist
 
