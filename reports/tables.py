@@ -161,18 +161,16 @@ def _simulation(r: SimulationResult) -> Summary:
 
 
 def _precision_fact(p: PrecisionReport) -> str:
-    """``p95 120.2 ± 0.27 ms (95% CI); widest of 4 percentiles watched 0.22%; met the target after 10 s``."""
+    """``P95 120.2 ± 0.27 ms (95% CI), 4 P95s within ±0.22%: the ±1% target met after 10 s``."""
     if not p.intervals:
-        return f"nothing to measure it on after {p.measured_s:,.4g} s"
-    name, first = next(iter(p.intervals.items()))
+        return f"nothing to measure after {p.measured_s:,.4g} s"
+    first = next(iter(p.intervals.values()))
     half = (first.high_ms - first.low_ms) / 2
-    reached = (
-        "not measurable (too few slices)" if p.reached is None or p.reached == float("inf") else f"{p.reached:.2%}"
-    )
-    how = f"met the {p.target:.2%} target" if p.met else f"target {p.target:.2%} not met within the longest run"
+    widest = "too few slices" if p.reached is None or p.reached == float("inf") else f"±{p.reached:.2%}"
+    verdict = "met" if p.met else "not met in the longest run,"
     return (
-        f"{name} {first.value_ms:,.1f} ± {half:,.2f} ms (95% CI); widest of {len(p.intervals)} percentiles watched "
-        f"{reached}; {how} after {p.measured_s:,.4g} s measured"
+        f"P95 {first.value_ms:,.1f} ± {half:,.2f} ms (95% CI), {len(p.intervals)} P95s within {widest}: "
+        f"the ±{p.target:.1%} target {verdict} after {p.measured_s:,.4g} s"
     )
 
 

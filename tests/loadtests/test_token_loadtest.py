@@ -53,7 +53,7 @@ def streamed_run(scenario, tmp_path_factory):
 
 def test_streamed_completions_match_the_simulation(streamed_run):
     data, _ = streamed_run
-    assert data["api"] == "completions" and data["stream"] is True and data["schema_version"] == 5
+    assert data["api"] == "completions" and data["stream"] is True and data["schema_version"] == 6
     assert data["status_counts"] == {"200": data["requests"]} and data["wrong_outputs"] == 0
     assert data["token_counts"].startswith("usage")
     tokens = data["overall"]["tokens"]
