@@ -12,6 +12,7 @@ same answer as the back-of-envelope where the load ceiling binds; 10,000 under 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -28,10 +29,8 @@ def tree_rss(proc: psutil.Process) -> int:
     """RSS of a process and all its descendants (the planner's worker processes)."""
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
-        try:
+        with contextlib.suppress(psutil.Error):
             total += p.memory_info().rss
-        except psutil.Error:
-            pass
     return total
 
 
@@ -47,10 +46,8 @@ def one_run(rps: float, jobs: int | None) -> tuple[float, int, dict]:
         watched = psutil.Process(proc.pid)
         peak = 0
         while proc.poll() is None:
-            try:
+            with contextlib.suppress(psutil.Error):
                 peak = max(peak, tree_rss(watched))
-            except psutil.Error:
-                pass
             time.sleep(0.02)
         wall = time.perf_counter() - start
         if proc.returncode != 0:
@@ -66,7 +63,8 @@ def main() -> None:
     args = parser.parse_args()
     rates = [float(r) for r in args.rates.split(",")]
     print(f"{psutil.cpu_count()} cores; median of {args.repeats} fresh processes per rate")
-    print(f"{'rps':>10} {'wall s':>8} {'peak MB':>8} {'GPUs':>6} {'envelope':>9} {'P95 ms':>8} {'measured s':>10} {'sims':>5}")
+    header = ("rps", 10), ("wall s", 8), ("peak MB", 8), ("GPUs", 6), ("envelope", 9), ("P95 ms", 8), ("measured s", 10)
+    print(" ".join(f"{name:>{width}}" for name, width in header), f"{'sims':>5}")
     for rps in rates:
         runs = [one_run(rps, args.jobs) for _ in range(args.repeats)]
         walls, peaks = [r[0] for r in runs], [r[1] for r in runs]
@@ -77,7 +75,8 @@ def main() -> None:
             f"{plan['gpus']:>6} {plan['back_of_envelope']['gpus_at_ceiling']:>9} {plan['p95_ms']:>8.1f} "
             f"{precision.get('measured_s', plan['duration_s']):>10.4g} {plan['simulations']:>5}"
         )
-        print(f"{'':>10} walls {', '.join(f'{w:.2f}' for w in walls)}; peaks MB {', '.join(f'{p / 1e6:.0f}' for p in peaks)}")
+        each = f"walls {', '.join(f'{w:.2f}' for w in walls)}; peaks MB {', '.join(f'{p / 1e6:.0f}' for p in peaks)}"
+        print(f"{'':>10} {each}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,71 @@
+"""Planning at scale from the command line: the precision stop, the process pool, requests saved as they settle."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from tests.helpers import run_cli as cli
+
+
+def test_capacity_stops_on_precision_and_runs_its_search_in_two_processes():
+    done = cli("capacity", "--rps", "3000", "--jobs", "2", "--json")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["gpus"] == plan["back_of_envelope"]["gpus_at_ceiling"]  # the load ceiling binds
+    assert plan["jobs"] == 2 and plan["simulations"] == len(plan["neighbours"]) == 5
+    precision = plan["precision"]
+    assert precision["met"] and precision["target"] == 0.01 and precision["measured_s"] == pytest.approx(10.0)
+    p95 = precision["intervals"]["p95"]
+    assert p95["low_ms"] <= plan["p95_ms"] <= p95["high_ms"]
+    assert set(precision["intervals"]) == {"p95", "p95:enterprise", "p95:paid", "p95:free"}
+    assert "target met after 10 s" in cli("capacity", "--rps", "3000").stdout
+
+
+def test_precision_zero_runs_the_whole_duration():
+    done = cli("capacity", "--rps", "3000", "--precision", "0", "--duration", "12", "--json")
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["precision"] is None and plan["duration_s"] == 12
+
+
+def test_simulate_with_precision_stops_early_and_says_so():
+    done = cli("simulate", "--rps", "2000", "--gpus", "3", "--precision", "0.01", "--json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["duration_s"] == pytest.approx(10.0) and result["precision"]["met"]
+    assert result["requests"] == pytest.approx(2000 * 10, rel=0.05)
+
+
+def test_save_requests_writes_every_request_as_a_csv_row(tmp_path):
+    rows_file = tmp_path / "requests.csv"
+    done = cli(
+        "simulate", "--rps", "2000", "--gpus", "3", "--duration", "5", "--warmup", "1", "--json",
+        "--save-requests", str(rows_file),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    with rows_file.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows and set(rows[0]) >= {"scheduled_s", "finished_s", "tier", "outcome"}
+    scheduled = np.array([float(r["scheduled_s"]) for r in rows])
+    assert np.all(np.diff(scheduled) >= 0)  # in arrival order, each once
+    in_window = (scheduled >= 1.0) & (scheduled < 6.0)
+    assert int(in_window.sum()) == result["requests"]  # warm-up rows too, but the window's are the result's
+    assert {r["outcome"] for r in rows} == {"ok"} and {r["tier"] for r in rows} == {"enterprise", "paid", "free"}
+    latency = np.array([float(r["finished_s"]) for r in rows])[in_window] - scheduled[in_window]
+    assert np.percentile(latency * 1000, 95) == pytest.approx(result["p95_ms"], rel=0.005)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("capacity", "--rps", "3000", "--precision", "2"), ("capacity", "--rps", "3000", "--jobs", "0"),
+     ("simulate", "--rps", "10", "--gpus", "1", "--min-duration", "-1")],
+)  # fmt: skip
+def test_bad_scale_flags_are_one_line_and_exit_2(args):
+    done = cli(*args)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and done.stderr.strip()
