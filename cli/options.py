@@ -43,6 +43,13 @@ SaveRequestsOpt = Annotated[
 ]
 
 
+RayAddressOpt = Annotated[
+    str | None,
+    typer.Option("--ray-address", help="--backend ray: join this cluster (auto, HOST:PORT, ray://HOST:PORT) [local]."),
+]
+RayEngineOpt = Annotated[str, typer.Option("--ray-engine", help="--backend ray: the engine in each actor [sim].")]
+
+
 def precision_option(default: str) -> object:
     """``--precision``: stop once each P95 in play is known this well; 0 runs the whole --duration."""
     return typer.Option(
@@ -163,6 +170,14 @@ class TorchFlags:
     dtype: str = "float32"
 
 
+@dataclass(frozen=True)
+class RayFlags:
+    """The ray backend's flags: where the cluster is and which engine each actor holds."""
+
+    address: str | None = None
+    engine: str = "sim"
+
+
 def engine_options(
     backend: str,
     model: str | None,
@@ -172,9 +187,16 @@ def engine_options(
     max_model_len: int,
     torch: TorchFlags | None = None,
     gpus: int = 1,
+    ray: RayFlags | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of the chosen backend's constructor, checked for what it needs."""
     generation = Generation(max_tokens=max_tokens, temperature=temperature)
+    if backend == "ray":
+        flags = ray or RayFlags()
+        if flags.engine == "ray":
+            raise UsageError("--ray-engine: the engine inside each actor (sim, vllm, ...), not ray itself")
+        inner = engine_options(flags.engine, model, upstream, max_tokens, temperature, max_model_len, torch, 1)
+        return {"ray_address": flags.address, "ray_engine": flags.engine, "engine_options": inner, "actors": gpus}
     if backend == "torch":
         flags = torch or TorchFlags()
         return {"torch_model": flags.torch_model, "device": flags.device, "dtype": flags.dtype, "replicas": gpus}

@@ -25,6 +25,9 @@ from .options import (
     MaxTokensOpt,
     MaxWaitOpt,
     ProfileOpt,
+    RayAddressOpt,
+    RayEngineOpt,
+    RayFlags,
     ScenarioOpt,
     TemperatureOpt,
     TorchFlags,
@@ -36,7 +39,7 @@ from .options import (
 HostOpt = Annotated[str, typer.Option("--host", help="Public listener address.")]
 PortOpt = Annotated[int, typer.Option("--port", min=0, max=65535, help="Public port (0: any free one).")]
 BackendOpt = Annotated[
-    str, typer.Option("--backend", help="sim | vllm | openai | torch | remote | package.module:Class.")
+    str, typer.Option("--backend", help="sim | vllm | openai | torch | remote | ray | package.module:Class.")
 ]
 GpusOpt = Annotated[int | None, typer.Option("--gpus", min=1, help="GPU workers (default: the scenario's, else 1).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Model name or local path.")]
@@ -82,6 +85,8 @@ def serve(
     torch_model: TorchModelOpt = None,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
+    ray_address: RayAddressOpt = None,
+    ray_engine: RayEngineOpt = "sim",
     internal_host: InternalHostOpt = "127.0.0.1",
     internal_port: InternalPortOpt = None,
     allow_remote_internal: RemoteInternalOpt = False,
@@ -108,7 +113,7 @@ def serve(
         allow_remote_internal=allow_remote_internal, backend=backend, gpus=scen.model.gpus or 1,
         backend_options=engine_options(
             backend, model, upstream, max_tokens, temperature, max_model_len, TorchFlags(torch_model, device, dtype),
-            gpus=scen.model.gpus or 1,
+            gpus=scen.model.gpus or 1, ray=RayFlags(ray_address, ray_engine),
         ),
         keys_file=keys, allow_dev_keys=allow_dev_keys, model_name=served_model_name or model,
         drain_timeout_s=drain_timeout, access_log=access_log, redis_url=redis, redis_prefix=redis_prefix,

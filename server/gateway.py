@@ -178,7 +178,10 @@ class PublicApi:
             raise ApiError(503, "not ready" if not self.state.draining else "draining", code="not_ready")
         if (why := self.queue.unavailable) is not None:
             raise ApiError(503, why, code="queue_unavailable")
-        return web.json_response({"status": "ready", "gpus": self.queue.gpus, "queued": self.queue.queued})
+        engine = self.state.backend.readiness()
+        if engine.get("actors_live", 1) == 0:
+            raise ApiError(503, "no engine actor is live", code="engine_unavailable")
+        return web.json_response({"status": "ready", "gpus": self.queue.gpus, "queued": self.queue.queued, **engine})
 
     async def openapi(self, request: web.Request) -> web.Response:
         # The kept description names the default model; this server's copy names its own.
@@ -190,6 +193,7 @@ class PublicApi:
     async def metrics_text(self, request: web.Request) -> web.Response:
         for tier, depth in enumerate(await self.queue.depths()):
             self.metrics.tier_depth[tier].set(depth)
+        self.metrics.count_engine_restarts(self.state.backend.restart_count())
         body = generate_latest(self.metrics.registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

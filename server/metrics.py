@@ -59,6 +59,10 @@ class ServerMetrics:
         )
         self.responses = Counter("inferplan_responses", "Responses by tier and status", ["tier", "status"], registry=r)
         self.backend_faults = Counter("inferplan_backend_faults", "Failed batches by kind", ["kind"], registry=r)
+        self.engine_restarts = Counter(
+            "inferplan_engine_restarts", "Engine processes (Ray actors) that died and were restarted", registry=r
+        )
+        self._restarts_counted = 0
         self.client_disconnects = Counter(
             "inferplan_client_disconnects", "Clients that hung up before their answer, by stage", ["stage"], registry=r
         )
@@ -102,3 +106,9 @@ class ServerMetrics:
         self.tier_latency = [self.request_latency.labels(t.label) for t in Tier]
         self.shed = [self.rejected.labels(t.label, "backpressure") for t in Tier]
         self.ok = [self.responses.labels(t.label, "200") for t in Tier]
+
+    def count_engine_restarts(self, total: int) -> None:
+        """Bring the restart counter up to the backend's own count (read at each scrape)."""
+        if total > self._restarts_counted:
+            self.engine_restarts.inc(total - self._restarts_counted)
+            self._restarts_counted = total

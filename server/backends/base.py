@@ -180,6 +180,14 @@ class Backend(ABC):
     async def close(self) -> None:  # noqa: B027  (optional hook)
         """Release what start() took."""
 
+    def readiness(self) -> dict[str, Any]:
+        """What ``/readyz`` adds about the engine (e.g. Ray's live actors); ``{"actors_live": 0}`` means not ready."""
+        return {}
+
+    def restart_count(self) -> int:
+        """Engine processes that died and were restarted so far (``inferplan_engine_restarts_total``)."""
+        return 0
+
     def batch_phases(self, gpu: int) -> dict[str, float] | None:
         """The last batch's PCIe in / kernel / PCIe out times on GPU ``gpu`` (ms), from a backend that times them."""
         return None
@@ -209,7 +217,7 @@ def plain_chat_prompt(messages: list[dict[str, str]]) -> str:
 
 def _load_builtin_backends() -> None:
     # Each registers itself; the engine modules import their heavy libraries only in start().
-    from . import openai_upstream, remote, sim, torch_backend, vllm_engine  # noqa: F401
+    from . import openai_upstream, ray_backend, remote, sim, torch_backend, vllm_engine  # noqa: F401
 
 
 def _import_backend(spec: str) -> type[Backend]:
