@@ -13,13 +13,14 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
+import openai
 import psutil
 import pytest
 from infer_plan.core import ServiceModel
 from infer_plan.core.model import Backpressure
 from infer_plan.loadtests.openloop import send_open_loop
-from infer_plan.loadtests.target import write_model_scenario
-from infer_plan.server.backends.sim import sim_output
+from infer_plan.loadtests.target import redis_server, write_model_scenario
+from infer_plan.server.backends.sim import sim_output, sim_words
 from infer_plan.sim import RateSchedule
 from infer_plan.sim.arrivals import Arrivals, generate_arrivals
 from infer_plan.sim.engine import simulate_arrivals
@@ -181,3 +182,49 @@ async def test_sigterm_drains_the_batches_in_flight_and_leaves_no_ray_process():
         assert srv.proc.wait(timeout=60) == 0
     time.sleep(1.0)
     assert not (_ray_pids() - before), "the local Ray outlived the server"
+
+
+@pytest.mark.redis
+async def test_two_gateways_with_shared_queues_share_one_ray_cluster(tmp_path):
+    scenario = str(write_model_scenario(ServiceModel(), tmp_path / "model.toml", gpus=1))
+    args = ("--backend", "ray", "--scenario", scenario)
+    with (
+        ray_head() as address,
+        redis_server() as redis,
+        running_server(*args, "--ray-address", address, "--redis", redis.url, env=RAY_ENV, startup_s=120) as one,
+        running_server(*args, "--ray-address", address, "--redis", redis.url, env=RAY_ENV, startup_s=120) as two,
+    ):
+        async with aiohttp.ClientSession() as session:
+            results = await asyncio.gather(
+                *(_post(session, (one, two)[i % 2].url, f"g {i}", DEV_KEYS[i % 3]) for i in range(60))
+            )
+        assert [s for s, _ in results] == [200] * 60
+        assert [p["output"] for _, p in results] == [sim_output(f"g {i}") for i in range(60)]
+        listing = subprocess.run(
+            [sys.executable, "-c", _LIST, address], env={**os.environ, **RAY_ENV}, capture_output=True, text=True,
+            check=True, timeout=60,
+        )  # fmt: skip
+        assert len(set(listing.stdout.split())) == 2  # one actor per gateway, both in the one cluster
+
+
+async def test_tokens_stream_through_the_actor_one_step_at_a_time(tmp_path):
+    model = ServiceModel(decode_step_ms=25.0)  # each token a step of its own: a stream shows them arrive apart
+    scenario = str(write_model_scenario(model, tmp_path / "model.toml", gpus=1))
+    with running_server("--backend", "ray", "--scenario", scenario, env=RAY_ENV, startup_s=120) as srv:
+        sdk = openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key="dev-paid", max_retries=0, timeout=30)
+        prompt = "one two three"
+        arrived, texts = [], []
+        stream = await sdk.completions.create(model="ray-sim", prompt=prompt, max_tokens=6, stream=True)
+        async for chunk in stream:
+            if chunk.choices and chunk.choices[0].text:
+                arrived.append(time.perf_counter())
+                texts.append(chunk.choices[0].text)
+        assert "".join(texts) == sim_words(prompt, 6) and len(texts) == 6
+        assert arrived[-1] - arrived[0] >= 0.8 * 5 * 0.025  # five decode steps apart, not one lump at the end
+
+
+_LIST = """
+import sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+print(" ".join(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)))
+"""
