@@ -86,6 +86,7 @@ def _peak_bytes(duration_s: float) -> int:
     return peak
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_as_the_run_grows_ten_times_longer():
     short, long = _peak_bytes(8.0), _peak_bytes(80.0)
     print(f"peak traced memory: {short / 2**20:.1f} MiB for 8 s, {long / 2**20:.1f} MiB for 80 s")
