@@ -107,8 +107,8 @@ def arrival_chunks(
     """Arrivals in ``[0, horizon_s)`` following ``schedule``, one time slice after another.
 
     A streaming simulation draws its requests a chunk at a time, so a million requests a
-    second never exist at once; an exact one concatenates the same chunks
-    (:func:`generate_arrivals`), so both see the same requests for a seed.
+    second never exist at once; to compare it with an exact run, concatenate the same
+    chunks (:func:`concatenate`).
     """
     if horizon_s <= 0:
         raise ValueError("horizon must be > 0")
@@ -153,8 +153,31 @@ def generate_arrivals(
     rng: np.random.Generator,
     process: ArrivalProcess = ArrivalProcess.POISSON,
 ) -> Arrivals:
-    """Arrivals in ``[0, horizon_s)`` following ``schedule``, tiers drawn by ``tier_shares``."""
-    return concatenate(arrival_chunks(schedule, horizon_s, tier_shares, rng, process))
+    """Arrivals in ``[0, horizon_s)`` following ``schedule``, tiers drawn by ``tier_shares``, all at once.
+
+    A load test's plan and the tests' fixed arrival sets; a streaming simulation draws
+    its own a chunk at a time (:func:`arrival_chunks`: the same process, other draws).
+    """
+    if horizon_s <= 0:
+        raise ValueError("horizon must be > 0")
+    if schedule.is_constant:
+        expected = schedule.rps * horizon_s
+        if process is ArrivalProcess.POISSON:
+            count = int(rng.poisson(expected))
+            times = np.sort(rng.uniform(0.0, horizon_s, count))
+        else:
+            times = (np.arange(int(expected)) + 0.5) / schedule.rps if schedule.rps > 0 else np.empty(0)
+    else:
+        grid, cum = _cumulative_rate(schedule, horizon_s)
+        total = float(cum[-1])
+        if process is ArrivalProcess.POISSON:
+            unit = np.sort(rng.uniform(0.0, total, int(rng.poisson(total))))
+        else:
+            unit = np.arange(int(total)) + 0.5
+        # cum is non-decreasing; flat stretches (rate 0) map to their start, which is right.
+        times = np.interp(unit, cum, grid)
+    tiers = rng.choice(len(tier_shares), size=times.size, p=np.asarray(tier_shares)).astype(np.int8)
+    return Arrivals(times=times.astype(np.float64), tiers=tiers)
 
 
 def split(arrivals: Arrivals, step_s: float) -> Iterator[Arrivals]:

