@@ -112,8 +112,9 @@ def test_calibrated_simulation_predicts_the_vllm_servers_p95(vllm_server, tiny_m
     done = cli(
         "loadtest", "--target", vllm_server.url, "--model", "tiny", "--gpus", "1", "--profile", str(profile),
         "--rps", "25", "--duration", "30", "--warmup", "5", "--json", str(summary),
-        "--batch-log", vllm_server.internal_url, timeout=240,
+        "--batch-log", vllm_server.internal_url, "--slo-p95-ms", "5000", timeout=240,
     )  # fmt: skip
+    # --slo-p95-ms 5000: the prediction is under test here, not the 500 ms SLO (a slow day's P95 was 507-534 ms).
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     result = json.loads(summary.read_text())
     measured = result["overall"]["measured_ms"]["p95_ms"]
