@@ -28,11 +28,11 @@ import simpy
 
 from ..core.dispatch import EPS, Take, decide
 from ..core.model import ServiceModel
-from ..core.records import Outcome, RequestRecords
+from ..core.records import RequestRecords
 from ..core.tiers import Tier
 from .arrivals import Arrivals
 from .fleet import Fleet, GpuState
-from .sinks import Sink
+from .sinks import Sink, simulated_outcomes
 from .tokens import TokenGaps
 from .waiting import WaitingQueues
 
@@ -188,10 +188,7 @@ class BatchEngine:
 
     def _records(self, cut: int, *, final: bool = False) -> RequestRecords:
         waiting, cols = self.waiting, self.cols
-        outcome = np.where(waiting.admitted[:cut], np.int8(Outcome.OK), np.int8(Outcome.REJECTED))
-        outcome[cols.failed[:cut]] = Outcome.FAILED
-        if final:  # the run ended with requests no GPU took (the whole fleet down)
-            outcome[waiting.admitted[:cut] & np.isnan(cols.completion[:cut])] = Outcome.PENDING
+        outcome = simulated_outcomes(waiting.admitted[:cut], cols.failed[:cut], cols.completion[:cut], final=final)
         lengths = waiting.prompt_tokens, waiting.output_tokens
         return RequestRecords(
             tier=waiting.tiers[:cut],

@@ -20,7 +20,7 @@ from ..core.records import Outcome, RequestRecords
 from ..core.schema import ScaleEvent
 from .arrivals import Arrivals, concatenate, split
 from .batch_engine import BatchEngine
-from .sinks import RecordKeeper, Sink
+from .sinks import RecordKeeper, Sink, simulated_outcomes
 from .step_engine import StepEngine
 from .tokens import TokenGaps
 
@@ -152,12 +152,9 @@ def _mean_shape(arrivals: Arrivals) -> TokenShape | None:
 def _fold_steps(engine: StepEngine, arrivals: Arrivals, sink: Sink) -> None:
     """Continuous batching's requests, all at the end of its run."""
     waiting = engine.waiting
-    outcome = np.where(waiting.admitted, np.int8(Outcome.OK), np.int8(Outcome.REJECTED))
-    outcome[engine.failed] = Outcome.FAILED
-    outcome[engine.refused] = Outcome.CLIENT_ERROR
     finished = engine.completion
-    if waiting.queued:  # the run ended with requests no GPU took (the whole fleet down)
-        outcome[waiting.admitted & np.isnan(finished)] = Outcome.PENDING
+    outcome = simulated_outcomes(waiting.admitted, engine.failed, finished, final=waiting.queued > 0)
+    outcome[engine.refused] = Outcome.CLIENT_ERROR  # longer than the whole KV cache
     sink.fold_batches(*engine.batches())
     sink.fold_gaps(engine.token_gaps())
     sink.fold(

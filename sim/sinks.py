@@ -19,9 +19,19 @@ from ..core.records import Outcome, RequestRecords
 from ..core.tiers import Tier
 from .tokens import TokenGaps
 
-__all__ = ["RecordKeeper", "RequestWriter", "Sink", "Tee"]
+__all__ = ["RecordKeeper", "RequestWriter", "Sink", "Tee", "simulated_outcomes"]
 
 _N_TIERS = len(Tier)
+
+
+def simulated_outcomes(admitted: np.ndarray, failed: np.ndarray, finished: np.ndarray, *, final: bool) -> np.ndarray:
+    """What became of simulated requests: shed, failed with their GPU, answered; at the run's end, an admitted
+    request nobody answered (the whole fleet down) is PENDING. Both engines settle their requests by this."""
+    outcome = np.where(admitted, np.int8(Outcome.OK), np.int8(Outcome.REJECTED))
+    outcome[failed] = Outcome.FAILED
+    if final:
+        outcome[admitted & np.isnan(finished)] = Outcome.PENDING
+    return outcome
 
 
 class Sink(Protocol):

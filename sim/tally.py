@@ -295,18 +295,21 @@ class Tally:
     # -- reading the figures back -------------------------------------------------------
 
     @property
+    def kept(self) -> int:
+        """Slices in the measured window: up to a precision stop, else all."""
+        return self.stopped_at if self.stopped_at is not None else self.n_slices
+
+    @property
     def measured(self) -> tuple[float, float]:
         """The window measured: [warmup, warmup + the slices kept)."""
-        k = self.stopped_at if self.stopped_at is not None else self.n_slices
-        return self.w0, float(self.edges[k])
+        return self.w0, float(self.edges[self.kept])
 
     def count(self, name: str, tier: int | None = None) -> int:
-        k = self.stopped_at if self.stopped_at is not None else self.n_slices
-        column = self.counts[name][:k]
+        column = self.counts[name][: self.kept]
         return int(column.sum() if tier is None else column[:, tier].sum())
 
     def histogram(self, metric: str, tier: int | None = None) -> LogHistogram:
-        k = self.stopped_at if self.stopped_at is not None else self.n_slices
+        k = self.kept
         closed, sums, peaks = self.closed[metric], self.sum_ms[metric][:k], self.max_ms[metric][:k]
         if tier is not None:
             sums, peaks = sums[:, tier], peaks[:, tier]
@@ -332,7 +335,7 @@ class Tally:
 
     def window_sums(self) -> tuple[float, int, int, int]:
         """GPU busy seconds, completions, batches and their items within the measured window."""
-        k = self.stopped_at if self.stopped_at is not None else self.n_slices
+        k = self.kept
         return (
             float(self.busy_s[:k].sum()),
             int(self.completions[:k].sum()),

@@ -132,10 +132,6 @@ class WaitingQueues:
             buffer[: live.size] = live
             self.queue[k], self.head[k], self.tail[k] = buffer, 0, live.size
 
-    def rows_before(self, t: float) -> int:
-        """Local rows that arrived before ``t``: how far a fold may go without losing anyone still in flight."""
-        return int(self.times.searchsorted(t))
-
     def arrivals_between(self, start: float, end: float) -> int:
         """Arrivals in [start, end) (the fleet's rate estimates; start within its look-back)."""
         self._ensure(end)
@@ -177,10 +173,6 @@ class WaitingQueues:
         if self.next_arrival >= self.n:
             self._ensure(self.times[-1] if self.n else 0.0)
         return float(self.times[self.next_arrival]) if self.next_arrival < self.n else math.inf
-
-    def last_arrival_time(self) -> float:
-        """The latest arrival loaded (the look-ahead horizon of a window with nothing else to wait for)."""
-        return float(self.times[-1]) if self.n else 0.0
 
     @property
     def drained(self) -> bool:
