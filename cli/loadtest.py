@@ -24,6 +24,7 @@ from .options import (
     ProfileOpt,
     PromptTokensOpt,
     QuietOpt,
+    SaveRequestsOpt,
     ScenarioOpt,
     SeedOpt,
     SloOpt,
@@ -117,6 +118,7 @@ def loadtest(
     html_file: HtmlOpt = None,
     batch_log: BatchLogOpt = None,
     scrape_metrics: ScrapeOpt = None,
+    save_requests: SaveRequestsOpt = None,
 ) -> None:
     """Drive a server with open-loop Locust load; gate on latency, tokens, errors and rejects (exit 1 on a failure)."""
     flags = dict(locals())
@@ -160,6 +162,7 @@ def _spec(f: dict[str, Any]) -> LoadTestSpec:
         warmup_s=f["warmup"], seed=f["seed"] or 0, gpus=model.gpus or (1 if known else None),
         model_name=f["model_name"], keys_file=f["keys"], workers=f["workers"], batch_log_url=f["batch_log"],
         api=f["api"], api_key=f["api_key"], scrape_metrics_url=f["scrape_metrics"],
+        save_requests=f["save_requests"],
     )  # fmt: skip
 
 

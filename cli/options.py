@@ -39,7 +39,10 @@ MinDurationOpt = Annotated[
     float | None, typer.Option("--min-duration", min=0.001, help="With --precision: measure at least this long [10].")
 ]
 SaveRequestsOpt = Annotated[
-    Path | None, typer.Option("--save-requests", help="Write every simulated request to this CSV as it settles.")
+    Path | None,
+    typer.Option(
+        "--save-requests", help="Write every request (its times, outcome, lengths; a load test's status) to this CSV."
+    ),
 ]
 
 

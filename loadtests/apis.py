@@ -221,13 +221,40 @@ def _take_chunk(chunk: Any, reading: Reading, at: float) -> bool:
         return False
     _take_usage(chunk.get("usage"), reading)
     for choice in chunk.get("choices") or ():
-        piece = choice.get("text")
-        if piece is None:
-            piece = (choice.get("delta") or {}).get("content")
-        if piece:
+        piece = _token_piece(choice)
+        if piece is not None:
             reading.token_times.append(at)
             reading.text.append(piece)
     return True
+
+
+def _token_piece(choice: Any) -> str | None:
+    """The text of the token this choice carries, or None when it carries none.
+
+    A chunk with empty text is still a token: an engine streams one chunk per token and
+    a token whose text is held back (half a UTF-8 character, a special token) arrives as
+    "" (about 8% of the tiny model's chunks on vLLM). Skipping those would move TTFT to
+    the next chunk and merge two gaps into one ITL, as ``vllm bench serve`` does not. Two
+    empty chunks are not tokens: the end marker (empty, with a ``finish_reason``, as
+    OpenAI and our server send when the end comes after the last token) and a chat
+    stream's role announcement (empty content beside ``role``, which some servers send
+    before any token is made).
+    """
+    if not isinstance(choice, dict):
+        return None
+    if "delta" in choice:
+        delta = choice["delta"] if isinstance(choice["delta"], dict) else {}
+        piece = delta.get("content")
+        if piece is None:
+            piece = delta.get("reasoning_content")
+        announce = "role" in delta
+    else:
+        piece, announce = choice.get("text"), False
+    if not isinstance(piece, str):
+        return None
+    if not piece and (announce or choice.get("finish_reason") is not None):
+        return None
+    return piece
 
 
 def _take_usage(usage: Any, reading: Reading) -> None:

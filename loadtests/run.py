@@ -28,6 +28,7 @@ from ..server.backends.base import BackendError
 from ..server.keys import KeyStore
 from ..sim.arrivals import Arrivals
 from ..sim.engine import simulate_arrivals
+from ..sim.sinks import RequestWriter
 from ..sim.workload import Workload
 from .analysis import BatchLogRerun, GateLimits, RunFacts, analyse
 from .apis import Api, prompt_text
@@ -68,6 +69,7 @@ class LoadTestSpec:
     api: Api = Api.INFERENCE
     api_key: str | None = None  # one key for every request (a LiteLLM master key), instead of keys per tier
     scrape_metrics_url: str | None = None  # a Prometheus endpoint to sample during the run
+    save_requests: Path | None = None  # every request's times, status and lengths as CSV rows
 
     def __post_init__(self) -> None:
         if self.target != "sim" and not self.target.startswith(("http://", "https://")):
@@ -104,6 +106,8 @@ def run_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) -> Loa
     if len(arrivals) == 0:
         raise UsageError("the schedule produces no requests: raise the rate or the duration")
     keys = {int(t): spec.api_key for t in Tier} if spec.api_key else _keys_per_tier(spec.keys_file, arrivals)
+    # Opened before the load: a path that cannot be written fails now, not after the run.
+    writer = RequestWriter(spec.save_requests) if spec.save_requests is not None else None
     started = time.time()
     with _target_url(spec) as url:
         check_reachable(url)
@@ -116,6 +120,9 @@ def run_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) -> Loa
         with scraping(spec.scrape_metrics_url, started) as scraped:
             sent = run_plan(plan, workers=spec.workers, on_tick=progress)
     measured, fleet = sent.records, spec.fleet
+    if writer is not None:
+        writer.fold(measured)
+        writer.close()
     predicted = None
     if fleet is not None:
         served = _served_lengths(arrivals, measured) if spec.api.has_tokens else arrivals

@@ -15,6 +15,7 @@ from typing import IO, Protocol
 
 import numpy as np
 
+from ..core.errors import UsageError
 from ..core.records import Outcome, RequestRecords
 from ..core.tiers import Tier
 from .tokens import TokenGaps
@@ -96,13 +97,22 @@ class RecordKeeper:
 
 
 class RequestWriter:
-    """Writes each settled request as a CSV row as it comes (``--save-requests``): memory stays flat."""
+    """Writes each settled request as a CSV row as it comes (``--save-requests``): memory stays flat.
 
-    HEADER = "scheduled_s,finished_s,tier,outcome,first_token_s,prompt_tokens,output_tokens"
+    One header for the simulator and the load test, so their files line up column by
+    column; what a producer does not know stays empty (the simulator sends on schedule
+    and answers no HTTP status, so ``sent_s`` and ``status`` are empty there). The two
+    load-test columns come last, so a reader by position of the older files still works.
+    """
+
+    HEADER = "scheduled_s,finished_s,tier,outcome,first_token_s,prompt_tokens,output_tokens,sent_s,status"
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.file: IO[str] = path.open("w", encoding="utf-8")
+        try:
+            self.file: IO[str] = path.open("w", encoding="utf-8")
+        except OSError as err:
+            raise UsageError(f"cannot write {path}: {err.strerror}", field="save-requests") from None
         self.file.write(self.HEADER + "\n")
         self.rows = 0
 
@@ -110,25 +120,20 @@ class RequestWriter:
         n = len(records)
         if n == 0:
             return
-        missing = np.full(n, np.nan)
-        no_tokens = np.full(n, -1)
-        columns = [
-            records.scheduled,
-            records.finished,
-            records.tier,
-            records.outcome,
-            records.first_token if records.first_token is not None else missing,
-            records.prompt_tokens if records.prompt_tokens is not None else no_tokens,
-            records.output_tokens if records.output_tokens is not None else no_tokens,
-        ]
-        tiers = np.array([t.label for t in Tier])[records.tier]
-        outcomes = np.array([o.name.lower() for o in Outcome])[records.outcome]
+
+        def seconds(column: np.ndarray | None) -> np.ndarray:
+            return np.full(n, "") if column is None else np.char.mod("%.6f", column)
+
+        def counts(column: np.ndarray | None) -> np.ndarray:
+            return np.full(n, "") if column is None else column.astype(str)
+
+        tiers, outcomes = np.array([t.label for t in Tier]), np.array([o.name.lower() for o in Outcome])
         table = np.column_stack([
-            np.char.mod("%.6f", columns[0]), np.char.mod("%.6f", columns[1]), tiers, outcomes,
-            np.char.mod("%.6f", columns[4]), columns[5].astype(str), columns[6].astype(str),
+            seconds(records.scheduled), seconds(records.finished), tiers[records.tier], outcomes[records.outcome],
+            seconds(records.first_token), counts(records.prompt_tokens), counts(records.output_tokens),
+            seconds(records.sent), counts(records.status),
         ])  # fmt: skip
         table[table == "nan"] = ""
-        table[table == "-1"] = ""
         np.savetxt(self.file, table, fmt="%s", delimiter=",")
         self.rows += n
 

@@ -8,6 +8,7 @@ independent check. Every process is started and stopped here; every run is bound
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 from infer_plan.loadtests.target import stop_process
 
@@ -95,15 +97,16 @@ def test_gates_pass_on_vllms_own_server_and_an_impossible_ttft_fails(vllm_target
 
 
 def test_vllm_bench_serve_and_loadtest_see_the_same_engine(vllm_target, tiny_model, tmp_path):
-    """Same target, rate, lengths and arrival pattern: both clients see the same engine, within 10%.
+    """Same target, rate, lengths and arrival pattern: median TTFT and ITL agree with the bench within 10%.
 
     Both send at a constant 4 req/s (the bench with ``--burstiness inf``, ours ``--arrival constant``): with
-    Poisson arrivals on both sides each run drew its own coincidences of two prefills at once. The bench runs
-    before and after ours (after a discarded warm-up; other seeds; no prefix cache on the target). The issue's
-    target is 10%. On 2026-11-24 ours was within 10% of the nearer bench run in 3 of 4 runs (+0.1%, +4.8%,
-    +1.8%) and 21.6% above it in the fourth (60.7 vs 47.1 / 49.9 ms, in the full suite); the bench's own two
-    medians a minute apart differed by up to 25% that day. So the test holds the nearer run within 25% and
-    prints the figures; the 10% target is not met reliably here (README, "Load-test an LLM service by tokens").
+    Poisson arrivals each run drew its own coincidences of two prefills at once. The bench runs before and after
+    ours (after a discarded warm-up; other seeds; no prefix cache on the target), so ours is held to what the
+    bench saw: between its two medians, or within 10% of the nearer. Like for like: the bench times TTFT from
+    its send and every chunk with a choice as a token; ours times TTFT from the scheduled send (the gate's
+    figure, which carries our send lag, ~1-2 ms beside a ~8 ms TTFT on a fast machine), so the TTFT compared
+    here is from the actual send, read from ``--save-requests``; ITL is the report's own. Before chunks with
+    empty text counted as tokens (about 8% of the tiny model's), ITL merged those gaps: CI saw +29%.
     """
     rate, prompts = 4, 60
     bench = [sys.executable, REPO / "tests" / "clients" / "vllm_cli.py", "bench", "serve"]
@@ -125,24 +128,28 @@ def test_vllm_bench_serve_and_loadtest_see_the_same_engine(vllm_target, tiny_mod
 
     bench_run("warm-up.json", 0, prompts=12)  # a fresh engine's first requests are slower: neither client gets them
     before = bench_run("before.json", 1)
-    out = tmp_path / "out.json"
+    out, rows_file = tmp_path / "out.json", tmp_path / "requests.csv"
     proc = loadtest(
         "--target", vllm_target, "--model", "tiny", "--tokenizer", str(tiny_model), "--api", "completions",
         "--stream", "--prompt-tokens", "256", "--output-tokens", "16", "--rps", str(rate),
         "--duration", str(prompts / rate), "--warmup", "0",
-        "--arrival", "constant", "--slo-p95-ms", "5000", "--json", str(out),
+        "--arrival", "constant", "--slo-p95-ms", "5000", "--json", str(out), "--save-requests", str(rows_file),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     after = bench_run("after.json", 2)
+    with rows_file.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == prompts and {r["status"] for r in rows} == {"200"}
+    ttft_from_sent = 1000 * float(np.median([float(r["first_token_s"]) - float(r["sent_s"]) for r in rows]))
     ours = json.loads(out.read_text())["overall"]["tokens"]["measured"]
-    for name, mine, key in (
-        ("TTFT", ours["ttft_p50_ms"], "median_ttft_ms"),
-        ("ITL", ours["itl_p50_ms"], "median_itl_ms"),
-    ):
-        nearest = min(abs(mine / bench[key] - 1) for bench in (before, after))
-        print(f"\n{name} median: loadtest {mine:.2f} ms, vllm bench serve {before[key]:.2f} / {after[key]:.2f} ms "
-              f"(nearer run {nearest:+.1%} away)")  # fmt: skip
-        assert nearest <= 0.25, (name, mine, before[key], after[key])
+    for name, mine, key in (("TTFT", ttft_from_sent, "median_ttft_ms"), ("ITL", ours["itl_p50_ms"], "median_itl_ms")):
+        low, high = sorted((before[key], after[key]))
+        away = 0.0 if low <= mine <= high else min(abs(mine / low - 1), abs(mine / high - 1))
+        print(
+            f"\n{name} median: loadtest {mine:.2f} ms, vllm bench serve {before[key]:.2f} / {after[key]:.2f} ms "
+            f"({away:.1%} outside the bench's runs; TTFT from the scheduled send {ours['ttft_p50_ms']:.2f} ms)"
+        )
+        assert away <= 0.10, (name, mine, before[key], after[key])
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import xml.etree.ElementTree as ET
 
@@ -46,6 +47,7 @@ def streamed_run(scenario, tmp_path_factory):
         "--rps", "10", "--duration", "20", "--slo-p95-ms", "5000", "--slo-ttft-p95-ms", "1000",
         "--slo-itl-p95-ms", "200", "--slo-tpot-p95-ms", "200", "--min-goodput", "7", "--json", str(out / "out.json"),
         "--junit", str(out / "junit.xml"), "--html", str(out / "report.html"),
+        "--save-requests", str(out / "requests.csv"),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "out.json").read_text()), out
@@ -67,6 +69,24 @@ def test_streamed_completions_match_the_simulation(streamed_run):
     assert measured["goodput_rps"] == pytest.approx(data["requests"] / 20, rel=1e-9)  # every request met every SLO
     for tier in ("enterprise", "paid", "free"):
         assert data["per_tier"][tier]["tokens"]["measured"]["ttft_p95_ms"] is not None
+
+
+def test_save_requests_writes_each_requests_times_status_and_lengths(streamed_run):
+    data, out = streamed_run
+    with (out / "requests.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    col = {
+        name: np.array([float(r[name]) for r in rows])
+        for name in ("scheduled_s", "sent_s", "first_token_s", "finished_s", "status", "output_tokens")
+    }
+    assert {r["outcome"] for r in rows} == {"ok"} and set(col["status"]) == {200} and set(col["output_tokens"]) == {24}
+    assert np.all(np.diff(col["scheduled_s"]) >= 0)  # every planned request once, in schedule order
+    assert np.all(col["scheduled_s"] <= col["sent_s"]) and np.all(col["sent_s"] < col["first_token_s"])
+    assert np.all(col["first_token_s"] <= col["finished_s"])
+    window = (col["scheduled_s"] >= data["warmup_s"]) & (col["scheduled_s"] < data["warmup_s"] + data["duration_s"])
+    assert window.sum() == data["requests"]
+    ttft_ms = (col["first_token_s"] - col["scheduled_s"])[window] * 1000  # the report's TTFT, from the rows
+    assert np.percentile(ttft_ms, 50) == pytest.approx(data["overall"]["tokens"]["measured"]["ttft_p50_ms"], rel=1e-4)
 
 
 def test_every_token_gate_is_a_junit_case_and_the_report_shows_tokens(streamed_run):
