@@ -63,7 +63,8 @@ def test_save_requests_writes_every_request_as_a_csv_row(tmp_path):
 @pytest.mark.parametrize(
     "args",
     [("capacity", "--rps", "3000", "--precision", "2"), ("capacity", "--rps", "3000", "--jobs", "0"),
-     ("simulate", "--rps", "10", "--gpus", "1", "--min-duration", "-1")],
+     ("simulate", "--rps", "10", "--gpus", "1", "--min-duration", "-1"),
+     ("simulate", "--rps", "10", "--gpus", "1", "--save-requests", "/nonexistent/requests.csv")],
 )  # fmt: skip
 def test_bad_scale_flags_are_one_line_and_exit_2(args):
     done = cli(*args)

@@ -175,6 +175,7 @@ def test_workers_and_the_targets_metrics(scenario, tmp_path):
             ["--api", "chat", "--api-key", "k", "--keys", "examples/keys.toml"], "--api-key", marks=pytest.mark.slow
         ),
         pytest.param(["--api", "chat", "--scrape-metrics", "nowhere"], "--scrape-metrics", marks=pytest.mark.slow),
+        (["--save-requests", "/nonexistent/requests.csv"], "cannot write /nonexistent/requests.csv"),
     ],
 )
 def test_usage_errors_are_one_line(args, needle):
