@@ -14,7 +14,7 @@ With token lengths the batch also runs its steps (SPEC section 10): PCIe in, ker
 then one prefill step for all prompts, then decode steps until the longest sequence is
 done, then PCIe out. Every request's first and last token follow from the batch's
 lengths in closed form (no loop over steps), and the gaps between tokens are kept as
-(gap, count per tier) pairs.
+(gap, count per tier) pairs; :mod:`.static_tokens` computes them for many batches at once.
 """
 
 from __future__ import annotations
@@ -29,16 +29,13 @@ import simpy
 from ..core.dispatch import EPS, Take, decide
 from ..core.model import ServiceModel
 from ..core.records import RequestRecords
-from ..core.tiers import Tier
 from .arrivals import Arrivals
 from .fleet import Fleet, GpuState
 from .sinks import Sink, simulated_outcomes
-from .tokens import TokenGaps
+from .static_tokens import StaticTokenBook
 from .waiting import WaitingQueues
 
 __all__ = ["BatchEngine"]
-
-_N_TIERS = len(Tier)
 
 
 class BatchEngine:
@@ -69,7 +66,8 @@ class BatchEngine:
         self.sink = sink
         self.rule = model.dispatch_rule
         # The cycle formula tabulated once per batch size: looked up per batch, it costs nothing.
-        self.hold_s = [model.batch_hold_ms(size) / 1000.0 for size in range(model.max_batch + 1)]
+        self.hold_ms = [model.batch_hold_ms(size) for size in range(model.max_batch + 1)]
+        self.hold_s = [hold / 1000.0 for hold in self.hold_ms]
         self.max_batch = model.max_batch
         self.max_wait_s = model.max_wait_ms / 1000.0
         self.shared_queue_s = model.shared_queue_ms / 1000.0  # answers reach the client this much after the batch
@@ -79,10 +77,7 @@ class BatchEngine:
         self.jitter_q = np.asarray(model.cycle_jitter, dtype=float)
 
         self.tokens = tokens
-        self.stream = stream
-        self.gap_s: list[np.ndarray] = []  # inter-token gaps of each batch's steps ...
-        self.gap_count: list[np.ndarray] = []  # ... how many of each gap each tier had
-        self.gap_at: list[np.ndarray] = []  # ... and when they ended
+        self.token_book = StaticTokenBook(model, stream=stream, shared_queue_s=self.shared_queue_s)
 
         # free_at is inf for any GPU that cannot take a batch (down, cold, retired, in a window).
         # A heap of (free_at, gpu) finds the next free GPU in O(log G) among thousands; an entry
@@ -127,7 +122,7 @@ class BatchEngine:
             for ids in parts:
                 completion[ids] = done + self.shared_queue_s
         else:
-            done = self._run_steps(np.concatenate(parts), now, jitter)
+            done = self._run_steps(parts[0] if len(parts) == 1 else np.concatenate(parts), now, jitter)
         if self.track_running:
             self.running[gpu] = np.concatenate(parts)
         self._set_free(gpu, done)
@@ -136,40 +131,24 @@ class BatchEngine:
         self.b_size.append(n)
 
     def _run_steps(self, ids: np.ndarray, start: float, jitter: float) -> float:
-        """The batch's tokens: every request's first and last token, the gaps between tokens; returns its end."""
-        model, n, waiting = self.model, ids.size, self.waiting
+        """Book the batch's tokens (settled later, many batches at once); return its end, which frees the GPU."""
+        model, waiting = self.model, self.waiting
         assert waiting.prompt_tokens is not None and waiting.output_tokens is not None
         output = waiting.output_tokens[ids]
-        prompt_total, output_total, longest = (
-            int(waiting.prompt_tokens[ids].sum()),
-            int(output.sum()),
-            int(output.max()),
-        )
+        n, prompt_total = ids.size, int(np.add.reduce(waiting.prompt_tokens[ids]))
+        output_total, longest = int(np.add.reduce(output)), int(np.maximum.reduce(output))
         scale = jitter / 1000.0
-        first_s = start + (model.batch_hold_ms(n) - model.pcie_out_ms + model.step_ms(prompt_total, n)) * scale
-        end = start + model.static_batch_ms(n, prompt_total, output_total, longest) * scale
-        self.cols.first_token[ids] = first_s + self.shared_queue_s
-        if self.stream:
-            # Decode step m (m >= 2) holds the sequences still generating: alive_m = #{j: o_j >= m}. A request's
-            # decode time is the sum of its steps: (o_i - 1) * decode_step + per_seq * sum_j (min(o_i, o_j) - 1).
-            output = output.astype(np.int64)
-            ordered = np.sort(output)
-            below = np.searchsorted(ordered, output, side="right")  # how many are no longer than this one
-            sum_min = np.cumsum(ordered)[below - 1] + output * (n - below)
-            decode_ms = (output - 1) * model.decode_step_ms + model.decode_ms_per_seq * (sum_min - n)
-            self.cols.completion[ids] = first_s + decode_ms * scale + self.shared_queue_s
-        else:
-            self.cols.completion[ids] = end + self.shared_queue_s
-        if longest > 1:
-            width = longest + 1
-            tiers = waiting.tiers[ids].astype(np.int64)  # tier x step-count indices of the gap histogram must not wrap
-            by_tier = np.bincount(tiers * width + output, minlength=_N_TIERS * width)
-            alive = np.cumsum(by_tier.reshape(_N_TIERS, width)[:, :1:-1], axis=1)[:, ::-1].T  # steps 2..longest
-            gaps = (model.decode_step_ms + model.decode_ms_per_seq * alive.sum(axis=1)) * scale
-            self.gap_s.append(gaps)
-            self.gap_count.append(alive)
-            self.gap_at.append(first_s + np.cumsum(gaps))
+        # model.static_batch_ms, inlined term by term (same sums in the same order): this runs once a batch.
+        step = model.decode_step_ms + model.prefill_ms_per_token * prompt_total + model.decode_ms_per_seq * n
+        decode = (longest - 1) * model.decode_step_ms + model.decode_ms_per_seq * (output_total - n)
+        end = start + (self.hold_ms[n] + step + decode) * scale
+        self.token_book.book(ids, start, scale, prompt_total, output_total, longest, end)
         return end
+
+    def _settle_tokens(self) -> None:
+        waiting = self.waiting
+        if self.tokens and waiting.output_tokens is not None:
+            self.token_book.settle(waiting.output_tokens, waiting.tiers, self.cols)
 
     # -- handing settled requests over --------------------------------------------------------
 
@@ -179,8 +158,8 @@ class BatchEngine:
         self.sink.fold_batches(*self.batches())
         self.b_start, self.b_end, self.b_size = [], [], []
         if self.tokens:
-            self.sink.fold_gaps(self.token_gaps())
-            self.gap_s, self.gap_count, self.gap_at = [], [], []
+            self._settle_tokens()
+            self.sink.fold_gaps(self.token_book.take_gaps())
         self.sink.fold(self._records(cut))
         folded_until = min(self.env.now, float(waiting.times[cut]) if cut < waiting.n else math.inf)
         if self.sink.settled(folded_until):
@@ -204,7 +183,8 @@ class BatchEngine:
         """The run is over: hand every row left over."""
         self.sink.fold_batches(*self.batches())
         if self.tokens:
-            self.sink.fold_gaps(self.token_gaps())
+            self._settle_tokens()
+            self.sink.fold_gaps(self.token_book.take_gaps())
         self.sink.fold(self._records(self.waiting.n, final=True))
 
     def _shift(self, cut: int) -> None:
@@ -219,13 +199,6 @@ class BatchEngine:
 
     def batches(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return np.asarray(self.b_start), np.asarray(self.b_end), np.asarray(self.b_size, dtype=np.int64)
-
-    def token_gaps(self) -> TokenGaps:
-        if not self.gap_s:
-            return TokenGaps(np.empty(0), np.empty((0, _N_TIERS), np.int64), np.empty(0))
-        return TokenGaps(
-            np.concatenate(self.gap_s) * 1000.0, np.concatenate(self.gap_count), np.concatenate(self.gap_at)
-        )
 
     def next_gpu_free(self) -> float:
         heap, free_at = self.free_heap, self.free_at
@@ -320,6 +293,7 @@ class BatchEngine:
     def gpu_failing(self, gpu: int) -> None:
         now = self.env.now
         if self.free_at[gpu] > now and self.running[gpu] is not None:
+            self._settle_tokens()  # its booked token times first, so the failure's time is the last word
             ids = self.running[gpu]
             self.cols.failed[ids] = True
             self.cols.completion[ids] = now  # the clients get their error now

@@ -228,16 +228,22 @@ class Tally:
         Every request that arrived before ``folded_until_s`` has been folded.
         """
         complete = min(self.n_slices, int(np.searchsorted(self.edges, folded_until_s, side="right")) - 1)
-        self._close_until(complete)
-        if self.precision is None or self.stopped_at is not None:
+        if self.precision is None:
+            self._close_until(complete)
             return False
-        k = self.closed_slices
-        if k < MIN_SLICES or self.edges[k] - self.w0 < self.precision.min_s - 1e-9:
-            return False
-        report = self._precision_report(k)
-        if report.met:
-            self.stopped_at, self.report = k, report
-        return report.met
+        # One slice at a time: the stop is the first slice edge where the precision is met, however many
+        # slices one fold completes (a load may hold many seconds of a slow rate).
+        for k in range(self.closed_slices + 1, complete + 1):
+            self._close_until(k)
+            if self.stopped_at is not None:
+                return False
+            if k < MIN_SLICES or self.edges[k] - self.w0 < self.precision.min_s - 1e-9:
+                continue
+            report = self._precision_report(k)
+            if report.met:
+                self.stopped_at, self.report = k, report
+                return True
+        return False
 
     def _close_until(self, k: int) -> None:
         if self.stopped_at is not None:

@@ -21,7 +21,7 @@ import numpy as np
 from ..core.admission import admit_burst, zone_admits
 from ..core.dispatch import EPS, take_by_priority
 from ..core.tiers import Tier
-from .arrivals import Arrivals
+from .arrivals import Arrivals, concatenate
 
 __all__ = ["ArrivalQueue", "WaitingQueues"]
 
@@ -38,6 +38,8 @@ class WaitingQueues:
     numbers; ``offset`` is the global number of row 0.
     """
 
+    LOAD_REQUESTS = 1 << 15
+
     def __init__(self, chunks: Iterable[Arrivals], columns: dict[str, tuple[type, object]] | None = None) -> None:
         self.chunks = iter(chunks)
         self.exhausted = False
@@ -52,6 +54,7 @@ class WaitingQueues:
         self.offset = 0
         self.tier_ids = [np.empty(0, np.int64) for _ in range(_N_TIERS)]
         self.tier_pos = [0] * _N_TIERS  # how many of tier_ids[k] have arrived
+        self.tier_cum = np.zeros((1, _N_TIERS), np.int64)  # [i, k]: rows of tier k among rows [0, i)
         self.queue = [np.empty(0, dtype=np.int64) for _ in range(_N_TIERS)]
         self.head = [0] * _N_TIERS
         self.tail = [0] * _N_TIERS
@@ -73,12 +76,23 @@ class WaitingQueues:
             self._load_next()
 
     def _load_next(self) -> None:
+        """Load the next chunks, at least ``LOAD_REQUESTS`` requests of them where there are that many.
+
+        At a low rate one chunk (a second) holds a few hundred requests, and each load
+        costs a fold, a rebase and a settlement of fixed size; taking several seconds at
+        once keeps that cost per request small. Memory stays bounded by the larger of a
+        chunk and this count.
+        """
         chunk = None if self.stop else next(self.chunks, None)
         if chunk is None:
             self.exhausted = True
             return
+        gathered, size = [chunk], len(chunk)
+        while size < self.LOAD_REQUESTS and (more := next(self.chunks, None)) is not None:
+            gathered.append(more)
+            size += len(more)
         self._forget()
-        self._append(chunk)
+        self._append(gathered[0] if len(gathered) == 1 else concatenate(gathered))
 
     def _forget(self) -> None:
         """Fold and drop the rows no one needs any more."""
@@ -124,9 +138,11 @@ class WaitingQueues:
         for name, (dtype, fill) in self.column_kinds.items():
             setattr(self.cols, name, np.concatenate((getattr(self.cols, name), np.full(m, fill, dtype=dtype))))
         self.n += m
+        self.tier_cum = np.zeros((self.n + 1, _N_TIERS), np.int64)
+        np.cumsum(self.tiers[:, None] == np.arange(_N_TIERS), axis=0, out=self.tier_cum[1:])
         for k in range(_N_TIERS):
             self.tier_ids[k] = np.flatnonzero(self.tiers == k)
-            self.tier_pos[k] = int(self.tier_ids[k].searchsorted(self.next_arrival))
+            self.tier_pos[k] = int(self.tier_cum[self.next_arrival, k])
             live = self.queue[k][self.head[k] : self.tail[k]]
             buffer = np.empty(live.size + self.tier_ids[k].size - self.tier_pos[k], dtype=np.int64)
             buffer[: live.size] = live
@@ -156,9 +172,10 @@ class WaitingQueues:
         if mask is not None:
             self.admitted[start:stop] = mask
         tier_pos, tail, queued = self.tier_pos, self.tail, 0
+        arrived = self.tier_cum[stop].tolist()
         for k, ids in enumerate(self.tier_ids):
             lo = tier_pos[k]
-            hi = int(ids.searchsorted(stop))
+            hi = arrived[k]
             if hi == lo:
                 continue
             tier_pos[k] = hi
