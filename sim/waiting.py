@@ -54,7 +54,9 @@ class WaitingQueues:
         self.offset = 0
         self.tier_ids = [np.empty(0, np.int64) for _ in range(_N_TIERS)]
         self.tier_pos = [0] * _N_TIERS  # how many of tier_ids[k] have arrived
-        self.tier_cum = np.zeros((1, _N_TIERS), np.int64)  # [i, k]: rows of tier k among rows [0, i)
+        self.tier_cum = np.zeros((_N_TIERS, 1), np.int64)  # [k, i]: tier k's rows among [cum_from, cum_from + i)
+        self.cum_from = 0
+        self.tier_before = [0] * _N_TIERS
         self.queue = [np.empty(0, dtype=np.int64) for _ in range(_N_TIERS)]
         self.head = [0] * _N_TIERS
         self.tail = [0] * _N_TIERS
@@ -138,15 +140,20 @@ class WaitingQueues:
         for name, (dtype, fill) in self.column_kinds.items():
             setattr(self.cols, name, np.concatenate((getattr(self.cols, name), np.full(m, fill, dtype=dtype))))
         self.n += m
-        self.tier_cum = np.zeros((self.n + 1, _N_TIERS), np.int64)
-        np.cumsum(self.tiers[:, None] == np.arange(_N_TIERS), axis=0, out=self.tier_cum[1:])
+        # Per tier, how many rows from next_arrival on are of that tier: admit_until reads its burst's
+        # per-tier counts off this table. Rows before next_arrival are admitted already, so it covers
+        # about one load, not the look-back the waiting room also keeps.
+        self.cum_from = self.next_arrival
+        self.tier_cum = np.zeros((_N_TIERS, self.n - self.cum_from + 1), np.int64)
         for k in range(_N_TIERS):
             self.tier_ids[k] = np.flatnonzero(self.tiers == k)
-            self.tier_pos[k] = int(self.tier_cum[self.next_arrival, k])
+            self.tier_pos[k] = int(self.tier_ids[k].searchsorted(self.next_arrival))
+            np.cumsum(self.tiers[self.cum_from :] == k, out=self.tier_cum[k, 1:])
             live = self.queue[k][self.head[k] : self.tail[k]]
             buffer = np.empty(live.size + self.tier_ids[k].size - self.tier_pos[k], dtype=np.int64)
             buffer[: live.size] = live
             self.queue[k], self.head[k], self.tail[k] = buffer, 0, live.size
+        self.tier_before = list(self.tier_pos)  # rows of each tier before cum_from
 
     def arrivals_between(self, start: float, end: float) -> int:
         """Arrivals in [start, end) (the fleet's rate estimates; start within its look-back)."""
@@ -172,10 +179,10 @@ class WaitingQueues:
         if mask is not None:
             self.admitted[start:stop] = mask
         tier_pos, tail, queued = self.tier_pos, self.tail, 0
-        arrived = self.tier_cum[stop].tolist()
+        arrived, before = self.tier_cum[:, stop - self.cum_from].tolist(), self.tier_before
         for k, ids in enumerate(self.tier_ids):
             lo = tier_pos[k]
-            hi = arrived[k]
+            hi = before[k] + arrived[k]
             if hi == lo:
                 continue
             tier_pos[k] = hi
