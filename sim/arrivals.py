@@ -113,24 +113,39 @@ def arrival_chunks(
     if horizon_s <= 0:
         raise ValueError("horizon must be > 0")
     step = chunk_seconds(schedule, horizon_s)
-    shares = np.asarray(tier_shares)
-    grid, cum = (None, None) if schedule.is_constant else _cumulative_rate(schedule, horizon_s)
+    curve = None if schedule.is_constant else _cumulative_rate(schedule, horizon_s)
     edges = np.append(np.arange(0.0, horizon_s, step), horizon_s)
     for a, b in itertools.pairwise(edges.tolist()):
-        if grid is None:  # constant rate: unit time is rate x seconds
-            lo, hi = schedule.rps * a, schedule.rps * b
-        else:
-            lo, hi = (float(x) for x in np.interp([a, b], grid, cum))
-        if process is ArrivalProcess.POISSON:
-            unit = np.sort(rng.uniform(lo, hi, int(rng.poisson(hi - lo))))
-        else:  # one request at the middle of each unit of expected arrivals
-            unit = np.arange(math.ceil(lo - 0.5), math.ceil(hi - 0.5)) + 0.5
-        # Through the inverse of the cumulative rate; it is non-decreasing, and flat stretches (rate 0) map to
-        # their start, which is right.
-        times = unit / schedule.rps if grid is None else np.interp(unit, cum, grid)
-        times = np.clip(times, a, np.nextafter(b, a))  # float rounding never moves a request out of its slice
-        tiers = rng.choice(len(tier_shares), size=times.size, p=shares).astype(np.int8)
-        yield Arrivals(times=times.astype(np.float64), tiers=tiers)
+        yield _draw_between(schedule, a, b, curve, tier_shares, rng, process)
+
+
+def _draw_between(
+    schedule: RateSchedule,
+    a: float,
+    b: float,
+    curve: tuple[np.ndarray, np.ndarray] | None,
+    tier_shares: tuple[float, ...],
+    rng: np.random.Generator,
+    process: ArrivalProcess,
+) -> Arrivals:
+    """The arrivals in ``[a, b)``: drawn in unit time (expected arrivals), mapped back through the cumulative rate.
+
+    ``curve`` is the cumulative rate's (grid, cumulative) table, None for a constant rate.
+    """
+    if curve is None:  # constant rate: unit time is rate x seconds
+        lo, hi = schedule.rps * a, schedule.rps * b
+    else:
+        lo, hi = (float(x) for x in np.interp([a, b], curve[0], curve[1]))
+    if process is ArrivalProcess.POISSON:
+        unit = np.sort(rng.uniform(lo, hi, int(rng.poisson(hi - lo))))
+    else:  # one request at the middle of each unit of expected arrivals
+        unit = np.arange(math.ceil(lo - 0.5), math.ceil(hi - 0.5)) + 0.5
+    # Through the inverse of the cumulative rate; it is non-decreasing, and flat stretches (rate 0) map to
+    # their start, which is right.
+    times = unit / schedule.rps if curve is None else np.interp(unit, curve[1], curve[0])
+    times = np.clip(times, a, np.nextafter(b, a))  # float rounding never moves a request out of its slice
+    tiers = rng.choice(len(tier_shares), size=times.size, p=np.asarray(tier_shares)).astype(np.int8)
+    return Arrivals(times=times.astype(np.float64), tiers=tiers)
 
 
 def concatenate(chunks: Iterable[Arrivals]) -> Arrivals:
@@ -155,29 +170,14 @@ def generate_arrivals(
 ) -> Arrivals:
     """Arrivals in ``[0, horizon_s)`` following ``schedule``, tiers drawn by ``tier_shares``, all at once.
 
-    A load test's plan and the tests' fixed arrival sets; a streaming simulation draws
-    its own a chunk at a time (:func:`arrival_chunks`: the same process, other draws).
+    A load test's plan and the tests' fixed arrival sets: one draw over the whole horizon,
+    where a streaming simulation draws a slice at a time (:func:`arrival_chunks`: the same
+    process, other draws for a seed).
     """
     if horizon_s <= 0:
         raise ValueError("horizon must be > 0")
-    if schedule.is_constant:
-        expected = schedule.rps * horizon_s
-        if process is ArrivalProcess.POISSON:
-            count = int(rng.poisson(expected))
-            times = np.sort(rng.uniform(0.0, horizon_s, count))
-        else:
-            times = (np.arange(int(expected)) + 0.5) / schedule.rps if schedule.rps > 0 else np.empty(0)
-    else:
-        grid, cum = _cumulative_rate(schedule, horizon_s)
-        total = float(cum[-1])
-        if process is ArrivalProcess.POISSON:
-            unit = np.sort(rng.uniform(0.0, total, int(rng.poisson(total))))
-        else:
-            unit = np.arange(int(total)) + 0.5
-        # cum is non-decreasing; flat stretches (rate 0) map to their start, which is right.
-        times = np.interp(unit, cum, grid)
-    tiers = rng.choice(len(tier_shares), size=times.size, p=np.asarray(tier_shares)).astype(np.int8)
-    return Arrivals(times=times.astype(np.float64), tiers=tiers)
+    curve = None if schedule.is_constant else _cumulative_rate(schedule, horizon_s)
+    return _draw_between(schedule, 0.0, horizon_s, curve, tier_shares, rng, process)
 
 
 def split(arrivals: Arrivals, step_s: float) -> Iterator[Arrivals]:

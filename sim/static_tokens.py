@@ -97,7 +97,7 @@ class StaticTokenBook:
         key = batch_of * width + output
         ordered = np.sort(key)
         cum = np.concatenate(([0], np.cumsum(ordered % width)))
-        first_row = np.repeat(self._bases(sizes), sizes)
+        first_row = np.repeat(_bases(sizes), sizes)
         upto = np.searchsorted(ordered, key, side="right")  # rows of this batch no longer than o_i, plus first_row
         n = sizes[batch_of]
         sum_min = cum[upto] - cum[first_row] + output * (n - (upto - first_row))
@@ -115,7 +115,8 @@ class StaticTokenBook:
         steps = steps[keep]
         alive = np.repeat(counts.reshape(-1, _N_TIERS)[keep], steps, axis=0)
         held = np.repeat(sizes[keep], steps)
-        self._book_rows(alive, held, held * self._step_in_batch(steps), steps, first_s[keep], scale[keep])
+        step_of = self._step_in_batch(steps, _bases(steps))
+        self._book_rows(alive, held, held * step_of, step_of, steps, first_s[keep], scale[keep])
 
     def _book_mixed_gaps(
         self, output: np.ndarray, tiers: np.ndarray, sizes: np.ndarray, steps: np.ndarray, first_s: np.ndarray,
@@ -130,20 +131,20 @@ class StaticTokenBook:
         rows = int(steps.sum())
         if rows == 0:
             return
-        base_of = np.repeat(self._bases(steps), sizes)
+        base = _bases(steps)
+        base_of = np.repeat(base, sizes)
         cells = (rows + 1) * _N_TIERS  # a one-token sequence adds and takes away at the same row: nothing
         delta = np.bincount(base_of * _N_TIERS + tiers, minlength=cells)
         delta -= np.bincount((base_of + np.maximum(output, 1) - 1) * _N_TIERS + tiers, minlength=cells)
         alive = np.cumsum(delta.reshape(rows + 1, _N_TIERS)[:rows], axis=0)
         held = sum(alive[:, t] for t in range(1, _N_TIERS)) + alive[:, 0]  # column by column: faster than axis=1
         held_so_far = np.cumsum(held)
-        base = self._bases(steps)
         held_within = held_so_far - np.repeat(held_so_far[base] - held[base], steps)  # summed within the batch
-        self._book_rows(alive, held, held_within, steps, first_s, scale)
+        self._book_rows(alive, held, held_within, self._step_in_batch(steps, base), steps, first_s, scale)
 
     def _book_rows(
-        self, alive: np.ndarray, held: np.ndarray, held_within: np.ndarray, steps: np.ndarray, first_s: np.ndarray,
-        scale: np.ndarray,
+        self, alive: np.ndarray, held: np.ndarray, held_within: np.ndarray, step_of: np.ndarray, steps: np.ndarray,
+        first_s: np.ndarray, scale: np.ndarray,
     ) -> None:  # fmt: skip
         """Each step's gap (the step formula over the sequences it holds) and its end: the batch's first token
         plus its steps so far, whose per-sequence part is summed on integers (``held_within``)."""
@@ -152,21 +153,15 @@ class StaticTokenBook:
             return
         scale_of_row = np.repeat(scale, steps)
         gaps_s = (m.decode_step_ms + m.decode_ms_per_seq * held) * scale_of_row
-        k = self._step_in_batch(steps)
-        ends = np.repeat(first_s, steps) + (k * m.decode_step_ms + m.decode_ms_per_seq * held_within) * scale_of_row
+        ends = np.repeat(first_s, steps) + (step_of * m.decode_step_ms + m.decode_ms_per_seq * held_within) * (
+            scale_of_row
+        )
         self.gaps.append(TokenGaps(gaps_s * 1000.0, alive, ends))
 
     @staticmethod
-    def _bases(steps: np.ndarray) -> np.ndarray:
-        """Each batch's first row in a table of ``steps`` rows per batch."""
-        base = np.zeros(steps.size, np.int64)
-        np.cumsum(steps[:-1], out=base[1:])
-        return base
-
-    @classmethod
-    def _step_in_batch(cls, steps: np.ndarray) -> np.ndarray:
-        """1, 2, ..., steps_b for each batch in turn."""
-        return np.arange(1, int(steps.sum()) + 1) - np.repeat(cls._bases(steps), steps)
+    def _step_in_batch(steps: np.ndarray, base: np.ndarray) -> np.ndarray:
+        """1, 2, ..., steps_b for each batch in turn (``base``: each batch's first row)."""
+        return np.arange(1, int(steps.sum()) + 1) - np.repeat(base, steps)
 
     def take_gaps(self) -> TokenGaps:
         """The gaps settled since the last call."""
@@ -178,3 +173,10 @@ class StaticTokenBook:
             np.concatenate([g.counts for g in gaps]),
             np.concatenate([g.at_s for g in gaps]),
         )
+
+
+def _bases(counts: np.ndarray) -> np.ndarray:
+    """Each group's first row in a table of ``counts`` rows per group."""
+    base = np.zeros(counts.size, np.int64)
+    np.cumsum(counts[:-1], out=base[1:])
+    return base

@@ -228,15 +228,13 @@ class Tally:
         Every request that arrived before ``folded_until_s`` has been folded.
         """
         complete = min(self.n_slices, int(np.searchsorted(self.edges, folded_until_s, side="right")) - 1)
-        if self.precision is None:
+        if self.precision is None or self.stopped_at is not None:
             self._close_until(complete)
             return False
         # One slice at a time: the stop is the first slice edge where the precision is met, however many
         # slices one fold completes (a load may hold many seconds of a slow rate).
         for k in range(self.closed_slices + 1, complete + 1):
             self._close_until(k)
-            if self.stopped_at is not None:
-                return False
             if k < MIN_SLICES or self.edges[k] - self.w0 < self.precision.min_s - 1e-9:
                 continue
             report = self._precision_report(k)
