@@ -1,8 +1,13 @@
 """One calibration, end to end: measure a backend (or read a server's traffic), fit, write the profile.
 
-A size-only calibration varies the batch size and fits ``fixed + per_item x n``; given
-prompt and output lengths, it measures every (size, prompt, output) cell and also fits
-the three token coefficients of SPEC section 10.
+Three modes. ``static`` (static engines, the default for the sim, torch and remote
+backends): a size-only calibration varies the batch size and fits ``fixed + per_item x
+n``; given prompt and output lengths, it measures every (size, prompt, output) cell and
+also fits the three token coefficients of SPEC section 10. ``streamed`` (continuous
+engines, the default for openai and vllm): streamed requests fit the step and overhead
+terms (:mod:`.streamed`) and the profile carries the engine's limits, read from the
+engine where it says them. ``requests``: the same terms fitted to a load test's saved
+requests (:mod:`.from_requests`), nothing sent.
 
 :func:`run_calibration` is what ``infer-plan calibrate`` calls after parsing its flags;
 it returns the typed result, with the profile written to ``spec.out``.
@@ -18,18 +23,25 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import InferPlanError, UsageError
-from ..core.model import ServiceModel
+from ..core.model import Batching, ServiceModel
 from ..core.schema import CalibrationPoint, CalibrationResult
 from ..server.backends.base import Backend, BackendError
 from .measure import BatchTimings, TooFewSizesError, measure_batches, served_batch_timings
-from .profile import Cell, profile_toml
+from .profile import Cell, continuous_profile_toml, profile_toml
+from .streamed import ContinuousFit, StreamPlan, fit_continuous, measure_streams
 
-__all__ = ["DEFAULT_SIZES", "CalibrationSpec", "calibration_cells", "run_calibration"]
+__all__ = ["DEFAULT_SIZES", "LIMITS", "CalibrationSpec", "calibration_cells", "calibration_mode", "run_calibration"]
 
 DEFAULT_SIZES = (1, 2, 5, 10, 20, 50, 100)
 DEFAULT_TOKEN_SIZES = (1, 8, 32)  # a token calibration measures sizes x prompts x outputs cells
 DEFAULT_PROMPTS = (32, 256)
 DEFAULT_OUTPUTS = (1, 16)
+STREAMED_BACKENDS = ("openai", "vllm")  # engines that batch continuously themselves: calibrated by streams
+NOT_STREAMING = ("sim", "remote", "torch")  # static batches only (the sim backend streams a static batch's steps)
+DEFAULT_STREAM_PROMPTS = (16, 128, 384)
+DEFAULT_DECODE_TOKENS = 48  # a decoder's answer: long enough to outlast a newcomer's overheads and prefill
+MAX_DEFAULT_CONCURRENCY = 64  # default decode cells stop here even for an engine of 256 slots
+LIMITS = ("max_num_seqs", "max_batched_tokens", "kv_cache_tokens")  # what a continuous profile carries
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,25 @@ class CalibrationSpec:
     warmup_batches: int = 2
     traffic_url: str | None = None
     window_s: float = 300.0
+    batching: Batching | None = None  # None: continuous for the openai and vllm backends, else static
+    limits: dict[str, int] = field(default_factory=dict)  # the engine's limits as flags (they outrank the engine)
+    requests_file: Path | None = None  # a load test's --save-requests CSV: fit it, send nothing
+
+
+def calibration_mode(spec: CalibrationSpec) -> str:
+    """``requests``, ``streamed`` or ``static`` (module docstring)."""
+    if spec.requests_file is not None:
+        return "requests"
+    batching = spec.batching or (Batching.CONTINUOUS if spec.backend in STREAMED_BACKENDS else Batching.STATIC)
+    if batching is Batching.STATIC:
+        return "static"
+    if spec.backend in NOT_STREAMING:
+        raise UsageError(
+            f"the {spec.backend} backend runs static batches: a continuous engine is calibrated by streaming to it "
+            "(--backend openai --upstream URL, or vllm)",
+            field="batching",
+        )
+    return "streamed"
 
 
 def calibration_cells(spec: CalibrationSpec) -> list[Cell]:
@@ -76,7 +107,14 @@ def _at_least_two(values: list[int], what: str, name: str, why: str) -> None:
 
 
 def run_calibration(spec: CalibrationSpec, *, on_batch: Callable[[], None] | None = None) -> CalibrationResult:
-    """Measure, fit the batch costs and their spread, write the profile, return the result."""
+    """Measure, fit the batch costs and their spread (or a continuous engine's terms), write the profile."""
+    mode = calibration_mode(spec)
+    if mode == "streamed":
+        return _run_streamed(spec, on_batch)
+    if mode == "requests":
+        from .from_requests import run_from_requests
+
+        return run_from_requests(spec)
     if spec.traffic_url is not None:
         if spec.prompt_tokens or spec.output_tokens:
             raise UsageError("a server's batch log holds batch sizes only: calibrate tokens with synthetic batches")
@@ -128,11 +166,111 @@ def run_calibration(spec: CalibrationSpec, *, on_batch: Callable[[], None] | Non
     }
     if phase_medians is not None:
         evidence["phase_median_ms"] = {p: [round(m, 4) for m in v] for p, v in phase_medians.items()}
-    try:
-        spec.out.write_text(profile_toml(fit, jitter, evidence, split), encoding="utf-8")
-    except OSError as err:
-        raise UsageError(f"cannot write {spec.out}: {err.strerror}", field="out") from None
+    write_profile(spec.out, profile_toml(fit, jitter, evidence, split))
     return result
+
+
+def write_profile(out: Path, text: str) -> None:
+    try:
+        out.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"cannot write {out}: {err.strerror}", field="out") from None
+
+
+def _run_streamed(spec: CalibrationSpec, on_probe: Callable[[], None] | None) -> CalibrationResult:
+    """Streamed cells against a continuous engine, the step and overhead fit, a complete profile."""
+    model = spec.model.model_copy(update={"batching": Batching.CONTINUOUS, **spec.limits})
+    engine = Backend.create(spec.backend, model, spec.backend_options)
+    fit, limits, sources, plan = asyncio.run(_stream_and_fit(engine, spec, model, on_probe))
+    evidence = {
+        "kind": "measured",
+        "backend": spec.backend,
+        "model": spec.model_name or "",
+        "method": "streamed requests (calibrate/streamed.py): lone TTFTs, decode gaps, mixed steps",
+        "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "limit_sources": sources,
+        "cells": [f"{c.kind} n={c.sequences} prefill={c.prefill_tokens}" for c in fit.cells],
+        "median_ms": [round(c.median_ms, 3) for c in fit.cells],
+        "fitted_ms": [round(c.fitted_ms, 3) for c in fit.cells],
+        "max_relative_error": round(fit.max_relative_error, 4),
+    }
+    write_profile(spec.out, continuous_profile_toml(continuous_terms(fit), limits, evidence))
+    return continuous_result(spec, fit, limits, sources, mode="streamed", repetitions=plan.repetitions)
+
+
+def continuous_terms(fit: ContinuousFit) -> dict[str, float]:
+    """The service-model fields a continuous fit sets (the streamed-token cost stays in the step: see streamed.py)."""
+    return {
+        "decode_step_ms": fit.decode_step_ms, "decode_ms_per_seq": fit.decode_ms_per_seq,
+        "prefill_ms_per_token": fit.prefill_ms_per_token, "request_overhead_ms": fit.request_overhead_ms,
+        "tokenize_ms_per_token": fit.tokenize_ms_per_token, "output_token_ms": 0.0,
+    }  # fmt: skip
+
+
+def continuous_result(
+    spec: CalibrationSpec, fit: ContinuousFit, limits: dict[str, int], sources: dict[str, str], *, mode: str,
+    repetitions: int,
+) -> CalibrationResult:  # fmt: skip
+    return CalibrationResult(
+        backend=spec.backend if mode == "streamed" else f"requests in {spec.requests_file}",
+        model=spec.model_name, repetitions=repetitions, warmup_batches=0, points=[], fixed_ms=0.0, per_item_ms=0.0,
+        decode_step_ms=fit.decode_step_ms, prefill_ms_per_token=fit.prefill_ms_per_token,
+        decode_ms_per_seq=fit.decode_ms_per_seq, max_relative_error=fit.max_relative_error,
+        mean_relative_error=fit.mean_relative_error, profile_path=str(spec.out), mode=mode,
+        request_overhead_ms=fit.request_overhead_ms, tokenize_ms_per_token=fit.tokenize_ms_per_token,
+        stream_cells=fit.cells, limits=limits, limit_sources=sources,
+    )  # fmt: skip
+
+
+def resolve_limits(
+    flags: dict[str, int], reported: dict[str, tuple[int, str]], model: ServiceModel
+) -> tuple[dict[str, int], dict[str, str]]:
+    """Each limit from its flag, else from what the engine said, else the service model's default (said so)."""
+    limits, sources = {}, {}
+    for name in LIMITS:
+        if name in flags:
+            limits[name], sources[name] = flags[name], "flag"
+        elif name in reported:
+            limits[name], sources[name] = reported[name]
+        elif (value := getattr(model, name)) is not None:
+            limits[name], sources[name] = value, "default: the engine does not say it; pass the flag of this name"
+    return limits, sources
+
+
+def stream_plan(spec: CalibrationSpec, limits: dict[str, int], max_model_len: int | None) -> StreamPlan:
+    """The cells to stream: prompt lengths that fit the context and one step's token budget, concurrencies to max."""
+    decode = max(spec.output_tokens or [DEFAULT_DECODE_TOKENS])
+    top = min(limits["max_num_seqs"], MAX_DEFAULT_CONCURRENCY)
+    concurrencies = spec.sizes or sorted({1, max(2, top // 2), top})
+    if max(concurrencies) > limits["max_num_seqs"]:
+        raise UsageError(f"--sizes goes past max_num_seqs ({limits['max_num_seqs']}): the engine would queue them",
+                         field="sizes")  # fmt: skip
+    _at_least_two(concurrencies, "concurrencies", "sizes", "the decode step from the per-sequence cost")
+    prompts = spec.prompt_tokens or list(DEFAULT_STREAM_PROMPTS)
+    longest = min(limits.get("max_batched_tokens", 1 << 30), (max_model_len or 1 << 30) - decode - 1)
+    if max(prompts) > longest:
+        if spec.prompt_tokens:
+            raise UsageError(f"prompts of {max(prompts)} tokens do not fit one step and the context with "
+                             f"{decode}-token answers (at most {longest})", field="prompt_tokens")  # fmt: skip
+        prompts = sorted({min(p, longest) for p in prompts})
+    _at_least_two(prompts, "prompt lengths", "prompt_tokens", "the prefill cost from the per-request cost")
+    return StreamPlan(prompts, concurrencies, decode, spec.repetitions)
+
+
+async def _stream_and_fit(
+    engine: Backend, spec: CalibrationSpec, model: ServiceModel, on_probe: Callable[[], None] | None
+) -> tuple[ContinuousFit, dict[str, int], dict[str, str], StreamPlan]:
+    await engine.start()
+    try:
+        reported = await engine.engine_limits()
+        limits, sources = resolve_limits(spec.limits, reported, model)
+        plan = stream_plan(spec, limits, reported.get("max_model_len", (None, ""))[0])
+        timings = await measure_streams(engine, plan, on_probe=on_probe)
+        return fit_continuous(timings), limits, sources, plan
+    except BackendError as err:
+        raise InferPlanError(f"calibration failed: {err}") from None
+    finally:
+        await engine.close()
 
 
 async def _measure(

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from ..core.errors import UsageError
+from ..core.model import Batching
 from .options import (
     DeviceOpt,
     DtypeOpt,
@@ -53,6 +54,27 @@ FromTrafficOpt = Annotated[
     bool, typer.Option("--from-traffic", help="remote only: fit the batches the server served its clients (runs none).")
 ]
 WindowOpt = Annotated[float, typer.Option("--window", min=1, help="--from-traffic: the last SECONDS of traffic.")]
+CalibrateBatchingOpt = Annotated[
+    str | None,
+    typer.Option("--batching", help="continuous: streamed requests; static: whole batches [continuous for openai "
+                 "and vllm, else static]."),
+]  # fmt: skip
+MaxSeqsOpt = Annotated[
+    int | None, typer.Option("--max-num-seqs", min=1, help="Continuous: the engine's sequence limit [the engine's].")
+]
+MaxBatchedOpt = Annotated[
+    int | None, typer.Option("--max-batched-tokens", min=1, help="Continuous: prompt tokens one step prefills.")
+]
+KvTokensOpt = Annotated[
+    int | None, typer.Option("--kv-cache-tokens", min=1, help="Continuous: KV tokens [the engine's /metrics].")
+]
+UpstreamKeyOpt = Annotated[
+    str | None, typer.Option("--api-key", help="openai: the upstream's API key (sent as a Bearer token).")
+]
+FromRequestsOpt = Annotated[
+    Path | None,
+    typer.Option("--from-requests", help="Fit a load test's --save-requests CSV (sends nothing)."),
+]
 
 
 def calibrate(
@@ -67,6 +89,12 @@ def calibrate(
     warmup_batches: WarmupBatchesOpt = 2,
     from_traffic: FromTrafficOpt = False,
     window_s: WindowOpt = 300.0,
+    batching: CalibrateBatchingOpt = None,
+    max_num_seqs: MaxSeqsOpt = None,
+    max_batched_tokens: MaxBatchedOpt = None,
+    kv_cache_tokens: KvTokensOpt = None,
+    from_requests: FromRequestsOpt = None,
+    api_key: UpstreamKeyOpt = None,
     max_tokens: MaxTokensOpt = 16,
     temperature: TemperatureOpt = 0.0,
     max_model_len: MaxModelLenOpt = 512,
@@ -78,12 +106,12 @@ def calibrate(
     save: SaveOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Measure batch latency against batch size (and token lengths) and write a profile of the fitted costs."""
-    from ..calibrate.run import CalibrationSpec, calibration_cells, run_calibration
+    """Measure an engine (static batches, or a continuous engine's streamed requests) and write a profile."""
+    from ..calibrate.run import CalibrationSpec, calibration_cells, calibration_mode, run_calibration
 
     service = build_scenario(scenario=scenario).model
     torch = TorchFlags(torch_model, device, dtype)
-    options = engine_options(backend, model, upstream, max_tokens, temperature, max_model_len, torch)
+    options = engine_options(backend, model, upstream, max_tokens, temperature, max_model_len, torch, api_key=api_key)
     if from_traffic and backend != "remote":
         raise UsageError("--from-traffic reads a running server's batch log: use --backend remote --upstream URL")
     spec = CalibrationSpec(
@@ -91,13 +119,24 @@ def calibrate(
         sizes=_lengths(sizes, "--sizes"), prompt_tokens=_lengths(prompt_tokens, "--prompt-tokens"),
         output_tokens=_lengths(output_tokens, "--output-tokens"), repetitions=repetitions,
         warmup_batches=warmup_batches, traffic_url=options["upstream"] if from_traffic else None, window_s=window_s,
+        batching=_batching(batching), requests_file=from_requests,
+        limits={name: value for name, value in (("max_num_seqs", max_num_seqs),
+                ("max_batched_tokens", max_batched_tokens), ("kv_cache_tokens", kv_cache_tokens)) if value},
     )  # fmt: skip
-    total = warmup_batches + repetitions * len(calibration_cells(spec))
+    mode = calibration_mode(spec)
+    total = warmup_batches + repetitions * len(calibration_cells(spec)) if mode == "static" else None
     with status_progress(f"calibrating {backend}", enabled=not (quiet or json_out or from_traffic), total=total) as bar:
         result = run_calibration(spec, on_batch=lambda: bar.advance(bar.task_ids[0]))
     emit_json(result, print_it=json_out, path=save)
     if not json_out:
         render_result(result)
+
+
+def _batching(text: str | None) -> Batching | None:
+    try:
+        return Batching(text) if text else None
+    except ValueError:
+        raise UsageError(f"--batching: expected static or continuous, got {text!r}") from None
 
 
 def _lengths(text: str | None, flag: str) -> list[int] | None:

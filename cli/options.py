@@ -191,6 +191,7 @@ def engine_options(
     torch: TorchFlags | None = None,
     gpus: int = 1,
     ray: RayFlags | None = None,
+    api_key: str | None = None,
 ) -> dict[str, Any]:
     """The keyword arguments of the chosen backend's constructor, checked for what it needs."""
     generation = Generation(max_tokens=max_tokens, temperature=temperature)
@@ -206,7 +207,7 @@ def engine_options(
     if backend == "openai":
         if not upstream:
             raise UsageError("--backend openai needs --upstream URL (an OpenAI-compatible server)")
-        return {"upstream": upstream, "served_model": model, "generation": generation}
+        return {"upstream": upstream, "served_model": model, "generation": generation, "api_key": api_key}
     if backend == "remote":
         if not upstream:
             raise UsageError("--backend remote needs --upstream URL (another server's internal listener)")

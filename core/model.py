@@ -14,6 +14,14 @@ steps run inside the batch cycle; with ``"continuous"`` there is no batch cycle 
 only steps, admitting waiting requests between them. With every token coefficient at
 0 a static batch is exactly the fixed cycle above.
 
+A continuous engine also spends time on each request outside its steps (SPEC section
+12, BLIS's "alpha" terms): HTTP, tokenisation and scheduling before the request can
+join a step (``request_overhead_ms + tokenize_ms_per_token x prompt``), and the
+detokenisation and write of each streamed token (``output_token_ms``). They add to
+every TTFT, ITL and E2E but cost the GPU nothing, so throughput is unchanged. A static
+batch's calibrated fixed cost already holds its requests' front-end work (calibration
+times whole batches end to end), so the static engine leaves these terms out.
+
 Keeping every consumer on this one frozen object is what makes a simulated P95, a
 planned GPU count and a measured P95 comparable: they are answers about the same
 service. The formulas derived from it (the cycle, per-GPU throughput, the load factor)
@@ -153,6 +161,22 @@ class ServiceModel(_Frozen):
     kv_cache_tokens: int | None = Field(
         default=None, ge=1, description="continuous: prompt + output tokens the running sequences may hold; None: any"
     )
+    # -- per-request engine overheads outside the steps (SPEC section 12; BLIS's alpha terms) ---------
+    request_overhead_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="continuous: engine time from a request's arrival to its admission "
+        "(HTTP, scheduling), fixed part; BLIS alpha0",
+    )
+    tokenize_ms_per_token: float = Field(
+        default=0.0, ge=0, description="continuous: admission delay per prompt token (tokenisation); BLIS alpha1"
+    )
+    output_token_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="continuous: client-side cost of each streamed token (detokenisation, the "
+        "write), cumulative along a stream and outside the engine's steps; BLIS alpha2",
+    )
     slo_ttft_p95_ms: float | None = Field(default=None, gt=0, description="time to first token, P95")
     slo_itl_p95_ms: float | None = Field(default=None, gt=0, description="inter-token latency, P95 over all gaps")
     slo_tpot_p95_ms: float | None = Field(default=None, gt=0, description="time per output token, P95")
@@ -193,6 +217,21 @@ class ServiceModel(_Frozen):
     def step_ms(self, prefill_tokens: int | float, sequences: int | float) -> float:
         """The step formula: one step over ``sequences`` sequences that prefills ``prefill_tokens`` prompt tokens."""
         return self.decode_step_ms + self.prefill_ms_per_token * prefill_tokens + self.decode_ms_per_seq * sequences
+
+    @property
+    def engine_overheads(self) -> bool:
+        """Whether any per-request overhead term is set (each is 0 by default: section 10 exactly)."""
+        return bool(self.request_overhead_ms or self.tokenize_ms_per_token or self.output_token_ms)
+
+    def admission_delay_ms(self, prompt_tokens: np.ndarray | float) -> np.ndarray | float:
+        """The overhead formula, before the first step: how long after its arrival a request may be admitted.
+
+        The delay runs in parallel for every request (an engine's front end is not a
+        queue), so it shifts each request's moment of joining the waiting room; the
+        streamed-token cost (``output_token_ms``) then adds one term per token the client
+        has seen: token k reaches it ``k x output_token_ms`` after the step that made it.
+        """
+        return self.request_overhead_ms + self.tokenize_ms_per_token * prompt_tokens
 
     @property
     def dispatch_rule(self) -> DispatchRule:

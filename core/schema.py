@@ -36,13 +36,14 @@ __all__ = [
     "ScaleEvent",
     "ServerMetrics",
     "SimulationResult",
+    "StreamCell",
     "TierStats",
     "TokenComparison",
     "TokenStats",
     "load_result",
 ]
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 # What each version added; a saved result of an older version is upgraded on load
 # (:func:`_upgrade`; new fields take their defaults, so renderers show less, never something wrong).
 SCHEMA_HISTORY = {
@@ -57,6 +58,9 @@ SCHEMA_HISTORY = {
     "(failures); calibrate's phases (the fixed cost split into PCIe in, kernel, PCIe out)",
     6: "simulate and capacity: how precisely the percentiles are known (precision: batch-means intervals, the "
     "simulated seconds measured); capacity's jobs",
+    7: "calibrate of a continuous engine from streamed requests or a load test's requests (mode, stream_cells, "
+    "the engine-overhead terms request_overhead_ms and tokenize_ms_per_token, the engine's limits and where each "
+    "came from)",
 }
 
 # Percentile points kept for latency CDF plots: fine steps in the tail where SLOs live.
@@ -362,6 +366,25 @@ class CalibrationPoint(_Model):
     fitted_ms: float
 
 
+class StreamCell(_Model):
+    """One kind of streamed measurement of a continuous engine and what the fitted model makes of it.
+
+    ``lone``: a request alone on the idle engine, its time to first token (overheads and
+    one prefill step); ``decode``: the gap between tokens with ``sequences`` decoding
+    together; ``mixed``: the gap of decoding sequences across a step that also prefills
+    ``prefill_tokens`` of a newcomer's prompt. From a load test's requests (``traffic_``):
+    the median TTFT and decode time over its requests, measured and replayed with the fit.
+    """
+
+    kind: Literal["lone", "decode", "mixed", "traffic_ttft", "traffic_decode"]
+    sequences: int
+    prefill_tokens: int
+    samples: int
+    median_ms: float
+    p95_ms: float
+    fitted_ms: float
+
+
 class CalibrationResult(_Model):
     """A backend's batch latency by batch size (and token lengths), and the costs the simulator uses."""
 
@@ -384,6 +407,17 @@ class CalibrationResult(_Model):
     phases: dict[str, float] | None = Field(
         default=None, description="fixed cost by phase (pcie_in_ms, kernel_ms, pcie_out_ms) if the backend times it"
     )
+    mode: Literal["static", "streamed", "requests"] = Field(
+        default="static", description="static batches timed whole; streamed requests; a load test's saved requests"
+    )
+    request_overhead_ms: float = 0.0
+    tokenize_ms_per_token: float = 0.0
+    stream_cells: list[StreamCell] = Field(default_factory=list)
+    limits: dict[str, int] = Field(
+        default_factory=dict,
+        description="the engine's max_num_seqs, max_batched_tokens, kv_cache_tokens as written to the profile",
+    )
+    limit_sources: dict[str, str] = Field(default_factory=dict, description="where each limit came from")
 
 
 Result = Annotated[SimulationResult | CapacityResult | LoadTestResult | CalibrationResult, Field(discriminator="kind")]

@@ -194,6 +194,8 @@ def _token_cdfs(names: list[str], stats: list[MeasuredVsSimulated]) -> list[go.F
 
 
 def _calibration_figures(r: CalibrationResult) -> list[go.Figure]:
+    if r.mode != "static":
+        return [_streamed_calibration_figure(r)] if r.stream_cells else []
     if any(p.prompt_tokens is not None for p in r.points):
         return [_token_calibration_figure(r)]
     sizes = [p.batch_size for p in r.points]
@@ -249,6 +251,27 @@ def _token_calibration_figure(r: CalibrationResult) -> go.Figure:
     fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="measured = fitted", line={"dash": "dot"}))
     fig.update_layout(
         title=f"Batch time per cell, measured versus fitted ({r.backend}; max error {r.max_relative_error:.1%})",
+        xaxis_title="fitted (ms)", yaxis_title="measured (ms)", height=460,
+    )  # fmt: skip
+    return fig
+
+
+def _streamed_calibration_figure(r: CalibrationResult) -> go.Figure:
+    """Each streamed cell's median against the fitted model: on the diagonal where the model holds."""
+    fig = go.Figure()
+    for kind in ("lone", "decode", "mixed", "traffic_ttft", "traffic_decode"):
+        cells = [c for c in r.stream_cells if c.kind == kind]
+        if cells:
+            fig.add_trace(go.Scatter(
+                x=[c.fitted_ms for c in cells], y=[c.median_ms for c in cells], mode="markers", name=kind,
+                text=[f"{kind}: {c.sequences} sequences, {c.prefill_tokens} prefilled" for c in cells],
+                error_y={"type": "data", "symmetric": False, "array": [c.p95_ms - c.median_ms for c in cells],
+                         "arrayminus": [0.0] * len(cells)},
+            ))  # fmt: skip
+    top = max(max(c.p95_ms, c.fitted_ms) for c in r.stream_cells)
+    fig.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="measured = fitted", line={"dash": "dot"}))
+    fig.update_layout(
+        title=f"Streamed cells, measured median versus fitted ({r.backend}; max error {r.max_relative_error:.1%})",
         xaxis_title="fitted (ms)", yaxis_title="measured (ms)", height=460,
     )  # fmt: skip
     return fig

@@ -361,7 +361,41 @@ def _server_metrics_line(r: LoadTestResult) -> str:
     return f"{len(m.t_s)} samples of {m.url}: {seen}" + (f"; {m.failed_scrapes} failed" if m.failed_scrapes else "")
 
 
+_CELL_NAMES = {
+    "lone": "lone TTFT", "decode": "decode gap", "mixed": "gap across a prefill",
+    "traffic_ttft": "TTFT, median request", "traffic_decode": "decode time, median request",
+}  # fmt: skip
+
+
+def _continuous_calibration(r: CalibrationResult) -> Summary:
+    """A continuous engine's fit: the step and overhead terms, each streamed cell against its fit, the limits."""
+    rows = [
+        [_CELL_NAMES[c.kind], str(c.sequences), str(c.prefill_tokens), str(c.samples), _ms(c.median_ms),
+         _ms(c.p95_ms), _ms(c.fitted_ms), _pct(abs(c.fitted_ms - c.median_ms) / c.median_ms if c.median_ms else None)]
+        for c in r.stream_cells
+    ]  # fmt: skip
+    limits = ", ".join(f"{name} {value:,} ({r.limit_sources.get(name, '-')})" for name, value in r.limits.items())
+    return Summary(
+        title="infer-plan calibrate",
+        headline=(
+            f"fitted: step = {r.decode_step_ms:.4f} ms + {r.prefill_ms_per_token:.6f} ms x prefilled tokens + "
+            f"{r.decode_ms_per_seq:.5f} ms x sequences; a request joins {r.request_overhead_ms:.3f} ms + "
+            f"{r.tokenize_ms_per_token:.6f} ms x prompt tokens after it arrives ({r.backend})"
+        ),
+        facts=[
+            ("method", "streamed requests" if r.mode == "streamed" else "a load test's saved requests"),
+            ("fit error", f"max {r.max_relative_error:.1%}, mean {r.mean_relative_error:.1%} over the cells"),
+            ("engine limits", limits or "-"),
+            ("profile written", f"{r.profile_path}: use it with --profile" if r.profile_path else "-"),
+        ],
+        tables=[Table("Streamed cells (ms): measured median against the fitted model",
+                      ["cell", "sequences", "prefill", "samples", "median", "P95", "fitted", "fit error"], rows)],
+    )  # fmt: skip
+
+
 def _calibration(r: CalibrationResult) -> Summary:
+    if r.mode != "static":
+        return _continuous_calibration(r)
     tokens = any(p.prompt_tokens is not None for p in r.points)
     rows = [
         [

@@ -39,10 +39,13 @@ class StepFeed:
     def head(self) -> Pending | None:
         return self.queue.head()
 
-    def take(self) -> Pending:
-        """Admit the head: it now holds a sequence slot until :meth:`deliver`."""
+    def take(self, pending: Pending | None = None) -> Pending:
+        """Admit the head (or ``pending``, one of :meth:`heads`): it holds a sequence slot until :meth:`deliver`."""
         self.running += 1
-        return self.queue.pop_head()
+        return self.queue.pop_head() if pending is None else self.queue.pop_tier_head(pending)
+
+    def heads(self) -> list[Pending]:
+        return self.queue.heads()
 
     async def wait(self) -> bool:
         """Until a request waits (True), or the worker is wanted for something else (False: return when idle)."""

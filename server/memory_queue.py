@@ -99,6 +99,16 @@ class MemoryQueue(TierQueue):
         self._queued -= 1
         return next(q for q in self.tiers if q).popleft()
 
+    def heads(self) -> list[Pending]:
+        """Each tier's oldest waiting request, enterprise first: the candidates when some may not be admissible yet."""
+        self._drop_abandoned_heads()
+        return [q[0] for q in self.tiers if q]
+
+    def pop_tier_head(self, pending: Pending) -> Pending:
+        """Take ``pending``, one of :meth:`heads` (call it in the same loop pass)."""
+        self._queued -= 1
+        return self.tiers[pending.tier].popleft()
+
     async def wait_work(self, interrupted: Interrupted) -> bool:
         """Until a request waits (True) or ``interrupted()`` (False)."""
         while not interrupted():

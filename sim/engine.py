@@ -113,9 +113,10 @@ def simulate_chunks(
     if model.batching is Batching.CONTINUOUS:
         arrivals = concatenate(chunks)
         assert arrivals.prompt_tokens is not None and arrivals.output_tokens is not None
+        ready, order = admission_order(model, arrivals.times, arrivals.prompt_tokens)
         engine = StepEngine(
-            env, model, arrivals.times, arrivals.tiers, arrivals.prompt_tokens, arrivals.output_tokens, gpus, rng,
-            horizon_s=horizon_s, sample_every_s=every, load_factor=load_factor,
+            env, model, ready, arrivals.tiers[order], arrivals.prompt_tokens[order], arrivals.output_tokens[order],
+            gpus, rng, horizon_s=horizon_s, sample_every_s=every, load_factor=load_factor,
         )  # fmt: skip
     else:
         engine = BatchEngine(
@@ -132,7 +133,7 @@ def simulate_chunks(
     if isinstance(engine, BatchEngine):
         engine.finish()
     else:
-        _fold_steps(engine, arrivals, sink)
+        _fold_steps(engine, arrivals, order, sink)
     fleet = engine.fleet
     return FleetLog(
         up_changes=np.asarray(fleet.up_changes, dtype=np.float64),
@@ -149,21 +150,57 @@ def _mean_shape(arrivals: Arrivals) -> TokenShape | None:
     return TokenShape(float(arrivals.prompt_tokens.mean()), float(arrivals.output_tokens.mean()))
 
 
-def _fold_steps(engine: StepEngine, arrivals: Arrivals, sink: Sink) -> None:
-    """Continuous batching's requests, all at the end of its run."""
+def admission_order(model: ServiceModel, times: np.ndarray, prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """When each request may join the waiting room, sorted, and the arrival index of each in that order.
+
+    Without engine overheads that is the arrivals themselves. With them a request joins
+    ``admission_delay_ms`` after it arrives; a short prompt can overtake a long one sent
+    just before it, so the order is by joining time (stable: ties keep arrival order).
+    """
+    if not (model.request_overhead_ms or model.tokenize_ms_per_token):
+        return times, np.arange(times.size)
+    ready = times + np.asarray(model.admission_delay_ms(prompt.astype(np.float64))) / 1000.0
+    order = np.argsort(ready, kind="stable")
+    return ready[order], order
+
+
+def _fold_steps(engine: StepEngine, arrivals: Arrivals, order: np.ndarray, sink: Sink) -> None:
+    """Continuous batching's requests, all at the end of its run, back in arrival order.
+
+    The engine ran them in joining order (:func:`admission_order`); each column is put
+    back. A streamed token reaches its client ``output_token_ms`` later per token it
+    has had (the engine's steps do not wait for it), so every gap grows by that much,
+    the first token by one term and an answer's end by one per token.
+    """
     waiting = engine.waiting
-    finished = engine.completion
-    outcome = simulated_outcomes(waiting.admitted, engine.failed, finished, final=waiting.queued > 0)
-    outcome[engine.refused] = Outcome.CLIENT_ERROR  # longer than the whole KV cache
+
+    def by_arrival(column: np.ndarray) -> np.ndarray:
+        back = np.empty_like(column)
+        back[order] = column
+        return back
+
+    finished, first_token = by_arrival(engine.completion), by_arrival(engine.first_token)
+    outcome = simulated_outcomes(
+        by_arrival(waiting.admitted), by_arrival(engine.failed), finished, final=waiting.queued > 0
+    )
+    outcome[by_arrival(engine.refused)] = Outcome.CLIENT_ERROR  # longer than the whole KV cache
+    gaps = engine.token_gaps()
+    if engine.model.output_token_ms:
+        assert arrivals.output_tokens is not None
+        lag_s = engine.model.output_token_ms / 1000.0
+        first_token = first_token + lag_s
+        served = outcome == Outcome.OK
+        finished[served] += lag_s * arrivals.output_tokens[served]
+        gaps = TokenGaps(gaps.gaps_ms + engine.model.output_token_ms, gaps.counts, gaps.at_s)
     sink.fold_batches(*engine.batches())
-    sink.fold_gaps(engine.token_gaps())
+    sink.fold_gaps(gaps)
     sink.fold(
         RequestRecords(
             tier=arrivals.tiers,
             scheduled=arrivals.times,
             finished=finished,
             outcome=outcome,
-            first_token=engine.first_token,
+            first_token=first_token,
             prompt_tokens=arrivals.prompt_tokens,
             output_tokens=arrivals.output_tokens,
         )

@@ -6,7 +6,9 @@ every step, admits waiting requests by tier while a sequence slot and KV room re
 runs one step over its sequences (prefill chunks within the token budget, one token per
 sequence), and lets finished ones go. It shares nothing with the fast engine but the
 service model and the zones, and tests hold the fast engine to it request by request.
-It covers the fleet without failures or autoscaling.
+It covers the fleet without failures or autoscaling. Engine overheads (SPEC section 12)
+are a wait of each request's own before it reaches the zones, and a client-side lag of
+``output_token_ms`` per token it has received.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class _Seq:
     i: int
     prefill_left: int
     out_left: int
-    last_token: float = float("nan")
+    last_token: float = float("nan")  # when its client received its latest token
+    emitted: int = 0
     chunk: int = 0
 
 
@@ -55,7 +58,10 @@ def simulate_steps_reference(
     kv_budget = model.kv_cache_tokens if model.kv_cache_tokens is not None else float("inf")
     signal = {"work": env.event()}
 
+    lag_s = model.output_token_ms / 1000.0
+
     def request(i: int):
+        yield env.timeout(float(model.admission_delay_ms(int(prompt[i]))) / 1000.0)
         depth = sum(len(q) for q in waiting)
         if not zone_admits(int(tiers[i]), depth, thresholds):
             admitted[i] = False
@@ -101,19 +107,21 @@ def simulate_steps_reference(
                 in_step.append(seq)
             prefill = sum(seq.chunk for seq in in_step)
             yield env.timeout(model.step_ms(prefill, len(in_step)) / 1000.0)
-            now = env.now
             for seq in in_step:
                 if seq.chunk:
                     seq.prefill_left -= seq.chunk
                     if seq.prefill_left > 0:
                         continue  # more chunks to go: no token yet
-                    first_token[seq.i] = now
+                seq.emitted += 1
+                received = env.now + seq.emitted * lag_s  # the k-th token is k lags behind its step
+                if seq.emitted == 1:
+                    first_token[seq.i] = received
                 else:
-                    gaps.append(now - seq.last_token)
-                seq.last_token = now
+                    gaps.append(received - seq.last_token)
+                seq.last_token = received
                 seq.out_left -= 1
                 if seq.out_left == 0:
-                    finished[seq.i] = now
+                    finished[seq.i] = received
             for seq in [s for s in running if s.out_left == 0]:
                 running.remove(seq)
                 kv -= int(prompt[seq.i] + output[seq.i])

@@ -192,6 +192,15 @@ class Backend(ABC):
         """The last batch's PCIe in / kernel / PCIe out times on GPU ``gpu`` (ms), from a backend that times them."""
         return None
 
+    async def engine_limits(self) -> dict[str, tuple[int, str]]:
+        """What the engine says of its own limits, as ``{name: (value, where it said it)}`` (after start()).
+
+        Names are the service model's: ``max_num_seqs``, ``max_batched_tokens``,
+        ``kv_cache_tokens``, and ``max_model_len``. An engine that says nothing returns
+        ``{}``; calibration then takes the flags of the same names.
+        """
+        return {}
+
     def render_chat(self, messages: list[dict[str, str]]) -> str | list[int]:
         """A chat as one prompt: the engine's chat template where it has one, else :func:`plain_chat_prompt`."""
         return plain_chat_prompt(messages)

@@ -37,7 +37,12 @@ class ForwardingBackend(Backend):
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=self.options.connections),
             timeout=aiohttp.ClientTimeout(total=self.model.request_timeout_s, connect=5.0),
+            headers=self.headers(),
         )
+
+    def headers(self) -> dict[str, str]:
+        """Headers every call carries (an upstream's API key)."""
+        return {}
 
     async def close(self) -> None:
         if self._session is not None:

@@ -29,6 +29,7 @@ __all__ = ["OpenAIBackend"]
 class OpenAIOptions(ForwardingOptions):
     served_model: str | None = Field(default=None, description="model name to ask for; None: the upstream's first")
     generation: Generation = Field(default_factory=Generation)
+    api_key: str | None = Field(default=None, description="sent as 'Authorization: Bearer KEY' (a keyed upstream)")
 
 
 @Backend.register("openai")
@@ -46,6 +47,9 @@ class OpenAIBackend(ForwardingBackend):
     def served_name(self) -> str:
         return self.served_model or "openai"
 
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.options.api_key}"} if self.options.api_key else {}
+
     async def start(self) -> None:
         await super().start()
         if self.served_model is None:
@@ -60,6 +64,34 @@ class OpenAIBackend(ForwardingBackend):
             return str(data["data"][0]["id"])
         except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, IndexError, TypeError):
             return None  # ask per batch without a model name; the upstream decides
+
+    async def engine_limits(self) -> dict[str, tuple[int, str]]:
+        """What a vLLM upstream tells: ``max_model_len`` in ``/v1/models``, the KV cache in ``/metrics``.
+
+        vLLM exports its cache config as the labels of one gauge, ``vllm:cache_config_info``
+        (``num_gpu_blocks`` x ``block_size`` tokens). Neither endpoint names the
+        scheduler's ``max_num_seqs`` or ``max_num_batched_tokens``. Other servers say
+        less, and an endpoint that fails simply says nothing.
+        """
+        assert self._session is not None
+        limits: dict[str, tuple[int, str]] = {}
+        try:
+            async with self._session.get(f"{self.base}/v1/models") as resp:
+                model = (await resp.json(content_type=None))["data"][0]
+            if isinstance(model.get("max_model_len"), int):
+                limits["max_model_len"] = (model["max_model_len"], "/v1/models")
+        except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+            pass
+        try:
+            async with self._session.get(f"{self.base}/metrics") as resp:
+                text = await resp.text() if resp.status == 200 else ""
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            text = ""
+        labels = _gauge_labels(text, "vllm:cache_config_info")
+        if labels.get("num_gpu_blocks", "").isdigit() and labels.get("block_size", "").isdigit():
+            tokens = int(labels["num_gpu_blocks"]) * int(labels["block_size"])
+            limits["kv_cache_tokens"] = (tokens, "/metrics vllm:cache_config_info (num_gpu_blocks x block_size)")
+        return limits
 
     async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:
         """One ``/v1/completions`` call per set of generation parameters for the non-streamed requests (the
@@ -149,10 +181,11 @@ class OpenAIBackend(ForwardingBackend):
                     if "error" in event:
                         raise BackendError(f"{self.endpoint} failed mid-stream: {event['error']}")
                     for choice in event.get("choices") or ():
-                        if piece := choice.get("text"):
+                        piece, finish = choice.get("text"), choice.get("finish_reason")
+                        if piece or (piece == "" and not finish):  # a token whose text is held back is a token
                             pieces.append(piece)
                             sink.token(piece)
-                        reason = choice.get("finish_reason") or reason
+                        reason = finish or reason
                     usage = event.get("usage") or usage
                     if sink.cancelled:
                         break
@@ -165,6 +198,20 @@ class OpenAIBackend(ForwardingBackend):
         if not sink.cancelled:
             sink.finish(output)
         return [output]
+
+
+def _gauge_labels(metrics_text: str, name: str) -> dict[str, str]:
+    """The labels of the first sample of gauge ``name`` in a Prometheus text page ({} if absent)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        for family in text_string_to_metric_families(metrics_text):
+            for sample in family.samples:
+                if sample.name == name:
+                    return dict(sample.labels)
+    except ValueError:  # not a metrics page
+        return {}
+    return {}
 
 
 def _shares(items: list[str] | list[str | list[int]], total: int) -> list[int]:

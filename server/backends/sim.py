@@ -136,20 +136,28 @@ class SimBackend(Backend):
         running: list[_Sequence] = []
         kv = 0
         deadline = loop.time()
+        send = _Delivery(loop, model.output_token_ms / 1000.0)
+        delayed = bool(model.request_overhead_ms or model.tokenize_ms_per_token)
         while True:
-            while len(running) < model.max_num_seqs and (head := feed.head()) is not None:
+            joins_at = math.inf  # when the next request leaves the engine's front end, if none is admissible yet
+            while len(running) < model.max_num_seqs:
+                head, joins_at = _admissible(feed, model, loop.time()) if delayed else (feed.head(), math.inf)
+                if head is None:
+                    break
                 output, pieces = _answer(head.request)
                 seq = _Sequence(head, output, pieces, output.prompt_tokens)
                 if kv + seq.reserve > kv_budget:
                     if seq.reserve <= kv_budget:
                         break
-                    feed.deliver(feed.take(), _too_long(seq.reserve, kv_budget))
+                    feed.deliver(feed.take(head), _too_long(seq.reserve, kv_budget))
                     continue
-                feed.take()
+                feed.take(head)
                 running.append(seq)
                 kv += seq.reserve
             if not running:
-                if not await feed.wait():
+                if joins_at < math.inf:
+                    await asyncio.sleep(joins_at - loop.time())
+                elif not await feed.wait():
                     return
                 deadline = loop.time()  # an idle GPU starts its next step when the request arrives
                 continue
@@ -170,17 +178,65 @@ class SimBackend(Backend):
                 seq.prefill_left -= seq.chunk
                 if seq.prefill_left > 0:
                     continue  # more prompt chunks to go: no token yet
-                sink = seq.pending.request.sink
-                if sink is not None and not sink.cancelled:
-                    sink.token(seq.pieces[seq.emitted])
                 seq.emitted += 1
+                send.token(seq)
             for seq in [s for s in running if s.emitted == len(s.pieces) or _abandoned(s)]:
                 running.remove(seq)
                 kv -= seq.reserve
-                sink = seq.pending.request.sink
-                if sink is not None and not sink.cancelled and seq.emitted == len(seq.pieces):
-                    sink.finish(seq.output)
-                feed.deliver(seq.pending, seq.output)
+                send.end(seq, feed)
+
+
+class _Delivery:
+    """A sequence's tokens and answer on their way to the client, ``output_token_ms`` each behind its step.
+
+    The engine's steps do not wait for that cost (SPEC section 12): the k-th token is
+    sent k lags after the step that made it, as the simulator times it. Without a lag
+    everything is sent at once, in the step's own turn of the loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, lag_s: float) -> None:
+        self.loop, self.lag_s = loop, lag_s
+
+    def token(self, seq: _Sequence) -> None:
+        if seq.pending.request.sink is not None:
+            self._later(seq.emitted, _send_token, seq.pending.request.sink, seq.pieces[seq.emitted - 1])
+
+    def end(self, seq: _Sequence, feed: Any) -> None:
+        self._later(seq.emitted, _answer_sequence, seq, feed)
+
+    def _later(self, tokens: int, callback: Any, *args: Any) -> None:
+        if self.lag_s:
+            self.loop.call_later(tokens * self.lag_s, callback, *args)
+        else:
+            callback(*args)
+
+
+def _send_token(sink: Any, piece: str) -> None:
+    if not sink.cancelled:
+        sink.token(piece)
+
+
+def _answer_sequence(seq: _Sequence, feed: Any) -> None:
+    sink = seq.pending.request.sink
+    if sink is not None and not sink.cancelled and seq.emitted == len(seq.pieces):
+        sink.finish(seq.output)
+    feed.deliver(seq.pending, seq.output)
+
+
+def _admissible(feed: Any, model: ServiceModel, now: float) -> tuple[Any, float]:
+    """The first tier's oldest request whose engine overhead has passed, as the simulator admits (SPEC section 12).
+
+    A request is in the engine's front end (HTTP, tokenisation) for ``admission_delay_ms``
+    after it arrived, and only then schedulable; a later tier's request that is ready goes
+    before an earlier tier's that is not. Returns (request or None, when the next one is ready).
+    """
+    joins_at = math.inf
+    for head in feed.heads():
+        ready = head.arrived + model.admission_delay_ms(sim_tokens(head.request.prompt)) / 1000.0
+        if ready <= now:
+            return head, math.inf
+        joins_at = min(joins_at, ready)
+    return None, joins_at
 
 
 def _abandoned(seq: _Sequence) -> bool:

@@ -101,6 +101,21 @@ class VllmBackend(Backend):
         self._tokenizer = self._engine.get_tokenizer()
         self._sampling_params, self._delta = SamplingParams, RequestOutputKind.DELTA
 
+    async def engine_limits(self) -> dict[str, tuple[int, str]]:
+        """The engine's own scheduler and cache config, as vLLM resolved it at start."""
+        config = getattr(self._engine, "vllm_config", None)
+        if config is None:
+            return {}
+        found = {
+            "max_num_seqs": getattr(config.scheduler_config, "max_num_seqs", None),
+            "max_batched_tokens": getattr(config.scheduler_config, "max_num_batched_tokens", None),
+            "max_model_len": getattr(config.model_config, "max_model_len", None),
+        }
+        blocks, block = getattr(config.cache_config, "num_gpu_blocks", None), config.cache_config.block_size
+        if blocks and block:
+            found["kv_cache_tokens"] = int(blocks) * int(block)
+        return {name: (int(v), "the vLLM engine's config") for name, v in found.items() if isinstance(v, int)}
+
     async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:
         positions, live = non_empty(requests)
         if not live:
@@ -150,7 +165,7 @@ class VllmBackend(Backend):
                 completion = out.outputs[0]
                 generated += len(completion.token_ids)
                 reason = completion.finish_reason or reason
-                if completion.text:
+                if completion.token_ids:  # one chunk per step, as vLLM's server streams (text may be held back)
                     pieces.append(completion.text)
                     if sink is not None and not sink.cancelled:
                         sink.token(completion.text)

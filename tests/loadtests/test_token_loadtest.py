@@ -9,6 +9,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import pytest
 from infer_plan.core import ServiceModel
+from infer_plan.core.schema import SCHEMA_VERSION
 from infer_plan.loadtests.target import write_model_scenario
 
 from tests.helpers import run_cli, running_server
@@ -55,7 +56,7 @@ def streamed_run(scenario, tmp_path_factory):
 
 def test_streamed_completions_match_the_simulation(streamed_run):
     data, _ = streamed_run
-    assert data["api"] == "completions" and data["stream"] is True and data["schema_version"] == 6
+    assert data["api"] == "completions" and data["stream"] is True and data["schema_version"] == SCHEMA_VERSION
     assert data["status_counts"] == {"200": data["requests"]} and data["wrong_outputs"] == 0
     assert data["token_counts"].startswith("usage")
     tokens = data["overall"]["tokens"]

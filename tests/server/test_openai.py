@@ -245,6 +245,26 @@ async def test_continuous_batching_admits_between_steps_by_tier(tmp_path):
         assert srv.terminate() == 0
 
 
+# Engine overheads (SPEC section 12), large beside asyncio's timer so they stand out: 60 ms + 1 ms a prompt
+# token before admission, 15 ms a streamed token, 30 ms steps.
+OVERHEADS = ServiceModel(
+    batching="continuous", decode_step_ms=30, request_overhead_ms=60, tokenize_ms_per_token=1, output_token_ms=15
+)
+
+
+async def test_the_sim_backend_emulates_engine_overheads_as_the_simulator_times_them(tmp_path):
+    prompt = " ".join(f"w{i}" for i in range(20))  # 20 tokens: 80 ms before the first step
+    with running_server("--scenario", scenario(tmp_path, OVERHEADS)) as srv:
+        async with aiohttp.ClientSession() as session:
+            await stream_times(session, srv.url, "dev-paid", "warm up", 2)
+            sent, tokens = await stream_times(session, srv.url, "dev-paid", prompt, 6)
+        assert srv.terminate() == 0
+    ttft = tokens[0] - sent  # worked case: 60 + 1 x 20 + 30 + 15 = 125 ms; timers never fire early
+    assert 0.123 <= ttft <= 0.190, ttft
+    gaps = sorted(b - a for a, b in itertools.pairwise(tokens))  # each one step plus one token's cost: 45 ms
+    assert 0.040 <= gaps[len(gaps) // 2] <= 0.065, gaps
+
+
 async def test_an_engine_failure_after_the_first_token_is_an_sse_error_event_then_done():
     with running_server("--backend", "tests.server.faulty:FaultyBackend") as srv:
         async with aiohttp.ClientSession() as session:

