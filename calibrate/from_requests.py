@@ -162,11 +162,8 @@ def fit_requests(req: SavedRequests, model: ServiceModel) -> ContinuousFit:
 
 
 def _with_terms(model: ServiceModel, steps: np.ndarray, alpha: np.ndarray) -> ServiceModel:
-    a, b, c = (float(x) for x in steps)
-    return model.model_copy(update={
-        "batching": Batching.CONTINUOUS, "decode_step_ms": a, "decode_ms_per_seq": b, "prefill_ms_per_token": c,
-        "request_overhead_ms": float(alpha[0]), "tokenize_ms_per_token": float(alpha[1]), "output_token_ms": 0.0,
-    })  # fmt: skip
+    fit = ContinuousFit(*(float(x) for x in (*steps, *alpha)), cells=[])
+    return model.model_copy(update={"batching": Batching.CONTINUOUS, **fit.terms()})
 
 
 def _cell(kind: str, measured: np.ndarray, fitted: np.ndarray, size: np.ndarray) -> StreamCell:
@@ -181,7 +178,7 @@ def run_from_requests(spec: CalibrationSpec) -> CalibrationResult:
     import datetime as dt
 
     from .profile import continuous_profile_toml
-    from .run import continuous_result, continuous_terms, resolve_limits, write_profile
+    from .run import continuous_result, resolve_limits, write_profile
 
     assert spec.requests_file is not None
     req = read_saved_requests(spec.requests_file)
@@ -196,5 +193,5 @@ def run_from_requests(spec: CalibrationSpec) -> CalibrationResult:
         "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "limit_sources": sources,
     }
-    write_profile(spec.out, continuous_profile_toml(continuous_terms(fit), limits, evidence))
+    write_profile(spec.out, continuous_profile_toml(fit.terms(), limits, evidence))
     return continuous_result(spec, fit, limits, sources, mode="requests", repetitions=len(req))

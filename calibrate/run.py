@@ -194,17 +194,8 @@ def _run_streamed(spec: CalibrationSpec, on_probe: Callable[[], None] | None) ->
         "fitted_ms": [round(c.fitted_ms, 3) for c in fit.cells],
         "max_relative_error": round(fit.max_relative_error, 4),
     }
-    write_profile(spec.out, continuous_profile_toml(continuous_terms(fit), limits, evidence))
+    write_profile(spec.out, continuous_profile_toml(fit.terms(), limits, evidence))
     return continuous_result(spec, fit, limits, sources, mode="streamed", repetitions=plan.repetitions)
-
-
-def continuous_terms(fit: ContinuousFit) -> dict[str, float]:
-    """The service-model fields a continuous fit sets (the streamed-token cost stays in the step: see streamed.py)."""
-    return {
-        "decode_step_ms": fit.decode_step_ms, "decode_ms_per_seq": fit.decode_ms_per_seq,
-        "prefill_ms_per_token": fit.prefill_ms_per_token, "request_overhead_ms": fit.request_overhead_ms,
-        "tokenize_ms_per_token": fit.tokenize_ms_per_token, "output_token_ms": 0.0,
-    }  # fmt: skip
 
 
 def continuous_result(

@@ -182,6 +182,14 @@ class ContinuousFit:
     def mean_relative_error(self) -> float:
         return float(np.mean([_rel(c) for c in self.cells])) if self.cells else 0.0
 
+    def terms(self) -> dict[str, float]:
+        """The service-model fields the fit sets (a streamed-token cost stays inside the step: module docstring)."""
+        return {
+            "decode_step_ms": self.decode_step_ms, "decode_ms_per_seq": self.decode_ms_per_seq,
+            "prefill_ms_per_token": self.prefill_ms_per_token, "request_overhead_ms": self.request_overhead_ms,
+            "tokenize_ms_per_token": self.tokenize_ms_per_token, "output_token_ms": 0.0,
+        }  # fmt: skip
+
     def step_ms(self, prefill: float, sequences: float) -> float:
         return self.decode_step_ms + self.decode_ms_per_seq * sequences + self.prefill_ms_per_token * prefill
 

@@ -157,6 +157,12 @@ def _continuous_arithmetic(model: ServiceModel, shape: TokenShape, per_gpu: floa
         f"per-GPU throughput = 1000 / {prefill + decode:,.3f} ms = {_rate(per_gpu)} req/s "
         f"({per_gpu * o:,.0f} output tokens/s)",
     ]
+    if model.engine_overheads:  # latency the engine adds outside its steps: in every TTFT, no GPU time
+        lines.append(
+            f"engine overheads (no GPU time): {model.request_overhead_ms:g} + {model.tokenize_ms_per_token:g} x {p:g}"
+            f" = {model.admission_delay_ms(p):,.3f} ms before a request's first step, {model.output_token_ms:g} ms "
+            "per streamed token"
+        )
     return step, lines
 
 

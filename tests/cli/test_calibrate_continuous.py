@@ -92,7 +92,12 @@ def test_calibrate_from_a_load_tests_saved_requests_recovers_the_terms_it_ran_wi
     assert done.returncode == 0, done.stderr[-3000:]
     service = tomllib.loads(profile.read_text())["service"]
     print("\nfit from saved requests:", {t: round(service[t], 4) for t in TERMS})
-    assert_terms_recovered(service, rel=0.10)
+    assert_terms_recovered(service, rel=0.10, terms=TERMS[:3])
+    # Traffic shows the overhead and the prefill only summed in each TTFT, so the overhead's split into a fixed
+    # part and a per-token part is its loosest figure: the overhead itself is held across the prompts sent.
+    for prompt in (100, 350):
+        fitted = service["request_overhead_ms"] + service["tokenize_ms_per_token"] * prompt
+        assert fitted == pytest.approx(KNOWN.admission_delay_ms(prompt), rel=0.10), (prompt, fitted)
     assert service["max_num_seqs"] == 16 and service["batching"] == "continuous"
 
 

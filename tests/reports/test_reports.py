@@ -17,6 +17,7 @@ from tests.helpers import run_cli as cli
 
 pytestmark = pytest.mark.timeout(300)
 EXAMPLE_PROFILE = Path(__file__).parents[2] / "examples/profiles/llama-3.1-8b-instruct-h100.toml"
+SAVED_REQUESTS = Path(__file__).parents[2] / "examples/saved-requests.csv"  # a streamed load test's requests
 TOKEN_KEYS = ("ttft_p95_ms", "itl_p95_ms", "p95_ms")
 
 
@@ -51,6 +52,10 @@ def saved(tmp_path_factory) -> dict[str, Path]:
             "calibrate", "--sizes", "1,4", "--prompt-tokens", "16,64", "--output-tokens", "1,4", "-n", "1",
             "--warmup-batches", "0", "--out", str(out / "t.toml"), "--save",
         ],
+        "calibrate-requests": [
+            "calibrate", "--from-requests", str(SAVED_REQUESTS), "--max-num-seqs", "16", "--out", str(out / "r.toml"),
+            "--save",
+        ],
     }  # fmt: skip
     paths = {}
     for kind, args in runs.items():
@@ -69,6 +74,7 @@ FIGURE_TITLES = {
         "Over time",
     ],
     "calibrate-tokens": ["Batch time per cell, measured versus fitted"],
+    "calibrate-requests": ["Streamed cells, measured median versus fitted"],
     "capacity": ["P95 and load versus GPU count", "P95 and GPUs versus rps (sweep)"],
     "calibrate": ["Batch latency versus batch size"],
     "loadtest": ["Measured versus simulated percentiles", "Latency CDF per tier", "P95 over the run"],
@@ -84,6 +90,8 @@ def expected_numbers(kind: str, data: dict) -> list[str]:
         return [f"{data['gpus']} GPUs", ms(data["ttft_p95_ms"])] + [ms(t[q]) for t in tiers for q in TOKEN_KEYS]
     if kind == "calibrate-tokens":
         return [f"{data['decode_step_ms']:.4f} ms"] + [ms(p["median_ms"]) for p in data["points"]]
+    if kind == "calibrate-requests":
+        return [f"{data['decode_step_ms']:.4f} ms"] + [ms(c["median_ms"]) for c in data["stream_cells"]]
     if kind == "capacity":
         return [f"{data['gpus']} GPUs", ms(data["p95_ms"]), data["binding_constraint"]] + [
             f"{p['rps']:,.0f}" for p in data["sweep"]

@@ -204,7 +204,7 @@ async def test_openai_backend_through_vllm_openai_server_then_upstream_failure(v
 def test_calibrate_loads_vllm_itself_and_writes_a_profile(tiny_model, tmp_path):
     profile = tmp_path / "profile.toml"
     done = cli(
-        "calibrate", "--backend", "vllm", "--model", str(tiny_model), "--max-tokens", "4",
+        "calibrate", "--backend", "vllm", "--batching", "static", "--model", str(tiny_model), "--max-tokens", "4",
         "--sizes", "1,8", "--repetitions", "3", "--warmup-batches", "1", "--out", str(profile), "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -217,7 +217,7 @@ def test_calibrate_loads_vllm_itself_and_writes_a_profile(tiny_model, tmp_path):
 def test_calibrate_fits_the_token_costs_of_vllm_and_prints_the_fit_error(tiny_model, tmp_path):
     profile = tmp_path / "profile.toml"
     done = cli(
-        "calibrate", "--backend", "vllm", "--model", str(tiny_model), "--sizes", "1,8",
+        "calibrate", "--backend", "vllm", "--batching", "static", "--model", str(tiny_model), "--sizes", "1,8",
         "--prompt-tokens", "16,128", "--output-tokens", "1,16", "--repetitions", "3", "--warmup-batches", "1",
         "--out", str(profile),
     )  # fmt: skip
@@ -230,6 +230,23 @@ def test_calibrate_fits_the_token_costs_of_vllm_and_prints_the_fit_error(tiny_mo
     assert {"prefill_ms_per_token", "decode_ms_per_seq", "cycle_jitter"} <= set(service)
     evidence = tomllib.loads(profile.read_text())["profile"]
     assert len(evidence["median_ms"]) == 2 * 2 * 2 and evidence["output_tokens"].count(16) == 4
+
+
+def test_calibrate_streams_to_vllm_itself_and_reads_its_limits_from_the_engine(tiny_model, tmp_path):
+    """A continuous calibration by default: streamed cells, and the limits the engine resolved at start."""
+    profile, saved = tmp_path / "profile.toml", tmp_path / "calibration.json"
+    done = cli(
+        "calibrate", "--backend", "vllm", "--model", str(tiny_model), "--max-num-seqs", "4", "--sizes", "1,4",
+        "--prompt-tokens", "16,128", "--output-tokens", "24", "--repetitions", "2", "--out", str(profile),
+        "--save", str(saved),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    service, result = tomllib.loads(profile.read_text())["service"], json.loads(saved.read_text())
+    assert result["mode"] == "streamed" and service["batching"] == "continuous" and service["max_num_seqs"] == 4
+    assert result["limit_sources"]["kv_cache_tokens"] == "the vLLM engine's config"
+    assert result["limit_sources"]["max_batched_tokens"] == "the vLLM engine's config"
+    assert service["decode_step_ms"] > 0 and service["prefill_ms_per_token"] > 0
+    assert {c["kind"] for c in result["stream_cells"]} == {"lone", "decode", "mixed"}
 
 
 async def test_openai_sdk_on_the_vllm_backend_streamed_and_not(vllm_server):
