@@ -7,18 +7,25 @@ continuous model's terms without one special request:
 1. **Steps, from each request's decode.** Between its first token and its last, a
    request of ``o`` tokens sat through ``o - 1`` steps. Each step costs
    ``decode_step + per_seq x (sequences in it) + prefill_per_token x (tokens it
-   prefilled)``; summed over those steps, ``sum N`` is every token any request received
-   in that window (each sequence gets one per step: a request's tokens are taken as
-   evenly spaced between its first and its last) and ``sum P`` the prompts of the
-   requests whose first token came in it. So ``decode time = (o - 1) x decode_step +
-   per_seq x sum N + prefill_per_token x sum P``: one linear row per request, fitted by
-   non-negative least squares.
+   prefilled) + admit x (requests it admitted)``; summed over those steps, ``sum N`` is
+   every token any request received in that window (each sequence gets one per step: a
+   request's tokens are taken as evenly spaced between its first and its last), ``sum
+   P`` the prompts of the requests whose first token came in it and ``J`` their count.
+   So ``decode time = (o - 1) x decode_step + per_seq x sum N + prefill_per_token x sum P
+   + admit x J``: one linear row per request, fitted by non-negative least squares. The
+   admission host time is held at the base model's (``--profile``, e.g. a streamed
+   calibration's; 0 without one), not fitted: in traffic a request's admission comes
+   with its prompt's prefill and its share of the steps, so it trades off against them
+   along a valley of equally good fits (seen here: admission 6 to 16 ms with equal
+   residuals on 190 requests of a server whose truth was 10; held at the truth, the other
+   terms came within 3%).
 2. **Overheads, from the TTFTs, and every term checked by replay.** With those step
    terms, the simulator replays the same sends and lengths; what it leaves of each
    measured TTFT is the engine's overhead, fitted as ``request_overhead + tokenize x
-   prompt`` (a robust fit: one request held up by a busy client moves no term), and
-   what it leaves of each decode time corrects the step terms; three rounds, each
-   replayed with the terms of the last (:func:`fit_requests`).
+   prompt`` (a robust fit: one request held up by a busy client moves no term; with
+   prompts of one length the per-token part is the base model's), and
+   what it leaves of each decode time corrects the step terms; ten rounds, each
+   replayed with the terms of the last, the best kept (:func:`fit_requests`).
 
 As with streamed calibration, a per-token streaming cost is inside ``decode_step_ms``.
 The TTFT and the decode time measured at the client include the network and client
@@ -45,7 +52,10 @@ if TYPE_CHECKING:
 __all__ = ["SavedRequests", "fit_requests", "read_saved_requests", "run_from_requests"]
 
 MIN_REQUESTS = 20  # answered requests of two tokens or more needed for a fit
-OVERHEAD_ROUNDS = 3
+FIT_ROUNDS = 10  # replay rounds; each costs four replays of the saved run
+JACOBIAN_NUDGE = 0.05  # relative change of a step term to take its derivative by replay
+PROMPT_SPREAD = 0.1  # prompts' standard deviation over their mean below which tokenisation per token is held
+STEP_TERMS = ("decode_step_ms", "decode_ms_per_seq", "prefill_ms_per_token", "admit_ms_per_request")  # decode_rows
 _BLOCK = 512  # rows of the window-count table built at once (memory: _BLOCK x requests floats)
 
 
@@ -99,15 +109,15 @@ def _tokens_received_by(req: SavedRequests, at: np.ndarray) -> np.ndarray:
 
 
 def decode_rows(req: SavedRequests) -> tuple[np.ndarray, np.ndarray]:
-    """Step 1 of the module docstring: per request of two tokens or more, ``[o - 1, sum N, sum P]`` and its time."""
+    """Step 1 of the module docstring: per request of two tokens or more, ``[o - 1, sum N, sum P, J]``, its time."""
     rows = np.flatnonzero(req.output >= 2)
-    design = np.empty((rows.size, 3))
+    design = np.empty((rows.size, 4))
     for lo in range(0, rows.size, _BLOCK):
         i = rows[lo : lo + _BLOCK]
         tokens = _tokens_received_by(req, req.done[i]) - _tokens_received_by(req, req.first[i])
         joined = (req.first[None, :] > req.first[i, None]) & (req.first[None, :] <= req.done[i, None])
         design[lo : lo + i.size] = np.column_stack(
-            [req.output[i] - 1, tokens.sum(axis=1), (joined * req.prompt[None, :]).sum(axis=1)]
+            [req.output[i] - 1, tokens.sum(axis=1), (joined * req.prompt[None, :]).sum(axis=1), joined.sum(axis=1)]
         )
     return design, (req.done[rows] - req.first[rows]) * 1000.0
 
@@ -128,42 +138,73 @@ def fit_requests(req: SavedRequests, model: ServiceModel) -> ContinuousFit:
 
     Counting each request's tokens as evenly spaced (:func:`decode_rows`) lends a step
     with a prefill fewer tokens than it had, so the first fit gives the per-sequence term
-    some of the prefill's cost. The replay has no such shortcut: each round, the step
-    terms move by the least-squares change that closes the gap between the measured and
-    replayed decode times (the design matrix as the Jacobian), and the overheads by a
-    robust fit of what the replay leaves of each TTFT.
+    some of the prefill's cost. The replay has no such shortcut: each round fits the
+    overheads robustly to what the replay leaves of each TTFT, then moves the step terms
+    by a Gauss-Newton step on the replayed decode times, the Jacobian taken by replaying
+    each term nudged (the design matrix alone ignores how a slower step lengthens the
+    queue behind it). A replay is a discrete-event run, so its residual is rough at the
+    scale of one step: the round with the smallest residual is kept, not the last.
     """
     from scipy.optimize import least_squares  # loads on use
 
-    design, decode_ms = decode_rows(req)
+    rows, measured_decode_ms = decode_rows(req)
+    held = STEP_TERMS.index("admit_ms_per_request")  # at the base model's value (module docstring)
+    free = [k for k in range(len(STEP_TERMS)) if k != held]
+    steps = np.array([getattr(model, name) for name in STEP_TERMS], dtype=float)
+    steps[free] = nnls_relative(rows[:, free], measured_decode_ms - steps[held] * rows[:, held])
     decoding = req.output >= 2
-    steps = nnls_relative(design, decode_ms)
-    weights = 1.0 / np.maximum(decode_ms, 1e-9)
+    weights = 1.0 / np.maximum(measured_decode_ms, 1e-9)
     measured_ttft = (req.first - req.sent) * 1000.0
     overhead = np.column_stack([np.ones(len(req)), req.prompt])
-    alpha = np.zeros(2)
-    for _ in range(OVERHEAD_ROUNDS):
-        ttft, decode = _replay_ms(_with_terms(model, steps, alpha), req)
+    alpha = np.array([0.0, model.tokenize_ms_per_token])
+    # Prompts of (nearly) one length cannot tell the per-token part of the overhead from the fixed part: the
+    # base model's per-token cost is held then, and only the fixed part fitted.
+    per_token_free = float(np.std(req.prompt)) > PROMPT_SPREAD * float(np.mean(req.prompt))
+
+    def decode_residual(terms: np.ndarray) -> np.ndarray:
+        return (_replay_ms(_with_terms(model, terms, alpha), req)[1][decoding] - measured_decode_ms) * weights
+
+    best: tuple[float, np.ndarray, np.ndarray] | None = None
+    for _ in range(FIT_ROUNDS):
+        ttft, _ = _replay_ms(_with_terms(model, steps, alpha), req)
         target = measured_ttft - ttft + overhead @ alpha  # the overhead each request showed
-        start = np.maximum(alpha, [1e-3, 1e-6])  # strictly inside the bounds: the solver stalls on one
+        fitted = slice(None) if per_token_free else slice(0, 1)
+        start = np.maximum(alpha, [1e-3, 1e-6])[fitted]  # strictly inside the bounds: the solver stalls on one
+        if not per_token_free:
+            target = target - alpha[1] * req.prompt
         # A robust loss: a request delayed by a busy client or machine must not move every request's overhead.
-        alpha = least_squares(lambda x, t=target: overhead @ x - t, start, bounds=(0.0, np.inf), loss="soft_l1",
-                              f_scale=1.0).x  # fmt: skip
-        change, *_ = np.linalg.lstsq(design * weights[:, None], (decode_ms - decode[decoding]) * weights, rcond=None)
-        steps = np.maximum(steps + change, 0.0)
-    replay = _with_terms(model, steps, alpha)
-    ttft, decode = _replay_ms(replay, req)
+        alpha[fitted] = least_squares(lambda x, t=target, d=overhead[:, fitted]: d @ x - t, start,
+                                      bounds=(0.0, np.inf), loss="soft_l1", f_scale=1.0).x  # fmt: skip
+        residual = decode_residual(steps)
+        cost = float(residual @ residual)
+        if best is None or cost < best[0]:
+            best = (cost, steps.copy(), alpha.copy())
+        jacobian = np.empty((residual.size, len(free)))
+        for column, k in enumerate(free):
+            nudged = steps.copy()
+            nudged[k] += (h := max(abs(steps[k]) * JACOBIAN_NUDGE, 1e-4))
+            jacobian[:, column] = (decode_residual(nudged) - residual) / h
+        change, *_ = np.linalg.lstsq(jacobian, -residual, rcond=None)
+        steps[free] = np.maximum(steps[free] + change, 0.0)
+    assert best is not None
+    _, steps, alpha = best
+    ttft, decode = _replay_ms(_with_terms(model, steps, alpha), req)
     cells = [
         _cell("traffic_ttft", measured_ttft, ttft, req.prompt),
-        _cell("traffic_decode", decode_ms, decode[decoding], req.prompt[decoding]),
+        _cell("traffic_decode", measured_decode_ms, decode[decoding], req.prompt[decoding]),
     ]
-    a, b, c = (float(x) for x in steps)
-    return ContinuousFit(a, b, c, float(alpha[0]), float(alpha[1]), cells)
+    return _fit_of(model, steps, alpha, cells)
+
+
+def _fit_of(model: ServiceModel, steps: np.ndarray, alpha: np.ndarray, cells: list[StreamCell]) -> ContinuousFit:
+    """The fit from the step terms (in ``STEP_TERMS`` order) and the overheads; the base's step spread kept."""
+    a, b, c, admit = (float(x) for x in steps)
+    return ContinuousFit(a, b, c, float(alpha[0]), float(alpha[1]), cells, admit_ms_per_request=admit,
+                         step_jitter=model.cycle_jitter)  # fmt: skip
 
 
 def _with_terms(model: ServiceModel, steps: np.ndarray, alpha: np.ndarray) -> ServiceModel:
-    fit = ContinuousFit(*(float(x) for x in (*steps, *alpha)), cells=[])
-    return model.model_copy(update={"batching": Batching.CONTINUOUS, **fit.terms()})
+    return model.model_copy(update={"batching": Batching.CONTINUOUS, **_fit_of(model, steps, alpha, []).terms()})
 
 
 def _cell(kind: str, measured: np.ndarray, fitted: np.ndarray, size: np.ndarray) -> StreamCell:

@@ -175,23 +175,26 @@ def profile_toml(
     return header + tomli_w.dumps({"service": service_table(fit, jitter, split), "profile": measured})
 
 
-def continuous_table(terms: dict[str, float], limits: dict[str, int]) -> dict[str, object]:
+def continuous_table(terms: dict[str, float | tuple[float, ...]], limits: dict[str, int]) -> dict[str, object]:
     """The [service] table of a continuous engine's profile: complete, so it plans without hand edits.
 
     Continuous batching has no batch cycle (PCIe and kernel terms 0); the step and
     overhead terms come from the fit, the limits from the engine or its flags.
     """
-    rounded = {name: round(value, 7) for name, value in terms.items()}
+    rounded = {name: round(value, 7) if isinstance(value, float) else list(value) for name, value in terms.items()}
     return {"batching": "continuous", "pcie_in_ms": 0.0, "kernel_ms": 0.0, "pcie_out_ms": 0.0, "per_item_ms": 0.0,
             **rounded, **limits}  # fmt: skip
 
 
-def continuous_profile_toml(terms: dict[str, float], limits: dict[str, int], evidence: dict[str, object]) -> str:
+def continuous_profile_toml(
+    terms: dict[str, float | tuple[float, ...]], limits: dict[str, int], evidence: dict[str, object]
+) -> str:
     """A continuous engine's profile file: the [service] layer, then the evidence in [profile]."""
     header = (
         "# Calibrated profile of a continuous-batching engine, written by `infer-plan calibrate`.\n"
         "# Use it with: infer-plan simulate|capacity|loadtest --profile THIS_FILE\n"
-        "# step time = decode_step_ms + prefill_ms_per_token x prefilled tokens + decode_ms_per_seq x sequences;\n"
+        "# step time = decode_step_ms + prefill_ms_per_token x prefilled tokens + decode_ms_per_seq x sequences\n"
+        "#   + admit_ms_per_request x requests the step admits;\n"
         "# a request joins the engine request_overhead_ms + tokenize_ms_per_token x prompt tokens after it arrives.\n"
     )
     return header + tomli_w.dumps({"service": continuous_table(terms, limits), "profile": evidence})

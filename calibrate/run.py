@@ -28,7 +28,7 @@ from ..core.schema import CalibrationPoint, CalibrationResult
 from ..server.backends.base import Backend, BackendError
 from .measure import BatchTimings, TooFewSizesError, measure_batches, served_batch_timings
 from .profile import Cell, continuous_profile_toml, profile_toml
-from .streamed import ContinuousFit, StreamPlan, fit_continuous, measure_streams
+from .streamed import MIXED_OUTPUT, ContinuousFit, StreamPlan, fit_continuous, measure_streams
 
 __all__ = ["DEFAULT_SIZES", "LIMITS", "CalibrationSpec", "calibration_cells", "calibration_mode", "run_calibration"]
 
@@ -209,7 +209,8 @@ def continuous_result(
         decode_ms_per_seq=fit.decode_ms_per_seq, max_relative_error=fit.max_relative_error,
         mean_relative_error=fit.mean_relative_error, profile_path=str(spec.out), mode=mode,
         request_overhead_ms=fit.request_overhead_ms, tokenize_ms_per_token=fit.tokenize_ms_per_token,
-        stream_cells=fit.cells, limits=limits, limit_sources=sources,
+        admit_ms_per_request=fit.admit_ms_per_request, cycle_jitter=list(fit.step_jitter), stream_cells=fit.cells,
+        limits=limits, limit_sources=sources,
     )  # fmt: skip
 
 
@@ -245,7 +246,9 @@ def stream_plan(spec: CalibrationSpec, limits: dict[str, int], max_model_len: in
                              f"{decode}-token answers (at most {longest})", field="prompt_tokens")  # fmt: skip
         prompts = sorted({min(p, longest) for p in prompts})
     _at_least_two(prompts, "prompt lengths", "prompt_tokens", "the prefill cost from the per-request cost")
-    return StreamPlan(prompts, concurrencies, decode, spec.repetitions)
+    plan = StreamPlan(prompts, concurrencies, decode, spec.repetitions)
+    room = (max_model_len or 1 << 30) - plan.decoder_prompt - 1  # a mixed cell's decoders outlast its newcomer
+    return StreamPlan(prompts, concurrencies, decode, spec.repetitions, max(decode, min(MIXED_OUTPUT, room)))
 
 
 async def _stream_and_fit(

@@ -9,20 +9,28 @@ model is fitted to three kinds of streamed measurement, each through the backend
 - ``decode``: ``N`` requests started together with long answers; once all of them
   decode, each gap between tokens is one step of N sequences:
   ``decode_step + per_seq x N``.
-- ``mixed``: ``N`` requests decode while a newcomer with a ``P``-token prompt arrives;
-  the gap of the decoders across the newcomer's first token is the step that prefilled
-  it: ``decode_step + per_seq x (N + 1) + prefill_per_token x P``.
+- ``mixed``: ``N`` requests decode while a newcomer with a ``P``-token prompt and a
+  two-token answer arrives. The decoders' time from its send to one step past its end,
+  less their own steps in that window (timed by the decode cells, at the spread's mean),
+  is the newcomer's two steps plus the host time its arrival and its end took:
+  ``2 x decode_step + 2 x per_seq x (N + 1) + prefill_per_token x P + admit``. It is
+  read over the whole window because the host time need not fall in the newcomer's
+  steps: on a host shared with the front end (vLLM on a CPU, a starved GPU host) its
+  HTTP and tokenisation slow the steps *before* it is admitted, and closing its stream
+  the step after it ends.
 - ``lone``: one request at a time on the idle engine; its time to first token is the
-  overheads plus one prefill step: ``overhead + tokenize x P + step(P, 1)``.
+  overheads plus one prefill step: ``overhead + tokenize x P + step(P, 1) + admit``.
 
-The step and overhead terms are fitted to all cells at once (non-negative least
-squares, each cell weighed by its relative error): the gaps pin the step, and the lone
-TTFTs what the step does not explain, ``overhead + tokenize x P``. A per
-streamed-token cost (``output_token_ms``) cannot be told apart from the step's fixed
-cost by a client, so it stays inside ``decode_step_ms`` (what the client sees as a gap,
-and conservative for throughput). Cells are medians over repetitions, and a gap is
-read where the engine is in the state the cell names, so a stray slow step (or a token
-whose text was held back, merging two gaps) moves no fitted term.
+The decoders' prompts are the middle of the prompt lengths, so the per-sequence cost is
+read at a typical context rather than the shortest. The six terms are fitted to all
+cells at once (non-negative least squares, each cell weighed by its relative error): the
+decode gaps pin the step, the mixed cells the prefill and admission costs, and the lone
+TTFTs what the steps do not explain, ``overhead + tokenize x P``. A per streamed-token
+cost (``output_token_ms``) cannot be told apart from the step's fixed cost by a client,
+so it stays inside ``decode_step_ms`` (what the client sees as a gap, and conservative
+for throughput). Cells are medians over repetitions, and a gap is read where the engine
+is in the state the cell names, so a stray slow step (or a token whose text was held
+back, merging two gaps) moves no fitted term.
 """
 
 from __future__ import annotations
@@ -39,11 +47,17 @@ import numpy as np
 from ..core.schema import StreamCell
 from ..server.backends.base import Backend, BackendError, Generate, Generated
 from .measure import PROMPT_IDS
+from .profile import JITTER_POINTS
 
 __all__ = ["ContinuousFit", "StreamPlan", "StreamTimings", "fit_continuous", "measure_streams", "nnls_relative"]
 
 LONE_OUTPUT = 2  # a first token and one gap; a last token may come as the end marker, uncounted
 WARMUP_REQUESTS = 3
+SETTLE_TOKENS = 8  # a mixed cell's decoders' tokens before the newcomer: their own start's front-end work is over
+MIXED_OUTPUT = 64  # a mixed cell's decoders' answers: they settle, then outlast the newcomer
+SAME_STEP_S = 0.0005  # tokens of one step reach the client this close together
+MIN_SPREAD_GAPS = 100  # steady decode gaps needed before their spread is written into the profile
+STALL_SHARE = 0.005  # the longest gaps left out of the spread as stray stalls (the OS, a collection): 1 in 200
 
 
 @dataclass(frozen=True)
@@ -52,8 +66,14 @@ class StreamPlan:
 
     prompts: list[int]
     concurrencies: list[int]
-    output_tokens: int  # each decoding request's answer: long enough to outlast a newcomer's prefill
+    output_tokens: int  # each decoding request's answer in the decode cells
     repetitions: int
+    mixed_output_tokens: int = 0  # the decoders' answers in the mixed cells (0: output_tokens)
+
+    @property
+    def decoder_prompt(self) -> int:
+        """The decoders' prompt: the middle length, so the per-sequence cost is read at a typical context."""
+        return sorted(self.prompts)[len(self.prompts) // 2]
 
 
 @dataclass
@@ -83,10 +103,32 @@ class StreamTimings:
     """Every cell's samples (ms), keyed by (kind, sequences, prefill tokens)."""
 
     samples_ms: dict[tuple[str, int, int], list[float]] = field(default_factory=dict)
+    spread: list[float] = field(default_factory=list)  # every steady decode gap over its cell run's median
+    windows: dict[tuple[int, int], list[tuple[float, int]]] = field(default_factory=dict)  # mixed: (ms, steps)
 
     def add(self, kind: str, sequences: int, prefill: int, value_ms: float | None) -> None:
         if value_ms is not None and np.isfinite(value_ms):
             self.samples_ms.setdefault((kind, sequences, prefill), []).append(value_ms)
+
+    def add_window(self, sequences: int, prefill: int, window: tuple[float, int] | None) -> None:
+        if window is not None:
+            self.windows.setdefault((sequences, prefill), []).append(window)
+
+    def add_gaps(self, sequences: int, gaps_s: list[float]) -> None:
+        """One decode cell's steady gaps: their median is a sample, each gap over it a sample of the spread."""
+        if gaps_s:
+            median = float(np.median(gaps_s))
+            self.add("decode", sequences, 0, median * 1000.0)
+            if median > 0:
+                self.spread.extend(g / median for g in gaps_s)
+
+    def step_jitter(self) -> tuple[float, ...]:
+        """Quantiles of the spread (the profile's ``cycle_jitter``); none from too few gaps to tell a tail."""
+        if len(self.spread) < MIN_SPREAD_GAPS:
+            return ()
+        spread = np.asarray(self.spread)
+        spread = spread[spread <= np.quantile(spread, 1.0 - STALL_SHARE)]  # stray stalls: one sample sets no maximum
+        return tuple(round(float(x), 4) for x in np.quantile(spread, np.linspace(0.0, 1.0, JITTER_POINTS)))
 
 
 class _Prober:
@@ -117,7 +159,7 @@ async def measure_streams(
     cells = [("lone", p) for p in plan.prompts] + [("decode", n) for n in plan.concurrencies]
     cells += [("mixed", p) for p in plan.prompts]
     decoders = max(1, max(plan.concurrencies) - 1)  # the newcomer takes the last slot
-    shortest = min(plan.prompts)
+    context = plan.decoder_prompt
     for _ in range(plan.repetitions):
         prober.rng.shuffle(cells)
         for kind, x in cells:
@@ -125,42 +167,55 @@ async def measure_streams(
                 sent, sink = await prober.stream(x, LONE_OUTPUT)
                 timings.add("lone", 1, x, (sink.times[0] - sent) * 1000.0)
             elif kind == "decode":
-                streams = await asyncio.gather(*(prober.stream(shortest, plan.output_tokens) for _ in range(x)))
-                timings.add("decode", x, 0, _steady_gap_ms([s.times for _, s in streams]))
+                streams = await asyncio.gather(*(prober.stream(context, plan.output_tokens) for _ in range(x)))
+                timings.add_gaps(x, _steady_gaps([s.times for _, s in streams]))
             else:
-                timings.add("mixed", decoders + 1, x, await _mixed_gap_ms(prober, decoders, x, shortest, plan))
+                timings.add_window(decoders + 1, x, await _newcomer_window(prober, decoders, x, plan))
             if on_probe:
                 on_probe()
     return timings
 
 
-def _steady_gap_ms(streams: list[list[float]]) -> float | None:
-    """The median gap while every stream decodes: after the last first token, before the first stream ends."""
+def _steady_gaps(streams: list[list[float]]) -> list[float]:
+    """Every gap (s) while all streams decode: after the last first token, before the first stream ends."""
     start, end = max(t[0] for t in streams), min(t[-1] for t in streams)
-    gaps = [b - a for t in streams for a, b in itertools.pairwise(t) if a >= start and b <= end]
-    return float(np.median(gaps)) * 1000.0 if gaps else None
+    return [b - a for t in streams for a, b in itertools.pairwise(t) if a >= start and b <= end]
 
 
-async def _mixed_gap_ms(prober: _Prober, decoders: int, prompt: int, shortest: int, plan: StreamPlan) -> float | None:
-    """The decoders' gap across the step that prefilled a newcomer: the gap ending nearest its first token."""
+async def _newcomer_window(prober: _Prober, decoders: int, prompt: int, plan: StreamPlan) -> tuple[float, int] | None:
+    """The decoders' time (ms) from a newcomer's send to one step past its end, and the steps in it (docstring).
+
+    The window runs from a decoder's last token before the send to its first token of the
+    step after the newcomer's last; each gap inside it is one step. Less the decoders' own
+    steps (all but the newcomer's ``LONE_OUTPUT``), it is the newcomer's steps with
+    whatever host time its arrival and its end took, wherever that fell: the fit takes the
+    decoders' steps from the decode cells, which time many more of them.
+    """
     sinks = [_Stamps() for _ in range(decoders)]
-    background = [asyncio.ensure_future(prober.stream(shortest, plan.output_tokens, s)) for s in sinks]
-    decoding = asyncio.ensure_future(asyncio.gather(*(s.reached(3) for s in sinks)))  # none prefilling any more
+    answer = plan.mixed_output_tokens or plan.output_tokens
+    background = [asyncio.ensure_future(prober.stream(plan.decoder_prompt, answer, s)) for s in sinks]
+    settled = asyncio.ensure_future(asyncio.gather(*(s.reached(SETTLE_TOKENS) for s in sinks)))
     try:
-        await asyncio.wait([decoding, *background], return_when=asyncio.FIRST_COMPLETED)
-        if not decoding.done():  # a decoder ended first (an engine that stops early): no mixed step to see
+        await asyncio.wait([settled, *background], return_when=asyncio.FIRST_COMPLETED)
+        if not settled.done():  # a decoder ended first (an engine that stops early): no mixed step to see
             return None
-        _, newcomer = await prober.stream(prompt, LONE_OUTPUT)  # its first token is then never the last
+        sent, newcomer = await prober.stream(prompt, LONE_OUTPUT)  # its first token is then never the last
     finally:
-        decoding.cancel()
+        settled.cancel()
         await asyncio.gather(*background)
-    first = newcomer.times[0]
-    gaps = []
+    if len(newcomer.times) < LONE_OUTPUT:
+        return None  # its tokens came merged: the steps it was in cannot be told
+    windows = []
     for s in sinks:
-        k = int(np.argmin([abs(t - first) for t in s.times]))
-        if 0 < k < len(s.times) - 1 or (k == len(s.times) - 1 and s.times[k] >= first):
-            gaps.append(s.times[k] - s.times[k - 1])
-    return float(np.median(gaps)) * 1000.0 if gaps else None
+        times = np.asarray(s.times)
+        before = int(np.searchsorted(times, sent)) - 1  # the decoder's last token before the send
+        after = int(np.searchsorted(times, newcomer.times[-1] + SAME_STEP_S))  # a step past the newcomer's last
+        if before >= 0 and after < times.size:
+            windows.append(((times[after] - times[before]) * 1000.0, after - before))
+    if not windows:
+        return None
+    windows.sort()
+    return windows[len(windows) // 2]  # the median decoder's (they share their steps)
 
 
 @dataclass(frozen=True)
@@ -173,6 +228,8 @@ class ContinuousFit:
     request_overhead_ms: float
     tokenize_ms_per_token: float
     cells: list[StreamCell]
+    admit_ms_per_request: float = 0.0
+    step_jitter: tuple[float, ...] = ()  # the steps' measured spread: the profile's cycle_jitter
 
     @property
     def max_relative_error(self) -> float:
@@ -182,16 +239,18 @@ class ContinuousFit:
     def mean_relative_error(self) -> float:
         return float(np.mean([_rel(c) for c in self.cells])) if self.cells else 0.0
 
-    def terms(self) -> dict[str, float]:
+    def terms(self) -> dict[str, float | tuple[float, ...]]:
         """The service-model fields the fit sets (a streamed-token cost stays inside the step: module docstring)."""
         return {
             "decode_step_ms": self.decode_step_ms, "decode_ms_per_seq": self.decode_ms_per_seq,
             "prefill_ms_per_token": self.prefill_ms_per_token, "request_overhead_ms": self.request_overhead_ms,
             "tokenize_ms_per_token": self.tokenize_ms_per_token, "output_token_ms": 0.0,
+            "admit_ms_per_request": self.admit_ms_per_request, "cycle_jitter": self.step_jitter,
         }  # fmt: skip
 
-    def step_ms(self, prefill: float, sequences: float) -> float:
-        return self.decode_step_ms + self.decode_ms_per_seq * sequences + self.prefill_ms_per_token * prefill
+    def step_ms(self, prefill: float, sequences: float, joining: float = 0) -> float:
+        return (self.decode_step_ms + self.decode_ms_per_seq * sequences + self.prefill_ms_per_token * prefill
+                + self.admit_ms_per_request * joining)  # fmt: skip
 
 
 def _rel(cell: StreamCell) -> float:
@@ -207,15 +266,38 @@ def nnls_relative(design: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coefficients
 
 
-def fit_continuous(timings: StreamTimings) -> ContinuousFit:
-    """All five terms at once, to every cell's median (module docstring).
+def _newcomer_costs(timings: StreamTimings) -> dict[tuple[str, int, int], list[float]]:
+    """Each mixed window less the decoders' own steps, timed by the decode cells (their median line, at mean spread).
 
-    A gap is one step: ``[1, N, P, 0, 0]``; a lone TTFT is one step of one sequence plus
-    the overheads: ``[1, 1, P, 1, P]``. One joint non-negative fit, each cell weighed by
-    its relative error, spreads the misfit over the cells instead of pushing all of the
-    step's error into the overheads.
+    Steps add up, so the decoders' steps count at their mean: the median step times the
+    spread's mean over its median.
     """
-    medians = {key: float(np.median(v)) for key, v in timings.samples_ms.items() if v}
+    decode = sorted(
+        (n, float(np.median(v))) for (kind, n, _), v in timings.samples_ms.items() if kind == "decode" and v
+    )
+    if len(decode) < 2 or not timings.windows:
+        return {}
+    slope, intercept = np.polyfit([n for n, _ in decode], [m for _, m in decode], 1)
+    spread = np.asarray(timings.spread) if timings.spread else np.ones(1)
+    mean_step = float(np.mean(spread) / np.median(spread))
+    costs = {}
+    for (sequences, prefill), windows in timings.windows.items():
+        own = (intercept + slope * (sequences - 1)) * mean_step  # a step of the decoders alone
+        costs[("mixed", sequences, prefill)] = [ms - (steps - LONE_OUTPUT) * own for ms, steps in windows]
+    return costs
+
+
+def fit_continuous(timings: StreamTimings) -> ContinuousFit:
+    """All six terms at once, to every cell's median (module docstring).
+
+    A decode gap is one step: ``[1, N, 0, 0, 0, 0]``; a newcomer's cost is its steps, the
+    first admitting it: ``[2, 2N, P, 0, 0, 1]`` (``N`` counting it); a lone TTFT is one
+    admitting step of one sequence plus the overheads: ``[1, 1, P, 1, P, 1]``. One joint
+    non-negative fit, each cell weighed by its relative error, spreads the misfit over the
+    cells instead of pushing all of the step's error into the overheads.
+    """
+    samples = {**timings.samples_ms, **_newcomer_costs(timings)}
+    medians = {key: float(np.median(v)) for key, v in samples.items() if v}
     kinds = {key[0] for key in medians}
     concurrencies = {n for kind, n, _ in medians if kind == "decode"}
     lone_prompts = {p for kind, _, p in medians if kind == "lone"}
@@ -227,19 +309,21 @@ def fit_continuous(timings: StreamTimings) -> ContinuousFit:
         )
     keys = list(medians)
     lone = np.array([kind == "lone" for kind, _, _ in keys], dtype=float)
+    joins = np.array([kind != "decode" for kind, _, _ in keys], dtype=float)
     n = np.array([key[1] for key in keys], dtype=float)
     p = np.array([key[2] for key in keys], dtype=float)
     y = np.array([medians[key] for key in keys])
-    design = np.column_stack([np.ones_like(n), n, p, lone, lone * p])
+    steps = np.where(np.array([kind == "mixed" for kind, _, _ in keys]), float(LONE_OUTPUT), 1.0)
+    design = np.column_stack([steps, steps * n, p, lone, lone * p, joins])
     terms = nnls_relative(design, y)
-    a, b, c, alpha0, alpha1 = (float(x) for x in terms)
+    a, b, c, alpha0, alpha1, admit = (float(x) for x in terms)
     cells = [
-        StreamCell(kind=kind, sequences=seqs, prefill_tokens=prefill, samples=len(timings.samples_ms[key]),
-                   median_ms=medians[key], p95_ms=float(np.percentile(timings.samples_ms[key], 95)),
+        StreamCell(kind=kind, sequences=seqs, prefill_tokens=prefill, samples=len(samples[key]),
+                   median_ms=medians[key], p95_ms=float(np.percentile(samples[key], 95)),
                    fitted_ms=float(fitted))
         for key, fitted in zip(keys, design @ terms, strict=True)
         for kind, seqs, prefill in [key]
     ]  # fmt: skip
     order = {"lone": 0, "decode": 1, "mixed": 2}
     cells.sort(key=lambda cell: (order[cell.kind], cell.sequences, cell.prefill_tokens))
-    return ContinuousFit(a, b, c, alpha0, alpha1, cells)
+    return ContinuousFit(a, b, c, alpha0, alpha1, cells, admit_ms_per_request=admit, step_jitter=timings.step_jitter())

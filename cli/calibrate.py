@@ -15,6 +15,7 @@ from .options import (
     JsonFlagOpt,
     MaxModelLenOpt,
     MaxTokensOpt,
+    ProfileOpt,
     QuietOpt,
     SaveOpt,
     ScenarioOpt,
@@ -102,6 +103,7 @@ def calibrate(
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     scenario: ScenarioOpt = None,
+    profile: ProfileOpt = None,
     json_out: JsonFlagOpt = False,
     save: SaveOpt = None,
     quiet: QuietOpt = False,
@@ -109,7 +111,7 @@ def calibrate(
     """Measure an engine (static batches, or a continuous engine's streamed requests) and write a profile."""
     from ..calibrate.run import CalibrationSpec, calibration_cells, calibration_mode, run_calibration
 
-    service = build_scenario(scenario=scenario).model
+    service = build_scenario(scenario=scenario, profile=profile).model
     torch = TorchFlags(torch_model, device, dtype)
     options = engine_options(backend, model, upstream, max_tokens, temperature, max_model_len, torch, api_key=api_key)
     if from_traffic and backend != "remote":

@@ -18,7 +18,12 @@ A continuous engine also spends time on each request outside its steps (SPEC sec
 12, BLIS's "alpha" terms): HTTP, tokenisation and scheduling before the request can
 join a step (``request_overhead_ms + tokenize_ms_per_token x prompt``), and the
 detokenisation and write of each streamed token (``output_token_ms``). They add to
-every TTFT, ITL and E2E but cost the GPU nothing, so throughput is unchanged. A static
+every TTFT, ITL and E2E but cost the GPU nothing, so throughput is unchanged. One
+per-request cost does hold the engine up: ``admit_ms_per_request``, the host time the
+engine's loop spends on each request it takes in (vLLM's engine core adds a request
+between steps; where the front end shares the engine's host, its HTTP and tokenisation
+contend there too). It lengthens the step that admits the request, so it costs
+throughput like any step term. A static
 batch's calibrated fixed cost already holds its requests' front-end work (calibration
 times whole batches end to end), so the static engine leaves these terms out.
 
@@ -128,8 +133,8 @@ class ServiceModel(_Frozen):
     per_item_ms: float = Field(default=0.0, ge=0)
     cycle_jitter: tuple[float, ...] = Field(
         default=(),
-        description="batch-time multipliers at evenly spaced quantiles 0..1, measured by calibrate; "
-        "empty: every batch takes exactly its cycle",
+        description="multipliers at evenly spaced quantiles 0..1 of the GPU's unit of work, measured by calibrate: "
+        "a batch cycle (static), a step (continuous); empty: each takes exactly its formula's time",
     )
     gpus: int | None = Field(default=None, ge=1, le=100_000, description="fleet size; None: the planner's answer")
     shared_queue_ms: float = Field(
@@ -170,6 +175,12 @@ class ServiceModel(_Frozen):
     )
     tokenize_ms_per_token: float = Field(
         default=0.0, ge=0, description="continuous: admission delay per prompt token (tokenisation); BLIS alpha1"
+    )
+    admit_ms_per_request: float = Field(
+        default=0.0,
+        ge=0,
+        description="continuous: host time the engine's loop spends on each request it admits (scheduling; "
+        "front-end contention on a shared host), added to the step that admits it",
     )
     output_token_ms: float = Field(
         default=0.0,
@@ -214,9 +225,18 @@ class ServiceModel(_Frozen):
         """Requests one GPU holds at once: a full batch, or the running sequences of continuous batching."""
         return self.max_num_seqs if self.batching is Batching.CONTINUOUS else self.max_batch
 
-    def step_ms(self, prefill_tokens: int | float, sequences: int | float) -> float:
-        """The step formula: one step over ``sequences`` sequences that prefills ``prefill_tokens`` prompt tokens."""
-        return self.decode_step_ms + self.prefill_ms_per_token * prefill_tokens + self.decode_ms_per_seq * sequences
+    def step_ms(self, prefill_tokens: int | float, sequences: int | float, joining: int | float = 0) -> float:
+        """The step formula: one step over ``sequences`` sequences that prefills ``prefill_tokens`` prompt tokens.
+
+        ``joining`` counts the requests the step admits (their first prefill chunk is in it):
+        each adds ``admit_ms_per_request`` of host time (continuous batching only).
+        """
+        return (
+            self.decode_step_ms
+            + self.prefill_ms_per_token * prefill_tokens
+            + self.decode_ms_per_seq * sequences
+            + self.admit_ms_per_request * joining
+        )
 
     @property
     def engine_overheads(self) -> bool:
@@ -296,10 +316,14 @@ class ServiceModel(_Frozen):
         return seqs
 
     def gpu_ms_per_request(self, shape: TokenShape) -> float:
-        """Continuous batching: GPU time one request costs, its prefill plus its share of every decode step."""
+        """Continuous batching: GPU time one request costs, its prefill plus its share of every decode step.
+
+        Steps vary by the measured spread (``cycle_jitter``), so their mean length counts.
+        """
         seqs = self.concurrent_sequences(shape)
         decode = shape.output_tokens * (self.decode_step_ms / seqs + self.decode_ms_per_seq)
-        return self.prefill_ms_per_token * shape.prompt_tokens + decode
+        prefill = self.prefill_ms_per_token * shape.prompt_tokens + self.admit_ms_per_request
+        return (prefill + decode) * self.jitter_mean
 
     def per_gpu_rps(self, shape: TokenShape | None = None) -> float:
         """Throughput of one GPU at full occupancy (inf when a request costs no GPU time).

@@ -371,8 +371,9 @@ class StreamCell(_Model):
 
     ``lone``: a request alone on the idle engine, its time to first token (overheads and
     one prefill step); ``decode``: the gap between tokens with ``sequences`` decoding
-    together; ``mixed``: the gap of decoding sequences across a step that also prefills
-    ``prefill_tokens`` of a newcomer's prompt. From a load test's requests (``traffic_``):
+    together; ``mixed``: what a newcomer of ``prefill_tokens`` prompt tokens and a
+    two-token answer costs ``sequences - 1`` decoding sequences, send to end
+    (``calibrate/streamed.py``). From a load test's requests (``traffic_``):
     the median TTFT and decode time over its requests, measured and replayed with the fit.
     """
 
@@ -412,6 +413,7 @@ class CalibrationResult(_Model):
     )
     request_overhead_ms: float = 0.0
     tokenize_ms_per_token: float = 0.0
+    admit_ms_per_request: float = 0.0
     stream_cells: list[StreamCell] = Field(default_factory=list)
     limits: dict[str, int] = Field(
         default_factory=dict,

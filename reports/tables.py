@@ -362,9 +362,22 @@ def _server_metrics_line(r: LoadTestResult) -> str:
 
 
 _CELL_NAMES = {
-    "lone": "lone TTFT", "decode": "decode gap", "mixed": "gap across a prefill",
+    "lone": "lone TTFT", "decode": "decode gap", "mixed": "a newcomer's cost",
     "traffic_ttft": "TTFT, median request", "traffic_decode": "decode time, median request",
 }  # fmt: skip
+
+
+def _spread(quantiles: list[float]) -> str:
+    """The steps' measured spread as a user reads it: the median, P95 and longest step against the fitted one."""
+    if not quantiles:
+        return "none measured: every step lasts the formula's time"
+    def at(q: float) -> float:  # linear between the evenly spaced quantiles
+        x = q * (len(quantiles) - 1)
+        lo = min(int(x), len(quantiles) - 2)
+        return quantiles[lo] + (x - lo) * (quantiles[lo + 1] - quantiles[lo])
+
+    p50, p95 = at(0.5), at(0.95)
+    return f"a step is x{p50:.2f} the formula at the median, x{p95:.2f} at P95, x{quantiles[-1]:.2f} at most"
 
 
 def _continuous_calibration(r: CalibrationResult) -> Summary:
@@ -379,12 +392,14 @@ def _continuous_calibration(r: CalibrationResult) -> Summary:
         title="infer-plan calibrate",
         headline=(
             f"fitted: step = {r.decode_step_ms:.4f} ms + {r.prefill_ms_per_token:.6f} ms x prefilled tokens + "
-            f"{r.decode_ms_per_seq:.5f} ms x sequences; a request joins {r.request_overhead_ms:.3f} ms + "
-            f"{r.tokenize_ms_per_token:.6f} ms x prompt tokens after it arrives ({r.backend})"
+            f"{r.decode_ms_per_seq:.5f} ms x sequences + {r.admit_ms_per_request:.3f} ms x requests it admits; "
+            f"a request joins {r.request_overhead_ms:.3f} ms + {r.tokenize_ms_per_token:.6f} ms x prompt tokens "
+            f"after it arrives ({r.backend})"
         ),
         facts=[
             ("method", "streamed requests" if r.mode == "streamed" else "a load test's saved requests"),
             ("fit error", f"max {r.max_relative_error:.1%}, mean {r.mean_relative_error:.1%} over the cells"),
+            ("step spread", _spread(r.cycle_jitter)),
             ("engine limits", limits or "-"),
             ("profile written", f"{r.profile_path}: use it with --profile" if r.profile_path else "-"),
         ],

@@ -116,7 +116,7 @@ def simulate_chunks(
         ready, order = admission_order(model, arrivals.times, arrivals.prompt_tokens)
         engine = StepEngine(
             env, model, ready, arrivals.tiers[order], arrivals.prompt_tokens[order], arrivals.output_tokens[order],
-            gpus, rng, horizon_s=horizon_s, sample_every_s=every, load_factor=load_factor,
+            gpus, rng, horizon_s=horizon_s, sample_every_s=every, load_factor=load_factor, jitter_seed=seed,
         )  # fmt: skip
     else:
         engine = BatchEngine(

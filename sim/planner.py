@@ -146,15 +146,18 @@ def _continuous_arithmetic(model: ServiceModel, shape: TokenShape, per_gpu: floa
         else ""
     )
     step = model.step_ms(0, seqs)
-    prefill = model.prefill_ms_per_token * p
+    prefill = model.prefill_ms_per_token * p + model.admit_ms_per_request
     decode = o * (model.decode_step_ms / seqs + model.decode_ms_per_seq)
+    admit = f" + admission {model.admit_ms_per_request:g}" if model.admit_ms_per_request else ""
+    spread = f"(mean step spread {model.jitter_mean:.3f} x " if model.cycle_jitter else "("
     lines = [
         f"sequences per GPU S = min(max_num_seqs {model.max_num_seqs}{kv}) = {seqs:,.0f}",
         f"decode step of S = {model.decode_step_ms:g} + {model.decode_ms_per_seq:g} x {seqs:,.0f} = {step:,.3f} ms: "
         f"{seqs / step * 1000 if step else math.inf:,.0f} tokens/s per GPU while only decoding",
-        f"GPU time per request = prefill {p:g} x {model.prefill_ms_per_token:g} = {prefill:,.3f} ms + {o:g} tokens x "
+        f"GPU time per request = prefill {p:g} x {model.prefill_ms_per_token:g}{admit} = {prefill:,.3f} ms + "
+        f"{o:g} tokens x "
         f"({model.decode_step_ms:g} / {seqs:,.0f} + {model.decode_ms_per_seq:g}) = {decode:,.3f} ms",
-        f"per-GPU throughput = 1000 / {prefill + decode:,.3f} ms = {_rate(per_gpu)} req/s "
+        f"per-GPU throughput = 1000 / {spread}{prefill + decode:,.3f} ms) = {_rate(per_gpu)} req/s "
         f"({per_gpu * o:,.0f} output tokens/s)",
     ]
     if model.engine_overheads:  # latency the engine adds outside its steps: in every TTFT, no GPU time

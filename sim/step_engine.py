@@ -4,10 +4,11 @@ Each GPU runs *steps*. A step holds the GPU's running sequences: each either pre
 (part of) its prompt or decodes, and each emits one token at the step's end (a prompt's
 last prefill chunk emits its first token). A step lasts ``decode_step_ms +
 prefill_ms_per_token * (prompt tokens prefilled) + decode_ms_per_seq * (sequences in
-it)``. Between steps the GPU admits waiting requests by tier, FIFO within a tier, while
-it runs fewer than ``max_num_seqs`` and the running sequences' prompt and output tokens
-fit ``kv_cache_tokens`` (reserved whole at admission, so a sequence is never evicted;
-the first request that does not fit blocks the ones behind it); a step prefills at most
+it) + admit_ms_per_request * (requests admitted for it)``. Between steps the GPU
+admits waiting requests by tier, FIFO within a tier, while it runs fewer than
+``max_num_seqs`` and the running sequences' prompt and output tokens fit
+``kv_cache_tokens`` (reserved whole at admission, so a sequence is never evicted; the
+first request that does not fit blocks the ones behind it); a step prefills at most
 ``max_batched_tokens`` prompt tokens, so a longer prompt is prefilled in chunks. A
 finished sequence leaves at once; a request arriving during a step waits for its end.
 
@@ -34,6 +35,7 @@ import numpy as np
 import simpy
 
 from ..core.dispatch import EPS
+from ..core.jitter import StepJitter
 from ..core.model import ServiceModel
 from .fleet import Fleet, GpuState
 from .tokens import TokenGaps
@@ -58,6 +60,7 @@ class _Gpu:
     n_decoding: int = 0
     step_s: float = 0.0
     steps: int = 0
+    jittered: np.ndarray | None = None  # with a measured spread: each step's own length (s) in the current run
     chunks: list[int] = field(default_factory=list)  # prompt tokens each prefilling sequence gets this step
 
 
@@ -78,6 +81,7 @@ class StepEngine:
         horizon_s: float,
         sample_every_s: float,
         load_factor: Callable[[float, float], float],
+        jitter_seed: int = 0,
     ) -> None:
         self.env = env
         self.model = model
@@ -95,12 +99,15 @@ class StepEngine:
         self.kv_budget = model.kv_cache_tokens if model.kv_cache_tokens is not None else math.inf
         self.token_budget = model.max_batched_tokens
         # The step formula's coefficients, read once: model.step_ms's own expression, inlined on the hot path.
-        self.decode_step_ms, self.prefill_ms, self.per_seq_ms = (
+        self.decode_step_ms, self.prefill_ms, self.per_seq_ms, self.admit_ms = (
             model.decode_step_ms,
             model.prefill_ms_per_token,
             model.decode_ms_per_seq,
+            model.admit_ms_per_request,
         )
         self.gpus = [_Gpu() for _ in range(gpus)]
+        self.jitter_seed = jitter_seed
+        self.jitter = [StepJitter(model, jitter_seed, g) for g in range(gpus)] if model.cycle_jitter else None
         self.heap: list[tuple[float, int, int]] = []  # (step end, gpu, generation)
         self.now = 0.0  # the engine's own clock: ahead of SimPy's between fleet events
         self.idle: list[int] = []  # accepting GPUs with nothing to run, sorted: they pick up in index order
@@ -218,7 +225,7 @@ class StepEngine:
             return
         prefilling = gpu.prefilling
         if prefilling:
-            sequences, prefill, budget = gpu.n_decoding, 0, self.token_budget
+            sequences, prefill, joining, budget, prompt = gpu.n_decoding, 0, 0, self.token_budget, self.prompt
             chunks = []
             for entry in prefilling:
                 chunk = entry[1] if entry[1] < budget else budget
@@ -226,18 +233,40 @@ class StepEngine:
                 budget -= chunk
                 prefill += chunk
                 sequences += chunk > 0
+                joining += chunk > 0 and entry[1] == prompt[entry[0]]  # its first chunk: admitted for this step
             gpu.chunks = chunks
-            step_s = (self.decode_step_ms + self.prefill_ms * prefill + self.per_seq_ms * sequences) / 1000.0
+            step_s = (
+                self.decode_step_ms + self.prefill_ms * prefill + self.per_seq_ms * sequences + self.admit_ms * joining
+            ) / 1000.0
             steps = 1
+            if self.jitter is not None:
+                step_s *= float(self.jitter[g].take(1)[0])
         else:  # pure decode: skip ahead to the next finish, or to the next arrival it could admit
             step_s = (self.decode_step_ms + self.per_seq_ms * gpu.n_decoding) / 1000.0
             steps = gpu.finishing[0][0] - gpu.steps_done
-            if steps > 1 and gpu.accepting and gpu.running < self.max_seqs and step_s > 0:
-                arrival = waiting.next_time
-                if arrival < math.inf:
-                    steps = min(steps, max(1, math.ceil((arrival - now) / step_s - EPS)))
-        gpu.busy, gpu.step_s, gpu.steps = True, step_s, steps
-        end = now + step_s * steps
+            cut = steps > 1 and gpu.accepting and gpu.running < self.max_seqs and step_s > 0
+            arrival = waiting.next_time if cut else math.inf
+            if self.jitter is not None:
+                self._plan_jittered(g, gpu, now, step_s, steps, arrival)
+                return
+            if arrival < math.inf:
+                steps = min(steps, max(1, math.ceil((arrival - now) / step_s - EPS)))
+        gpu.busy, gpu.step_s, gpu.steps, gpu.jittered = True, step_s, steps, None
+        self._start_run(g, gpu, now, now + step_s * steps)
+
+    def _plan_jittered(self, g: int, gpu: _Gpu, now: float, step_s: float, steps: int, arrival: float) -> None:
+        """A run of decode steps, each its own length: up to the next finish, or the step an arrival ends in."""
+        assert self.jitter is not None
+        lengths = step_s * self.jitter[g].peek(steps)  # a new array: the multipliers' view is not kept
+        if arrival < math.inf:  # the first step that ends at or after the arrival (as the plain run's cut)
+            ends = np.cumsum(lengths)
+            steps = max(1, min(steps, int(np.searchsorted(ends, arrival - now - EPS * step_s)) + 1))
+            lengths = lengths[:steps]
+        self.jitter[g].take(steps)
+        gpu.busy, gpu.step_s, gpu.steps, gpu.jittered = True, step_s, steps, lengths
+        self._start_run(g, gpu, now, now + float(lengths.sum()))
+
+    def _start_run(self, g: int, gpu: _Gpu, now: float, end: float) -> None:
         self.runs.extend((now, end, gpu.running))
         heapq.heappush(self.heap, (end, g, gpu.generation))
 
@@ -265,7 +294,11 @@ class StepEngine:
         gpu.busy = False
         decoding = gpu.decoding
         if gpu.n_decoding:  # every decoding sequence emitted `steps` tokens, one step apart
-            self.gaps.extend((gpu.step_s, decoding[0] * steps, decoding[1] * steps, decoding[2] * steps, now))
+            if gpu.jittered is None:
+                self.gaps.extend((gpu.step_s, decoding[0] * steps, decoding[1] * steps, decoding[2] * steps, now))
+            else:
+                for length in gpu.jittered.tolist():
+                    self.gaps.extend((length, decoding[0], decoding[1], decoding[2], now))
         done, reserve, tiers, finishing = self._done, self.reserve, self.tiers, gpu.finishing
         if gpu.prefilling:
             still = []
@@ -307,6 +340,8 @@ class StepEngine:
 
     def gpu_added(self) -> None:
         self.gpus.append(_Gpu(accepting=False))
+        if self.jitter is not None:
+            self.jitter.append(StepJitter(self.model, self.jitter_seed, len(self.jitter)))
 
     def gpu_changed(self, g: int, state: GpuState) -> None:
         gpu = self.gpus[g]

@@ -8,7 +8,8 @@ sequence), and lets finished ones go. It shares nothing with the fast engine but
 service model and the zones, and tests hold the fast engine to it request by request.
 It covers the fleet without failures or autoscaling. Engine overheads (SPEC section 12)
 are a wait of each request's own before it reaches the zones, and a client-side lag of
-``output_token_ms`` per token it has received.
+``output_token_ms`` per token it has received. A measured step spread (``cycle_jitter``)
+multiplies each step by the next draw of that GPU's own stream.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import simpy
 
 from ..core.admission import zone_admits
+from ..core.jitter import StepJitter
 from ..core.model import ServiceModel
 from ..core.tiers import Tier
 
@@ -45,7 +47,14 @@ class _Seq:
 
 
 def simulate_steps_reference(
-    model: ServiceModel, times: np.ndarray, tiers: np.ndarray, prompt: np.ndarray, output: np.ndarray, gpus: int
+    model: ServiceModel,
+    times: np.ndarray,
+    tiers: np.ndarray,
+    prompt: np.ndarray,
+    output: np.ndarray,
+    gpus: int,
+    *,
+    jitter_seed: int = 0,
 ) -> ReferenceTokens:
     env = simpy.Environment()
     n = times.size
@@ -77,7 +86,8 @@ def simulate_steps_reference(
                 yield env.timeout(times[i] - env.now)
             env.process(request(i))
 
-    def gpu():
+    def gpu(g: int):
+        jitter = StepJitter(model, jitter_seed, g) if model.cycle_jitter else None  # this GPU's step spread
         running: list[_Seq] = []
         kv = 0
         while True:
@@ -106,7 +116,9 @@ def simulate_steps_reference(
                         continue
                 in_step.append(seq)
             prefill = sum(seq.chunk for seq in in_step)
-            yield env.timeout(model.step_ms(prefill, len(in_step)) / 1000.0)
+            joining = sum(1 for seq in in_step if seq.chunk and seq.prefill_left == prompt[seq.i])
+            spread = float(jitter.take(1)[0]) if jitter is not None else 1.0
+            yield env.timeout(model.step_ms(prefill, len(in_step), joining) * spread / 1000.0)
             for seq in in_step:
                 if seq.chunk:
                     seq.prefill_left -= seq.chunk
@@ -127,7 +139,7 @@ def simulate_steps_reference(
                 kv -= int(prompt[seq.i] + output[seq.i])
 
     env.process(source())
-    for _ in range(gpus):
-        env.process(gpu())
+    for g in range(gpus):
+        env.process(gpu(g))
     env.run()
     return ReferenceTokens(admitted, first_token, finished, gaps)

@@ -168,7 +168,9 @@ class SimBackend(Backend):
                 budget -= seq.chunk
                 if seq.prefill_left == 0 or seq.chunk > 0:
                     in_step.append(seq)
-            deadline += model.step_ms(sum(s.chunk for s in in_step), len(in_step)) / 1000.0
+            joining = sum(1 for s in in_step if s.chunk and s.prefill_left == s.output.prompt_tokens)
+            spread = float(model.jitter(self._uniform())) if model.cycle_jitter else 1.0
+            deadline += model.step_ms(sum(s.chunk for s in in_step), len(in_step), joining) * spread / 1000.0
             if (delay := deadline - loop.time()) > 0:
                 await asyncio.sleep(delay)
             else:

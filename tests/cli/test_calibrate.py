@@ -140,14 +140,15 @@ def test_calibrate_recovers_the_token_costs_of_a_sim_server_with_jitter(tmp_path
     for name in ("decode_step_ms", "prefill_ms_per_token", "decode_ms_per_seq"):
         assert getattr(fitted, name) == pytest.approx(getattr(TOKEN_ENGINE, name) * mean, rel=0.10), name
     assert calibration["max_relative_error"] < 0.10
-    # The profile drives the token-level simulator: a lone request's first token at the fitted costs.
+    # The profile drives the token-level simulator: a lone request's first token at the fitted costs, each step
+    # drawn from the measured spread (the median of 30 lone requests: near the median multiplier).
     done = cli(
         "simulate", "--profile", str(profile), "--gpus", "1", "--rps", "0.5", "--duration", "60",
         "--prompt-tokens", "100", "--output-tokens", "10", "--batching", "continuous", "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     ttft = json.loads(done.stdout)["ttft_p50_ms"]
-    assert ttft == pytest.approx(fitted.step_ms(100, 1), rel=0.01)
+    assert ttft == pytest.approx(fitted.step_ms(100, 1) * float(fitted.jitter(0.5)), rel=0.05)
 
 
 @pytest.mark.parametrize(

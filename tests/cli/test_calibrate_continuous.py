@@ -19,13 +19,16 @@ from tests.helpers import run_cli, running_server
 
 pytestmark = pytest.mark.timeout(400)
 
-# Steps of 20 ms + 3 ms a sequence + 0.1 ms a prefilled token; a request joins 80 ms + 0.1 ms a prompt token
-# after it arrives: large beside the 3-6 ms of HTTP and client time that every measured TTFT also holds.
+# Steps of 20 ms + 3 ms a sequence + 0.1 ms a prefilled token + 10 ms a request admitted; a request joins 80 ms +
+# 0.1 ms a prompt token after it arrives: large beside the 3-6 ms of HTTP and client time that every measured
+# TTFT also holds.
 KNOWN = ServiceModel(
     batching="continuous", decode_step_ms=20.0, decode_ms_per_seq=3.0, prefill_ms_per_token=0.1,
-    request_overhead_ms=80.0, tokenize_ms_per_token=0.1, max_num_seqs=16,
+    admit_ms_per_request=10.0, request_overhead_ms=80.0, tokenize_ms_per_token=0.1, max_num_seqs=16,
 )  # fmt: skip
-TERMS = ("decode_step_ms", "decode_ms_per_seq", "prefill_ms_per_token", "request_overhead_ms", "tokenize_ms_per_token")
+SPREAD = (0.9, 0.95, 1.0, 1.1, 1.6)  # a measured step spread: x0.9 to x1.6, the median step the formula's
+TERMS = ("decode_step_ms", "decode_ms_per_seq", "prefill_ms_per_token", "admit_ms_per_request", "request_overhead_ms",
+         "tokenize_ms_per_token")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +62,12 @@ def test_streamed_calibration_recovers_the_engines_terms_then_its_profile_predic
     assert done.returncode == 0, done.stderr[-3000:]
     service = tomllib.loads(profile.read_text())["service"]
     print("\nstreamed fit:", {t: round(service[t], 4) for t in TERMS})
-    assert_terms_recovered(service, rel=0.10)
+    assert_terms_recovered(service, rel=0.10, terms=tuple(t for t in TERMS if t != "admit_ms_per_request"))
+    # The admission's host time, the smallest term, is what is left of a newcomer's window once the decoders' own
+    # steps are taken out: a difference of totals of 150 ms and more, so it is held to 15% (8.8-10.5 ms seen).
+    assert_terms_recovered(service, rel=0.15, terms=("admit_ms_per_request",))
     assert service["batching"] == "continuous" and service["max_num_seqs"] == 16  # complete: no hand edit
+    assert max(service["cycle_jitter"]) < 1.25  # a server without spread: only its timers' slack
     result = json.loads(saved.read_text())
     assert result["mode"] == "streamed" and result["limit_sources"]["max_num_seqs"] == "flag"
     assert {c["kind"] for c in result["stream_cells"]} == {"lone", "decode", "mixed"}
@@ -79,6 +86,24 @@ def test_streamed_calibration_recovers_the_engines_terms_then_its_profile_predic
     assert all(v <= 0.15 for v in errors.values()), errors  # benchmarks/bench_fidelity.py has the tight figures
 
 
+@pytest.mark.slow  # about 25 s of streamed cells
+def test_streamed_calibration_measures_the_steps_spread(tmp_path):
+    spread = KNOWN.model_copy(update={"cycle_jitter": SPREAD})
+    profile = tmp_path / "spread.toml"
+    with running_server("--scenario", str(write_model_scenario(spread, tmp_path / "s.toml", gpus=1))) as srv:
+        done = calibrate(
+            "--backend", "openai", "--upstream", srv.url, "--api-key", "dev-paid", "--max-num-seqs", "16",
+            "--sizes", "1,16", "--prompt-tokens", "32,256", "--output-tokens", "32", "--repetitions", "2",
+            "--out", str(profile),
+        )  # fmt: skip
+        assert srv.terminate() == 0
+    assert done.returncode == 0, done.stderr[-3000:]
+    measured = ServiceModel(cycle_jitter=tuple(tomllib.loads(profile.read_text())["service"]["cycle_jitter"]))
+    at = {q: (round(float(measured.jitter(q)), 3), float(spread.jitter(q))) for q in (0.5, 0.9, 0.95)}
+    print("\nstep spread, measured vs true:", at)
+    assert all(m == pytest.approx(true, rel=0.10) for m, true in at.values()), at
+
+
 @pytest.mark.slow  # a 30 s load test
 def test_calibrate_from_a_load_tests_saved_requests_recovers_the_terms_it_ran_with(known_server, tmp_path):
     rows, profile = tmp_path / "requests.csv", tmp_path / "traffic.toml"
@@ -88,11 +113,19 @@ def test_calibrate_from_a_load_tests_saved_requests_recovers_the_terms_it_ran_wi
         "--slo-p95-ms", "60000", "--save-requests", str(rows), timeout=200,
     )  # fmt: skip
     assert done.returncode in (0, 1), done.stdout[-3000:]  # a gate may fail; the rows are what matters
-    done = calibrate("--from-requests", str(rows), "--max-num-seqs", "16", "--out", str(profile))
+    # Traffic cannot tell the admission's host time from the other step terms (calibrate/from_requests.py): a base
+    # profile (here the truth's; in use, a streamed calibration's) holds it; its other terms are only a start.
+    base = write_model_scenario(
+        KNOWN.model_copy(update={"decode_step_ms": 1.0, "decode_ms_per_seq": 1.0, "prefill_ms_per_token": 1.0}),
+        tmp_path / "base.toml",
+    )
+    done = calibrate("--from-requests", str(rows), "--profile", str(base), "--max-num-seqs", "16",
+                     "--out", str(profile))  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     service = tomllib.loads(profile.read_text())["service"]
     print("\nfit from saved requests:", {t: round(service[t], 4) for t in TERMS})
     assert_terms_recovered(service, rel=0.10, terms=TERMS[:3])
+    assert service["admit_ms_per_request"] == KNOWN.admit_ms_per_request  # held
     # Traffic shows the overhead and the prefill only summed in each TTFT, so the overhead's split into a fixed
     # part and a per-token part is its loosest figure: the overhead itself is held across the prompts sent.
     for prompt in (100, 350):

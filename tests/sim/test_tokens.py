@@ -99,6 +99,27 @@ def test_engine_overheads_cost_no_gpu_time():
     assert done[1] == pytest.approx(done[0], abs=0.0056)  # only the last request's own delay shifts the end
 
 
+def test_admission_host_time_lengthens_the_admitting_step_only():
+    """Worked case: a lone request's TTFT gains admit_ms once (its first chunk's step), its gaps nothing."""
+    model = ServiceModel(batching="continuous", max_batched_tokens=128, admit_ms_per_request=2.5, **TOKENS)
+    p, o = 300, 5
+    out = simulate_arrivals(model, lone(p, o), gpus=1)
+    ttft = sum(8.0 + 0.02 * c + 0.05 for c in (128, 128, 44)) + 2.5
+    assert out.records.first_token[0] == pytest.approx(ms(ttft))
+    assert every_gap(out.itl).tolist() == pytest.approx([8.05] * (o - 1))
+
+
+def test_admission_host_time_costs_throughput():
+    """Unlike the overheads, admission host time is engine time: saturated, each request costs it once more."""
+    base = ServiceModel(batching="continuous", max_num_seqs=4, backpressure={"queue_limit": 1000}, **TOKENS)
+    arr = tokens_of(generate_arrivals(RateSchedule(rps=2000), 0.1, base.tier_shares, np.random.default_rng(1)), 50, 10)
+    ends = [
+        np.nanmax(simulate_arrivals(m, arr, gpus=1).records.finished)
+        for m in (base, base.model_copy(update={"admit_ms_per_request": 2.0}))
+    ]
+    assert ends[1] - ends[0] == pytest.approx(ms(2.0) * len(arr), rel=1e-6)
+
+
 @pytest.mark.parametrize(
     ("rps", "gpus", "extra"),
     [
@@ -109,6 +130,8 @@ def test_engine_overheads_cost_no_gpu_time():
         (200, 1, {"max_num_seqs": 8, "backpressure": {"queue_limit": 30}}),  # overload: the zones shed
         (60, 2, OVERHEADS),  # engine overheads: long prompts overtaken by short ones sent just after
         (200, 1, {"max_num_seqs": 8, "backpressure": {"queue_limit": 30}, **OVERHEADS}),
+        (60, 1, {"admit_ms_per_request": 1.5, "max_batched_tokens": 256, **OVERHEADS}),  # host time per admission
+        (60, 2, {"cycle_jitter": (0.7, 0.9, 1.0, 1.2, 2.5), **OVERHEADS}),  # a measured spread: each step its own
     ],
 )
 def test_continuous_engine_matches_the_step_by_step_reference(rps, gpus, extra):
