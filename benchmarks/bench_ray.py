@@ -19,7 +19,7 @@ import time
 import numpy as np
 from infer_plan.core.model import ServiceModel
 from infer_plan.server.backends.base import Backend, Generate
-from infer_plan.sim.planner import Constraints, plan_capacity
+from infer_plan.sim.planner import plan_capacity
 from infer_plan.sim.runner import RunSettings
 from infer_plan.sim.workload import Workload
 
@@ -61,7 +61,7 @@ def main() -> None:
     settings = RunSettings(duration_s=30.0, warmup_s=5.0, precision=0.01)
     for label, extra in (("cycle as designed", 0.0), ("+ Ray's P50", added[50]), ("+ Ray's P95", added[95])):
         with_ray = model.model_copy(update={"pcie_in_ms": model.pcie_in_ms + extra})
-        plan = plan_capacity(with_ray, Workload.constant(10_000), settings, Constraints.of(with_ray))
+        plan = plan_capacity(with_ray, Workload.constant(10_000), settings)
         print(f"  capacity --rps 10000, {label:<18} ({with_ray.gpu_cycle_ms():.2f} ms cycle): {plan.gpus} GPUs, "
               f"P95 {plan.p95_ms:.1f} ms, arithmetic {plan.back_of_envelope.gpus_at_ceiling}")  # fmt: skip
     print(f"  (medians: in-process {statistics.median(local):.3f} ms, Ray {statistics.median(ray):.3f} ms)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -12,7 +12,7 @@ from ..core.errors import UsageError
 from ..core.model import Batching, ServiceModel
 from ..core.schema import CapacityResult
 from ..core.tiers import Tier
-from ..sim.planner import Constraints, plan_batching_modes
+from ..sim.planner import plan_batching_modes
 from .options import (
     BatchingOpt,
     DatasetOpt,
@@ -40,6 +40,7 @@ from .options import (
     WarmupOpt,
     build_scenario,
     precision_option,
+    slo_flags,
     token_load,
     with_run_length,
 )
@@ -62,7 +63,7 @@ def _parse_rates(text: str) -> list[float]:
 
 PlanRateOpt = Annotated[float | None, typer.Option("--rps", min=0.001, help="Planning rate, requests/s.")]
 MaxLoadOpt = Annotated[float | None, typer.Option("--max-load", min=0.01, max=1.0, help="Load ceiling (default 0.7).")]
-MaxRejectOpt = Annotated[float, typer.Option("--max-reject", min=0, max=1, help="Most rejected+failed share allowed.")]
+MaxRejectOpt = Annotated[float, typer.Option("--max-reject", min=0, max=1, help="Most share shed with 429s.")]
 TierSloOpt = Annotated[str | None, typer.Option("--tier-slo", help="Per-tier P95 SLOs, e.g. enterprise=300.")]
 OverallOnlyOpt = Annotated[bool, typer.Option("--overall-only", help="Check P95 overall only, not per tier.")]
 MaxGpusOpt = Annotated[int | None, typer.Option("--max-gpus", min=1, help="Search limit (default 4x the arithmetic).")]
@@ -110,16 +111,17 @@ def capacity(
     quiet: QuietOpt = False,
 ) -> None:
     """Find the smallest GPU count meeting every SLO, the load ceiling and the reject limit, by simulation."""
+    slos = slo_flags(
+        e2e_p95_ms=slo_p95_ms, ttft_p95_ms=slo_ttft, itl_p95_ms=slo_itl, tpot_p95_ms=slo_tpot,
+        max_reject_rate=max_reject, **_tier_slos(tier_slo, overall_only),
+    )  # fmt: skip
     scen = build_scenario(
-        scenario=scenario, profile=profile, tier_mix=tier_mix, no_overlap=no_overlap, slo_p95_ms=slo_p95_ms,
-        max_load=max_load, max_batch=max_batch, max_wait_ms=max_wait_ms, kernel_ms=kernel_ms,
-        slo_ttft_p95_ms=slo_ttft, slo_itl_p95_ms=slo_itl, slo_tpot_p95_ms=slo_tpot,
+        scenario=scenario, profile=profile, tier_mix=tier_mix, no_overlap=no_overlap, slos=slos, max_load=max_load,
+        max_batch=max_batch, max_wait_ms=max_wait_ms, kernel_ms=kernel_ms,
     )  # fmt: skip
     workload = scen.workload(rps=rps, **token_load(prompt_tokens, output_tokens, dataset, tokenizer, stream))
     if workload.is_replay or workload.schedule.rps <= 0:
         raise UsageError("capacity plans for a rate: give --rps (a trace or timed dataset replays with 'simulate')")
-    tiers = {"tier_slo_p95_ms": _parse_tier_slo(tier_slo), "check_tiers": not overall_only}
-    constraints = Constraints.of(scen.model, max_reject=max_reject, **tiers)
     rates = _sweep_rates(sweep, sweep_rates, workload.schedule.rps)
     settings = with_run_length(
         scen.settings(duration_s=duration, warmup_s=warmup, seed=seed),
@@ -127,7 +129,7 @@ def capacity(
     )  # fmt: skip
     with status_progress("searching GPU count", enabled=not (quiet or json_out)) as bar:
         result = plan_batching_modes(
-            scen.model, _batching_modes(batching, scen.model), workload, settings, constraints, max_gpus=max_gpus,
+            scen.model, _batching_modes(batching, scen.model), workload, settings, max_gpus=max_gpus,
             sweep_rates=rates, progress=lambda msg: bar.update(bar.task_ids[0], description=msg),
             jobs=jobs or os.cpu_count() or 1,
         )  # fmt: skip
@@ -157,6 +159,11 @@ def _sweep_rates(sweep: bool, text: str | None, rps: float) -> list[float] | Non
     if text is not None:
         return _parse_rates(text)
     return [rps * f for f in SWEEP_FACTORS] if sweep else None
+
+
+def _tier_slos(text: str | None, overall_only: bool) -> dict[str, Any]:
+    """``--tier-slo`` and ``--overall-only`` as the objectives they set (nothing when not given)."""
+    return {"tier_e2e_p95_ms": _parse_tier_slo(text), "hold_tiers": False if overall_only else None}
 
 
 def _parse_tier_slo(text: str | None) -> dict[str, float] | None:

@@ -9,7 +9,7 @@ import typer
 
 from ..core.errors import ConfigError
 from ..core.schema import LoadTestResult, load_result
-from ..loadtests.analysis import GateLimits
+from ..loadtests.analysis import Baseline
 from ..loadtests.apis import Api
 from .options import (
     ArrivalOpt,
@@ -36,6 +36,7 @@ from .options import (
     TtftSloOpt,
     build_scenario,
     parse_spike,
+    slo_flags,
     token_load,
 )
 from .output import render_result, write_result_files
@@ -139,17 +140,16 @@ def _spec(f: dict[str, Any]) -> LoadTestSpec:
 
     scen = build_scenario(
         scenario=f["scenario"], profile=f["profile"], tier_mix=f["tier_mix"], gpus=f["gpus"],
-        max_batch=f["max_batch"], max_wait_ms=f["max_wait_ms"], kernel_ms=f["kernel_ms"], slo_p95_ms=f["slo_p95_ms"],
-        slo_ttft_p95_ms=f["slo_ttft"], slo_itl_p95_ms=f["slo_itl"], slo_tpot_p95_ms=f["slo_tpot"],
-        batching=f["batching"],
+        max_batch=f["max_batch"], max_wait_ms=f["max_wait_ms"], kernel_ms=f["kernel_ms"], batching=f["batching"],
+        slos=slo_flags(
+            e2e_p95_ms=f["slo_p95_ms"], ttft_p95_ms=f["slo_ttft"], itl_p95_ms=f["slo_itl"],
+            tpot_p95_ms=f["slo_tpot"],
+            max_error_rate=f["max_error_rate"], max_reject_rate=f["max_reject_rate"], min_goodput_rps=f["min_goodput"],
+        ),
     )  # fmt: skip
     model = scen.model
-    limits = GateLimits(
-        slo_p95_ms=model.slo_p95_ms, max_error_rate=f["max_error_rate"], max_reject_rate=f["max_reject_rate"],
-        baseline=_baseline(f["baseline"]), baseline_tolerance=f["baseline_tolerance"],
-        slo_ttft_p95_ms=model.slo_ttft_p95_ms, slo_itl_p95_ms=model.slo_itl_p95_ms,
-        slo_tpot_p95_ms=model.slo_tpot_p95_ms, min_goodput_rps=f["min_goodput"],
-    )  # fmt: skip
+    baseline = _baseline(f["baseline"])
+    against = None if baseline is None else Baseline(baseline, f["baseline_tolerance"])
     workload = scen.workload(
         rps=f["rps"], arrival=f["arrival"], extra_segments=tuple(parse_spike(s) for s in f["spike"] or ()),
         tokens=f["api"].has_tokens or None,
@@ -158,7 +158,7 @@ def _spec(f: dict[str, Any]) -> LoadTestSpec:
     # A URL target with a known model (a scenario or a profile) is one engine unless told otherwise.
     known = f["target"] == "sim" or f["scenario"] is not None or f["profile"] is not None
     return LoadTestSpec(
-        target=f["target"], model=model, workload=workload, duration_s=f["duration"], limits=limits,
+        target=f["target"], model=model, workload=workload, duration_s=f["duration"], baseline=against,
         warmup_s=f["warmup"], seed=f["seed"] or 0, gpus=model.gpus or (1 if known else None),
         model_name=f["model_name"], keys_file=f["keys"], workers=f["workers"], batch_log_url=f["batch_log"],
         api=f["api"], api_key=f["api_key"], scrape_metrics_url=f["scrape_metrics"],

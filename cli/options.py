@@ -154,6 +154,12 @@ def build_scenario(
     return load_scenario(scenario, profile, overrides)
 
 
+def slo_flags(**given: Any) -> dict[str, Any]:
+    """The objectives given on the command line, as the service model's ``slos`` override (unset ones left out,
+    so a scenario's own stay)."""
+    return {key: value for key, value in given.items() if value is not None}
+
+
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=1, help="Tokens generated per request (vllm, openai).")]
 TemperatureOpt = Annotated[float, typer.Option("--temperature", min=0.0, help="Sampling temperature; 0 is greedy.")]
 MaxModelLenOpt = Annotated[int, typer.Option("--max-model-len", min=16, help="vLLM context length; prompts are cut.")]

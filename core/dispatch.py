@@ -8,7 +8,7 @@ requests by priority: enterprise first, then paid, then free, FIFO inside a tier
 whether a GPU is free, take *n* now or wait until *t*. The simulator's engine, the
 per-request reference model, the server's in-memory queue and its Redis queue all
 follow it; the Redis queue runs it as Lua inside Redis (it must be atomic there), and a
-shared table of cases holds that copy to this one (``tests/core/test_dispatch_cases.py``).
+shared table of cases holds that copy to this one (``tests/core/test_rule_tables.py``).
 Times are seconds on whatever clock the caller keeps (simulated, ``loop.time()``).
 """
 

@@ -44,6 +44,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .dispatch import DispatchRule
+from .slos import Slos, nest_slo_aliases
 from .tiers import Tier
 
 __all__ = ["AutoscalePolicy", "Backpressure", "Batching", "Faults", "ServiceModel", "TokenShape"]
@@ -145,7 +146,7 @@ class ServiceModel(_Frozen):
         "queue are otherwise one pool of their GPUs, which is what `gpus` counts",
     )
     tiers: dict[str, float] = Field(default_factory=lambda: {"enterprise": 0.1, "paid": 0.3, "free": 0.6})
-    slo_p95_ms: float = Field(default=500.0, gt=0)
+    slos: Slos = Field(default_factory=Slos, description="the objectives every plan, gate and sweep holds")
     max_load: float = Field(default=0.70, gt=0, le=1)
     cold_start_s: float = Field(default=300.0, ge=0)
     overlap: bool = Field(default=True, description="False: assembly holds the GPU too (the design's 150 ms cycle)")
@@ -188,9 +189,12 @@ class ServiceModel(_Frozen):
         description="continuous: client-side cost of each streamed token (detokenisation, the "
         "write), cumulative along a stream and outside the engine's steps; BLIS alpha2",
     )
-    slo_ttft_p95_ms: float | None = Field(default=None, gt=0, description="time to first token, P95")
-    slo_itl_p95_ms: float | None = Field(default=None, gt=0, description="inter-token latency, P95 over all gaps")
-    slo_tpot_p95_ms: float | None = Field(default=None, gt=0, description="time per output token, P95")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flat_slos(cls, data: object) -> object:
+        """A scenario's flat ``slo_*`` keys and the flags' are the objectives' short names: they land in ``slos``."""
+        return nest_slo_aliases(data) if isinstance(data, dict) else data
 
     @field_validator("tiers")
     @classmethod

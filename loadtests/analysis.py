@@ -16,31 +16,20 @@ import numpy as np
 from ..calibrate.profile import LinearFit
 from ..core.records import Outcome, RequestRecords
 from ..core.schema import BatchLogCheck, Gate, LoadTestResult, MeasuredVsSimulated, ServerMetrics
+from ..core.slos import Observed, Scope, Slos, check_slos
 from ..core.stats import latency_stats, relative_errors
 from ..core.tiers import Tier
 from .token_analysis import TokenSides, compare_tokens
 
-__all__ = ["BatchLogRerun", "GateLimits", "analyse", "evaluate_gates"]
+__all__ = ["Baseline", "BatchLogRerun", "analyse", "evaluate_gates"]
 
 
 @dataclass(frozen=True)
-class GateLimits:
-    slo_p95_ms: float
-    max_error_rate: float = 0.001
-    max_reject_rate: float = 0.01
-    baseline: LoadTestResult | None = None
-    baseline_tolerance: float = 0.10
-    slo_ttft_p95_ms: float | None = None
-    slo_itl_p95_ms: float | None = None
-    slo_tpot_p95_ms: float | None = None
-    min_goodput_rps: float | None = None
+class Baseline:
+    """An earlier run each P95 must stay within ``tolerance`` of (a regression gate, not an SLO)."""
 
-    @property
-    def token_slos(self) -> dict[str, float]:
-        """The token percentile gates set: TokenStats field -> limit."""
-        named = {"ttft_p95_ms": self.slo_ttft_p95_ms, "itl_p95_ms": self.slo_itl_p95_ms}
-        named["tpot_p95_ms"] = self.slo_tpot_p95_ms
-        return {key: limit for key, limit in named.items() if limit is not None}
+    result: LoadTestResult
+    tolerance: float = 0.10
 
 
 @dataclass(frozen=True)
@@ -69,6 +58,7 @@ class RunFacts:
 
 
 def _compare(measured: np.ndarray, simulated: np.ndarray | None) -> MeasuredVsSimulated:
+    """The same requests both sides; a row the simulation shed (NaN) is left out of its side's summary."""
     m = latency_stats(measured)
     if simulated is None:
         return MeasuredVsSimulated(measured_ms=m)
@@ -80,8 +70,9 @@ def analyse(
     measured: RequestRecords,
     simulated: RequestRecords | None,
     facts: RunFacts,
-    limits: GateLimits,
+    slos: Slos,
     *,
+    baseline: Baseline | None = None,
     locust: dict[str, dict[str, float]],
     batch_log: BatchLogRerun | None = None,
     tokens: TokenSides | None = None,
@@ -145,7 +136,7 @@ def analyse(
         server_metrics=server_metrics,
         failures=failures or {},
     )
-    gates = evaluate_gates(result, limits)
+    gates = evaluate_gates(result, slos, baseline)
     return result.model_copy(update={"gates": gates, "passed": all(g.passed for g in gates)})
 
 
@@ -185,48 +176,26 @@ def _latency_over_time(records: RequestRecords, *, stream: bool, buckets: int = 
     return out
 
 
-def evaluate_gates(result: LoadTestResult, limits: GateLimits) -> list[Gate]:
-    gates = []
-
-    def p95_gate(name: str, stats: MeasuredVsSimulated) -> None:
-        value = stats.measured_ms.p95_ms
-        gates.append(
-            Gate(
-                name=name,
-                passed=value is not None and value <= limits.slo_p95_ms,
-                value=value,
-                limit=limits.slo_p95_ms,
-                detail=f"P95 {_ms(value)} ms vs SLO {limits.slo_p95_ms:g} ms",
-            )
-        )
-
-    p95_gate("p95_overall", result.overall)
-    for tier, stats in result.per_tier.items():
-        if stats.measured_ms.p95_ms is not None:
-            p95_gate(f"p95_{tier}", stats)
-    gates += _token_gates(result, limits)
-    gates.append(
-        Gate(
-            name="error_rate",
-            passed=result.error_rate <= limits.max_error_rate and result.wrong_outputs == 0,
-            value=result.error_rate,
-            limit=limits.max_error_rate,
-            detail=f"{result.error_rate:.3%} errors (limit {limits.max_error_rate:.3%}), "
-            f"{result.wrong_outputs} wrong outputs",
-        )
-    )
-    gates.append(
-        Gate(
-            name="reject_rate",
-            passed=result.reject_rate <= limits.max_reject_rate,
-            value=result.reject_rate,
-            limit=limits.max_reject_rate,
-            detail=f"{result.reject_rate:.3%} answered 429 (limit {limits.max_reject_rate:.3%})",
-        )
-    )
-    if limits.baseline is not None:
-        gates += _baseline_gates(result, limits.baseline, limits.baseline_tolerance)
+def evaluate_gates(result: LoadTestResult, slos: Slos, baseline: Baseline | None = None) -> list[Gate]:
+    """The SLOs' gates (:func:`~..core.slos.check_slos` over the measured figures), then the baseline's."""
+    gates = check_slos(slos, observed(result))
+    if baseline is not None:
+        gates += _baseline_gates(result, baseline.result, baseline.tolerance)
     return gates
+
+
+def observed(result: LoadTestResult) -> Observed:
+    """The measured column as the SLO check reads it: overall, then each tier that answered."""
+
+    def scope(name: str, stats: MeasuredVsSimulated) -> Scope:
+        answered = 0 if stats.measured_ms.p95_ms is None else 1  # a tier held to its SLOs once it was measured
+        return Scope(name, stats.measured_ms, stats.tokens.measured if stats.tokens else None, answered)
+
+    return Observed(
+        [scope("overall", result.overall), *(scope(t, s) for t, s in result.per_tier.items())],
+        error_rate=result.error_rate, reject_rate=result.reject_rate, no_tokens_why=_unmeasured(result),
+        wrong_outputs=result.wrong_outputs,
+    )  # fmt: skip
 
 
 def _baseline_gates(result: LoadTestResult, base: LoadTestResult, tolerance: float) -> list[Gate]:
@@ -254,47 +223,6 @@ def _baseline_gates(result: LoadTestResult, base: LoadTestResult, tolerance: flo
                     detail=f"{label} {new:.1f} ms vs baseline {old:.1f} ms (+{tolerance:.0%} allowed)",
                 )
             )
-    return gates
-
-
-_TOKEN_GATE_NAMES = {"ttft_p95_ms": ("ttft_p95", "TTFT"), "itl_p95_ms": ("itl_p95", "ITL")}
-_TOKEN_GATE_NAMES["tpot_p95_ms"] = ("tpot_p95", "TPOT")
-
-
-def _token_gates(result: LoadTestResult, limits: GateLimits) -> list[Gate]:
-    """TTFT, ITL and TPOT P95 (overall and per tier) and goodput: a gate each that is set.
-
-    A gate whose figure the run could not measure fails and says why (TTFT needs a
-    stream; none of them exist for ``--api inference``), rather than passing unseen.
-    """
-    gates = []
-    for key, limit in limits.token_slos.items():
-        name, label = _TOKEN_GATE_NAMES[key]
-        scopes = [("overall", result.overall), *[(t, s) for t, s in result.per_tier.items() if s.measured_ms.p95_ms]]
-        for scope, stats in scopes:
-            value = getattr(stats.tokens.measured, key) if stats.tokens is not None else None
-            why = "" if value is not None else f" (not measured: {_unmeasured(result)})"
-            gates.append(
-                Gate(
-                    name=f"{name}_{scope}",
-                    passed=value is not None and value <= limit,
-                    value=value,
-                    limit=limit,
-                    detail=f"{label} P95 {_ms(value)} ms vs SLO {limit:g} ms{why}",
-                )
-            )
-    if limits.min_goodput_rps is not None:
-        value = result.overall.tokens.measured.goodput_rps if result.overall.tokens is not None else None
-        gates.append(
-            Gate(
-                name="goodput",
-                passed=value is not None and value >= limits.min_goodput_rps,
-                value=value,
-                limit=limits.min_goodput_rps,
-                detail=f"goodput {'-' if value is None else f'{value:,.1f}'} req/s meeting every SLO set "
-                f"(at least {limits.min_goodput_rps:g} req/s)",
-            )
-        )
     return gates
 
 

@@ -6,22 +6,18 @@ streamed answer is read line by line as it arrives, so each content chunk gets t
 it reached the client: the first is the request's first token, the gaps between
 consecutive ones its inter-token latencies (as ``vllm bench serve`` counts them).
 
-Only the ``data:`` lines of OpenAI's Server-Sent Events matter here, and each needs its
-own arrival time, so the reader takes one line at a time from the socket rather than a
-general SSE parser over buffered chunks.
+The stream reader itself is :mod:`infer_plan.core.sse`, shared with the ``openai``
+backend, so both count the same chunks as tokens.
 """
 
 from __future__ import annotations
 
 import functools
-import json
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from typing import Any
 
 from ..core.errors import UsageError
+from ..core.sse import CountedBy, Reading, read_stream, take_usage
 
 __all__ = ["Api", "CountedBy", "Reading", "prompt_text", "read_answer", "read_stream", "request_body"]
 
@@ -41,14 +37,6 @@ class Api(StrEnum):
 
 
 _PATHS = {Api.INFERENCE: "/v1/inference", Api.COMPLETIONS: "/v1/completions", Api.CHAT: "/v1/chat/completions"}
-
-
-class CountedBy(IntEnum):
-    """Where a request's token counts came from (the report says which)."""
-
-    NONE = 0  # no answer, or an answer that named no count
-    USAGE = 1  # the answer's own usage object
-    CHUNKS = 2  # content chunks of the stream, counted (a server without include_usage)
 
 
 # Common English words, one token each in the usual vocabularies and exactly one in the sim backend's.
@@ -156,114 +144,6 @@ def request_body(api: Api, model: str, prompt: str, output_tokens: int, *, strea
     return body
 
 
-@dataclass(slots=True)
-class Reading:
-    """What one answer held: its tokens' arrival times, its text, its counts, or what was wrong with it."""
-
-    token_times: list[float] = field(default_factory=list)  # perf_counter of each content chunk
-    text: list[str] = field(default_factory=list)
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    problem: str | None = None  # not the API's answer: the reason, one line
-
-    @property
-    def counted_by(self) -> CountedBy:
-        if self.completion_tokens is not None:
-            return CountedBy.USAGE
-        return CountedBy.CHUNKS if self.token_times else CountedBy.NONE
-
-    @property
-    def output_tokens(self) -> int:
-        return self.completion_tokens if self.completion_tokens is not None else len(self.token_times)
-
-
-_SSE_FIELDS = (b"event:", b"id:", b"retry:", b":")
-
-
-def read_stream(readline: Callable[[], bytes], clock: Callable[[], float] = time.perf_counter) -> Reading:
-    """Read an OpenAI SSE stream to ``data: [DONE]`` (or its end), timing every content chunk."""
-    reading = Reading()
-    done = False
-    while not done:
-        line = readline()
-        if not line:
-            break
-        at = clock()
-        line = line.strip()
-        if not line or line.startswith(_SSE_FIELDS):
-            continue
-        if not line.startswith(b"data:"):
-            reading.problem = f"not an SSE stream: {line[:60].decode('utf-8', 'replace')!r}"
-            return reading
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            done = True
-            continue
-        try:
-            chunk = json.loads(data)
-        except ValueError:
-            reading.problem = f"an SSE event that is not JSON: {data[:60].decode('utf-8', 'replace')!r}"
-            return reading
-        if not _take_chunk(chunk, reading, at):
-            return reading
-    if not done and reading.problem is None:
-        reading.problem = "the stream ended without data: [DONE]"
-    return reading
-
-
-def _take_chunk(chunk: Any, reading: Reading, at: float) -> bool:
-    if not isinstance(chunk, dict):
-        reading.problem = "an SSE event that is not a JSON object"
-        return False
-    if "error" in chunk:
-        error = chunk["error"] if isinstance(chunk["error"], dict) else {"message": str(chunk["error"])}
-        reading.problem = f"error mid-stream: {error.get('message', error)}"
-        return False
-    _take_usage(chunk.get("usage"), reading)
-    for choice in chunk.get("choices") or ():
-        piece = _token_piece(choice)
-        if piece is not None:
-            reading.token_times.append(at)
-            reading.text.append(piece)
-    return True
-
-
-def _token_piece(choice: Any) -> str | None:
-    """The text of the token this choice carries, or None when it carries none.
-
-    A chunk with empty text is still a token: an engine streams one chunk per token and
-    a token whose text is held back (half a UTF-8 character, a special token) arrives as
-    "" (27 of 320 chunks in a probe of the tiny model on vLLM). Skipping those would move TTFT to
-    the next chunk and merge two gaps into one ITL; ``vllm bench serve`` counts them too. Two
-    empty chunks are not tokens: the end marker (empty, with a ``finish_reason``, as
-    OpenAI and our server send when the end comes after the last token) and a chat
-    stream's role announcement (empty content beside ``role``, which some servers send
-    before any token is made).
-    """
-    if not isinstance(choice, dict):
-        return None
-    if "delta" in choice:
-        delta = choice["delta"] if isinstance(choice["delta"], dict) else {}
-        piece = delta.get("content")
-        if piece is None:
-            piece = delta.get("reasoning_content")
-        announce = "role" in delta
-    else:
-        piece, announce = choice.get("text"), False
-    if not isinstance(piece, str):
-        return None
-    if not piece and (announce or choice.get("finish_reason") is not None):
-        return None
-    return piece
-
-
-def _take_usage(usage: Any, reading: Reading) -> None:
-    if isinstance(usage, dict) and isinstance(usage.get("completion_tokens"), int):
-        reading.completion_tokens = usage["completion_tokens"]
-        if isinstance(usage.get("prompt_tokens"), int):
-            reading.prompt_tokens = usage["prompt_tokens"]
-
-
 def read_answer(body: Any, api: Api) -> Reading:
     """A non-streamed answer: its text and usage (no token times: nothing arrives before the whole)."""
     reading = Reading()
@@ -274,5 +154,5 @@ def read_answer(body: Any, api: Api) -> Reading:
     first = choices[0]
     text = first.get("text") if api is Api.COMPLETIONS else (first.get("message") or {}).get("content")
     reading.text.append(text or "")
-    _take_usage(body.get("usage"), reading)
+    take_usage(body.get("usage"), reading)
     return reading

@@ -22,7 +22,6 @@ from ..core.errors import ConfigError, UsageError
 from ..core.model import ServiceModel
 from ..core.records import RequestRecords
 from ..core.schema import LoadTestResult
-from ..core.stats import Slos
 from ..core.tiers import Tier
 from ..server.backends.base import BackendError
 from ..server.keys import KeyStore
@@ -30,7 +29,7 @@ from ..sim.arrivals import Arrivals
 from ..sim.engine import simulate_arrivals
 from ..sim.sinks import RequestWriter
 from ..sim.workload import Workload
-from .analysis import BatchLogRerun, GateLimits, RunFacts, analyse
+from .analysis import Baseline, BatchLogRerun, RunFacts, analyse
 from .apis import Api, prompt_text
 from .harness import run_plan
 from .plan import LoadPlan
@@ -58,7 +57,6 @@ class LoadTestSpec:
     model: ServiceModel
     workload: Workload
     duration_s: float
-    limits: GateLimits
     warmup_s: float = 2.0
     seed: int = 0
     gpus: int | None = None
@@ -67,6 +65,7 @@ class LoadTestSpec:
     workers: int = 0
     batch_log_url: str | None = None  # the target's internal URL: re-simulate with the batches it logged
     api: Api = Api.INFERENCE
+    baseline: Baseline | None = None  # an earlier run each P95 stays near
     api_key: str | None = None  # one key for every request (a LiteLLM master key), instead of keys per tier
     scrape_metrics_url: str | None = None  # a Prometheus endpoint to sample during the run
     save_requests: Path | None = None  # every request's times, status and lengths as CSV rows
@@ -148,14 +147,14 @@ def run_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) -> Loa
             measured=measured,
             log=sent.tokens,
             stream=spec.workload.stream,
-            slos=Slos(spec.model.slo_p95_ms, spec.model.slo_ttft_p95_ms, spec.model.slo_tpot_p95_ms),
+            slos=spec.model.slos,
             window=(spec.warmup_s, horizon),
             simulated=simulated,
             simulated_gaps=predicted.itl if predicted is not None else None,
         )
     return analyse(
-        measured, simulated, facts, spec.limits, locust=sent.locust, batch_log=rerun, tokens=tokens,
-        server_metrics=scraped.result() if scraped else None, failures=sent.failures,
+        measured, simulated, facts, spec.model.slos, baseline=spec.baseline, locust=sent.locust, batch_log=rerun,
+        tokens=tokens, server_metrics=scraped.result() if scraped else None, failures=sent.failures,
     )  # fmt: skip
 
 

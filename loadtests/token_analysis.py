@@ -16,7 +16,8 @@ import numpy as np
 
 from ..core.records import RequestRecords
 from ..core.schema import TokenComparison, TokenStats
-from ..core.stats import Slos, token_stats
+from ..core.slos import Slos, good_requests
+from ..core.stats import RawSample, own_tpot_ms, token_stats
 from ..sim.tokens import TokenGaps
 from .token_log import TokenLog
 
@@ -69,14 +70,16 @@ def _stats(
         gap_values, gap_counts = gaps.gaps_ms[inside], counts.sum(axis=1) if tier is None else counts[:, tier]
     else:
         gap_values, gap_counts = np.empty(0), np.empty(0, np.int64)
+    e2e, output = r.latency_ms[mask], r.output_tokens[mask].astype(np.int64)
+    ttft = (r.first_token[mask] - r.scheduled[mask]) * 1000.0 if sides.stream else None
+    several = output > 1
     return token_stats(
-        ttft_ms=(r.first_token[mask] - r.scheduled[mask]) * 1000.0 if sides.stream else None,
-        e2e_ms=r.latency_ms[mask],
-        output_tokens=r.output_tokens[mask].astype(np.int64),
-        gaps_ms=gap_values,
-        gap_counts=gap_counts,
+        ttft_ms=ttft,
+        itl_ms=RawSample(gap_values, gap_counts),
+        tpot_ms=None if ttft is None else own_tpot_ms(e2e, ttft, output)[several],
+        output_tokens=int(output.sum()),
+        good=int(good_requests(sides.slos, e2e, ttft, output).sum()),
         duration_s=sides.duration_s,
-        slos=sides.slos,
     )
 
 

@@ -106,7 +106,7 @@ def _capacity_figures(r: CapacityResult) -> list[go.Figure]:
         go.Scatter(x=gpus, y=[n.load_factor for n in rows], name="load factor", mode="lines+markers"),
         secondary_y=True,
     )
-    fig.add_hline(y=r.constraints.get("slo_p95_ms", 500.0), line_dash="dash", annotation_text="P95 SLO")
+    fig.add_hline(y=r.constraints.get("e2e_p95_ms", 500.0), line_dash="dash", annotation_text="P95 SLO")
     if r.gpus is not None:
         fig.add_vline(x=r.gpus, line_dash="dot", annotation_text=f"plan: {r.gpus} GPUs")
     fig.update_layout(title=f"P95 and load versus GPU count at {r.rps:,.0f} req/s", height=460)

@@ -6,6 +6,7 @@ request comment, the HTML page and the terminal cannot disagree on a number.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -27,12 +28,12 @@ __all__ = ["Block", "Summary", "Table", "Verdict", "batch_log_summary", "summari
 
 
 def _ms(value: float | None) -> str:
-    """One decimal with thousands separators, "-" for none (ms, and rates beside them)."""
-    return "-" if value is None else f"{value:,.1f}"
+    """One decimal with thousands separators, "-" for none (ms, and rates beside them); never "nan"."""
+    return "-" if value is None or not math.isfinite(value) else f"{value:,.1f}"
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1%}"
+    return "-" if value is None or not math.isfinite(value) else f"{value:.1%}"
 
 
 def _span(low: float, high: float) -> str:
@@ -242,7 +243,7 @@ def _capacity(r: CapacityResult) -> Summary:
         headline = f"No GPU count up to {r.search_limit} meets every constraint at {r.rps:,.0f} req/s"
     else:
         headline = (
-            f"{r.gpus} GPUs for {r.rps:,.0f} req/s: P95 {_ms(r.p95_ms)} ms (SLO {r.constraints['slo_p95_ms']:g}), "
+            f"{r.gpus} GPUs for {r.rps:,.0f} req/s: P95 {_ms(r.p95_ms)} ms (SLO {r.constraints['e2e_p95_ms']:g}), "
             f"load_factor {r.load_factor:.2f} (ceiling {r.constraints['max_load']:g}), gpu_busy {r.gpu_busy:.2f}"
         )
         if r.ttft_p95_ms is not None:
@@ -371,6 +372,7 @@ def _spread(quantiles: list[float]) -> str:
     """The steps' measured spread as a user reads it: the median, P95 and longest step against the fitted one."""
     if not quantiles:
         return "none measured: every step lasts the formula's time"
+
     def at(q: float) -> float:  # linear between the evenly spaced quantiles
         x = q * (len(quantiles) - 1)
         lo = min(int(x), len(quantiles) - 2)

@@ -14,67 +14,33 @@ import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 from ..core.model import Batching, ServiceModel, TokenShape
 from ..core.schema import BackOfEnvelope, CapacityResult, CapacityRow, SimulationResult, SweepPoint
+from ..core.slos import Observed, Scope, check_slos
 from .runner import RunSettings, default_watch, run_simulation
 from .tally import Watch
 from .workload import Workload
 
-__all__ = ["Constraints", "back_of_envelope", "plan_batching_modes", "plan_capacity", "sweep_capacity"]
+__all__ = ["back_of_envelope", "failures", "observed", "plan_batching_modes", "plan_capacity", "sweep_capacity"]
 
 ProgressFn = Callable[[str], None]
 
 
-@dataclass(frozen=True)
-class Constraints:
-    """What a GPU count must satisfy. Per-tier SLOs default to the overall one."""
+def failures(model: ServiceModel, result: SimulationResult) -> list[str]:
+    """The names of the gates a simulated GPU count fails: each SLO (:func:`~..core.slos.check_slos`), and the
+    load ceiling (``load``), which is a planning margin, not an objective."""
+    failed = [gate.name for gate in check_slos(model.slos, observed(result)) if not gate.passed]
+    if result.load_factor > model.max_load + 1e-9:
+        failed.append("load")
+    return failed
 
-    slo_p95_ms: float
-    max_load: float
-    max_reject: float = 0.001  # the design's 99.9% availability
-    tier_slo_p95_ms: dict[str, float] | None = None
-    check_tiers: bool = True
-    slo_ttft_p95_ms: float | None = None  # the token SLOs, each a constraint when set
-    slo_itl_p95_ms: float | None = None
-    slo_tpot_p95_ms: float | None = None
 
-    @classmethod
-    def of(cls, model: ServiceModel, **settings: object) -> Constraints:
-        """The model's SLOs and load ceiling, with the planner's own settings."""
-        return cls(
-            slo_p95_ms=model.slo_p95_ms,
-            max_load=model.max_load,
-            slo_ttft_p95_ms=model.slo_ttft_p95_ms,
-            slo_itl_p95_ms=model.slo_itl_p95_ms,
-            slo_tpot_p95_ms=model.slo_tpot_p95_ms,
-            **settings,  # type: ignore[arg-type]
-        )
-
-    def failures(self, result: SimulationResult) -> list[str]:
-        failed = []
-        if result.p95_ms is None or result.p95_ms > self.slo_p95_ms:
-            failed.append("p95")
-        if self.check_tiers:
-            for tier, stats in result.per_tier.items():
-                if stats.requests == 0:
-                    continue
-                slo = (self.tier_slo_p95_ms or {}).get(tier, self.slo_p95_ms)
-                if stats.p95_ms is None or stats.p95_ms > slo:
-                    failed.append(f"p95:{tier}")
-        for name, slo, value in (
-            ("ttft", self.slo_ttft_p95_ms, result.ttft_p95_ms),
-            ("itl", self.slo_itl_p95_ms, result.itl_p95_ms),
-            ("tpot", self.slo_tpot_p95_ms, result.tpot_p95_ms),
-        ):
-            if slo is not None and (value is None or value > slo):
-                failed.append(name)
-        if result.load_factor > self.max_load + 1e-9:
-            failed.append("load")
-        if result.rejected_fraction + result.error_fraction > self.max_reject:
-            failed.append("rejects")
-        return failed
+def observed(result: SimulationResult) -> Observed:
+    """A simulation's figures as the SLO check reads them: overall, then each tier."""
+    scopes = [Scope("overall", result, result, result.requests)]
+    scopes += [Scope(tier, stats, stats, stats.requests) for tier, stats in result.per_tier.items()]
+    return Observed(scopes, result.error_fraction, result.rejected_fraction, "the model simulates no tokens")
 
 
 def back_of_envelope(model: ServiceModel, rps: float, shape: TokenShape | None = None) -> BackOfEnvelope:
@@ -169,8 +135,8 @@ def _continuous_arithmetic(model: ServiceModel, shape: TokenShape, per_gpu: floa
     return step, lines
 
 
-def _row(gpus: int, result: SimulationResult, constraints: Constraints) -> CapacityRow:
-    failed = constraints.failures(result)
+def _row(gpus: int, result: SimulationResult, model: ServiceModel) -> CapacityRow:
+    failed = failures(model, result)
     return CapacityRow(
         gpus=gpus,
         meets=not failed,
@@ -206,14 +172,13 @@ class _Evaluator:
         model: ServiceModel,
         workload: Workload,
         settings: RunSettings,
-        constraints: Constraints,
         progress: ProgressFn | None,
         pool: Executor | None = None,
     ) -> None:
-        self.model, self.workload, self.settings, self.constraints = model, workload, settings, constraints
+        self.model, self.workload, self.settings = model, workload, settings
         self.progress = progress
         self.pool = pool
-        self.watch = default_watch(model, tiers=constraints.check_tiers)
+        self.watch = default_watch(model)
         self.results: dict[int, SimulationResult] = {}
         self.futures: dict[int, Future[SimulationResult]] = {}
 
@@ -240,7 +205,7 @@ class _Evaluator:
 
     def meets(self, gpus: int) -> bool:
         self.prefetch([gpus, gpus + 1])  # the gallop's next step, or the table's neighbour
-        return not self.constraints.failures(self(gpus))
+        return not failures(self.model, self(gpus))
 
     def cancel(self) -> None:
         """Drop speculative runs nobody asked for."""
@@ -275,7 +240,6 @@ def plan_capacity(
     model: ServiceModel,
     workload: Workload,
     settings: RunSettings,
-    constraints: Constraints,
     *,
     max_gpus: int | None = None,
     neighbours: int = 2,
@@ -283,13 +247,13 @@ def plan_capacity(
     progress: ProgressFn | None = None,
     jobs: int = 1,
 ) -> CapacityResult:
-    """Search the smallest GPU count meeting ``constraints`` and simulate its neighbours.
+    """Search the smallest GPU count meeting the model's SLOs and load ceiling, simulate its neighbours.
 
     With ``sweep_rates``, the same search at each rate gives the GPUs-versus-rps curve.
     ``jobs`` > 1 runs that many simulations at once in worker processes.
     """
     with _pool(jobs) as pool:
-        return _plan(model, workload, settings, constraints, max_gpus, neighbours, sweep_rates, progress, pool, jobs)
+        return _plan(model, workload, settings, max_gpus, neighbours, sweep_rates, progress, pool, jobs)
 
 
 @contextmanager
@@ -311,7 +275,6 @@ def _plan(
     model: ServiceModel,
     workload: Workload,
     settings: RunSettings,
-    constraints: Constraints,
     max_gpus: int | None,
     neighbours: int,
     sweep_rates: list[float] | None,
@@ -320,13 +283,12 @@ def _plan(
     jobs: int,
 ) -> CapacityResult:
     rps = workload.schedule.rps
-    model = model.model_copy(update={"max_load": constraints.max_load})
     envelope = back_of_envelope(model, rps, workload.shape(model))
     # The load ceiling is arithmetic (load_factor is defined by the offered rate), so no
     # count below ceil(raw / max_load) can pass; start the simulated search there.
     start = max(1, envelope.gpus_at_ceiling)
     limit = max_gpus if max_gpus is not None else max(4 * start, start + 16)
-    evaluate = _Evaluator(model, workload, settings, constraints, progress, pool)
+    evaluate = _Evaluator(model, workload, settings, progress, pool)
     # The arithmetic's count is the likeliest answer: its table row neighbours go first.
     evaluate.prefetch(sorted(range(start - neighbours, start + neighbours + 1), key=lambda g: abs(g - start)))
     best = _smallest_passing(evaluate.meets, start, limit) if start <= limit else None
@@ -334,10 +296,10 @@ def _plan(
     centre = best if best is not None else start
     counts = range(max(1, centre - neighbours), centre + neighbours + 1)
     evaluate.prefetch(counts)
-    table = [_row(g, evaluate(g), constraints) for g in counts]
+    table = [_row(g, evaluate(g), model) for g in counts]
     evaluate.cancel()
     chosen = evaluate(best) if best is not None else None
-    binding = _binding_constraint(best, envelope, evaluate, constraints)
+    binding = _binding_constraint(best, envelope, evaluate, model)
     explanation = _explain(best, envelope, chosen, binding, model)
     return CapacityResult(
         gpus=best,
@@ -351,20 +313,7 @@ def _plan(
         gpu_busy=chosen.gpu_busy if chosen else None,
         rejected_fraction=chosen.rejected_fraction if chosen else None,
         binding_constraint=binding,
-        constraints={
-            "slo_p95_ms": constraints.slo_p95_ms,
-            "max_load": constraints.max_load,
-            "max_reject": constraints.max_reject,
-            **{
-                f"slo_{name}_p95_ms": value
-                for name, value in (
-                    ("ttft", constraints.slo_ttft_p95_ms),
-                    ("itl", constraints.slo_itl_p95_ms),
-                    ("tpot", constraints.slo_tpot_p95_ms),
-                )
-                if value is not None
-            },
-        },
+        constraints={"e2e_p95_ms": model.slos.e2e_p95_ms, "max_load": model.max_load} | model.slos.limits,
         back_of_envelope=envelope,
         explanation=explanation,
         neighbours=table,
@@ -376,9 +325,7 @@ def _plan(
         precision=chosen.precision if chosen else None,
         simulations=evaluate.simulated,
         jobs=jobs,
-        sweep=_sweep(model, workload, sweep_rates, settings, constraints, max_gpus, progress, pool)
-        if sweep_rates
-        else None,
+        sweep=_sweep(model, workload, sweep_rates, settings, max_gpus, progress, pool) if sweep_rates else None,
     )
 
 
@@ -387,7 +334,6 @@ def plan_batching_modes(
     modes: list[Batching],
     workload: Workload,
     settings: RunSettings,
-    constraints: Constraints,
     *,
     max_gpus: int | None = None,
     sweep_rates: list[float] | None = None,
@@ -400,7 +346,6 @@ def plan_batching_modes(
             model.model_copy(update={"batching": mode}),
             workload,
             settings,
-            constraints,
             max_gpus=max_gpus,
             sweep_rates=sweep_rates,
             progress=progress,
@@ -411,14 +356,12 @@ def plan_batching_modes(
     return plans[0].model_copy(update={"alternatives": plans[1:]})
 
 
-def _binding_constraint(
-    best: int | None, envelope: BackOfEnvelope, evaluate: _Evaluator, constraints: Constraints
-) -> str:
+def _binding_constraint(best: int | None, envelope: BackOfEnvelope, evaluate: _Evaluator, model: ServiceModel) -> str:
     if best is None:
         return "none found within the search limit"
     if best == 1:
         return "minimum fleet (one GPU)"
-    below = constraints.failures(evaluate(best - 1))
+    below = failures(model, evaluate(best - 1))
     if below == ["load"]:
         return "load ceiling"
     return ", ".join(f for f in below if f != "load") or "load ceiling"
@@ -463,14 +406,13 @@ def sweep_capacity(
     workload: Workload,
     rates: list[float],
     settings: RunSettings,
-    constraints: Constraints,
     max_gpus: int | None = None,
     progress: ProgressFn | None = None,
     jobs: int = 1,
 ) -> list[SweepPoint]:
     """The GPUs-versus-rps curve: one capacity search per rate, ``jobs`` rates at once."""
     with _pool(jobs) as pool:
-        return _sweep(model, workload, rates, settings, constraints, max_gpus, progress, pool)
+        return _sweep(model, workload, rates, settings, max_gpus, progress, pool)
 
 
 def _sweep_point(
@@ -478,11 +420,10 @@ def _sweep_point(
     workload: Workload,
     rps: float,
     settings: RunSettings,
-    constraints: Constraints,
     max_gpus: int | None,
 ) -> SweepPoint:
     at_rate = workload.model_copy(update={"schedule": workload.schedule.model_copy(update={"rps": rps})})
-    result = plan_capacity(model, at_rate, settings, constraints, max_gpus=max_gpus, neighbours=0)
+    result = plan_capacity(model, at_rate, settings, max_gpus=max_gpus, neighbours=0)
     env = result.back_of_envelope
     return SweepPoint(
         rps=rps, gpus=result.gpus, raw_gpus=env.raw_gpus, gpus_at_ceiling=env.gpus_at_ceiling, p95_ms=result.p95_ms
@@ -494,13 +435,12 @@ def _sweep(
     workload: Workload,
     rates: list[float],
     settings: RunSettings,
-    constraints: Constraints,
     max_gpus: int | None,
     progress: ProgressFn | None,
     pool: Executor | None,
 ) -> list[SweepPoint]:
     """Each point's search runs whole in one worker (points are independent); in order without a pool."""
-    args = [(model, workload, rps, settings, constraints, max_gpus) for rps in rates]
+    args = [(model, workload, rps, settings, max_gpus) for rps in rates]
     if progress:
         progress(f"sweeping {len(rates)} rates")
     if pool is None:

@@ -55,17 +55,13 @@ class RunSettings(BaseModel):
         return 0.0 if workload.is_replay else DEFAULT_WARMUP_S
 
 
-def default_watch(model: ServiceModel, *, tiers: bool = True) -> tuple[Watch, ...]:
-    """The percentiles a precision stop waits for: P95 overall and per tier, and each token P95 with an SLO."""
-    watch = [Watch("e2e")] + ([Watch("e2e", int(t)) for t in Tier] if tiers else [])
-    for metric, slo in (
-        ("ttft", model.slo_ttft_p95_ms),
-        ("itl", model.slo_itl_p95_ms),
-        ("tpot", model.slo_tpot_p95_ms),
-    ):
-        if slo is not None:
-            watch.append(Watch(metric))
-    return tuple(watch)
+def default_watch(model: ServiceModel) -> tuple[Watch, ...]:
+    """The percentiles a precision stop waits for: every P95 the model's SLOs hold, overall and (unless the SLOs
+    hold the overall figures only) per tier."""
+    slos = model.slos
+    metrics = ["e2e"] + [key.removesuffix("_p95_ms") for key in slos.token_p95s]
+    tiers: list[int | None] = [None] + ([int(t) for t in Tier] if slos.hold_tiers else [])
+    return tuple(Watch(metric, tier) for metric in metrics for tier in tiers)
 
 
 def _one_run(

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ValidationError
 
 from ..core.errors import ConfigError
 from ..core.model import ServiceModel
+from ..core.slos import nest_slo_aliases
 from .runner import RunSettings
 from .workload import Workload
 
@@ -120,13 +121,13 @@ def load_scenario(
     where = "flags"
     if scenario is not None:
         data = _read_toml(scenario)
-        service, load, run = data.get("service", {}), data.get("load", {}), data.get("run", {})
+        service, load, run = nest_slo_aliases(data.get("service", {})), data.get("load", {}), data.get("run", {})
         where = str(scenario)
     if profile is not None:
-        service = _merge(service, _read_toml(profile).get("service", {}))
+        service = _merge(service, nest_slo_aliases(_read_toml(profile).get("service", {})))
         where = f"{where} + {profile}" if scenario is not None else str(profile)
     overrides = {k: v for k, v in (service_overrides or {}).items() if v is not None}
-    service = _merge(service, overrides)
+    service = _merge(service, nest_slo_aliases(overrides))
     model = _validated(ServiceModel, service, f"{where}: service" if where != "flags" else "service")
     scen = Scenario(model=model, load=load, run=run)
     # Validate the other tables now so a bad file fails before any work starts.

@@ -25,15 +25,15 @@ import numpy as np
 from ..core.histogram import N_BUCKETS, LogHistogram, buckets_of, row_percentiles
 from ..core.model import ServiceModel
 from ..core.records import Outcome, RequestRecords
-from ..core.schema import CDF_POINTS, MetricInterval, PrecisionReport
+from ..core.schema import MetricInterval, PrecisionReport
+from ..core.slos import good_requests
+from ..core.stats import latency_stats, token_stats
 from ..core.tiers import Tier
 from .tokens import TokenGaps
 
 __all__ = ["Precision", "Tally", "Watch", "student_t"]
 
 _N_TIERS = len(Tier)
-_CDF = np.asarray(CDF_POINTS, dtype=float)
-_AT = {"p50_ms": CDF_POINTS.index(50), "p95_ms": CDF_POINTS.index(95), "p99_ms": CDF_POINTS.index(99)}
 _COUNTS = ("requests", "completed", "rejected", "failed", "good", "output_tokens")
 MAX_SLICES = 128  # a long run gets longer slices, so the per-slice figures stay a few kilobytes
 MIN_SLICES = 10  # fewer slice P95s make no interval worth the name
@@ -85,7 +85,7 @@ class Tally:
         self.edges = np.minimum(self.w0 + self.slice_s * np.arange(self.n_slices + 1), self.w1)
         self.tokens = tokens
         self.precision = precision
-        self.slo_e2e, self.slo_ttft, self.slo_tpot = model.slo_p95_ms, model.slo_ttft_p95_ms, model.slo_tpot_p95_ms
+        self.slos = model.slos
         shape = (self.n_slices, _N_TIERS)
         self.counts = {name: np.zeros(shape, np.int64) for name in _COUNTS}
         metrics = ("e2e", "ttft", "tpot", "itl") if tokens else ("e2e",)
@@ -156,13 +156,7 @@ class Tally:
         self._add("ttft", j, served, ttft)
         self._add("tpot", j, served[several], tpot)
         counts["output_tokens"][j] += np.bincount(served, weights=output, minlength=_N_TIERS).astype(np.int64)
-        good = np.ones(e2e.size, dtype=bool)  # goodput: each request's own E2E, TTFT and TPOT within the SLOs set
-        if self.slo_e2e is not None:
-            good &= e2e <= self.slo_e2e
-        if self.slo_ttft is not None:
-            good &= ttft <= self.slo_ttft
-        if self.slo_tpot is not None:
-            good &= np.where(several, (e2e - ttft) / np.maximum(output - 1, 1), 0.0) <= self.slo_tpot
+        good = good_requests(self.slos, e2e, ttft, output)
         counts["good"][j] += np.bincount(served[good], minlength=_N_TIERS)
 
     def _add(
@@ -322,20 +316,16 @@ class Tally:
         return hist
 
     def latency_stats(self, tier: int | None, *, cdf: bool = True) -> dict[str, object]:
-        return _percentile_fields(self.histogram("e2e", tier), "", cdf=cdf, mean_max=True)
+        return latency_stats(self.histogram("e2e", tier), cdf=cdf).model_dump()
 
     def token_stats(self, tier: int | None, duration_s: float) -> dict[str, object]:
         if not self.tokens:
             return {}
-        fields = _percentile_fields(self.histogram("ttft", tier), "ttft_", cdf=True)
-        fields |= _percentile_fields(self.histogram("itl", tier), "itl_", cdf=True)
-        tpot = self.histogram("tpot", tier)
-        if tpot.count:
-            fields["tpot_p50_ms"], fields["tpot_p95_ms"] = (float(x) for x in tpot.percentiles(np.array([50.0, 95.0])))
-        if duration_s > 0:
-            fields["output_tokens_per_s"] = self.count("output_tokens", tier) / duration_s
-            fields["goodput_rps"] = self.count("good", tier) / duration_s
-        return fields
+        return token_stats(
+            ttft_ms=self.histogram("ttft", tier), itl_ms=self.histogram("itl", tier),
+            tpot_ms=self.histogram("tpot", tier), output_tokens=self.count("output_tokens", tier),
+            good=self.count("good", tier), duration_s=duration_s,
+        ).model_dump()  # fmt: skip
 
     def window_sums(self) -> tuple[float, int, int, int]:
         """GPU busy seconds, completions, batches and their items within the measured window."""
@@ -360,15 +350,3 @@ def _histogram(counts: np.ndarray) -> LogHistogram:
     hist.counts = counts.astype(np.int64)
     hist.max_ms = math.inf  # percentiles below 100 are not clipped when the exact max is not at hand
     return hist
-
-
-def _percentile_fields(hist: LogHistogram, prefix: str, *, cdf: bool, mean_max: bool = False) -> dict[str, object]:
-    """``{prefix}p50_ms`` ... and ``{prefix}cdf_ms`` from a histogram; nothing for an empty one."""
-    if hist.count == 0:
-        return {}
-    points = hist.percentiles(_CDF)
-    fields: dict[str, object] = {f"{prefix}{key}": float(points[i]) for key, i in _AT.items()}
-    fields[f"{prefix}cdf_ms"] = points.tolist() if cdf else []
-    if mean_max:
-        fields["max_ms"], fields["mean_ms"] = hist.max_ms, hist.mean_ms
-    return fields

@@ -12,7 +12,7 @@ request in it. One pooled session is kept for the server's life.
 from __future__ import annotations
 
 import asyncio
-import json
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -20,6 +20,7 @@ import aiohttp
 from pydantic import Field
 
 from ...core.model import ServiceModel
+from ...core.sse import StreamReader
 from .base import Backend, BackendError, Generate, Generated, Generation, non_empty, scatter
 from .http_client import ForwardingBackend, ForwardingOptions, post_json
 
@@ -168,33 +169,23 @@ class OpenAIBackend(ForwardingBackend):
         body["stream_options"] = {"include_usage": True}
         if "stop" in body:
             body["stop"] = list(body["stop"])
-        pieces: list[str] = []
-        reason, usage = "length", {}
+        reader = StreamReader()
         try:
             async with self._session.post(self.endpoint, json=body) as resp:
                 if resp.status != 200:
                     raise BackendError(f"{self.endpoint} answered {resp.status}: {(await resp.text())[:200]}")
                 async for line in resp.content:
-                    if not line.startswith(b"data:") or (data := line[5:].strip()) == b"[DONE]":
-                        continue
-                    event = json.loads(data)
-                    if "error" in event:
-                        raise BackendError(f"{self.endpoint} failed mid-stream: {event['error']}")
-                    for choice in event.get("choices") or ():
-                        piece, finish = choice.get("text"), choice.get("finish_reason")
-                        if piece or (piece == "" and not finish):  # a token whose text is held back is a token
-                            pieces.append(piece)
-                            sink.token(piece)
-                        reason = finish or reason
-                    usage = event.get("usage") or usage
-                    if sink.cancelled:
+                    for piece in reader.feed(line, time.perf_counter()):
+                        sink.token(piece)
+                    if reader.finished or sink.cancelled:
                         break
         except (aiohttp.ClientError, TimeoutError) as err:
             raise BackendError(f"{self.endpoint} unreachable: {str(err) or type(err).__name__}") from err
-        except (ValueError, TypeError, AttributeError) as err:
-            raise BackendError(f"{self.endpoint} sent a malformed stream: {err!r}") from err
-        prompt = int(usage.get("prompt_tokens") or _shares([request.prompt], 0)[0])
-        output = Generated("".join(pieces), prompt, int(usage.get("completion_tokens") or len(pieces)), reason)
+        reading = reader.reading if sink.cancelled else reader.end()
+        if reading.problem is not None:
+            raise BackendError(f"{self.endpoint} sent a stream we cannot serve: {reading.problem}")
+        prompt = reading.prompt_tokens if reading.prompt_tokens is not None else _shares([request.prompt], 0)[0]
+        output = Generated("".join(reading.text), prompt, reading.output_tokens, reading.finish_reason or "length")
         if not sink.cancelled:
             sink.finish(output)
         return [output]

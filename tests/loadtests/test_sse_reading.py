@@ -10,7 +10,12 @@ from __future__ import annotations
 import itertools
 import json
 
+import pytest
+from aiohttp import web
+from infer_plan.core import ServiceModel
 from infer_plan.loadtests.apis import read_stream
+from infer_plan.server.backends.base import Generate
+from infer_plan.server.backends.openai_upstream import OpenAIBackend, OpenAIOptions
 
 
 def _read(events: list[dict]) -> tuple[list[float], list[str], int | None]:
@@ -51,3 +56,65 @@ def test_a_chat_role_announcement_is_not_a_token_but_a_role_with_the_first_token
     assert times == [1.0, 2.0] and text == ["x", ""]  # the finish chunk's delta is {}: no token
     together = [_delta(role="assistant", content="x"), _delta(content="y", finish="length")]
     assert _read(together)[0] == [0.0, 1.0]
+
+
+STREAMS = {
+    "vllm, held-back text": [_text(""), _text(" a"), _text(""), _text("b", "length"), USAGE],
+    "openai end marker": [_text(" a"), _text(" b"), _text(" c"), _text(" d"), _text("", "stop"), USAGE],
+    "no usage": [_text("x"), _text(""), _text("y"), _text("", "stop")],
+}
+
+
+class _Sink:
+    cancelled = False
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.output = None
+
+    def token(self, piece: str) -> None:
+        self.pieces.append(piece)
+
+    def finish(self, output) -> None:
+        self.output = output
+
+
+@pytest.fixture
+async def scripted_upstream():
+    """An upstream on 127.0.0.1 that streams whichever events the test names, as SSE lines."""
+    chosen: list[list[dict]] = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for event in chosen[-1]:
+            await response.write(f"data: {json.dumps(event)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}", chosen
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("name", list(STREAMS))
+async def test_the_load_test_and_the_openai_backend_count_the_same_tokens(scripted_upstream, name):
+    """One reader for both: the tokens a load test times are the ones our server forwards from an upstream."""
+    url, chosen = scripted_upstream
+    chosen.append(STREAMS[name])
+    _, text, usage = _read(STREAMS[name])
+    backend = OpenAIBackend(ServiceModel(), OpenAIOptions(upstream=url, served_model="m"))
+    await backend.start()
+    try:
+        sink = _Sink()
+        [output] = await backend.run_batch([Generate(prompt="p", max_tokens=4, sink=sink)], gpu=0)
+    finally:
+        await backend.close()
+    assert sink.pieces == text and sink.output == output
+    assert output.completion_tokens == (usage if usage is not None else len(text))

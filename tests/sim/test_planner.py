@@ -2,8 +2,9 @@ import math
 
 import pytest
 from infer_plan.core import ServiceModel
+from infer_plan.core.slos import Slos
 from infer_plan.sim import RunSettings, Workload
-from infer_plan.sim.planner import Constraints, back_of_envelope, plan_capacity
+from infer_plan.sim.planner import back_of_envelope, plan_capacity
 
 
 @pytest.mark.parametrize(
@@ -22,13 +23,8 @@ def test_back_of_envelope_follows_the_design_arithmetic(overlap, rps, per_gpu, r
 
 
 def test_capacity_at_10k_is_the_smallest_count_under_the_ceiling():
-    model = ServiceModel()
-    result = plan_capacity(
-        model,
-        Workload.constant(10_000),
-        RunSettings(duration_s=20, warmup_s=5),
-        Constraints(slo_p95_ms=500, max_load=0.7),
-    )
+    model = ServiceModel(slo_p95_ms=500, max_load=0.7)
+    result = plan_capacity(model, Workload.constant(10_000), RunSettings(duration_s=20, warmup_s=5))
     assert result.gpus == 16
     assert result.load_factor == pytest.approx(10_000 * 0.110 / (16 * 100), rel=0.02)
     assert result.p95_ms < 500
@@ -40,9 +36,9 @@ def test_capacity_at_10k_is_the_smallest_count_under_the_ceiling():
 def test_latency_binds_when_the_slo_is_tight():
     # An SLO under the light-load latency (timeout + cycle = 150 ms) forces full batches,
     # which only high load gives; with a 1.0 ceiling the search must rely on simulation.
-    model = ServiceModel()
-    constraints = Constraints(slo_p95_ms=140, max_load=1.0)
-    result = plan_capacity(model, Workload.constant(5_000), RunSettings(duration_s=20, warmup_s=5), constraints)
+    model = ServiceModel(slo_p95_ms=140, max_load=1.0)  # the flat key, as a scenario or a flag gives it
+    assert model.slos.e2e_p95_ms == 140
+    result = plan_capacity(model, Workload.constant(5_000), RunSettings(duration_s=20, warmup_s=5))
     assert result.gpus is not None
     chosen = next(r for r in result.neighbours if r.gpus == result.gpus)
     assert chosen.meets and chosen.p95_ms <= 140
@@ -52,10 +48,9 @@ def test_latency_binds_when_the_slo_is_tight():
 
 def test_impossible_slo_finds_nothing_within_the_limit():
     result = plan_capacity(
-        ServiceModel(),
+        ServiceModel(slos=Slos(e2e_p95_ms=50)),
         Workload.constant(1_000),
         RunSettings(duration_s=10, warmup_s=2),
-        Constraints(slo_p95_ms=50, max_load=0.7),
         max_gpus=6,
     )
     assert result.gpus is None

@@ -12,7 +12,7 @@ from infer_plan.core.records import Outcome
 from infer_plan.core.tiers import Tier
 from infer_plan.sim.arrivals import Arrivals, concatenate, split
 from infer_plan.sim.engine import simulate_arrivals, simulate_chunks
-from infer_plan.sim.planner import Constraints, plan_capacity, sweep_capacity
+from infer_plan.sim.planner import plan_capacity, sweep_capacity
 from infer_plan.sim.runner import RunSettings, run_simulation
 from infer_plan.sim.sinks import RecordKeeper
 from infer_plan.sim.workload import Workload
@@ -122,17 +122,14 @@ def test_parallel_search_and_sweep_give_the_serial_answers():
     model = ServiceModel()
     workload = Workload.constant(3_000)
     settings = RunSettings(duration_s=10.0, warmup_s=2.0, precision=0.01, min_duration_s=10.0)
-    constraints = Constraints.of(model)
-    serial = plan_capacity(model, workload, settings, constraints, jobs=1)
-    parallel = plan_capacity(model, workload, settings, constraints, jobs=2)
+    serial = plan_capacity(model, workload, settings, jobs=1)
+    parallel = plan_capacity(model, workload, settings, jobs=2)
     assert parallel.jobs == 2 and serial.jobs == 1
     assert parallel.gpus == serial.gpus
     assert [r.model_dump() for r in parallel.neighbours] == [r.model_dump() for r in serial.neighbours]
     assert parallel.precision == serial.precision
     rates = [1_000.0, 3_000.0, 6_000.0]
-    assert sweep_capacity(model, workload, rates, settings, constraints, jobs=2) == sweep_capacity(
-        model, workload, rates, settings, constraints
-    )
+    assert sweep_capacity(model, workload, rates, settings, jobs=2) == sweep_capacity(model, workload, rates, settings)
 
 
 def test_an_empty_run_and_a_single_request_still_summarise():
