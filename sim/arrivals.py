@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import json
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import numpy as np
 
 from ..core.errors import ConfigError
 from ..core.tiers import Tier
+from .rows import json_rows, row_tier, row_timestamp
 from .schedule import RateSchedule
 
 __all__ = [
@@ -206,7 +206,11 @@ def load_trace(path: Path, default_tier: Tier = Tier.FREE) -> Arrivals:
     try:
         with path.open(encoding="utf-8", newline="") as fh:
             if path.suffix.lower() in {".jsonl", ".ndjson"}:
-                rows = [_json_row(line, n, default_tier, path) for n, line in enumerate(fh, 1) if line.strip()]
+                example = '{"timestamp": 1.5, "tier": "paid"}'
+                rows = [
+                    _trace_row(row.get("timestamp", row.get("t")), row.get("tier"), default_tier, path, n)
+                    for n, row in json_rows(fh, path, example)
+                ]
             else:
                 rows = _csv_rows(fh, default_tier, path)
     except UnicodeDecodeError as err:
@@ -242,16 +246,6 @@ def _csv_rows(fh: TextIO, default_tier: Tier, path: Path) -> list[tuple[float, i
     ]
 
 
-def _json_row(line: str, lineno: int, default_tier: Tier, path: Path) -> tuple[float, int]:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{path}:{lineno}: not a JSON object ({err.msg})") from None
-    if not isinstance(record, dict):
-        raise ConfigError(f'{path}:{lineno}: expected an object like {{"timestamp": 1.5, "tier": "paid"}}')
-    return _trace_row(record.get("timestamp", record.get("t")), record.get("tier"), default_tier, path, lineno)
-
-
 def _cell(row: list[str], i: int) -> str | None:
     return row[i] if i < len(row) else None
 
@@ -265,14 +259,7 @@ def _is_number(text: str) -> bool:
 
 
 def _trace_row(raw: object, tier_name: object, default_tier: Tier, path: Path, lineno: int) -> tuple[float, int]:
-    try:
-        stamp = float(raw)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{path}:{lineno}: expected a timestamp in seconds, got {raw!r}") from None
-    if not np.isfinite(stamp):
-        raise ConfigError(f"{path}:{lineno}: expected a finite timestamp in seconds, got {raw!r}")
-    try:
-        tier = Tier.parse(str(tier_name)) if tier_name not in (None, "") else default_tier
-    except ValueError as err:
-        raise ConfigError(f"{path}:{lineno}: {err}") from None
-    return stamp, int(tier)
+    stamp = row_timestamp(raw, path, lineno)
+    if stamp is None:
+        raise ConfigError(f"{path}:{lineno}: expected a timestamp in seconds, got {raw!r}")
+    return stamp, row_tier(tier_name, default_tier, path, lineno)

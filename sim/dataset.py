@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +24,10 @@ import numpy as np
 
 from ..core.errors import ConfigError
 from ..core.tiers import Tier
+from ..core.tokens import CHARS_PER_TOKEN, estimated_tokens, load_tokenizer
+from .rows import json_rows, row_tier, row_timestamp
 
 __all__ = ["CHARS_PER_TOKEN", "Dataset", "load_dataset"]
-
-CHARS_PER_TOKEN = 4  # OpenAI's rule of thumb for English text, used when no tokenizer is given
 
 
 @dataclass(frozen=True)
@@ -57,19 +56,11 @@ def load_dataset(path: Path, tokenizer: str | None = None) -> Dataset:
 
 def _jsonl(path: Path, text: str) -> Dataset:
     prompts, outputs, stamps, tiers = [], [], [], []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}:{lineno}: not a JSON object ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise ConfigError(f'{path}:{lineno}: expected an object like {{"prompt_tokens": 5, "output_tokens": 9}}')
+    for lineno, row in json_rows(text.splitlines(), path, '{"prompt_tokens": 5, "output_tokens": 9}'):
         prompts.append(_count(row, "prompt_tokens", path, lineno))
         outputs.append(_count(row, "output_tokens", path, lineno))
-        stamps.append(_stamp(row.get("timestamp"), path, lineno))
-        tiers.append(_tier(row.get("tier"), path, lineno))
+        stamps.append(row_timestamp(row.get("timestamp"), path, lineno))
+        tiers.append(row_tier(row.get("tier"), Tier.FREE, path, lineno))
     if not prompts:
         raise ConfigError(f"{path}: the dataset holds no requests")
     timed = [s is not None for s in stamps]
@@ -94,23 +85,6 @@ def _count(row: dict[str, Any], key: str, path: Path, lineno: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | float) or value < 1 or value != int(value):
         raise ConfigError(f"{path}:{lineno}: {key!r} must be a whole number of tokens >= 1, got {value!r}")
     return int(value)
-
-
-def _stamp(value: object, path: Path, lineno: int) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError(f"{path}:{lineno}: 'timestamp' must be a number of seconds, got {value!r}")
-    return float(value)
-
-
-def _tier(value: object, path: Path, lineno: int) -> int:
-    if value in (None, ""):
-        return int(Tier.FREE)
-    try:
-        return int(Tier.parse(str(value)))
-    except ValueError as err:
-        raise ConfigError(f"{path}:{lineno}: {err}") from None
 
 
 def _sharegpt(path: Path, text: str, tokenizer: str | None) -> Dataset:
@@ -148,14 +122,6 @@ def _first_exchange(turns: list[Any]) -> tuple[str, str] | None:
 
 def _counter(tokenizer: str | None):
     if tokenizer is None:
-        estimate = f"estimated at {CHARS_PER_TOKEN} characters a token"
-        return (lambda text: math.ceil(len(text) / CHARS_PER_TOKEN)), estimate
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        raise ConfigError("counting tokens with a tokenizer needs transformers: pip install transformers") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(tokenizer)
-    except Exception as err:  # transformers raises many types for a missing or broken tokenizer
-        raise ConfigError(f"cannot load the tokenizer {tokenizer!r}: {err}") from None
+        return estimated_tokens, f"estimated at {CHARS_PER_TOKEN} characters a token"
+    tok = load_tokenizer(tokenizer)
     return (lambda text: len(tok.encode(text, add_special_tokens=False))), f"counted with the tokenizer {tokenizer}"

@@ -22,21 +22,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...core.model import ServiceModel
+from ...core.tokens import word_tokens
 from ..errors import ApiError
 from .base import Backend, BackendOptions, Generate, Generated
 
-__all__ = ["SimBackend", "sim_output", "sim_pieces", "sim_tokens", "sim_words"]
+__all__ = ["SimBackend", "sim_output", "sim_pieces", "sim_words"]
 
 
 def sim_output(text: str) -> str:
     """The deterministic answer to one input, so clients can check they got their own."""
     digest = hashlib.blake2s(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
     return f"sim:{digest}:{len(text)}"
-
-
-def sim_tokens(prompt: str | list[int]) -> int:
-    """The sim backend's token count of a prompt: its token ids, or its whitespace-separated words."""
-    return len(prompt) if isinstance(prompt, list) else len(prompt.split())
 
 
 def sim_words(prompt: str | list[int], count: int) -> str:
@@ -234,7 +230,7 @@ def _admissible(feed: Any, model: ServiceModel, now: float) -> tuple[Any, float]
     """
     joins_at = math.inf
     for head in feed.heads():
-        ready = head.arrived + model.admission_delay_ms(sim_tokens(head.request.prompt)) / 1000.0
+        ready = head.arrived + model.admission_delay_ms(word_tokens(head.request.prompt)) / 1000.0
         if ready <= now:
             return head, math.inf
         joins_at = min(joins_at, ready)
@@ -258,7 +254,7 @@ def _too_long(reserve: int, kv_budget: float) -> ApiError:
 
 def _answer(request: Generate) -> tuple[Generated, list[str]]:
     """The output and its tokens; a stop string ends it early (its token counts, its text does not)."""
-    prompt_tokens = sim_tokens(request.prompt)
+    prompt_tokens = word_tokens(request.prompt)
     if request.max_tokens is None:  # /v1/inference: the one-token answer
         text = sim_output(str(request.prompt))
         return Generated(text, prompt_tokens, 1), [text]

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from infer_plan.core.errors import InferPlanError, UsageError
 from infer_plan.core.model import ServiceModel
-from infer_plan.sim.dataset import CHARS_PER_TOKEN, load_dataset
+from infer_plan.core.tokens import CHARS_PER_TOKEN
+from infer_plan.sim.dataset import load_dataset
 from infer_plan.sim.lengths import LengthDist
 from infer_plan.sim.workload import Workload
 
@@ -87,7 +88,7 @@ def test_a_jsonl_dataset_with_timestamps_is_a_trace_and_without_is_a_length_pool
         (['{"prompt_tokens": 5.5, "output_tokens": 3}'], "data.jsonl:1: 'prompt_tokens' must be a whole number"),
         (['{"prompt_tokens": 5}'], "data.jsonl:1: 'output_tokens'"),
         (["[1, 2]"], "ShareGPT"),
-        (['{"prompt_tokens": 5, "output_tokens": 9, "timestamp": "noon"}'], "'timestamp' must be a number"),
+        (['{"prompt_tokens": 5, "output_tokens": 9, "timestamp": "noon"}'], "expected a timestamp in seconds"),
         (['{"prompt_tokens": 5, "output_tokens": 9, "tier": "gold"}'], "data.jsonl:1:"),
         (
             ['{"prompt_tokens": 5, "output_tokens": 9, "timestamp": 1}', '{"prompt_tokens": 5, "output_tokens": 9}'],
