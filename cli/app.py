@@ -21,6 +21,7 @@ except ImportError:  # pragma: no cover - older typer uses the click distributio
     from click.exceptions import NoSuchOption
 
 from ..core.errors import InferPlanError
+from .backends import backends
 from .calibrate import calibrate
 from .capacity import capacity
 from .loadtest import loadtest
@@ -45,6 +46,7 @@ app.command()(loadtest)
 app.command()(calibrate)
 app.command()(report)
 app.command(name="tiny-model")(tiny_model)
+app.command()(backends)
 
 
 def command() -> click.Group:

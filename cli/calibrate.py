@@ -10,6 +10,8 @@ import typer
 from ..core.errors import UsageError
 from ..core.model import Batching
 from .options import (
+    BackendOpt,
+    BackendOptionOpt,
     DeviceOpt,
     DtypeOpt,
     JsonFlagOpt,
@@ -20,20 +22,15 @@ from .options import (
     SaveOpt,
     ScenarioOpt,
     TemperatureOpt,
-    TorchFlags,
     TorchModelOpt,
+    backend_options,
     build_scenario,
-    engine_options,
 )
 from .output import emit_json, render_result
 from .parsing import parse_int_list
 from .progress import status_progress
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Profile TOML to write (for --profile).")]
-BackendOpt = Annotated[
-    str,
-    typer.Option("--backend", help="sim | vllm | openai | torch | remote (a running server) | package.module:Class"),
-]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Model directory (vllm) or name (openai).")]
 UpstreamOpt = Annotated[
     str | None, typer.Option("--upstream", help="openai: base URL; remote: a server's internal URL.")
@@ -81,6 +78,7 @@ FromRequestsOpt = Annotated[
 def calibrate(
     out: OutOpt,
     backend: BackendOpt = "sim",
+    backend_option: BackendOptionOpt = None,
     model: ModelOpt = None,
     upstream: UpstreamOpt = None,
     sizes: SizesOpt = None,
@@ -112,8 +110,10 @@ def calibrate(
     from ..calibrate.run import CalibrationSpec, calibration_cells, calibration_mode, run_calibration
 
     service = build_scenario(scenario=scenario, profile=profile).model
-    torch = TorchFlags(torch_model, device, dtype)
-    options = engine_options(backend, model, upstream, max_tokens, temperature, max_model_len, torch, api_key=api_key)
+    options = backend_options(
+        backend, backend_option, model=model, upstream=upstream, max_tokens=max_tokens, temperature=temperature,
+        max_model_len=max_model_len, torch_model=torch_model, device=device, dtype=dtype, api_key=api_key,
+    )  # fmt: skip
     if from_traffic and backend != "remote":
         raise UsageError("--from-traffic reads a running server's batch log: use --backend remote --upstream URL")
     spec = CalibrationSpec(

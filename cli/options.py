@@ -6,20 +6,19 @@ reads flags or the environment itself.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from ..core.errors import UsageError
-from ..server.backends.base import Generation
+from ..server.backends.base import Backend, EngineFlags, backend_names
 from ..sim.arrivals import ArrivalProcess
 from ..sim.runner import RunSettings
 from ..sim.scenario import Scenario, load_scenario
 from .parsing import parse_spike, parse_tier_mix
 
-__all__ = ["FLAG_OF", "build_scenario", "engine_options", "parse_spike"]
+__all__ = ["FLAG_OF", "backend_options", "build_scenario", "parse_spike", "slo_flags"]
 
 ScenarioOpt = Annotated[Path | None, typer.Option("--scenario", help="TOML scenario file ([service], [load], [run]).")]
 ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="Calibrated profile from 'infer-plan calibrate'.")]
@@ -170,56 +169,23 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="torch: cpu, cuda (one 
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="torch: float32, float16 or bfloat16.")]
 
 
-@dataclass(frozen=True)
-class TorchFlags:
-    """The torch backend's flags, as serve and calibrate take them."""
-
-    torch_model: str | None = None
-    device: str = "cpu"
-    dtype: str = "float32"
-
-
-@dataclass(frozen=True)
-class RayFlags:
-    """The ray backend's flags: where the cluster is and which engine each actor holds."""
-
-    address: str | None = None
-    engine: str = "sim"
+BackendOpt = Annotated[
+    str,
+    typer.Option("--backend", help=f"Engine: {' | '.join(backend_names())} | package.module:Class ('infer-plan "
+                 "backends' lists each one's options)."),
+]  # fmt: skip
+BackendOptionOpt = Annotated[
+    list[str] | None,
+    typer.Option("--backend-option", "-o", help="KEY=VALUE: one of the backend's own options; repeat."),
+]
 
 
-def engine_options(
-    backend: str,
-    model: str | None,
-    upstream: str | None,
-    max_tokens: int,
-    temperature: float,
-    max_model_len: int,
-    torch: TorchFlags | None = None,
-    gpus: int = 1,
-    ray: RayFlags | None = None,
-    api_key: str | None = None,
-) -> dict[str, Any]:
-    """The keyword arguments of the chosen backend's constructor, checked for what it needs."""
-    generation = Generation(max_tokens=max_tokens, temperature=temperature)
-    if backend == "ray":
-        flags = ray or RayFlags()
-        if flags.engine == "ray":
-            raise UsageError("--ray-engine: the engine inside each actor (sim, vllm, ...), not ray itself")
-        inner = engine_options(flags.engine, model, upstream, max_tokens, temperature, max_model_len, torch, 1)
-        return {"ray_address": flags.address, "ray_engine": flags.engine, "engine_options": inner, "actors": gpus}
-    if backend == "torch":
-        flags = torch or TorchFlags()
-        return {"torch_model": flags.torch_model, "device": flags.device, "dtype": flags.dtype, "replicas": gpus}
-    if backend == "openai":
-        if not upstream:
-            raise UsageError("--backend openai needs --upstream URL (an OpenAI-compatible server)")
-        return {"upstream": upstream, "served_model": model, "generation": generation, "api_key": api_key}
-    if backend == "remote":
-        if not upstream:
-            raise UsageError("--backend remote needs --upstream URL (another server's internal listener)")
-        return {"upstream": upstream}
-    if backend == "vllm":
-        if not model:
-            raise UsageError("--backend vllm needs --model (a local model directory)")
-        return {"model_path": model, "generation": generation, "max_model_len": max_model_len}
-    return {}
+def backend_options(backend: str, extra: list[str] | None, **flags: Any) -> dict[str, Any]:
+    """The chosen backend's options: what it reads of the shared engine flags, then each ``--backend-option``."""
+    pairs = {}
+    for item in extra or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--backend-option: expected KEY=VALUE, got {item!r}")
+        pairs[key.strip()] = value
+    return Backend.options_for(backend, EngineFlags(**flags, extra=pairs))

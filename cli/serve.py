@@ -16,6 +16,8 @@ from ..server.keys import DEV_KEYS
 if TYPE_CHECKING:
     from ..server.runner import Listening
 from .options import (
+    BackendOpt,
+    BackendOptionOpt,
     DeviceOpt,
     DtypeOpt,
     KernelOpt,
@@ -27,20 +29,15 @@ from .options import (
     ProfileOpt,
     RayAddressOpt,
     RayEngineOpt,
-    RayFlags,
     ScenarioOpt,
     TemperatureOpt,
-    TorchFlags,
     TorchModelOpt,
+    backend_options,
     build_scenario,
-    engine_options,
 )
 
 HostOpt = Annotated[str, typer.Option("--host", help="Public listener address.")]
 PortOpt = Annotated[int, typer.Option("--port", min=0, max=65535, help="Public port (0: any free one).")]
-BackendOpt = Annotated[
-    str, typer.Option("--backend", help="sim | vllm | openai | torch | remote | ray | package.module:Class.")
-]
 GpusOpt = Annotated[int | None, typer.Option("--gpus", min=1, help="GPU workers (default: the scenario's, else 1).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Model name or local path.")]
 ServedNameOpt = Annotated[
@@ -74,6 +71,7 @@ def serve(
     host: HostOpt = "127.0.0.1",
     port: PortOpt = 8000,
     backend: BackendOpt = "sim",
+    backend_option: BackendOptionOpt = None,
     gpus: GpusOpt = None,
     keys: KeysOpt = None,
     model: ModelOpt = None,
@@ -111,9 +109,10 @@ def serve(
     config = ServerConfig(
         model=scen.model, host=host, port=port, internal_host=internal_host, internal_port=internal_port,
         allow_remote_internal=allow_remote_internal, backend=backend, gpus=scen.model.gpus or 1,
-        backend_options=engine_options(
-            backend, model, upstream, max_tokens, temperature, max_model_len, TorchFlags(torch_model, device, dtype),
-            gpus=scen.model.gpus or 1, ray=RayFlags(ray_address, ray_engine),
+        backend_options=backend_options(
+            backend, backend_option, model=model, upstream=upstream, max_tokens=max_tokens, temperature=temperature,
+            max_model_len=max_model_len, torch_model=torch_model, device=device, dtype=dtype, ray_address=ray_address,
+            ray_engine=ray_engine, gpus=scen.model.gpus or 1,
         ),
         keys_file=keys, allow_dev_keys=allow_dev_keys, model_name=served_model_name or model,
         drain_timeout_s=drain_timeout, access_log=access_log, redis_url=redis, redis_prefix=redis_prefix,

@@ -34,7 +34,7 @@ class Slos(BaseModel):
     tier_e2e_p95_ms: dict[str, float] = Field(
         default_factory=dict, description="per-tier E2E P95 where it differs from e2e_p95_ms"
     )
-    hold_tiers: bool = Field(default=True, description="hold every tier with requests to its E2E P95, not only all")
+    hold_tiers: bool = Field(default=True, description="hold every tier with answers to its objectives, not only all")
     ttft_p95_ms: float | None = Field(default=None, gt=0, description="time to first token, P95")
     itl_p95_ms: float | None = Field(default=None, gt=0, description="inter-token latency, P95 over all gaps")
     tpot_p95_ms: float | None = Field(default=None, gt=0, description="time per output token, P95")

@@ -1,6 +1,6 @@
-"""The README's commands run as written: every `infer-plan` line of its bash blocks that needs no server,
-in order, in a scratch folder beside the repository's examples; and every console block that shows a
-command's output shows what that command prints today.
+"""The documentation's commands run as written: every `infer-plan` line of the bash blocks of the README,
+CONTRIBUTING.md and docs/ that needs no server, in reading order, in a scratch folder beside the repository's
+examples; and every console block that shows a command's output shows what that command prints today.
 """
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ import pytest
 
 from tests.helpers import REPO, run_cli
 
-README = (REPO / "README.md").read_text(encoding="utf-8")
+# Reading order: a later page's command may read what an earlier one saved.
+PAGES = [REPO / "README.md", *(REPO / "docs" / f"{name}.md" for name in (
+    "model", "planning", "calibration", "serving", "load-testing", "ci", "architecture", "benchmarks"
+)), REPO / "CONTRIBUTING.md"]  # fmt: skip
+README = "\n".join(page.read_text(encoding="utf-8") for page in PAGES)
 # Commands that start or need a server, a model download or another machine are run by their own tests.
 NEEDS_MORE = {"serve", "loadtest", "tiny-model"}
 
@@ -37,6 +41,26 @@ def _commands() -> list[list[str]]:
 
 
 COMMANDS = _commands()
+
+
+def test_every_page_is_read_and_the_readme_is_a_front_door():
+    assert sorted((REPO / "docs").glob("*.md")) == sorted(p for p in PAGES if p.parent.name == "docs")
+    assert len((REPO / "README.md").read_text(encoding="utf-8").splitlines()) <= 250
+
+
+def test_every_link_between_pages_leads_to_a_page_and_heading():
+    anchors = {page: {_anchor(h) for h in re.findall(r"^#+ (.*)$", page.read_text(), flags=re.M)} for page in PAGES}
+    for page in PAGES:
+        for target, anchor in re.findall(r"\]\((?!https?:)([^)#]*)(?:#([^)]*))?\)", page.read_text()):
+            linked = (page.parent / target).resolve() if target else page
+            assert linked.exists(), (page.name, target)
+            if anchor and linked.suffix == ".md":
+                assert anchor in anchors.get(linked, set()), (page.name, target, anchor)
+
+
+def _anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
 
 
 def test_the_readme_has_runnable_commands():

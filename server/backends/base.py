@@ -4,13 +4,16 @@ Each request of a batch is a :class:`Generate` (its prompt, as text or as token 
 how many tokens to generate); each answer a :class:`Generated` (its text and its token
 counts, which ``usage`` and the token-level measurements need).
 
-A backend is registered under a name (``@Backend.register("sim")``) and built with
-:meth:`Backend.create`, so adding an engine is one new module. Each declares its
-settings as a typed model (``Options``) that :meth:`Backend.create` validates, so a
-misspelled or missing option is an error naming it, not a silent default. A name of the form
-``package.module:ClassName`` imports a user's own backend class instead, so a team
+Backends are found by name through the ``infer_plan.backends`` entry points (ours are
+listed in ``pyproject.toml``; another package adds its own the same way), so adding an
+engine is one module and one line, and neither the CLI nor this file names it. Each
+declares its settings as a typed model (``Options``) that :meth:`Backend.create`
+validates, so a misspelled or missing option is an error naming it, not a silent
+default, and takes from the engine flags ``serve`` and ``calibrate`` share
+(:class:`EngineFlags`) the ones it needs (:meth:`Backend.options_from`). A name of the
+form ``package.module:ClassName`` imports a user's own backend class instead, so a team
 can serve its engine (or a fault-injecting one, as the reliability tests do) without
-forking the server. The GPU worker pool
+packaging it. The GPU worker pool
 calls :meth:`run_batch` for one batch at a time per GPU; a backend that cannot run
 concurrent batches serialises internally.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, fields
+from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -135,8 +139,57 @@ class BackendOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+@dataclass(frozen=True)
+class EngineFlags:
+    """The engine flags ``serve`` and ``calibrate`` share; each backend reads the ones it needs."""
+
+    model: str | None = None
+    upstream: str | None = None
+    max_tokens: int = 16
+    temperature: float = 0.0
+    max_model_len: int = 512
+    torch_model: str | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    ray_address: str | None = None
+    ray_engine: str = "sim"
+    api_key: str | None = None
+    gpus: int = 1
+    extra: dict[str, str] = field(default_factory=dict)  # --backend-option KEY=VALUE: any field of Options
+
+    @property
+    def generation(self) -> Generation:
+        return Generation(max_tokens=self.max_tokens, temperature=self.temperature)
+
+
+ENTRY_POINTS = "infer_plan.backends"
+
+
+def backend_names() -> list[str]:
+    """The backends installed (entry point names), without importing any."""
+    return sorted({ep.name for ep in entry_points(group=ENTRY_POINTS)})
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The backend called ``name``, or the class ``package.module:ClassName`` names."""
+    if ":" in name:
+        return _import_backend(name)
+    found = [ep for ep in entry_points(group=ENTRY_POINTS) if ep.name == name]
+    if not found:
+        valid = ", ".join(backend_names())
+        raise ConfigError(f"unknown backend {name!r} (valid: {valid}, or package.module:ClassName)", field="backend")
+    try:
+        sub = found[0].load()
+    except ImportError as err:
+        raise ConfigError(f"backend {name!r}: cannot import {found[0].value} ({err})", field="backend") from None
+    if not (isinstance(sub, type) and issubclass(sub, Backend)):
+        raise ConfigError(f"backend {name!r}: {found[0].value} is not a Backend subclass", field="backend")
+    if not sub.__dict__.get("name"):
+        sub.name = name
+    return sub
+
+
 class Backend(ABC):
-    registry: ClassVar[dict[str, type[Backend]]] = {}
     steps_itself: ClassVar[bool] = False  # True: run_continuous runs the step loop (continuous batching)
     name: ClassVar[str] = ""
     Options: ClassVar[type[BackendOptions]] = BackendOptions
@@ -146,21 +199,21 @@ class Backend(ABC):
         self.options = options
 
     @classmethod
-    def register(cls, name: str):
-        def deco(sub: type[Backend]) -> type[Backend]:
-            sub.name = name
-            cls.registry[name] = sub
-            return sub
+    def options_from(cls, flags: EngineFlags) -> dict[str, Any]:
+        """This backend's options from the shared flags (override to read some; raise UsageError for a missing one).
 
-        return deco
+        The base reads none: a backend's own settings come through ``--backend-option KEY=VALUE``.
+        """
+        return {}
+
+    @classmethod
+    def options_for(cls, name: str, flags: EngineFlags) -> dict[str, Any]:
+        """Backend ``name``'s options: what it reads from the flags, then each ``--backend-option``."""
+        return backend_class(name).options_from(flags) | dict(flags.extra)
 
     @classmethod
     def create(cls, name: str, model: ServiceModel, options: dict[str, Any] | None = None) -> Backend:
-        _load_builtin_backends()
-        sub = _import_backend(name) if ":" in name else cls.registry.get(name)
-        if sub is None:
-            valid = ", ".join(sorted(cls.registry))
-            raise ConfigError(f"unknown backend {name!r} (valid: {valid}, or package.module:ClassName)")
+        sub = backend_class(name)
         try:
             typed = sub.Options.model_validate(options or {})
         except ValidationError as err:
@@ -222,11 +275,6 @@ class Backend(ABC):
 def plain_chat_prompt(messages: list[dict[str, str]]) -> str:
     """The documented template for engines without their own: one ``role: content`` line each, then ``assistant:``."""
     return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-
-
-def _load_builtin_backends() -> None:
-    # Each registers itself; the engine modules import their heavy libraries only in start().
-    from . import openai_upstream, ray_backend, remote, sim, torch_backend, vllm_engine  # noqa: F401
 
 
 def _import_backend(spec: str) -> type[Backend]:

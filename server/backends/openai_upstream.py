@@ -14,14 +14,15 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 from pydantic import Field
 
+from ...core.errors import UsageError
 from ...core.model import ServiceModel
 from ...core.sse import StreamReader
-from .base import Backend, BackendError, Generate, Generated, Generation, non_empty, scatter
+from .base import BackendError, EngineFlags, Generate, Generated, Generation, non_empty, scatter
 from .http_client import ForwardingBackend, ForwardingOptions, post_json
 
 __all__ = ["OpenAIBackend"]
@@ -33,10 +34,17 @@ class OpenAIOptions(ForwardingOptions):
     api_key: str | None = Field(default=None, description="sent as 'Authorization: Bearer KEY' (a keyed upstream)")
 
 
-@Backend.register("openai")
 class OpenAIBackend(ForwardingBackend):
+    name: ClassVar[str] = "openai"
     Options = OpenAIOptions
     options: OpenAIOptions
+
+    @classmethod
+    def options_from(cls, flags: EngineFlags) -> dict[str, Any]:
+        if not flags.upstream:
+            raise UsageError("--backend openai needs --upstream URL (an OpenAI-compatible server)")
+        return {"upstream": flags.upstream, "served_model": flags.model, "generation": flags.generation,
+                "api_key": flags.api_key}  # fmt: skip
 
     def __init__(self, model: ServiceModel, options: OpenAIOptions) -> None:
         super().__init__(model, options)

@@ -24,16 +24,18 @@ The actor's module must be importable where it runs: on another machine, install
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
+from ...core.errors import UsageError
 from ...core.model import ServiceModel
-from .base import Backend, BackendError, BackendOptions, Generate, Generated
+from .base import Backend, BackendError, BackendOptions, EngineFlags, Generate, Generated
 
 __all__ = ["EngineActor", "RayBackend", "RayOptions"]
 
@@ -101,9 +103,17 @@ class EngineActor:
         yield ("outputs", -1, [o.to_wire() for o in batch.result()])
 
 
-@Backend.register("ray")
 class RayBackend(Backend):
+    name: ClassVar[str] = "ray"
     Options = RayOptions
+
+    @classmethod
+    def options_from(cls, flags: EngineFlags) -> dict[str, Any]:
+        if flags.ray_engine == "ray":
+            raise UsageError("--ray-engine: the engine inside each actor (sim, vllm, ...), not ray itself")
+        inner = Backend.options_for(flags.ray_engine, dataclasses.replace(flags, gpus=1, extra={}))
+        return {"ray_address": flags.ray_address, "ray_engine": flags.ray_engine, "engine_options": inner,
+                "actors": flags.gpus}  # fmt: skip
 
     def __init__(self, model: ServiceModel, options: RayOptions) -> None:
         super().__init__(model, options)

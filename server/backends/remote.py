@@ -10,16 +10,25 @@ loaded alone.
 from __future__ import annotations
 
 import itertools
+from typing import Any, ClassVar
 
+from ...core.errors import UsageError
 from ...core.model import ServiceModel
-from .base import Backend, BackendError, Generate, Generated
+from .base import BackendError, EngineFlags, Generate, Generated
 from .http_client import ForwardingBackend, ForwardingOptions, post_json
 
 __all__ = ["RemoteBackend"]
 
 
-@Backend.register("remote")
 class RemoteBackend(ForwardingBackend):
+    name: ClassVar[str] = "remote"
+
+    @classmethod
+    def options_from(cls, flags: EngineFlags) -> dict[str, Any]:
+        if not flags.upstream:
+            raise UsageError("--backend remote needs --upstream URL (another server's internal listener)")
+        return {"upstream": flags.upstream}
+
     def __init__(self, model: ServiceModel, options: ForwardingOptions) -> None:
         super().__init__(model, options)
         self.endpoint = f"{self.base}/internal/batch"

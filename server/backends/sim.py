@@ -19,7 +19,7 @@ import hashlib
 import math
 import random
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from ...core.model import ServiceModel
 from ...core.tokens import word_tokens
@@ -63,8 +63,8 @@ class _Sequence:
         return self.output.prompt_tokens + len(self.pieces)
 
 
-@Backend.register("sim")
 class SimBackend(Backend):
+    name: ClassVar[str] = "sim"
     steps_itself = True
 
     def __init__(self, model: ServiceModel, options: BackendOptions) -> None:

@@ -24,13 +24,13 @@ import importlib
 import logging
 import re
 import time
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 
 from ...core.errors import ConfigError
 from ...core.model import ServiceModel
-from .base import Backend, BackendError, BackendOptions, Generate, Generated
+from .base import Backend, BackendError, BackendOptions, EngineFlags, Generate, Generated
 
 __all__ = ["PHASES", "TorchBackend"]
 
@@ -122,9 +122,13 @@ class _Replica:
         return back.tolist()
 
 
-@Backend.register("torch")
 class TorchBackend(Backend):
+    name: ClassVar[str] = "torch"
     Options = TorchOptions
+
+    @classmethod
+    def options_from(cls, flags: EngineFlags) -> dict[str, Any]:
+        return {"torch_model": flags.torch_model, "device": flags.device, "dtype": flags.dtype, "replicas": flags.gpus}
 
     def __init__(self, model: ServiceModel, options: TorchOptions) -> None:
         super().__init__(model, options)

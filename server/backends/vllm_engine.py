@@ -24,13 +24,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
-from ...core.errors import ConfigError
+from ...core.errors import ConfigError, UsageError
 from ...core.model import Batching, ServiceModel
-from .base import Backend, BackendError, BackendOptions, Generate, Generated, Generation, non_empty, scatter
+from .base import (
+    Backend,
+    BackendError,
+    BackendOptions,
+    EngineFlags,
+    Generate,
+    Generated,
+    Generation,
+    non_empty,
+    scatter,
+)
 
 __all__ = ["VllmBackend"]
 
@@ -41,9 +51,15 @@ class VllmOptions(BackendOptions):
     max_model_len: int = Field(default=512, ge=16, description="context length; prompts are cut to fit")
 
 
-@Backend.register("vllm")
 class VllmBackend(Backend):
+    name: ClassVar[str] = "vllm"
     Options = VllmOptions
+
+    @classmethod
+    def options_from(cls, flags: EngineFlags) -> dict[str, Any]:
+        if not flags.model:
+            raise UsageError("--backend vllm needs --model (a local model directory)")
+        return {"model_path": flags.model, "generation": flags.generation, "max_model_len": flags.max_model_len}
 
     def __init__(self, model: ServiceModel, options: VllmOptions) -> None:
         super().__init__(model, options)
