@@ -14,7 +14,7 @@ streamed load test at half the knee, a seed of its own, fitted by ``calibrate
 --from-requests --profile STREAMED``). It then runs streamed load tests of two workloads
 (fixed 128/32 tokens; lognormal prompts of mean 160 with 8-48 output tokens) at three
 loads: a fifth, half and 85% of the knee, the knee being the rate at which the
-calibrated profile's simulated TTFT P95 has doubled (``sim/knee.py``; the arithmetic
+calibrated profile's simulated TTFT P95 has doubled (``sim/planning/knee.py``; the arithmetic
 throughput lies past the point where the queue grows without bound). Each load test is
 beside its simulation with the final profile, and the streamed profile alone predicts
 the same sends (``simulate --dataset`` of the saved schedule). It prints per workload and
@@ -41,10 +41,10 @@ from pathlib import Path
 
 from infer_plan.core import ServiceModel
 from infer_plan.loadtests.target import server_process, stop_process, write_model_scenario
-from infer_plan.sim.knee import latency_knee_rps
+from infer_plan.sim.inputs.schedule import RateSchedule
+from infer_plan.sim.inputs.workload import Workload
+from infer_plan.sim.planning.knee import latency_knee_rps
 from infer_plan.sim.scenario import load_scenario
-from infer_plan.sim.schedule import RateSchedule
-from infer_plan.sim.workload import Workload
 
 ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
 WORKLOADS = {  # name: (prompt tokens, output tokens)

@@ -19,9 +19,9 @@ import time
 import numpy as np
 from infer_plan.core.model import ServiceModel
 from infer_plan.server.backends.base import Backend, Generate
-from infer_plan.sim.planner import plan_capacity
+from infer_plan.sim.inputs.workload import Workload
+from infer_plan.sim.planning.planner import plan_capacity
 from infer_plan.sim.runner import RunSettings
-from infer_plan.sim.workload import Workload
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 

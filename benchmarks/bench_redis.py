@@ -28,7 +28,7 @@ from infer_plan.core import ServiceModel
 from infer_plan.loadtests.openloop import send_open_loop
 from infer_plan.loadtests.target import RedisProcess, redis_server
 from infer_plan.sim import RateSchedule
-from infer_plan.sim.arrivals import generate_arrivals
+from infer_plan.sim.inputs.arrivals import generate_arrivals
 
 KEYS = {0: "dev-enterprise", 1: "dev-paid", 2: "dev-free"}
 

@@ -31,8 +31,8 @@ import numpy as np
 from infer_plan.core import ServiceModel
 from infer_plan.loadtests.openloop import send_open_loop
 from infer_plan.sim import RateSchedule
-from infer_plan.sim.arrivals import generate_arrivals
-from infer_plan.sim.engine import simulate_arrivals
+from infer_plan.sim.engines.engine import simulate_arrivals
+from infer_plan.sim.inputs.arrivals import generate_arrivals
 
 HERE = Path(__file__).parent
 LUA = (

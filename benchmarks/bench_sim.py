@@ -20,9 +20,9 @@ import time
 import numpy as np
 from infer_plan.core import ServiceModel
 from infer_plan.sim import RateSchedule
-from infer_plan.sim.arrivals import generate_arrivals
-from infer_plan.sim.engine import simulate_arrivals
-from infer_plan.sim.reference import simulate_reference
+from infer_plan.sim.engines.engine import simulate_arrivals
+from infer_plan.sim.inputs.arrivals import generate_arrivals
+from infer_plan.sim.references.reference import simulate_reference
 
 
 def timed(fn) -> float:
@@ -31,7 +31,8 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-# Times the engine in whichever build the interpreter has (the service model moved to core in 0.2).
+# Times the engine in whichever build the interpreter has (the service model moved to core in 0.2; the
+# simulator's modules into sub-packages by role in 0.3).
 _ENGINE_TIMING = """
 import sys, time
 import numpy as np
@@ -40,8 +41,12 @@ try:
 except ImportError:
     from infer_plan.sim import ServiceModel
 from infer_plan.sim import RateSchedule
-from infer_plan.sim.arrivals import generate_arrivals
-from infer_plan.sim.engine import simulate_arrivals
+try:
+    from infer_plan.sim.inputs.arrivals import generate_arrivals
+    from infer_plan.sim.engines.engine import simulate_arrivals
+except ImportError:
+    from infer_plan.sim.arrivals import generate_arrivals
+    from infer_plan.sim.engine import simulate_arrivals
 model = ServiceModel()
 arr = generate_arrivals(RateSchedule(rps=10_000), float(sys.argv[1]), model.tier_shares, np.random.default_rng(0))
 start = time.perf_counter()

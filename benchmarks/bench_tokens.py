@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 from infer_plan.core.model import Batching
 from infer_plan.sim import RateSchedule
-from infer_plan.sim.arrivals import Arrivals, generate_arrivals
-from infer_plan.sim.engine import simulate_arrivals
+from infer_plan.sim.engines.engine import simulate_arrivals
+from infer_plan.sim.inputs.arrivals import Arrivals, generate_arrivals
+from infer_plan.sim.references.step_reference import simulate_steps_reference
 from infer_plan.sim.scenario import load_scenario
-from infer_plan.sim.step_reference import simulate_steps_reference
 
 PROFILE = Path(__file__).parents[1] / "examples/profiles/llama-3.1-8b-instruct-h100.toml"
 FLEETS = {"continuous": 18, "static": 30}  # each mode's capacity answer for this workload

@@ -29,8 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 import tomli_w
-
-from ..core.model import ServiceModel
+from infer_plan.core.model import ServiceModel
 
 __all__ = [
     "JITTER_POINTS",

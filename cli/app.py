@@ -20,7 +20,8 @@ except ImportError:  # pragma: no cover - older typer uses the click distributio
     import click
     from click.exceptions import NoSuchOption
 
-from ..core.errors import InferPlanError
+from infer_plan.core.errors import InferPlanError
+
 from .backends import backends
 from .calibrate import calibrate
 from .capacity import capacity

@@ -8,13 +8,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-
-from ..core.errors import UsageError
-from ..server.config import ServerConfig
-from ..server.keys import DEV_KEYS
+from infer_plan.core.errors import UsageError
+from infer_plan.server.access.keys import DEV_KEYS
+from infer_plan.server.config import ServerConfig
 
 if TYPE_CHECKING:
-    from ..server.runner import Listening
+    from infer_plan.server.runner import Listening
 from .options import (
     BackendOpt,
     BackendOptionOpt,
@@ -119,10 +118,12 @@ def serve(
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     if instances > 1:
-        from ..server.instances import run_instances  # the server stack loads only for `serve`: others start faster
+        from infer_plan.server.instances import (
+            run_instances,  # the server stack loads only for `serve`: others start faster
+        )
 
         raise typer.Exit(run_instances(config, instances, _announcer(config, instances)))
-    from ..server.runner import run_server
+    from infer_plan.server.runner import run_server
 
     run_server(config, on_ready=_announcer(config, instances))
 

@@ -6,8 +6,8 @@ Gateways of this field limit per key (LiteLLM's rpm, Ray Serve's
 ``max_ongoing_requests``); so does the server, before a request is queued.
 
 The bucket rule lives here once. The server applies it in memory
-(:mod:`infer_plan.server.key_limiter`) and, for instances sharing Redis, as Lua
-(:mod:`infer_plan.server.shared_scripts`), held to this function by
+(:mod:`infer_plan.server.access.key_limiter`) and, for instances sharing Redis, as Lua
+(:mod:`infer_plan.server.queues.shared_scripts`), held to this function by
 ``tests/core/test_rule_tables.py``. The simulator knows nothing of keys: a key's
 throughput is at most ``rps`` (plus ``burst`` once), which is how to read a limit into
 a plan.

@@ -14,9 +14,8 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
-
-from ..core.records import Outcome, RequestRecords
-from ..sim.arrivals import Arrivals
+from infer_plan.core.records import Outcome, RequestRecords
+from infer_plan.sim.inputs.arrivals import Arrivals
 
 __all__ = ["OpenLoopResult", "send_open_loop"]
 

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import redis
 import tomli_w
-
-from ..core.errors import InferPlanError
-from ..core.model import ServiceModel
+from infer_plan.core.errors import InferPlanError
+from infer_plan.core.model import ServiceModel
 
 __all__ = [
     "RedisProcess",

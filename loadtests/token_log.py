@@ -2,7 +2,7 @@
 
 A streamed request's inter-token gaps are many per row, so they are kept per request
 here, and travel from a Locust worker to its master beside the record columns. For the
-analysis they become the same grouped :class:`~infer_plan.sim.tokens.TokenGaps` the
+analysis they become the same grouped :class:`~infer_plan.sim.results.token_gaps.TokenGaps` the
 simulator produces, so one percentile rule reads both.
 """
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from infer_plan.core.tiers import Tier
+from infer_plan.sim.results.token_gaps import TokenGaps
 
-from ..core.tiers import Tier
-from ..sim.tokens import TokenGaps
 from .apis import CountedBy
 
 __all__ = ["TokenLog"]

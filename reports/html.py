@@ -13,10 +13,8 @@ import html
 from pathlib import Path
 
 import plotly.graph_objects as go
-from plotly.subplots import make_subplots
-
-from ..core.errors import UsageError
-from ..core.schema import (
+from infer_plan.core.errors import UsageError
+from infer_plan.core.schema import (
     CDF_POINTS,
     AnyResult,
     CalibrationResult,
@@ -26,6 +24,8 @@ from ..core.schema import (
     MeasuredVsSimulated,
     SimulationResult,
 )
+from plotly.subplots import make_subplots
+
 from .tables import Summary, summaries, summarise
 
 __all__ = ["result_html", "write_html"]

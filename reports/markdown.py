@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ..core.schema import AnyResult
+from infer_plan.core.schema import AnyResult
+
 from .tables import Summary, Table, summaries
 
 __all__ = ["result_markdown"]

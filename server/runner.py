@@ -17,11 +17,11 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from infer_plan.core.errors import UsageError
 
-from ..core.errors import UsageError
-from .access_log import JsonAccessLogger
-from .app import build_apps, make_state
 from .config import ServerConfig
+from .http.access_log import JsonAccessLogger
+from .http.app import build_apps, make_state
 
 __all__ = ["Listening", "bind", "run_server", "serve"]
 

@@ -4,8 +4,8 @@ The service model it simulates lives in :mod:`infer_plan.core`, shared with the 
 and the load tests.
 """
 
+from .inputs.schedule import RateSchedule
+from .inputs.workload import Workload
 from .runner import RunSettings, run_simulation
-from .schedule import RateSchedule
-from .workload import Workload
 
 __all__ = ["RateSchedule", "RunSettings", "Workload", "run_simulation"]

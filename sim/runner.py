@@ -12,18 +12,18 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+from infer_plan.core.errors import UsageError
+from infer_plan.core.model import Batching, ServiceModel
+from infer_plan.core.schema import SimulationResult
+from infer_plan.core.tiers import Tier
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..core.errors import UsageError
-from ..core.model import Batching, ServiceModel
-from ..core.schema import SimulationResult
-from ..core.tiers import Tier
-from .arrivals import Arrivals, concatenate, split
-from .engine import simulate_chunks
-from .metrics import interval, summarise
-from .sinks import RequestWriter, Tee
-from .tally import Precision, Tally, Watch
-from .workload import Workload
+from .engines.engine import simulate_chunks
+from .inputs.arrivals import Arrivals, concatenate, split
+from .inputs.workload import Workload
+from .results.sinks import RequestWriter, Tee
+from .results.summary import interval, summarise
+from .results.tally import Precision, Tally, Watch
 
 __all__ = ["DEFAULT_WARMUP_S", "RunSettings", "default_watch", "run_simulation"]
 

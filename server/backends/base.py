@@ -26,10 +26,9 @@ from dataclasses import dataclass, field, fields
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol
 
+from infer_plan.core.errors import ConfigError
+from infer_plan.core.model import ServiceModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-
-from ...core.errors import ConfigError
-from ...core.model import ServiceModel
 
 __all__ = [
     "Backend",
@@ -263,7 +262,7 @@ class Backend(ABC):
         request as its sequence ends, and return once ``feed.wait()`` says False with nothing running.
 
         Only for backends with ``steps_itself``; the others get each request as a batch of one
-        as soon as a slot is free, and their engine steps (``server/continuous.py``).
+        as soon as a slot is free, and their engine steps (``server/workers/continuous.py``).
         """
         raise NotImplementedError
 

@@ -4,7 +4,7 @@ One ``AsyncLLM`` per server. Static batching (the design's cycle): a GPU worker 
 batch's requests to the engine together and takes its next batch when all have
 finished; batches of several workers take turns (one lock), so they never interleave
 inside the engine, as one GPU runs one batch. Continuous batching: the workers pass
-each request on as soon as a slot is free (``server/continuous.py``) and vLLM's own
+each request on as soon as a slot is free (``server/workers/continuous.py``) and vLLM's own
 scheduler batches them, with the request's tier as its priority (``scheduling_policy =
 "priority"``: lower runs first, so enterprise = 0). Each request's tokens go to its
 stream as they come (``RequestOutputKind.DELTA``); a client that leaves aborts its
@@ -26,10 +26,10 @@ import itertools
 import os
 from typing import Any, ClassVar
 
+from infer_plan.core.errors import ConfigError, UsageError
+from infer_plan.core.model import Batching, ServiceModel
 from pydantic import Field
 
-from ...core.errors import ConfigError, UsageError
-from ...core.model import Batching, ServiceModel
 from .base import (
     Backend,
     BackendError,

@@ -10,8 +10,8 @@ import pytest
 from infer_plan.calibrate.profile import fit_batch_latency
 from infer_plan.core import ServiceModel
 from infer_plan.loadtests.target import write_model_scenario
-from infer_plan.sim.arrivals import Arrivals
-from infer_plan.sim.engine import simulate_arrivals
+from infer_plan.sim.engines.engine import simulate_arrivals
+from infer_plan.sim.inputs.arrivals import Arrivals
 from infer_plan.sim.scenario import load_scenario
 
 from tests.helpers import run_cli as cli

@@ -2,7 +2,7 @@
 
 The shared queue must decide inside Redis (atomically with the pops), so the dispatch
 decision, the admission zones and the per-key token bucket exist twice: once in :mod:`infer_plan.core` and once
-as Lua in :mod:`infer_plan.server.shared_scripts`. These tables are what holds the two
+as Lua in :mod:`infer_plan.server.queues.shared_scripts`. These tables are what holds the two
 together; a case added here is checked against both.
 """
 
@@ -17,7 +17,7 @@ from infer_plan.core import DispatchRule, Take, decide, take_by_priority
 from infer_plan.core.admission import zone_admits
 from infer_plan.core.key_limits import bucket_take
 from infer_plan.loadtests.target import redis_server
-from infer_plan.server.shared_scripts import (
+from infer_plan.server.queues.shared_scripts import (
     ASSEMBLE,
     ENQUEUE,
     KEY_ADMIT,

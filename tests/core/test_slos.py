@@ -8,7 +8,7 @@ from infer_plan.core import ServiceModel
 from infer_plan.core.schema import LatencyStats, TokenStats
 from infer_plan.core.slos import Observed, Scope, Slos, check_slos, good_requests
 from infer_plan.sim import RunSettings, Workload
-from infer_plan.sim.planner import failures
+from infer_plan.sim.planning.planner import failures
 from infer_plan.sim.runner import run_simulation
 from infer_plan.sim.scenario import load_scenario
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from infer_plan.loadtests.target import stop_process
-from infer_plan.sim.knee import latency_knee_rps
+from infer_plan.sim.inputs.schedule import RateSchedule
+from infer_plan.sim.inputs.workload import Workload
+from infer_plan.sim.planning.knee import latency_knee_rps
 from infer_plan.sim.scenario import load_scenario
-from infer_plan.sim.schedule import RateSchedule
-from infer_plan.sim.workload import Workload
 
 from tests.helpers import (
     REPO,
@@ -185,7 +185,7 @@ def test_a_streamed_calibration_of_vllm_predicts_its_streamed_load_test(vllm_tar
     model = load_scenario(None, profile).model
     lengths = Workload(schedule=RateSchedule(rps=1.0), prompt_tokens="lognormal:mean=160,sd=80",
                        output_tokens="uniform:8,48", stream=True)  # fmt: skip
-    rps = 0.5 * latency_knee_rps(model, lengths)  # half the knee the profile predicts (sim/knee.py)
+    rps = 0.5 * latency_knee_rps(model, lengths)  # half the knee the profile predicts (sim/planning/knee.py)
     proc = loadtest(
         "--target", vllm_target, "--model", "tiny", "--tokenizer", str(tiny_model), "--profile", str(profile),
         "--api", "completions", "--stream", "--prompt-tokens", "lognormal:mean=160,sd=80", "--output-tokens",

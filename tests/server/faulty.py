@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 
 from infer_plan.server.backends.base import BackendError, Generate, Generated
-from infer_plan.server.backends.sim import SimBackend
+from infer_plan.server.backends.sim_gpu import SimBackend
 
 RAISE, FAIL, HANG, SHORT = "fault:raise", "fault:backend-error", "fault:hang", "fault:short"
 MID_STREAM = "fault:mid-stream"  # streamed requests get one token, then the engine fails

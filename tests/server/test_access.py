@@ -10,8 +10,8 @@ import time
 import aiohttp
 import pytest
 from infer_plan.core.errors import UsageError
+from infer_plan.server.access.keys import KeyStore
 from infer_plan.server.config import ServerConfig
-from infer_plan.server.keys import KeyStore
 
 from tests.helpers import running_server
 

@@ -5,7 +5,7 @@ import io
 import json
 
 import pytest
-from infer_plan.server.access_log import AccessLog
+from infer_plan.server.http.access_log import AccessLog
 
 pytestmark = pytest.mark.looptime
 

@@ -58,8 +58,10 @@ def toy_path(tmp_path_factory):
 def test_the_toy_backend_is_listed_with_its_options(toy_path):
     help_text = run_cli("serve", "--help", env=toy_path | {"COLUMNS": "200"}).stdout
     assert "toy" in help_text and "sim" in help_text
-    listed = run_cli("backends", env=toy_path | {"COLUMNS": "200"})
-    assert listed.returncode == 0 and "greeting" in listed.stdout and "what every answer starts with" in listed.stdout
+    listed = run_cli("backends", "--json", env=toy_path)
+    assert listed.returncode == 0, listed.stderr
+    toy = json.loads(listed.stdout)["toy"]
+    assert {"option": "greeting", "type": "str", "default": "'hello'", "help": "what every answer starts with"} in toy
 
 
 async def test_the_toy_backend_is_served(toy_path):

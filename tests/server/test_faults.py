@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from infer_plan.core import ServiceModel
 from infer_plan.loadtests.target import write_model_scenario
-from infer_plan.server.backends.sim import sim_output
+from infer_plan.server.backends.sim_gpu import sim_output
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import running_server

@@ -20,9 +20,9 @@ from infer_plan.core.errors import ConfigError
 from infer_plan.core.key_limits import KeyLimits, bucket_take, retry_after_header
 from infer_plan.core.tiers import Tier
 from infer_plan.loadtests.target import redis_server
-from infer_plan.server.errors import ApiError
-from infer_plan.server.key_limiter import CONCURRENCY_LIMITED, RATE_LIMITED, LocalKeyLimiter
-from infer_plan.server.keys import KeyStore
+from infer_plan.server.access.key_limiter import CONCURRENCY_LIMITED, RATE_LIMITED, LocalKeyLimiter
+from infer_plan.server.access.keys import KeyStore
+from infer_plan.server.api_errors import ApiError
 from infer_plan.server.metrics import ServerMetrics
 from prometheus_client.parser import text_string_to_metric_families
 

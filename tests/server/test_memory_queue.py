@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from infer_plan.core import Backpressure, ServiceModel, Tier
 from infer_plan.server.backends.base import Backend, Generate
-from infer_plan.server.backends.sim import sim_output
-from infer_plan.server.gpu_pool import GpuPool
-from infer_plan.server.memory_queue import MemoryQueue
+from infer_plan.server.backends.sim_gpu import sim_output
 from infer_plan.server.metrics import ServerMetrics
+from infer_plan.server.queues.memory_queue import MemoryQueue
+from infer_plan.server.workers.gpu_pool import GpuPool
 from infer_plan.sim import RateSchedule
-from infer_plan.sim.arrivals import generate_arrivals
-from infer_plan.sim.engine import simulate_arrivals
+from infer_plan.sim.engines.engine import simulate_arrivals
+from infer_plan.sim.inputs.arrivals import generate_arrivals
 
 pytestmark = [pytest.mark.looptime(resolution=1e-9), pytest.mark.timeout(60)]
 

@@ -19,7 +19,7 @@ import pytest
 from infer_plan.core import Backpressure, ServiceModel
 from infer_plan.loadtests.target import write_model_scenario
 from infer_plan.server.backends.base import plain_chat_prompt
-from infer_plan.server.backends.sim import sim_pieces, sim_words
+from infer_plan.server.backends.sim_gpu import sim_pieces, sim_words
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import running_server

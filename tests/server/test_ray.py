@@ -20,10 +20,10 @@ from infer_plan.core import ServiceModel
 from infer_plan.core.model import Backpressure
 from infer_plan.loadtests.openloop import send_open_loop
 from infer_plan.loadtests.target import redis_server, write_model_scenario
-from infer_plan.server.backends.sim import sim_output, sim_words
+from infer_plan.server.backends.sim_gpu import sim_output, sim_words
 from infer_plan.sim import RateSchedule
-from infer_plan.sim.arrivals import Arrivals, generate_arrivals
-from infer_plan.sim.engine import simulate_arrivals
+from infer_plan.sim.engines.engine import simulate_arrivals
+from infer_plan.sim.inputs.arrivals import Arrivals, generate_arrivals
 
 from tests.helpers import DEV_KEYS, free_port, running_server
 

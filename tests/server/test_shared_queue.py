@@ -23,10 +23,10 @@ import pytest
 from infer_plan.core import Backpressure, ServiceModel
 from infer_plan.loadtests.openloop import send_open_loop
 from infer_plan.loadtests.target import RedisProcess, redis_server, write_model_scenario
-from infer_plan.server.backends.sim import sim_output
+from infer_plan.server.backends.sim_gpu import sim_output
 from infer_plan.sim import RateSchedule
-from infer_plan.sim.arrivals import Arrivals, generate_arrivals
-from infer_plan.sim.engine import simulate_arrivals
+from infer_plan.sim.engines.engine import simulate_arrivals
+from infer_plan.sim.inputs.arrivals import Arrivals, generate_arrivals
 
 from tests.helpers import DEV_KEYS, run_cli, running_server
 from tests.server.faulty import FAIL

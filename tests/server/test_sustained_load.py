@@ -18,9 +18,9 @@ import pytest
 from infer_plan.core import ServiceModel, Tier
 from infer_plan.loadtests.openloop import OpenLoopResult, send_open_loop
 from infer_plan.loadtests.target import write_model_scenario
-from infer_plan.server.backends.sim import sim_output
+from infer_plan.server.backends.sim_gpu import sim_output
 from infer_plan.sim import RateSchedule
-from infer_plan.sim.arrivals import generate_arrivals
+from infer_plan.sim.inputs.arrivals import generate_arrivals
 
 from tests.helpers import DEV_KEYS, running_server
 

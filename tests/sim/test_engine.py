@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from infer_plan.core import Outcome, ServiceModel, Tier
 from infer_plan.sim import RateSchedule, RunSettings, Workload, run_simulation
-from infer_plan.sim.arrivals import Arrivals, generate_arrivals
-from infer_plan.sim.engine import simulate_arrivals
-from infer_plan.sim.reference import simulate_reference
+from infer_plan.sim.engines.engine import simulate_arrivals
+from infer_plan.sim.inputs.arrivals import Arrivals, generate_arrivals
+from infer_plan.sim.references.reference import simulate_reference
 
 
 def arrivals(times, tiers=None):

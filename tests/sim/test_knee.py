@@ -1,13 +1,13 @@
-"""The latency knee (sim/knee.py): where one replica's simulated TTFT P95 has doubled, short of full occupancy."""
+"""The latency knee (sim/planning/knee.py): where a replica's simulated TTFT P95 has doubled, short of full load."""
 
 from __future__ import annotations
 
 import pytest
 from infer_plan.core import ServiceModel
 from infer_plan.sim import RateSchedule
-from infer_plan.sim.knee import latency_knee_rps
+from infer_plan.sim.inputs.workload import Workload
+from infer_plan.sim.planning.knee import latency_knee_rps
 from infer_plan.sim.runner import RunSettings, run_simulation
-from infer_plan.sim.workload import Workload
 
 # 8 ms steps + 0.5 ms a sequence + 0.05 ms a prompt token, 8 sequences: 128/32-token requests cost ~56 ms at full
 # occupancy (17.9 req/s by the arithmetic).

@@ -4,7 +4,7 @@ import pytest
 from infer_plan.core import ServiceModel
 from infer_plan.core.slos import Slos
 from infer_plan.sim import RunSettings, Workload
-from infer_plan.sim.planner import back_of_envelope, plan_capacity
+from infer_plan.sim.planning.planner import back_of_envelope, plan_capacity
 
 
 @pytest.mark.parametrize(

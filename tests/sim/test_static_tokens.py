@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from infer_plan.core import ServiceModel
-from infer_plan.sim.static_tokens import StaticTokenBook
+from infer_plan.sim.engines.static_tokens import StaticTokenBook
 
 MODEL = ServiceModel(
     pcie_in_ms=5, kernel_ms=20, pcie_out_ms=5, decode_step_ms=8, prefill_ms_per_token=0.02, decode_ms_per_seq=0.3

@@ -10,12 +10,12 @@ from infer_plan.core.histogram import RELATIVE_ERROR, LogHistogram
 from infer_plan.core.model import ServiceModel
 from infer_plan.core.records import Outcome
 from infer_plan.core.tiers import Tier
-from infer_plan.sim.arrivals import Arrivals, concatenate, split
-from infer_plan.sim.engine import simulate_arrivals, simulate_chunks
-from infer_plan.sim.planner import plan_capacity, sweep_capacity
+from infer_plan.sim.engines.engine import simulate_arrivals, simulate_chunks
+from infer_plan.sim.inputs.arrivals import Arrivals, concatenate, split
+from infer_plan.sim.inputs.workload import Workload
+from infer_plan.sim.planning.planner import plan_capacity, sweep_capacity
+from infer_plan.sim.results.sinks import RecordKeeper
 from infer_plan.sim.runner import RunSettings, run_simulation
-from infer_plan.sim.sinks import RecordKeeper
-from infer_plan.sim.workload import Workload
 
 TOLERANCE = RELATIVE_ERROR + 1e-9
 

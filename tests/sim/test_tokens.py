@@ -8,9 +8,9 @@ from infer_plan.core import ServiceModel, Tier
 from infer_plan.core.model import TokenShape
 from infer_plan.core.records import Outcome
 from infer_plan.sim import RateSchedule
-from infer_plan.sim.arrivals import Arrivals, generate_arrivals
-from infer_plan.sim.engine import simulate_arrivals
-from infer_plan.sim.step_reference import simulate_steps_reference
+from infer_plan.sim.engines.engine import simulate_arrivals
+from infer_plan.sim.inputs.arrivals import Arrivals, generate_arrivals
+from infer_plan.sim.references.step_reference import simulate_steps_reference
 
 # Coefficients of the step formula: 8 ms a step, 0.05 ms a sequence, 0.02 ms a prompt token.
 TOKENS = {"decode_step_ms": 8.0, "decode_ms_per_seq": 0.05, "prefill_ms_per_token": 0.02}

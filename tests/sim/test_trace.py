@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from infer_plan.core import ConfigError, ServiceModel, Tier, UsageError
 from infer_plan.sim import RunSettings, Workload, run_simulation
-from infer_plan.sim.arrivals import load_trace
-from infer_plan.sim.schedule import RateSchedule
+from infer_plan.sim.inputs.arrivals import load_trace
+from infer_plan.sim.inputs.schedule import RateSchedule
 
 from tests.helpers import REPO, run_cli
 

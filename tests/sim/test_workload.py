@@ -9,9 +9,9 @@ import pytest
 from infer_plan.core.errors import InferPlanError, UsageError
 from infer_plan.core.model import ServiceModel
 from infer_plan.core.tokens import CHARS_PER_TOKEN
-from infer_plan.sim.dataset import load_dataset
-from infer_plan.sim.lengths import LengthDist
-from infer_plan.sim.workload import Workload
+from infer_plan.sim.inputs.dataset import load_dataset
+from infer_plan.sim.inputs.lengths import LengthDist
+from infer_plan.sim.inputs.workload import Workload
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,1 @@
+"""Who may send what: API keys and their per-key rate and in-flight limits."""

@@ -1,0 +1,271 @@
+"""The simulated GPU: sleeps the service model's cycle per batch, answers deterministically.
+
+It lets the reference server run anywhere and makes measured latency comparable with
+the simulator's: both take their batch time from the same :class:`ServiceModel`
+(``static_batch_ms``: the cycle, and the batch's steps when tokens are modelled).
+
+Its tokens are words: a prompt has as many tokens as whitespace-separated words (or as
+token ids, when it is given as a list), and an answer of n tokens is n words, so the
+token counts a client sees in ``usage`` are exact. An ``/v1/inference`` request asks
+for no length and gets the one-token answer :func:`sim_output`, as always. A batch that
+holds a streamed request runs step by step in real time (``_run_steps``), so each
+client sees its tokens when the token model says the step that makes them ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import random
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from infer_plan.core.model import ServiceModel
+from infer_plan.core.tokens import word_tokens
+
+from ..api_errors import ApiError
+from .base import Backend, BackendOptions, Generate, Generated
+
+__all__ = ["SimBackend", "sim_output", "sim_pieces", "sim_words"]
+
+
+def sim_output(text: str) -> str:
+    """The deterministic answer to one input, so clients can check they got their own."""
+    digest = hashlib.blake2s(text.encode("utf-8", "surrogatepass"), digest_size=8).hexdigest()
+    return f"sim:{digest}:{len(text)}"
+
+
+def sim_words(prompt: str | list[int], count: int) -> str:
+    """The deterministic answer of ``count`` tokens (words) to ``prompt``."""
+    return "".join(sim_pieces(prompt, count))
+
+
+def sim_pieces(prompt: str | list[int], count: int) -> list[str]:
+    """The answer's tokens one by one: ``" w<n>"``, a number drawn from the prompt's digest."""
+    seed = int(hashlib.blake2s(str(prompt).encode("utf-8", "surrogatepass"), digest_size=4).hexdigest(), 16)
+    return [f" w{(seed + 7919 * j) % 10007}" for j in range(count)]
+
+
+@dataclass(slots=True)
+class _Sequence:
+    """A request running under continuous batching: what is left to prefill and which token comes next."""
+
+    pending: Any  # the queue's Pending: its request and its future
+    output: Generated
+    pieces: list[str]
+    prefill_left: int
+    emitted: int = 0
+    chunk: int = 0  # prompt tokens prefilled in the current step
+
+    @property
+    def reserve(self) -> int:
+        """KV tokens held from admission to the end (prompt and whole output), so it is never evicted."""
+        return self.output.prompt_tokens + len(self.pieces)
+
+
+class SimBackend(Backend):
+    name: ClassVar[str] = "sim"
+    steps_itself = True
+
+    def __init__(self, model: ServiceModel, options: BackendOptions) -> None:
+        super().__init__(model, options)
+        self._uniform = random.Random(0).random  # draws quantiles of a measured cycle_jitter
+
+    async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:
+        answers = [_answer(request) for request in requests]
+        outputs = [output for output, _ in answers]
+        factor = float(self.model.jitter(self._uniform())) if self.model.cycle_jitter else 1.0
+        if any(request.sink is not None for request in requests):
+            await self._run_steps(requests, answers, factor)
+            return outputs
+        prompt = sum(o.prompt_tokens for o in outputs)
+        generated = [o.completion_tokens for o in outputs]
+        # The hold and the steps: the server's queues always overlap assembly with GPU work.
+        ms = self.model.static_batch_ms(len(requests), prompt, sum(generated), max(generated, default=1)) * factor
+        if ms > 0:
+            await asyncio.sleep(ms / 1000.0)
+        return outputs
+
+    async def _run_steps(
+        self, requests: list[Generate], answers: list[tuple[Generated, list[str]]], factor: float
+    ) -> None:
+        """The batch step by step in real time, each streamed request's token sent at the end of its step.
+
+        The same times as ``static_batch_ms`` (SPEC section 10): the hold before the steps,
+        one prefill step over all prompts, decode steps while any sequence still generates,
+        then ``pcie_out``. A sequence's stream closes after its own last token; the GPU is
+        held until the longest is done. Deadlines are absolute, so the sleeps do not drift.
+        """
+        model, n = self.model, len(requests)
+        loop = asyncio.get_running_loop()
+        lengths = [len(pieces) for _, pieces in answers]
+        prompt = sum(output.prompt_tokens for output, _ in answers)
+        deadline = loop.time() + (model.batch_hold_ms(n) - model.pcie_out_ms) * factor / 1000.0
+        for step in range(max(lengths, default=0)):
+            running = sum(length > step for length in lengths)
+            deadline += model.step_ms(prompt if step == 0 else 0, running) * factor / 1000.0
+            if (delay := deadline - loop.time()) > 0:
+                await asyncio.sleep(delay)
+            for request, (output, pieces) in zip(requests, answers, strict=True):
+                sink = request.sink
+                if sink is None or step >= len(pieces) or sink.cancelled:
+                    continue  # not streamed, done already, or its client left: the batch runs on regardless
+                sink.token(pieces[step])
+                if step == len(pieces) - 1:
+                    sink.finish(output)
+        deadline += model.pcie_out_ms * factor / 1000.0
+        if (delay := deadline - loop.time()) > 0:
+            await asyncio.sleep(delay)
+
+    async def run_continuous(self, gpu: int, feed: Any) -> None:
+        """The continuous step model in real time, as the simulator runs it (``sim/references/step_reference.py``).
+
+        Before every step, admit waiting requests by tier while a sequence slot and KV room
+        remain (the first that does not fit blocks the rest; one that could never fit is
+        refused with 400); run one step (prefill chunks within ``max_batched_tokens``, one
+        token for every sequence whose prompt is done); send each streamed token; answer
+        each request when its last token is out. Returns when idle and ``feed.wait()`` says so.
+        """
+        model = self.model
+        loop = asyncio.get_running_loop()
+        kv_budget = model.kv_cache_tokens if model.kv_cache_tokens is not None else math.inf
+        running: list[_Sequence] = []
+        kv = 0
+        deadline = loop.time()
+        send = _Delivery(loop, model.output_token_ms / 1000.0)
+        delayed = bool(model.request_overhead_ms or model.tokenize_ms_per_token)
+        while True:
+            joins_at = math.inf  # when the next request leaves the engine's front end, if none is admissible yet
+            while len(running) < model.max_num_seqs:
+                head, joins_at = _admissible(feed, model, loop.time()) if delayed else (feed.head(), math.inf)
+                if head is None:
+                    break
+                output, pieces = _answer(head.request)
+                seq = _Sequence(head, output, pieces, output.prompt_tokens)
+                if kv + seq.reserve > kv_budget:
+                    if seq.reserve <= kv_budget:
+                        break
+                    feed.deliver(feed.take(head), _too_long(seq.reserve, kv_budget))
+                    continue
+                feed.take(head)
+                running.append(seq)
+                kv += seq.reserve
+            if not running:
+                if joins_at < math.inf:
+                    await asyncio.sleep(joins_at - loop.time())
+                elif not await feed.wait():
+                    return
+                deadline = loop.time()  # an idle GPU starts its next step when the request arrives
+                continue
+            budget = model.max_batched_tokens
+            in_step = []
+            for seq in running:
+                seq.chunk = min(seq.prefill_left, budget)
+                budget -= seq.chunk
+                if seq.prefill_left == 0 or seq.chunk > 0:
+                    in_step.append(seq)
+            joining = sum(1 for s in in_step if s.chunk and s.prefill_left == s.output.prompt_tokens)
+            spread = float(model.jitter(self._uniform())) if model.cycle_jitter else 1.0
+            deadline += model.step_ms(sum(s.chunk for s in in_step), len(in_step), joining) * spread / 1000.0
+            if (delay := deadline - loop.time()) > 0:
+                await asyncio.sleep(delay)
+            else:
+                deadline = loop.time()  # behind (a busy loop): no catching up in zero-length steps
+                await asyncio.sleep(0)  # steps of no time still let the gateway admit and write
+            for seq in in_step:
+                seq.prefill_left -= seq.chunk
+                if seq.prefill_left > 0:
+                    continue  # more prompt chunks to go: no token yet
+                seq.emitted += 1
+                send.token(seq)
+            for seq in [s for s in running if s.emitted == len(s.pieces) or _abandoned(s)]:
+                running.remove(seq)
+                kv -= seq.reserve
+                send.end(seq, feed)
+
+
+class _Delivery:
+    """A sequence's tokens and answer on their way to the client, ``output_token_ms`` each behind its step.
+
+    The engine's steps do not wait for that cost (SPEC section 12): the k-th token is
+    sent k lags after the step that made it, as the simulator times it. Without a lag
+    everything is sent at once, in the step's own turn of the loop.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, lag_s: float) -> None:
+        self.loop, self.lag_s = loop, lag_s
+
+    def token(self, seq: _Sequence) -> None:
+        if seq.pending.request.sink is not None:
+            self._later(seq.emitted, _send_token, seq.pending.request.sink, seq.pieces[seq.emitted - 1])
+
+    def end(self, seq: _Sequence, feed: Any) -> None:
+        self._later(seq.emitted, _answer_sequence, seq, feed)
+
+    def _later(self, tokens: int, callback: Any, *args: Any) -> None:
+        if self.lag_s:
+            self.loop.call_later(tokens * self.lag_s, callback, *args)
+        else:
+            callback(*args)
+
+
+def _send_token(sink: Any, piece: str) -> None:
+    if not sink.cancelled:
+        sink.token(piece)
+
+
+def _answer_sequence(seq: _Sequence, feed: Any) -> None:
+    sink = seq.pending.request.sink
+    if sink is not None and not sink.cancelled and seq.emitted == len(seq.pieces):
+        sink.finish(seq.output)
+    feed.deliver(seq.pending, seq.output)
+
+
+def _admissible(feed: Any, model: ServiceModel, now: float) -> tuple[Any, float]:
+    """The first tier's oldest request whose engine overhead has passed, as the simulator admits (SPEC section 12).
+
+    A request is in the engine's front end (HTTP, tokenisation) for ``admission_delay_ms``
+    after it arrived, and only then schedulable; a later tier's request that is ready goes
+    before an earlier tier's that is not. Returns (request or None, when the next one is ready).
+    """
+    joins_at = math.inf
+    for head in feed.heads():
+        ready = head.arrived + model.admission_delay_ms(word_tokens(head.request.prompt)) / 1000.0
+        if ready <= now:
+            return head, math.inf
+        joins_at = min(joins_at, ready)
+    return None, joins_at
+
+
+def _abandoned(seq: _Sequence) -> bool:
+    """The client left mid-stream or gave up waiting: the slot and its KV are freed at once."""
+    sink = seq.pending.request.sink
+    return (sink is not None and sink.cancelled) or seq.pending.future.done()
+
+
+def _too_long(reserve: int, kv_budget: float) -> ApiError:
+    return ApiError(
+        400,
+        f"prompt and max_tokens need {reserve} tokens of KV cache; one GPU holds {kv_budget:g}",
+        code="context_length_exceeded",
+        param="max_tokens",
+    )
+
+
+def _answer(request: Generate) -> tuple[Generated, list[str]]:
+    """The output and its tokens; a stop string ends it early (its token counts, its text does not)."""
+    prompt_tokens = word_tokens(request.prompt)
+    if request.max_tokens is None:  # /v1/inference: the one-token answer
+        text = sim_output(str(request.prompt))
+        return Generated(text, prompt_tokens, 1), [text]
+    pieces = sim_pieces(request.prompt, request.max_tokens)
+    if request.stop and not request.ignore_eos:
+        text = ""
+        for i, piece in enumerate(pieces):
+            cut = min((j for j in ((text + piece).find(s) for s in request.stop) if j >= 0), default=-1)
+            if cut >= 0 and i + 1 >= request.min_tokens:
+                final = (text + piece)[:cut]
+                return Generated(final, prompt_tokens, i + 1, "stop"), [*pieces[:i], final[len(text) :]]
+            text += piece
+    return Generated("".join(pieces), prompt_tokens, request.max_tokens), pieces

@@ -1,0 +1,109 @@
+"""App factories: the public and the internal aiohttp applications of one server.
+
+The tier queue and one GPU worker per GPU run as tasks of a ``cleanup_ctx`` generator, which
+creates them, yields while the app serves, then cancels and awaits them, so nothing is
+left orphaned when the app stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from infer_plan.core.model import Batching
+
+from ..access.key_limiter import LocalKeyLimiter, SharedKeyLimiter
+from ..access.keys import KeyStore
+from ..api_errors import ErrorMiddleware
+from ..backends.base import Backend
+from ..config import ServerConfig
+from ..queues.memory_queue import MemoryQueue
+from ..queues.queue import TierQueue
+from ..queues.shared_queue import SharedQueue
+from ..workers.gpu_pool import GpuPool
+from .access_log import AccessLog
+from .gateway import internal_routes, public_routes
+from .state import ServerState
+
+__all__ = ["STATE", "build_apps", "make_state"]
+
+STATE = web.AppKey("state", ServerState)
+
+
+def make_state(config: ServerConfig) -> ServerState:
+    keys = KeyStore.load(config.keys_file)
+    backend = Backend.create(config.backend, config.model, config.backend_options)
+    access_log = AccessLog() if config.access_log else None
+    return ServerState(config=config, keys=keys, backend=backend, access_log=access_log)
+
+
+async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    state = app[STATE]
+    config = state.config
+    await state.backend.start()
+    queue: TierQueue
+    if config.redis_url is None:
+        queue = MemoryQueue(config.model, config.gpus)
+        state.limiter = LocalKeyLimiter(state.metrics, clock=asyncio.get_running_loop().time)
+    else:
+        queue = SharedQueue(config.model, config.gpus, state.metrics, url=config.redis_url, prefix=config.redis_prefix)
+        state.limiter = SharedKeyLimiter(
+            state.metrics, queue.client, queue.keys, queue.instance, ttl_s=config.model.request_timeout_s
+        )
+    continuous = config.model.batching is Batching.CONTINUOUS
+    pool = GpuPool(
+        queue,
+        state.backend,
+        state.metrics,
+        timeout_s=config.model.request_timeout_s,
+        continuous_seqs=config.model.max_num_seqs if continuous else None,
+    )
+    state.queue, state.pool = queue, pool
+    await queue.start()
+    tasks = [asyncio.create_task(pool.worker(g), name=f"gpu-{g}") for g in range(config.gpus)]
+    state.ready = True
+    try:
+        yield
+    finally:
+        state.ready = False
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await state.limiter.close()
+        await queue.close()
+        await state.backend.close()
+
+
+async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
+    access_log = app[STATE].access_log
+    task = asyncio.create_task(access_log.run(), name="access-log") if access_log is not None else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+def _client_max_size(config: ServerConfig, inputs: int = 1) -> int:
+    # Room for JSON escaping of the largest allowed input (up to 6 bytes per char for \uXXXX) plus fields.
+    return inputs * (config.model.max_input_bytes * 6 + 64) + 4096
+
+
+def build_apps(state: ServerState) -> tuple[web.Application, web.Application]:
+    """(public app, internal app); the public one owns the engine's lifecycle."""
+    errors = ErrorMiddleware(state.metrics.client_disconnects.labels("request"))
+    public = web.Application(middlewares=[errors], client_max_size=_client_max_size(state.config))
+    public[STATE] = state
+    public.add_routes(public_routes(state))
+    public.cleanup_ctx.append(_engine_ctx)
+    public.cleanup_ctx.append(_access_log_ctx)
+    internal = web.Application(
+        middlewares=[errors], client_max_size=_client_max_size(state.config, state.config.model.max_batch)
+    )
+    internal[STATE] = state
+    internal.add_routes(internal_routes(state))
+    return public, internal

@@ -1,0 +1,1 @@
+"""The tier queues behind one interface: in memory, or shared in Redis (with its Lua scripts)."""

@@ -1,0 +1,155 @@
+"""The tier queues of one server process, in its memory (the default).
+
+One deque per tier. Admission applies the zones before a request is queued, so a shed
+request costs almost nothing. A GPU that becomes free calls :meth:`MemoryQueue.next_batch`,
+which holds the assembly lock and sleeps until the dispatch decision says a batch is
+due (a full queue wakes it early); the GPU that has been idle longest therefore gets
+the next batch. Each request carries a future; delivery resolves future *i* with
+output *i* on the client's still-open connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from infer_plan.core.admission import zone_admits
+from infer_plan.core.dispatch import Take, decide, take_by_priority
+from infer_plan.core.model import Batching, ServiceModel
+from infer_plan.core.tiers import Tier
+
+from ..api_errors import ApiError
+from ..backends.base import Generate, Generated
+from .queue import Interrupted, TierQueue
+
+__all__ = ["MemoryQueue", "Pending"]
+
+
+@dataclass(slots=True)
+class Pending:
+    """One admitted request waiting for its output."""
+
+    request: Generate
+    tier: int
+    arrived: float  # loop.time() at arrival
+    future: asyncio.Future[Generated] = field(repr=False)
+
+
+class MemoryQueue(TierQueue):
+    def __init__(self, model: ServiceModel, gpus: int) -> None:
+        self.gpus = gpus
+        self.rule = model.dispatch_rule
+        self.thresholds = model.backpressure.thresholds(gpus, model.batch_capacity)
+        # Continuous batching: a GPU with a free slot takes the next request at its next step, so
+        # every arrival may be work for an idle GPU; a batch cycle only cares about the first and a full one.
+        self.wake_at = 1 if model.batching is Batching.CONTINUOUS else self.rule.max_batch
+        self.tiers: list[deque[Pending]] = [deque() for _ in Tier]
+        self._queued = 0
+        self._assembly = asyncio.Lock()
+        self._wake = asyncio.Event()
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    async def depths(self) -> list[int]:
+        return [len(q) for q in self.tiers]
+
+    async def offer(self, request: Generate, tier: int) -> asyncio.Future[Generated] | None:
+        if not zone_admits(tier, self._queued, self.thresholds):
+            return None
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Generated] = loop.create_future()
+        self.tiers[tier].append(Pending(request, tier, loop.time(), fut))
+        self._queued += 1
+        if self._queued == 1 or self._queued >= self.wake_at:
+            self._wake.set()  # start the oldest-request clock, or a full batch is ready
+        return fut
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def next_batch(self, interrupted: Interrupted) -> list[Pending] | None:
+        async with self._assembly:
+            loop = asyncio.get_running_loop()
+            while not interrupted():
+                self._drop_abandoned_heads()
+                now = loop.time()
+                decision = decide(self.rule, self._queued, self._oldest(), now, gpu_free=True)
+                if isinstance(decision, Take):
+                    return self._take(decision.n)
+                self._wake.clear()
+                timeout = None if math.isinf(decision.until) else decision.until - now  # None: until woken
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+            return None
+
+    # -- continuous batching: one request at a time, between steps -------------------------
+
+    def head(self) -> Pending | None:
+        """The request a GPU with a free slot would admit next: by tier, FIFO within a tier."""
+        self._drop_abandoned_heads()
+        return next((q[0] for q in self.tiers if q), None)
+
+    def pop_head(self) -> Pending:
+        """Take the request :meth:`head` returned (call it in the same loop pass)."""
+        self._queued -= 1
+        return next(q for q in self.tiers if q).popleft()
+
+    def heads(self) -> list[Pending]:
+        """Each tier's oldest waiting request, enterprise first: the candidates when some may not be admissible yet."""
+        self._drop_abandoned_heads()
+        return [q[0] for q in self.tiers if q]
+
+    def pop_tier_head(self, pending: Pending) -> Pending:
+        """Take ``pending``, one of :meth:`heads` (call it in the same loop pass)."""
+        self._queued -= 1
+        return self.tiers[pending.tier].popleft()
+
+    async def wait_work(self, interrupted: Interrupted) -> bool:
+        """Until a request waits (True) or ``interrupted()`` (False)."""
+        while not interrupted():
+            if self.head() is not None:
+                return True
+            self._wake.clear()
+            await self._wake.wait()
+        return False
+
+    def _oldest(self) -> float:
+        return min((q[0].arrived for q in self.tiers if q), default=float("inf"))
+
+    def _drop_abandoned_heads(self) -> None:
+        """Requests whose client gave up (timeout, disconnect) leave the queue without a batch slot."""
+        for q in self.tiers:
+            while q and q[0].future.done():
+                q.popleft()
+                self._queued -= 1
+
+    def _take(self, n: int) -> list[Pending]:
+        batch: list[Pending] = []
+        for q, count in zip(self.tiers, take_by_priority([len(q) for q in self.tiers], n), strict=True):
+            for _ in range(count):
+                item = q.popleft()
+                if not item.future.done():
+                    batch.append(item)
+        self._queued -= n
+        return batch
+
+    async def deliver(self, batch: Sequence[Pending], result: list[Generated] | ApiError) -> None:
+        deliver_to_futures(batch, result)
+
+
+def deliver_to_futures(batch: Sequence[Pending], result: list[Generated] | ApiError) -> None:
+    """Resolve each waiting request's future with its output, or the batch's error (answered ones are skipped)."""
+    if isinstance(result, ApiError):
+        for item in batch:
+            if not item.future.done():
+                item.future.set_exception(result)
+        return
+    for item, output in zip(batch, result, strict=True):
+        if not item.future.done():
+            item.future.set_result(output)

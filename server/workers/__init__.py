@@ -1,0 +1,1 @@
+"""The GPU workers: the batch pool and continuous batching."""

@@ -1,0 +1,90 @@
+"""Continuous batching in the server (SPEC section 10): a GPU admits waiting requests between steps.
+
+With ``batching = "continuous"`` there is no batch to form: a GPU worker hands the
+tier queue to the backend as a :class:`StepFeed`, and the backend admits the next
+waiting request (by tier, FIFO within a tier) whenever it has room, answering each
+request as its sequence ends. The sim backend runs the step model in real time
+(``SimBackend.run_continuous``); an engine that batches continuously itself (vLLM's
+scheduler, an upstream server) gets each request as soon as a slot is free, up to
+``max_num_seqs`` per GPU worker (:func:`pass_through`), and does its own steps.
+
+Only the in-process queue serves this mode: the shared Redis queue hands out whole
+batches, so ``serve --redis`` with continuous batching is refused at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+from ..api_errors import ApiError
+from ..backends.base import Generated
+from ..queues.memory_queue import MemoryQueue, Pending, deliver_to_futures
+from ..queues.queue import Interrupted
+
+RunBatch = Callable[[list[Pending]], Awaitable[list[Generated]]]  # raises the ApiError every request of it gets
+
+__all__ = ["StepFeed", "pass_through"]
+
+
+class StepFeed:
+    """One GPU's view of the tier queue under continuous batching; counts what runs for the drain and /metrics."""
+
+    def __init__(self, queue: MemoryQueue, interrupted: Interrupted) -> None:
+        self.queue = queue
+        self.interrupted = interrupted
+        self.running = 0
+
+    def head(self) -> Pending | None:
+        return self.queue.head()
+
+    def take(self, pending: Pending | None = None) -> Pending:
+        """Admit the head (or ``pending``, one of :meth:`heads`): it holds a sequence slot until :meth:`deliver`."""
+        self.running += 1
+        return self.queue.pop_head() if pending is None else self.queue.pop_tier_head(pending)
+
+    def heads(self) -> list[Pending]:
+        return self.queue.heads()
+
+    async def wait(self) -> bool:
+        """Until a request waits (True), or the worker is wanted for something else (False: return when idle)."""
+        return await self.queue.wait_work(self.interrupted)
+
+    def deliver(self, pending: Pending, result: Generated | ApiError) -> None:
+        self.running -= 1
+        deliver_to_futures([pending], result if isinstance(result, ApiError) else [result])
+
+
+async def pass_through(run: RunBatch, feed: StepFeed, max_seqs: int) -> None:
+    """Each request to the engine as soon as one of ``max_seqs`` slots is free, as a batch of one; the engine steps.
+
+    ``run`` is the pool's own batch runner, so timeouts and engine faults are answered and
+    counted exactly as for a batch.
+    """
+    slots = asyncio.Semaphore(max_seqs)
+    tasks: set[asyncio.Task] = set()
+
+    async def one(pending: Pending) -> None:
+        try:
+            feed.deliver(pending, (await run([pending]))[0])
+        except ApiError as err:
+            feed.deliver(pending, err)
+        finally:
+            slots.release()
+
+    try:
+        while True:
+            await slots.acquire()
+            if not await feed.wait():  # wanted for something else: finish what runs, then hand the GPU back
+                slots.release()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                return
+            task = asyncio.create_task(one(feed.take()))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(*tasks, return_exceptions=True)

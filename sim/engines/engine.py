@@ -1,0 +1,197 @@
+"""Simulating a set of arrivals on a fleet: the entry point of both engines and what they return.
+
+``batching = "static"`` runs the design's batch cycle (:mod:`.batch_engine`);
+``"continuous"`` runs step-level continuous batching (:mod:`.step_engine`). Both share
+the waiting room (:mod:`.waiting`: tiers, zones) and the fleet (:mod:`.fleet`:
+failures, autoscaling, the monitor). Settled requests go to a sink (:mod:`.sinks`): kept
+whole by :func:`simulate_arrivals`, folded into histograms for a summary by the runner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import simpy
+from infer_plan.core.model import Batching, ServiceModel, TokenShape
+from infer_plan.core.records import Outcome, RequestRecords
+
+from ..inputs.arrivals import Arrivals, concatenate, split
+from ..results.fleet_log import FleetLog
+from ..results.sinks import RecordKeeper, Sink, simulated_outcomes
+from ..results.token_gaps import TokenGaps
+from .batch_engine import BatchEngine
+from .step_engine import StepEngine
+
+__all__ = ["EngineOutput", "FleetLog", "TokenGaps", "simulate_arrivals", "simulate_chunks"]
+
+
+@dataclass
+class EngineOutput:
+    """Raw per-request and per-batch records of one exact run (:func:`simulate_arrivals`).
+
+    ``records.finished`` is when each answer reaches its client; a request whose batch
+    was on a GPU that failed is FAILED and finished when the failure answered it.
+    """
+
+    records: RequestRecords
+    batch_start: np.ndarray  # when the GPU was taken (window open without overlap); continuous: each step run
+    batch_end: np.ndarray
+    batch_size: np.ndarray
+    fleet: FleetLog
+    itl: TokenGaps | None = None  # with tokens modelled
+
+
+def simulate_arrivals(
+    model: ServiceModel,
+    arrivals: Arrivals,
+    gpus: int,
+    *,
+    seed: int = 0,
+    horizon_s: float | None = None,
+    sample_every_s: float | None = None,
+    stream: bool = False,
+) -> EngineOutput:
+    """Run the service model over a fixed set of arrivals on ``gpus`` GPUs, keeping every request.
+
+    ``stream``: requests are streamed, so a request of a static batch is answered at its
+    last token instead of when its batch ends (continuous batching answers at the last
+    token either way).
+    """
+    keeper = RecordKeeper()
+    fleet = simulate_chunks(
+        model, split(arrivals, 1.0), gpus, keeper, seed=seed, horizon_s=horizon_s if horizon_s is not None else
+        max(arrivals.end_s, 1e-3), sample_every_s=sample_every_s, stream=stream, tokens=arrivals.has_tokens,
+        shape=_mean_shape(arrivals),
+    )  # fmt: skip
+    start, end, size = keeper.batches()
+    return EngineOutput(keeper.records(), start, end, size, fleet, keeper.gaps() if arrivals.has_tokens else None)
+
+
+def simulate_chunks(
+    model: ServiceModel,
+    chunks: Iterable[Arrivals],
+    gpus: int,
+    sink: Sink,
+    *,
+    seed: int = 0,
+    horizon_s: float,
+    sample_every_s: float | None = None,
+    stream: bool = False,
+    tokens: bool,
+    shape: TokenShape | None,
+) -> FleetLog:
+    """Run the service model over arrivals given a time slice at a time, handing settled requests to ``sink``.
+
+    ``shape`` (the workload's mean lengths) converts an offered rate to a load factor for
+    the autoscaler and the monitor. Static batching streams: a run holds about one chunk
+    of requests. Continuous batching reads all its arrivals first.
+    """
+    if gpus < 1:
+        raise ValueError('"gpus" must be >= 1.')
+    if model.batching is Batching.CONTINUOUS and not tokens:
+        raise ValueError("continuous batching needs the requests' prompt and output lengths")
+    every = sample_every_s if sample_every_s is not None else max(1.0, horizon_s / 600.0)
+    env = simpy.Environment()
+    rng = np.random.default_rng(seed + 1_000_003)
+
+    def load_factor(rate: float, fleet: float) -> float:
+        return model.load_factor(rate, fleet, shape)
+
+    engine: BatchEngine | StepEngine
+    if model.batching is Batching.CONTINUOUS:
+        arrivals = concatenate(chunks)
+        assert arrivals.prompt_tokens is not None and arrivals.output_tokens is not None
+        ready, order = admission_order(model, arrivals.times, arrivals.prompt_tokens)
+        engine = StepEngine(
+            env, model, ready, arrivals.tiers[order], arrivals.prompt_tokens[order], arrivals.output_tokens[order],
+            gpus, rng, horizon_s=horizon_s, sample_every_s=every, load_factor=load_factor, jitter_seed=seed,
+        )  # fmt: skip
+    else:
+        engine = BatchEngine(
+            env, model, chunks, gpus, rng, horizon_s=horizon_s, sample_every_s=every, tokens=tokens, stream=stream,
+            load_factor=load_factor, sink=sink,
+        )  # fmt: skip
+    process = env.process(engine.run())
+    if isinstance(engine, BatchEngine):
+        engine.dispatcher = process
+    else:
+        engine.scheduler = process
+    engine.fleet.start()
+    env.run(until=process)
+    if isinstance(engine, BatchEngine):
+        engine.finish()
+    else:
+        _fold_steps(engine, arrivals, order, sink)
+    fleet = engine.fleet
+    return FleetLog(
+        up_changes=np.asarray(fleet.up_changes, dtype=np.float64),
+        timeseries={k: np.asarray(v) for k, v in fleet.samples.items()},
+        scale_events=fleet.scale_events,
+        longest_above_s=fleet.longest_above_s,
+    )
+
+
+def _mean_shape(arrivals: Arrivals) -> TokenShape | None:
+    if not arrivals.has_tokens or len(arrivals) == 0:
+        return None
+    assert arrivals.prompt_tokens is not None and arrivals.output_tokens is not None
+    return TokenShape(float(arrivals.prompt_tokens.mean()), float(arrivals.output_tokens.mean()))
+
+
+def admission_order(model: ServiceModel, times: np.ndarray, prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """When each request may join the waiting room, sorted, and the arrival index of each in that order.
+
+    Without engine overheads that is the arrivals themselves. With them a request joins
+    ``admission_delay_ms`` after it arrives; a short prompt can overtake a long one sent
+    just before it, so the order is by joining time (stable: ties keep arrival order).
+    """
+    if not (model.request_overhead_ms or model.tokenize_ms_per_token):
+        return times, np.arange(times.size)
+    ready = times + np.asarray(model.admission_delay_ms(prompt.astype(np.float64))) / 1000.0
+    order = np.argsort(ready, kind="stable")
+    return ready[order], order
+
+
+def _fold_steps(engine: StepEngine, arrivals: Arrivals, order: np.ndarray, sink: Sink) -> None:
+    """Continuous batching's requests, all at the end of its run, back in arrival order.
+
+    The engine ran them in joining order (:func:`admission_order`); each column is put
+    back. A streamed token reaches its client ``output_token_ms`` later per token it
+    has had (the engine's steps do not wait for it), so every gap grows by that much,
+    the first token by one term and an answer's end by one per token.
+    """
+    waiting = engine.waiting
+
+    def by_arrival(column: np.ndarray) -> np.ndarray:
+        back = np.empty_like(column)
+        back[order] = column
+        return back
+
+    finished, first_token = by_arrival(engine.completion), by_arrival(engine.first_token)
+    outcome = simulated_outcomes(
+        by_arrival(waiting.admitted), by_arrival(engine.failed), finished, final=waiting.queued > 0
+    )
+    outcome[by_arrival(engine.refused)] = Outcome.CLIENT_ERROR  # longer than the whole KV cache
+    gaps = engine.token_gaps()
+    if engine.model.output_token_ms:
+        assert arrivals.output_tokens is not None
+        lag_s = engine.model.output_token_ms / 1000.0
+        first_token = first_token + lag_s
+        served = outcome == Outcome.OK
+        finished[served] += lag_s * arrivals.output_tokens[served]
+        gaps = TokenGaps(gaps.gaps_ms + engine.model.output_token_ms, gaps.counts, gaps.at_s)
+    sink.fold_batches(*engine.batches())
+    sink.fold_gaps(gaps)
+    sink.fold(
+        RequestRecords(
+            tier=arrivals.tiers,
+            scheduled=arrivals.times,
+            finished=finished,
+            outcome=outcome,
+            first_token=first_token,
+            prompt_tokens=arrivals.prompt_tokens,
+            output_tokens=arrivals.output_tokens,
+        )
+    )

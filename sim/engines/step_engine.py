@@ -1,0 +1,366 @@
+"""Continuous batching, step by step: how vLLM, SGLang and TGI run (SPEC section 10).
+
+Each GPU runs *steps*. A step holds the GPU's running sequences: each either prefills
+(part of) its prompt or decodes, and each emits one token at the step's end (a prompt's
+last prefill chunk emits its first token). A step lasts ``decode_step_ms +
+prefill_ms_per_token * (prompt tokens prefilled) + decode_ms_per_seq * (sequences in
+it) + admit_ms_per_request * (requests admitted for it)``. Between steps the GPU
+admits waiting requests by tier, FIFO within a tier, while it runs fewer than
+``max_num_seqs`` and the running sequences' prompt and output tokens fit
+``kv_cache_tokens`` (reserved whole at admission, so a sequence is never evicted; the
+first request that does not fit blocks the ones behind it); a step prefills at most
+``max_batched_tokens`` prompt tokens, so a longer prompt is prefilled in chunks. A
+finished sequence leaves at once; a request arriving during a step waits for its end.
+
+Speed: a GPU does a hundred steps a second and most of them admit or finish someone,
+so a step must cost microseconds. Steps are therefore not SimPy events: the engine runs
+them in its own loop, in time order across GPUs, and hands control to SimPy only when
+a fleet event (a failure, the autoscaler, the monitor) comes first. Nothing is done per
+token: a decoding sequence only needs the step of its last token (a heap per GPU), a
+run of identical decode steps with nobody to admit or finish is one event, and the gaps
+between tokens are kept as (gap, count per tier) per step.
+:mod:`infer_plan.sim.references.step_reference` is the slow, obviously-correct model the tests hold
+this one to, request by request.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import simpy
+from infer_plan.core.dispatch import EPS
+from infer_plan.core.jitter import StepJitter
+from infer_plan.core.model import ServiceModel
+
+from ..results.token_gaps import TokenGaps
+from .fleet import Fleet, GpuState
+from .waiting import ArrivalQueue
+
+__all__ = ["StepEngine"]
+
+
+@dataclass(slots=True)
+class _Gpu:
+    """One GPU's sequences and the step (or run of identical decode steps) it is in."""
+
+    accepting: bool = True  # serving and not released: admits new sequences
+    busy: bool = False
+    generation: int = 0  # bumped when its step is void (a failure), so a stale heap entry is skipped
+    steps_done: int = 0
+    kv: int = 0  # reserved prompt + output tokens of the running sequences
+    running: int = 0
+    prefilling: list[list[int]] = field(default_factory=list)  # [request, prompt tokens left], admission order
+    finishing: list[tuple[int, int]] = field(default_factory=list)  # heap of (step of its last token, request)
+    decoding: list[int] = field(default_factory=lambda: [0, 0, 0])  # decoding sequences per tier
+    n_decoding: int = 0
+    step_s: float = 0.0
+    steps: int = 0
+    jittered: np.ndarray | None = None  # with a measured spread: each step's own length (s) in the current run
+    chunks: list[int] = field(default_factory=list)  # prompt tokens each prefilling sequence gets this step
+
+
+class StepEngine:
+    """Continuous batching over a fixed set of arrivals; see the module docstring."""
+
+    def __init__(
+        self,
+        env: simpy.Environment,
+        model: ServiceModel,
+        times: np.ndarray,
+        tiers: np.ndarray,
+        prompt: np.ndarray,
+        output: np.ndarray,
+        gpus: int,
+        rng: np.random.Generator,
+        *,
+        horizon_s: float,
+        sample_every_s: float,
+        load_factor: Callable[[float, float], float],
+        jitter_seed: int = 0,
+    ) -> None:
+        self.env = env
+        self.model = model
+        self.waiting = ArrivalQueue(times, tiers)
+        self.tiers = tiers.tolist()
+        self.prompt = prompt.tolist()
+        self.output = output.tolist()
+        self.reserve = (prompt.astype(np.int64) + output).tolist()  # KV tokens a sequence holds until it finishes
+        n = times.size
+        self._first: list[float] = [math.nan] * n
+        self._done: list[float] = [math.nan] * n
+        self._failed: list[int] = []
+        self._refused: list[int] = []
+        self.max_seqs = model.max_num_seqs
+        self.kv_budget = model.kv_cache_tokens if model.kv_cache_tokens is not None else math.inf
+        self.token_budget = model.max_batched_tokens
+        # The step formula's coefficients, read once: model.step_ms's own expression, inlined on the hot path.
+        self.decode_step_ms, self.prefill_ms, self.per_seq_ms, self.admit_ms = (
+            model.decode_step_ms,
+            model.prefill_ms_per_token,
+            model.decode_ms_per_seq,
+            model.admit_ms_per_request,
+        )
+        self.gpus = [_Gpu() for _ in range(gpus)]
+        self.jitter_seed = jitter_seed
+        self.jitter = [StepJitter(model, jitter_seed, g) for g in range(gpus)] if model.cycle_jitter else None
+        self.heap: list[tuple[float, int, int]] = []  # (step end, gpu, generation)
+        self.now = 0.0  # the engine's own clock: ahead of SimPy's between fleet events
+        self.idle: list[int] = []  # accepting GPUs with nothing to run, sorted: they pick up in index order
+        # Inter-token gaps, one entry per step run: (gap s, gaps of enterprise, paid, free, when the run ended).
+        # Flat lists, five and three numbers an entry: numpy reads them back an order of magnitude faster than tuples.
+        self.gaps: list[float] = []
+        self.runs: list[float] = []  # each step run: start, end, sequences it held
+        self.scheduler: simpy.Process | None = None
+        self.fleet = Fleet(
+            env,
+            model,
+            gpus,
+            rng,
+            self,
+            load_factor=load_factor,
+            capacity=model.max_num_seqs,
+            horizon_s=horizon_s,
+            sample_every_s=sample_every_s,
+        )
+
+    # -- results ----------------------------------------------------------------------------------
+
+    @property
+    def first_token(self) -> np.ndarray:
+        return np.asarray(self._first)
+
+    @property
+    def completion(self) -> np.ndarray:
+        return np.asarray(self._done)
+
+    @property
+    def failed(self) -> np.ndarray:
+        failed = np.zeros(len(self._done), dtype=bool)
+        failed[self._failed] = True
+        return failed
+
+    @property
+    def refused(self) -> np.ndarray:
+        """Requests longer than the whole KV cache, which no GPU could ever run."""
+        refused = np.zeros(len(self._done), dtype=bool)
+        refused[self._refused] = True
+        return refused
+
+    def token_gaps(self) -> TokenGaps:
+        gaps = np.fromiter(self.gaps, dtype=np.float64, count=len(self.gaps)).reshape(-1, 5)
+        return TokenGaps(gaps[:, 0] * 1000.0, gaps[:, 1:4].astype(np.int64), gaps[:, 4])
+
+    def batches(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Start, end and size of every step run (what the report counts as GPU busy time and batch size)."""
+        runs = np.fromiter(self.runs, dtype=np.float64, count=len(self.runs)).reshape(-1, 3)
+        return runs[:, 0], runs[:, 1], runs[:, 2].astype(np.int64)
+
+    # -- the loop: steps in time order; SimPy only for the fleet's events -------------------------
+
+    def run(self):  # SimPy process
+        env = self.env
+        self.idle = list(range(len(self.gpus)))
+        while True:
+            self.now = max(self.now, env.now)
+            next_event, events_at = self._next_event, self._events_at
+            event = next_event()
+            fleet_next = env.peek()
+            while event < fleet_next:  # steps before the fleet's next event need no SimPy event of their own
+                events_at(event)
+                event = next_event()
+            if event == math.inf and self.waiting.next_arrival >= self.waiting.n and not self.heap:
+                return  # every arrival taken or shed, every step done
+            wait = event - env.now if event < math.inf else 1e9  # inf: nothing serves; the fleet must change
+            try:  # noqa: SIM105  (contextlib.suppress would build an object per wake-up on this hot loop)
+                yield env.timeout(max(wait, 0.0))
+            except simpy.Interrupt:  # a poke: the fleet changed, re-plan now
+                pass
+
+    def _next_event(self) -> float:
+        heap, gpus = self.heap, self.gpus
+        while heap and heap[0][2] != gpus[heap[0][1]].generation:
+            heapq.heappop(heap)  # a step voided by a failure
+        event = heap[0][0] if heap else math.inf
+        if self.idle:
+            pickup = self.now if self.waiting.queued else self.waiting.next_time
+            if pickup < event:
+                return pickup
+        return event
+
+    def _events_at(self, now: float) -> None:
+        self.now = now
+        waiting = self.waiting
+        limit = now + EPS
+        if waiting.next_time <= limit:
+            waiting.admit_until(now)
+        heap, gpus, plan = self.heap, self.gpus, self._plan
+        while heap and heap[0][0] <= limit:  # steps ending now, by GPU index
+            _, g, generation = heapq.heappop(heap)
+            gpu = gpus[g]
+            if generation == gpu.generation:
+                self._end_step(gpu, now)
+                plan(g, now)
+        if self.idle and waiting.queued:
+            for g in list(self.idle):  # idle GPUs pick up what waits, in index order
+                if waiting.queued:
+                    self.idle.remove(g)
+                    plan(g, now)
+
+    # -- one GPU: admit, plan a step (or a run of identical ones), end it --------------------------
+
+    def _plan(self, g: int, now: float) -> None:
+        gpu = self.gpus[g]
+        waiting = self.waiting
+        if gpu.accepting and waiting.queued and gpu.running < self.max_seqs:
+            self._admit(gpu)
+        if gpu.running == 0:
+            gpu.busy = False
+            if gpu.accepting:
+                bisect.insort(self.idle, g)
+            return
+        prefilling = gpu.prefilling
+        if prefilling:
+            sequences, prefill, joining, budget, prompt = gpu.n_decoding, 0, 0, self.token_budget, self.prompt
+            chunks = []
+            for entry in prefilling:
+                chunk = entry[1] if entry[1] < budget else budget
+                chunks.append(chunk)
+                budget -= chunk
+                prefill += chunk
+                sequences += chunk > 0
+                joining += chunk > 0 and entry[1] == prompt[entry[0]]  # its first chunk: admitted for this step
+            gpu.chunks = chunks
+            step_s = (
+                self.decode_step_ms + self.prefill_ms * prefill + self.per_seq_ms * sequences + self.admit_ms * joining
+            ) / 1000.0
+            steps = 1
+            if self.jitter is not None:
+                step_s *= float(self.jitter[g].take(1)[0])
+        else:  # pure decode: skip ahead to the next finish, or to the next arrival it could admit
+            step_s = (self.decode_step_ms + self.per_seq_ms * gpu.n_decoding) / 1000.0
+            steps = gpu.finishing[0][0] - gpu.steps_done
+            cut = steps > 1 and gpu.accepting and gpu.running < self.max_seqs and step_s > 0
+            arrival = waiting.next_time if cut else math.inf
+            if self.jitter is not None:
+                self._plan_jittered(g, gpu, now, step_s, steps, arrival)
+                return
+            if arrival < math.inf:
+                steps = min(steps, max(1, math.ceil((arrival - now) / step_s - EPS)))
+        gpu.busy, gpu.step_s, gpu.steps, gpu.jittered = True, step_s, steps, None
+        self._start_run(g, gpu, now, now + step_s * steps)
+
+    def _plan_jittered(self, g: int, gpu: _Gpu, now: float, step_s: float, steps: int, arrival: float) -> None:
+        """A run of decode steps, each its own length: up to the next finish, or the step an arrival ends in."""
+        assert self.jitter is not None
+        lengths = step_s * self.jitter[g].peek(steps)  # a new array: the multipliers' view is not kept
+        if arrival < math.inf:  # the first step that ends at or after the arrival (as the plain run's cut)
+            ends = np.cumsum(lengths)
+            steps = max(1, min(steps, int(np.searchsorted(ends, arrival - now - EPS * step_s)) + 1))
+            lengths = lengths[:steps]
+        self.jitter[g].take(steps)
+        gpu.busy, gpu.step_s, gpu.steps, gpu.jittered = True, step_s, steps, lengths
+        self._start_run(g, gpu, now, now + float(lengths.sum()))
+
+    def _start_run(self, g: int, gpu: _Gpu, now: float, end: float) -> None:
+        self.runs.extend((now, end, gpu.running))
+        heapq.heappush(self.heap, (end, g, gpu.generation))
+
+    def _admit(self, gpu: _Gpu) -> None:
+        """Waiting requests by tier, FIFO within a tier, while a sequence slot and KV room remain."""
+        waiting, prompt, budget, reserves = self.waiting, self.prompt, self.kv_budget, self.reserve
+        prefilling, max_seqs = gpu.prefilling, self.max_seqs
+        while waiting.queued and gpu.running < max_seqs:
+            i = waiting.pop()
+            reserve = reserves[i]
+            if gpu.kv + reserve > budget:
+                if reserve <= budget:
+                    waiting.push_back(i)  # the first that does not fit blocks the ones behind it
+                    return
+                self._refused.append(i)  # would never fit, even alone: refused at once (an engine's 400)
+                self._done[i] = self.now
+                continue
+            prefilling.append([i, prompt[i]])
+            gpu.kv += reserve
+            gpu.running += 1
+
+    def _end_step(self, gpu: _Gpu, now: float) -> None:
+        steps = gpu.steps
+        steps_done = gpu.steps_done = gpu.steps_done + steps
+        gpu.busy = False
+        decoding = gpu.decoding
+        if gpu.n_decoding:  # every decoding sequence emitted `steps` tokens, one step apart
+            if gpu.jittered is None:
+                self.gaps.extend((gpu.step_s, decoding[0] * steps, decoding[1] * steps, decoding[2] * steps, now))
+            else:
+                for length in gpu.jittered.tolist():
+                    self.gaps.extend((length, decoding[0], decoding[1], decoding[2], now))
+        done, reserve, tiers, finishing = self._done, self.reserve, self.tiers, gpu.finishing
+        if gpu.prefilling:
+            still = []
+            output, first = self.output, self._first
+            for entry, chunk in zip(gpu.prefilling, gpu.chunks):  # noqa: B905  (same length by construction)
+                entry[1] -= chunk
+                if entry[1]:
+                    still.append(entry)
+                    continue
+                i = entry[0]
+                first[i] = now  # the last prompt chunk emits the first token
+                if output[i] == 1:
+                    done[i] = now
+                    gpu.kv -= reserve[i]
+                    gpu.running -= 1
+                    continue
+                heapq.heappush(finishing, (steps_done + output[i] - 1, i))
+                decoding[tiers[i]] += 1
+                gpu.n_decoding += 1
+            gpu.prefilling = still
+        if finishing and finishing[0][0] <= steps_done:
+            freed, leaving = 0, 0
+            while finishing and finishing[0][0] <= steps_done:
+                _, i = heapq.heappop(finishing)
+                decoding[tiers[i]] -= 1
+                done[i] = now
+                freed += reserve[i]
+                leaving += 1
+            gpu.n_decoding -= leaving
+            gpu.kv -= freed
+            gpu.running -= leaving
+
+    # -- what the fleet tells us ------------------------------------------------------------------
+
+    def poke(self) -> None:
+        proc = self.scheduler
+        if proc is not None and proc.is_alive and proc.target is not None and proc is not self.env.active_process:
+            proc.interrupt()
+
+    def gpu_added(self) -> None:
+        self.gpus.append(_Gpu(accepting=False))
+        if self.jitter is not None:
+            self.jitter.append(StepJitter(self.model, self.jitter_seed, len(self.jitter)))
+
+    def gpu_changed(self, g: int, state: GpuState) -> None:
+        gpu = self.gpus[g]
+        gpu.accepting = state is GpuState.UP
+        if not gpu.accepting and g in self.idle:
+            self.idle.remove(g)
+        elif gpu.accepting and not gpu.busy and g not in self.idle:
+            bisect.insort(self.idle, g)
+        self.poke()
+
+    def gpu_failing(self, g: int) -> None:
+        gpu, now = self.gpus[g], self.env.now
+        lost = [entry[0] for entry in gpu.prefilling] + [i for _, i in gpu.finishing]
+        for i in lost:  # the clients get their error now
+            self._done[i] = now
+        self._failed.extend(lost)
+        self.gpus[g] = _Gpu(accepting=False, generation=gpu.generation + 1)
+        if g in self.idle:
+            self.idle.remove(g)
+
+    def retire_choice(self, up: list[int]) -> int:
+        return min(up, key=lambda g: (self.gpus[g].running, g))

@@ -1,0 +1,1 @@
+"""Workload inputs: arrivals and their schedules, token lengths, datasets and traces, scenario files."""

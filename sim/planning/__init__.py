@@ -1,0 +1,1 @@
+"""Questions asked of many simulations: the GPU count that meets the SLOs, the latency knee."""

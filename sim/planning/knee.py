@@ -1,0 +1,51 @@
+"""Where queueing starts to dominate: the rate at which one replica's TTFT P95 has doubled.
+
+A continuous engine's latency is flat while it has room and climbs steeply once requests
+wait for a slot; the rate where it turns is what a user means by "the knee". The
+arithmetic throughput (``ServiceModel.per_gpu_rps``, every slot full) lies past it: at
+85% of that rate a simulated engine is already busy nearly all the time and its queue
+grows for minutes, so latencies measured there depend on how long one watches. This
+module defines the knee by simulation instead: the highest rate at which the simulated
+TTFT P95 stays within ``factor`` times its value with the engine nearly idle. The
+fidelity benchmark places its loads by it, and a load test's sweep can set it beside the
+knee it measures.
+"""
+
+from __future__ import annotations
+
+from infer_plan.core.model import ServiceModel
+
+from ..inputs.workload import Workload
+from ..runner import RunSettings, run_simulation
+
+__all__ = ["latency_knee_rps"]
+
+IDLE_SHARE = 0.05  # of the arithmetic throughput: the "nearly idle" reference rate
+BISECTIONS = 12
+
+
+def latency_knee_rps(
+    model: ServiceModel, workload: Workload, *, factor: float = 2.0, duration_s: float = 300.0, seed: int = 0
+) -> float:
+    """The highest rate (req/s, one GPU) at which the simulated TTFT P95 is within ``factor`` x its idle value.
+
+    ``workload`` gives the lengths (its rate is replaced); one simulated run of
+    ``duration_s`` per probe, bisected between the idle rate and the arithmetic throughput.
+    """
+    if factor <= 1:
+        raise ValueError(f'"factor" must be > 1 (got {factor})')
+    top = model.per_gpu_rps(workload.shape(model))
+    settings = RunSettings(duration_s=duration_s, seed=seed)
+
+    def ttft_p95(rps: float) -> float:
+        at = workload.model_copy(update={"schedule": workload.schedule.model_copy(update={"rps": rps})})
+        result = run_simulation(model, at, settings, gpus=1, keep_timeseries=False)
+        assert result.ttft_p95_ms is not None, "a knee needs a token model"
+        return result.ttft_p95_ms
+
+    limit = factor * ttft_p95(IDLE_SHARE * top)
+    low, high = IDLE_SHARE * top, top
+    for _ in range(BISECTIONS):
+        mid = (low + high) / 2
+        low, high = (mid, high) if ttft_p95(mid) <= limit else (low, mid)
+    return low

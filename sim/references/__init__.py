@@ -1,0 +1,1 @@
+"""Independent per-request models the engines are held to, request by request."""
