@@ -39,11 +39,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from infer_plan.core.errors import UsageError
-from infer_plan.core.model import Batching, ServiceModel
-from infer_plan.core.schema import CalibrationResult, StreamCell
-from infer_plan.core.tiers import Tier
 
+from ..core.errors import UsageError
+from ..core.model import Batching, ServiceModel
+from ..core.schema import CalibrationResult, StreamCell
+from ..core.tiers import Tier
 from .streamed import ContinuousFit, nnls_relative
 
 if TYPE_CHECKING:
@@ -124,8 +124,8 @@ def decode_rows(req: SavedRequests) -> tuple[np.ndarray, np.ndarray]:
 
 def _replay_ms(model: ServiceModel, req: SavedRequests) -> tuple[np.ndarray, np.ndarray]:
     """The same sends and lengths simulated with ``model``: each request's TTFT and decode time (ms)."""
-    from infer_plan.sim.engines.engine import simulate_arrivals
-    from infer_plan.sim.inputs.arrivals import Arrivals
+    from ..sim.engines.engine import simulate_arrivals
+    from ..sim.inputs.arrivals import Arrivals
 
     arrivals = Arrivals(times=req.sent - req.sent[0], tiers=req.tiers, prompt_tokens=req.prompt.astype(np.int32),
                         output_tokens=req.output.astype(np.int32))  # fmt: skip

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import aiohttp
 import numpy as np
-from infer_plan.server.backends.base import Backend, BackendError, Generate
-from infer_plan.server.backends.http_client import request_json
 
+from ..server.backends.base import Backend, BackendError, Generate
+from ..server.backends.http_client import request_json
 from .profile import Cell, LinearFit, PhaseSplit, fit_batch_latency, jitter_quantiles
 
 __all__ = ["MIN_TRAFFIC_SAMPLES", "BatchTimings", "TooFewSizesError", "measure_batches", "served_batch_timings"]

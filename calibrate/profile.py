@@ -29,7 +29,8 @@ from typing import NamedTuple
 
 import numpy as np
 import tomli_w
-from infer_plan.core.model import ServiceModel
+
+from ..core.model import ServiceModel
 
 __all__ = [
     "JITTER_POINTS",

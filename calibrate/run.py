@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infer_plan.core.errors import InferPlanError, UsageError
-from infer_plan.core.model import Batching, ServiceModel
-from infer_plan.core.schema import CalibrationPoint, CalibrationResult
-from infer_plan.server.backends.base import Backend, BackendError
-
+from ..core.errors import InferPlanError, UsageError
+from ..core.model import Batching, ServiceModel
+from ..core.schema import CalibrationPoint, CalibrationResult
+from ..server.backends.base import Backend, BackendError
 from .measure import BatchTimings, TooFewSizesError, measure_batches, served_batch_timings
 from .profile import Cell, continuous_profile_toml, profile_toml
 from .streamed import MIXED_OUTPUT, ContinuousFit, StreamPlan, fit_continuous, measure_streams

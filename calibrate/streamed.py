@@ -43,9 +43,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from infer_plan.core.schema import StreamCell
-from infer_plan.server.backends.base import Backend, BackendError, Generate, Generated
 
+from ..core.schema import StreamCell
+from ..server.backends.base import Backend, BackendError, Generate, Generated
 from .measure import PROMPT_IDS
 from .profile import JITTER_POINTS
 

@@ -20,8 +20,7 @@ except ImportError:  # pragma: no cover - older typer uses the click distributio
     import click
     from click.exceptions import NoSuchOption
 
-from infer_plan.core.errors import InferPlanError
-
+from ..core.errors import InferPlanError
 from .backends import backends
 from .calibrate import calibrate
 from .capacity import capacity

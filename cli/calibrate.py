@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from infer_plan.core.errors import UsageError
-from infer_plan.core.model import Batching
 
+from ..core.errors import UsageError
+from ..core.model import Batching
 from .options import (
     BackendOpt,
     BackendOptionOpt,
@@ -107,7 +107,7 @@ def calibrate(
     quiet: QuietOpt = False,
 ) -> None:
     """Measure an engine (static batches, or a continuous engine's streamed requests) and write a profile."""
-    from infer_plan.calibrate.run import CalibrationSpec, calibration_cells, calibration_mode, run_calibration
+    from ..calibrate.run import CalibrationSpec, calibration_cells, calibration_mode, run_calibration
 
     service = build_scenario(scenario=scenario, profile=profile).model
     options = backend_options(

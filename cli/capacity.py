@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from infer_plan.core.errors import UsageError
-from infer_plan.core.model import Batching, ServiceModel
-from infer_plan.core.schema import CapacityResult
-from infer_plan.core.tiers import Tier
-from infer_plan.sim.planning.planner import plan_batching_modes
 
+from ..core.errors import UsageError
+from ..core.model import Batching, ServiceModel
+from ..core.schema import CapacityResult
+from ..core.tiers import Tier
+from ..sim.planning.planner import plan_batching_modes
 from .options import (
     BatchingOpt,
     DatasetOpt,

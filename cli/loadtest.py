@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from infer_plan.core.errors import ConfigError
-from infer_plan.core.schema import LoadTestResult, load_result
-from infer_plan.loadtests.analysis import Baseline
-from infer_plan.loadtests.apis import Api
 
+from ..core.errors import ConfigError
+from ..core.schema import LoadTestResult, load_result
+from ..loadtests.analysis import Baseline
+from ..loadtests.apis import Api
 from .options import (
     ArrivalOpt,
     BatchingOpt,
@@ -43,7 +43,7 @@ from .output import render_result, write_result_files
 from .progress import status_progress
 
 if TYPE_CHECKING:
-    from infer_plan.loadtests.run import LoadTestSpec
+    from ..loadtests.run import LoadTestSpec
 
 TargetOpt = Annotated[str, typer.Option("--target", help="'sim' (start a sim-backend server) or a base URL.")]
 RpsOpt = Annotated[float, typer.Option("--rps", min=0.001, help="Target arrival rate, requests/s.")]
@@ -123,7 +123,7 @@ def loadtest(
 ) -> None:
     """Drive a server with open-loop Locust load; gate on latency, tokens, errors and rejects (exit 1 on a failure)."""
     flags = dict(locals())
-    from infer_plan.loadtests.run import run_loadtest  # imports Locust, which needs gevent's patching first
+    from ..loadtests.run import run_loadtest  # imports Locust, which needs gevent's patching first
 
     spec, horizon = _spec(flags), warmup + duration
     with status_progress(f"load test over {horizon:g} s", enabled=not quiet, total=horizon) as bar:
@@ -136,7 +136,7 @@ def loadtest(
 
 def _spec(f: dict[str, Any]) -> LoadTestSpec:
     """The load test the flags ask for: scenario, then profile, then flags (as for simulate and capacity)."""
-    from infer_plan.loadtests.run import LoadTestSpec
+    from ..loadtests.run import LoadTestSpec
 
     scen = build_scenario(
         scenario=f["scenario"], profile=f["profile"], tier_mix=f["tier_mix"], gpus=f["gpus"],

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from infer_plan.core.errors import UsageError
-from infer_plan.server.backends.base import Backend, EngineFlags, backend_names
-from infer_plan.sim.inputs.arrivals import ArrivalProcess
-from infer_plan.sim.runner import RunSettings
-from infer_plan.sim.scenario import Scenario, load_scenario
 
+from ..core.errors import UsageError
+from ..server.backends.base import Backend, EngineFlags, backend_names
+from ..sim.inputs.arrivals import ArrivalProcess
+from ..sim.runner import RunSettings
+from ..sim.scenario import Scenario, load_scenario
 from .parsing import parse_spike, parse_tier_mix
 
 __all__ = ["FLAG_OF", "backend_options", "build_scenario", "parse_spike", "slo_flags"]

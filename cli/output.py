@@ -5,10 +5,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from infer_plan.core.errors import UsageError
-from infer_plan.core.schema import AnyResult, LoadTestResult
 from pydantic import BaseModel
 from rich.console import Console
+
+from ..core.errors import UsageError
+from ..core.schema import AnyResult, LoadTestResult
 
 __all__ = ["emit_json", "render_result", "terminal", "write_result_files"]
 
@@ -19,7 +20,7 @@ def terminal() -> Console:
 
 
 def render_result(result: AnyResult) -> None:
-    from infer_plan.reports.terminal import render
+    from ..reports.terminal import render
 
     render(result, terminal())
 
@@ -40,10 +41,10 @@ def write_result_files(
 ) -> None:
     emit_json(result, print_it=False, path=json_file)
     if junit_file is not None and isinstance(result, LoadTestResult):
-        from infer_plan.loadtests.junit import write_junit
+        from ..loadtests.junit import write_junit
 
         write_junit(result, junit_file)
     if html_file is not None:
-        from infer_plan.reports.html import write_html
+        from ..reports.html import write_html
 
         write_html(result, html_file)

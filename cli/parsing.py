@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from infer_plan.core.errors import UsageError
+from ..core.errors import UsageError
 
 __all__ = ["parse_int_list", "parse_spike", "parse_tier_mix"]
 

@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from infer_plan.core.errors import UsageError
-from infer_plan.core.schema import load_result
-from infer_plan.reports.html import write_html
-from infer_plan.reports.markdown import result_markdown
 
+from ..core.errors import UsageError
+from ..core.schema import load_result
+from ..reports.html import write_html
+from ..reports.markdown import result_markdown
 from .output import render_result
 
 ResultArg = Annotated[Path, typer.Argument(help="A result saved with --json/--save by any command.")]

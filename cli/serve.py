@@ -8,12 +8,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from infer_plan.core.errors import UsageError
-from infer_plan.server.access.keys import DEV_KEYS
-from infer_plan.server.config import ServerConfig
+
+from ..core.errors import UsageError
+from ..server.access.keys import DEV_KEYS
+from ..server.config import ServerConfig
 
 if TYPE_CHECKING:
-    from infer_plan.server.runner import Listening
+    from ..server.runner import Listening
 from .options import (
     BackendOpt,
     BackendOptionOpt,
@@ -118,12 +119,12 @@ def serve(
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     if instances > 1:
-        from infer_plan.server.instances import (
+        from ..server.instances import (
             run_instances,  # the server stack loads only for `serve`: others start faster
         )
 
         raise typer.Exit(run_instances(config, instances, _announcer(config, instances)))
-    from infer_plan.server.runner import run_server
+    from ..server.runner import run_server
 
     run_server(config, on_ready=_announcer(config, instances))
 

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from infer_plan.core.errors import UsageError
-from infer_plan.sim.runner import run_simulation
 
+from ..core.errors import UsageError
+from ..sim.runner import run_simulation
 from .options import (
     ArrivalOpt,
     BatchingOpt,

@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from infer_plan.server.tiny_model import build_tiny_model
 
+from ..server.tiny_model import build_tiny_model
 from .options import QuietOpt
 from .progress import status_progress
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from infer_plan.calibrate.profile import LinearFit
-from infer_plan.core.records import Outcome, RequestRecords
-from infer_plan.core.schema import BatchLogCheck, Gate, LoadTestResult, MeasuredVsSimulated, ServerMetrics
-from infer_plan.core.slos import Observed, Scope, Slos, check_slos
-from infer_plan.core.stats import latency_stats, relative_errors
-from infer_plan.core.tiers import Tier
 
+from ..calibrate.profile import LinearFit
+from ..core.records import Outcome, RequestRecords
+from ..core.schema import BatchLogCheck, Gate, LoadTestResult, MeasuredVsSimulated, ServerMetrics
+from ..core.slos import Observed, Scope, Slos, check_slos
+from ..core.stats import latency_stats, relative_errors
+from ..core.tiers import Tier
 from .token_analysis import TokenSides, compare_tokens
 
 __all__ = ["Baseline", "BatchLogRerun", "analyse", "evaluate_gates"]

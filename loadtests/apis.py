@@ -15,8 +15,8 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from infer_plan.core.sse import CountedBy, Reading, read_stream, take_usage
-from infer_plan.core.tokens import load_tokenizer
+from ..core.sse import CountedBy, Reading, read_stream, take_usage
+from ..core.tokens import load_tokenizer
 
 __all__ = ["Api", "CountedBy", "Reading", "prompt_text", "read_answer", "read_stream", "request_body"]
 

@@ -20,9 +20,9 @@ from typing import Any
 import gevent
 import numpy as np
 from gevent.event import Event
-from infer_plan.core.errors import InferPlanError
-from infer_plan.core.records import RequestRecords
 
+from ..core.errors import InferPlanError
+from ..core.records import RequestRecords
 from .locust_user import OpenLoopEnvironment, OpenLoopRun
 from .plan import LoadPlan
 from .token_log import TokenLog

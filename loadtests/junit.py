@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from infer_plan.core.schema import LoadTestResult
 from junit_xml import TestCase, TestSuite, to_xml_report_string
+
+from ..core.schema import LoadTestResult
 
 __all__ = ["write_junit"]
 

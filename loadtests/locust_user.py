@@ -20,12 +20,12 @@ from typing import Any
 
 import gevent
 from gevent.pool import Group
-from infer_plan.core.records import Outcome, RequestRecords
-from infer_plan.core.tiers import TIER_NAMES
 from locust import FastHttpUser, task
 from locust.env import Environment
 from locust.event import EventHook, Events
 
+from ..core.records import Outcome, RequestRecords
+from ..core.tiers import TIER_NAMES
 from .apis import Api, Reading, prompt_text, read_answer, read_stream, request_body
 from .plan import LoadPlan
 from .token_log import TokenLog
@@ -44,7 +44,7 @@ def expected_output(model: str, text: str) -> str | None:
     """The output a sim-backend server must return for ``text`` (None: not checkable)."""
     if model != "sim":
         return None
-    from infer_plan.server.backends.sim_gpu import sim_output
+    from ..server.backends.sim_gpu import sim_output
 
     return sim_output(text)
 
@@ -53,8 +53,8 @@ def expected_tokens_text(api: Api, model: str, prompt: str, tokens: int) -> str 
     """The text a sim-backend server must answer ``prompt`` with on a token API (None: not checkable)."""
     if model != "sim":
         return None
-    from infer_plan.server.backends.base import plain_chat_prompt
-    from infer_plan.server.backends.sim_gpu import sim_words
+    from ..server.backends.base import plain_chat_prompt
+    from ..server.backends.sim_gpu import sim_words
 
     seen = plain_chat_prompt([{"role": "user", "content": prompt}]) if api is Api.CHAT else prompt
     return sim_words(seen, tokens)

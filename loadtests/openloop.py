@@ -14,8 +14,9 @@ import time
 from dataclasses import dataclass
 
 import aiohttp
-from infer_plan.core.records import Outcome, RequestRecords
-from infer_plan.sim.inputs.arrivals import Arrivals
+
+from ..core.records import Outcome, RequestRecords
+from ..sim.inputs.arrivals import Arrivals
 
 __all__ = ["OpenLoopResult", "send_open_loop"]
 

@@ -12,8 +12,8 @@ import json
 from dataclasses import dataclass
 
 import numpy as np
-from infer_plan.sim.inputs.arrivals import Arrivals
 
+from ..sim.inputs.arrivals import Arrivals
 from .apis import Api
 
 __all__ = ["LoadPlan"]

@@ -15,20 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from infer_plan.calibrate.measure import served_batch_timings
-from infer_plan.calibrate.profile import calibrated_model
-from infer_plan.core.errors import ConfigError, UsageError
-from infer_plan.core.model import ServiceModel
-from infer_plan.core.records import RequestRecords
-from infer_plan.core.schema import LoadTestResult
-from infer_plan.core.tiers import Tier
-from infer_plan.server.access.keys import KeyStore
-from infer_plan.server.backends.base import BackendError
-from infer_plan.sim.engines.engine import simulate_arrivals
-from infer_plan.sim.inputs.arrivals import Arrivals
-from infer_plan.sim.inputs.workload import Workload
-from infer_plan.sim.results.sinks import RequestWriter
 
+from ..calibrate.measure import served_batch_timings
+from ..calibrate.profile import calibrated_model
+from ..core.errors import ConfigError, UsageError
+from ..core.model import ServiceModel
+from ..core.records import RequestRecords
+from ..core.schema import LoadTestResult
+from ..core.tiers import Tier
+from ..server.access.keys import KeyStore
+from ..server.backends.base import BackendError
+from ..sim.engines.engine import simulate_arrivals
+from ..sim.inputs.arrivals import Arrivals
+from ..sim.inputs.workload import Workload
+from ..sim.results.sinks import RequestWriter
 from .analysis import Baseline, BatchLogRerun, RunFacts, analyse
 from .apis import Api, prompt_text
 from .harness import run_plan

@@ -15,8 +15,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import gevent
-from infer_plan.core.schema import ServerMetrics
 from prometheus_client.parser import text_string_to_metric_families
+
+from ..core.schema import ServerMetrics
 
 __all__ = ["RUNNING", "WAITING", "parse_sample", "scraping"]
 

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import redis
 import tomli_w
-from infer_plan.core.errors import InferPlanError
-from infer_plan.core.model import ServiceModel
+
+from ..core.errors import InferPlanError
+from ..core.model import ServiceModel
 
 __all__ = [
     "RedisProcess",

@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from infer_plan.core.records import RequestRecords
-from infer_plan.core.schema import TokenComparison, TokenStats
-from infer_plan.core.slos import Slos, good_requests
-from infer_plan.core.stats import RawSample, own_tpot_ms, token_stats
-from infer_plan.sim.results.token_gaps import TokenGaps
 
+from ..core.records import RequestRecords
+from ..core.schema import TokenComparison, TokenStats
+from ..core.slos import Slos, good_requests
+from ..core.stats import RawSample, own_tpot_ms, token_stats
+from ..sim.results.token_gaps import TokenGaps
 from .token_log import TokenLog
 
 __all__ = ["TokenSides", "compare_tokens"]

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from infer_plan.core.tiers import Tier
-from infer_plan.sim.results.token_gaps import TokenGaps
 
+from ..core.tiers import Tier
+from ..sim.results.token_gaps import TokenGaps
 from .apis import CountedBy
 
 __all__ = ["TokenLog"]

@@ -13,8 +13,10 @@ import html
 from pathlib import Path
 
 import plotly.graph_objects as go
-from infer_plan.core.errors import UsageError
-from infer_plan.core.schema import (
+from plotly.subplots import make_subplots
+
+from ..core.errors import UsageError
+from ..core.schema import (
     CDF_POINTS,
     AnyResult,
     CalibrationResult,
@@ -24,8 +26,6 @@ from infer_plan.core.schema import (
     MeasuredVsSimulated,
     SimulationResult,
 )
-from plotly.subplots import make_subplots
-
 from .tables import Summary, summaries, summarise
 
 __all__ = ["result_html", "write_html"]

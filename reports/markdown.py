@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from infer_plan.core.schema import AnyResult
-
+from ..core.schema import AnyResult
 from .tables import Summary, Table, summaries
 
 __all__ = ["result_markdown"]

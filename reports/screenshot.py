@@ -17,7 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from infer_plan.core.errors import ConfigError
+from ..core.errors import ConfigError
 
 __all__ = ["dump_dom", "screenshot"]
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
-from infer_plan.core.schema import (
+from ..core.schema import (
     AnyResult,
     AutoscaleLog,
     BatchLogCheck,

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from infer_plan.core.schema import AnyResult
 from rich.console import Console, Group, RenderableType
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from ..core.schema import AnyResult
 from .tables import Summary, Verdict, summaries
 
 __all__ = ["render", "render_summary"]

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from infer_plan.core.errors import UsageError
-from infer_plan.core.model import Batching, ServiceModel
+from ..core.errors import UsageError
+from ..core.model import Batching, ServiceModel
 
 __all__ = ["ServerConfig"]
 

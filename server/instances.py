@@ -20,8 +20,7 @@ import time
 from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 
-from infer_plan.core.errors import UsageError
-
+from ..core.errors import UsageError
 from .config import ServerConfig
 from .runner import Listening, bind, run_server
 

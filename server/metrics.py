@@ -5,8 +5,9 @@ Label children are bound once here, so the request path only calls ``inc()``.
 
 from __future__ import annotations
 
-from infer_plan.core.tiers import Tier
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..core.tiers import Tier
 
 __all__ = ["ServerMetrics"]
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from infer_plan.core.errors import UsageError
 
+from ..core.errors import UsageError
 from .config import ServerConfig
 from .http.access_log import JsonAccessLogger
 from .http.app import build_apps, make_state

@@ -15,7 +15,7 @@ import json
 import sysconfig
 from pathlib import Path
 
-from infer_plan.core.errors import ConfigError
+from ..core.errors import ConfigError
 
 __all__ = ["TINY_MODEL_SPEC", "build_tiny_model"]
 

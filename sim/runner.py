@@ -12,12 +12,12 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from infer_plan.core.errors import UsageError
-from infer_plan.core.model import Batching, ServiceModel
-from infer_plan.core.schema import SimulationResult
-from infer_plan.core.tiers import Tier
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..core.errors import UsageError
+from ..core.model import Batching, ServiceModel
+from ..core.schema import SimulationResult
+from ..core.tiers import Tier
 from .engines.engine import simulate_chunks
 from .inputs.arrivals import Arrivals, concatenate, split
 from .inputs.workload import Workload

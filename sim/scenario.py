@@ -34,11 +34,11 @@ import tomllib
 from pathlib import Path
 from typing import Any, TypeVar
 
-from infer_plan.core.errors import ConfigError
-from infer_plan.core.model import ServiceModel
-from infer_plan.core.slos import nest_slo_aliases
 from pydantic import BaseModel, ValidationError
 
+from ..core.errors import ConfigError
+from ..core.model import ServiceModel
+from ..core.slos import nest_slo_aliases
 from .inputs.workload import Workload
 from .runner import RunSettings
 

@@ -23,10 +23,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
-from infer_plan.core.key_limits import bucket_take, retry_after_header
-from infer_plan.core.tiers import Tier
 from redis.exceptions import NoScriptError, RedisError
 
+from ...core.key_limits import bucket_take, retry_after_header
+from ...core.tiers import Tier
 from ..api_errors import ApiError
 from ..metrics import ServerMetrics
 from ..queues.shared_scripts import KEY_ADMIT, SharedKeys

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infer_plan.core.errors import ConfigError
-from infer_plan.core.key_limits import KeyLimits
-from infer_plan.core.tiers import Tier
+from ...core.errors import ConfigError
+from ...core.key_limits import KeyLimits
+from ...core.tiers import Tier
 
 __all__ = ["DEV_KEYS", "KeyGrant", "KeyStore"]
 

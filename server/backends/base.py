@@ -26,9 +26,10 @@ from dataclasses import dataclass, field, fields
 from importlib.metadata import entry_points
 from typing import Any, ClassVar, Protocol
 
-from infer_plan.core.errors import ConfigError
-from infer_plan.core.model import ServiceModel
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ...core.errors import ConfigError
+from ...core.model import ServiceModel
 
 __all__ = [
     "Backend",

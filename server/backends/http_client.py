@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
-from infer_plan.core.model import ServiceModel
 from pydantic import Field
 
+from ...core.model import ServiceModel
 from .base import Backend, BackendError, BackendOptions
 
 __all__ = ["ForwardingBackend", "ForwardingOptions", "post_json", "request_json"]

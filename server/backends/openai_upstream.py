@@ -17,11 +17,11 @@ from collections import defaultdict
 from typing import Any, ClassVar
 
 import aiohttp
-from infer_plan.core.errors import UsageError
-from infer_plan.core.model import ServiceModel
-from infer_plan.core.sse import StreamReader
 from pydantic import Field
 
+from ...core.errors import UsageError
+from ...core.model import ServiceModel
+from ...core.sse import StreamReader
 from .base import BackendError, EngineFlags, Generate, Generated, Generation, non_empty, scatter
 from .http_client import ForwardingBackend, ForwardingOptions, post_json
 

@@ -31,10 +31,10 @@ import signal
 import uuid
 from typing import Any, ClassVar
 
-from infer_plan.core.errors import UsageError
-from infer_plan.core.model import ServiceModel
 from pydantic import Field
 
+from ...core.errors import UsageError
+from ...core.model import ServiceModel
 from .base import Backend, BackendError, BackendOptions, EngineFlags, Generate, Generated
 
 __all__ = ["EngineActor", "RayBackend", "RayOptions"]

@@ -12,9 +12,8 @@ from __future__ import annotations
 import itertools
 from typing import Any, ClassVar
 
-from infer_plan.core.errors import UsageError
-from infer_plan.core.model import ServiceModel
-
+from ...core.errors import UsageError
+from ...core.model import ServiceModel
 from .base import BackendError, EngineFlags, Generate, Generated
 from .http_client import ForwardingBackend, ForwardingOptions, post_json
 

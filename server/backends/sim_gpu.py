@@ -21,9 +21,8 @@ import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from infer_plan.core.model import ServiceModel
-from infer_plan.core.tokens import word_tokens
-
+from ...core.model import ServiceModel
+from ...core.tokens import word_tokens
 from ..api_errors import ApiError
 from .base import Backend, BackendOptions, Generate, Generated
 

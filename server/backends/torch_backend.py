@@ -26,10 +26,10 @@ import re
 import time
 from typing import Any, ClassVar
 
-from infer_plan.core.errors import ConfigError
-from infer_plan.core.model import ServiceModel
 from pydantic import Field, field_validator
 
+from ...core.errors import ConfigError
+from ...core.model import ServiceModel
 from .base import Backend, BackendError, BackendOptions, EngineFlags, Generate, Generated
 
 __all__ = ["PHASES", "TorchBackend"]

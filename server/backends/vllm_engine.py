@@ -26,10 +26,10 @@ import itertools
 import os
 from typing import Any, ClassVar
 
-from infer_plan.core.errors import ConfigError, UsageError
-from infer_plan.core.model import Batching, ServiceModel
 from pydantic import Field
 
+from ...core.errors import ConfigError, UsageError
+from ...core.model import Batching, ServiceModel
 from .base import (
     Backend,
     BackendError,

@@ -12,8 +12,8 @@ import contextlib
 from collections.abc import AsyncIterator
 
 from aiohttp import web
-from infer_plan.core.model import Batching
 
+from ...core.model import Batching
 from ..access.key_limiter import LocalKeyLimiter, SharedKeyLimiter
 from ..access.keys import KeyStore
 from ..api_errors import ErrorMiddleware

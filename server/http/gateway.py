@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from aiohttp import web
-from infer_plan.core.tiers import Tier
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ...core.tiers import Tier
 from ..access.key_limiter import KeyLimiter
 from ..access.keys import KeyGrant, KeyStore
 from ..api_errors import ApiError

@@ -22,8 +22,8 @@ import time
 
 from aiohttp import web
 from aiohttp_sse import EventSourceResponse
-from infer_plan.core.tiers import Tier
 
+from ...core.tiers import Tier
 from ..access.keys import KeyGrant
 from ..api_errors import ApiError
 from ..backends.base import Generated

@@ -17,11 +17,10 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from infer_plan.core.admission import zone_admits
-from infer_plan.core.dispatch import Take, decide, take_by_priority
-from infer_plan.core.model import Batching, ServiceModel
-from infer_plan.core.tiers import Tier
-
+from ...core.admission import zone_admits
+from ...core.dispatch import Take, decide, take_by_priority
+from ...core.model import Batching, ServiceModel
+from ...core.tiers import Tier
 from ..api_errors import ApiError
 from ..backends.base import Generate, Generated
 from .queue import Interrupted, TierQueue

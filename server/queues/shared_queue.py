@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from enum import Enum
 
 import redis.asyncio as aioredis
-from infer_plan.core.model import ServiceModel
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
+from ...core.model import ServiceModel
 from ..api_errors import ApiError
 from ..backends.base import Generate, Generated
 from ..metrics import ServerMetrics

@@ -20,8 +20,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from infer_plan.core.tiers import Tier
-
+from ...core.tiers import Tier
 from ..api_errors import ApiError
 from ..backends.base import Backend, BackendError, Generate, Generated
 from ..metrics import ServerMetrics

@@ -25,10 +25,10 @@ from collections.abc import Iterable
 
 import numpy as np
 import simpy
-from infer_plan.core.dispatch import EPS, Take, decide
-from infer_plan.core.model import ServiceModel
-from infer_plan.core.records import RequestRecords
 
+from ...core.dispatch import EPS, Take, decide
+from ...core.model import ServiceModel
+from ...core.records import RequestRecords
 from ..inputs.arrivals import Arrivals
 from ..results.sinks import Sink, simulated_outcomes
 from .fleet import Fleet, GpuState

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import simpy
-from infer_plan.core.model import Batching, ServiceModel, TokenShape
-from infer_plan.core.records import Outcome, RequestRecords
 
+from ...core.model import Batching, ServiceModel, TokenShape
+from ...core.records import Outcome, RequestRecords
 from ..inputs.arrivals import Arrivals, concatenate, split
 from ..results.fleet_log import FleetLog
 from ..results.sinks import RecordKeeper, Sink, simulated_outcomes

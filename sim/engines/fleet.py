@@ -16,10 +16,10 @@ from typing import Protocol
 
 import numpy as np
 import simpy
-from infer_plan.core.dispatch import EPS
-from infer_plan.core.model import ServiceModel
-from infer_plan.core.schema import ScaleAction, ScaleEvent
 
+from ...core.dispatch import EPS
+from ...core.model import ServiceModel
+from ...core.schema import ScaleAction, ScaleEvent
 from .waiting import WaitingQueues
 
 __all__ = ["SAMPLE_KEYS", "Fleet", "FleetUser", "GpuState"]

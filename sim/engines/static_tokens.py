@@ -19,9 +19,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import numpy as np
-from infer_plan.core.model import ServiceModel
-from infer_plan.core.tiers import Tier
 
+from ...core.model import ServiceModel
+from ...core.tiers import Tier
 from ..results.token_gaps import TokenGaps
 
 __all__ = ["StaticTokenBook"]

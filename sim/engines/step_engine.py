@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import simpy
-from infer_plan.core.dispatch import EPS
-from infer_plan.core.jitter import StepJitter
-from infer_plan.core.model import ServiceModel
 
+from ...core.dispatch import EPS
+from ...core.jitter import StepJitter
+from ...core.model import ServiceModel
 from ..results.token_gaps import TokenGaps
 from .fleet import Fleet, GpuState
 from .waiting import ArrivalQueue

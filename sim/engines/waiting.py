@@ -17,10 +17,10 @@ from collections.abc import Callable, Iterable
 from types import SimpleNamespace
 
 import numpy as np
-from infer_plan.core.admission import admit_burst, zone_admits
-from infer_plan.core.dispatch import EPS, take_by_priority
-from infer_plan.core.tiers import Tier
 
+from ...core.admission import admit_burst, zone_admits
+from ...core.dispatch import EPS, take_by_priority
+from ...core.tiers import Tier
 from ..inputs.arrivals import Arrivals, concatenate
 
 __all__ = ["ArrivalQueue", "WaitingQueues"]

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-from infer_plan.core.errors import ConfigError
-from infer_plan.core.tiers import Tier
 
+from ...core.errors import ConfigError
+from ...core.tiers import Tier
 from .rows import json_rows, row_tier, row_timestamp
 from .schedule import RateSchedule
 

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from infer_plan.core.errors import ConfigError
-from infer_plan.core.tiers import Tier
-from infer_plan.core.tokens import CHARS_PER_TOKEN, estimated_tokens, load_tokenizer
 
+from ...core.errors import ConfigError
+from ...core.tiers import Tier
+from ...core.tokens import CHARS_PER_TOKEN, estimated_tokens, load_tokenizer
 from .rows import json_rows, row_tier, row_timestamp
 
 __all__ = ["CHARS_PER_TOKEN", "Dataset", "load_dataset"]

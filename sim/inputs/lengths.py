@@ -19,8 +19,9 @@ import math
 from typing import Literal
 
 import numpy as np
-from infer_plan.core.errors import UsageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ...core.errors import UsageError
 
 __all__ = ["LengthDist"]
 

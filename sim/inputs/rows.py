@@ -12,8 +12,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from infer_plan.core.errors import ConfigError
-from infer_plan.core.tiers import Tier
+from ...core.errors import ConfigError
+from ...core.tiers import Tier
 
 __all__ = ["json_rows", "row_tier", "row_timestamp"]
 

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from infer_plan.core.model import ServiceModel, TokenShape
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from ...core.model import ServiceModel, TokenShape
 from .arrivals import ArrivalProcess, Arrivals, arrival_chunks, concatenate, generate_arrivals, load_trace, split
 from .dataset import Dataset, load_dataset
 from .lengths import LengthDist

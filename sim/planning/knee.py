@@ -13,8 +13,7 @@ knee it measures.
 
 from __future__ import annotations
 
-from infer_plan.core.model import ServiceModel
-
+from ...core.model import ServiceModel
 from ..inputs.workload import Workload
 from ..runner import RunSettings, run_simulation
 

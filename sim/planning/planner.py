@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from contextlib import contextmanager
 
-from infer_plan.core.model import Batching, ServiceModel, TokenShape
-from infer_plan.core.schema import BackOfEnvelope, CapacityResult, CapacityRow, SimulationResult, SweepPoint
-from infer_plan.core.slos import Observed, Scope, check_slos
-
+from ...core.model import Batching, ServiceModel, TokenShape
+from ...core.schema import BackOfEnvelope, CapacityResult, CapacityRow, SimulationResult, SweepPoint
+from ...core.slos import Observed, Scope, check_slos
+from ...core.tiers import Tier
 from ..inputs.workload import Workload
 from ..results.tally import Watch
 from ..runner import RunSettings, default_watch, run_simulation
@@ -362,10 +362,18 @@ def _binding_constraint(best: int | None, envelope: BackOfEnvelope, evaluate: _E
         return "none found within the search limit"
     if best == 1:
         return "minimum fleet (one GPU)"
-    below = failures(model, evaluate(best - 1))
-    if below == ["load"]:
+    below = [name for name in failures(model, evaluate(best - 1)) if name != "load"]
+    if not below:
         return "load ceiling"
-    return ", ".join(f for f in below if f != "load") or "load ceiling"
+    # One entry per objective, with the scopes it failed in: "ttft_p95 (overall, free)".
+    scopes: dict[str, list[str]] = {}
+    for name in below:
+        metric, _, scope = name.rpartition("_")
+        if metric and scope in ("overall", *(t.label for t in Tier)):
+            scopes.setdefault(metric, []).append(scope)
+        else:
+            scopes.setdefault(name, [])
+    return ", ".join(f"{m} ({', '.join(s)})" if s else m for m, s in scopes.items())
 
 
 def _explain(

@@ -14,10 +14,10 @@ from collections import deque
 
 import numpy as np
 import simpy
-from infer_plan.core.admission import zone_admits
-from infer_plan.core.model import ServiceModel
-from infer_plan.core.tiers import Tier
 
+from ...core.admission import zone_admits
+from ...core.model import ServiceModel
+from ...core.tiers import Tier
 from ..inputs.arrivals import Arrivals
 
 __all__ = ["simulate_reference"]

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import simpy
-from infer_plan.core.admission import zone_admits
-from infer_plan.core.jitter import StepJitter
-from infer_plan.core.model import ServiceModel
-from infer_plan.core.tiers import Tier
+
+from ...core.admission import zone_admits
+from ...core.jitter import StepJitter
+from ...core.model import ServiceModel
+from ...core.tiers import Tier
 
 __all__ = ["ReferenceTokens", "simulate_steps_reference"]
 

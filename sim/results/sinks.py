@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import IO, Protocol
 
 import numpy as np
-from infer_plan.core.errors import UsageError
-from infer_plan.core.records import Outcome, RequestRecords
-from infer_plan.core.tiers import Tier
 
+from ...core.errors import UsageError
+from ...core.records import Outcome, RequestRecords
+from ...core.tiers import Tier
 from .token_gaps import TokenGaps
 
 __all__ = ["RecordKeeper", "RequestWriter", "Sink", "Tee", "simulated_outcomes"]

@@ -10,10 +10,10 @@ run of any length summarises in the same few megabytes.
 from __future__ import annotations
 
 import numpy as np
-from infer_plan.core.model import ServiceModel, TokenShape
-from infer_plan.core.schema import AutoscaleLog, Interval, SimulationResult, TierStats, TimeSeries
-from infer_plan.core.tiers import Tier
 
+from ...core.model import ServiceModel, TokenShape
+from ...core.schema import AutoscaleLog, Interval, SimulationResult, TierStats, TimeSeries
+from ...core.tiers import Tier
 from .fleet_log import FleetLog
 from .tally import Tally, student_t
 

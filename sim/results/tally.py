@@ -21,14 +21,14 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-from infer_plan.core.histogram import N_BUCKETS, LogHistogram, buckets_of, row_percentiles
-from infer_plan.core.model import ServiceModel
-from infer_plan.core.records import Outcome, RequestRecords
-from infer_plan.core.schema import MetricInterval, PrecisionReport
-from infer_plan.core.slos import good_requests
-from infer_plan.core.stats import latency_stats, token_stats
-from infer_plan.core.tiers import Tier
 
+from ...core.histogram import N_BUCKETS, LogHistogram, buckets_of, row_percentiles
+from ...core.model import ServiceModel
+from ...core.records import Outcome, RequestRecords
+from ...core.schema import MetricInterval, PrecisionReport
+from ...core.slos import good_requests
+from ...core.stats import latency_stats, token_stats
+from ...core.tiers import Tier
 from .token_gaps import TokenGaps
 
 __all__ = ["Precision", "Tally", "Watch", "student_t"]
