@@ -14,6 +14,7 @@ import aiohttp
 import pytest
 
 from tests.helpers import run_cli, running_server
+from tests.server.test_server import post
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -66,17 +67,9 @@ def test_the_toy_backend_is_listed_with_its_options(toy_path):
 
 async def test_the_toy_backend_is_served(toy_path):
     with running_server("--backend", "toy", "-o", "greeting=hi", "--max-wait-ms", "0", env=toy_path) as srv:
-        async with (
-            aiohttp.ClientSession() as session,
-            session.post(
-                f"{srv.url}/v1/inference",
-                json={"model": "toy", "input": "there"},
-                headers={"Authorization": "Bearer dev-enterprise"},
-            ) as resp,
-        ):
-            body = await resp.json()
-        assert resp.status == 200, body
-        assert body["output"] == "hi there"
+        async with aiohttp.ClientSession() as session:
+            status, body, _ = await post(session, f"{srv.url}/v1/inference", {"model": "toy", "input": "there"})
+        assert status == 200 and body["output"] == "hi there", body
         assert srv.terminate() == 0
 
 
