@@ -115,6 +115,7 @@ def token_load(
 
 # Which flag sets which field: errors from below the CLI name the field, the CLI names the flag.
 FLAG_OF = {
+    "rps": "--rps",
     "target": "--target",
     "gpus": "--gpus",
     "batch_log_url": "--batch-log",

@@ -8,7 +8,7 @@ knows which flag sets which field and says so in front of the message.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "InferPlanError", "UsageError"]
+__all__ = ["ConfigError", "InferPlanError", "SimulationError", "UsageError"]
 
 
 class InferPlanError(Exception):
@@ -27,3 +27,8 @@ class UsageError(InferPlanError):
 
 class ConfigError(InferPlanError):
     """A scenario, profile, keys or trace file is missing, malformed or inconsistent."""
+
+
+class SimulationError(InferPlanError):
+    """A simulation could not finish (a worker process died): nothing the inputs said was wrong, but they were
+    likely too large for this machine."""

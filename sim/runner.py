@@ -25,9 +25,15 @@ from .results.sinks import RequestWriter, Tee
 from .results.summary import interval, summarise
 from .results.tally import Precision, Tally, Watch
 
-__all__ = ["DEFAULT_WARMUP_S", "RunSettings", "default_watch", "run_simulation"]
+__all__ = ["DEFAULT_WARMUP_S", "MAX_RUN_REQUESTS", "RunSettings", "check_run_size", "default_watch", "run_simulation"]
 
 DEFAULT_WARMUP_S = 10.0
+
+# The most requests one run may simulate, decided before it starts. The static engine folds requests as they settle
+# (memory bounded) and goes through about 3 million a second here, so its bound is time: a billion is a few minutes.
+# The continuous engine holds every arrival of its run (about 600 bytes each, measured) and goes through about
+# 60,000 a second, so ten million is about 6 GB and three minutes.
+MAX_RUN_REQUESTS = {Batching.STATIC: 1_000_000_000, Batching.CONTINUOUS: 10_000_000}
 
 # Metrics whose spread across replications is reported as intervals.
 _INTERVAL_KEYS = ("p50_ms", "p95_ms", "p99_ms", "throughput_rps", "rejected_fraction", "gpu_busy", "mean_batch_size")
@@ -62,6 +68,31 @@ def default_watch(model: ServiceModel) -> tuple[Watch, ...]:
     metrics = ["e2e"] + [key.removesuffix("_p95_ms") for key in slos.token_p95s]
     tiers: list[int | None] = [None] + ([int(t) for t in Tier] if slos.hold_tiers else [])
     return tuple(Watch(metric, tier) for metric in metrics for tier in tiers)
+
+
+def check_run_size(model: ServiceModel, workload: Workload, settings: RunSettings) -> None:
+    """Refuse, in one line and before any work, a run with more requests than one run can hold.
+
+    The continuous engine holds its whole horizon's arrivals from the start; the static engine's cost is its
+    time, and with a precision stop it may end after ``min_duration_s``. A replay is its file, already read.
+    """
+    if workload.is_replay:
+        return
+    warmup = settings.warmup_for(workload)
+    stops_early = settings.precision is not None and model.batching is Batching.STATIC
+    horizon = warmup + (min(settings.min_duration_s, settings.duration_s) if stops_early else settings.duration_s)
+    requests = workload.schedule.mean_rate(0.0, horizon) * horizon
+    limit = MAX_RUN_REQUESTS[model.batching]
+    if requests <= limit:
+        return
+    ways = "a shorter --duration and --warmup, or a lower --rps on proportionally fewer GPUs"
+    if model.batching is Batching.STATIC and settings.precision is None:
+        ways = "--precision 0.01 with a short --min-duration (the run stops once its P95s are known), " + ways
+    raise UsageError(
+        f"{workload.schedule.rps:,.0f} req/s for {horizon:g} s (warm-up included) is {requests:,.0f} requests, more "
+        f"than one {model.batching.value} run holds ({limit:,}): use {ways}",
+        field="rps",
+    )
 
 
 def _one_run(
@@ -156,6 +187,7 @@ def run_simulation(
     :func:`default_watch`) are that precise. ``save_requests``: every request of the
     first run written to that CSV file as it settles.
     """
+    check_run_size(model, workload, settings)
     runs = []
     for r in range(settings.replications):
         first = r == 0

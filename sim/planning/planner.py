@@ -13,15 +13,17 @@ import math
 import multiprocessing
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 
+from ...core.errors import SimulationError
 from ...core.model import Batching, ServiceModel, TokenShape
 from ...core.schema import BackOfEnvelope, CapacityResult, CapacityRow, SimulationResult, SweepPoint
 from ...core.slos import Observed, Scope, check_slos
 from ...core.tiers import Tier
 from ..inputs.workload import Workload
 from ..results.tally import Watch
-from ..runner import RunSettings, default_watch, run_simulation
+from ..runner import RunSettings, check_run_size, default_watch, run_simulation
 
 __all__ = ["back_of_envelope", "failures", "observed", "plan_batching_modes", "plan_capacity", "sweep_capacity"]
 
@@ -253,13 +255,23 @@ def plan_capacity(
     With ``sweep_rates``, the same search at each rate gives the GPUs-versus-rps curve.
     ``jobs`` > 1 runs that many simulations at once in worker processes.
     """
+    for rps in [workload.schedule.rps, *(sweep_rates or ())]:
+        check_run_size(model, _at_rate(workload, rps), settings)
     with _pool(jobs) as pool:
         return _plan(model, workload, settings, max_gpus, neighbours, sweep_rates, progress, pool, jobs)
 
 
+def _at_rate(workload: Workload, rps: float) -> Workload:
+    return workload.model_copy(update={"schedule": workload.schedule.model_copy(update={"rps": rps})})
+
+
 @contextmanager
 def _pool(jobs: int) -> Iterator[Executor | None]:
-    """Worker processes for ``jobs`` > 1. Forked where the OS can (no re-import), else spawned."""
+    """Worker processes for ``jobs`` > 1. Forked where the OS can (no re-import), else spawned.
+
+    A worker that dies (the OS's out-of-memory killer, a signal) breaks the pool: that is one line for the
+    user, with what to try, not a traceback.
+    """
     if jobs <= 1:
         yield None
         return
@@ -268,6 +280,10 @@ def _pool(jobs: int) -> Iterator[Executor | None]:
     pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context)
     try:
         yield pool
+    except BrokenProcessPool:
+        raise SimulationError(
+            "a simulation worker process died (out of memory?); try --jobs 1, a shorter --duration, or --precision"
+        ) from None
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
@@ -431,8 +447,7 @@ def _sweep_point(
     settings: RunSettings,
     max_gpus: int | None,
 ) -> SweepPoint:
-    at_rate = workload.model_copy(update={"schedule": workload.schedule.model_copy(update={"rps": rps})})
-    result = plan_capacity(model, at_rate, settings, max_gpus=max_gpus, neighbours=0)
+    result = plan_capacity(model, _at_rate(workload, rps), settings, max_gpus=max_gpus, neighbours=0)
     env = result.back_of_envelope
     return SweepPoint(
         rps=rps, gpus=result.gpus, raw_gpus=env.raw_gpus, gpus_at_ceiling=env.gpus_at_ceiling, p95_ms=result.p95_ms

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.helpers import REPO
 from tests.helpers import run_cli as cli
 
 
@@ -70,3 +77,44 @@ def test_bad_scale_flags_are_one_line_and_exit_2(args):
     done = cli(*args)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and done.stderr.strip()
+
+
+@pytest.mark.parametrize(
+    ("args", "batching"),
+    [
+        (("capacity", "--rps", "1e9"), "static"),
+        (("simulate", "--rps", "1e8", "--gpus", "10", "--duration", "5"), "static"),
+        (("capacity", "--profile", "examples/profiles/llama-3.1-8b-instruct-h100.toml", "--rps", "1e6"), "continuous"),
+    ],
+)
+def test_absurd_sizes_are_refused_in_one_line_before_any_work(args, batching):
+    """What no run can hold is said at once (exit 2, well within 30 s), with the limit and the way out."""
+    done = cli(*args, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    message = done.stderr.strip()
+    assert len(message.splitlines()) == 1 and message.startswith("infer-plan: error: --rps: ")
+    assert f"more than one {batching} run holds" in message and "--duration" in message
+
+
+def test_a_worker_that_dies_is_one_line():
+    """The OS kills a simulation worker mid-search (as the out-of-memory killer would): one line, exit 2."""
+    argv = [sys.executable, "-m", "infer_plan.cli", "capacity", "--rps", "20000", "--jobs", "2", "--precision", "0"]
+    with subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            workers = _children(proc.pid, deadline=time.monotonic() + 60)
+            os.kill(workers[0], signal.SIGKILL)
+            _, err = proc.communicate(timeout=120)
+        finally:
+            proc.kill()
+    assert proc.returncode == 2 and "Traceback" not in err, err[-2000:]
+    assert "worker process died" in err and len(err.strip().splitlines()) == 1
+
+
+def _children(pid: int, deadline: float) -> list[int]:
+    """The process's children once it has started some (Linux /proc), within the deadline."""
+    while time.monotonic() < deadline:
+        found = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError("capacity started no worker process")
