@@ -43,7 +43,7 @@ __all__ = [
     "load_result",
 ]
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 # What each version added; a saved result of an older version is upgraded on load
 # (:func:`_upgrade`; new fields take their defaults, so renderers show less, never something wrong).
 SCHEMA_HISTORY = {
@@ -61,6 +61,17 @@ SCHEMA_HISTORY = {
     7: "calibrate of a continuous engine from streamed requests or a load test's requests (mode, stream_cells, "
     "the engine-overhead terms request_overhead_ms and tokenize_ms_per_token, the engine's limits and where each "
     "came from)",
+    8: "capacity's constraints named as the objectives are (e2e_p95_ms, max_reject_rate, max_error_rate, "
+    "ttft_p95_ms, ...: the fields of Slos) beside max_load",
+}
+
+# The constraints' names before version 8, and the objectives' names now.
+_V7_CONSTRAINTS = {
+    "slo_p95_ms": "e2e_p95_ms",
+    "max_reject": "max_reject_rate",
+    "slo_ttft_p95_ms": "ttft_p95_ms",
+    "slo_itl_p95_ms": "itl_p95_ms",
+    "slo_tpot_p95_ms": "tpot_p95_ms",
 }
 
 # Percentile points kept for latency CDF plots: fine steps in the tail where SLOs live.
@@ -456,7 +467,18 @@ def _upgrade(data: dict[str, Any]) -> dict[str, Any]:
                 **data["batch_log_check"],
                 "overall": _measured_vs_simulated_v3(data["batch_log_check"]["overall"]),
             }
+    if data["schema_version"] < 8 and data["kind"] == "capacity":
+        data = _constraints_v7(data)
     return {**data, "schema_version": SCHEMA_VERSION}
+
+
+def _constraints_v7(data: dict[str, Any]) -> dict[str, Any]:
+    def renamed(plan: dict[str, Any]) -> dict[str, Any]:
+        constraints = {_V7_CONSTRAINTS.get(k, k): v for k, v in (plan.get("constraints") or {}).items()}
+        return {**plan, "constraints": constraints}
+
+    data = renamed(data)
+    return {**data, "alternatives": [renamed(a) for a in data.get("alternatives") or ()]}
 
 
 def load_result(path: Path) -> AnyResult:

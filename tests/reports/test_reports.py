@@ -135,6 +135,18 @@ def test_screenshot_of_a_report_page(saved, tmp_path):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30_000  # a page with plots, not a blank one
 
 
+def test_a_capacity_result_of_version_7_reads_with_its_constraints_renamed(saved, tmp_path):
+    v7 = json.loads(saved["capacity"].read_text())
+    limits = v7["constraints"]
+    v7 |= {"schema_version": 7, "constraints": {"slo_p95_ms": limits["e2e_p95_ms"], "max_load": limits["max_load"],
+                                                "max_reject": limits["max_reject_rate"]}}  # fmt: skip
+    old = tmp_path / "v7.json"
+    old.write_text(json.dumps(v7))
+    done = cli("report", str(old), "--markdown", "-")
+    assert done.returncode == 0, done.stderr
+    assert f"(SLO {limits['e2e_p95_ms']:g})" in done.stdout and "max_reject_rate 0.001" in done.stdout
+
+
 def test_older_schema_renders_and_unknown_ones_are_refused_clearly(saved, tmp_path):
     v1 = json.loads(saved["loadtest"].read_text())
     v1["schema_version"] = 1
