@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .schema import Gate, LatencyStats, TokenStats
 from .stats import own_tpot_ms
+from .tiers import Tier
 
 __all__ = ["SLO_ALIASES", "Observed", "Scope", "Slos", "check_slos", "good_requests", "nest_slo_aliases"]
 
@@ -43,6 +44,15 @@ class Slos(BaseModel):
         default=0.001, ge=0, le=1, description="most 429s (shed by the zones); the design's 99.9% availability"
     )
     min_goodput_rps: float | None = Field(default=None, ge=0, description="least requests/s meeting every SLO set")
+
+    @field_validator("tier_e2e_p95_ms")
+    @classmethod
+    def _tiers_known(cls, by_tier: dict[str, float]) -> dict[str, float]:
+        for name, limit in by_tier.items():
+            Tier.parse(name)  # a misspelled tier is an error, not an objective that never applies
+            if not limit > 0:
+                raise ValueError(f"{name}: a P95 objective must be > 0 ms, got {limit!r}")
+        return by_tier
 
     @property
     def limits(self) -> dict[str, float]:

@@ -61,7 +61,11 @@ def test_the_planner_reads_a_simulation_through_the_same_check():
     assert failures(relaxed.model_copy(update={"max_load": 0.01}), result) == ["load"]
 
 
-@pytest.mark.parametrize("bad", [{"slo_p95_ms": -1}, {"slos": {"ttft_p95_ms": 0}}, {"slos": {"nope": 1}}])
+@pytest.mark.parametrize(
+    "bad",
+    [{"slo_p95_ms": -1}, {"slos": {"ttft_p95_ms": 0}}, {"slos": {"nope": 1}},
+     {"slos": {"tier_e2e_p95_ms": {"gold": 1}}}, {"slos": {"tier_e2e_p95_ms": {"free": 0}}}],
+)  # fmt: skip
 def test_a_bad_objective_is_a_validation_error(bad):
     with pytest.raises(ValueError):
         ServiceModel(**bad)
