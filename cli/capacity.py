@@ -28,6 +28,7 @@ from .options import (
     ProfileOpt,
     PromptTokensOpt,
     QuietOpt,
+    SampleGpusOpt,
     SaveOpt,
     ScenarioOpt,
     SeedOpt,
@@ -42,7 +43,7 @@ from .options import (
     precision_option,
     slo_flags,
     token_load,
-    with_run_length,
+    with_run_flags,
 )
 from .output import emit_json, render_result
 from .parsing import parse_tier_mix
@@ -87,6 +88,7 @@ def capacity(
     seed: SeedOpt = None,
     precision: PrecisionOpt = None,
     min_duration: MinDurationOpt = None,
+    sample_gpus: SampleGpusOpt = None,
     jobs: JobsOpt = None,
     sweep: SweepOpt = False,
     sweep_rates: SweepRatesOpt = None,
@@ -123,9 +125,9 @@ def capacity(
     if workload.is_replay or workload.schedule.rps <= 0:
         raise UsageError("capacity plans for a rate: give --rps (a trace or timed dataset replays with 'simulate')")
     rates = _sweep_rates(sweep, sweep_rates, workload.schedule.rps)
-    settings = with_run_length(
+    settings = with_run_flags(
         scen.settings(duration_s=duration, warmup_s=warmup, seed=seed),
-        DEFAULT_PRECISION if precision is None else precision, min_duration,
+        DEFAULT_PRECISION if precision is None else precision, min_duration, sample_gpus,
     )  # fmt: skip
     with status_progress("searching GPU count", enabled=not (quiet or json_out)) as bar:
         result = plan_batching_modes(

@@ -63,13 +63,28 @@ def precision_option(default: str) -> object:
     )
 
 
-def with_run_length(settings: RunSettings, precision: float | None, min_duration: float | None) -> RunSettings:
-    """The run settings with the precision stop as the command line asks (0: off, a fixed duration)."""
+SampleGpusOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--sample-gpus",
+        min=0,
+        help="Continuous batching on more GPUs: simulate this many at their share of the load; 0: every GPU [24].",
+    ),
+]
+
+
+def with_run_flags(
+    settings: RunSettings, precision: float | None, min_duration: float | None, sample_gpus: int | None
+) -> RunSettings:
+    """The run settings as the command line asks: the precision stop (0: off, a fixed duration) and the replica
+    sample (0: every GPU)."""
     update: dict[str, object] = {}
     if precision is not None:
         update["precision"] = precision or None
     if min_duration is not None:
         update["min_duration_s"] = min_duration
+    if sample_gpus is not None:
+        update["sample_gpus"] = sample_gpus or None
     return settings.model_copy(update=update) if update else settings
 
 

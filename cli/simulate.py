@@ -24,6 +24,7 @@ from .options import (
     ProfileOpt,
     PromptTokensOpt,
     QuietOpt,
+    SampleGpusOpt,
     SaveOpt,
     SaveRequestsOpt,
     ScenarioOpt,
@@ -36,7 +37,7 @@ from .options import (
     build_scenario,
     precision_option,
     token_load,
-    with_run_length,
+    with_run_flags,
 )
 from .output import emit_json, render_result
 from .parsing import parse_spike
@@ -63,6 +64,7 @@ def simulate(
     replications: ReplicationsOpt = None,
     precision: PrecisionOpt = None,
     min_duration: MinDurationOpt = None,
+    sample_gpus: SampleGpusOpt = None,
     arrival: ArrivalOpt = None,
     spike: SpikeOpt = None,
     trace: TraceOpt = None,
@@ -103,7 +105,7 @@ def simulate(
     if (fleet := scen.model.gpus) is None:
         raise UsageError("give the fleet size with --gpus (or [service] gpus in the scenario): 'capacity' finds one")
     settings = scen.settings(duration_s=duration, warmup_s=warmup, seed=seed, replications=replications)
-    settings = with_run_length(settings, precision, min_duration)
+    settings = with_run_flags(settings, precision, min_duration, sample_gpus)
     with status_progress(f"simulating {fleet} GPUs", enabled=not (quiet or json_out)):
         result = run_simulation(scen.model, workload, settings, fleet, save_requests=save_requests)
     emit_json(result, print_it=json_out, path=save)

@@ -214,6 +214,11 @@ class SimulationResult(LatencyStats, TokenStats):
     timeseries: TimeSeries | None = None
     autoscale: AutoscaleLog | None = Field(default=None, description="set when the run had autoscaling on")
     precision: PrecisionReport | None = Field(default=None, description="set when the run stopped on --precision")
+    simulated_gpus: int | None = Field(
+        default=None,
+        description="set when the run simulated this many of the GPUs at their share of the load (replica sampling); "
+        "rates and counts over time are scaled back to the whole fleet",
+    )
 
 
 class BackOfEnvelope(_Model):
@@ -274,6 +279,9 @@ class CapacityResult(_Model):
     precision: PrecisionReport | None = Field(default=None, description="how precisely the answer's run was measured")
     simulations: int = Field(default=0, description="GPU counts simulated by the search (and the sweep)")
     jobs: int = Field(default=1, description="simulations run at once, in worker processes")
+    simulated_gpus: int | None = Field(
+        default=None, description="set when the answer's run simulated this many of its GPUs at their share of the load"
+    )
     sweep: list[SweepPoint] | None = None
     alternatives: list[CapacityResult] = Field(
         default_factory=list, description="the same plan under another batching mode (capacity --batching a,b)"

@@ -141,6 +141,8 @@ def _simulation(r: SimulationResult) -> Summary:
     ]
     if r.precision is not None:
         facts.append(("precision", _precision_fact(r.precision)))
+    if r.simulated_gpus is not None:
+        facts.append(("sampled", _sampled(r.simulated_gpus).removeprefix("; ") + "; request counts are the sample's"))
     if r.lengths is not None:
         facts.append(("requests", f"{r.batching} batching, {'streamed' if r.stream else 'not streamed'}; {r.lengths}"))
     if r.autoscale is not None:
@@ -158,6 +160,15 @@ def _simulation(r: SimulationResult) -> Summary:
         headline=f"{_gpus(r.gpus)} at {r.offered_rps:,.0f} req/s offered: P95 {_ms(r.p95_ms)} ms",
         facts=facts,
         tables=tables,
+    )
+
+
+def _sampled(simulated_gpus: int | None) -> str:
+    if simulated_gpus is None:
+        return ""
+    return (
+        f"; each run {simulated_gpus} GPUs at their share of the load, rates scaled to the fleet (--sample-gpus 0: "
+        "every GPU)"
     )
 
 
@@ -261,7 +272,7 @@ def _capacity(r: CapacityResult) -> Summary:
             ("binding constraint", r.binding_constraint),
             ("constraints", ", ".join(f"{k} {v:g}" for k, v in r.constraints.items())),
             *([("precision", _precision_fact(r.precision))] if r.precision is not None else []),
-            ("search", f"{r.simulations} GPU counts simulated, {r.jobs} at a time"),
+            ("search", f"{r.simulations} GPU counts simulated, {r.jobs} at a time" + _sampled(r.simulated_gpus)),
         ],
         blocks=[Block("back-of-envelope", r.back_of_envelope.arithmetic)],
         notes=notes,

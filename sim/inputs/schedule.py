@@ -104,6 +104,18 @@ class RateSchedule(BaseModel):
         grid = np.linspace(start_s, end_s, 2001)
         return float(np.trapezoid(self.rate_at(grid), grid) / (end_s - start_s))
 
+    def scaled(self, factor: float) -> RateSchedule:
+        """The same shape at ``factor`` times the rate: what one share of a fleet behind a random split sees."""
+        segments = tuple(
+            segment.model_copy(update={"rps": segment.rps * factor})
+            if isinstance(segment, Step)
+            else segment.model_copy(update={"to_rps": segment.to_rps * factor})
+            if isinstance(segment, Ramp)
+            else segment  # spikes and the diurnal swing multiply the rate: unchanged
+            for segment in self.segments
+        )
+        return RateSchedule(rps=self.rps * factor, segments=segments)
+
     def peak_rate(self, start_s: float, end_s: float) -> float:
         grid = np.linspace(start_s, end_s, 4001)
         return float(self.rate_at(grid).max())

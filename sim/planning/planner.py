@@ -255,8 +255,9 @@ def plan_capacity(
     With ``sweep_rates``, the same search at each rate gives the GPUs-versus-rps curve.
     ``jobs`` > 1 runs that many simulations at once in worker processes.
     """
-    for rps in [workload.schedule.rps, *(sweep_rates or ())]:
-        check_run_size(model, _at_rate(workload, rps), settings)
+    for rps in [workload.schedule.rps, *(sweep_rates or ())]:  # the search starts at the arithmetic's count
+        at_rate = _at_rate(workload, rps)
+        check_run_size(model, at_rate, settings, back_of_envelope(model, rps, at_rate.shape(model)).gpus_at_ceiling)
     with _pool(jobs) as pool:
         return _plan(model, workload, settings, max_gpus, neighbours, sweep_rates, progress, pool, jobs)
 
@@ -342,6 +343,7 @@ def _plan(
         precision=chosen.precision if chosen else None,
         simulations=evaluate.simulated,
         jobs=jobs,
+        simulated_gpus=chosen.simulated_gpus if chosen else None,
         sweep=_sweep(model, workload, sweep_rates, settings, max_gpus, progress, pool) if sweep_rates else None,
     )
 

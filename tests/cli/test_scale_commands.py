@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ import pytest
 
 from tests.helpers import REPO
 from tests.helpers import run_cli as cli
+
+PROFILE = "examples/profiles/llama-3.1-8b-instruct-h100.toml"
 
 
 def test_capacity_stops_on_precision_and_runs_its_search_in_two_processes():
@@ -84,7 +87,7 @@ def test_bad_scale_flags_are_one_line_and_exit_2(args):
     [
         (("capacity", "--rps", "1e9"), "static"),
         (("simulate", "--rps", "1e8", "--gpus", "10", "--duration", "5"), "static"),
-        (("capacity", "--profile", "examples/profiles/llama-3.1-8b-instruct-h100.toml", "--rps", "1e6"), "continuous"),
+        (("simulate", "--profile", PROFILE, "--rps", "1e8", "--gpus", "10", "--duration", "5"), "continuous"),
     ],
 )
 def test_absurd_sizes_are_refused_in_one_line_before_any_work(args, batching):
@@ -94,6 +97,19 @@ def test_absurd_sizes_are_refused_in_one_line_before_any_work(args, batching):
     message = done.stderr.strip()
     assert len(message.splitlines()) == 1 and message.startswith("infer-plan: error: --rps: ")
     assert f"more than one {batching} run holds" in message and "--duration" in message
+
+
+@pytest.mark.parametrize("rps", ["1e6", "1e9"])
+def test_continuous_batching_plans_at_internet_scale_from_a_sample_of_its_gpus(rps):
+    """A million requests a second (and a billion) on the example LLM profile: answered, bound by the load ceiling,
+    each run two dozen GPUs at their share, in bounded memory (the largest process, workers included)."""
+    done = cli("capacity", "--profile", PROFILE, "--rps", rps, "--json", timeout=300)
+    assert done.returncode == 0, done.stderr
+    plan = json.loads(done.stdout)
+    assert plan["gpus"] == plan["back_of_envelope"]["gpus_at_ceiling"] > 10_000
+    assert plan["binding_constraint"] == "load ceiling" and plan["simulated_gpus"] == 24
+    assert plan["ttft_p95_ms"] < 500 and plan["itl_p95_ms"] < 50
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 2 * 1024 * 1024  # KiB on Linux: 2 GiB
 
 
 def test_a_worker_that_dies_is_one_line():
