@@ -8,7 +8,7 @@ run is reproducible from those three objects alone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +18,9 @@ from ..core.errors import UsageError
 from ..core.model import Batching, ServiceModel
 from ..core.schema import SimulationResult
 from ..core.tiers import Tier
+from .engines.compiled_steps import compiled_applies
 from .engines.engine import simulate_chunks
-from .inputs.arrivals import ArrivalProcess, Arrivals, concatenate, split
+from .inputs.arrivals import ArrivalProcess, Arrivals, split
 from .inputs.workload import Workload
 from .results.sinks import RequestWriter, Tee
 from .results.summary import interval, summarise
@@ -43,11 +44,13 @@ DEFAULT_WARMUP_S = 10.0
 # reproduced to the histogram's bucket; 16 put TTFT P95 up to 10% low.
 DEFAULT_SAMPLE_GPUS = 24
 
-# The most requests one run may simulate, decided before it starts. The static engine folds requests as they settle
-# (memory bounded) and goes through about 3 million a second here, so its bound is time: a billion is a few minutes.
-# The continuous engine holds every arrival of its run (about 600 bytes each, measured) and goes through about
-# 60,000 a second, so ten million is about 6 GB and three minutes.
-MAX_RUN_REQUESTS = {Batching.STATIC: 1_000_000_000, Batching.CONTINUOUS: 10_000_000}
+# The most requests one run may simulate, decided before it starts. The static engine and continuous batching's
+# compiled loop fold requests as they settle (memory bounded) and go through about 3 and 2 million a second here, so
+# their bound is time: a billion, a hundred million. The interpreted continuous engine (a model the compiled loop
+# does not run: failures, the autoscaler, a measured step spread) holds every arrival of its run (about 600 bytes
+# each, measured) and goes through about 100,000 a second, so ten million is about 6 GB and two minutes.
+MAX_RUN_REQUESTS = {Batching.STATIC: 1_000_000_000, Batching.CONTINUOUS: 100_000_000}
+MAX_INTERPRETED_CONTINUOUS = 10_000_000
 
 # Metrics whose spread across replications is reported as intervals.
 _INTERVAL_KEYS = ("p50_ms", "p95_ms", "p99_ms", "throughput_rps", "rejected_fraction", "gpu_busy", "mean_batch_size")
@@ -170,14 +173,15 @@ def check_run_size(model: ServiceModel, workload: Workload, settings: RunSetting
     warmup = settings.warmup_for(workload)
     if (sample := sampled_gpus(model, workload, settings, gpus)) < gpus:
         workload = _share_of(workload, sample / gpus)
-    stops_early = settings.precision is not None and model.batching is Batching.STATIC
+    streams = model.batching is Batching.STATIC or compiled_applies(model)
+    stops_early = settings.precision is not None and streams
     horizon = warmup + (min(settings.min_duration_s, settings.duration_s) if stops_early else settings.duration_s)
     requests = workload.schedule.mean_rate(0.0, horizon) * horizon
-    limit = MAX_RUN_REQUESTS[model.batching]
+    limit = MAX_RUN_REQUESTS[model.batching] if streams else MAX_INTERPRETED_CONTINUOUS
     if requests <= limit:
         return
     ways = "a shorter --duration and --warmup, or a lower --rps on proportionally fewer GPUs"
-    if model.batching is Batching.STATIC and settings.precision is None:
+    if streams and settings.precision is None:
         ways = "--precision 0.01 with a short --min-duration (the run stops once its P95s are known), " + ways
     raise UsageError(
         f"{workload.schedule.rps:,.0f} req/s for {horizon:g} s (warm-up included) is {requests:,.0f} requests, more "
@@ -211,10 +215,8 @@ def _one_run(
         duration = settings.duration_s
         chunks = workload.arrival_chunks(model, warmup + duration, seed)
         tokens = workload.wants_tokens(model)
-    if model.batching is Batching.CONTINUOUS:  # it reads every arrival first anyway
-        arrivals = concatenate(chunks)
-        _check_some_fit(model, arrivals)
-        chunks = split(arrivals, 1.0)
+    if model.batching is Batching.CONTINUOUS:
+        chunks = _checked_fit(model, chunks)
     horizon = warmup + duration
     every = settings.sample_every_s if settings.sample_every_s is not None else max(1.0, horizon / 600.0)
     precision = (
@@ -239,18 +241,25 @@ def _one_run(
     )  # fmt: skip
 
 
-def _check_some_fit(model: ServiceModel, arrivals: Arrivals) -> None:
-    """A request longer than the KV cache fails at once (as an engine refuses it); all of them is a mistake."""
-    if model.batching is not Batching.CONTINUOUS or model.kv_cache_tokens is None or not len(arrivals):
-        return
-    assert arrivals.prompt_tokens is not None and arrivals.output_tokens is not None
-    shortest = int((arrivals.prompt_tokens.astype(np.int64) + arrivals.output_tokens).min())
-    if shortest > model.kv_cache_tokens:
-        raise UsageError(
-            f"no request fits the KV cache of {model.kv_cache_tokens:,} tokens: the shortest needs {shortest:,} "
-            "(prompt + output)",
-            field="kv_cache_tokens",
-        )
+def _checked_fit(model: ServiceModel, chunks: Iterable[Arrivals]) -> Iterator[Arrivals]:
+    """The chunks as they are, but a first chunk of which no request fits the KV cache is a mistake, said at once.
+
+    A request longer than the KV cache fails at once (as an engine refuses it); when the first requests all do,
+    the cache or the lengths are wrong, and a run would only count refusals.
+    """
+    checked = model.kv_cache_tokens is None
+    for chunk in chunks:
+        if not checked and len(chunk):
+            assert chunk.prompt_tokens is not None and chunk.output_tokens is not None
+            shortest = int((chunk.prompt_tokens.astype(np.int64) + chunk.output_tokens).min())
+            if shortest > model.kv_cache_tokens:
+                raise UsageError(
+                    f"no request fits the KV cache of {model.kv_cache_tokens:,} tokens: the shortest needs "
+                    f"{shortest:,} (prompt + output)",
+                    field="kv_cache_tokens",
+                )
+            checked = True
+        yield chunk
 
 
 def _trace_window(arrivals: Arrivals) -> float:

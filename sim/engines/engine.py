@@ -22,6 +22,7 @@ from ..results.fleet_log import FleetLog
 from ..results.sinks import RecordKeeper, Sink, simulated_outcomes
 from ..results.token_gaps import TokenGaps
 from .batch_engine import BatchEngine
+from .compiled_steps import CompiledSteps, compiled_applies
 from .step_engine import StepEngine
 
 __all__ = ["EngineOutput", "FleetLog", "TokenGaps", "simulate_arrivals", "simulate_chunks"]
@@ -52,6 +53,7 @@ def simulate_arrivals(
     horizon_s: float | None = None,
     sample_every_s: float | None = None,
     stream: bool = False,
+    compiled: bool | None = None,
 ) -> EngineOutput:
     """Run the service model over a fixed set of arrivals on ``gpus`` GPUs, keeping every request.
 
@@ -63,7 +65,7 @@ def simulate_arrivals(
     fleet = simulate_chunks(
         model, split(arrivals, 1.0), gpus, keeper, seed=seed, horizon_s=horizon_s if horizon_s is not None else
         max(arrivals.end_s, 1e-3), sample_every_s=sample_every_s, stream=stream, tokens=arrivals.has_tokens,
-        shape=_mean_shape(arrivals),
+        shape=_mean_shape(arrivals), compiled=compiled,
     )  # fmt: skip
     start, end, size = keeper.batches()
     return EngineOutput(keeper.records(), start, end, size, fleet, keeper.gaps() if arrivals.has_tokens else None)
@@ -81,12 +83,15 @@ def simulate_chunks(
     stream: bool = False,
     tokens: bool,
     shape: TokenShape | None,
+    compiled: bool | None = None,
 ) -> FleetLog:
     """Run the service model over arrivals given a time slice at a time, handing settled requests to ``sink``.
 
     ``shape`` (the workload's mean lengths) converts an offered rate to a load factor for
     the autoscaler and the monitor. Static batching streams: a run holds about one chunk
-    of requests. Continuous batching reads all its arrivals first.
+    of requests; so does continuous batching's compiled loop (:mod:`.compiled_steps`), while
+    the interpreted one (``compiled=False``, or where the compiled one does not apply) reads
+    all its arrivals first.
     """
     if gpus < 1:
         raise ValueError('"gpus" must be >= 1.')
@@ -100,6 +105,11 @@ def simulate_chunks(
         return model.load_factor(rate, fleet, shape)
 
     engine: BatchEngine | StepEngine
+    if model.batching is Batching.CONTINUOUS and (compiled if compiled is not None else compiled_applies(model)):
+        if not compiled_applies(model):
+            raise ValueError("the compiled loop runs a fixed fleet with steps of their formula's length")
+        steps = CompiledSteps(model, gpus, sink, horizon_s=horizon_s, sample_every_s=every, load_factor=load_factor)
+        return steps.run(chunks)
     if model.batching is Batching.CONTINUOUS:
         arrivals = concatenate(chunks)
         assert arrivals.prompt_tokens is not None and arrivals.output_tokens is not None

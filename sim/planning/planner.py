@@ -21,6 +21,7 @@ from ...core.model import Batching, ServiceModel, TokenShape
 from ...core.schema import BackOfEnvelope, CapacityResult, CapacityRow, SimulationResult, SweepPoint
 from ...core.slos import Observed, Scope, check_slos
 from ...core.tiers import Tier
+from ..engines.compiled_steps import compiled_applies, load_compiled
 from ..inputs.workload import Workload
 from ..results.tally import Watch
 from ..runner import RunSettings, check_run_size, default_watch, run_simulation
@@ -258,6 +259,8 @@ def plan_capacity(
     for rps in [workload.schedule.rps, *(sweep_rates or ())]:  # the search starts at the arithmetic's count
         at_rate = _at_rate(workload, rps)
         check_run_size(model, at_rate, settings, back_of_envelope(model, rps, at_rate.shape(model)).gpus_at_ceiling)
+    if jobs > 1 and model.batching is Batching.CONTINUOUS and compiled_applies(model):
+        load_compiled()  # once, before the workers fork
     with _pool(jobs) as pool:
         return _plan(model, workload, settings, max_gpus, neighbours, sweep_rates, progress, pool, jobs)
 
