@@ -12,6 +12,7 @@ from ..core.errors import UsageError
 from ..core.model import Batching, ServiceModel
 from ..core.schema import CapacityResult
 from ..core.tiers import Tier
+from ..sim.inputs.workload import Workload
 from ..sim.planning.planner import plan_batching_modes
 from .options import (
     BatchingOpt,
@@ -121,9 +122,8 @@ def capacity(
         scenario=scenario, profile=profile, tier_mix=tier_mix, no_overlap=no_overlap, slos=slos, max_load=max_load,
         max_batch=max_batch, max_wait_ms=max_wait_ms, kernel_ms=kernel_ms,
     )  # fmt: skip
-    workload = scen.workload(rps=rps, **token_load(prompt_tokens, output_tokens, dataset, tokenizer, stream))
-    if workload.is_replay or workload.schedule.rps <= 0:
-        raise UsageError("capacity plans for a rate: give --rps (a trace or timed dataset replays with 'simulate')")
+    tokens = token_load(prompt_tokens, output_tokens, dataset, tokenizer, stream)
+    workload = _rate_workload(scen.workload(rps=rps, **tokens))
     rates = _sweep_rates(sweep, sweep_rates, workload.schedule.rps)
     settings = with_run_flags(
         scen.settings(duration_s=duration, warmup_s=warmup, seed=seed),
@@ -136,6 +136,13 @@ def capacity(
             jobs=jobs or os.cpu_count() or 1,
         )  # fmt: skip
     _finish(result, json_out, save)
+
+
+def _rate_workload(workload: Workload) -> Workload:
+    """Capacity searches for a rate, so a replayed trace (its own timing) is refused here."""
+    if workload.is_replay or workload.schedule.rps <= 0:
+        raise UsageError("capacity plans for a rate: give --rps (a trace or timed dataset replays with 'simulate')")
+    return workload
 
 
 def _finish(result: CapacityResult, json_out: bool, save: Path | None) -> None:
