@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from ..core.errors import UsageError
-from ..core.model import Batching
+from ..core.model import Batching, ServiceModel
+from ..core.schema import CalibrationResult
 from .options import (
     BackendOpt,
     BackendOptionOpt,
@@ -69,6 +70,10 @@ KvTokensOpt = Annotated[
 UpstreamKeyOpt = Annotated[
     str | None, typer.Option("--api-key", help="openai: the upstream's API key (sent as a Bearer token).")
 ]
+FromSweepOpt = Annotated[
+    Path | None,
+    typer.Option("--from-sweep", help="Scale --profile's engine times to a loadtest --sweep JSON's measured knee."),
+]
 FromRequestsOpt = Annotated[
     Path | None,
     typer.Option("--from-requests", help="Fit a load test's --save-requests CSV (sends nothing)."),
@@ -105,11 +110,14 @@ def calibrate(
     json_out: JsonFlagOpt = False,
     save: SaveOpt = None,
     quiet: QuietOpt = False,
+    from_sweep: FromSweepOpt = None,
 ) -> None:
     """Measure an engine (static batches, or a continuous engine's streamed requests) and write a profile."""
     from ..calibrate.run import CalibrationSpec, calibration_cells, calibration_mode, run_calibration
 
     service = build_scenario(scenario=scenario, profile=profile).model
+    if from_sweep is not None:
+        return _show(_from_sweep(from_sweep, profile, service, out, quiet or json_out), json_out, save)
     options = backend_options(
         backend, backend_option, model=model, upstream=upstream, max_tokens=max_tokens, temperature=temperature,
         max_model_len=max_model_len, torch_model=torch_model, device=device, dtype=dtype, api_key=api_key,
@@ -129,9 +137,23 @@ def calibrate(
     total = warmup_batches + repetitions * len(calibration_cells(spec)) if mode == "static" else None
     with status_progress(f"calibrating {backend}", enabled=not (quiet or json_out or from_traffic), total=total) as bar:
         result = run_calibration(spec, on_batch=lambda: bar.advance(bar.task_ids[0]))
+    _show(result, json_out, save)
+
+
+def _show(result: CalibrationResult, json_out: bool, save: Path | None) -> None:
     emit_json(result, print_it=json_out, path=save)
     if not json_out:
         render_result(result)
+
+
+def _from_sweep(sweep: Path, profile: Path | None, service: ServiceModel, out: Path, quiet: bool) -> CalibrationResult:
+    """The profile's engine times scaled until its simulated knee is the sweep's (nothing is sent)."""
+    from ..calibrate.from_sweep import calibrate_from_sweep
+
+    if profile is None:
+        raise UsageError("--from-sweep corrects a profile: give --profile, the one to correct")
+    with status_progress("fitting the simulated knee to the measured one", enabled=not quiet):
+        return calibrate_from_sweep(sweep, profile, service, out)
 
 
 def _batching(text: str | None) -> Batching | None:

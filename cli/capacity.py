@@ -14,6 +14,7 @@ from ..core.schema import CapacityResult
 from ..core.tiers import Tier
 from ..sim.inputs.workload import Workload
 from ..sim.planning.planner import plan_batching_modes
+from ..sim.runner import RunSettings
 from .options import (
     BatchingOpt,
     DatasetOpt,
@@ -76,6 +77,12 @@ SweepOpt = Annotated[bool, typer.Option("--sweep", help="Also plan 0.1x..2x the 
 SweepRatesOpt = Annotated[str | None, typer.Option("--sweep-rates", help="Rates for --sweep, e.g. 1000,5000.")]
 
 
+FromSweepOpt = Annotated[
+    Path | None,
+    typer.Option("--from-sweep", help="Plan from a loadtest --sweep JSON's measured knee instead of simulating."),
+]
+
+
 def capacity(
     rps: PlanRateOpt = None,
     slo_p95_ms: SloOpt = None,
@@ -112,6 +119,7 @@ def capacity(
     json_out: JsonFlagOpt = False,
     save: SaveOpt = None,
     quiet: QuietOpt = False,
+    from_sweep: FromSweepOpt = None,
 ) -> None:
     """Find the smallest GPU count meeting every SLO, the load ceiling and the reject limit, by simulation."""
     slos = slo_flags(
@@ -122,6 +130,9 @@ def capacity(
         scenario=scenario, profile=profile, tier_mix=tier_mix, no_overlap=no_overlap, slos=slos, max_load=max_load,
         max_batch=max_batch, max_wait_ms=max_wait_ms, kernel_ms=kernel_ms,
     )  # fmt: skip
+    if from_sweep is not None:
+        _finish(_from_sweep(from_sweep, rps, scen.model.max_load), json_out, save)
+        return
     tokens = token_load(prompt_tokens, output_tokens, dataset, tokenizer, stream)
     workload = _rate_workload(scen.workload(rps=rps, **tokens))
     rates = _sweep_rates(sweep, sweep_rates, workload.schedule.rps)
@@ -129,13 +140,30 @@ def capacity(
         scen.settings(duration_s=duration, warmup_s=warmup, seed=seed),
         DEFAULT_PRECISION if precision is None else precision, min_duration, sample_gpus,
     )  # fmt: skip
-    with status_progress("searching GPU count", enabled=not (quiet or json_out)) as bar:
-        result = plan_batching_modes(
-            scen.model, _batching_modes(batching, scen.model), workload, settings, max_gpus=max_gpus,
-            sweep_rates=rates, progress=lambda msg: bar.update(bar.task_ids[0], description=msg),
-            jobs=jobs or os.cpu_count() or 1,
-        )  # fmt: skip
+    modes = _batching_modes(batching, scen.model)
+    result = _search(scen.model, modes, workload, settings, max_gpus, rates, jobs, show=not (quiet or json_out))
     _finish(result, json_out, save)
+
+
+def _search(
+    model: ServiceModel, modes: list[Batching], workload: Workload, settings: RunSettings, max_gpus: int | None,
+    rates: list[float] | None, jobs: int | None, *, show: bool,
+) -> CapacityResult:  # fmt: skip
+    """The simulated search, with a progress line naming the GPU count being tried."""
+    with status_progress("searching GPU count", enabled=show) as bar:
+        return plan_batching_modes(
+            model, modes, workload, settings, max_gpus=max_gpus, sweep_rates=rates,
+            progress=lambda msg: bar.update(bar.task_ids[0], description=msg), jobs=jobs or os.cpu_count() or 1,
+        )  # fmt: skip
+
+
+def _from_sweep(path: Path, rps: float | None, max_load: float) -> CapacityResult:
+    """The fleet for --rps from a measured sweep's knee (no simulation)."""
+    from ..loadtests.sweep_plan import load_sweep, plan_from_sweep
+
+    if rps is None:
+        raise UsageError("--from-sweep plans for a rate: give --rps")
+    return plan_from_sweep(load_sweep(path), rps, max_load)
 
 
 def _rate_workload(workload: Workload) -> Workload:

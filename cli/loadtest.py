@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, UsageError
 from ..core.schema import LoadTestResult, load_result
 from ..loadtests.analysis import Baseline
 from ..loadtests.apis import Api
@@ -41,13 +41,25 @@ from .options import (
 )
 from .output import render_result, write_result_files
 from .progress import status_progress
+from .sweep import (
+    DEFAULT_STEP_S,
+    MaxRpsOpt,
+    MaxSweepOpt,
+    MinKneeOpt,
+    RatesOpt,
+    StepPrecisionOpt,
+    SweepOpt,
+    sweep_load,
+)
 
 if TYPE_CHECKING:
-    from ..loadtests.run import LoadTestSpec
+    from ..loadtests.spec import LoadTestSpec
 
 TargetOpt = Annotated[str, typer.Option("--target", help="'sim' (start a sim-backend server) or a base URL.")]
-RpsOpt = Annotated[float, typer.Option("--rps", min=0.001, help="Target arrival rate, requests/s.")]
-SecondsOpt = Annotated[float, typer.Option("--duration", min=0.1, help="Seconds of load.")]
+RpsOpt = Annotated[
+    float | None, typer.Option("--rps", min=0.001, help="Target arrival rate, requests/s (a sweep's lowest rate).")
+]
+SecondsOpt = Annotated[float | None, typer.Option("--duration", min=0.1, help="Seconds of load (a sweep's step).")]
 WarmupOpt = Annotated[float, typer.Option("--warmup", min=0, help="First seconds excluded from results.")]
 GpusOpt = Annotated[int | None, typer.Option("--gpus", min=1, help="Fleet of the sim target (and the simulation).")]
 ModelNameOpt = Annotated[str, typer.Option("--model", help="Model name sent in requests.")]
@@ -80,8 +92,8 @@ BatchLogOpt = Annotated[
 
 def loadtest(
     target: TargetOpt,
-    rps: RpsOpt,
-    duration: SecondsOpt,
+    rps: RpsOpt = None,
+    duration: SecondsOpt = None,
     warmup: WarmupOpt = 2.0,
     arrival: ArrivalOpt = None,
     spike: SpikeOpt = None,
@@ -120,15 +132,41 @@ def loadtest(
     batch_log: BatchLogOpt = None,
     scrape_metrics: ScrapeOpt = None,
     save_requests: SaveRequestsOpt = None,
+    sweep: SweepOpt = False,
+    rates: RatesOpt = None,
+    max_rps: MaxRpsOpt = None,
+    max_duration: MaxSweepOpt = 600.0,
+    min_knee_rps: MinKneeOpt = None,
+    step_precision: StepPrecisionOpt = 0.1,
 ) -> None:
-    """Drive a server with open-loop Locust load; gate on latency, tokens, errors and rejects (exit 1 on a failure)."""
-    flags = dict(locals())
+    """Drive a server with open-loop Locust load; gate on latency, tokens, errors and rejects (exit 1 on a failure).
+
+    With --sweep: find the highest rate at which every SLO set holds (exit 0; 1 when none holds or the knee is
+    under --min-knee-rps; 3 when the target stops answering; 130 on Ctrl-C, the steps done written)."""
+    flags, files = dict(locals()), {"json_file": json_file, "junit_file": junit_file, "html_file": html_file}
+    (_sweep if sweep else _load)(flags, files)
+
+
+def _sweep(f: dict[str, Any], files: dict[str, Path | None]) -> None:
+    """Steps of the load the flags describe (--duration each, default 10 s; --rps the lowest rate, default auto)."""
+    from ..loadtests import run  # noqa: F401  (Locust first: gevent must patch before anything imports ssl)
+
+    base = _spec({**f, "duration": f["duration"] or DEFAULT_STEP_S, "rps": f["rps"] or 0.0})
+    sweep_load(base, rates=f["rates"], max_rps=f["max_rps"], max_duration=f["max_duration"],
+               min_knee_rps=f["min_knee_rps"], precision=f["step_precision"], files=files,
+               quiet=f["quiet"])  # fmt: skip
+
+
+def _load(f: dict[str, Any], files: dict[str, Path | None]) -> None:
+    """One load test at one rate: run, write, show, and exit 1 when a gate failed."""
     from ..loadtests.run import run_loadtest  # imports Locust, which needs gevent's patching first
 
-    spec, horizon = _spec(flags), warmup + duration
-    with status_progress(f"load test over {horizon:g} s", enabled=not quiet, total=horizon) as bar:
+    if f["rps"] is None or f["duration"] is None:
+        raise UsageError("give --rps and --duration (or --sweep to search for the highest rate that holds)")
+    spec, horizon = _spec(f), f["warmup"] + f["duration"]
+    with status_progress(f"load test over {horizon:g} s", enabled=not f["quiet"], total=horizon) as bar:
         result = run_loadtest(spec, progress=lambda s: bar.update(bar.task_ids[0], completed=min(s, horizon)))
-    write_result_files(result, json_file=json_file, junit_file=junit_file, html_file=html_file)
+    write_result_files(result, **files)
     render_result(result)
     if not result.passed:
         raise typer.Exit(1)
@@ -136,7 +174,7 @@ def loadtest(
 
 def _spec(f: dict[str, Any]) -> LoadTestSpec:
     """The load test the flags ask for: scenario, then profile, then flags (as for simulate and capacity)."""
-    from ..loadtests.run import LoadTestSpec
+    from ..loadtests.spec import LoadTestSpec
 
     scen = build_scenario(
         scenario=f["scenario"], profile=f["profile"], tier_mix=f["tier_mix"], gpus=f["gpus"],

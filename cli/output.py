@@ -9,7 +9,7 @@ from pydantic import BaseModel
 from rich.console import Console
 
 from ..core.errors import UsageError
-from ..core.schema import AnyResult, LoadTestResult
+from ..core.schema import AnyResult, LoadTestResult, SweepResult
 
 __all__ = ["emit_json", "render_result", "terminal", "write_result_files"]
 
@@ -40,7 +40,7 @@ def write_result_files(
     result: AnyResult, *, json_file: Path | None, junit_file: Path | None = None, html_file: Path | None = None
 ) -> None:
     emit_json(result, print_it=False, path=json_file)
-    if junit_file is not None and isinstance(result, LoadTestResult):
+    if junit_file is not None and isinstance(result, LoadTestResult | SweepResult):
         from ..loadtests.junit import write_junit
 
         write_junit(result, junit_file)

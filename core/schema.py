@@ -29,6 +29,7 @@ __all__ = [
     "CapacityResult",
     "CapacityRow",
     "Interval",
+    "KneeFit",
     "LatencyStats",
     "LoadTestResult",
     "Result",
@@ -37,13 +38,15 @@ __all__ = [
     "ServerMetrics",
     "SimulationResult",
     "StreamCell",
+    "SweepResult",
+    "SweepStep",
     "TierStats",
     "TokenComparison",
     "TokenStats",
     "load_result",
 ]
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 # What each version added; a saved result of an older version is upgraded on load
 # (:func:`_upgrade`; new fields take their defaults, so renderers show less, never something wrong).
 SCHEMA_HISTORY = {
@@ -63,6 +66,8 @@ SCHEMA_HISTORY = {
     "came from)",
     8: "capacity's constraints named as the objectives are (e2e_p95_ms, max_reject_rate, max_error_rate, "
     "ttft_p95_ms, ...: the fields of Slos) beside max_load",
+    9: "loadtest --sweep results (kind sweep: every rate's figures, the knee and its interval, the simulator's knee); "
+    "calibrate --from-sweep (mode sweep, knee_fit)",
 }
 
 # The constraints' names before version 8, and the objectives' names now.
@@ -375,6 +380,74 @@ class LoadTestResult(_Model):
     failures: dict[str, int] = Field(default_factory=dict, description="why requests failed: reason -> how often")
 
 
+class SweepStep(_Model):
+    """One offered rate of ``loadtest --sweep``: what it measured and whether every SLO set held."""
+
+    rps: float = Field(description="offered rate, requests/s")
+    duration_s: float = Field(description="seconds of load measured (after the warm-up) in the run that decided")
+    runs: int = Field(description="runs at this rate: a run too imprecise to decide is repeated, twice as long")
+    requests: int
+    achieved_rps: float = Field(description="rate actually sent")
+    completed_rps: float = Field(description="answers per second that were OK")
+    p50_ms: float | None
+    p95_ms: float | None
+    ttft_p50_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    itl_p50_ms: float | None = None
+    itl_p95_ms: float | None = None
+    goodput_rps: float | None = None
+    simulated_p95_ms: float | None = Field(default=None, description="the simulator's P95 for the same arrivals")
+    simulated_ttft_p95_ms: float | None = None
+    error_rate: float
+    reject_rate: float
+    held: bool = Field(description="every SLO set held at this rate")
+    failed: list[str] = Field(default_factory=list, description="the gates that failed (or why the step is over)")
+    precision: float | None = Field(
+        default=None, description="relative half-width of the decisive P95's 95% batch-means interval"
+    )
+    decided_by: str = Field(default="", description="how the verdict was reached: precise, clear, growing, limit")
+
+
+class SweepResult(_Model):
+    """``loadtest --sweep``: the highest offered rate at which every SLO set holds on a real target (its knee)."""
+
+    kind: Literal["sweep"] = "sweep"
+    schema_version: int = SCHEMA_VERSION
+    target: str
+    url: str
+    gpus: int | None
+    outcome: Literal["knee", "below_every_rate", "not_saturated", "target_failed", "interrupted", "budget"] = Field(
+        description="knee: bracketed; below_every_rate: the lowest rate failed; not_saturated: --max-rps held; "
+        "target_failed: the target stopped answering; interrupted: Ctrl-C; budget: --max-duration ran out"
+    )
+    message: str = Field(description="the outcome in one line")
+    knee_rps: float | None = Field(description="highest rate measured to hold every SLO set")
+    knee_low_rps: float | None = Field(description="the knee lies in [low, high): the highest rate held ...")
+    knee_high_rps: float | None = Field(description="... and the lowest rate above it that failed (or saturation)")
+    saturation_rps: float | None = Field(default=None, description="answers per second in the saturation probe")
+    probe_requests: int = 0
+    simulated_knee_rps: float | None = Field(
+        default=None, description="the simulator's knee for the same profile, workload, SLOs and step length"
+    )
+    slos: dict[str, float] = Field(description="the objectives each step was held to")
+    precision: float = Field(description="relative half-width asked of each step's decisive P95")
+    step_s: float
+    longest_step_s: float = Field(description="a step too imprecise to decide ran up to this long")
+    warmup_s: float
+    elapsed_s: float
+    workload: dict[str, Any] = Field(
+        default_factory=dict, description="the steps' workload (lengths, tiers, arrivals) at rate 0: what to simulate"
+    )
+    steps: list[SweepStep]
+    gates: list[Gate] = Field(default_factory=list)
+    passed: bool = True
+
+    @property
+    def measured_a_knee(self) -> bool:
+        """Some rate held: the knee (or a lower bound of it) is known, whatever then ended the sweep."""
+        return self.outcome in ("knee", "not_saturated", "budget")
+
+
 class CalibrationPoint(_Model):
     batch_size: int
     prompt_tokens: int | None = Field(default=None, description="each request's prompt (token calibration)")
@@ -405,6 +478,17 @@ class StreamCell(_Model):
     fitted_ms: float
 
 
+class KneeFit(_Model):
+    """``calibrate --from-sweep``: the profile's engine times scaled by one factor until its knee is the measured."""
+
+    sweep: str = Field(description="the loadtest --sweep result read")
+    measured_knee_rps: float
+    simulated_before_rps: float | None = Field(description="the given profile's simulated knee (None: no rate held)")
+    simulated_after_rps: float | None
+    factor: float = Field(description="every engine time term multiplied by this")
+    simulations: int = Field(description="simulated knees computed by the search")
+
+
 class CalibrationResult(_Model):
     """A backend's batch latency by batch size (and token lengths), and the costs the simulator uses."""
 
@@ -427,8 +511,9 @@ class CalibrationResult(_Model):
     phases: dict[str, float] | None = Field(
         default=None, description="fixed cost by phase (pcie_in_ms, kernel_ms, pcie_out_ms) if the backend times it"
     )
-    mode: Literal["static", "streamed", "requests"] = Field(
-        default="static", description="static batches timed whole; streamed requests; a load test's saved requests"
+    mode: Literal["static", "streamed", "requests", "sweep"] = Field(
+        default="static",
+        description="static batches timed whole; streamed requests; a load test's saved requests; a sweep's knee",
     )
     request_overhead_ms: float = 0.0
     tokenize_ms_per_token: float = 0.0
@@ -439,10 +524,13 @@ class CalibrationResult(_Model):
         description="the engine's max_num_seqs, max_batched_tokens, kv_cache_tokens as written to the profile",
     )
     limit_sources: dict[str, str] = Field(default_factory=dict, description="where each limit came from")
+    knee_fit: KneeFit | None = None
 
 
-Result = Annotated[SimulationResult | CapacityResult | LoadTestResult | CalibrationResult, Field(discriminator="kind")]
-AnyResult = SimulationResult | CapacityResult | LoadTestResult | CalibrationResult
+Result = Annotated[
+    SimulationResult | CapacityResult | LoadTestResult | CalibrationResult | SweepResult, Field(discriminator="kind")
+]
+AnyResult = SimulationResult | CapacityResult | LoadTestResult | CalibrationResult | SweepResult
 
 
 class _Envelope(BaseModel):

@@ -27,17 +27,17 @@ from ..server.access.keys import KeyStore
 from ..server.backends.base import BackendError
 from ..sim.engines.engine import simulate_arrivals
 from ..sim.inputs.arrivals import Arrivals
-from ..sim.inputs.workload import Workload
 from ..sim.results.sinks import RequestWriter
-from .analysis import Baseline, BatchLogRerun, RunFacts, analyse
-from .apis import Api, prompt_text
+from .analysis import BatchLogRerun, RunFacts, analyse
+from .apis import prompt_text
 from .harness import run_plan
 from .plan import LoadPlan
 from .scrape import scraping
+from .spec import LoadTestSpec
 from .target import check_reachable, local_sim_server
 from .token_analysis import TokenSides
 
-__all__ = ["LoadTestSpec", "run_loadtest"]
+__all__ = ["LoadTestSpec", "Measured", "measure_loadtest", "run_loadtest", "target_url"]
 
 log = logging.getLogger("infer_plan.loadtests")
 
@@ -45,61 +45,20 @@ Progress = Callable[[float], None]  # seconds of the schedule sent so far
 
 
 @dataclass(frozen=True)
-class LoadTestSpec:
-    """Everything a load test depends on.
+class Measured:
+    """A load test's result and the request records it was computed from (a sweep judges a step by both)."""
 
-    ``target`` is ``"sim"`` (start the reference server on the sim backend with
-    ``model``, for the run) or the base URL of a running server. ``gpus`` is the
-    target's fleet: it lets the simulator predict the same run (None: no prediction).
-    """
-
-    target: str
-    model: ServiceModel
-    workload: Workload
-    duration_s: float
-    warmup_s: float = 2.0
-    seed: int = 0
-    gpus: int | None = None
-    model_name: str = "sim"
-    keys_file: Path | None = None
-    workers: int = 0
-    batch_log_url: str | None = None  # the target's internal URL: re-simulate with the batches it logged
-    api: Api = Api.INFERENCE
-    baseline: Baseline | None = None  # an earlier run each P95 stays near
-    api_key: str | None = None  # one key for every request (a LiteLLM master key), instead of keys per tier
-    scrape_metrics_url: str | None = None  # a Prometheus endpoint to sample during the run
-    save_requests: Path | None = None  # every request's times, status and lengths as CSV rows
-
-    def __post_init__(self) -> None:
-        if self.target != "sim" and not self.target.startswith(("http://", "https://")):
-            raise UsageError(f"must be 'sim' or an http(s) URL, got {self.target!r}", field="target")
-        if self.target == "sim" and not self.model.overlap:
-            raise UsageError(
-                "the reference server always overlaps assembly with GPU work, so a model with overlap = false "
-                "would predict another service than the one measured; drop it to test the server",
-                field="overlap",
-            )
-        if self.workload.stream and not self.api.has_tokens:
-            raise UsageError("needs a token API: --api completions or --api chat", field="stream")
-        if self.api_key is not None and self.keys_file is not None:
-            raise UsageError("give either --api-key (one key for all) or --keys (a key per tier)", field="api_key")
-        if self.scrape_metrics_url is not None and not self.scrape_metrics_url.startswith(("http://", "https://")):
-            raise UsageError("takes the http(s) URL of a Prometheus endpoint", field="scrape_metrics_url")
-        if self.batch_log_url is not None:
-            if self.target == "sim" or not self.batch_log_url.startswith(("http://", "https://")):
-                raise UsageError("takes the internal http(s) URL of a target server you started", field="batch_log_url")
-            if self.fleet is None:
-                raise UsageError(
-                    "the batch-log check re-runs the simulation, which needs the target's GPU count", field="gpus"
-                )
-
-    @property
-    def fleet(self) -> int | None:
-        return self.gpus or (1 if self.target == "sim" else None)
+    result: LoadTestResult
+    records: RequestRecords
 
 
 def run_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) -> LoadTestResult:
     """Send the planned load, simulate the same arrivals, and gate the outcome."""
+    return measure_loadtest(spec, progress=progress).result
+
+
+def measure_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) -> Measured:
+    """:func:`run_loadtest`, keeping the measured records beside the result."""
     horizon = spec.warmup_s + spec.duration_s
     arrivals = spec.workload.arrivals(spec.model, horizon, spec.seed)
     if len(arrivals) == 0:
@@ -108,7 +67,7 @@ def run_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) -> Loa
     # Opened before the load: a path that cannot be written fails now, not after the run.
     writer = RequestWriter(spec.save_requests) if spec.save_requests is not None else None
     started = time.time()
-    with _target_url(spec) as url:
+    with target_url(spec) as url:
         check_reachable(url)
         plan = LoadPlan(
             url.rstrip("/"), arrivals, keys, spec.model_name, timeout_s=spec.model.request_timeout_s, api=spec.api,
@@ -152,10 +111,11 @@ def run_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) -> Loa
             simulated=simulated,
             simulated_gaps=predicted.itl if predicted is not None else None,
         )
-    return analyse(
+    result = analyse(
         measured, simulated, facts, spec.model.slos, baseline=spec.baseline, locust=sent.locust, batch_log=rerun,
         tokens=tokens, server_metrics=scraped.result() if scraped else None, failures=sent.failures,
     )  # fmt: skip
+    return Measured(result, measured)
 
 
 def _served_lengths(arrivals: Arrivals, measured: RequestRecords) -> Arrivals:
@@ -169,7 +129,8 @@ def _served_lengths(arrivals: Arrivals, measured: RequestRecords) -> Arrivals:
 
 
 @contextlib.contextmanager
-def _target_url(spec: LoadTestSpec) -> Iterator[str]:
+def target_url(spec: LoadTestSpec) -> Iterator[str]:
+    """The target's URL: a ``sim`` target is a reference server started for the run (and stopped after it)."""
     if spec.target != "sim":
         yield spec.target
         return

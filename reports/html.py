@@ -26,6 +26,7 @@ from ..core.schema import (
     MeasuredVsSimulated,
     SimulationResult,
 )
+from .sweep_report import sweep_figures
 from .tables import Summary, summaries, summarise
 
 __all__ = ["result_html", "write_html"]
@@ -282,6 +283,7 @@ _FIGURES = {
     "capacity": _capacity_figures,
     "loadtest": _loadtest_figures,
     "calibrate": _calibration_figures,
+    "sweep": sweep_figures,
 }
 
 

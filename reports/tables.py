@@ -87,8 +87,15 @@ def summarise(result: AnyResult) -> Summary:
         "capacity": _capacity,
         "loadtest": _loadtest,
         "calibrate": _calibration,
+        "sweep": _sweep,
     }
     return builders[result.kind](result)
+
+
+def _sweep(r: AnyResult) -> Summary:
+    from .sweep_report import sweep_summary  # it imports this module's layout types
+
+    return sweep_summary(r)  # type: ignore[arg-type]
 
 
 def _latency_row(name: str, requests: int, s: LatencyStats, rejected: float, errors: float) -> list[str]:
@@ -214,6 +221,12 @@ def _gpus(n: int | None) -> str:
     return f"{n} GPU" if n == 1 else f"{n} GPUs"
 
 
+def _search_fact(r: CapacityResult) -> list[tuple[str, str]]:
+    if not r.simulations:
+        return []
+    return [("search", f"{r.simulations} GPU counts simulated, {r.jobs} at a time" + _sampled(r.simulated_gpus))]
+
+
 def _capacity(r: CapacityResult) -> Summary:
     tiers = list(r.neighbours[0].per_tier_p95_ms) if r.neighbours else []
     tokens = any(n.ttft_p95_ms is not None for n in r.neighbours)
@@ -239,6 +252,8 @@ def _capacity(r: CapacityResult) -> Summary:
             emphasis={i for i, n in enumerate(r.neighbours) if n.gpus == r.gpus},
         )
     ]
+    if not neighbours:  # planned from a measured sweep: nothing simulated
+        tables = []
     if r.sweep:
         tables.append(
             Table(
@@ -264,6 +279,7 @@ def _capacity(r: CapacityResult) -> Summary:
         answers = [f"{p.batching}: {p.gpus if p.gpus is not None else 'none found'}" for p in [r, *r.alternatives]]
         notes.append("GPUs by batching mode: " + "; ".join(answers) + ".")
     mode = f" ({r.batching} batching)" if r.ttft_p95_ms is not None or r.alternatives else ""
+    mode = " (from a measured sweep)" if r.batching == "measured" else mode
     return Summary(
         title=f"infer-plan capacity{mode}",
         headline=headline,
@@ -272,7 +288,7 @@ def _capacity(r: CapacityResult) -> Summary:
             ("binding constraint", r.binding_constraint),
             ("constraints", ", ".join(f"{k} {v:g}" for k, v in r.constraints.items())),
             *([("precision", _precision_fact(r.precision))] if r.precision is not None else []),
-            ("search", f"{r.simulations} GPU counts simulated, {r.jobs} at a time" + _sampled(r.simulated_gpus)),
+            *_search_fact(r),
         ],
         blocks=[Block("back-of-envelope", r.back_of_envelope.arithmetic)],
         notes=notes,
@@ -422,6 +438,10 @@ def _continuous_calibration(r: CalibrationResult) -> Summary:
 
 
 def _calibration(r: CalibrationResult) -> Summary:
+    if r.knee_fit is not None:
+        from .sweep_report import knee_fit_summary  # it imports this module's layout types
+
+        return knee_fit_summary(r)
     if r.mode != "static":
         return _continuous_calibration(r)
     tokens = any(p.prompt_tokens is not None for p in r.points)

@@ -60,6 +60,10 @@ class Workload(BaseModel):
     def constant(cls, rps: float, arrival: ArrivalProcess = ArrivalProcess.POISSON) -> Workload:
         return cls(schedule=RateSchedule(rps=rps), arrival=arrival)
 
+    def at_rate(self, rps: float) -> Workload:
+        """The same workload at another base rate (a search or a sweep tries many)."""
+        return self.model_copy(update={"schedule": self.schedule.model_copy(update={"rps": rps})})
+
     @property
     def is_replay(self) -> bool:
         """Arrivals come from a file (a trace, or a dataset with timestamps), not from the schedule."""

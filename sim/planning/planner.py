@@ -257,16 +257,12 @@ def plan_capacity(
     ``jobs`` > 1 runs that many simulations at once in worker processes.
     """
     for rps in [workload.schedule.rps, *(sweep_rates or ())]:  # the search starts at the arithmetic's count
-        at_rate = _at_rate(workload, rps)
+        at_rate = workload.at_rate(rps)
         check_run_size(model, at_rate, settings, back_of_envelope(model, rps, at_rate.shape(model)).gpus_at_ceiling)
     if jobs > 1 and model.batching is Batching.CONTINUOUS and compiled_applies(model):
         load_compiled()  # once, before the workers fork
     with _pool(jobs) as pool:
         return _plan(model, workload, settings, max_gpus, neighbours, sweep_rates, progress, pool, jobs)
-
-
-def _at_rate(workload: Workload, rps: float) -> Workload:
-    return workload.model_copy(update={"schedule": workload.schedule.model_copy(update={"rps": rps})})
 
 
 @contextmanager
@@ -452,7 +448,7 @@ def _sweep_point(
     settings: RunSettings,
     max_gpus: int | None,
 ) -> SweepPoint:
-    result = plan_capacity(model, _at_rate(workload, rps), settings, max_gpus=max_gpus, neighbours=0)
+    result = plan_capacity(model, workload.at_rate(rps), settings, max_gpus=max_gpus, neighbours=0)
     env = result.back_of_envelope
     return SweepPoint(
         rps=rps, gpus=result.gpus, raw_gpus=env.raw_gpus, gpus_at_ceiling=env.gpus_at_ceiling, p95_ms=result.p95_ms

@@ -165,14 +165,11 @@ def test_vllm_bench_serve_and_loadtest_see_the_same_engine(vllm_target, tiny_mod
         assert away <= bound, (name, mine, before[key], after[key])
 
 
-def test_a_streamed_calibration_of_vllm_predicts_its_streamed_load_test(vllm_target, tiny_model, tmp_path):
-    """Calibrate -> predict -> measure on vLLM's own server, the profile used as written (SPEC section 12).
-
-    Bounds that hold on a busy machine (engine, API server and client share two cores; before the engine
-    overheads were modelled the TTFT was off +377% to +518% here); the tight figures are in the README,
-    from ``benchmarks/bench_fidelity.py``.
-    """
-    profile, saved, out = tmp_path / "vllm.toml", tmp_path / "calibration.json", tmp_path / "loadtest.json"
+@pytest.fixture(scope="module")
+def calibrated_profile(vllm_target, tmp_path_factory) -> Path:
+    """vLLM calibrated by streamed requests (``calibrate --backend openai``), checked as written."""
+    folder = tmp_path_factory.mktemp("calibrated")
+    profile, saved = folder / "vllm.toml", folder / "calibration.json"
     done = run_cli(
         "calibrate", "--quiet", "--backend", "openai", "--upstream", vllm_target, "--max-num-seqs", "8",
         "--repetitions", "3", "--out", str(profile), "--save", str(saved), timeout=300, env=VLLM_ENV,
@@ -182,6 +179,19 @@ def test_a_streamed_calibration_of_vllm_predicts_its_streamed_load_test(vllm_tar
     assert service["batching"] == "continuous" and service["max_num_seqs"] == 8
     assert result["limit_sources"]["kv_cache_tokens"].startswith("/metrics vllm:cache_config_info")
     assert service["kv_cache_tokens"] >= 8 * 512  # the engine's 1 GiB of KV, as its /metrics says
+    return profile
+
+
+def test_a_streamed_calibration_of_vllm_predicts_its_streamed_load_test(
+    vllm_target, tiny_model, calibrated_profile, tmp_path
+):
+    """Calibrate -> predict -> measure on vLLM's own server, the profile used as written (SPEC section 12).
+
+    Bounds that hold on a busy machine (engine, API server and client share two cores; before the engine
+    overheads were modelled the TTFT was off +377% to +518% here); the tight figures are in the README,
+    from ``benchmarks/bench_fidelity.py``.
+    """
+    profile, out = calibrated_profile, tmp_path / "loadtest.json"
     model = load_scenario(None, profile).model
     lengths = Workload(schedule=RateSchedule(rps=1.0), prompt_tokens="lognormal:mean=160,sd=80",
                        output_tokens="uniform:8,48", stream=True)  # fmt: skip
@@ -198,6 +208,28 @@ def test_a_streamed_calibration_of_vllm_predicts_its_streamed_load_test(vllm_tar
     print(f"\nvLLM at {rps:.1f} req/s, predicted by its streamed profile: |error| "
           + ", ".join(f"{k} {v:.1%}" for k, v in errors.items()))  # fmt: skip
     assert all(v <= 0.35 for v in errors.values()), errors
+
+
+def test_a_sweep_of_vllm_finds_its_knee_and_its_calibrated_profile_predicts_it(
+    vllm_target, tiny_model, calibrated_profile, tmp_path
+):
+    """``loadtest --sweep`` on vLLM's own server: a knee with its interval in under five minutes, and the
+    simulator's knee for the calibrated profile within 20% of it."""
+    out = tmp_path / "sweep.json"
+    proc = loadtest(
+        "--target", vllm_target, "--model", "tiny", "--tokenizer", str(tiny_model), "--profile",
+        str(calibrated_profile), "--api", "completions", "--stream", *LENGTHS, "--tier-mix", "paid=1",
+        "--slo-ttft-p95-ms", "100", "--slo-p95-ms", "60000", "--max-error-rate", "0.01", "--warmup", "1",
+        "--duration", "4", "--max-duration", "270", "--sweep", "--json", str(out), timeout=330,
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    assert proc.returncode == 0 and data["outcome"] == "knee", (data["message"], proc.stdout[-3000:])
+    knee, simulated = data["knee_rps"], data["simulated_knee_rps"]
+    print(f"\nvLLM sweep: knee {knee:.2f} req/s in [{data['knee_low_rps']:.2f}, {data['knee_high_rps']:.2f}), "
+          f"simulated {simulated:.2f}, saturation {data['saturation_rps']:.2f}, {len(data['steps'])} steps in "
+          f"{data['elapsed_s']:.0f} s")  # fmt: skip
+    assert data["elapsed_s"] < 300 and data["knee_high_rps"] > knee
+    assert abs(knee - simulated) / simulated <= 0.20, (knee, simulated)
 
 
 @pytest.fixture(scope="module")
