@@ -175,13 +175,18 @@ def profile_toml(
     return header + tomli_w.dumps({"service": service_table(fit, jitter, split), "profile": measured})
 
 
+def _rounded(value: float) -> float:
+    """Seven decimals, or six significant digits for the tiny terms (an attention term is ~1e-6 ms)."""
+    return round(value, 7) if abs(value) >= 1e-3 or value == 0 else float(f"{value:.6g}")
+
+
 def continuous_table(terms: dict[str, float | tuple[float, ...]], limits: dict[str, int]) -> dict[str, object]:
     """The [service] table of a continuous engine's profile: complete, so it plans without hand edits.
 
     Continuous batching has no batch cycle (PCIe and kernel terms 0); the step and
     overhead terms come from the fit, the limits from the engine or its flags.
     """
-    rounded = {name: round(value, 7) if isinstance(value, float) else list(value) for name, value in terms.items()}
+    rounded = {name: _rounded(value) if isinstance(value, float) else list(value) for name, value in terms.items()}
     return {"batching": "continuous", "pcie_in_ms": 0.0, "kernel_ms": 0.0, "pcie_out_ms": 0.0, "per_item_ms": 0.0,
             **rounded, **limits}  # fmt: skip
 

@@ -68,22 +68,23 @@ class CalibrationSpec:
     batching: Batching | None = None  # None: continuous for the openai and vllm backends, else static
     limits: dict[str, int] = field(default_factory=dict)  # the engine's limits as flags (they outrank the engine)
     requests_file: Path | None = None  # a load test's --save-requests CSV: fit it, send nothing
+    contexts: list[int] | None = None  # streamed: the decoders' prompts, to fit the context terms (SPEC section 12)
 
 
 def calibration_mode(spec: CalibrationSpec) -> str:
     """``requests``, ``streamed`` or ``static`` (module docstring)."""
-    if spec.requests_file is not None:
-        return "requests"
     batching = spec.batching or (Batching.CONTINUOUS if spec.backend in STREAMED_BACKENDS else Batching.STATIC)
-    if batching is Batching.STATIC:
-        return "static"
-    if spec.backend in NOT_STREAMING:
+    mode = "requests" if spec.requests_file is not None else "static" if batching is Batching.STATIC else "streamed"
+    if spec.contexts and mode != "streamed":
+        raise UsageError("--contexts spans a continuous engine's streamed cells: drop it, or calibrate by streaming "
+                         "(--backend openai --upstream URL, or vllm)", field="contexts")  # fmt: skip
+    if mode == "streamed" and spec.backend in NOT_STREAMING:
         raise UsageError(
             f"the {spec.backend} backend runs static batches: a continuous engine is calibrated by streaming to it "
             "(--backend openai --upstream URL, or vllm)",
             field="batching",
         )
-    return "streamed"
+    return mode
 
 
 def calibration_cells(spec: CalibrationSpec) -> list[Cell]:
@@ -189,7 +190,7 @@ def _run_streamed(spec: CalibrationSpec, on_probe: Callable[[], None] | None) ->
         "method": "streamed requests (calibrate/streamed.py): lone TTFTs, decode gaps, mixed steps",
         "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "limit_sources": sources,
-        "cells": [f"{c.kind} n={c.sequences} prefill={c.prefill_tokens}" for c in fit.cells],
+        "cells": [f"{c.kind} n={c.sequences} prefill={c.prefill_tokens} context={c.context_tokens}" for c in fit.cells],
         "median_ms": [round(c.median_ms, 3) for c in fit.cells],
         "fitted_ms": [round(c.fitted_ms, 3) for c in fit.cells],
         "max_relative_error": round(fit.max_relative_error, 4),
@@ -210,6 +211,8 @@ def continuous_result(
         mean_relative_error=fit.mean_relative_error, profile_path=str(spec.out), mode=mode,
         request_overhead_ms=fit.request_overhead_ms, tokenize_ms_per_token=fit.tokenize_ms_per_token,
         admit_ms_per_request=fit.admit_ms_per_request, cycle_jitter=list(fit.step_jitter), stream_cells=fit.cells,
+        decode_ms_per_kv_token=fit.context_terms.get("decode_ms_per_kv_token", 0.0),
+        prefill_ms_per_token_sq=fit.context_terms.get("prefill_ms_per_token_sq", 0.0),
         limits=limits, limit_sources=sources,
     )  # fmt: skip
 
@@ -246,9 +249,32 @@ def stream_plan(spec: CalibrationSpec, limits: dict[str, int], max_model_len: in
                              f"{decode}-token answers (at most {longest})", field="prompt_tokens")  # fmt: skip
         prompts = sorted({min(p, longest) for p in prompts})
     _at_least_two(prompts, "prompt lengths", "prompt_tokens", "the prefill cost from the per-request cost")
+    contexts = _decode_contexts(spec.contexts, limits, max(concurrencies), decode, max_model_len)
     plan = StreamPlan(prompts, concurrencies, decode, spec.repetitions)
     room = (max_model_len or 1 << 30) - plan.decoder_prompt - 1  # a mixed cell's decoders outlast its newcomer
-    return StreamPlan(prompts, concurrencies, decode, spec.repetitions, max(decode, min(MIXED_OUTPUT, room)))
+    return StreamPlan(prompts, concurrencies, decode, spec.repetitions, max(decode, min(MIXED_OUTPUT, room)), contexts)
+
+
+def _decode_contexts(
+    contexts: list[int] | None, limits: dict[str, int], sequences: int, decode: int, max_model_len: int | None
+) -> tuple[int, ...]:
+    """``--contexts``, checked: two or more, each fitting the context window and, at the most decoders, the KV cache.
+
+    A decode cell that overflows either would queue or preempt some decoders, and its gaps
+    would not be steps of the sequences it names.
+    """
+    if not contexts:
+        return ()
+    _at_least_two(contexts, "contexts", "contexts", "the context a decode step reads from its per-sequence cost")
+    longest = (max_model_len or 1 << 30) - decode - 1
+    if max(contexts) > longest:
+        raise UsageError(f"a context of {max(contexts)} tokens does not fit the engine's context window with "
+                         f"{decode}-token answers (at most {longest})", field="contexts")  # fmt: skip
+    kv = limits.get("kv_cache_tokens")
+    if kv is not None and sequences * (max(contexts) + decode) > kv:
+        raise UsageError(f"{sequences} decoders of {max(contexts)} + {decode} tokens overflow the KV cache "
+                         f"({kv:,} tokens): lower --contexts or --sizes", field="contexts")  # fmt: skip
+    return tuple(sorted(set(contexts)))
 
 
 async def _stream_and_fit(
@@ -260,7 +286,7 @@ async def _stream_and_fit(
         limits, sources = resolve_limits(spec.limits, reported, model)
         plan = stream_plan(spec, limits, reported.get("max_model_len", (None, ""))[0])
         timings = await measure_streams(engine, plan, on_probe=on_probe)
-        return fit_continuous(timings), limits, sources, plan
+        return fit_continuous(timings, plan), limits, sources, plan
     except BackendError as err:
         raise InferPlanError(f"calibration failed: {err}") from None
     finally:

@@ -41,6 +41,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -69,11 +70,22 @@ class StreamPlan:
     output_tokens: int  # each decoding request's answer in the decode cells
     repetitions: int
     mixed_output_tokens: int = 0  # the decoders' answers in the mixed cells (0: output_tokens)
+    contexts: tuple[int, ...] = ()  # the decoders' prompts of the decode cells; (): the decoder prompt only
 
     @property
     def decoder_prompt(self) -> int:
         """The decoders' prompt: the middle length, so the per-sequence cost is read at a typical context."""
         return sorted(self.prompts)[len(self.prompts) // 2]
+
+    @property
+    def fits_context(self) -> bool:
+        """Whether the cells span contexts: then the context terms are fitted (module docstring)."""
+        return len(self.contexts) > 0
+
+    @property
+    def decode_contexts(self) -> list[int]:
+        """Every decode cell's context: the given ones and the mixed cells' decoders' (their steps are subtracted)."""
+        return sorted({*self.contexts, self.decoder_prompt})
 
 
 @dataclass
@@ -98,27 +110,38 @@ class _Stamps:
             await self._waits.setdefault(k, asyncio.Event()).wait()
 
 
+CellKey = tuple[str, int, int, int]  # (kind, sequences, prefill tokens, the decoders' context)
+
+
+class Window(NamedTuple):
+    """A mixed cell's measurement: the decoders' time (ms), the steps in it, and their tokens at its end."""
+
+    ms: float
+    steps: int
+    decoded: int
+
+
 @dataclass
 class StreamTimings:
-    """Every cell's samples (ms), keyed by (kind, sequences, prefill tokens)."""
+    """Every cell's samples (ms), keyed by :data:`CellKey`."""
 
-    samples_ms: dict[tuple[str, int, int], list[float]] = field(default_factory=dict)
+    samples_ms: dict[CellKey, list[float]] = field(default_factory=dict)
     spread: list[float] = field(default_factory=list)  # every steady decode gap over its cell run's median
-    windows: dict[tuple[int, int], list[tuple[float, int]]] = field(default_factory=dict)  # mixed: (ms, steps)
+    windows: dict[tuple[int, int, int], list[Window]] = field(default_factory=dict)  # mixed, by (N, P, context)
 
-    def add(self, kind: str, sequences: int, prefill: int, value_ms: float | None) -> None:
+    def add(self, kind: str, sequences: int, prefill: int, value_ms: float | None, context: int = 0) -> None:
         if value_ms is not None and np.isfinite(value_ms):
-            self.samples_ms.setdefault((kind, sequences, prefill), []).append(value_ms)
+            self.samples_ms.setdefault((kind, sequences, prefill, context), []).append(value_ms)
 
-    def add_window(self, sequences: int, prefill: int, window: tuple[float, int] | None) -> None:
+    def add_window(self, sequences: int, prefill: int, context: int, window: Window | None) -> None:
         if window is not None:
-            self.windows.setdefault((sequences, prefill), []).append(window)
+            self.windows.setdefault((sequences, prefill, context), []).append(window)
 
-    def add_gaps(self, sequences: int, gaps_s: list[float]) -> None:
+    def add_gaps(self, sequences: int, context: int, gaps_s: list[float]) -> None:
         """One decode cell's steady gaps: their median is a sample, each gap over it a sample of the spread."""
         if gaps_s:
             median = float(np.median(gaps_s))
-            self.add("decode", sequences, 0, median * 1000.0)
+            self.add("decode", sequences, 0, median * 1000.0, context)
             if median > 0:
                 self.spread.extend(g / median for g in gaps_s)
 
@@ -154,26 +177,38 @@ async def measure_streams(
 ) -> StreamTimings:
     """Every cell of ``plan``, ``plan.repetitions`` times, cells shuffled on each repetition (slow drift is no size)."""
     prober, timings = _Prober(backend, seed), StreamTimings()
-    for _ in range(WARMUP_REQUESTS):
-        await prober.stream(max(plan.prompts), LONE_OUTPUT)
-    cells = [("lone", p) for p in plan.prompts] + [("decode", n) for n in plan.concurrencies]
-    cells += [("mixed", p) for p in plan.prompts]
+    await _warm_up(prober, plan)
+    cells = [("lone", p, 0) for p in plan.prompts] + [("mixed", p, 0) for p in plan.prompts]
+    cells += [("decode", n, c) for n in plan.concurrencies for c in plan.decode_contexts]
     decoders = max(1, max(plan.concurrencies) - 1)  # the newcomer takes the last slot
-    context = plan.decoder_prompt
     for _ in range(plan.repetitions):
         prober.rng.shuffle(cells)
-        for kind, x in cells:
+        for kind, x, context in cells:
             if kind == "lone":
                 sent, sink = await prober.stream(x, LONE_OUTPUT)
                 timings.add("lone", 1, x, (sink.times[0] - sent) * 1000.0)
             elif kind == "decode":
                 streams = await asyncio.gather(*(prober.stream(context, plan.output_tokens) for _ in range(x)))
-                timings.add_gaps(x, _steady_gaps([s.times for _, s in streams]))
+                timings.add_gaps(x, context, _steady_gaps([s.times for _, s in streams]))
             else:
-                timings.add_window(decoders + 1, x, await _newcomer_window(prober, decoders, x, plan))
+                window = await _newcomer_window(prober, decoders, x, plan)
+                timings.add_window(decoders + 1, x, plan.decoder_prompt, window)
             if on_probe:
                 on_probe()
     return timings
+
+
+async def _warm_up(prober: _Prober, plan: StreamPlan) -> None:
+    """Discarded requests of every shape the cells will run: each prompt length alone and every concurrency at
+    every context. A fresh engine's first request of a shape can take twice its time (vLLM-CPU: a lone 16-token
+    prompt timed 17.5 ms beside 8.7 ms for 128 tokens in a cell measured twice), which is no size effect."""
+    for _ in range(WARMUP_REQUESTS):
+        await prober.stream(max(plan.prompts), LONE_OUTPUT)
+    for prompt in plan.prompts:
+        await prober.stream(prompt, LONE_OUTPUT)
+    for n in plan.concurrencies:
+        for context in plan.decode_contexts:
+            await asyncio.gather(*(prober.stream(context, LONE_OUTPUT) for _ in range(n)))
 
 
 def _steady_gaps(streams: list[list[float]]) -> list[float]:
@@ -182,7 +217,7 @@ def _steady_gaps(streams: list[list[float]]) -> list[float]:
     return [b - a for t in streams for a, b in itertools.pairwise(t) if a >= start and b <= end]
 
 
-async def _newcomer_window(prober: _Prober, decoders: int, prompt: int, plan: StreamPlan) -> tuple[float, int] | None:
+async def _newcomer_window(prober: _Prober, decoders: int, prompt: int, plan: StreamPlan) -> Window | None:
     """The decoders' time (ms) from a newcomer's send to one step past its end, and the steps in it (docstring).
 
     The window runs from a decoder's last token before the send to its first token of the
@@ -211,7 +246,7 @@ async def _newcomer_window(prober: _Prober, decoders: int, prompt: int, plan: St
         before = int(np.searchsorted(times, sent)) - 1  # the decoder's last token before the send
         after = int(np.searchsorted(times, newcomer.times[-1] + SAME_STEP_S))  # a step past the newcomer's last
         if before >= 0 and after < times.size:
-            windows.append(((times[after] - times[before]) * 1000.0, after - before))
+            windows.append(Window((times[after] - times[before]) * 1000.0, after - before, after))
     if not windows:
         return None
     windows.sort()
@@ -230,6 +265,7 @@ class ContinuousFit:
     cells: list[StreamCell]
     admit_ms_per_request: float = 0.0
     step_jitter: tuple[float, ...] = ()  # the steps' measured spread: the profile's cycle_jitter
+    context_terms: dict[str, float] = field(default_factory=dict)  # fitted across contexts: kv and prefill^2
 
     @property
     def max_relative_error(self) -> float:
@@ -246,11 +282,8 @@ class ContinuousFit:
             "prefill_ms_per_token": self.prefill_ms_per_token, "request_overhead_ms": self.request_overhead_ms,
             "tokenize_ms_per_token": self.tokenize_ms_per_token, "output_token_ms": 0.0,
             "admit_ms_per_request": self.admit_ms_per_request, "cycle_jitter": self.step_jitter,
+            **self.context_terms,
         }  # fmt: skip
-
-    def step_ms(self, prefill: float, sequences: float, joining: float = 0) -> float:
-        return (self.decode_step_ms + self.decode_ms_per_seq * sequences + self.prefill_ms_per_token * prefill
-                + self.admit_ms_per_request * joining)  # fmt: skip
 
 
 def _rel(cell: StreamCell) -> float:
@@ -266,64 +299,97 @@ def nnls_relative(design: np.ndarray, y: np.ndarray) -> np.ndarray:
     return coefficients
 
 
-def _newcomer_costs(timings: StreamTimings) -> dict[tuple[str, int, int], list[float]]:
-    """Each mixed window less the decoders' own steps, timed by the decode cells (their median line, at mean spread).
+def _newcomer_costs(timings: StreamTimings) -> tuple[dict[CellKey, list[float]], dict[CellKey, float]]:
+    """Each mixed window less the decoders' own steps, and the decoders' mean tokens at its end.
 
-    Steps add up, so the decoders' steps count at their mean: the median step times the
-    spread's mean over its median.
+    The decoders' own steps are timed by the decode cells at their context (those cells'
+    median line, at the spread's mean): steps add up, so they count at their mean, the
+    median step times the spread's mean over its median.
     """
-    decode = sorted(
-        (n, float(np.median(v))) for (kind, n, _), v in timings.samples_ms.items() if kind == "decode" and v
-    )
-    if len(decode) < 2 or not timings.windows:
-        return {}
-    slope, intercept = np.polyfit([n for n, _ in decode], [m for _, m in decode], 1)
+    costs: dict[CellKey, list[float]] = {}
+    decoded: dict[CellKey, float] = {}
     spread = np.asarray(timings.spread) if timings.spread else np.ones(1)
     mean_step = float(np.mean(spread) / np.median(spread))
-    costs = {}
-    for (sequences, prefill), windows in timings.windows.items():
+    for (sequences, prefill, context), windows in timings.windows.items():
+        decode = sorted((key[1], float(np.median(v))) for key, v in timings.samples_ms.items()
+                        if key[0] == "decode" and key[3] == context and v)  # fmt: skip
+        if len(decode) < 2:
+            continue
+        slope, intercept = np.polyfit([n for n, _ in decode], [m for _, m in decode], 1)
         own = (intercept + slope * (sequences - 1)) * mean_step  # a step of the decoders alone
-        costs[("mixed", sequences, prefill)] = [ms - (steps - LONE_OUTPUT) * own for ms, steps in windows]
-    return costs
+        key = ("mixed", sequences, prefill, context)
+        costs[key] = [w.ms - (w.steps - LONE_OUTPUT) * own for w in windows]
+        decoded[key] = float(np.mean([w.decoded for w in windows]))
+    return costs, decoded
 
 
-def fit_continuous(timings: StreamTimings) -> ContinuousFit:
-    """All six terms at once, to every cell's median (module docstring).
+def _context_columns(keys: list[CellKey], decoded: dict[CellKey, float], decode_tokens: int) -> np.ndarray:
+    """The context terms' columns: the context decoding sequences read, and each prefill squared.
+
+    A decode gap reads ``N`` contexts of the decoders' prompt plus, at the median steady
+    gap, about half their answer. A newcomer's two steps read the decoders' contexts twice
+    and its own prompt once (its second step decodes it); each of its steps and a lone
+    request's first prefill its whole prompt, squared.
+    """
+    kv, sq = np.zeros(len(keys)), np.zeros(len(keys))
+    for i, key in enumerate(keys):
+        kind, n, p, context = key
+        if kind == "decode":
+            kv[i] = n * (context + (decode_tokens + 1) / 2)
+        elif kind == "mixed":
+            kv[i] = 2 * (n - 1) * (context + decoded[key]) + p + 1
+        sq[i] = p * p
+    return np.column_stack([kv, sq])
+
+
+CONTEXT_TERMS = ("decode_ms_per_kv_token", "prefill_ms_per_token_sq")
+
+
+def fit_continuous(timings: StreamTimings, plan: StreamPlan | None = None) -> ContinuousFit:
+    """All six terms at once, to every cell's median (module docstring); eight across contexts.
 
     A decode gap is one step: ``[1, N, 0, 0, 0, 0]``; a newcomer's cost is its steps, the
     first admitting it: ``[2, 2N, P, 0, 0, 1]`` (``N`` counting it); a lone TTFT is one
     admitting step of one sequence plus the overheads: ``[1, 1, P, 1, P, 1]``. One joint
     non-negative fit, each cell weighed by its relative error, spreads the misfit over the
-    cells instead of pushing all of the step's error into the overheads.
+    cells instead of pushing all of the step's error into the overheads. When ``plan``
+    spans contexts, the context decoding sequences read and each prefill squared are two
+    more columns (:func:`_context_columns`).
     """
-    samples = {**timings.samples_ms, **_newcomer_costs(timings)}
+    newcomers, decoded = _newcomer_costs(timings)
+    samples = {**timings.samples_ms, **newcomers}
     medians = {key: float(np.median(v)) for key, v in samples.items() if v}
     kinds = {key[0] for key in medians}
-    concurrencies = {n for kind, n, _ in medians if kind == "decode"}
-    lone_prompts = {p for kind, _, p in medians if kind == "lone"}
+    concurrencies = {key[1] for key in medians if key[0] == "decode"}
+    lone_prompts = {key[2] for key in medians if key[0] == "lone"}
     if len(concurrencies) < 2 or "mixed" not in kinds or len(lone_prompts) < 2:
-        seen = ", ".join(f"{k}/{n}/{p}" for k, n, p in medians) or "none"
+        seen = ", ".join(f"{k}/{n}/{p}" for k, n, p, _ in medians) or "none"
         raise BackendError(
             "too few streamed cells to fit the continuous model (needs decode gaps at two concurrencies, a mixed "
             f"step and lone requests at two prompt lengths; measured kind/sequences/prefill: {seen})"
         )
     keys = list(medians)
-    lone = np.array([kind == "lone" for kind, _, _ in keys], dtype=float)
-    joins = np.array([kind != "decode" for kind, _, _ in keys], dtype=float)
+    kinds_of = np.array([key[0] for key in keys])
+    lone, joins = (kinds_of == "lone").astype(float), (kinds_of != "decode").astype(float)
     n = np.array([key[1] for key in keys], dtype=float)
     p = np.array([key[2] for key in keys], dtype=float)
     y = np.array([medians[key] for key in keys])
-    steps = np.where(np.array([kind == "mixed" for kind, _, _ in keys]), float(LONE_OUTPUT), 1.0)
+    steps = np.where(kinds_of == "mixed", float(LONE_OUTPUT), 1.0)
     design = np.column_stack([steps, steps * n, p, lone, lone * p, joins])
+    if plan is not None and plan.fits_context:
+        design = np.column_stack([design, _context_columns(keys, decoded, plan.output_tokens)])
     terms = nnls_relative(design, y)
-    a, b, c, alpha0, alpha1, admit = (float(x) for x in terms)
+    a, b, c, alpha0, alpha1, admit = (float(x) for x in terms[:6])
     cells = [
-        StreamCell(kind=kind, sequences=seqs, prefill_tokens=prefill, samples=len(samples[key]),
-                   median_ms=medians[key], p95_ms=float(np.percentile(samples[key], 95)),
+        StreamCell(kind=kind, sequences=seqs, prefill_tokens=prefill, context_tokens=context,
+                   samples=len(samples[key]), median_ms=medians[key], p95_ms=float(np.percentile(samples[key], 95)),
                    fitted_ms=float(fitted))
         for key, fitted in zip(keys, design @ terms, strict=True)
-        for kind, seqs, prefill in [key]
+        for kind, seqs, prefill, context in [key]
     ]  # fmt: skip
     order = {"lone": 0, "decode": 1, "mixed": 2}
-    cells.sort(key=lambda cell: (order[cell.kind], cell.sequences, cell.prefill_tokens))
-    return ContinuousFit(a, b, c, alpha0, alpha1, cells, admit_ms_per_request=admit, step_jitter=timings.step_jitter())
+    cells.sort(key=lambda cell: (order[cell.kind], cell.context_tokens, cell.sequences, cell.prefill_tokens))
+    return ContinuousFit(
+        a, b, c, alpha0, alpha1, cells, admit_ms_per_request=admit, step_jitter=timings.step_jitter(),
+        context_terms=dict(zip(CONTEXT_TERMS, (float(x) for x in terms[6:]), strict=False)),
+    )  # fmt: skip

@@ -26,6 +26,7 @@ from .calibrate import calibrate
 from .capacity import capacity
 from .loadtest import loadtest
 from .options import FLAG_OF
+from .profile import profile
 from .report import report
 from .serve import serve
 from .simulate import simulate
@@ -44,6 +45,7 @@ app.command()(capacity)
 app.command()(serve)
 app.command()(loadtest)
 app.command()(calibrate)
+app.command()(profile)
 app.command()(report)
 app.command(name="tiny-model")(tiny_model)
 app.command()(backends)

@@ -45,6 +45,11 @@ PromptLengthsOpt = Annotated[
 OutputLengthsOpt = Annotated[
     str | None, typer.Option("--output-tokens", help="Output lengths to measure, e.g. 1,16: fits the token costs.")
 ]
+ContextsOpt = Annotated[
+    str | None,
+    typer.Option("--contexts", help="Streamed: decoders' prompt lengths, e.g. 64,1024: fits the context terms "
+                 "(decode_ms_per_kv_token, prefill_ms_per_token_sq)."),
+]  # fmt: skip
 RepetitionsOpt = Annotated[int, typer.Option("--repetitions", "-n", min=1, max=1000, help="Batches per size.")]
 WarmupBatchesOpt = Annotated[
     int, typer.Option("--warmup-batches", min=0, max=100, help="Batches run and discarded before measuring.")
@@ -89,6 +94,7 @@ def calibrate(
     sizes: SizesOpt = None,
     prompt_tokens: PromptLengthsOpt = None,
     output_tokens: OutputLengthsOpt = None,
+    contexts: ContextsOpt = None,
     repetitions: RepetitionsOpt = 10,
     warmup_batches: WarmupBatchesOpt = 2,
     from_traffic: FromTrafficOpt = False,
@@ -129,7 +135,7 @@ def calibrate(
         sizes=_lengths(sizes, "--sizes"), prompt_tokens=_lengths(prompt_tokens, "--prompt-tokens"),
         output_tokens=_lengths(output_tokens, "--output-tokens"), repetitions=repetitions,
         warmup_batches=warmup_batches, traffic_url=options["upstream"] if from_traffic else None, window_s=window_s,
-        batching=_batching(batching), requests_file=from_requests,
+        batching=_batching(batching), requests_file=from_requests, contexts=_lengths(contexts, "--contexts"),
         limits={name: value for name, value in (("max_num_seqs", max_num_seqs),
                 ("max_batched_tokens", max_batched_tokens), ("kv_cache_tokens", kv_cache_tokens)) if value},
     )  # fmt: skip

@@ -17,6 +17,7 @@ from ..sim.planning.planner import plan_batching_modes
 from ..sim.runner import RunSettings
 from .options import (
     BatchingOpt,
+    DatasetFormatOpt,
     DatasetOpt,
     DurationOpt,
     ItlSloOpt,
@@ -27,6 +28,7 @@ from .options import (
     MinDurationOpt,
     NoOverlapOpt,
     OutputTokensOpt,
+    PrefixCachingOpt,
     ProfileOpt,
     PromptTokensOpt,
     QuietOpt,
@@ -34,6 +36,7 @@ from .options import (
     SaveOpt,
     ScenarioOpt,
     SeedOpt,
+    SharedPrefixOpt,
     SloOpt,
     StreamOpt,
     TierMixOpt,
@@ -52,6 +55,7 @@ from .parsing import parse_tier_mix
 from .progress import status_progress
 
 SWEEP_FACTORS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+NOT_HELD_MS = 3_600_000.0  # an end-to-end P95 of an hour: the E2E objective left out of a hardware search
 
 
 def _parse_rates(text: str) -> list[float]:
@@ -76,6 +80,18 @@ JobsOpt = Annotated[int | None, typer.Option("--jobs", "-j", min=1, help="Simula
 SweepOpt = Annotated[bool, typer.Option("--sweep", help="Also plan 0.1x..2x the rate: the GPUs-vs-rps curve.")]
 SweepRatesOpt = Annotated[str | None, typer.Option("--sweep-rates", help="Rates for --sweep, e.g. 1000,5000.")]
 
+
+HwModelOpt = Annotated[
+    str | None,
+    typer.Option("--model", help="Plan on hardware you do not own: a model profile --list names (the hardware extra)."),
+]
+HwGpuOpt = Annotated[str | None, typer.Option("--gpu", help="With --model: GPUs to compare, e.g. h100_sxm,l40s.")]
+HwTpOpt = Annotated[str, typer.Option("--tp", help="With --model: tensor-parallel degrees to compare, e.g. 1,2,4,8.")]
+HwEngineOpt = Annotated[str, typer.Option("--engine", help="With --model: vllm, sglang or trtllm.")]
+PricesOpt = Annotated[Path | None, typer.Option("--prices", help="With --model: USD per GPU-hour (TOML [prices]).")]
+RayAddressOpt = Annotated[
+    str | None, typer.Option("--ray-address", help="With --model: plan the options as tasks on this Ray cluster.")
+]
 
 FromSweepOpt = Annotated[
     Path | None,
@@ -109,6 +125,9 @@ def capacity(
     prompt_tokens: PromptTokensOpt = None,
     output_tokens: OutputTokensOpt = None,
     dataset: DatasetOpt = None,
+    dataset_format: DatasetFormatOpt = None,
+    shared_prefix: SharedPrefixOpt = None,
+    prefix_caching: PrefixCachingOpt = None,
     tokenizer: TokenizerOpt = None,
     stream: StreamOpt = False,
     slo_ttft: TtftSloOpt = None,
@@ -120,29 +139,52 @@ def capacity(
     save: SaveOpt = None,
     quiet: QuietOpt = False,
     from_sweep: FromSweepOpt = None,
+    hw_model: HwModelOpt = None,
+    hw_gpu: HwGpuOpt = None,
+    hw_tp: HwTpOpt = "1",
+    hw_engine: HwEngineOpt = "vllm",
+    prices: PricesOpt = None,
+    ray_address: RayAddressOpt = None,
 ) -> None:
     """Find the smallest GPU count meeting every SLO, the load ceiling and the reject limit, by simulation."""
-    slos = slo_flags(
-        e2e_p95_ms=slo_p95_ms, ttft_p95_ms=slo_ttft, itl_p95_ms=slo_itl, tpot_p95_ms=slo_tpot,
-        max_reject_rate=max_reject, **_tier_slos(tier_slo, overall_only),
-    )  # fmt: skip
+    slos = _slos(slo_p95_ms, slo_ttft, slo_itl, slo_tpot, max_reject, tier_slo, overall_only)
     scen = build_scenario(
         scenario=scenario, profile=profile, tier_mix=tier_mix, no_overlap=no_overlap, slos=slos, max_load=max_load,
-        max_batch=max_batch, max_wait_ms=max_wait_ms, kernel_ms=kernel_ms,
+        max_batch=max_batch, max_wait_ms=max_wait_ms, kernel_ms=kernel_ms, prefix_caching=prefix_caching,
     )  # fmt: skip
     if from_sweep is not None:
-        _finish(_from_sweep(from_sweep, rps, scen.model.max_load), json_out, save)
-        return
-    tokens = token_load(prompt_tokens, output_tokens, dataset, tokenizer, stream)
-    workload = _rate_workload(scen.workload(rps=rps, **tokens))
-    rates = _sweep_rates(sweep, sweep_rates, workload.schedule.rps)
-    settings = with_run_flags(
+        return _finish(_from_sweep(from_sweep, rps, scen.model.max_load), json_out, save)
+    tokens = token_load(prompt_tokens, output_tokens, dataset, tokenizer, stream, dataset_format, shared_prefix)
+    workload = _rate_workload(scen, rps, tokens)
+    settings = _settings(scen, duration, warmup, seed, precision, min_duration, sample_gpus)
+    if hw_model is not None:
+        search = _hardware_search(hw_model, hw_gpu, hw_tp, hw_engine, prices, ray_address)
+        return _hardware(search, scen.model, slo_p95_ms, workload, settings, max_gpus, jobs, json_out, save, quiet)
+    rates, modes = _sweep_rates(sweep, sweep_rates, workload.schedule.rps), _batching_modes(batching, scen.model)
+    result = _search(scen.model, modes, workload, settings, max_gpus, rates, jobs, show=not (quiet or json_out))
+    _finish(result, json_out, save)
+
+
+def _slos(
+    e2e: float | None, ttft: float | None, itl: float | None, tpot: float | None, max_reject: float,
+    tier_slo: str | None, overall_only: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The objectives the flags set (unset ones are left to the scenario)."""
+    return slo_flags(
+        e2e_p95_ms=e2e, ttft_p95_ms=ttft, itl_p95_ms=itl, tpot_p95_ms=tpot, max_reject_rate=max_reject,
+        **_tier_slos(tier_slo, overall_only),
+    )  # fmt: skip
+
+
+def _settings(
+    scen: Any, duration: float | None, warmup: float | None, seed: int | None, precision: float | None,
+    min_duration: float | None, sample_gpus: int | None,
+) -> RunSettings:  # fmt: skip
+    """The run settings a capacity search uses: P95s to 1% unless told otherwise."""
+    return with_run_flags(
         scen.settings(duration_s=duration, warmup_s=warmup, seed=seed),
         DEFAULT_PRECISION if precision is None else precision, min_duration, sample_gpus,
     )  # fmt: skip
-    modes = _batching_modes(batching, scen.model)
-    result = _search(scen.model, modes, workload, settings, max_gpus, rates, jobs, show=not (quiet or json_out))
-    _finish(result, json_out, save)
 
 
 def _search(
@@ -157,6 +199,46 @@ def _search(
         )  # fmt: skip
 
 
+def _hardware_search(
+    model: str, gpus: str | None, tps: str, engine: str, prices: Path | None, ray_address: str | None
+) -> Any:
+    from ..calibrate.hardware_search import HardwareSearch, with_prices
+
+    if not gpus:
+        raise UsageError("--model plans on hardware: name the GPUs to compare with --gpu (infer-plan profile --list)")
+    try:
+        degrees = tuple(int(t) for t in tps.split(",") if t.strip())
+    except ValueError:
+        raise UsageError(f"--tp: comma-separated whole numbers expected, got {tps!r}") from None
+    if not degrees or min(degrees) < 1:
+        raise UsageError("--tp: every degree must be >= 1")
+    names = tuple(g.strip() for g in gpus.split(",") if g.strip())
+    search = HardwareSearch(model=model, gpus=names, tps=degrees, engine=engine, ray_address=ray_address)
+    return with_prices(search, prices)
+
+
+def _hardware(
+    search: Any, model: ServiceModel, slo_p95_ms: float | None, workload: Workload, settings: RunSettings,
+    max_replicas: int | None, jobs: int | None, json_out: bool, save: Path | None, quiet: bool,
+) -> None:  # fmt: skip
+    """Every (GPU, TP) planned and ranked; without --slo-p95-ms an LLM's end-to-end time is not held (its
+    TTFT, ITL and TPOT objectives are what a streamed service promises)."""
+    from ..calibrate.hardware_search import plan_hardware
+
+    if slo_p95_ms is None:
+        model = model.model_copy(update={"slos": model.slos.model_copy(update={"e2e_p95_ms": NOT_HELD_MS})})
+    with status_progress("planning hardware options", enabled=not (quiet or json_out)) as bar:
+        result = plan_hardware(
+            search, model, workload, settings, max_replicas=max_replicas, jobs=jobs or os.cpu_count() or 1,
+            progress=lambda msg: bar.update(bar.task_ids[0], description=msg),
+        )  # fmt: skip
+    emit_json(result, print_it=json_out, path=save)
+    if not json_out:
+        render_result(result)
+    if result.best is None:
+        raise typer.Exit(1)
+
+
 def _from_sweep(path: Path, rps: float | None, max_load: float) -> CapacityResult:
     """The fleet for --rps from a measured sweep's knee (no simulation)."""
     from ..loadtests.sweep_plan import load_sweep, plan_from_sweep
@@ -166,8 +248,9 @@ def _from_sweep(path: Path, rps: float | None, max_load: float) -> CapacityResul
     return plan_from_sweep(load_sweep(path), rps, max_load)
 
 
-def _rate_workload(workload: Workload) -> Workload:
+def _rate_workload(scen: Any, rps: float | None, tokens: dict[str, Any]) -> Workload:
     """Capacity searches for a rate, so a replayed trace (its own timing) is refused here."""
+    workload = scen.workload(rps=rps, **tokens)
     if workload.is_replay or workload.schedule.rps <= 0:
         raise UsageError("capacity plans for a rate: give --rps (a trace or timed dataset replays with 'simulate')")
     return workload

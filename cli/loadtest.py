@@ -14,6 +14,7 @@ from ..loadtests.apis import Api
 from .options import (
     ArrivalOpt,
     BatchingOpt,
+    DatasetFormatOpt,
     DatasetOpt,
     ItlSloOpt,
     KernelOpt,
@@ -21,12 +22,14 @@ from .options import (
     MaxBatchOpt,
     MaxWaitOpt,
     OutputTokensOpt,
+    PrefixCachingOpt,
     ProfileOpt,
     PromptTokensOpt,
     QuietOpt,
     SaveRequestsOpt,
     ScenarioOpt,
     SeedOpt,
+    SharedPrefixOpt,
     SloOpt,
     SpikeOpt,
     StreamOpt,
@@ -106,6 +109,9 @@ def loadtest(
     prompt_tokens: PromptTokensOpt = None,
     output_tokens: OutputTokensOpt = None,
     dataset: DatasetOpt = None,
+    dataset_format: DatasetFormatOpt = None,
+    shared_prefix: SharedPrefixOpt = None,
+    prefix_caching: PrefixCachingOpt = None,
     tokenizer: TokenizerOpt = None,
     batching: BatchingOpt = None,
     workers: WorkersOpt = 0,
@@ -179,6 +185,7 @@ def _spec(f: dict[str, Any]) -> LoadTestSpec:
     scen = build_scenario(
         scenario=f["scenario"], profile=f["profile"], tier_mix=f["tier_mix"], gpus=f["gpus"],
         max_batch=f["max_batch"], max_wait_ms=f["max_wait_ms"], kernel_ms=f["kernel_ms"], batching=f["batching"],
+        prefix_caching=f["prefix_caching"],
         slos=slo_flags(
             e2e_p95_ms=f["slo_p95_ms"], ttft_p95_ms=f["slo_ttft"], itl_p95_ms=f["slo_itl"],
             tpot_p95_ms=f["slo_tpot"],
@@ -191,7 +198,10 @@ def _spec(f: dict[str, Any]) -> LoadTestSpec:
     workload = scen.workload(
         rps=f["rps"], arrival=f["arrival"], extra_segments=tuple(parse_spike(s) for s in f["spike"] or ()),
         tokens=f["api"].has_tokens or None,
-        **token_load(f["prompt_tokens"], f["output_tokens"], f["dataset"], f["tokenizer"], f["stream"]),
+        **token_load(
+            f["prompt_tokens"], f["output_tokens"], f["dataset"], f["tokenizer"], f["stream"], f["dataset_format"],
+            f["shared_prefix"],
+        ),
     )  # fmt: skip
     # A URL target with a known model (a scenario or a profile) is one engine unless told otherwise.
     known = f["target"] == "sim" or f["scenario"] is not None or f["profile"] is not None

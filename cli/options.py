@@ -14,6 +14,7 @@ import typer
 from ..core.errors import UsageError
 from ..server.backends.base import Backend, EngineFlags, backend_names
 from ..sim.inputs.arrivals import ArrivalProcess
+from ..sim.inputs.public_traces import TraceFormat
 from ..sim.runner import RunSettings
 from ..sim.scenario import Scenario, load_scenario
 from .parsing import parse_spike, parse_tier_mix
@@ -106,7 +107,31 @@ OutputTokensOpt = Annotated[
     str | None, typer.Option("--output-tokens", help="Output length: a number or e.g. uniform:64,1024.")
 ]
 DatasetOpt = Annotated[
-    Path | None, typer.Option("--dataset", help="JSONL of prompt_tokens/output_tokens[/timestamp/tier], or ShareGPT.")
+    Path | None,
+    typer.Option(
+        "--dataset",
+        help="JSONL of prompt_tokens/output_tokens[/timestamp/tier], ShareGPT, or a public trace as published "
+        "(Mooncake, Bailian, Azure, BurstGPT, Vidur).",
+    ),
+]
+DatasetFormatOpt = Annotated[
+    TraceFormat | None,
+    typer.Option("--dataset-format", help="The --dataset file's format (default: read from its first row)."),
+]
+PrefixCachingOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--prefix-caching/--no-prefix-caching",
+        help="Continuous batching: reuse cached prompt blocks (default: the scenario's prefix_caching).",
+    ),
+]
+SharedPrefixOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--shared-prefix",
+        help="TOKENS:COUNT[:zipf=S]: each prompt starts with one of COUNT system prompts of TOKENS tokens "
+        "(uniform, or Zipf S over their ranks); with prefix_caching on, their blocks are reused.",
+    ),
 ]
 TokenizerOpt = Annotated[
     str | None, typer.Option("--tokenizer", help="Counts a ShareGPT dataset's tokens (name or folder).")
@@ -120,11 +145,19 @@ TpotSloOpt = Annotated[
 
 
 def token_load(
-    prompt_tokens: str | None, output_tokens: str | None, dataset: Path | None, tokenizer: str | None, stream: bool
+    prompt_tokens: str | None,
+    output_tokens: str | None,
+    dataset: Path | None,
+    tokenizer: str | None,
+    stream: bool,
+    dataset_format: TraceFormat | None = None,
+    shared_prefix: str | None = None,
 ) -> dict[str, Any]:
     """The workload's token settings from the flags (lengths are parsed and checked by the workload)."""
     load: dict[str, Any] = {"prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "dataset": dataset}
-    load |= {"tokenizer": tokenizer, "stream": stream or None}
+    load |= {"tokenizer": tokenizer, "stream": stream or None, "dataset_format": dataset_format}
+    if shared_prefix is not None:
+        load["shared_prefix"] = shared_prefix
     return load
 
 

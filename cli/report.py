@@ -21,7 +21,7 @@ MarkdownOpt = Annotated[
 
 
 def report(result_file: ResultArg, html_file: HtmlOpt = None, markdown_file: MarkdownOpt = None) -> None:
-    """Render a saved simulate, capacity, loadtest or calibrate result: in the terminal, or to the files asked for."""
+    """Render any saved result (simulate, capacity, a hardware plan, loadtest, sweep, calibrate): terminal or files."""
     result = load_result(result_file)
     if html_file is not None:
         write_html(result, html_file)

@@ -44,7 +44,17 @@ ServedNameOpt = Annotated[
     str | None,
     typer.Option("--served-model-name", help="Name clients send as model (default: --model, else the backend's)."),
 ]
-UpstreamOpt = Annotated[str | None, typer.Option("--upstream", help="OpenAI-compatible base URL.")]
+UpstreamOpt = Annotated[
+    str | None,
+    typer.Option("--upstream", help="OpenAI-compatible base URL; several, comma-separated: one GPU worker each."),
+]
+ReplicaCheckOpt = Annotated[
+    float,
+    typer.Option(
+        "--replica-check-s", min=0.1,
+        help="Seconds between probes of each engine replica (--backend openai; 3 failed in a row drain it).",
+    ),
+]  # fmt: skip
 InternalHostOpt = Annotated[str, typer.Option("--internal-host", help="Internal listener address.")]
 InternalPortOpt = Annotated[
     int | None, typer.Option("--internal-port", min=0, max=65535, help="Internal port (default: port + 1).")
@@ -77,6 +87,7 @@ def serve(
     model: ModelOpt = None,
     served_model_name: ServedNameOpt = None,
     upstream: UpstreamOpt = None,
+    replica_check_s: ReplicaCheckOpt = 5.0,
     max_tokens: MaxTokensOpt = 16,
     temperature: TemperatureOpt = 0.0,
     max_model_len: MaxModelLenOpt = 512,
@@ -103,6 +114,10 @@ def serve(
     """Serve the batching design over HTTP: tier queues, dynamic batcher, GPU workers, 429 backpressure."""
     if instances > 1 and redis is None:
         raise UsageError("--instances > 1 needs --redis URL: the instances share their queues there")
+    if gpus is None and backend == "openai" and upstream and "," in upstream:
+        from ..server.backends.openai_upstream import upstream_replicas
+
+        gpus = len(upstream_replicas(upstream))  # one GPU worker per engine replica
     scen = build_scenario(
         scenario=scenario, profile=profile, gpus=gpus, max_batch=max_batch, max_wait_ms=max_wait_ms, kernel_ms=kernel_ms
     )
@@ -116,6 +131,7 @@ def serve(
         ),
         keys_file=keys, allow_dev_keys=allow_dev_keys, model_name=served_model_name or model,
         drain_timeout_s=drain_timeout, access_log=access_log, redis_url=redis, redis_prefix=redis_prefix,
+        replica_check_s=replica_check_s,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     if instances > 1:

@@ -12,6 +12,7 @@ from ..sim.runner import run_simulation
 from .options import (
     ArrivalOpt,
     BatchingOpt,
+    DatasetFormatOpt,
     DatasetOpt,
     DurationOpt,
     JsonFlagOpt,
@@ -21,6 +22,7 @@ from .options import (
     MinDurationOpt,
     NoOverlapOpt,
     OutputTokensOpt,
+    PrefixCachingOpt,
     ProfileOpt,
     PromptTokensOpt,
     QuietOpt,
@@ -29,6 +31,7 @@ from .options import (
     SaveRequestsOpt,
     ScenarioOpt,
     SeedOpt,
+    SharedPrefixOpt,
     SpikeOpt,
     StreamOpt,
     TierMixOpt,
@@ -80,6 +83,9 @@ def simulate(
     prompt_tokens: PromptTokensOpt = None,
     output_tokens: OutputTokensOpt = None,
     dataset: DatasetOpt = None,
+    dataset_format: DatasetFormatOpt = None,
+    shared_prefix: SharedPrefixOpt = None,
+    prefix_caching: PrefixCachingOpt = None,
     tokenizer: TokenizerOpt = None,
     stream: StreamOpt = False,
     scenario: ScenarioOpt = None,
@@ -94,11 +100,11 @@ def simulate(
     scen = build_scenario(
         scenario=scenario, profile=profile, tier_mix=tier_mix, no_overlap=no_overlap, gpus=gpus, max_batch=max_batch,
         max_wait_ms=max_wait_ms, kernel_ms=kernel_ms, autoscale={"enabled": True} if autoscale else None,
-        faults=faults or None, batching=batching,
+        faults=faults or None, batching=batching, prefix_caching=prefix_caching,
     )  # fmt: skip
     workload = scen.workload(
         rps=rps, arrival=arrival, trace=trace, extra_segments=tuple(parse_spike(s) for s in spike or ()),
-        **token_load(prompt_tokens, output_tokens, dataset, tokenizer, stream),
+        **token_load(prompt_tokens, output_tokens, dataset, tokenizer, stream, dataset_format, shared_prefix),
     )  # fmt: skip
     if not workload.is_replay and workload.schedule.rps <= 0 and not workload.schedule.segments:
         raise UsageError("give the offered rate with --rps (or [load] rps in a scenario, --trace or a timed --dataset)")

@@ -61,6 +61,7 @@ class TokenShape:
 
     prompt_tokens: float
     output_tokens: float
+    cached_tokens: float = 0.0  # of the prompt, found in the prefix cache: no prefill work (SPEC section 13)
 
 
 class _Frozen(BaseModel):
@@ -160,6 +161,29 @@ class ServiceModel(_Frozen):
     decode_step_ms: float = Field(default=0.0, ge=0, description="fixed time of one step")
     decode_ms_per_seq: float = Field(default=0.0, ge=0, description="step time per sequence in the step")
     prefill_ms_per_token: float = Field(default=0.0, ge=0, description="step time per prompt token prefilled")
+    # -- the extended step model (SPEC section 12): terms that carry long contexts and small steps -----
+    step_floor_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="continuous: the time a step cannot go under however little it computes (reading the "
+        "weights); joined to the step's linear part as hypot(floor, linear), a smooth roofline",
+    )
+    prefill_step_ms: float = Field(
+        default=0.0, ge=0, description="continuous: extra fixed time of a step that prefills anything"
+    )
+    decode_ms_per_kv_token: float = Field(
+        default=0.0,
+        ge=0,
+        description="continuous: step time per context token (prompt + generated) its decoding sequences read",
+    )
+    prefill_ms_per_token_sq: float = Field(
+        default=0.0, ge=0, description="continuous: prefill attention, step time per (chunk tokens)^2 of each request"
+    )
+    prefill_ms_per_context_token: float = Field(
+        default=0.0,
+        ge=0,
+        description="continuous: prefill attention, step time per chunk token x context token before the chunk",
+    )
     max_num_seqs: int = Field(default=256, ge=1, le=1_000_000, description="continuous: most running sequences")
     max_batched_tokens: int = Field(
         default=8192, ge=1, description="continuous: most prompt tokens one step prefills (longer prompts chunk)"
@@ -167,6 +191,14 @@ class ServiceModel(_Frozen):
     kv_cache_tokens: int | None = Field(
         default=None, ge=1, description="continuous: prompt + output tokens the running sequences may hold; None: any"
     )
+    # -- KV blocks and prefix caching (SPEC section 13) --------------------------------------------
+    prefix_caching: bool = Field(
+        default=False,
+        description="continuous: a prompt's leading blocks still resident (another request's, or cached after "
+        "one finished) skip their prefill; KV is then counted in blocks of kv_block_tokens, cached blocks "
+        "evicted least recently used (core/prefix_cache.py). False: KV counted by tokens, as section 10",
+    )
+    kv_block_tokens: int = Field(default=16, ge=1, le=4096, description="continuous: tokens in one KV block")
     # -- per-request engine overheads outside the steps (SPEC section 12; BLIS's alpha terms) ---------
     request_overhead_ms: float = Field(
         default=0.0,
@@ -195,6 +227,17 @@ class ServiceModel(_Frozen):
     def _flat_slos(cls, data: object) -> object:
         """A scenario's flat ``slo_*`` keys and the flags' are the objectives' short names: they land in ``slos``."""
         return nest_slo_aliases(data) if isinstance(data, dict) else data
+
+    @model_validator(mode="after")
+    def _context_terms_are_continuous(self) -> ServiceModel:
+        if self.prefix_caching and self.batching is not Batching.CONTINUOUS:
+            raise ValueError('prefix_caching is a feature of continuous batching: set batching = "continuous"')
+        if self.context_terms and self.batching is not Batching.CONTINUOUS:
+            raise ValueError(
+                "step_floor_ms, prefill_step_ms, decode_ms_per_kv_token, prefill_ms_per_token_sq and "
+                'prefill_ms_per_context_token are terms of continuous batching: set batching = "continuous"'
+            )
+        return self
 
     @field_validator("tiers")
     @classmethod
@@ -229,16 +272,58 @@ class ServiceModel(_Frozen):
         """Requests one GPU holds at once: a full batch, or the running sequences of continuous batching."""
         return self.max_num_seqs if self.batching is Batching.CONTINUOUS else self.max_batch
 
-    def step_ms(self, prefill_tokens: int | float, sequences: int | float, joining: int | float = 0) -> float:
+    @property
+    def kv_cache_blocks(self) -> float:
+        """KV blocks one GPU holds (prefix caching counts in blocks); infinite without a KV limit."""
+        return math.inf if self.kv_cache_tokens is None else self.kv_cache_tokens // self.kv_block_tokens
+
+    @property
+    def context_terms(self) -> bool:
+        """Whether any term of the extended step model is set (each is 0 by default: section 10 exactly)."""
+        return bool(
+            self.step_floor_ms
+            or self.prefill_step_ms
+            or self.decode_ms_per_kv_token
+            or self.prefill_ms_per_token_sq
+            or self.prefill_ms_per_context_token
+        )
+
+    def step_ms(
+        self,
+        prefill_tokens: int | float,
+        sequences: int | float,
+        joining: int | float = 0,
+        *,
+        kv_tokens: int | float = 0,
+        prefill_sq: int | float = 0,
+        prefill_context: int | float = 0,
+    ) -> float:
         """The step formula: one step over ``sequences`` sequences that prefills ``prefill_tokens`` prompt tokens.
 
         ``joining`` counts the requests the step admits (their first prefill chunk is in it):
         each adds ``admit_ms_per_request`` of host time (continuous batching only).
+
+        The extended model (SPEC section 12) adds what grows with context and what a small
+        step cannot save: ``kv_tokens`` is the context (prompt + generated so far) of the
+        step's decoding sequences, which decode attention reads; ``prefill_sq`` the sum of
+        each prefilling request's chunk squared and ``prefill_context`` the sum of chunk x
+        the context before it (causal prefill attention, P_i x (C_i + P_i / 2) when the
+        second coefficient is twice the first). The linear part of a step (weights, GEMMs)
+        never drops under ``step_floor_ms``: ``hypot(floor, linear)`` is a smooth
+        roofline that measured step times (AIConfigurator's, 8B and 70B on H100) follow to
+        under 10% where ``max(floor, linear)`` missed by 15%. Every new term at 0 gives the
+        three-term formula exactly.
         """
+        linear = self.decode_step_ms + self.prefill_ms_per_token * prefill_tokens + self.decode_ms_per_seq * sequences
+        if not self.context_terms:
+            return linear + self.admit_ms_per_request * joining
+        if prefill_tokens:
+            linear += self.prefill_step_ms
         return (
-            self.decode_step_ms
-            + self.prefill_ms_per_token * prefill_tokens
-            + self.decode_ms_per_seq * sequences
+            math.hypot(self.step_floor_ms, linear)
+            + self.decode_ms_per_kv_token * kv_tokens
+            + self.prefill_ms_per_token_sq * prefill_sq
+            + self.prefill_ms_per_context_token * prefill_context
             + self.admit_ms_per_request * joining
         )
 
@@ -325,8 +410,19 @@ class ServiceModel(_Frozen):
         Steps vary by the measured spread (``cycle_jitter``), so their mean length counts.
         """
         seqs = self.concurrent_sequences(shape)
-        decode = shape.output_tokens * (self.decode_step_ms / seqs + self.decode_ms_per_seq)
-        prefill = self.prefill_ms_per_token * shape.prompt_tokens + self.admit_ms_per_request
+        p, o = shape.prompt_tokens, shape.output_tokens
+        fill = p - shape.cached_tokens  # a cached prefix is not prefilled, but is read
+        decode = o * (self.decode_step_ms / seqs + self.decode_ms_per_seq)
+        prefill = self.prefill_ms_per_token * fill + self.admit_ms_per_request
+        if self.context_terms:  # a full decode step shared by seqs, each reading its mean context
+            decode = o * (
+                math.hypot(self.step_floor_ms, self.decode_step_ms + self.decode_ms_per_seq * seqs) / seqs
+                + self.decode_ms_per_kv_token * (p + (o + 1) / 2)
+            )
+            # a prefilling step's extra time is shared by the prompts one step's token budget holds
+            shared = min(1.0, fill / self.max_batched_tokens)
+            prefill += self.prefill_step_ms * shared + self.prefill_ms_per_token_sq * fill * fill
+            prefill += self.prefill_ms_per_context_token * fill * shape.cached_tokens
         return (prefill + decode) * self.jitter_mean
 
     def per_gpu_rps(self, shape: TokenShape | None = None) -> float:

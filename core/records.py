@@ -62,6 +62,8 @@ class RequestRecords:
     first_token: np.ndarray | None = None  # float64; None when tokens are not modelled or streamed
     prompt_tokens: np.ndarray | None = None  # int32
     output_tokens: np.ndarray | None = None  # int32
+    # int64 prompt tokens found in the prefix cache; None: caching off (simulator); -1: not reported (load test)
+    cached_tokens: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.scheduled.size)
@@ -82,6 +84,7 @@ class RequestRecords:
             first_token=np.full(n, np.nan) if with_tokens else None,
             prompt_tokens=np.zeros(n, dtype=np.int32) if with_tokens else None,
             output_tokens=np.zeros(n, dtype=np.int32) if with_tokens else None,
+            cached_tokens=np.full(n, -1, dtype=np.int64) if with_tokens else None,  # -1: the answer said nothing
         )
 
     @property

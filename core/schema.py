@@ -28,6 +28,8 @@ __all__ = [
     "CalibrationResult",
     "CapacityResult",
     "CapacityRow",
+    "HardwareOption",
+    "HardwarePlanResult",
     "Interval",
     "KneeFit",
     "LatencyStats",
@@ -46,7 +48,7 @@ __all__ = [
     "load_result",
 ]
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 # What each version added; a saved result of an older version is upgraded on load
 # (:func:`_upgrade`; new fields take their defaults, so renderers show less, never something wrong).
 SCHEMA_HISTORY = {
@@ -68,6 +70,8 @@ SCHEMA_HISTORY = {
     "ttft_p95_ms, ...: the fields of Slos) beside max_load",
     9: "loadtest --sweep results (kind sweep: every rate's figures, the knee and its interval, the simulator's knee); "
     "calibrate --from-sweep (mode sweep, knee_fit)",
+    10: "capacity over hardware (kind hardware_plan: each GPU x tensor-parallel option's replicas, GPUs, cost, "
+    "latencies and binding constraint, ranked, the cost-versus-TTFT frontier marked)",
 }
 
 # The constraints' names before version 8, and the objectives' names now.
@@ -116,6 +120,11 @@ class TokenStats(_Model):
     tpot_p95_ms: float | None = None
     output_tokens_per_s: float | None = None
     goodput_rps: float | None = None
+    prefix_hit_rate: float | None = Field(
+        default=None,
+        description="prompt tokens found in the prefix cache / prompt tokens, of the requests answered "
+        "(SPEC section 13); None: prefix caching off",
+    )
     ttft_cdf_ms: list[float] = Field(default_factory=list, description="TTFT at each of CDF_POINTS percentiles")
     itl_cdf_ms: list[float] = Field(default_factory=list, description="ITL at each of CDF_POINTS percentiles")
 
@@ -472,6 +481,7 @@ class StreamCell(_Model):
     kind: Literal["lone", "decode", "mixed", "traffic_ttft", "traffic_decode"]
     sequences: int
     prefill_tokens: int
+    context_tokens: int = Field(default=0, description="decode and mixed: each decoding sequence's prompt")
     samples: int
     median_ms: float
     p95_ms: float
@@ -518,6 +528,8 @@ class CalibrationResult(_Model):
     request_overhead_ms: float = 0.0
     tokenize_ms_per_token: float = 0.0
     admit_ms_per_request: float = 0.0
+    decode_ms_per_kv_token: float = 0.0
+    prefill_ms_per_token_sq: float = 0.0
     stream_cells: list[StreamCell] = Field(default_factory=list)
     limits: dict[str, int] = Field(
         default_factory=dict,
@@ -527,10 +539,54 @@ class CalibrationResult(_Model):
     knee_fit: KneeFit | None = None
 
 
+class HardwareOption(_Model):
+    """One (GPU, tensor-parallel degree) a model can run on, planned: a replica is ``tp`` GPUs."""
+
+    gpu: str
+    tp: int
+    engine: str
+    skipped: str | None = Field(default=None, description="why it was not planned (the model does not fit)")
+    replicas: int | None = Field(default=None, description="engine replicas the plan needs; None: none met the SLOs")
+    gpus: int | None = Field(default=None, description="replicas x tp")
+    price_per_gpu_hour: float | None = None
+    usd_per_hour: float | None = None
+    usd_per_million_output_tokens: float | None = Field(default=None, description="at the planned rate")
+    p95_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    itl_p95_ms: float | None = None
+    binding_constraint: str = ""
+    fit_max_relative_error: float | None = Field(default=None, description="the derived step model's, in [0, 1]")
+    kv_cache_tokens: int | None = None
+    pareto: bool = Field(default=False, description="on the cost-versus-TTFT P95 frontier: none cheaper and faster")
+    plan: CapacityResult | None = None
+
+
+class HardwarePlanResult(_Model):
+    """``capacity --model M --gpu a,b --tp 1,2,4,8``: every option planned, cheapest first."""
+
+    kind: Literal["hardware_plan"] = "hardware_plan"
+    schema_version: int = SCHEMA_VERSION
+    model: str
+    engine: str
+    rps: float
+    output_tokens_per_request: float
+    prices: str | None = Field(default=None, description="where the prices came from (--prices FILE); None: no cost")
+    ranked_by: str
+    options: list[HardwareOption]
+    elapsed_s: float
+    jobs: int
+    ran_on: str = Field(default="this process", description="where the options were planned: processes, Ray")
+
+    @property
+    def best(self) -> HardwareOption | None:
+        return next((o for o in self.options if o.replicas is not None), None)
+
+
 Result = Annotated[
-    SimulationResult | CapacityResult | LoadTestResult | CalibrationResult | SweepResult, Field(discriminator="kind")
+    SimulationResult | CapacityResult | LoadTestResult | CalibrationResult | SweepResult | HardwarePlanResult,
+    Field(discriminator="kind"),
 ]
-AnyResult = SimulationResult | CapacityResult | LoadTestResult | CalibrationResult | SweepResult
+AnyResult = SimulationResult | CapacityResult | LoadTestResult | CalibrationResult | SweepResult | HardwarePlanResult
 
 
 class _Envelope(BaseModel):

@@ -37,6 +37,7 @@ class Reading:
     text: list[str] = field(default_factory=list)
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens, where the server reports it
     finish_reason: str | None = None
     problem: str | None = None  # not the API's answer: the reason, one line
     done: bool = False  # ``data: [DONE]`` seen
@@ -157,3 +158,6 @@ def take_usage(usage: Any, reading: Reading) -> None:
         reading.completion_tokens = usage["completion_tokens"]
         if isinstance(usage.get("prompt_tokens"), int):
             reading.prompt_tokens = usage["prompt_tokens"]
+        details = usage.get("prompt_tokens_details")
+        if isinstance(details, dict) and isinstance(details.get("cached_tokens"), int):
+            reading.cached_tokens = details["cached_tokens"]

@@ -112,12 +112,14 @@ def token_stats(
     output_tokens: int,
     good: int,
     duration_s: float,
+    prompt_and_cached: tuple[int, int] | None = None,
 ) -> TokenStats:
     """TTFT, ITL, TPOT, output tokens/s and goodput of one window's requests.
 
     ``ttft_ms`` None: the answers were not streamed, so there is no first token to time
     (no TTFT or TPOT figures). TPOT is ``(E2E - TTFT) / (output tokens - 1)`` of each
-    request of more than one token; ``good`` the requests :func:`~.slos.good_requests` counts.
+    request of more than one token; ``good`` the requests :func:`~.slos.good_requests` counts;
+    ``prompt_and_cached`` their prompt tokens and those found in the prefix cache (caching on).
     """
     stats: dict[str, object] = {}
     if ttft_ms is not None:
@@ -130,6 +132,8 @@ def token_stats(
     if duration_s > 0:
         stats["output_tokens_per_s"] = output_tokens / duration_s
         stats["goodput_rps"] = good / duration_s
+    if prompt_and_cached is not None and prompt_and_cached[0] > 0:
+        stats["prefix_hit_rate"] = prompt_and_cached[1] / prompt_and_cached[0]
     return TokenStats(**stats)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+from ..core.prompt_blocks import PromptPrefix, SharedPrefix, TraceHashes
 from ..core.sse import CountedBy, Reading, read_stream, take_usage
 from ..core.tokens import load_tokenizer
 
@@ -97,21 +98,45 @@ _WORDS = [
 ]
 
 
-def prompt_text(index: int, tokens: int, tokenizer: str | None = None) -> str:
-    """A prompt of ``tokens`` tokens that starts with the request's own number.
+def prompt_text(index: int, tokens: int, tokenizer: str | None = None, prefix: PromptPrefix = None) -> str:
+    """A prompt of ``tokens`` tokens that starts with the request's own number, or with its shared system prompt.
 
     Without a tokenizer: ``tokens`` words, exactly that many for the sim backend and
     about that many for a real vocabulary. With the target's tokenizer (a name or a
     folder, as ``vllm bench serve --tokenizer`` takes): cut to that many of its tokens,
     so a real engine prefills what was asked (give or take a merge at the cut; the
     answer's usage says what it counted). The unique first word keeps a prefix cache
-    from answering one request's prompt with another's.
+    from answering one request's prompt with another's. A
+    :class:`~infer_plan.core.prompt_blocks.SharedPrefix` puts its system prompt first,
+    the same text for every request of its group (``--shared-prefix``), and a trace's
+    :class:`~infer_plan.core.prompt_blocks.TraceHashes` one block of text per hash id:
+    what a target's prefix cache can reuse.
     """
-    words = [f"r{index}"]
-    words += [_WORDS[(index + j) % len(_WORDS)] for j in range(max(0, tokens - 1))]
-    text = " ".join(words)
-    if tokenizer is None:
-        return text
+    if isinstance(prefix, TraceHashes):  # each hash id its own block of words: equal ids, equal text
+        blocks = [(f"h{h}", h, prefix.block_tokens) for h in prefix.ids]
+    elif isinstance(prefix, SharedPrefix):
+        blocks = [(f"system{prefix.group}", prefix.group, min(prefix.tokens, tokens - 1))]
+    else:
+        blocks = []
+    parts, left = [], tokens
+    for first, offset, block in blocks:
+        if left <= 1:
+            break  # the request's own first word stays, so no two prompts are one
+        size = min(block, left - 1)
+        parts.append(
+            _words(first, offset, size) if tokenizer is None else _cut(_words(first, offset, size), size, tokenizer)
+        )
+        left -= size
+    own = _words(f"r{index}", index, max(1, left))
+    parts.append(own if tokenizer is None else _cut(own, left, tokenizer))
+    return " ".join(parts)
+
+
+def _words(first: str, offset: int, count: int) -> str:
+    return " ".join([first, *(_WORDS[(offset + j) % len(_WORDS)] for j in range(max(0, count - 1)))])
+
+
+def _cut(text: str, tokens: int, tokenizer: str) -> str:
     encoder = load_tokenizer(tokenizer)
     ids = encoder(text, add_special_tokens=False)["input_ids"][: max(1, tokens)]
     return encoder.decode(ids)

@@ -48,6 +48,7 @@ _SHARE_COLUMNS = {
     "first_token": np.float64,
     "prompt_tokens": np.int32,
     "output_tokens": np.int32,
+    "cached_tokens": np.int64,
 }
 
 Tick = Callable[[float], None]

@@ -159,7 +159,8 @@ class OpenLoopUser(FastHttpUser):
         assert log is not None and records.first_token is not None and plan.arrivals.output_tokens is not None
         assert records.prompt_tokens is not None and records.output_tokens is not None
         tier = int(plan.arrivals.tiers[i])
-        prompt = prompt_text(i, int(plan.arrivals.prompt_tokens[i]), plan.tokenizer)  # type: ignore[index]
+        prefix = plan.arrivals.prefixes[i] if plan.arrivals.prefixes is not None else None
+        prompt = prompt_text(i, int(plan.arrivals.prompt_tokens[i]), plan.tokenizer, prefix)  # type: ignore[index]
         wanted = int(plan.arrivals.output_tokens[i])
         headers = {"Authorization": f"Bearer {plan.keys[tier]}"}
         if plan.stream:
@@ -180,6 +181,8 @@ class OpenLoopUser(FastHttpUser):
                 records.first_token[i] = reading.token_times[0] - perf0
             records.output_tokens[i] = reading.output_tokens
             records.prompt_tokens[i] = reading.prompt_tokens or 0
+            if records.cached_tokens is not None and reading.cached_tokens is not None:
+                records.cached_tokens[i] = reading.cached_tokens
             log.record(i, reading.counted_by, reading.token_times)
             outcome = Outcome.of_answer(status)
             if broke:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..core.prompt_blocks import prefix_from_wire, prefix_to_wire
 from ..sim.inputs.arrivals import Arrivals
 from .apis import Api
 
@@ -44,6 +45,9 @@ class LoadPlan:
                 "api": self.api.value,
                 "stream": self.stream,
                 "tokenizer": self.tokenizer,
+                "prefixes": None
+                if self.arrivals.prefixes is None
+                else [prefix_to_wire(x) for x in self.arrivals.prefixes],
             }
         )
         columns = {"times": self.arrivals.times, "tiers": self.arrivals.tiers}
@@ -58,7 +62,11 @@ class LoadPlan:
         with np.load(io.BytesIO(data)) as arrays:
             meta = json.loads(str(arrays["meta"]))
             lengths = [arrays[k].copy() if k in arrays else None for k in ("prompt_tokens", "output_tokens")]
-            arrivals = Arrivals(arrays["times"].copy(), arrays["tiers"].copy(), *lengths)
+            prefixes = None
+            if meta.get("prefixes") is not None:
+                prefixes = np.empty(len(meta["prefixes"]), dtype=object)
+                prefixes[:] = [prefix_from_wire(x) for x in meta["prefixes"]]
+            arrivals = Arrivals(arrays["times"].copy(), arrays["tiers"].copy(), *lengths, prefixes)
         return cls(
             url=meta["url"],
             arrivals=arrivals,

@@ -125,7 +125,7 @@ def _served_lengths(arrivals: Arrivals, measured: RequestRecords) -> Arrivals:
     answered = measured.ok & (measured.output_tokens > 0)
     prompt = np.where(answered & (measured.prompt_tokens > 0), measured.prompt_tokens, arrivals.prompt_tokens)
     output = np.where(answered, measured.output_tokens, arrivals.output_tokens)
-    return arrivals.with_lengths(prompt, output)
+    return arrivals.with_lengths(prompt, output, arrivals.prefixes)
 
 
 @contextlib.contextmanager

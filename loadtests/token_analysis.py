@@ -80,7 +80,18 @@ def _stats(
         output_tokens=int(output.sum()),
         good=int(good_requests(sides.slos, e2e, ttft, output).sum()),
         duration_s=sides.duration_s,
+        prompt_and_cached=_prompt_and_cached(r, mask),
     )
+
+
+def _prompt_and_cached(r: RequestRecords, mask: np.ndarray) -> tuple[int, int] | None:
+    """Prompt tokens and those the prefix cache held, of the requests whose answer said (or the simulator's)."""
+    if r.cached_tokens is None or r.prompt_tokens is None:
+        return None
+    told = mask & (r.cached_tokens >= 0)
+    if not told.any():
+        return None
+    return int(r.prompt_tokens[told].sum()), int(r.cached_tokens[told].sum())
 
 
 def _relative(measured: float | None, simulated: float | None) -> float | None:

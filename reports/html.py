@@ -26,6 +26,7 @@ from ..core.schema import (
     MeasuredVsSimulated,
     SimulationResult,
 )
+from .hardware_report import hardware_figures
 from .sweep_report import sweep_figures
 from .tables import Summary, summaries, summarise
 
@@ -284,6 +285,7 @@ _FIGURES = {
     "loadtest": _loadtest_figures,
     "calibrate": _calibration_figures,
     "sweep": sweep_figures,
+    "hardware_plan": hardware_figures,
 }
 
 

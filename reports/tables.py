@@ -88,6 +88,7 @@ def summarise(result: AnyResult) -> Summary:
         "loadtest": _loadtest,
         "calibrate": _calibration,
         "sweep": _sweep,
+        "hardware_plan": _hardware_plan,
     }
     return builders[result.kind](result)
 
@@ -96,6 +97,12 @@ def _sweep(r: AnyResult) -> Summary:
     from .sweep_report import sweep_summary  # it imports this module's layout types
 
     return sweep_summary(r)  # type: ignore[arg-type]
+
+
+def _hardware_plan(r: AnyResult) -> Summary:
+    from .hardware_report import hardware_summary  # it imports this module's layout types
+
+    return hardware_summary(r)  # type: ignore[arg-type]
 
 
 def _latency_row(name: str, requests: int, s: LatencyStats, rejected: float, errors: float) -> list[str]:
@@ -126,12 +133,13 @@ def _simulation(r: SimulationResult) -> Summary:
             )
         )
     if r.ttft_p95_ms is not None:
-        token_rows = [_token_row(t, s) for t, s in r.per_tier.items()] + [_token_row("all", r)]
+        cached = r.prefix_hit_rate is not None
+        token_rows = [_token_row(t, s, cached) for t, s in r.per_tier.items()] + [_token_row("all", r, cached)]
         tables.append(
             Table(
                 "Tokens: time to first token, between tokens, per output token (ms)",
                 ["tier", "TTFT P50", "TTFT P95", "TTFT P99", "ITL P50", "ITL P95", "ITL P99", "TPOT P50",
-                 "TPOT P95", "tokens/s", "goodput req/s"],
+                 "TPOT P95", "tokens/s", "goodput req/s", *(["prefix cached"] if cached else [])],
                 token_rows,
                 emphasis={len(token_rows) - 1},
             )
@@ -193,11 +201,15 @@ def _precision_fact(p: PrecisionReport) -> str:
     )
 
 
-def _token_row(name: str, s: TokenStats) -> list[str]:
+def _token_row(name: str, s: TokenStats, cached: bool = False) -> list[str]:
+    """One tier's token figures; ``cached``: with the share of its prompt tokens the prefix cache held."""
     cells = [s.ttft_p50_ms, s.ttft_p95_ms, s.ttft_p99_ms, s.itl_p50_ms, s.itl_p95_ms, s.itl_p99_ms]
     cells += [s.tpot_p50_ms, s.tpot_p95_ms]
     rates = [s.output_tokens_per_s, s.goodput_rps]
-    return [name, *[_ms(c) for c in cells], *["-" if x is None else f"{x:,.0f}" for x in rates]]
+    row = [name, *[_ms(c) for c in cells], *["-" if x is None else f"{x:,.0f}" for x in rates]]
+    if cached:
+        row.append(_share(s.prefix_hit_rate))
+    return row
 
 
 def _autoscale_fact(log: AutoscaleLog) -> str:
@@ -354,6 +366,8 @@ def _token_table(r: LoadTestResult) -> list[Table]:
     if not scopes:
         return []
     rows = []
+    cached = any(t.measured.prefix_hit_rate is not None or (t.simulated and t.simulated.prefix_hit_rate is not None)
+                 for _, t in scopes)  # fmt: skip
     for name, t in scopes:
         sim, err = t.simulated or TokenStats(), t.relative_error
         rows.append(
@@ -370,11 +384,16 @@ def _token_table(r: LoadTestResult) -> list[Table]:
                 _ms(t.measured.tpot_p95_ms),
                 _ms(t.measured.output_tokens_per_s),
                 _ms(t.measured.goodput_rps),
+                *([f"{_share(t.measured.prefix_hit_rate)} / {_share(sim.prefix_hit_rate)}"] if cached else []),
             ]
         )
     headers = ["tier", "TTFT P50", "TTFT P95", "sim", "err", "ITL P50", "ITL P95", "sim", "err", "TPOT P95",
-               "tokens/s", "goodput"]  # fmt: skip
+               "tokens/s", "goodput", *(["prefix cached / sim"] if cached else [])]  # fmt: skip
     return [Table("Tokens (ms; TTFT from scheduled send): measured vs simulated", headers, rows, {len(rows) - 1})]
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1%}"
 
 
 def _server_metrics_line(r: LoadTestResult) -> str:
@@ -412,16 +431,23 @@ def _spread(quantiles: list[float]) -> str:
 def _continuous_calibration(r: CalibrationResult) -> Summary:
     """A continuous engine's fit: the step and overhead terms, each streamed cell against its fit, the limits."""
     rows = [
-        [_CELL_NAMES[c.kind], str(c.sequences), str(c.prefill_tokens), str(c.samples), _ms(c.median_ms),
-         _ms(c.p95_ms), _ms(c.fitted_ms), _pct(abs(c.fitted_ms - c.median_ms) / c.median_ms if c.median_ms else None)]
+        [_CELL_NAMES[c.kind], str(c.sequences), str(c.prefill_tokens), str(c.context_tokens or "-"), str(c.samples),
+         _ms(c.median_ms), _ms(c.p95_ms), _ms(c.fitted_ms),
+         _pct(abs(c.fitted_ms - c.median_ms) / c.median_ms if c.median_ms else None)]
         for c in r.stream_cells
     ]  # fmt: skip
     limits = ", ".join(f"{name} {value:,} ({r.limit_sources.get(name, '-')})" for name, value in r.limits.items())
+    context = (
+        f"{r.decode_ms_per_kv_token:.3g} ms x context decoded + {r.prefill_ms_per_token_sq:.3g} ms x prefill^2 + "
+        if r.decode_ms_per_kv_token or r.prefill_ms_per_token_sq
+        else ""
+    )
     return Summary(
         title="infer-plan calibrate",
         headline=(
             f"fitted: step = {r.decode_step_ms:.4f} ms + {r.prefill_ms_per_token:.6f} ms x prefilled tokens + "
-            f"{r.decode_ms_per_seq:.5f} ms x sequences + {r.admit_ms_per_request:.3f} ms x requests it admits; "
+            f"{r.decode_ms_per_seq:.5f} ms x sequences + {context}"
+            f"{r.admit_ms_per_request:.3f} ms x requests it admits; "
             f"a request joins {r.request_overhead_ms:.3f} ms + {r.tokenize_ms_per_token:.6f} ms x prompt tokens "
             f"after it arrives ({r.backend})"
         ),
@@ -433,7 +459,8 @@ def _continuous_calibration(r: CalibrationResult) -> Summary:
             ("profile written", f"{r.profile_path}: use it with --profile" if r.profile_path else "-"),
         ],
         tables=[Table("Streamed cells (ms): measured median against the fitted model",
-                      ["cell", "sequences", "prefill", "samples", "median", "P95", "fitted", "fit error"], rows)],
+                      ["cell", "sequences", "prefill", "context", "samples", "median", "P95", "fitted", "fit error"],
+                      rows)],
     )  # fmt: skip
 
 

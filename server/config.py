@@ -32,6 +32,7 @@ class ServerConfig:
     redis_url: str | None = None  # set: the tier queues are shared in Redis with other instances
     redis_prefix: str = "infer-plan"  # key prefix: one deployment's keys, so several can share a Redis
     reuse_port: bool = False  # SO_REUSEPORT: sibling processes of `--instances N` share the ports
+    replica_check_s: float = 5.0  # how often each engine replica is probed (a backend with replicas)
 
     def __post_init__(self) -> None:
         if self.gpus < 1:

@@ -115,3 +115,23 @@ def client_tool(env_var: str, venv: str, name: str) -> Path:
             pytest.fail(why)
         pytest.skip(why)
     return path
+
+
+RAY = Path(sys.executable).with_name("ray")
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # a test cluster on 127.0.0.1 only
+
+
+@contextlib.contextmanager
+def ray_head() -> Iterator[str]:
+    """A one-node Ray cluster on 127.0.0.1 (the `ray` command, as an operator starts one); stopped after."""
+    port = free_port()
+    env = {**os.environ, **RAY_ENV}
+    subprocess.run(
+        [str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "4",
+         "--include-dashboard=false", "--disable-usage-stats"],
+        check=True, env=env, capture_output=True, timeout=120,
+    )  # fmt: skip
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(RAY), "stop", "--force"], check=False, env=env, capture_output=True, timeout=120)

@@ -109,14 +109,18 @@ class Generated:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "length"  # or "stop": the model ended it
+    cached_tokens: int | None = None  # prompt tokens the engine found in its prefix cache, when it says
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire: dict[str, Any] = {
             "output": self.text,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "finish_reason": self.finish_reason,
         }
+        if self.cached_tokens is not None:
+            wire["cached_tokens"] = self.cached_tokens
+        return wire
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Generated:
@@ -126,6 +130,7 @@ class Generated:
             int(wire.get("prompt_tokens", 0)),
             int(wire.get("completion_tokens", 0)),
             str(wire.get("finish_reason", "length")),
+            None if wire.get("cached_tokens") is None else int(wire["cached_tokens"]),
         )
 
 
@@ -191,6 +196,7 @@ def backend_class(name: str) -> type[Backend]:
 
 class Backend(ABC):
     steps_itself: ClassVar[bool] = False  # True: run_continuous runs the step loop (continuous batching)
+    has_replicas: ClassVar[bool] = False  # True: each GPU worker sends to an engine replica that may join or leave
     name: ClassVar[str] = ""
     Options: ClassVar[type[BackendOptions]] = BackendOptions
 

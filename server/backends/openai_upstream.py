@@ -7,6 +7,13 @@ call of its own, so its client sees the upstream's tokens as they come. Any
 failure (connection refused, timeout, non-200, a malformed answer, a wrong count) fails
 the whole batch with :class:`BackendError`, which the worker answers as 503 for every
 request in it. One pooled session is kept for the server's life.
+
+Several engine replicas (``--upstream URL1,URL2,...``, SPEC section 13): each GPU worker
+sends to the replica it is assigned (at start worker *g* to replica *g mod n*), so each
+worker stands for one engine and the pool's scheduling spreads the load over them;
+``serve`` starts one worker per replica unless told otherwise. Replicas also register and
+leave while the server runs (``server/workers/replicas.py``). The model name and the
+engine's limits are read from the first named.
 """
 
 from __future__ import annotations
@@ -32,10 +39,12 @@ class OpenAIOptions(ForwardingOptions):
     served_model: str | None = Field(default=None, description="model name to ask for; None: the upstream's first")
     generation: Generation = Field(default_factory=Generation)
     api_key: str | None = Field(default=None, description="sent as 'Authorization: Bearer KEY' (a keyed upstream)")
+    workers: int = Field(default=1, ge=1, description="the server's GPU workers: worker g sends to replica g mod n")
 
 
 class OpenAIBackend(ForwardingBackend):
     name: ClassVar[str] = "openai"
+    has_replicas: ClassVar[bool] = True
     Options = OpenAIOptions
     options: OpenAIOptions
 
@@ -44,13 +53,38 @@ class OpenAIBackend(ForwardingBackend):
         if not flags.upstream:
             raise UsageError("--backend openai needs --upstream URL (an OpenAI-compatible server)")
         return {"upstream": flags.upstream, "served_model": flags.model, "generation": flags.generation,
-                "api_key": flags.api_key}  # fmt: skip
+                "api_key": flags.api_key, "workers": flags.gpus}  # fmt: skip
 
     def __init__(self, model: ServiceModel, options: OpenAIOptions) -> None:
         super().__init__(model, options)
-        self.endpoint = f"{self.base}/v1/completions"
+        self.replicas = upstream_replicas(options.upstream)
+        self.base = self.replicas[0]
+        self.assigned: dict[int, str] = {}  # GPU worker -> its replica's base URL (server/workers/replicas.py)
+        self.endpoint = self.endpoint_for(0)
         self.served_model = options.served_model
         self.generation = options.generation
+
+    def endpoint_for(self, gpu: int) -> str:
+        """Where GPU worker ``gpu`` sends: its own replica."""
+        base = self.assigned.get(gpu) or self.replicas[gpu % len(self.replicas)]
+        return f"{base}/v1/completions"
+
+    def assign(self, gpu: int, url: str) -> None:
+        self.assigned[gpu] = url
+
+    def release(self, gpu: int) -> None:
+        self.assigned.pop(gpu, None)
+
+    async def probe(self, url: str) -> str | None:
+        """Whether ``url`` answers as an OpenAI-compatible engine: ``GET /v1/models`` with 200 within 5 s."""
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                f"{url}/v1/models", headers=self.headers(), timeout=aiohttp.ClientTimeout(total=5)
+            ) as resp:
+                return None if resp.status == 200 else f"GET /v1/models answered {resp.status}"
+        except (aiohttp.ClientError, TimeoutError, ValueError) as err:
+            return f"GET /v1/models failed: {type(err).__name__}"
 
     @property
     def served_name(self) -> str:
@@ -113,8 +147,9 @@ class OpenAIBackend(ForwardingBackend):
                 streamed.append(i)
             else:
                 groups[self._params(request)].append(i)
-        calls = [self._complete([live[i] for i in idx], dict(key)) for key, idx in groups.items()]
-        calls += [self._stream(live[i]) for i in streamed]
+        endpoint = self.endpoint_for(gpu)
+        calls = [self._complete([live[i] for i in idx], dict(key), endpoint) for key, idx in groups.items()]
+        calls += [self._stream(live[i], endpoint) for i in streamed]
         answers = await asyncio.gather(*calls)
         outputs: list[Generated] = [Generated("")] * len(live)
         for idx, answer in zip([*groups.values(), *([i] for i in streamed)], answers, strict=True):
@@ -141,11 +176,11 @@ class OpenAIBackend(ForwardingBackend):
             params["model"] = self.served_model
         return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in params.items())
 
-    async def _complete(self, requests: list[Generate], params: dict[str, Any]) -> list[Generated]:
+    async def _complete(self, requests: list[Generate], params: dict[str, Any], endpoint: str) -> list[Generated]:
         body = {**params, "prompt": [r.prompt for r in requests]}
         if "stop" in body:
             body["stop"] = list(body["stop"])
-        data = await post_json(self._session, self.endpoint, body)
+        data = await post_json(self._session, endpoint, body)
         n = len(requests)
         try:
             choices = sorted(data["choices"], key=lambda c: c["index"])
@@ -153,9 +188,9 @@ class OpenAIBackend(ForwardingBackend):
             reasons = [str(c.get("finish_reason") or "length") for c in choices]
             usage = data.get("usage") or {}
         except (KeyError, TypeError, AttributeError) as err:
-            raise BackendError(f"upstream {self.endpoint} sent no choices/index/text: {err!r}") from err
+            raise BackendError(f"upstream {endpoint} sent no choices/index/text: {err!r}") from err
         if [c["index"] for c in choices] != list(range(n)):
-            raise BackendError(f"upstream {self.endpoint} sent {len(texts)} choices for {n} prompts")
+            raise BackendError(f"upstream {endpoint} sent {len(texts)} choices for {n} prompts")
         # The API counts tokens for the whole call: a request's share is exact when its length is
         # (token-id prompts, ignore_eos), and split in proportion to text length otherwise.
         prompt_share = _shares([r.prompt for r in requests], int(usage.get("prompt_tokens") or 0))
@@ -166,7 +201,7 @@ class OpenAIBackend(ForwardingBackend):
             for text, prompt, completion, reason in zip(texts, prompt_share, output_share, reasons, strict=True)
         ]
 
-    async def _stream(self, request: Generate) -> list[Generated]:
+    async def _stream(self, request: Generate, endpoint: str) -> list[Generated]:
         """One streamed request: its tokens go to its client as the upstream sends them; ``usage`` passed through.
 
         A client that leaves ends the upstream call (the upstream aborts the sequence, as vLLM does).
@@ -179,24 +214,36 @@ class OpenAIBackend(ForwardingBackend):
             body["stop"] = list(body["stop"])
         reader = StreamReader()
         try:
-            async with self._session.post(self.endpoint, json=body) as resp:
+            async with self._session.post(endpoint, json=body) as resp:
                 if resp.status != 200:
-                    raise BackendError(f"{self.endpoint} answered {resp.status}: {(await resp.text())[:200]}")
+                    raise BackendError(f"{endpoint} answered {resp.status}: {(await resp.text())[:200]}")
                 async for line in resp.content:
                     for piece in reader.feed(line, time.perf_counter()):
                         sink.token(piece)
                     if reader.finished or sink.cancelled:
                         break
         except (aiohttp.ClientError, TimeoutError) as err:
-            raise BackendError(f"{self.endpoint} unreachable: {str(err) or type(err).__name__}") from err
+            raise BackendError(f"{endpoint} unreachable: {str(err) or type(err).__name__}") from err
         reading = reader.reading if sink.cancelled else reader.end()
         if reading.problem is not None:
-            raise BackendError(f"{self.endpoint} sent a stream we cannot serve: {reading.problem}")
+            raise BackendError(f"{endpoint} sent a stream we cannot serve: {reading.problem}")
         prompt = reading.prompt_tokens if reading.prompt_tokens is not None else _shares([request.prompt], 0)[0]
-        output = Generated("".join(reading.text), prompt, reading.output_tokens, reading.finish_reason or "length")
+        output = Generated(
+            "".join(reading.text), prompt, reading.output_tokens, reading.finish_reason or "length",
+            reading.cached_tokens,  # the engine's prefix cache, passed on in our usage
+        )  # fmt: skip
         if not sink.cancelled:
             sink.finish(output)
         return [output]
+
+
+def upstream_replicas(upstream: str) -> list[str]:
+    """``--upstream URL1,URL2,...`` as base URLs; a bad one is one line naming it."""
+    replicas = [u.strip().rstrip("/") for u in upstream.split(",") if u.strip()]
+    bad = [u for u in replicas if not u.startswith(("http://", "https://"))]
+    if not replicas or bad:
+        raise UsageError(f"--upstream takes http(s) base URLs, comma-separated; not a URL: {(bad or [upstream])[0]!r}")
+    return replicas
 
 
 def _gauge_labels(metrics_text: str, name: str) -> dict[str, str]:

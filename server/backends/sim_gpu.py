@@ -10,6 +10,10 @@ token counts a client sees in ``usage`` are exact. An ``/v1/inference`` request 
 for no length and gets the one-token answer :func:`sim_output`, as always. A batch that
 holds a streamed request runs step by step in real time (``_run_steps``), so each
 client sees its tokens when the token model says the step that makes them ends.
+With ``prefix_caching`` a continuous GPU keys each prompt's full blocks of words by
+content and keeps them in the simulator's cache rule (:mod:`infer_plan.core.prefix_cache`):
+a prompt that starts with one sent before prefills only the rest, and its answer's
+``usage`` says how many tokens were cached.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ import asyncio
 import hashlib
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ...core.model import ServiceModel
+from ...core.prefix_cache import PrefixCache, blocks_needed, cached_tokens
+from ...core.prompt_blocks import content_keys
 from ...core.tokens import word_tokens
 from ..api_errors import ApiError
 from .base import Backend, BackendOptions, Generate, Generated
@@ -56,6 +62,11 @@ class _Sequence:
     prefill_left: int
     emitted: int = 0
     chunk: int = 0  # prompt tokens prefilled in the current step
+    fill: int = 0  # prompt tokens it prefills: all of them, less a cached prefix
+    segments: list[Any] = field(default_factory=list)  # prefix caching: its prompt's blocks, one segment each
+    holds: list[int] = field(default_factory=list)  # the leading ones it found cached
+    blocks: int = 0
+    prefilled: bool = False
 
     @property
     def reserve(self) -> int:
@@ -129,6 +140,8 @@ class SimBackend(Backend):
         model = self.model
         loop = asyncio.get_running_loop()
         kv_budget = model.kv_cache_tokens if model.kv_cache_tokens is not None else math.inf
+        block = model.kv_block_tokens
+        cache = PrefixCache(model.kv_cache_blocks) if model.prefix_caching else None
         running: list[_Sequence] = []
         kv = 0
         deadline = loop.time()
@@ -141,8 +154,15 @@ class SimBackend(Backend):
                 if head is None:
                     break
                 output, pieces = _answer(head.request)
-                seq = _Sequence(head, output, pieces, output.prompt_tokens)
-                if kv + seq.reserve > kv_budget:
+                seq = _Sequence(head, output, pieces, output.prompt_tokens, fill=output.prompt_tokens)
+                if cache is not None:
+                    fits = _admit_cached(seq, head.request.prompt, cache, block)
+                    if fits is None:
+                        feed.deliver(feed.take(head), _too_long(seq.blocks * block, cache.capacity * block))
+                        continue
+                    if not fits:
+                        break
+                elif kv + seq.reserve > kv_budget:
                     if seq.reserve <= kv_budget:
                         break
                     feed.deliver(feed.take(head), _too_long(seq.reserve, kv_budget))
@@ -164,9 +184,16 @@ class SimBackend(Backend):
                 budget -= seq.chunk
                 if seq.prefill_left == 0 or seq.chunk > 0:
                     in_step.append(seq)
-            joining = sum(1 for s in in_step if s.chunk and s.prefill_left == s.output.prompt_tokens)
+            joining = sum(1 for s in in_step if s.chunk and s.prefill_left == s.fill)
             spread = float(model.jitter(self._uniform())) if model.cycle_jitter else 1.0
-            deadline += model.step_ms(sum(s.chunk for s in in_step), len(in_step), joining) * spread / 1000.0
+            step_ms = model.step_ms(
+                sum(s.chunk for s in in_step), len(in_step), joining,
+                # the extended model's context (SPEC section 12), as the simulator's reference counts it
+                kv_tokens=sum(s.output.prompt_tokens + s.emitted for s in in_step if not s.chunk),
+                prefill_sq=sum(s.chunk * s.chunk for s in in_step),
+                prefill_context=sum(s.chunk * (s.output.prompt_tokens - s.prefill_left) for s in in_step),
+            )  # fmt: skip
+            deadline += step_ms * spread / 1000.0
             if (delay := deadline - loop.time()) > 0:
                 await asyncio.sleep(delay)
             else:
@@ -176,12 +203,35 @@ class SimBackend(Backend):
                 seq.prefill_left -= seq.chunk
                 if seq.prefill_left > 0:
                     continue  # more prompt chunks to go: no token yet
+                if cache is not None and seq.chunk:  # its prompt's blocks are computed: others may share them
+                    cache.prefilled(seq.holds, seq.segments)
+                    seq.prefilled = True
                 seq.emitted += 1
                 send.token(seq)
             for seq in [s for s in running if s.emitted == len(s.pieces) or _abandoned(s)]:
                 running.remove(seq)
                 kv -= seq.reserve
+                if cache is not None:  # admission order: the cache's LRU order is the simulator's
+                    cache.release(seq.segments, seq.blocks, None if seq.prefilled else seq.holds)
                 send.end(seq, feed)
+
+
+def _admit_cached(seq: _Sequence, prompt: str | list[int], cache: PrefixCache, block: int) -> bool | None:
+    """Take ``seq``'s blocks, its leading cached ones shared (SPEC section 13); False: it does not fit now;
+    None: it never could."""
+    tokens = prompt if isinstance(prompt, list) else prompt.split()  # the sim engine's tokens: words, or ids
+    seq.segments = [(key, 1) for key in content_keys(tokens, block)]  # a chain: every block its own key
+    seq.blocks = blocks_needed(seq.output.prompt_tokens, len(seq.pieces), block)
+    if seq.blocks > cache.capacity:
+        return None
+    seq.holds = cache.hits(seq.segments)
+    if not cache.fits(seq.holds, seq.segments, seq.blocks):
+        return False
+    cache.admit(seq.holds, seq.segments, seq.blocks)
+    cached = cached_tokens(sum(seq.holds), seq.output.prompt_tokens, block)
+    seq.prefill_left = seq.fill = seq.output.prompt_tokens - cached
+    seq.output.cached_tokens = cached
+    return True
 
 
 class _Delivery:

@@ -23,6 +23,7 @@ from ..queues.memory_queue import MemoryQueue
 from ..queues.queue import TierQueue
 from ..queues.shared_queue import SharedQueue
 from ..workers.gpu_pool import GpuPool
+from ..workers.replicas import ReplicaSet
 from .access_log import AccessLog
 from .gateway import internal_routes, public_routes
 from .state import ServerState
@@ -62,17 +63,20 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     state.queue, state.pool = queue, pool
     await queue.start()
-    tasks = [asyncio.create_task(pool.worker(g), name=f"gpu-{g}") for g in range(config.gpus)]
+    if state.backend.has_replicas:
+        state.replicas = ReplicaSet(pool, state.backend, state.metrics, check_s=config.replica_check_s)  # type: ignore[arg-type]
+        state.replicas.start(config.gpus)
+    else:
+        for _ in range(config.gpus):
+            pool.start_worker()
     state.ready = True
     try:
         yield
     finally:
         state.ready = False
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if state.replicas is not None:
+            await state.replicas.close()
+        await pool.stop()
         await state.limiter.close()
         await queue.close()
         await state.backend.close()

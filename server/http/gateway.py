@@ -29,6 +29,7 @@ from ..backends.base import Generate, Generated
 from ..metrics import ServerMetrics
 from ..queues.queue import TierQueue
 from ..workers.gpu_pool import GpuPool
+from ..workers.replicas import ReplicaSet
 from .state import ServerState
 
 __all__ = ["internal_routes", "public_routes"]
@@ -154,6 +155,8 @@ class PublicApi:
         request.priority = int(tier)  # what an engine with priority scheduling orders by (enterprise first)
         future = await self.queue.offer(request, tier)
         if future is None:
+            if self.queue.gpus == 0:  # every engine replica left or failed: not an overload, so not a 429
+                raise ApiError(503, "no GPU is serving", code="no_gpus", retry_after_s=5)
             self.metrics.shed[tier].inc()
             raise ApiError(429, "overloaded: shedding this tier for now", retry_after_s=self.retry_after)
         return future
@@ -181,6 +184,10 @@ class PublicApi:
         engine = self.state.backend.readiness()
         if engine.get("actors_live", 1) == 0:
             raise ApiError(503, "no engine actor is live", code="engine_unavailable")
+        if (replicas := self.state.replicas) is not None:
+            engine["replicas"] = replicas.listing()
+            if not any(r["state"] == "serving" for r in engine["replicas"]):
+                raise ApiError(503, "no engine replica is serving", code="engine_unavailable", retry_after_s=5)
         return web.json_response({"status": "ready", "gpus": self.queue.gpus, "queued": self.queue.queued, **engine})
 
     async def openapi(self, request: web.Request) -> web.Response:
@@ -218,7 +225,9 @@ class InternalApi:
     ``POST /internal/batch`` runs one batch on a free GPU, results by index position;
     ``GET /internal/batches?window_s=N`` lists the client-traffic batches served in the
     last N seconds (``calibrate --from-traffic``), with each batch's phase times where the
-    backend measures them (torch), else null.
+    backend measures them (torch), else null. ``/internal/replicas``: engine replicas
+    that register (POST), leave (DELETE, drained first) and are listed (GET), for a
+    backend with replicas (``server/workers/replicas.py``).
     """
 
     def __init__(self, state: ServerState) -> None:
@@ -267,6 +276,42 @@ class InternalApi:
         rows = [[round(b.ended_at, 3), b.size, round(b.ms, 3), b.phases] for b in served if b.ended_at >= since]
         return web.json_response({"columns": ["ended_at", "size", "ms", "phases"], "batches": rows})
 
+    @property
+    def _replicas(self) -> ReplicaSet:
+        if self.state.replicas is None:
+            raise ApiError(
+                409,
+                f"the {self.state.backend.name} backend has no engine replicas to register (--backend openai has)",
+                code="no_replicas",
+            )
+        return self.state.replicas
+
+    async def list_replicas(self, request: web.Request) -> web.Response:
+        self._refuse_client_keys(request)
+        return web.json_response({"replicas": self._replicas.listing()})
+
+    async def add_replica(self, request: web.Request) -> web.Response:
+        self._refuse_client_keys(request)
+        replicas = self._replicas
+        body = await _json_body(request)
+        url = body.get("url") if isinstance(body, dict) else None
+        workers = body.get("workers", 1) if isinstance(body, dict) else None
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise ApiError(400, 'body must be {"url": "http(s)://host:port", "workers": N (optional, default 1)}')
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
+            raise ApiError(400, "'workers' must be an integer from 1 to 64")
+        replica = await replicas.add(url.rstrip("/"), workers)
+        return web.json_response(replica.to_wire(), status=201)
+
+    async def remove_replica(self, request: web.Request) -> web.Response:
+        self._refuse_client_keys(request)
+        replicas = self._replicas
+        url = request.query.get("url", "").rstrip("/")
+        if not url:
+            raise ApiError(400, "name the replica to remove: DELETE /internal/replicas?url=http(s)://host:port")
+        replica = await replicas.remove(url)
+        return web.json_response({"url": replica.url, "state": "removed"})
+
 
 def _internal_request(i: int, item: object) -> Generate:
     """One request of an internal batch: ``input`` (text or token ids), optional ``max_tokens`` and ``ignore_eos``."""
@@ -288,5 +333,8 @@ def internal_routes(state: ServerState) -> list[web.RouteDef]:
     return [
         web.post("/internal/batch", api.batch),
         web.get("/internal/batches", api.batches),
+        web.get("/internal/replicas", api.list_replicas),
+        web.post("/internal/replicas", api.add_replica),
+        web.delete("/internal/replicas", api.remove_replica),
         web.get("/healthz", PublicApi(state).healthz),
     ]

@@ -141,12 +141,16 @@ def parse_chat(body: Any) -> tuple[LlmRequest, list[dict[str, str]]]:
     return _common(body, "", chat=True), plain
 
 
-def usage(output: Generated) -> dict[str, int]:
-    return {
+def usage(output: Generated) -> dict[str, Any]:
+    """OpenAI's usage object; ``prompt_tokens_details.cached_tokens`` where the engine reports its prefix cache."""
+    counts: dict[str, Any] = {
         "prompt_tokens": output.prompt_tokens,
         "completion_tokens": output.completion_tokens,
         "total_tokens": output.prompt_tokens + output.completion_tokens,
     }
+    if output.cached_tokens is not None:
+        counts["prompt_tokens_details"] = {"cached_tokens": output.cached_tokens}
+    return counts
 
 
 class Shapes:

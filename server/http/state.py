@@ -11,6 +11,7 @@ from ..config import ServerConfig
 from ..metrics import ServerMetrics
 from ..queues.queue import TierQueue
 from ..workers.gpu_pool import GpuPool
+from ..workers.replicas import ReplicaSet
 from .access_log import AccessLog
 
 __all__ = ["ServerState"]
@@ -25,6 +26,7 @@ class ServerState:
     access_log: AccessLog | None = None
     queue: TierQueue | None = None  # both made inside the running loop by the app's cleanup context
     pool: GpuPool | None = None
+    replicas: ReplicaSet | None = None  # a backend with engine replicas (openai): those that joined and left
     limiter: KeyLimiter | None = None
     ready: bool = False
     draining: bool = False

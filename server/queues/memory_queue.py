@@ -40,9 +40,9 @@ class Pending:
 
 class MemoryQueue(TierQueue):
     def __init__(self, model: ServiceModel, gpus: int) -> None:
-        self.gpus = gpus
+        self.model = model
         self.rule = model.dispatch_rule
-        self.thresholds = model.backpressure.thresholds(gpus, model.batch_capacity)
+        self.resize(gpus)
         # Continuous batching: a GPU with a free slot takes the next request at its next step, so
         # every arrival may be work for an idle GPU; a batch cycle only cares about the first and a full one.
         self.wake_at = 1 if model.batching is Batching.CONTINUOUS else self.rule.max_batch
@@ -59,7 +59,7 @@ class MemoryQueue(TierQueue):
         return [len(q) for q in self.tiers]
 
     async def offer(self, request: Generate, tier: int) -> asyncio.Future[Generated] | None:
-        if not zone_admits(tier, self._queued, self.thresholds):
+        if self.gpus == 0 or not zone_admits(tier, self._queued, self.thresholds):
             return None
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Generated] = loop.create_future()
@@ -69,8 +69,18 @@ class MemoryQueue(TierQueue):
             self._wake.set()  # start the oldest-request clock, or a full batch is ready
         return fut
 
+    def resize(self, gpus: int) -> None:
+        self.gpus = gpus
+        self.thresholds = self.model.backpressure.thresholds(gpus, self.model.batch_capacity)
+
     def wake(self) -> None:
         self._wake.set()
+
+    def fail_waiting(self, err: ApiError) -> None:
+        for q in self.tiers:
+            deliver_to_futures(list(q), err)
+            q.clear()
+        self._queued = 0
 
     async def next_batch(self, interrupted: Interrupted) -> list[Pending] | None:
         async with self._assembly:

@@ -67,12 +67,19 @@ class TierQueue(ABC):
         """The next batch by the dispatch rule, for a GPU that is free now; None once ``interrupted()``."""
 
     @abstractmethod
+    def resize(self, gpus: int) -> None:
+        """This process now has ``gpus`` workers (one started or retired): the zones follow."""
+
+    @abstractmethod
     def wake(self) -> None:
         """Make a waiting ``next_batch`` look again (at ``interrupted`` and at the queue)."""
 
     @abstractmethod
     async def deliver(self, batch: Sequence[Queued], result: list[Generated] | ApiError) -> None:
         """Hand output *i* (or the batch's error) to the request of position *i*, wherever its client waits."""
+
+    def fail_waiting(self, err: ApiError) -> None:  # noqa: B027  (a shared queue's other instances still serve)
+        """No GPU of this process is left to serve: answer what waits for one with ``err`` rather than a timeout."""
 
     def drain(self) -> None:  # noqa: B027  (a process's own memory queue needs no notice)
         """Shutting down: stop taking work that is not this process's own."""

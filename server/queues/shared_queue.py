@@ -252,6 +252,9 @@ class SharedQueue(TierQueue):
 
     # -- assembly under the shared lock -----------------------------------------------------
 
+    def resize(self, gpus: int) -> None:
+        self.gpus = gpus  # the next heartbeat tells the other instances; the shared zones follow the pool's sum
+
     def wake(self) -> None:
         self._wake.set()
 

@@ -31,13 +31,14 @@ __all__ = ["StepFeed", "pass_through"]
 class StepFeed:
     """One GPU's view of the tier queue under continuous batching; counts what runs for the drain and /metrics."""
 
-    def __init__(self, queue: MemoryQueue, interrupted: Interrupted) -> None:
+    def __init__(self, queue: MemoryQueue, interrupted: Interrupted, closed: Interrupted = lambda: False) -> None:
         self.queue = queue
         self.interrupted = interrupted
+        self.closed = closed  # True: the GPU retires; it admits nothing more and finishes what it runs
         self.running = 0
 
     def head(self) -> Pending | None:
-        return self.queue.head()
+        return None if self.closed() else self.queue.head()
 
     def take(self, pending: Pending | None = None) -> Pending:
         """Admit the head (or ``pending``, one of :meth:`heads`): it holds a sequence slot until :meth:`deliver`."""
@@ -45,7 +46,7 @@ class StepFeed:
         return self.queue.pop_head() if pending is None else self.queue.pop_tier_head(pending)
 
     def heads(self) -> list[Pending]:
-        return self.queue.heads()
+        return [] if self.closed() else self.queue.heads()
 
     async def wait(self) -> bool:
         """Until a request waits (True), or the worker is wanted for something else (False: return when idle)."""

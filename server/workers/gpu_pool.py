@@ -9,11 +9,18 @@ the simulator's.
 
 Internal-API batches (:meth:`GpuPool.run_now`, e.g. synthetic calibration batches) go
 to the next free GPU ahead of the tier queues; they are run, not logged as traffic.
+
+Workers come and go while the server runs (engine replicas that register and leave,
+SPEC section 13): :meth:`GpuPool.start_worker` adds one, :meth:`GpuPool.retire` drains
+one. A retiring worker takes nothing new, finishes what it runs (every accepted request
+is answered) and ends; the queue's zones follow the count of workers left.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -75,12 +82,64 @@ class GpuPool:
         self.served: deque[ServedBatch] = deque(maxlen=SERVED_LOG_SIZE)
         self.running = 0  # batches on a GPU now
         self.running_requests = 0  # requests in those batches
+        self.tasks: dict[int, asyncio.Task] = {}  # GPU id -> its worker task; ids are never reused
+        self.retiring: set[int] = set()
+        self._waiting: set[int] = set()  # workers waiting for a batch (static batching)
+        self._ids = itertools.count()
         metrics.gpus.set(queue.gpus)
         metrics.requests_running.set_function(lambda: self.running_requests + sum(f.running for f in self.feeds))
 
     @property
     def gpus(self) -> int:
         return self.queue.gpus
+
+    def new_gpu_id(self) -> int:
+        """An id for a worker about to start (a backend that maps workers to replicas assigns it first)."""
+        return next(self._ids)
+
+    def start_worker(self, gpu: int | None = None) -> int:
+        """Start a GPU worker (id ``gpu``, or a new one); the zones grow with it. Returns its id."""
+        gpu = self.new_gpu_id() if gpu is None else gpu
+        self.tasks[gpu] = asyncio.create_task(self._serve(gpu), name=f"gpu-{gpu}")
+        self._resize()
+        return gpu
+
+    async def retire(self, gpu: int) -> None:
+        """Drain worker ``gpu``: it takes nothing new, answers what it runs, then ends (returns when it has)."""
+        task = self.tasks.get(gpu)
+        if task is None:
+            return
+        self.retiring.add(gpu)
+        self._resize()  # the zones shrink at once: the queue stops admitting for a GPU that is leaving
+        self.queue.wake()
+        try:
+            await asyncio.shield(task)
+        finally:
+            self.retiring.discard(gpu)
+            self.tasks.pop(gpu, None)
+            self._resize()
+            if not self.tasks:
+                self.queue.fail_waiting(ApiError(503, "no GPU is serving", code="no_gpus", retry_after_s=5))
+
+    async def stop(self) -> None:
+        """Cancel every worker (shutdown, after the drain)."""
+        for task in self.tasks.values():
+            task.cancel()
+        for task in list(self.tasks.values()):
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.tasks.clear()
+
+    def _resize(self) -> None:
+        self.queue.resize(len(self.tasks) - len(self.retiring))
+        self.metrics.gpus.set(self.queue.gpus)
+
+    async def _serve(self, gpu: int) -> None:
+        try:
+            await self.worker(gpu)
+        except Exception:  # a worker's own fault must not end silently: the pool would shrink unseen
+            log.exception("gpu %d: worker failed", gpu)
+            raise
 
     async def run_now(self, requests: list[Generate]) -> list[Generated]:
         """Run ``requests`` as one batch on the next free GPU, bypassing the tier queues."""
@@ -100,12 +159,25 @@ class GpuPool:
         while not self.is_idle:
             await asyncio.sleep(0.01)
 
+    def _interrupted(self, gpu: int) -> bool:
+        """Stop waiting for a batch: an internal batch is due, this worker retires, or a retiring one waits behind
+        this one for the queue's assembly lock (it must get the lock to see that it retires)."""
+        return bool(self.direct) or gpu in self.retiring or bool(self.retiring & self._waiting)
+
     async def worker(self, gpu: int) -> None:
+        """Serve until retired (:meth:`retire`): batches, or sequences under continuous batching."""
         if self.continuous_seqs is not None:
-            await self._continuous_worker(gpu, self.continuous_seqs)
+            return await self._continuous_worker(gpu, self.continuous_seqs)
         metrics = self.metrics
-        while True:
-            batch = self.direct.popleft() if self.direct else await self.queue.next_batch(lambda: bool(self.direct))
+        while gpu not in self.retiring:
+            if self.direct:
+                batch = self.direct.popleft()
+            else:
+                self._waiting.add(gpu)
+                try:
+                    batch = await self.queue.next_batch(lambda: self._interrupted(gpu))
+                finally:
+                    self._waiting.discard(gpu)
             if not batch:
                 continue
             self.running += 1
@@ -138,9 +210,15 @@ class GpuPool:
     async def _continuous_worker(self, gpu: int, max_seqs: int) -> None:
         """Sequences join and leave between steps; an internal-API batch runs when the GPU is idle."""
         assert isinstance(self.queue, MemoryQueue)  # ServerConfig refuses continuous batching with --redis
-        feed = StepFeed(self.queue, lambda: bool(self.direct))
+        feed = StepFeed(self.queue, lambda: bool(self.direct) or gpu in self.retiring, lambda: gpu in self.retiring)
         self.feeds.append(feed)
-        while True:
+        try:
+            await self._step_loop(gpu, max_seqs, feed)
+        finally:
+            self.feeds.remove(feed)
+
+    async def _step_loop(self, gpu: int, max_seqs: int, feed: StepFeed) -> None:
+        while gpu not in self.retiring:
             if self.direct:
                 batch = self.direct.popleft()
                 try:

@@ -12,7 +12,9 @@ load of requests whatever its length, and a precision stop (the sink's
 moments as the fleet's does.
 
 It runs what needs no fleet events of its own: no GPU failures, no autoscaler, no
-measured step spread (``cycle_jitter``). Those runs, and machines without numba, use
+measured step spread (``cycle_jitter``), and the three-term step formula (the extended
+model's terms, SPEC section 12, make every decode step of a run its own length; not
+ported yet). Those runs, and machines without numba, use
 the interpreted engine (:func:`compiled_applies`); both are held to the step-by-step
 reference request by request.
 """
@@ -41,9 +43,12 @@ _KV_UNBOUNDED = 1 << 62
 
 def compiled_applies(model: ServiceModel) -> bool:
     """Whether the compiled loop can run this model: numba is installed (the ``fast`` extra) and the fleet never
-    changes (no failures, no autoscaler) and steps take their formula's time (no measured spread)."""
+    changes (no failures, no autoscaler) and steps take their formula's time (no measured spread, no extended
+    step terms, no prefix cache)."""
     return (
         not model.cycle_jitter
+        and not model.prefix_caching
+        and not model.context_terms
         and model.faults.mtbf_s is None
         and not model.autoscale.enabled
         and importlib.util.find_spec("numba") is not None

@@ -117,6 +117,7 @@ def simulate_chunks(
         engine = StepEngine(
             env, model, ready, arrivals.tiers[order], arrivals.prompt_tokens[order], arrivals.output_tokens[order],
             gpus, rng, horizon_s=horizon_s, sample_every_s=every, load_factor=load_factor, jitter_seed=seed,
+            prefixes=None if arrivals.prefixes is None else arrivals.prefixes[order],
         )  # fmt: skip
     else:
         engine = BatchEngine(
@@ -203,5 +204,6 @@ def _fold_steps(engine: StepEngine, arrivals: Arrivals, order: np.ndarray, sink:
             first_token=first_token,
             prompt_tokens=arrivals.prompt_tokens,
             output_tokens=arrivals.output_tokens,
+            cached_tokens=by_arrival(engine.cached_tokens) if engine.model.prefix_caching else None,
         )
     )

@@ -11,6 +11,9 @@ admits waiting requests by tier, FIFO within a tier, while it runs fewer than
 first request that does not fit blocks the ones behind it); a step prefills at most
 ``max_batched_tokens`` prompt tokens, so a longer prompt is prefilled in chunks. A
 finished sequence leaves at once; a request arriving during a step waits for its end.
+With ``prefix_caching`` each GPU counts its KV in blocks and keeps finished prompts'
+blocks cached (:class:`~infer_plan.core.prefix_cache.PrefixCache`, SPEC section 13): a
+request prefills only what follows its leading cached blocks.
 
 Speed: a GPU does a hundred steps a second and most of them admit or finish someone,
 so a step must cost microseconds. Steps are therefore not SimPy events: the engine runs
@@ -37,6 +40,8 @@ import simpy
 from ...core.dispatch import EPS
 from ...core.jitter import StepJitter
 from ...core.model import ServiceModel
+from ...core.prefix_cache import PrefixCache, blocks_needed, cached_tokens
+from ...core.prompt_blocks import prompt_segments
 from ..results.token_gaps import TokenGaps
 from .fleet import Fleet, GpuState
 from .waiting import ArrivalQueue
@@ -62,6 +67,10 @@ class _Gpu:
     steps: int = 0
     jittered: np.ndarray | None = None  # with a measured spread: each step's own length (s) in the current run
     chunks: list[int] = field(default_factory=list)  # prompt tokens each prefilling sequence gets this step
+    # Extended step model: the decoding sequences' context at step s is kv_base + n_decoding x s (each holds
+    # prompt + 1 - the step it joined at, plus one token a step); kept only when decode_ms_per_kv_token is set.
+    kv_base: int = 0
+    cache: PrefixCache | None = None  # with prefix caching: its KV blocks, cached prefixes included
 
 
 class StepEngine:
@@ -82,6 +91,7 @@ class StepEngine:
         sample_every_s: float,
         load_factor: Callable[[float, float], float],
         jitter_seed: int = 0,
+        prefixes: np.ndarray | None = None,
     ) -> None:
         self.env = env
         self.model = model
@@ -89,7 +99,8 @@ class StepEngine:
         self.tiers = tiers.tolist()
         self.prompt = prompt.tolist()
         self.output = output.tolist()
-        self.reserve = (prompt.astype(np.int64) + output).tolist()  # KV tokens a sequence holds until it finishes
+        # KV tokens a sequence holds until it finishes (prefix caching counts blocks in its cache instead).
+        self.reserve = (prompt.astype(np.int64) + output).tolist() if not model.prefix_caching else [0] * times.size
         n = times.size
         self._first: list[float] = [math.nan] * n
         self._done: list[float] = [math.nan] * n
@@ -105,7 +116,24 @@ class StepEngine:
             model.decode_ms_per_seq,
             model.admit_ms_per_request,
         )
-        self.gpus = [_Gpu() for _ in range(gpus)]
+        # The extended model (SPEC section 12) goes through model.step_ms; steps then vary within a decode run.
+        self.extended = model.context_terms
+        self.kv_ms = model.decode_ms_per_kv_token
+        self.kv_offset: dict[int, int] = {}  # a decoding request's prompt + 1 - the step it joined at
+        # Prefix caching: what each prompt shares, its keys and blocks while it runs, the tokens it skipped.
+        # `fill` is what a request prefills: its prompt, less its cached prefix (the same list without caching).
+        self.caching = model.prefix_caching
+        self.block = model.kv_block_tokens
+        self.cache_blocks = model.kv_cache_blocks
+        self.prefixes = prefixes.tolist() if prefixes is not None else [None] * n
+        # running request -> (segments, holds, blocks, admission number); sequences leaving at one step end release
+        # their blocks in the order they were admitted, which sets the cache's LRU order
+        self.held: dict[int, tuple[list, int, int, int]] = {}
+        self.admissions = 0
+        self.leaving: list[int] = []
+        self.fill = list(self.prompt) if self.caching else self.prompt
+        self._cached = [0] * n if self.caching else []
+        self.gpus = [self._new_gpu() for _ in range(gpus)]
         self.jitter_seed = jitter_seed
         self.jitter = [StepJitter(model, jitter_seed, g) for g in range(gpus)] if model.cycle_jitter else None
         self.heap: list[tuple[float, int, int]] = []  # (step end, gpu, generation)
@@ -150,6 +178,11 @@ class StepEngine:
         refused = np.zeros(len(self._done), dtype=bool)
         refused[self._refused] = True
         return refused
+
+    @property
+    def cached_tokens(self) -> np.ndarray:
+        """Prompt tokens each request found cached (prefix caching on)."""
+        return np.asarray(self._cached, dtype=np.int64)
 
     def token_gaps(self) -> TokenGaps:
         gaps = np.fromiter(self.gaps, dtype=np.float64, count=len(self.gaps)).reshape(-1, 5)
@@ -225,7 +258,7 @@ class StepEngine:
             return
         prefilling = gpu.prefilling
         if prefilling:
-            sequences, prefill, joining, budget, prompt = gpu.n_decoding, 0, 0, self.token_budget, self.prompt
+            sequences, prefill, joining, budget, fill = gpu.n_decoding, 0, 0, self.token_budget, self.fill
             chunks = []
             for entry in prefilling:
                 chunk = entry[1] if entry[1] < budget else budget
@@ -233,36 +266,61 @@ class StepEngine:
                 budget -= chunk
                 prefill += chunk
                 sequences += chunk > 0
-                joining += chunk > 0 and entry[1] == prompt[entry[0]]  # its first chunk: admitted for this step
+                joining += chunk > 0 and entry[1] == fill[entry[0]]  # its first chunk: admitted for this step
             gpu.chunks = chunks
-            step_s = (
-                self.decode_step_ms + self.prefill_ms * prefill + self.per_seq_ms * sequences + self.admit_ms * joining
-            ) / 1000.0
+            if self.extended:
+                step_ms = self._extended_step_ms(gpu, chunks, prefill, sequences, joining)
+            else:
+                step_ms = self.decode_step_ms + self.prefill_ms * prefill + self.per_seq_ms * sequences
+                step_ms += self.admit_ms * joining
+            step_s = step_ms / 1000.0
             steps = 1
             if self.jitter is not None:
                 step_s *= float(self.jitter[g].take(1)[0])
         else:  # pure decode: skip ahead to the next finish, or to the next arrival it could admit
-            step_s = (self.decode_step_ms + self.per_seq_ms * gpu.n_decoding) / 1000.0
+            if self.extended:  # the decoding context's term is added per step in _plan_varying
+                step_s = self.model.step_ms(0, gpu.n_decoding) / 1000.0
+            else:
+                step_s = (self.decode_step_ms + self.per_seq_ms * gpu.n_decoding) / 1000.0
             steps = gpu.finishing[0][0] - gpu.steps_done
             cut = steps > 1 and gpu.accepting and gpu.running < self.max_seqs and step_s > 0
             arrival = waiting.next_time if cut else math.inf
-            if self.jitter is not None:
-                self._plan_jittered(g, gpu, now, step_s, steps, arrival)
+            if self.jitter is not None or self.kv_ms:
+                self._plan_varying(g, gpu, now, step_s, steps, arrival)
                 return
             if arrival < math.inf:
                 steps = min(steps, max(1, math.ceil((arrival - now) / step_s - EPS)))
         gpu.busy, gpu.step_s, gpu.steps, gpu.jittered = True, step_s, steps, None
         self._start_run(g, gpu, now, now + step_s * steps)
 
-    def _plan_jittered(self, g: int, gpu: _Gpu, now: float, step_s: float, steps: int, arrival: float) -> None:
-        """A run of decode steps, each its own length: up to the next finish, or the step an arrival ends in."""
-        assert self.jitter is not None
-        lengths = step_s * self.jitter[g].peek(steps)  # a new array: the multipliers' view is not kept
+    def _extended_step_ms(self, gpu: _Gpu, chunks: list[int], prefill: int, sequences: int, joining: int) -> float:
+        """A step with prefill chunks under the extended model: each chunk against the prompt prefilled before it."""
+        prompt = self.prompt
+        prefill_sq = prefill_context = 0
+        for entry, chunk in zip(gpu.prefilling, chunks):  # noqa: B905  (same length by construction)
+            prefill_sq += chunk * chunk
+            prefill_context += chunk * (prompt[entry[0]] - entry[1])
+        return self.model.step_ms(
+            prefill, sequences, joining, kv_tokens=gpu.kv_base + gpu.n_decoding * gpu.steps_done,
+            prefill_sq=prefill_sq, prefill_context=prefill_context,
+        )  # fmt: skip
+
+    def _plan_varying(self, g: int, gpu: _Gpu, now: float, step_s: float, steps: int, arrival: float) -> None:
+        """A run of decode steps, each its own length (a measured spread; a context that grows a token a step):
+        up to the next finish, or the step an arrival ends in."""
+        if self.kv_ms:
+            context = gpu.kv_base + gpu.n_decoding * (gpu.steps_done + np.arange(steps, dtype=np.float64))
+            lengths = step_s + self.kv_ms * context / 1000.0
+        else:
+            lengths = np.full(steps, step_s)
+        if self.jitter is not None:
+            lengths *= self.jitter[g].peek(steps)
         if arrival < math.inf:  # the first step that ends at or after the arrival (as the plain run's cut)
             ends = np.cumsum(lengths)
             steps = max(1, min(steps, int(np.searchsorted(ends, arrival - now - EPS * step_s)) + 1))
             lengths = lengths[:steps]
-        self.jitter[g].take(steps)
+        if self.jitter is not None:
+            self.jitter[g].take(steps)
         gpu.busy, gpu.step_s, gpu.steps, gpu.jittered = True, step_s, steps, lengths
         self._start_run(g, gpu, now, now + float(lengths.sum()))
 
@@ -276,6 +334,15 @@ class StepEngine:
         prefilling, max_seqs = gpu.prefilling, self.max_seqs
         while waiting.queued and gpu.running < max_seqs:
             i = waiting.pop()
+            if gpu.cache is not None:
+                admitted = self._admit_cached(gpu.cache, i)
+                if admitted is None:
+                    continue  # refused
+                if not admitted:
+                    return
+                prefilling.append([i, self.fill[i]])
+                gpu.running += 1
+                continue
             reserve = reserves[i]
             if gpu.kv + reserve > budget:
                 if reserve <= budget:
@@ -287,6 +354,27 @@ class StepEngine:
             prefilling.append([i, prompt[i]])
             gpu.kv += reserve
             gpu.running += 1
+
+    def _admit_cached(self, cache: PrefixCache, i: int) -> bool | None:
+        """Admit ``i`` into a GPU's blocks, its leading resident blocks shared; False: it waits (and blocks the
+        ones behind it); None: too big for the whole cache, refused at once, as without caching."""
+        prompt, block = self.prompt[i], self.block
+        segments = prompt_segments(self.prefixes[i], i, prompt, block)
+        blocks = blocks_needed(prompt, self.output[i], block)
+        if blocks > self.cache_blocks:
+            self._refused.append(i)
+            self._done[i] = self.now
+            return None
+        holds = cache.hits(segments)
+        if not cache.fits(holds, segments, blocks):
+            self.waiting.push_back(i)
+            return False
+        cache.admit(holds, segments, blocks)
+        skipped = self._cached[i] = cached_tokens(sum(holds), prompt, block)
+        self.fill[i] = prompt - skipped
+        self.held[i] = (segments, holds, blocks, self.admissions)
+        self.admissions += 1
+        return True
 
     def _end_step(self, gpu: _Gpu, now: float) -> None:
         steps = gpu.steps
@@ -310,14 +398,22 @@ class StepEngine:
                     continue
                 i = entry[0]
                 first[i] = now  # the last prompt chunk emits the first token
+                if gpu.cache is not None:
+                    segments, holds, _, _ = self.held[i]
+                    gpu.cache.prefilled(holds, segments)
                 if output[i] == 1:
                     done[i] = now
                     gpu.kv -= reserve[i]
                     gpu.running -= 1
+                    if gpu.cache is not None:
+                        self.leaving.append(i)
                     continue
                 heapq.heappush(finishing, (steps_done + output[i] - 1, i))
                 decoding[tiers[i]] += 1
                 gpu.n_decoding += 1
+                if self.kv_ms:
+                    offset = self.kv_offset[i] = self.prompt[i] + 1 - steps_done
+                    gpu.kv_base += offset
             gpu.prefilling = still
         if finishing and finishing[0][0] <= steps_done:
             freed, leaving = 0, 0
@@ -325,11 +421,29 @@ class StepEngine:
                 _, i = heapq.heappop(finishing)
                 decoding[tiers[i]] -= 1
                 done[i] = now
+                if self.kv_ms:
+                    gpu.kv_base -= self.kv_offset.pop(i)
+                if gpu.cache is not None:
+                    self.leaving.append(i)
                 freed += reserve[i]
                 leaving += 1
             gpu.n_decoding -= leaving
             gpu.kv -= freed
             gpu.running -= leaving
+        if self.leaving:
+            self._release_leaving(gpu.cache)  # type: ignore[arg-type]  (only prefix caching books leavers)
+
+    def _release_leaving(self, cache: PrefixCache) -> None:
+        held, leaving = self.held, self.leaving
+        leaving.sort(key=lambda i: held[i][3])
+        for i in leaving:
+            segments, _, blocks, _ = held.pop(i)
+            cache.release(segments, blocks)
+        leaving.clear()
+
+    def _new_gpu(self, accepting: bool = True, generation: int = 0) -> _Gpu:
+        cache = PrefixCache(self.cache_blocks) if self.caching else None
+        return _Gpu(accepting=accepting, generation=generation, cache=cache)
 
     # -- what the fleet tells us ------------------------------------------------------------------
 
@@ -339,7 +453,7 @@ class StepEngine:
             proc.interrupt()
 
     def gpu_added(self) -> None:
-        self.gpus.append(_Gpu(accepting=False))
+        self.gpus.append(self._new_gpu(accepting=False))
         if self.jitter is not None:
             self.jitter.append(StepJitter(self.model, self.jitter_seed, len(self.jitter)))
 
@@ -358,7 +472,9 @@ class StepEngine:
         for i in lost:  # the clients get their error now
             self._done[i] = now
         self._failed.extend(lost)
-        self.gpus[g] = _Gpu(accepting=False, generation=gpu.generation + 1)
+        for i in lost:
+            self.held.pop(i, None)
+        self.gpus[g] = self._new_gpu(accepting=False, generation=gpu.generation + 1)  # its cache is lost with it
         if g in self.idle:
             self.idle.remove(g)
 

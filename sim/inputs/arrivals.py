@@ -51,9 +51,10 @@ class Arrivals:
     tiers: np.ndarray  # int8 Tier values
     prompt_tokens: np.ndarray | None = None  # int32 per request, when tokens are modelled
     output_tokens: np.ndarray | None = None
+    prefixes: np.ndarray | None = None  # object: what each prompt shares (core.prompt_blocks), when a workload says
 
     def __post_init__(self) -> None:
-        for column in (self.tiers, self.prompt_tokens, self.output_tokens):
+        for column in (self.tiers, self.prompt_tokens, self.output_tokens, self.prefixes):
             if column is not None and column.shape != self.times.shape:
                 raise ValueError("every column of Arrivals must have one entry per arrival")
         if (self.prompt_tokens is None) != (self.output_tokens is None):
@@ -63,8 +64,12 @@ class Arrivals:
     def has_tokens(self) -> bool:
         return self.output_tokens is not None
 
-    def with_lengths(self, prompt_tokens: np.ndarray, output_tokens: np.ndarray) -> Arrivals:
-        return Arrivals(self.times, self.tiers, prompt_tokens.astype(np.int32), output_tokens.astype(np.int32))
+    def with_lengths(
+        self, prompt_tokens: np.ndarray, output_tokens: np.ndarray, prefixes: np.ndarray | None = None
+    ) -> Arrivals:
+        return Arrivals(
+            self.times, self.tiers, prompt_tokens.astype(np.int32), output_tokens.astype(np.int32), prefixes
+        )
 
     def __len__(self) -> int:
         return int(self.times.size)
@@ -72,7 +77,8 @@ class Arrivals:
     def slice(self, lo: int, hi: int) -> Arrivals:
         cut = slice(lo, hi)
         lengths = (self.prompt_tokens[cut], self.output_tokens[cut]) if self.has_tokens else (None, None)  # type: ignore[index]
-        return Arrivals(self.times[cut], self.tiers[cut], *lengths)
+        prefixes = None if self.prefixes is None else self.prefixes[cut]
+        return Arrivals(self.times[cut], self.tiers[cut], *lengths, prefixes)
 
     @property
     def end_s(self) -> float:
@@ -158,7 +164,7 @@ def concatenate(chunks: Iterable[Arrivals]) -> Arrivals:
         cols = [getattr(p, name) for p in parts]
         return None if cols[0] is None else np.concatenate(cols)
 
-    return Arrivals(*(column(name) for name in ("times", "tiers", "prompt_tokens", "output_tokens")))
+    return Arrivals(*(column(name) for name in ("times", "tiers", "prompt_tokens", "output_tokens", "prefixes")))
 
 
 def generate_arrivals(

@@ -1,6 +1,6 @@
 """Request lengths (and optionally arrival times and tiers) from a dataset file.
 
-Two formats:
+Formats (``--dataset-format``, detected from the first row when not given):
 
 - JSONL, one request a line: ``{"prompt_tokens": 512, "output_tokens": 128}`` with an
   optional ``"timestamp"`` (seconds) and ``"tier"``. With timestamps the file is a
@@ -10,6 +10,9 @@ Two formats:
   reads: the first human turn is the prompt, the reply after it the output. Tokens are
   counted with the tokenizer given (a Hugging Face tokenizer's name or folder), or
   estimated at 4 characters per token when none is given; the dataset says which.
+- The public traces as published: Mooncake and Bailian JSONL, Azure LLM inference CSV,
+  BurstGPT CSV, Vidur's processed CSV (:mod:`.public_traces`). Their timestamps make
+  them traces.
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import numpy as np
 from ...core.errors import ConfigError
 from ...core.tiers import Tier
 from ...core.tokens import CHARS_PER_TOKEN, estimated_tokens, load_tokenizer
+from .public_traces import TraceFormat, detect_format, read_public_trace
 from .rows import json_rows, row_tier, row_timestamp
 
-__all__ = ["CHARS_PER_TOKEN", "Dataset", "load_dataset"]
+__all__ = ["CHARS_PER_TOKEN", "Dataset", "TraceFormat", "load_dataset"]
 
 
 @dataclass(frozen=True)
@@ -37,21 +41,39 @@ class Dataset:
     counted_with: str  # how the lengths were obtained, for the report
     times: np.ndarray | None = None  # seconds from the first request, when the file had timestamps
     tiers: np.ndarray | None = None  # int8, when it had timestamps (a row without a tier is free)
+    block_ids: list[np.ndarray] | None = None  # per request, its prompt's block hash ids (Mooncake, Bailian)
+    block_tokens: int | None = None  # the tokens each of those ids stands for
 
     def __len__(self) -> int:
         return int(self.prompt_tokens.size)
 
 
-def load_dataset(path: Path, tokenizer: str | None = None) -> Dataset:
+def load_dataset(path: Path, tokenizer: str | None = None, fmt: TraceFormat = TraceFormat.AUTO) -> Dataset:
     if not path.is_file():
         raise ConfigError(f"dataset file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a CSV saved by a spreadsheet starts with a byte-order mark
     except UnicodeDecodeError as err:
         raise ConfigError(f"{path}: not a text dataset ({err})") from err
-    if text.lstrip().startswith("["):
+    if not text.strip():
+        raise ConfigError(f"{path}: the dataset holds no requests")
+    fmt = detect_format(path, text) if fmt is TraceFormat.AUTO else fmt
+    if fmt is TraceFormat.SHAREGPT:
         return _sharegpt(path, text, tokenizer)
-    return _jsonl(path, text)
+    if fmt is TraceFormat.JSONL:
+        return _jsonl(path, text)
+    rows = read_public_trace(path, text, fmt)
+    order = np.argsort(rows.times_s, kind="stable")
+    times = rows.times_s[order]
+    return Dataset(
+        prompt_tokens=rows.prompt_tokens[order],
+        output_tokens=rows.output_tokens[order],
+        counted_with=rows.describe(fmt),
+        times=times - times[0],
+        tiers=np.full(times.size, int(Tier.FREE), np.int8),
+        block_ids=None if rows.block_ids is None else [rows.block_ids[k] for k in order.tolist()],
+        block_tokens=rows.block_tokens,
+    )
 
 
 def _jsonl(path: Path, text: str) -> Dataset:

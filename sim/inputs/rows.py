@@ -15,7 +15,7 @@ from typing import Any
 from ...core.errors import ConfigError
 from ...core.tiers import Tier
 
-__all__ = ["json_rows", "row_tier", "row_timestamp"]
+__all__ = ["json_rows", "row_number", "row_tier", "row_timestamp"]
 
 
 def json_rows(lines: Iterable[str], path: Path, example: str) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -36,15 +36,20 @@ def row_timestamp(raw: object, path: Path, lineno: int) -> float | None:
     """A row's time in seconds (a number, or a CSV cell holding one); None when the row has none."""
     if raw is None or raw == "":
         return None
+    return row_number(raw, "a timestamp in seconds", path, lineno)
+
+
+def row_number(raw: object, what: str, path: Path, lineno: int) -> float:
+    """A row's number (JSON's, or a CSV cell holding one); ``what`` names it in the one-line error."""
     try:
-        if isinstance(raw, bool):
+        if isinstance(raw, bool) or raw is None:
             raise TypeError
-        stamp = float(raw)  # type: ignore[arg-type]
+        value = float(raw)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ConfigError(f"{path}:{lineno}: expected a timestamp in seconds, got {raw!r}") from None
-    if not math.isfinite(stamp):
-        raise ConfigError(f"{path}:{lineno}: expected a finite timestamp in seconds, got {raw!r}")
-    return stamp
+        raise ConfigError(f"{path}:{lineno}: expected {what}, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{path}:{lineno}: expected a finite {what.removeprefix('a ')}, got {raw!r}")
+    return value
 
 
 def row_tier(raw: object, default: Tier, path: Path, lineno: int) -> int:

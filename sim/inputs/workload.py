@@ -19,10 +19,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from ...core.model import ServiceModel, TokenShape
+from ...core.prompt_blocks import TraceHashes
 from .arrivals import ArrivalProcess, Arrivals, arrival_chunks, concatenate, generate_arrivals, load_trace, split
-from .dataset import Dataset, load_dataset
+from .dataset import Dataset, TraceFormat, load_dataset
 from .lengths import LengthDist
+from .public_traces import repeated_prefix_share
 from .schedule import RateSchedule
+from .shared_prefix import SharedPrefixSpec
 
 __all__ = ["DEFAULT_OUTPUT", "DEFAULT_PROMPT", "Workload"]
 
@@ -32,8 +35,8 @@ DEFAULT_OUTPUT = LengthDist(kind="fixed", value=128)
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_dataset(path: Path, tokenizer: str | None) -> Dataset:
-    return load_dataset(path, tokenizer)  # a workload asks for it several times per run (shape, arrivals, report)
+def _cached_dataset(path: Path, tokenizer: str | None, fmt: TraceFormat) -> Dataset:
+    return load_dataset(path, tokenizer, fmt)  # a workload asks for it several times per run (shape, arrivals, report)
 
 
 class Workload(BaseModel):
@@ -47,6 +50,8 @@ class Workload(BaseModel):
     prompt_tokens: LengthDist | None = None
     output_tokens: LengthDist | None = None
     dataset: Path | None = None
+    dataset_format: TraceFormat = TraceFormat.AUTO  # a public trace as published, or ours (sim/inputs/dataset.py)
+    shared_prefix: SharedPrefixSpec | None = None  # each prompt starts with one of a few system prompts
     tokenizer: str | None = None  # counts a ShareGPT dataset's tokens; without one they are estimated
     stream: bool = False  # streamed requests: a static batch answers each at its last token
     tokens: bool = False  # the requests carry lengths whatever the model (a load test of a token API)
@@ -55,6 +60,11 @@ class Workload(BaseModel):
     @classmethod
     def _parse_lengths(cls, value: Any) -> Any:
         return LengthDist.parse(str(value)) if isinstance(value, str | int | float) else value
+
+    @field_validator("shared_prefix", mode="before")
+    @classmethod
+    def _parse_shared_prefix(cls, value: Any) -> Any:
+        return SharedPrefixSpec.parse(value) if isinstance(value, str) else value
 
     @classmethod
     def constant(cls, rps: float, arrival: ArrivalProcess = ArrivalProcess.POISSON) -> Workload:
@@ -76,11 +86,12 @@ class Workload(BaseModel):
             or self.dataset is not None
             or self.prompt_tokens is not None
             or (self.output_tokens is not None)
+            or self.shared_prefix is not None
         )
 
     def _dataset(self) -> Dataset:
         assert self.dataset is not None
-        return _cached_dataset(self.dataset, self.tokenizer)
+        return _cached_dataset(self.dataset, self.tokenizer, self.dataset_format)
 
     def arrivals(self, model: ServiceModel, horizon_s: float, seed: int) -> Arrivals:
         """The requests of one run, all at once (a load test's plan): times, tiers, lengths when tokens are in play."""
@@ -95,7 +106,7 @@ class Workload(BaseModel):
         data = self._dataset() if self.dataset is not None else None
         if data is not None and data.times is not None:
             assert data.tiers is not None
-            whole = Arrivals(data.times, data.tiers, data.prompt_tokens, data.output_tokens)
+            whole = Arrivals(data.times, data.tiers, data.prompt_tokens, data.output_tokens, _trace_prefixes(data))
         elif self.trace is not None:
             whole = load_trace(self.trace)
         elif chunked:
@@ -113,29 +124,63 @@ class Workload(BaseModel):
             yield from chunks
             return
         rng = np.random.default_rng([seed, 1])  # its own stream: the arrivals stay those of a run without tokens
+        prefix_rng = np.random.default_rng([seed, 2])  # and the lengths those of a run without a shared prefix
         prompt, output = self.prompt_tokens or DEFAULT_PROMPT, self.output_tokens or DEFAULT_OUTPUT
+        shared = self.shared_prefix
         for arrivals in chunks:
             n = len(arrivals)
             if data is not None:  # lengths of the dataset's rows, drawn with replacement
                 rows = rng.integers(0, len(data), size=n)
-                yield arrivals.with_lengths(data.prompt_tokens[rows], data.output_tokens[rows])
+                lengths, prefixes = (data.prompt_tokens[rows], data.output_tokens[rows]), _trace_prefixes(data, rows)
             else:
-                yield arrivals.with_lengths(prompt.sample(n, rng), output.sample(n, rng))
+                lengths, prefixes = (prompt.sample(n, rng), output.sample(n, rng)), None
+            if shared is not None:  # the system prompt comes first, the request's own prompt after it
+                lengths, prefixes = (lengths[0] + shared.tokens, lengths[1]), shared.draw(n, prefix_rng)
+            yield arrivals.with_lengths(*lengths, prefixes)
 
     def shape(self, model: ServiceModel) -> TokenShape | None:
         """Mean lengths for the back-of-envelope arithmetic (None when tokens are not in play)."""
         if not self.wants_tokens(model):
             return None
+        extra = self.shared_prefix.tokens if self.shared_prefix is not None else 0
         if self.dataset is not None:
             data = self._dataset()
-            return TokenShape(float(data.prompt_tokens.mean()), float(data.output_tokens.mean()))
-        prompt, output = self.prompt_tokens or DEFAULT_PROMPT, self.output_tokens or DEFAULT_OUTPUT
-        return TokenShape(prompt.mean_tokens, output.mean_tokens)
+            prompt_mean, output_mean = float(data.prompt_tokens.mean()) + extra, float(data.output_tokens.mean())
+        else:
+            prompt, output = self.prompt_tokens or DEFAULT_PROMPT, self.output_tokens or DEFAULT_OUTPUT
+            prompt_mean, output_mean = prompt.mean_tokens + extra, output.mean_tokens
+        return TokenShape(prompt_mean, output_mean, self._expected_cached(model, prompt_mean))
+
+    def _expected_cached(self, model: ServiceModel, prompt_mean: float) -> float:
+        """The arithmetic's guess of the prompt tokens a request finds cached, before any simulation: a shared
+        system prompt's full blocks (as if every one stayed cached), or the share of a trace's prompt tokens
+        that repeat an earlier prefix. The simulation measures the real hit rate; its result uses that."""
+        if not model.prefix_caching:
+            return 0.0
+        if self.shared_prefix is not None:
+            return float(min(self.shared_prefix.tokens // model.kv_block_tokens * model.kv_block_tokens,
+                             prompt_mean - 1))  # fmt: skip
+        data = self._dataset() if self.dataset is not None else None
+        if data is not None and data.block_ids is not None and data.block_tokens is not None:
+            return prompt_mean * repeated_prefix_share(data.block_ids, data.prompt_tokens, data.block_tokens)
+        return 0.0
 
     def describe_lengths(self) -> str:
         """Where the token lengths come from, for the report."""
+        shared = self.shared_prefix
+        after = f" after one of {shared.count} shared {shared.tokens}-token system prompts ({shared})" if shared else ""
         if self.dataset is not None:
-            return f"dataset {self.dataset.name} ({self._dataset().counted_with})"
+            return f"dataset {self.dataset.name} ({self._dataset().counted_with}){after}"
         prompt, output = self.prompt_tokens or DEFAULT_PROMPT, self.output_tokens or DEFAULT_OUTPUT
         defaults = " (defaults)" if self.prompt_tokens is None and self.output_tokens is None else ""
-        return f"prompt {prompt}, output {output} tokens{defaults}"
+        return f"prompt {prompt}{after}, output {output} tokens{defaults}"
+
+
+def _trace_prefixes(data: Dataset, rows: np.ndarray | None = None) -> np.ndarray | None:
+    """A trace's block hash ids as each request's prompt prefix (core.prompt_blocks); None when it has none."""
+    if data.block_ids is None or data.block_tokens is None:
+        return None
+    picked = range(len(data)) if rows is None else rows.tolist()
+    prefixes = np.empty(len(picked), dtype=object)
+    prefixes[:] = [TraceHashes(tuple(data.block_ids[k].tolist()), data.block_tokens) for k in picked]
+    return prefixes

@@ -116,7 +116,9 @@ def _continuous_arithmetic(model: ServiceModel, shape: TokenShape, per_gpu: floa
         else ""
     )
     step = model.step_ms(0, seqs)
-    prefill = model.prefill_ms_per_token * p + model.admit_ms_per_request
+    fill = p - shape.cached_tokens
+    prefill = model.prefill_ms_per_token * fill + model.admit_ms_per_request
+    prefilled = f"({p:g} - {shape.cached_tokens:,.4g} cached)" if shape.cached_tokens else f"{p:g}"
     decode = o * (model.decode_step_ms / seqs + model.decode_ms_per_seq)
     admit = f" + admission {model.admit_ms_per_request:g}" if model.admit_ms_per_request else ""
     spread = f"(mean step spread {model.jitter_mean:.3f} x " if model.cycle_jitter else "("
@@ -124,7 +126,7 @@ def _continuous_arithmetic(model: ServiceModel, shape: TokenShape, per_gpu: floa
         f"sequences per GPU S = min(max_num_seqs {model.max_num_seqs}{kv}) = {seqs:,.0f}",
         f"decode step of S = {model.decode_step_ms:g} + {model.decode_ms_per_seq:g} x {seqs:,.0f} = {step:,.3f} ms: "
         f"{seqs / step * 1000 if step else math.inf:,.0f} tokens/s per GPU while only decoding",
-        f"GPU time per request = prefill {p:g} x {model.prefill_ms_per_token:g}{admit} = {prefill:,.3f} ms + "
+        f"GPU time per request = prefill {prefilled} x {model.prefill_ms_per_token:g}{admit} = {prefill:,.3f} ms + "
         f"{o:g} tokens x "
         f"({model.decode_step_ms:g} / {seqs:,.0f} + {model.decode_ms_per_seq:g}) = {decode:,.3f} ms",
         f"per-GPU throughput = 1000 / {spread}{prefill + decode:,.3f} ms) = {_rate(per_gpu)} req/s "

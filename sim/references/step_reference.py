@@ -9,13 +9,15 @@ service model and the zones, and tests hold the fast engine to it request by req
 It covers the fleet without failures or autoscaling. Engine overheads (SPEC section 12)
 are a wait of each request's own before it reaches the zones, and a client-side lag of
 ``output_token_ms`` per token it has received. A measured step spread (``cycle_jitter``)
-multiplies each step by the next draw of that GPU's own stream.
+multiplies each step by the next draw of that GPU's own stream. With ``prefix_caching``
+each GPU keeps its blocks in a plain dict of users and an ordered dict of cached keys
+(SPEC section 13), written out here step by step rather than shared with the engine.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 
 import numpy as np
 import simpy
@@ -23,6 +25,7 @@ import simpy
 from ...core.admission import zone_admits
 from ...core.jitter import StepJitter
 from ...core.model import ServiceModel
+from ...core.prompt_blocks import prompt_keys
 from ...core.tiers import Tier
 
 __all__ = ["ReferenceTokens", "simulate_steps_reference"]
@@ -34,6 +37,7 @@ class ReferenceTokens:
     first_token: np.ndarray  # float64 seconds; nan when shed
     finished: np.ndarray
     gaps: list[float]  # every inter-token gap of every request, in seconds
+    cached_tokens: np.ndarray  # int64 prompt tokens each request found cached (0 without prefix caching)
 
 
 @dataclass
@@ -44,6 +48,10 @@ class _Seq:
     last_token: float = float("nan")  # when its client received its latest token
     emitted: int = 0
     chunk: int = 0
+    fill: int = 0  # prompt tokens it prefills: its prompt less its cached prefix
+    keys: list = field(default_factory=list)  # prefix caching: its prompt's block keys
+    hits: int = 0
+    blocks: int = 0
 
 
 def simulate_steps_reference(
@@ -55,6 +63,7 @@ def simulate_steps_reference(
     gpus: int,
     *,
     jitter_seed: int = 0,
+    prefixes: np.ndarray | None = None,
 ) -> ReferenceTokens:
     env = simpy.Environment()
     n = times.size
@@ -65,6 +74,9 @@ def simulate_steps_reference(
     waiting: list[deque[int]] = [deque() for _ in Tier]
     thresholds = model.backpressure.thresholds(gpus, model.max_num_seqs)
     kv_budget = model.kv_cache_tokens if model.kv_cache_tokens is not None else float("inf")
+    caching, block = model.prefix_caching, model.kv_block_tokens
+    cache_blocks = kv_budget // block if model.kv_cache_tokens is not None else float("inf")  # (inf // n is nan)
+    cached_tokens = np.zeros(n, dtype=np.int64)
     signal = {"work": env.event()}
 
     lag_s = model.output_token_ms / 1000.0
@@ -90,16 +102,36 @@ def simulate_steps_reference(
         jitter = StepJitter(model, jitter_seed, g) if model.cycle_jitter else None  # this GPU's step spread
         running: list[_Seq] = []
         kv = 0
+        users: dict = {}  # prefix caching: resident keys in use -> how many running sequences use each
+        lru: OrderedDict = OrderedDict()  # resident keys nobody uses, least recently used first
+        loose = 0  # blocks in use without a key anyone could share
         while True:
             while len(running) < model.max_num_seqs:
                 tier = next((t for t in range(len(waiting)) if waiting[t]), None)
                 if tier is None:
                     break
                 i = waiting[tier][0]
-                if kv + prompt[i] + output[i] > kv_budget:
+                seq = _Seq(i, int(prompt[i]), int(output[i]), fill=int(prompt[i]))
+                if caching:
+                    seq.keys = prompt_keys(None if prefixes is None else prefixes[i], i, seq.fill, block)
+                    seq.blocks = -(-(int(prompt[i]) + int(output[i])) // block)
+                    while seq.hits < len(seq.keys) and (seq.keys[seq.hits] in users or seq.keys[seq.hits] in lru):
+                        seq.hits += 1
+                    back_in_use = sum(1 for key in seq.keys[: seq.hits] if key in lru)
+                    if len(users) + loose + back_in_use + seq.blocks - seq.hits > cache_blocks:
+                        break  # the first that does not fit blocks the rest
+                    for key in seq.keys[: seq.hits]:
+                        lru.pop(key, None)
+                        users[key] = users.get(key, 0) + 1
+                    loose += seq.blocks - seq.hits
+                    while lru and len(users) + loose + len(lru) > cache_blocks:
+                        lru.popitem(last=False)  # evict the least recently used
+                    cached_tokens[i] = min(seq.hits * block, int(prompt[i]) - 1)
+                    seq.fill = seq.prefill_left = int(prompt[i]) - int(cached_tokens[i])
+                elif kv + prompt[i] + output[i] > kv_budget:
                     break  # the first that does not fit blocks the rest
                 waiting[tier].popleft()
-                running.append(_Seq(i, int(prompt[i]), int(output[i])))
+                running.append(seq)
                 kv += int(prompt[i] + output[i])
             if not running:
                 work = signal["work"] = env.event() if signal["work"].triggered else signal["work"]
@@ -116,14 +148,29 @@ def simulate_steps_reference(
                         continue
                 in_step.append(seq)
             prefill = sum(seq.chunk for seq in in_step)
-            joining = sum(1 for seq in in_step if seq.chunk and seq.prefill_left == prompt[seq.i])
+            joining = sum(1 for seq in in_step if seq.chunk and seq.prefill_left == seq.fill)
+            # The extended model's context (SPEC section 12): what each decoding sequence holds (prompt and
+            # tokens so far), and each chunk against the prompt prefilled before it.
+            kv_tokens = sum(int(prompt[seq.i]) + seq.emitted for seq in in_step if not seq.chunk)
+            prefill_sq = sum(seq.chunk * seq.chunk for seq in in_step)
+            prefill_context = sum(seq.chunk * (int(prompt[seq.i]) - seq.prefill_left) for seq in in_step)
             spread = float(jitter.take(1)[0]) if jitter is not None else 1.0
-            yield env.timeout(model.step_ms(prefill, len(in_step), joining) * spread / 1000.0)
+            step = model.step_ms(
+                prefill, len(in_step), joining,
+                kv_tokens=kv_tokens, prefill_sq=prefill_sq, prefill_context=prefill_context,
+            )  # fmt: skip
+            yield env.timeout(step * spread / 1000.0)
             for seq in in_step:
                 if seq.chunk:
                     seq.prefill_left -= seq.chunk
                     if seq.prefill_left > 0:
                         continue  # more chunks to go: no token yet
+                    if caching:  # its prompt's blocks are computed: others may share them from now on
+                        for key in seq.keys[seq.hits :]:
+                            if key not in users:
+                                lru.pop(key, None)
+                            users[key] = users.get(key, 0) + 1
+                        loose -= len(seq.keys) - seq.hits
                 seq.emitted += 1
                 received = env.now + seq.emitted * lag_s  # the k-th token is k lags behind its step
                 if seq.emitted == 1:
@@ -137,9 +184,16 @@ def simulate_steps_reference(
             for seq in [s for s in running if s.out_left == 0]:
                 running.remove(seq)
                 kv -= int(prompt[seq.i] + output[seq.i])
+                if caching:  # its keys nobody else uses are cached, the prompt's last block first
+                    for key in reversed(seq.keys):
+                        users[key] -= 1
+                        if users[key] == 0:
+                            del users[key]
+                            lru[key] = None
+                    loose -= seq.blocks - len(seq.keys)
 
     env.process(source())
     for g in range(gpus):
         env.process(gpu(g))
     env.run()
-    return ReferenceTokens(admitted, first_token, finished, gaps)
+    return ReferenceTokens(admitted, first_token, finished, gaps, cached_tokens)

@@ -91,7 +91,7 @@ def summarise(
             longest_above_s=fleet.longest_above_s,
         )
     shape = (
-        TokenShape(tally.prompt_sum / tally.all_requests, tally.output_sum / tally.all_requests)
+        TokenShape(*(total / tally.all_requests for total in (tally.prompt_sum, tally.output_sum, tally.cached_sum)))
         if tally.tokens and tally.all_requests
         else None
     )

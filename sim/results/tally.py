@@ -34,7 +34,7 @@ from .token_gaps import TokenGaps
 __all__ = ["Precision", "Tally", "Watch", "student_t"]
 
 _N_TIERS = len(Tier)
-_COUNTS = ("requests", "completed", "rejected", "failed", "good", "output_tokens")
+_COUNTS = ("requests", "completed", "rejected", "failed", "good", "output_tokens", "prompt_tokens", "cached_tokens")
 MAX_SLICES = 128  # a long run gets longer slices, so the per-slice figures stay a few kilobytes
 MIN_SLICES = 10  # fewer slice P95s make no interval worth the name
 
@@ -88,6 +88,7 @@ class Tally:
         self.slos = model.slos
         shape = (self.n_slices, _N_TIERS)
         self.counts = {name: np.zeros(shape, np.int64) for name in _COUNTS}
+        self.caching = False  # set by the first requests that carry prefix-cache hits
         metrics = ("e2e", "ttft", "tpot", "itl") if tokens else ("e2e",)
         # Histograms of the slices still filling, by slice; a slice whose requests have all been folded is
         # closed: its P95s are noted for the precision stop and its counts merge into ``closed``. So memory holds
@@ -105,6 +106,7 @@ class Tally:
         self.all_requests = 0  # every request folded, window or not: the run's mean lengths
         self.prompt_sum = 0
         self.output_sum = 0
+        self.cached_sum = 0  # prompt tokens found in the prefix cache, every request folded
         self.sample_every_s = sample_every_s
         self.tokens_by_sample = np.zeros(0)  # output tokens finishing in each monitor interval
         self.stopped_at: int | None = None  # slices measured when a precision stop ended the run
@@ -125,6 +127,8 @@ class Tally:
         if rec.prompt_tokens is not None and rec.output_tokens is not None:
             self.prompt_sum += int(rec.prompt_tokens.sum(dtype=np.int64))
             self.output_sum += int(rec.output_tokens.sum(dtype=np.int64))
+        if rec.cached_tokens is not None:
+            self.cached_sum += int(rec.cached_tokens.sum(dtype=np.int64))
         ok = rec.outcome == Outcome.OK
         done = self._slices(rec.finished[ok])
         self.completions += np.bincount(done[done >= 0], minlength=self.n_slices)
@@ -158,6 +162,14 @@ class Tally:
         counts["output_tokens"][j] += np.bincount(served, weights=output, minlength=_N_TIERS).astype(np.int64)
         good = good_requests(self.slos, e2e, ttft, output)
         counts["good"][j] += np.bincount(served[good], minlength=_N_TIERS)
+        if rec.cached_tokens is not None and rec.prompt_tokens is not None:
+            self.caching = True
+            counts["prompt_tokens"][j] += np.bincount(served, weights=rec.prompt_tokens[ok], minlength=_N_TIERS).astype(
+                np.int64
+            )
+            counts["cached_tokens"][j] += np.bincount(served, weights=rec.cached_tokens[ok], minlength=_N_TIERS).astype(
+                np.int64
+            )
 
     def _add(
         self, metric: str, j: int, tier: np.ndarray, values: np.ndarray, weights: np.ndarray | None = None
@@ -325,6 +337,8 @@ class Tally:
             ttft_ms=self.histogram("ttft", tier), itl_ms=self.histogram("itl", tier),
             tpot_ms=self.histogram("tpot", tier), output_tokens=self.count("output_tokens", tier),
             good=self.count("good", tier), duration_s=duration_s,
+            prompt_and_cached=(self.count("prompt_tokens", tier), self.count("cached_tokens", tier))
+            if self.caching else None,
         ).model_dump()  # fmt: skip
 
     def window_sums(self) -> tuple[float, int, int, int]:

@@ -12,7 +12,9 @@ import json
 import tomllib
 
 import pytest
+from infer_plan.calibrate.run import CalibrationSpec, stream_plan
 from infer_plan.core import ServiceModel
+from infer_plan.core.errors import UsageError
 from infer_plan.loadtests.target import write_model_scenario
 
 from tests.helpers import run_cli, running_server
@@ -43,9 +45,11 @@ def calibrate(*args: str):
     return run_cli("calibrate", "--quiet", *args, timeout=300)
 
 
-def assert_terms_recovered(service: dict, rel: float, terms: tuple[str, ...] = TERMS) -> None:
+def assert_terms_recovered(
+    service: dict, rel: float, terms: tuple[str, ...] = TERMS, truth: ServiceModel = KNOWN
+) -> None:
     def true(term: str) -> float:
-        return getattr(KNOWN, term)
+        return getattr(truth, term)
 
     wrong = {t: (service[t], true(t)) for t in terms if service[t] != pytest.approx(true(t), rel=rel)}
     assert not wrong, f"fitted vs true: {wrong}"
@@ -105,6 +109,37 @@ def test_streamed_calibration_measures_the_steps_spread(tmp_path):
     assert all(m == pytest.approx(true, rel=0.10) for m, true in at.values()), at
 
 
+# The same engine with the context terms of the extended step model (SPEC section 12): a decode step reads
+# 0.004 ms per context token of its decoders (16 decoders of 1,000 tokens: +64 ms) and a prefill costs 0.0002 ms
+# per prompt token squared (512 tokens: +52 ms).
+LONG = KNOWN.model_copy(update={"decode_ms_per_kv_token": 0.004, "prefill_ms_per_token_sq": 0.0002})
+
+
+@pytest.mark.slow  # about 40 s of streamed cells
+def test_calibration_across_contexts_recovers_the_context_terms_and_prints_every_cells_error(tmp_path):
+    profile, saved = tmp_path / "long.toml", tmp_path / "long.json"
+    with running_server("--scenario", str(write_model_scenario(LONG, tmp_path / "long-engine.toml", gpus=1))) as srv:
+        done = run_cli(
+            "calibrate", "--backend", "openai", "--upstream", srv.url, "--api-key", "dev-paid", "--max-num-seqs",
+            "16", "--sizes", "1,16", "--prompt-tokens", "32,256,512", "--output-tokens", "16", "--contexts",
+            "64,1024", "--repetitions", "2", "--out", str(profile), "--save", str(saved), timeout=300,
+        )  # fmt: skip
+        assert srv.terminate() == 0
+    assert done.returncode == 0, done.stderr[-3000:]
+    service, result = tomllib.loads(profile.read_text())["service"], json.loads(saved.read_text())
+    terms = ("decode_step_ms", "decode_ms_per_seq", "decode_ms_per_kv_token", "prefill_ms_per_token_sq")
+    print("\nfit across contexts:", {t: (round(service[t], 5), getattr(LONG, t)) for t in terms})
+    assert_terms_recovered(service, rel=0.15, terms=terms, truth=LONG)
+    decode = [c for c in result["stream_cells"] if c["kind"] == "decode"]
+    assert {c["context_tokens"] for c in decode} == {64, 256, 1024}  # the mixed cells' decoders' context too
+    assert result["max_relative_error"] < 0.10
+    printed = " ".join(done.stdout.replace("│", " ").split())
+    for cell in decode:  # every cell is printed with its context and its own error
+        error = abs(cell["fitted_ms"] - cell["median_ms"]) / cell["median_ms"]
+        assert f"decode gap {cell['sequences']} 0 {cell['context_tokens']} {cell['samples']} " in printed, cell
+    assert f"{error:.1%}" in printed
+
+
 @pytest.mark.slow  # a 30 s load test
 def test_calibrate_from_a_load_tests_saved_requests_recovers_the_terms_it_ran_with(known_server, tmp_path):
     rows, profile = tmp_path / "requests.csv", tmp_path / "traffic.toml"
@@ -156,3 +191,20 @@ def test_bad_saved_requests_are_one_line_and_exit_2(tmp_path):
 def test_a_static_backend_is_not_calibrated_by_streams(tmp_path):
     done = calibrate("--backend", "sim", "--batching", "continuous", "--out", str(tmp_path / "p.toml"))
     assert done.returncode == 2 and "runs static batches" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_contexts_that_cannot_be_measured_are_one_line_and_exit_2(tmp_path):
+    static = calibrate("--backend", "sim", "--contexts", "64,1024", "--out", str(tmp_path / "p.toml"))
+    assert static.returncode == 2 and "--contexts" in static.stderr and "Traceback" not in static.stderr
+
+    def plan(contexts: list[int], kv: int = 1 << 20):
+        spec = CalibrationSpec(out=tmp_path / "p.toml", backend="openai", contexts=contexts, sizes=[1, 16])
+        return stream_plan(spec, {"max_num_seqs": 16, "kv_cache_tokens": kv}, 2048)
+
+    assert plan([64, 1024]).decode_contexts == [64, 128, 1024]  # the mixed cells' decoders' context added
+    with pytest.raises(UsageError, match="at least two contexts"):
+        plan([1024])
+    with pytest.raises(UsageError, match="does not fit the engine's context window"):
+        plan([64, 2040])
+    with pytest.raises(UsageError, match="overflow the KV cache"):
+        plan([64, 1024], kv=16 * 1000)

@@ -31,6 +31,21 @@ STEPPED = ServiceModel(
     pcie_in_ms=0, kernel_ms=0, pcie_out_ms=0, decode_step_ms=20, prefill_ms_per_token=0.05, decode_ms_per_seq=0.5
 )
 KEY = "dev-paid"
+# A continuous engine whose E2E P95 grows smoothly with the rate (each decoding sequence adds 0.4 ms to
+# every step): the knee of an E2E SLO sits inside GuideLLM's grid of rates, not at saturation.
+CONTINUOUS = ServiceModel(
+    batching="continuous",
+    pcie_in_ms=0,
+    kernel_ms=0,
+    pcie_out_ms=0,
+    decode_step_ms=12,
+    prefill_ms_per_token=0.1,
+    decode_ms_per_seq=0.4,
+    max_num_seqs=16,
+    max_batched_tokens=2048,
+    kv_cache_tokens=100_000,
+)
+SWEEP_SLOS = {"e2e_p95_ms": 320.0, "ttft_p95_ms": 250.0}
 
 
 def run(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None) -> str:
@@ -108,18 +123,22 @@ def test_vllm_bench_serve_completes_and_matches_the_simulators_ttft_and_itl(step
         assert result[measured] == pytest.approx(sim[simulated], rel=0.10), (measured, result[measured], sim[simulated])
 
 
-def test_guidellm_finishes_a_short_run_with_no_errors(stepped, tokenizer, tmp_path):
-    url = stepped[0].url
+def guidellm_run(url: str, tokenizer: Path, folder: Path, profile: str, constraint: str, prompt_tokens: int) -> Path:
+    """GuideLLM against our server's completions, 16 output tokens a request; the JSON it wrote."""
     guidellm = client_tool("INFER_PLAN_GUIDELLM", ".venv-guidellm", "guidellm")
-    out = tmp_path / "guidellm.json"
+    out = folder / "guidellm.json"
     run([
         guidellm, "run", "--backend",
         f"kind=openai_http,target={url},model=sim,request_format=/v1/completions,api_key={KEY}",
-        "--profile", "kind=constant,rate=4", "--constraint", "kind=max_requests,count=20",
-        "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
-        "--data", "kind=synthetic_text,prompt_tokens=32,output_tokens=16",
+        "--profile", profile, "--constraint", constraint, "--tokenizer", f"kind=huggingface_auto,model={tokenizer}",
+        "--data", f"kind=synthetic_text,prompt_tokens={prompt_tokens},output_tokens=16",
         "--output", f"kind=json,path={out}", "--disable-progress",
-    ], tmp_path)  # fmt: skip
+    ], folder)  # fmt: skip
+    return out
+
+
+def test_guidellm_finishes_a_short_run_with_no_errors(stepped, tokenizer, tmp_path):
+    out = guidellm_run(stepped[0].url, tokenizer, tmp_path, "kind=constant,rate=4", "kind=max_requests,count=20", 32)
     totals = json.loads(out.read_text())["benchmarks"][0]["metrics"]["request_totals"]
     assert totals["successful"] == 20 and totals["errored"] == 0 and totals["incomplete"] == 0
 
@@ -137,3 +156,51 @@ def test_aiperf_finishes_a_short_streaming_run_with_no_errors(stepped, tokenizer
     report = json.loads((tmp_path / "out" / "profile_export_aiperf.json").read_text())
     assert report["completed_request_count"]["avg"] == 20 and report["request_error_rate"]["avg"] == 0
     assert report["error_summary"] == [] and report["output_token_count"]["min"] == 16
+
+
+def guidellm_highest_rate_within(benchmarks: list[dict], slos: dict[str, float]) -> tuple[float, float | None]:
+    """GuideLLM 0.8.1's sweep names no knee: the highest constant rate whose P95s hold every SLO, and the
+    lowest above it that does not (None when every rate held)."""
+    held, over = [], []
+    for bench in benchmarks:
+        if bench["config"]["strategy"]["type_"] != "constant":
+            continue
+        m = bench["metrics"]
+        e2e = m["request_latency"]["successful"]["percentiles"]["p95"] * 1000  # seconds in its JSON
+        ttft = m["time_to_first_token_ms"]["successful"]["percentiles"]["p95"]
+        ok = e2e <= slos["e2e_p95_ms"] and ttft <= slos["ttft_p95_ms"] and m["request_totals"]["errored"] == 0
+        (held if ok else over).append(bench["config"]["strategy"]["rate"])
+    assert held, benchmarks
+    best = max(held)
+    return best, min((r for r in over if r > best), default=None)
+
+
+@pytest.mark.slow
+def test_our_sweep_and_guidellms_agree_on_the_highest_rate_within_the_slos(tokenizer, tmp_path):
+    """Both tools sweep one continuous sim engine with constant arrivals and are held to the same SLOs."""
+    scenario = write_model_scenario(CONTINUOUS, tmp_path / "continuous.toml", gpus=1)
+    with running_server("--scenario", str(scenario)) as server:
+        # Twelve benchmarks: synchronous, throughput (32 at a time, under the server's queue limit),
+        # then ten constant rates up to that throughput, ~10% of the knee apart.
+        guidellm_json = guidellm_run(server.url, tokenizer, tmp_path, "kind=sweep,sweep_size=12,max_concurrency=32",
+                                     "kind=max_duration,seconds=4", 64)  # fmt: skip
+        tokens, requests = paid_prompt_tokens(server.url)
+        words = round(tokens / requests)  # GuideLLM's 64 tokens, as the sim backend counts them (words)
+        ours = tmp_path / "sweep.json"
+        done = run_cli(
+            "loadtest", "--target", server.url, "--sweep", "--api", "completions", "--stream", "--arrival", "constant",
+            "--prompt-tokens", str(words), "--output-tokens", "16", "--tier-mix", "paid=1", "--duration", "4",
+            "--warmup", "1", "--slo-p95-ms", str(SWEEP_SLOS["e2e_p95_ms"]),
+            "--slo-ttft-p95-ms", str(SWEEP_SLOS["ttft_p95_ms"]), "--json", str(ours), timeout=400,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    knee = json.loads(ours.read_text())
+    assert knee["outcome"] == "knee", knee["message"]
+    benchmarks = json.loads(guidellm_json.read_text())["benchmarks"]
+    theirs, their_over = guidellm_highest_rate_within(benchmarks, SWEEP_SLOS)
+    print(
+        f"knee: ours {knee['knee_rps']:.2f} req/s in [{knee['knee_low_rps']:.2f}, {knee['knee_high_rps']:.2f}), "
+        f"GuideLLM's highest rate within the SLOs {theirs:.2f} (next {their_over})"
+    )
+    assert their_over is not None, "GuideLLM's sweep held every rate: the SLOs do not bind inside its grid"
+    assert abs(knee["knee_rps"] - theirs) / theirs <= 0.15, (knee["knee_rps"], theirs, their_over, knee["steps"])

@@ -266,6 +266,52 @@ async def test_the_sim_backend_emulates_engine_overheads_as_the_simulator_times_
     assert 0.040 <= gaps[len(gaps) // 2] <= 0.065, gaps
 
 
+# The extended step model (SPEC section 12), its context terms large beside asyncio's timer: 1 ms per context token
+# a decoding sequence reads, 0.1 ms per prompt token squared.
+CONTEXT = ServiceModel(batching="continuous", decode_step_ms=20, decode_ms_per_kv_token=1, prefill_ms_per_token_sq=0.1)
+
+
+async def test_the_sim_backend_grows_its_steps_with_the_context_as_the_simulator_does(tmp_path):
+    p, o = 20, 12
+    prompt = " ".join(f"w{i}" for i in range(p))
+    with running_server("--scenario", scenario(tmp_path, CONTEXT)) as srv:
+        async with aiohttp.ClientSession() as session:
+            await stream_times(session, srv.url, "dev-paid", "warm up", 2)
+            sent, tokens = await stream_times(session, srv.url, "dev-paid", prompt, o)
+        assert srv.terminate() == 0
+    ttft = tokens[0] - sent  # worked case: 20 + 0.1 x 20^2 = 60 ms; timers never fire early
+    assert 0.058 <= ttft <= 0.120, ttft
+    # Gap k is 20 + (p + k) ms: 506 ms from the first token to the last, five later gaps 25 ms longer than five
+    # earlier ones (steps keep their deadlines, so a late wake-up shortens the next gap, not the sum).
+    assert 0.500 <= tokens[-1] - tokens[0] <= 0.600, tokens
+    earlier, later = tokens[6] - tokens[1], tokens[11] - tokens[6]
+    assert later - earlier >= 0.010, (earlier, later)
+
+
+# Prefix caching (SPEC section 13), the prefill large beside asyncio's timer: 20 ms steps, 1 ms a prompt token.
+CACHING = ServiceModel(batching="continuous", decode_step_ms=20, prefill_ms_per_token=1, prefix_caching=True)
+
+
+async def test_the_sim_backend_skips_the_prefill_of_a_cached_system_prompt_and_says_so_in_usage(tmp_path):
+    """Section 13's worked case through the server: a 192-word system prompt (12 blocks of 16) and 8 words of
+    the request's own. The first prefills 200 tokens (20 + 200 = 220 ms to its first token), the second only
+    its own 8 (20 + 8 = 28 ms), and the usage of each says how many prompt tokens were cached."""
+    system = " ".join(f"s{i}" for i in range(192))
+    first, second = f"{system} {' '.join(['a'] * 8)}", f"{system} {' '.join(['b'] * 8)}"
+    with running_server("--scenario", scenario(tmp_path, CACHING)) as srv:
+        async with aiohttp.ClientSession() as session:
+            sent, cold = await stream_times(session, srv.url, "dev-paid", first, 3)
+            sent_again, warm = await stream_times(session, srv.url, "dev-paid", second, 3)
+        sdk = client(srv)
+        again = await sdk.completions.create(model="sim", prompt=second, max_tokens=2)
+        other = await sdk.completions.create(model="sim", prompt="another prompt entirely", max_tokens=2)
+        assert srv.terminate() == 0
+    assert 0.218 <= cold[0] - sent <= 0.290, cold[0] - sent  # timers never fire early
+    assert 0.026 <= warm[0] - sent_again <= 0.080, warm[0] - sent_again
+    assert again.usage.prompt_tokens == 200 and again.usage.prompt_tokens_details.cached_tokens == 192
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+
+
 async def test_an_engine_failure_after_the_first_token_is_an_sse_error_event_then_done():
     with running_server("--backend", "tests.server.faulty:FaultyBackend") as srv:
         async with aiohttp.ClientSession() as session:

@@ -8,8 +8,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import aiohttp
 import numpy as np
@@ -25,13 +23,11 @@ from infer_plan.sim import RateSchedule
 from infer_plan.sim.engines.engine import simulate_arrivals
 from infer_plan.sim.inputs.arrivals import Arrivals, generate_arrivals
 
-from tests.helpers import DEV_KEYS, free_port, running_server
+from tests.helpers import DEV_KEYS, RAY_ENV, ray_head, running_server
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
-RAY = Path(sys.executable).with_name("ray")
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}  # a test cluster on 127.0.0.1 only
 _RAY_NAMES = ("raylet", "gcs_server", "ray::")
 
 
@@ -43,22 +39,6 @@ def _ray_pids() -> set[int]:
             if any(name in text for name in _RAY_NAMES):
                 pids.add(proc.pid)
     return pids
-
-
-@contextlib.contextmanager
-def ray_head() -> Iterator[str]:
-    """A one-node Ray cluster on 127.0.0.1 (the `ray` command, as an operator starts one); stopped after."""
-    port = free_port()
-    env = {**os.environ, **RAY_ENV}
-    subprocess.run(
-        [str(RAY), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port), "--num-cpus", "4",
-         "--include-dashboard=false", "--disable-usage-stats"],
-        check=True, env=env, capture_output=True, timeout=120,
-    )  # fmt: skip
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        subprocess.run([str(RAY), "stop", "--force"], check=False, env=env, capture_output=True, timeout=120)
 
 
 _KILL = """

@@ -68,6 +68,19 @@ async def solo(session, internal_url: str, text: str) -> str:
         return (await r.json())["results"][0]["output"]
 
 
+def nearest_answer(output: str, answers: list[str]) -> str | None:
+    """The answer sharing the longest leading text with ``output``; None where two different answers tie."""
+    distinct = sorted(set(answers))
+    shared = [_leading_match(output, a) for a in distinct]
+    best = max(shared)
+    return distinct[shared.index(best)] if shared.count(best) == 1 else None
+
+
+def _leading_match(a: str, b: str) -> int:
+    """How many leading characters ``a`` and ``b`` share."""
+    return next((k for k, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 async def batch_sizes(session, url: str) -> tuple[float, float]:
     async with session.get(f"{url}/metrics") as resp:
         text = await resp.text()
@@ -88,7 +101,12 @@ async def test_concurrent_requests_are_batched_and_each_gets_its_own_output(vllm
         outputs = [a[1]["output"] for a in answers]
         assert len(set(outputs)) > len(inputs) // 2  # real generations, not one canned string
         expected = [await solo(session, vllm_server.internal_url, t) for t in inputs]
-    assert outputs == expected  # greedy decoding: each request got the answer to its own input
+    # Greedy decoding: each request got the answer to its own input. Not always to the character: the random
+    # tiny model's logits hold near-ties, and a batch's kernels round differently from a batch of one (CI saw
+    # one answer of 40 part from its solo twin after 58 characters). A request given another's answer, or a
+    # mix of two, shares its longest prefix with that other answer instead, and most answers match whole.
+    assert [nearest_answer(out, expected) for out in outputs] == expected
+    assert sum(o == e for o, e in zip(outputs, expected, strict=True)) >= 0.75 * len(inputs)
     batches = after[0] - before[0]
     assert batches < len(inputs) / 2, "requests were not batched"
     assert after[1] - before[1] == len(inputs)
@@ -174,6 +192,98 @@ def vllm_openai_server(tiny_model, tmp_path_factory):
         yield upstream
 
 
+def _prompt_tokens_served(metrics_text: str) -> float:
+    """vLLM's own count of prompt tokens it has run (``vllm:prompt_tokens_total``): the sign it took traffic."""
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(metrics_text)
+        for sample in family.samples
+        if sample.name == "vllm:prompt_tokens_total"
+    )
+
+
+async def test_vllm_replicas_register_and_leave_under_load(vllm_openai_server, tiny_model, tmp_path):
+    """Issue 30: a second vLLM replica registered while load runs takes traffic within a second; the first,
+    deregistered, is drained (every answer 200); the second, killed, answers what it ran with 503 and
+    Retry-After. Every request sent gets an answer."""
+    _, first_url = vllm_openai_server
+    second_cm = vllm_openai_server_process(tiny_model, "tiny-upstream", tmp_path / "second.log")
+    second_start = asyncio.create_task(asyncio.to_thread(second_cm.__enter__))  # starts while the gateway does
+    model = ServiceModel(batching=Batching.CONTINUOUS, max_num_seqs=4, request_timeout_s=30)
+    scenario = write_model_scenario(model, tmp_path / "model.toml", gpus=1)
+    try:
+        with running_server(
+            "--backend", "openai", "--upstream", first_url, "--max-tokens", "8", "--scenario", str(scenario),
+            "--replica-check-s", "0.5",
+        ) as srv:  # fmt: skip
+            second_proc, second_url = await second_start
+            answers: list[tuple[float, int, str | None, str]] = []  # (sent at, status, Retry-After, error code)
+            stop = asyncio.Event()
+            deadline = time.monotonic() + 150
+
+            async def client(session: aiohttp.ClientSession, c: int) -> None:
+                for i in range(200):  # bounded in count and in time
+                    if stop.is_set() or time.monotonic() > deadline:
+                        return
+                    sent = time.monotonic()
+                    async with session.post(
+                        f"{srv.url}/v1/inference", json={"model": "tiny-upstream", "input": f"client {c} asks {i}"},
+                        headers={"Authorization": "Bearer dev-paid"},
+                    ) as resp:  # fmt: skip
+                        body = await resp.json()
+                        code = body.get("error", {}).get("code") if resp.status != 200 else None
+                        answers.append((sent, resp.status, resp.headers.get("Retry-After"), code))
+
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+                async with session.post(  # a deployment warms a replica before it registers
+                    f"{second_url}/v1/completions", json={"model": "tiny-upstream", "prompt": "warm", "max_tokens": 8}
+                ) as resp:
+                    assert resp.status == 200
+                async with session.get(f"{second_url}/metrics") as resp:
+                    baseline = _prompt_tokens_served(await resp.text())
+                load = asyncio.gather(*(client(session, c) for c in range(4)))
+                await asyncio.sleep(2)
+                async with session.post(f"{srv.internal_url}/internal/replicas", json={"url": second_url}) as resp:
+                    assert resp.status == 201, await resp.text()
+                registered = time.monotonic()
+                took_traffic_s = None
+                while time.monotonic() - registered < 10:
+                    async with session.get(f"{second_url}/metrics") as resp:
+                        if _prompt_tokens_served(await resp.text()) > baseline:
+                            took_traffic_s = time.monotonic() - registered
+                            break
+                    await asyncio.sleep(0.02)
+                print(f"\nthe registered vLLM replica ran its first request {took_traffic_s} s after it registered")
+                assert took_traffic_s is not None and took_traffic_s < 1.0
+
+                await asyncio.sleep(1)
+                async with session.delete(
+                    f"{srv.internal_url}/internal/replicas", params={"url": first_url}
+                ) as resp:  # fmt: skip
+                    assert resp.status == 200
+                left = time.monotonic()
+                await asyncio.sleep(2)
+                assert {status for _, status, _, _ in answers} == {200}  # the drain lost nothing
+                served_after_leaving = len(answers)
+
+                second_proc.kill()  # a replica that dies while it runs requests
+                await asyncio.sleep(3)
+                stop.set()
+                await load
+            statuses = [status for _, status, _, _ in answers]
+            print(f"{len(answers)} answers: {served_after_leaving} before the kill, then "
+                  f"{statuses[served_after_leaving:].count(503)} x 503")  # fmt: skip
+            assert len(answers) > served_after_leaving and set(statuses) <= {200, 503}
+            assert all(status == 200 for sent, status, _, _ in answers if sent < left)
+            failed = [a for a in answers if a[1] == 503]
+            assert failed and all(retry is not None for _, _, retry, _ in failed)
+            assert {code for *_, code in failed} <= {"backend_error", "no_gpus"}
+    finally:
+        if not second_start.done():
+            await second_start
+        await asyncio.to_thread(second_cm.__exit__, None, None, None)
+
+
 async def test_openai_backend_through_vllm_openai_server_then_upstream_failure(vllm_openai_server, tmp_path):
     proc, upstream = vllm_openai_server
     scenario = write_model_scenario(ServiceModel(request_timeout_s=10), tmp_path / "model.toml", gpus=1)
@@ -237,16 +347,31 @@ def test_calibrate_streams_to_vllm_itself_and_reads_its_limits_from_the_engine(t
     profile, saved = tmp_path / "profile.toml", tmp_path / "calibration.json"
     done = cli(
         "calibrate", "--backend", "vllm", "--model", str(tiny_model), "--max-num-seqs", "4", "--sizes", "1,4",
-        "--prompt-tokens", "16,128", "--output-tokens", "24", "--repetitions", "2", "--out", str(profile),
-        "--save", str(saved),
+        "--prompt-tokens", "16,64,128", "--output-tokens", "24", "--contexts", "16,384", "--repetitions", "3",
+        "--out", str(profile), "--save", str(saved),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     service, result = tomllib.loads(profile.read_text())["service"], json.loads(saved.read_text())
     assert result["mode"] == "streamed" and service["batching"] == "continuous" and service["max_num_seqs"] == 4
     assert result["limit_sources"]["kv_cache_tokens"] == "the vLLM engine's config"
     assert result["limit_sources"]["max_batched_tokens"] == "the vLLM engine's config"
-    assert service["decode_step_ms"] > 0 and service["prefill_ms_per_token"] > 0
+    prefill_128 = 128 * service["prefill_ms_per_token"] + 128**2 * service["prefill_ms_per_token_sq"]
+    # A newcomer costs the engine more than its steps: its prefill and the host work of admitting it. Which of
+    # the two carries it is not asserted: a 128-token prefill of the two-layer tiny model is well under a
+    # millisecond on a CPU, below the spread of its steps, so the fit may put all of it in the admission term
+    # (a CI run fitted the prefill at 0) or the reverse (0 admission beside a CPU hog). The prefill terms'
+    # recovery is held in test_calibrate_continuous.py, against an engine whose terms are known.
+    assert service["decode_step_ms"] > 0 and prefill_128 + service["admit_ms_per_request"] > 0
     assert {c["kind"] for c in result["stream_cells"]} == {"lone", "decode", "mixed"}
+    # Across contexts (SPEC section 12): decode cells at each context, the context terms written, every cell's error
+    decode = [c for c in result["stream_cells"] if c["kind"] == "decode"]
+    assert {c["context_tokens"] for c in decode} == {16, 64, 384}  # 64: the mixed cells' decoders
+    assert "decode_ms_per_kv_token" in service and "prefill_ms_per_token_sq" in service
+    print(f"\nvLLM across contexts: {service['decode_ms_per_kv_token']:.3g} ms a context token, "
+          f"{service['prefill_ms_per_token_sq']:.3g} ms a prompt token squared, a 128-token prefill "
+          f"{prefill_128:.2f} ms, admitting one {service['admit_ms_per_request']:.2f} ms, max error "
+          f"{result['max_relative_error']:.1%} over {len(result['stream_cells'])} cells")  # fmt: skip
+    assert result["max_relative_error"] < 0.5
 
 
 async def test_openai_sdk_on_the_vllm_backend_streamed_and_not(vllm_server):

@@ -8,6 +8,7 @@ from infer_plan.core import ServiceModel, Tier
 from infer_plan.core.model import TokenShape
 from infer_plan.core.records import Outcome
 from infer_plan.sim import RateSchedule
+from infer_plan.sim.engines.compiled_steps import compiled_applies
 from infer_plan.sim.engines.engine import simulate_arrivals
 from infer_plan.sim.inputs.arrivals import Arrivals, generate_arrivals
 from infer_plan.sim.references.step_reference import simulate_steps_reference
@@ -74,6 +75,50 @@ def test_continuous_lone_request_is_the_worked_case():
     assert every_gap(out.itl).tolist() == pytest.approx([8.05] * (o - 1))
 
 
+# The extended step model (SPEC section 12): decode attention per context token, prefill attention per chunk token
+# squared and per chunk token x context before it. The worked case leaves the floor and the prefill step at 0.
+CONTEXT = {"decode_ms_per_kv_token": 0.001, "prefill_ms_per_token_sq": 2e-5, "prefill_ms_per_context_token": 4e-5}
+
+
+def test_continuous_lone_request_with_context_terms_is_the_worked_case():
+    """TTFT = decode_step + prefill_per_token p + prefill-attention(p, 0) + per_seq; gap k adds per_kv_token (p + k)."""
+    model = ServiceModel(batching="continuous", **TOKENS, **CONTEXT)
+    p, o = 300, 20
+    out = simulate_arrivals(model, lone(p, o, at=2.5), gpus=1)
+    ttft = 8.0 + 0.02 * p + 2e-5 * p * p + 0.05
+    gaps = [8.05 + 0.001 * (p + k) for k in range(1, o)]
+    assert out.records.first_token[0] == pytest.approx(2.5 + ms(ttft))
+    assert out.records.finished[0] == pytest.approx(2.5 + ms(ttft + sum(gaps)))
+    assert every_gap(out.itl).tolist() == pytest.approx(gaps)
+
+
+def test_chunked_prefill_attends_to_the_chunks_before_it_and_a_small_step_to_the_floor():
+    """Chunks of 128, 128, 44: each pays its square and its tokens x the prompt prefilled before it; the floor
+    joins the linear part as hypot, and a step that prefills pays prefill_step_ms inside it."""
+    model = ServiceModel(batching="continuous", max_batched_tokens=128, step_floor_ms=9.0, prefill_step_ms=1.0,
+                         **TOKENS, **CONTEXT)  # fmt: skip
+    p, o = 300, 3
+    out = simulate_arrivals(model, lone(p, o), gpus=1)
+    chunks = [(128, 0), (128, 128), (44, 256)]
+    ttft = sum(np.hypot(9.0, 8.0 + 1.0 + 0.02 * c + 0.05) + 2e-5 * c * c + 4e-5 * c * before for c, before in chunks)
+    assert out.records.first_token[0] == pytest.approx(ms(ttft))
+    assert every_gap(out.itl).tolist() == pytest.approx([np.hypot(9.0, 8.05) + 0.001 * (p + k) for k in (1, 2)])
+
+
+def test_every_context_term_at_zero_is_the_three_term_formula_exactly():
+    model = ServiceModel(batching="continuous", **TOKENS)
+    zeros = model.model_copy(update=dict.fromkeys([*CONTEXT, "step_floor_ms", "prefill_step_ms"], 0.0))
+    arr = tokens_of(generate_arrivals(RateSchedule(rps=80), 3.0, model.tier_shares, np.random.default_rng(2)), 200, 30)
+    a, b = (simulate_arrivals(m, arr, gpus=1).records for m in (model, zeros))
+    assert a.first_token.tolist() == b.first_token.tolist() and a.finished.tolist() == b.finished.tolist()
+    assert model.step_ms(100, 7, 1, kv_tokens=5000, prefill_sq=10_000) == model.step_ms(100, 7, 1)
+
+
+def test_context_terms_are_refused_for_static_batching():
+    with pytest.raises(ValueError, match="terms of continuous batching"):
+        ServiceModel(decode_ms_per_kv_token=0.001)
+
+
 # Per-request engine overheads (SPEC section 12): 3 ms + 0.01 ms a prompt token before admission, 0.4 ms a token.
 OVERHEADS = {"request_overhead_ms": 3.0, "tokenize_ms_per_token": 0.01, "output_token_ms": 0.4}
 
@@ -120,6 +165,12 @@ def test_admission_host_time_costs_throughput():
     assert ends[1] - ends[0] == pytest.approx(ms(2.0) * len(arr), rel=1e-6)
 
 
+EXTENDED_OVERLOAD = {
+    "max_num_seqs": 8, "backpressure": {"queue_limit": 30}, "step_floor_ms": 9.0, "prefill_step_ms": 1.0,
+    **CONTEXT, **OVERHEADS,
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("rps", "gpus", "extra"),
     [
@@ -132,13 +183,16 @@ def test_admission_host_time_costs_throughput():
         (200, 1, {"max_num_seqs": 8, "backpressure": {"queue_limit": 30}, **OVERHEADS}),
         (60, 1, {"admit_ms_per_request": 1.5, "max_batched_tokens": 256, **OVERHEADS}),  # host time per admission
         (60, 2, {"cycle_jitter": (0.7, 0.9, 1.0, 1.2, 2.5), **OVERHEADS}),  # a measured spread: each step its own
+        (60, 2, {"max_batched_tokens": 256, **CONTEXT}),  # the extended model: steps grow with the context
+        (200, 1, EXTENDED_OVERLOAD),  # overload under the extended model: floor, prefill step, attention
+        (60, 2, {"cycle_jitter": (0.7, 0.9, 1.0, 1.2, 2.5), "admit_ms_per_request": 1.5, **CONTEXT}),
     ],
 )
 @pytest.mark.parametrize("compiled", [False, True], ids=["interpreted", "compiled"])
 def test_continuous_engine_matches_the_step_by_step_reference(rps, gpus, extra, compiled):
     model = ServiceModel(batching="continuous", **TOKENS, **extra)
-    if compiled and model.cycle_jitter:
-        pytest.skip("a measured step spread runs on the interpreted engine only")
+    if compiled and not compiled_applies(model):
+        pytest.skip("a measured step spread and the extended step terms run on the interpreted engine only")
     rng = np.random.default_rng(rps)
     arr = generate_arrivals(RateSchedule(rps=rps), 6.0, model.tier_shares, rng)
     arr = Arrivals(
