@@ -55,6 +55,20 @@ ReplicaCheckOpt = Annotated[
         help="Seconds between probes of each engine replica (--backend openai; 3 failed in a row drain it).",
     ),
 ]  # fmt: skip
+ProvisionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--provision-command",
+        help="With [service.autoscale] and --backend openai: a shell command that starts an engine replica "
+        "(it registers at $INFER_PLAN_REGISTER_URL, or prints its base URL last).",
+    ),
+]
+ReleaseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--release-command", help="Run once a released replica is drained; its URL is $INFER_PLAN_REPLICA_URL."
+    ),
+]
 InternalHostOpt = Annotated[str, typer.Option("--internal-host", help="Internal listener address.")]
 InternalPortOpt = Annotated[
     int | None, typer.Option("--internal-port", min=0, max=65535, help="Internal port (default: port + 1).")
@@ -88,6 +102,8 @@ def serve(
     served_model_name: ServedNameOpt = None,
     upstream: UpstreamOpt = None,
     replica_check_s: ReplicaCheckOpt = 5.0,
+    provision_command: ProvisionOpt = None,
+    release_command: ReleaseOpt = None,
     max_tokens: MaxTokensOpt = 16,
     temperature: TemperatureOpt = 0.0,
     max_model_len: MaxModelLenOpt = 512,
@@ -131,7 +147,7 @@ def serve(
         ),
         keys_file=keys, allow_dev_keys=allow_dev_keys, model_name=served_model_name or model,
         drain_timeout_s=drain_timeout, access_log=access_log, redis_url=redis, redis_prefix=redis_prefix,
-        replica_check_s=replica_check_s,
+        replica_check_s=replica_check_s, provision_command=provision_command, release_command=release_command,
     )  # fmt: skip
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     if instances > 1:

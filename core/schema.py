@@ -321,6 +321,10 @@ class ServerMetrics(_Model):
     running: list[float | None] = Field(description="requests (sequences) the target was running")
     names: dict[str, str] = Field(description="which metric each series was read from")
     failed_scrapes: int = 0
+    gpus: list[float | None] = Field(default_factory=list, description="GPUs serving (an autoscaling server)")
+    gpus_provisioning: list[float | None] = Field(
+        default_factory=list, description="GPUs ordered, still cold-starting (an autoscaling server)"
+    )
 
 
 class MeasuredVsSimulated(_Model):
@@ -378,7 +382,12 @@ class LoadTestResult(_Model):
     locust: dict[str, dict[str, float]]
     gates: list[Gate]
     passed: bool
-    latency_over_time: dict[str, list[float]] | None = None
+    latency_over_time: dict[str, list[float | None]] | None = Field(
+        default=None, description="P95 per time slice of the schedule: t_s, p95_ms (ttft_p95_ms), simulated_p95_ms"
+    )
+    simulated_fleet: dict[str, list[float]] | None = Field(
+        default=None, description="the simulated autoscaler's GPUs over time: t_s, gpus_up, gpus_provisioning"
+    )
     batch_log_check: BatchLogCheck | None = None
     api: str = "inference"
     stream: bool = False

@@ -78,6 +78,7 @@ def analyse(
     tokens: TokenSides | None = None,
     server_metrics: ServerMetrics | None = None,
     failures: dict[str, int] | None = None,
+    simulated_fleet: dict[str, list[float]] | None = None,
 ) -> LoadTestResult:
     window = measured.scheduled >= facts.warmup_s
     ok = measured.ok
@@ -120,7 +121,8 @@ def analyse(
         locust=locust,
         gates=[],
         passed=True,
-        latency_over_time=_latency_over_time(measured, stream=facts.stream),
+        latency_over_time=_latency_over_time(measured, simulated, stream=facts.stream),
+        simulated_fleet=simulated_fleet,
         batch_log_check=None
         if batch_log is None
         else BatchLogCheck(
@@ -155,24 +157,30 @@ def _send_rate(records: RequestRecords) -> dict[str, float]:
     }
 
 
-def _latency_over_time(records: RequestRecords, *, stream: bool, buckets: int = 60) -> dict[str, list[float]]:
-    """P95 (and TTFT P95 of a stream) per time slice of the schedule: shows a backlog growing under overload."""
+def _latency_over_time(
+    records: RequestRecords, simulated: RequestRecords | None, *, stream: bool, buckets: int = 60
+) -> dict[str, list[float | None]]:
+    """P95 (and TTFT P95 of a stream) per time slice of the schedule, and the simulation's P95 in the same
+    slices: shows a backlog growing under overload, and whether the plan saw it (a spike, an autoscaler)."""
     ok = records.ok
     if not ok.any():
         return {"t_s": [], "p95_ms": []}
     t = records.scheduled[ok]
-    series = {"p95_ms": records.latency_ms[ok]}
+    series = {"p95_ms": (t, records.latency_ms[ok])}
     if stream and records.first_token is not None:
-        series["ttft_p95_ms"] = (records.first_token[ok] - t) * 1000.0
+        series["ttft_p95_ms"] = (t, (records.first_token[ok] - t) * 1000.0)
+    if simulated is not None and simulated.ok.any():
+        series["simulated_p95_ms"] = (simulated.scheduled[simulated.ok], simulated.latency_ms[simulated.ok])
     edges = np.linspace(t.min(), t.max() + 1e-9, buckets + 1)
-    which = np.digitize(t, edges) - 1
-    out: dict[str, list[float]] = {"t_s": [], **{name: [] for name in series}}
+    slices = {name: np.digitize(when, edges) - 1 for name, (when, _) in series.items()}
+    out: dict[str, list[float | None]] = {"t_s": [], **{name: [] for name in series}}
     for b in range(buckets):
-        inside = which == b
-        if inside.any():
-            out["t_s"].append(float((edges[b] + edges[b + 1]) / 2))
-            for name, values in series.items():
-                out[name].append(float(np.nanpercentile(values[inside], 95)))
+        if not (slices["p95_ms"] == b).any():
+            continue
+        out["t_s"].append(float((edges[b] + edges[b + 1]) / 2))
+        for name, (_, values) in series.items():
+            inside = values[slices[name] == b]
+            out[name].append(float(np.nanpercentile(inside, 95)) if inside.size else None)
     return out
 
 

@@ -9,6 +9,7 @@ infer_plan.loadtests.worker --master-host HOST --master-port PORT``.
 
 from __future__ import annotations
 
+import math
 import socket
 import subprocess
 import sys
@@ -35,6 +36,7 @@ __all__ = [
     "locust_summary",
     "merge_share",
     "run_plan",
+    "schedule_start",
     "share_message",
 ]
 
@@ -64,17 +66,29 @@ class Sent:
     failures: dict[str, int]
 
 
-def run_plan(plan: LoadPlan, *, workers: int = 0, on_tick: Tick | None = None) -> Sent:
+def schedule_start(align_s: float | None = None) -> float:
+    """``time.time()`` of a schedule's time 0: a moment from now, on a multiple of ``align_s`` when given.
+
+    An autoscaling server ticks on wall-clock multiples of its tick; a schedule that starts on
+    one sees the ticks the simulator has for it (ticks from time 0), so both decide alike.
+    """
+    start = time.time() + _START_DELAY_S
+    return math.ceil(start / align_s) * align_s if align_s else start
+
+
+def run_plan(plan: LoadPlan, *, workers: int = 0, on_tick: Tick | None = None, start_at: float | None = None) -> Sent:
     """Send the plan; return the exact records and Locust's own per-name stats.
 
     ``on_tick(seconds into the schedule)`` is called about twice a second (progress bars).
+    ``start_at``: the schedule's time 0 (:func:`schedule_start`) for the one-process generator;
+    Locust workers (``workers`` > 0) start theirs once they have all connected.
     """
     budget = float(plan.arrivals.end_s) + plan.timeout_s + 30.0
     if workers > 0:
         run = OpenLoopRun.of(plan)
         env = _run_distributed(plan, run, workers, budget, on_tick)
         return Sent(run.records, run.tokens, locust_summary(env), locust_failures(env))
-    start_at = time.time() + _START_DELAY_S
+    start_at = start_at if start_at is not None else schedule_start()
     run = OpenLoopRun.of(plan, start_at=start_at)
     env = OpenLoopEnvironment(host=plan.url, run=run)
     done = Event()

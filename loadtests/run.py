@@ -25,12 +25,12 @@ from ..core.schema import LoadTestResult
 from ..core.tiers import Tier
 from ..server.access.keys import KeyStore
 from ..server.backends.base import BackendError
-from ..sim.engines.engine import simulate_arrivals
+from ..sim.engines.engine import EngineOutput, simulate_arrivals
 from ..sim.inputs.arrivals import Arrivals
 from ..sim.results.sinks import RequestWriter
 from .analysis import BatchLogRerun, RunFacts, analyse
 from .apis import prompt_text
-from .harness import run_plan
+from .harness import run_plan, schedule_start
 from .plan import LoadPlan
 from .scrape import scraping
 from .spec import LoadTestSpec
@@ -75,8 +75,10 @@ def measure_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) ->
         )  # fmt: skip
         if plan.tokenizer is not None:
             prompt_text(0, 1, plan.tokenizer)  # loads it here: a bad name is one line now, not an error per request
-        with scraping(spec.scrape_metrics_url, started) as scraped:
-            sent = run_plan(plan, workers=spec.workers, on_tick=progress)
+        autoscale = spec.model.autoscale
+        start_at = schedule_start(autoscale.tick_s if autoscale.enabled else None)  # scraped on the schedule's clock
+        with scraping(spec.scrape_metrics_url, start_at) as scraped:
+            sent = run_plan(plan, workers=spec.workers, on_tick=progress, start_at=start_at)
     measured, fleet = sent.records, spec.fleet
     if writer is not None:
         writer.fold(measured)
@@ -84,7 +86,8 @@ def measure_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) ->
     predicted = None
     if fleet is not None:
         served = _served_lengths(arrivals, measured) if spec.api.has_tokens else arrivals
-        predicted = simulate_arrivals(spec.model, served, fleet, stream=spec.workload.stream)
+        every = spec.model.autoscale.tick_s if spec.model.autoscale.enabled else None  # the GPUs over time
+        predicted = simulate_arrivals(spec.model, served, fleet, stream=spec.workload.stream, sample_every_s=every)
     simulated = predicted.records if predicted is not None else None
     rerun = None
     if spec.batch_log_url is not None and fleet is not None:
@@ -114,8 +117,17 @@ def measure_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) ->
     result = analyse(
         measured, simulated, facts, spec.model.slos, baseline=spec.baseline, locust=sent.locust, batch_log=rerun,
         tokens=tokens, server_metrics=scraped.result() if scraped else None, failures=sent.failures,
+        simulated_fleet=_simulated_fleet(predicted) if spec.model.autoscale.enabled else None,
     )  # fmt: skip
     return Measured(result, measured)
+
+
+def _simulated_fleet(predicted: EngineOutput | None) -> dict[str, list[float]] | None:
+    """The simulated autoscaler's GPUs over time, to plot beside the GPUs the server reported."""
+    series = predicted.fleet.timeseries if predicted is not None else None
+    if not series:
+        return None
+    return {key: [float(v) for v in series[key]] for key in ("t_s", "gpus_up", "gpus_provisioning")}
 
 
 def _served_lengths(arrivals: Arrivals, measured: RequestRecords) -> Arrivals:

@@ -24,6 +24,9 @@ __all__ = ["RUNNING", "WAITING", "parse_sample", "scraping"]
 # Candidate gauges, first found wins: vLLM, SGLang, infer-plan's reference server.
 WAITING = ("vllm:num_requests_waiting", "sglang:num_queue_reqs", "inferplan_queue_depth")
 RUNNING = ("vllm:num_requests_running", "sglang:num_running_reqs", "inferplan_requests_running")
+GPUS = ("inferplan_gpus",)  # an autoscaling reference server: GPUs serving, and those still cold-starting
+PROVISIONING = ("inferplan_gpus_provisioning",)
+_KNOWN = frozenset(WAITING + RUNNING + GPUS + PROVISIONING)
 
 
 def parse_sample(text: str) -> dict[str, float]:
@@ -31,7 +34,7 @@ def parse_sample(text: str) -> dict[str, float]:
     found: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name in WAITING or sample.name in RUNNING:
+            if sample.name in _KNOWN:
                 found[sample.name] = found.get(sample.name, 0.0) + float(sample.value)
     return found
 
@@ -56,12 +59,18 @@ class _Scrape:
         self.samples.append(sample)
 
     def result(self) -> ServerMetrics:
-        names = {"waiting": _first(WAITING, self.samples), "running": _first(RUNNING, self.samples)}
+        names = {
+            "waiting": _first(WAITING, self.samples), "running": _first(RUNNING, self.samples),
+            "gpus": _first(GPUS, self.samples), "gpus_provisioning": _first(PROVISIONING, self.samples),
+        }  # fmt: skip
+        series = {key: [s.get(name or "") for s in self.samples] for key, name in names.items()}
         return ServerMetrics(
             url=self.url,
             t_s=self.t_s,
-            waiting=[s.get(names["waiting"] or "") for s in self.samples],
-            running=[s.get(names["running"] or "") for s in self.samples],
+            waiting=series["waiting"],
+            running=series["running"],
+            gpus=series["gpus"] if names["gpus"] else [],
+            gpus_provisioning=series["gpus_provisioning"] if names["gpus_provisioning"] else [],
             names={k: v for k, v in names.items() if v},
             failed_scrapes=self.failed,
         )

@@ -160,10 +160,12 @@ def _loadtest_figures(r: LoadTestResult) -> list[go.Figure]:
     figures += _token_cdfs(names, stats)
     if r.latency_over_time:
         over = go.Figure()
-        for key, label in (("p95_ms", "P95"), ("ttft_p95_ms", "TTFT P95")):
+        for key, label, dash in (
+            ("p95_ms", "P95", None), ("ttft_p95_ms", "TTFT P95", None), ("simulated_p95_ms", "P95 simulated", "dash")
+        ):  # fmt: skip
             if key in r.latency_over_time:
                 x, y = r.latency_over_time["t_s"], r.latency_over_time[key]
-                over.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=label))
+                over.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=label, line={"dash": dash}))
         over.update_layout(title="P95 over the run, from scheduled send (ms)", xaxis_title="time (s)", height=380)
         figures.append(over)
     if r.server_metrics is not None and r.server_metrics.t_s:
@@ -174,7 +176,28 @@ def _loadtest_figures(r: LoadTestResult) -> list[go.Figure]:
                 load.add_trace(go.Scatter(x=m.t_s, y=series, mode="lines", name=f"{label} ({m.names[label]})"))
         load.update_layout(title=f"The target's queue over the run ({m.url})", xaxis_title="time (s)", height=380)
         figures.append(load)
+    if (fleet := _fleet_figure(r)) is not None:
+        figures.append(fleet)
     return figures
+
+
+def _fleet_figure(r: LoadTestResult) -> go.Figure | None:
+    """GPUs over time: what an autoscaling server reported (scraped), beside what the simulated autoscaler did."""
+    m, sim = r.server_metrics, r.simulated_fleet
+    if not (m is not None and m.gpus) and sim is None:
+        return None
+    fig = go.Figure()
+    if m is not None and m.gpus:
+        fig.add_trace(go.Scatter(x=m.t_s, y=m.gpus, mode="lines", name="serving, measured", line={"shape": "hv"}))
+        if m.gpus_provisioning:
+            fig.add_trace(go.Scatter(x=m.t_s, y=m.gpus_provisioning, mode="lines", name="provisioning, measured",
+                                     line={"shape": "hv"}))  # fmt: skip
+    if sim is not None:
+        for key, label in (("gpus_up", "serving, simulated"), ("gpus_provisioning", "provisioning, simulated")):
+            fig.add_trace(go.Scatter(x=sim["t_s"], y=sim[key], mode="lines", name=label,
+                                     line={"shape": "hv", "dash": "dash"}))  # fmt: skip
+    fig.update_layout(title="GPUs over the run: measured (scraped) and simulated", xaxis_title="time (s)", height=380)
+    return fig
 
 
 def _token_cdfs(names: list[str], stats: list[MeasuredVsSimulated]) -> list[go.Figure]:

@@ -33,6 +33,9 @@ class ServerConfig:
     redis_prefix: str = "infer-plan"  # key prefix: one deployment's keys, so several can share a Redis
     reuse_port: bool = False  # SO_REUSEPORT: sibling processes of `--instances N` share the ports
     replica_check_s: float = 5.0  # how often each engine replica is probed (a backend with replicas)
+    provision_command: str | None = None  # the autoscaler's way to start an engine replica (openai backend)
+    release_command: str | None = None  # run once a released replica is drained
+    provision_timeout_s: float = 600.0  # a command, and the replica's registration, each get this long
 
     def __post_init__(self) -> None:
         if self.gpus < 1:
@@ -57,6 +60,24 @@ class ServerConfig:
                 "continuous batching runs on the in-process queue only (the shared Redis queue hands out whole "
                 "batches): drop --redis or use batching = static",
                 field="redis_url",
+            )
+        if self.model.autoscale.enabled and self.backend == "openai" and not self.provision_command:
+            raise UsageError(
+                "autoscaling engine replicas needs --provision-command (it starts one; docs/serving.md, "
+                "'Autoscaling while serving')",
+                field="provision_command",
+            )
+        if self.model.autoscale.enabled and self.backend not in ("sim", "openai"):
+            raise UsageError(
+                f"the server's autoscaler adds sim GPU workers and engine replicas (--backend openai); the "
+                f"{self.backend} backend cannot add engines while it serves yet: drop [service.autoscale]",
+                field="autoscale",
+            )
+        if self.model.autoscale.enabled and self.redis_url is not None:
+            raise UsageError(
+                "the server's autoscaler runs in one process so far; with --redis each instance would order its "
+                "own GPUs: drop --redis or [service.autoscale]",
+                field="autoscale",
             )
         if not self.model.overlap:
             raise UsageError(

@@ -47,6 +47,12 @@ class ServerMetrics:
             "inferplan_requests_running", "Requests on a GPU now (sequences, in continuous batching)", registry=r
         )
         self.gpus = Gauge("inferplan_gpus", "GPUs in the worker pool", registry=r)
+        self.gpus_provisioning = Gauge(
+            "inferplan_gpus_provisioning", "GPUs the autoscaler ordered, still cold-starting", registry=r
+        )
+        self.gpus_draining = Gauge(
+            "inferplan_gpus_draining", "GPUs released, finishing what they run before they leave", registry=r
+        )
         self.replicas = Gauge("inferplan_replicas", "Engine replicas registered, by state", ["state"], registry=r)
         self.gpu_busy_seconds = Counter("inferplan_gpu_busy_seconds", "GPU time spent running batches", registry=r)
         self.rejected = Counter(

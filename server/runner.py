@@ -110,6 +110,8 @@ async def serve(
     internal_runner = web.AppRunner(internal_app, access_log=None, handle_signals=False)
     public_sock = bind(config.host, config.port, reuse_port=config.reuse_port)
     internal_sock = bind(config.internal_host, config.resolved_internal_port, reuse_port=config.reuse_port)
+    host, port = internal_sock.getsockname()[:2]
+    state.internal_url = f"http://{_fmt_host(host)}:{port}"
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = 0

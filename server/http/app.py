@@ -22,6 +22,7 @@ from ..config import ServerConfig
 from ..queues.memory_queue import MemoryQueue
 from ..queues.queue import TierQueue
 from ..queues.shared_queue import SharedQueue
+from ..workers.autoscaler import Actuator, HookActuator, ServerAutoscaler, WorkerActuator
 from ..workers.gpu_pool import GpuPool
 from ..workers.replicas import ReplicaSet
 from .access_log import AccessLog
@@ -69,17 +70,38 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     else:
         for _ in range(config.gpus):
             pool.start_worker()
+    scaling = None
+    if config.model.autoscale.enabled:
+        state.autoscaler = ServerAutoscaler(pool, config.model, state.metrics, _actuator(state, pool))
+        scaling = asyncio.create_task(state.autoscaler.run(), name="autoscaler")
     state.ready = True
     try:
         yield
     finally:
         state.ready = False
+        if scaling is not None and state.autoscaler is not None:
+            scaling.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await scaling
+            await state.autoscaler.close()
         if state.replicas is not None:
             await state.replicas.close()
         await pool.stop()
         await state.limiter.close()
         await queue.close()
         await state.backend.close()
+
+
+def _actuator(state: ServerState, pool: GpuPool) -> Actuator:
+    """How the autoscaler adds GPUs here: sim workers, or engine replicas the operator's command starts."""
+    config = state.config
+    if state.replicas is None:
+        return WorkerActuator(pool, config.model.cold_start_s)
+    assert config.provision_command is not None  # ServerConfig requires it with autoscaling on this backend
+    return HookActuator(
+        state.replicas, config.provision_command, config.release_command,
+        f"{state.internal_url}/internal/replicas", config.provision_timeout_s,
+    )  # fmt: skip
 
 
 async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -153,7 +153,11 @@ class PublicApi:
     async def offer(self, request: Generate, tier: Tier) -> asyncio.Future[Generated]:
         """Queue the request if its tier is admitted now, else the 429 that sheds it."""
         request.priority = int(tier)  # what an engine with priority scheduling orders by (enterprise first)
+        if (scaler := self.state.autoscaler) is not None:
+            scaler.note_arrival()  # offered load, shed or not: what the autoscaler's rule reads
         future = await self.queue.offer(request, tier)
+        if future is not None and scaler is not None:
+            future.add_done_callback(scaler.note_answer)
         if future is None:
             if self.queue.gpus == 0:  # every engine replica left or failed: not an overload, so not a 429
                 raise ApiError(503, "no GPU is serving", code="no_gpus", retry_after_s=5)
@@ -184,6 +188,8 @@ class PublicApi:
         engine = self.state.backend.readiness()
         if engine.get("actors_live", 1) == 0:
             raise ApiError(503, "no engine actor is live", code="engine_unavailable")
+        if (scaler := self.state.autoscaler) is not None:
+            engine.update(scaler.readiness())
         if (replicas := self.state.replicas) is not None:
             engine["replicas"] = replicas.listing()
             if not any(r["state"] == "serving" for r in engine["replicas"]):
@@ -303,6 +309,19 @@ class InternalApi:
         replica = await replicas.add(url.rstrip("/"), workers)
         return web.json_response(replica.to_wire(), status=201)
 
+    async def scaling(self, request: web.Request) -> web.Response:
+        """The autoscaler's decisions so far (``[service.autoscale] enabled``), oldest first."""
+        self._refuse_client_keys(request)
+        scaler = self.state.autoscaler
+        if scaler is None:
+            raise ApiError(
+                409, "autoscaling is off: [service.autoscale] enabled = true turns it on", code="no_autoscaler"
+            )
+        return web.json_response(
+            {"tick_s": scaler.policy.tick_s, "decisions": [d.to_wire() for d in scaler.decisions],
+             "gpus_serving": self._pool.gpus, **scaler.readiness()}
+        )  # fmt: skip
+
     async def remove_replica(self, request: web.Request) -> web.Response:
         self._refuse_client_keys(request)
         replicas = self._replicas
@@ -336,5 +355,6 @@ def internal_routes(state: ServerState) -> list[web.RouteDef]:
         web.get("/internal/replicas", api.list_replicas),
         web.post("/internal/replicas", api.add_replica),
         web.delete("/internal/replicas", api.remove_replica),
+        web.get("/internal/scaling", api.scaling),
         web.get("/healthz", PublicApi(state).healthz),
     ]

@@ -17,6 +17,7 @@ building a whole dict per token cost a third of the server's streaming throughpu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ __all__ = ["DEFAULT_MAX_TOKENS", "LlmRequest", "Shapes", "parse_chat", "parse_co
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; chat uses it too (the sim backend needs a length)
 MAX_TOKENS_LIMIT = 32_768
+MAX_PROMPTS = 256  # strings in one completions prompt list (vLLM takes any number; a bound keeps one request small)
 DONE = b"data: [DONE]\n\n"
 
 
@@ -41,6 +43,7 @@ class LlmRequest:
     generate: Generate
     stream: bool
     include_usage: bool
+    more: tuple[Generate, ...] = ()  # the other prompts of a completions prompt list, answered as choices 1..n
 
 
 def _bad(param: str, message: str) -> ApiError:
@@ -104,16 +107,24 @@ def _common(body: dict[str, Any], prompt: str | list[int], chat: bool) -> LlmReq
 
 
 def parse_completion(body: Any) -> LlmRequest:
-    """``POST /v1/completions``: ``prompt`` is a string, a one-string list, or a list of token ids."""
+    """``POST /v1/completions``: ``prompt`` is a string, a list of token ids, or a list of strings (not streamed:
+    each is queued as a request of its own and answered as choice ``index`` i, as vLLM does; another gateway's
+    ``--backend openai`` sends its batches so)."""
     if not isinstance(body, dict):
         raise ApiError(400, 'body must be a JSON object: {"model": str, "prompt": str, ...}')
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
+    texts = isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)
+    if texts and len(prompt) > MAX_PROMPTS:
+        raise _bad("prompt", f"a prompt list holds 1 to {MAX_PROMPTS} strings")
+    if texts and len(prompt) > 1 and body.get("stream"):
+        raise _bad("prompt", "a streamed completion takes one prompt: send each prompt of the list on its own")
+    rest = prompt[1:] if texts else []
+    prompt = prompt[0] if texts else prompt
     ids = isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     if not (isinstance(prompt, str) or ids):
-        raise _bad("prompt", "'prompt' must be a string (or a list of token ids); one prompt per request")
-    return _common(body, prompt, chat=False)
+        raise _bad("prompt", "'prompt' must be a string, a list of strings, or a list of token ids")
+    request = _common(body, prompt, chat=False)
+    return dataclasses.replace(request, more=tuple(dataclasses.replace(request.generate, prompt=p) for p in rest))
 
 
 def _text_parts(content: list) -> bool:
@@ -190,13 +201,23 @@ class Shapes:
     def error_chunk(self, err: ApiError) -> bytes:
         return f"data: {json.dumps({'error': err.body()})}\n\n".encode()
 
-    def answer(self, output: Generated) -> dict[str, Any]:
-        """The non-streamed answer."""
-        choice: dict[str, Any] = {"index": 0}
-        if self.chat:
-            choice["message"] = {"role": "assistant", "content": output.text}
-        else:
-            choice["text"] = output.text
-        choice |= {"logprobs": None, "finish_reason": output.finish_reason}
+    def answer(self, *outputs: Generated) -> dict[str, Any]:
+        """The non-streamed answer: a choice per output (a completions prompt list), usage summed over them."""
+        choices = []
+        for index, output in enumerate(outputs):
+            choice: dict[str, Any] = {"index": index}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": output.text}
+            else:
+                choice["text"] = output.text
+            choices.append(choice | {"logprobs": None, "finish_reason": output.finish_reason})
         kind = "chat.completion" if self.chat else "text_completion"
-        return {**self.head, "object": kind, "choices": [choice], "usage": usage(output)}
+        total = usage(outputs[0]) if len(outputs) == 1 else _summed_usage(outputs)
+        return {**self.head, "object": kind, "choices": choices, "usage": total}
+
+
+def _summed_usage(outputs: tuple[Generated, ...]) -> dict[str, Any]:
+    counts = [usage(o) for o in outputs]
+    total = {key: sum(c[key] for c in counts) for key in ("prompt_tokens", "completion_tokens", "total_tokens")}
+    cached = [c["prompt_tokens_details"]["cached_tokens"] for c in counts if "prompt_tokens_details" in c]
+    return total | ({"prompt_tokens_details": {"cached_tokens": sum(cached)}} if cached else {})

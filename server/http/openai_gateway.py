@@ -94,19 +94,21 @@ class OpenAIApi:
 
     async def _serve(self, request: web.Request, grant: KeyGrant, llm: LlmRequest) -> web.StreamResponse:
         arrived = asyncio.get_running_loop().time()
-        self.public.check_size(llm.generate.prompt, "messages" if llm.chat else "prompt")
+        for generate in (llm.generate, *llm.more):
+            self.public.check_size(generate.prompt, "messages" if llm.chat else "prompt")
         shapes = Shapes(self.public.request_id(), llm.model, llm.chat)
         tier = grant.tier
         slot = await self.public.limiter.admit(grant)
         try:  # the key's in-flight slot is held until the answer, or the stream, has ended
             if llm.stream:
                 return await self._stream(request, llm, shapes, tier, arrived)
-            output = await self.public.generate(llm.generate, tier)
+            outputs = await asyncio.gather(*(self.public.generate(g, tier) for g in (llm.generate, *llm.more)))
         finally:
             self.public.limiter.release(slot)
-        self._count(tier, output, arrived)
+        for output in outputs:
+            self._count(tier, output, arrived)
         request["tier"] = tier.label
-        return web.json_response(shapes.answer(output))
+        return web.json_response(shapes.answer(*outputs))
 
     def _count(self, tier: Tier, output: Generated, arrived: float) -> None:
         metrics = self.metrics

@@ -10,6 +10,7 @@ from ..backends.base import Backend
 from ..config import ServerConfig
 from ..metrics import ServerMetrics
 from ..queues.queue import TierQueue
+from ..workers.autoscaler import ServerAutoscaler
 from ..workers.gpu_pool import GpuPool
 from ..workers.replicas import ReplicaSet
 from .access_log import AccessLog
@@ -26,6 +27,8 @@ class ServerState:
     access_log: AccessLog | None = None
     queue: TierQueue | None = None  # both made inside the running loop by the app's cleanup context
     pool: GpuPool | None = None
+    autoscaler: ServerAutoscaler | None = None  # [service.autoscale] enabled
+    internal_url: str = ""  # where the internal API listens, once bound (engine replicas register there)
     replicas: ReplicaSet | None = None  # a backend with engine replicas (openai): those that joined and left
     limiter: KeyLimiter | None = None
     ready: bool = False

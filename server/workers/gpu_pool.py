@@ -104,14 +104,18 @@ class GpuPool:
         self._resize()
         return gpu
 
-    async def retire(self, gpu: int) -> None:
-        """Drain worker ``gpu``: it takes nothing new, answers what it runs, then ends (returns when it has)."""
+    def retire(self, gpu: int) -> asyncio.Future[None]:
+        """Drain worker ``gpu``: from now on it takes nothing new (the zones shrink at once); it answers what it
+        runs, then ends. The future resolves when it has."""
         task = self.tasks.get(gpu)
-        if task is None:
-            return
+        if task is None or gpu in self.retiring:
+            return asyncio.ensure_future(asyncio.shield(task) if task is not None else asyncio.sleep(0))
         self.retiring.add(gpu)
-        self._resize()  # the zones shrink at once: the queue stops admitting for a GPU that is leaving
+        self._resize()
         self.queue.wake()
+        return asyncio.ensure_future(self._retired(gpu, task))
+
+    async def _retired(self, gpu: int, task: asyncio.Task) -> None:
         try:
             await asyncio.shield(task)
         finally:

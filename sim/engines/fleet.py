@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import simpy
 
-from ...core.dispatch import EPS
+from ...core.autoscale import ScaleClock, decide_scaling
 from ...core.model import ServiceModel
 from ...core.schema import ScaleAction, ScaleEvent
 from .waiting import WaitingQueues
@@ -121,32 +121,22 @@ class Fleet:
             self.env.process(self.gpu_faults(gpu))
 
     def autoscaler(self):  # SimPy process
+        """The rule of :mod:`infer_plan.core.autoscale` every tick, on the tick's offered rate (the server's too)."""
         policy = self.model.autoscale
         env = self.env
         waiting = self.engine.waiting
-        above_since: float | None = None
-        below_since: float | None = None
+        clock = ScaleClock()
         while True:
             yield env.timeout(policy.tick_s)
             now = env.now
             rate = waiting.arrivals_between(now - policy.tick_s, now) / policy.tick_s
             fleet = sum(1 for s in self.state if s in (GpuState.UP, GpuState.COLD))
-            if self.load_factor(rate, max(fleet, 1)) > policy.scale_up_load and fleet < policy.max_gpus:
-                above_since = now if above_since is None else above_since
-                self.longest_above_s = max(self.longest_above_s, now - above_since)
-                if now - above_since >= policy.scale_up_after_s - EPS:
-                    env.process(self.provision())
-                    above_since = None
-            else:
-                above_since = None
-            fewer = fleet - 1
-            if fewer >= policy.min_gpus and self.load_factor(rate, fewer) < policy.scale_down_load:
-                below_since = now if below_since is None else below_since
-                if now - below_since >= policy.scale_down_after_s - EPS:
-                    self.retire_one()
-                    below_since = None
-            else:
-                below_since = None
+            up, down, clock = decide_scaling(policy, clock, now, fleet, lambda n, r=rate: self.load_factor(r, n))
+            self.longest_above_s = clock.longest_above_s
+            if up:
+                env.process(self.provision())
+            if down:
+                self.retire_one()
 
     def retire_one(self) -> None:
         """Release one serving GPU; the work it is running still completes."""

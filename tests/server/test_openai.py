@@ -89,6 +89,21 @@ async def test_sdk_completions_and_chat_streamed_and_not_with_exact_usage(steppe
     await sdk.close()
 
 
+async def test_a_prompt_list_is_one_request_per_prompt_answered_by_index(stepped):
+    """As vLLM does (and as another gateway's ``--backend openai`` sends its batches): choice i answers prompt i."""
+    sdk = client(stepped)
+    prompts = ["one two three", "four five", "six"]
+    done = await sdk.completions.create(model="sim", prompt=prompts, max_tokens=4)
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    assert [c.text for c in done.choices] == [sim_words(p, 4) for p in prompts]
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (6, 12)  # summed over the prompts
+    with pytest.raises(openai.BadRequestError, match="streamed completion takes one prompt"):
+        await sdk.completions.create(model="sim", prompt=prompts, max_tokens=4, stream=True)
+    with pytest.raises(openai.BadRequestError, match="1 to 256"):
+        await sdk.completions.create(model="sim", prompt=["x"] * 257, max_tokens=4)
+    await sdk.close()
+
+
 async def test_sdk_errors_are_its_typed_exceptions(tmp_path):
     keys = tmp_path / "keys.toml"
     keys.write_text('[keys]\n"k-one" = { tier = "paid", rps = 0.01, burst = 1 }\n')
