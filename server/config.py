@@ -67,16 +67,10 @@ class ServerConfig:
                 "'Autoscaling while serving')",
                 field="provision_command",
             )
-        if self.model.autoscale.enabled and self.backend not in ("sim", "openai"):
+        if self.model.autoscale.enabled and self.backend not in ("sim", "openai", "ray"):
             raise UsageError(
-                f"the server's autoscaler adds sim GPU workers and engine replicas (--backend openai); the "
-                f"{self.backend} backend cannot add engines while it serves yet: drop [service.autoscale]",
-                field="autoscale",
-            )
-        if self.model.autoscale.enabled and self.redis_url is not None:
-            raise UsageError(
-                "the server's autoscaler runs in one process so far; with --redis each instance would order its "
-                "own GPUs: drop --redis or [service.autoscale]",
+                f"the server's autoscaler adds sim GPU workers, Ray actors and engine replicas (--backend openai); "
+                f"the {self.backend} backend cannot add engines while it serves: drop [service.autoscale]",
                 field="autoscale",
             )
         if not self.model.overlap:

@@ -12,6 +12,10 @@ has GPUs, one CPU otherwise.
   its actors there and leaves the cluster running when it stops.
 - A streamed request's tokens come back as the actor makes them: the batch runs as a
   Ray streaming generator that yields each token, then the outputs.
+- The autoscaler adds actors while the server runs (:meth:`RayBackend.add_actor`: the
+  new GPU worker serves once its actor answers; a cluster with Ray's own autoscaler adds
+  the node it needs) and removes them once their worker is drained
+  (:meth:`RayBackend.remove_actor`).
 - An actor that dies mid-batch fails that batch (:class:`BackendError`: 503 for its
   requests, as every backend does). Ray restarts it (``max_restarts=-1``); the GPU
   worker waits until it answers again before the next batch. ``/readyz`` counts the
@@ -118,12 +122,15 @@ class RayBackend(Backend):
     def __init__(self, model: ServiceModel, options: RayOptions) -> None:
         super().__init__(model, options)
         self.opts = options
-        self.actors: list[Any] = []
-        self.live: list[bool] = []
+        self.actors: dict[int, Any] = {}  # GPU worker -> its actor
+        self.live: dict[int, bool] = {}
         self.restarts = 0
         self.recovering: dict[int, asyncio.Task[None]] = {}  # GPU -> waiting for Ray to restart its actor
         self._started_ray = False
         self._ray: Any = None
+        self._remote: Any = None  # the actor class, wrapped by ray.remote (start)
+        self._resources: dict[str, int] = {}  # what each actor asks of the cluster: a GPU, else a CPU
+        self._prefix = ""  # this server's actors' names
 
     @property
     def served_name(self) -> str:
@@ -139,8 +146,10 @@ class RayBackend(Backend):
         if not ray.is_initialized():
             common = {"namespace": self.opts.namespace, "log_to_driver": False, "configure_logging": False}
             if self.opts.ray_address is None:
-                # Actors ask for one CPU each where there is no GPU: give the local Ray enough logical CPUs.
-                cpus = max(self.opts.actors, os.cpu_count() or 1)
+                # Actors ask for one CPU each where there is no GPU: give the local Ray enough logical CPUs,
+                # for as many actors as the autoscaler may add.
+                most = self.model.autoscale.max_gpus if self.model.autoscale.enabled else self.opts.actors
+                cpus = max(self.opts.actors, most, os.cpu_count() or 1)
                 ray.init(
                     num_cpus=cpus, include_dashboard=False, object_store_memory=200 * 2**20,
                     _node_ip_address="127.0.0.1", **common,
@@ -152,30 +161,37 @@ class RayBackend(Backend):
             if handler is not None:
                 signal.signal(sig, handler)
         has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-        resources = {"num_gpus": 1} if has_gpu else {"num_cpus": 1}
-        remote = ray.remote(EngineActor)
-        prefix = f"infer-plan-{uuid.uuid4().hex[:8]}"  # this server's own actors, even in a shared cluster
-        model_json = self.model.model_dump_json()
-        self.actors = [
-            remote.options(name=f"{prefix}-gpu-{g}", max_restarts=-1, max_task_retries=0, **resources).remote(
-                model_json, self.opts.ray_engine, self.opts.engine_options
-            )
-            for g in range(self.opts.actors)
-        ]
-        self.live = [True] * len(self.actors)
-        await asyncio.gather(*(actor.ready.remote() for actor in self.actors))
+        self._resources = {"num_gpus": 1} if has_gpu else {"num_cpus": 1}
+        self._remote = ray.remote(EngineActor)
+        self._prefix = f"infer-plan-{uuid.uuid4().hex[:8]}"  # this server's own actors, even in a shared cluster
+        await asyncio.gather(*(self.add_actor(g) for g in range(self.opts.actors)))
         log.info("ray: %d actors of engine %s ready, %s-gpu-0.. in namespace %s (%s each)", len(self.actors),
-                 self.opts.ray_engine, prefix, self.opts.namespace, "a GPU" if has_gpu else "a CPU")  # fmt: skip
+                 self.opts.ray_engine, self._prefix, self.opts.namespace, "a GPU" if has_gpu else "a CPU")  # fmt: skip
+
+    async def add_actor(self, gpu: int) -> None:
+        """An actor for GPU worker ``gpu``; returns once its engine answers (the GPU's cold start)."""
+        actor = self._remote.options(
+            name=f"{self._prefix}-gpu-{gpu}", max_restarts=-1, max_task_retries=0, **self._resources
+        ).remote(self.model.model_dump_json(), self.opts.ray_engine, self.opts.engine_options)
+        await actor.ready.remote()
+        self.actors[gpu], self.live[gpu] = actor, True
+
+    def remove_actor(self, gpu: int) -> None:
+        """Kill GPU worker ``gpu``'s actor (its worker is drained: it runs nothing)."""
+        actor = self.actors.pop(gpu, None)
+        self.live.pop(gpu, None)
+        if actor is not None:
+            self._ray.kill(actor, no_restart=True)
 
     def readiness(self) -> dict[str, Any]:
-        return {"actors": len(self.actors), "actors_live": sum(self.live)}
+        return {"actors": len(self.actors), "actors_live": sum(self.live.values())}
 
     def restart_count(self) -> int:
         return self.restarts
 
     async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:
         ray = self._ray
-        g = gpu % len(self.actors)
+        g = gpu if gpu in self.actors else min(self.actors)  # an internal batch's GPU is any live one
         if g in self.recovering:
             await asyncio.shield(self.recovering[g])
         actor = self.actors[g]
@@ -234,10 +250,10 @@ class RayBackend(Backend):
         ray = self._ray
         if ray is None or not ray.is_initialized():
             return
-        for actor in self.actors:
+        for actor in self.actors.values():
             try:
                 ray.kill(actor, no_restart=True)
             except Exception:  # already gone
                 log.debug("ray: actor already gone", exc_info=True)
-        self.actors = []
+        self.actors = {}
         ray.shutdown()  # stops the local Ray this server started; only disconnects from a cluster it joined

@@ -22,7 +22,15 @@ from ..config import ServerConfig
 from ..queues.memory_queue import MemoryQueue
 from ..queues.queue import TierQueue
 from ..queues.shared_queue import SharedQueue
-from ..workers.autoscaler import Actuator, HookActuator, ServerAutoscaler, WorkerActuator
+from ..queues.shared_scaling import SharedScaleLedger
+from ..workers.autoscaler import (
+    ActorActuator,
+    Actuator,
+    HookActuator,
+    LocalLedger,
+    ServerAutoscaler,
+    WorkerActuator,
+)
 from ..workers.gpu_pool import GpuPool
 from ..workers.replicas import ReplicaSet
 from .access_log import AccessLog
@@ -72,7 +80,10 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
             pool.start_worker()
     scaling = None
     if config.model.autoscale.enabled:
-        state.autoscaler = ServerAutoscaler(pool, config.model, state.metrics, _actuator(state, pool))
+        ledger = (
+            SharedScaleLedger(queue, config.model.autoscale.tick_s) if isinstance(queue, SharedQueue) else LocalLedger()
+        )  # several instances on one Redis: one decides each tick, on all their counts
+        state.autoscaler = ServerAutoscaler(pool, config.model, state.metrics, _actuator(state, pool), ledger)
         scaling = asyncio.create_task(state.autoscaler.run(), name="autoscaler")
     state.ready = True
     try:
@@ -95,6 +106,8 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
 def _actuator(state: ServerState, pool: GpuPool) -> Actuator:
     """How the autoscaler adds GPUs here: sim workers, or engine replicas the operator's command starts."""
     config = state.config
+    if state.backend.name == "ray":
+        return ActorActuator(pool, state.backend)  # type: ignore[arg-type]  (RayBackend adds and removes actors)
     if state.replicas is None:
         return WorkerActuator(pool, config.model.cold_start_s)
     assert config.provision_command is not None  # ServerConfig requires it with autoscaling on this backend

@@ -8,6 +8,10 @@ serving one (it takes nothing new and answers what it runs, :meth:`GpuPool.retir
 
 - sim backend (:class:`WorkerActuator`): a GPU is a worker that serves ``cold_start_s``
   after it was ordered;
+- ray backend (:class:`ActorActuator`): a GPU is an engine actor and the worker that
+  sends to it; it serves once the actor's engine answers (a cluster with Ray's own
+  autoscaler adds the node the actor asks for), and the actor is killed once its worker
+  is drained;
 - openai backend (:class:`HookActuator`): the operator's ``--provision-command`` starts an
   engine replica, which registers itself (``POST /internal/replicas``, at the URL the
   command gets as ``INFER_PLAN_REGISTER_URL``) or prints its base URL as its last line
@@ -26,6 +30,7 @@ reads the same means from its workload).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import os
@@ -43,7 +48,16 @@ from ..metrics import ServerMetrics
 from .gpu_pool import GpuPool
 from .replicas import ReplicaSet
 
-__all__ = ["Actuator", "HookActuator", "ScalingDecision", "ServerAutoscaler", "WorkerActuator"]
+__all__ = [
+    "ActorActuator",
+    "Actuator",
+    "HookActuator",
+    "LocalLedger",
+    "ScaleLedger",
+    "ScalingDecision",
+    "ServerAutoscaler",
+    "WorkerActuator",
+]
 
 log = logging.getLogger("infer_plan.server.workers.autoscaler")
 
@@ -88,8 +102,47 @@ class WorkerActuator:
         return True
 
     def release(self) -> asyncio.Future[None] | None:
-        serving = sorted(set(self.pool.tasks) - self.pool.retiring)
-        return self.pool.retire(serving[-1]) if serving else None
+        gpu = _newest_worker(self.pool)
+        return self.pool.retire(gpu) if gpu is not None else None
+
+
+def _newest_worker(pool: GpuPool) -> int | None:
+    serving = sorted(set(pool.tasks) - pool.retiring)
+    return serving[-1] if serving else None
+
+
+class ActorBackend(Protocol):
+    """What the autoscaler needs of the ray backend."""
+
+    async def add_actor(self, gpu: int) -> None: ...
+
+    def remove_actor(self, gpu: int) -> None: ...
+
+
+class ActorActuator:
+    """The ray backend: each GPU is an engine actor and the pool's worker that sends to it."""
+
+    def __init__(self, pool: GpuPool, backend: ActorBackend) -> None:
+        self.pool = pool
+        self.backend = backend
+
+    async def provision(self) -> bool:
+        gpu = self.pool.new_gpu_id()
+        try:
+            await self.backend.add_actor(gpu)
+        except Exception as err:  # Ray's own errors: no room in the cluster, the actor's engine failed to start
+            log.error("autoscaler: the Ray actor of GPU %d did not start: %r", gpu, err)
+            return False
+        self.pool.start_worker(gpu)
+        return True
+
+    def release(self) -> asyncio.Future[None] | None:
+        gpu = _newest_worker(self.pool)
+        return asyncio.ensure_future(self._leave(gpu, self.pool.retire(gpu))) if gpu is not None else None
+
+    async def _leave(self, gpu: int, retired: asyncio.Future[None]) -> None:
+        await retired
+        self.backend.remove_actor(gpu)
 
 
 class HookActuator:
@@ -160,10 +213,48 @@ class HookError(Exception):
     pass
 
 
+class ScaleLedger(Protocol):
+    """Where the rule's inputs are counted and its clock kept: this process, or every instance on one Redis."""
+
+    async def start(self, tick: int) -> int:
+        """The tick index the rule's seconds count from."""
+        ...
+
+    async def tick(self, tick: int, arrived: int, fleet: int) -> tuple[int, int] | None:
+        """Count this instance's tick; the service's (arrivals, GPUs) when this instance decides it, else None."""
+        ...
+
+    async def clock(self) -> ScaleClock: ...
+
+    async def keep(self, clock: ScaleClock) -> None: ...
+
+
+class LocalLedger:
+    """One server process: its own counts, its own clock, and it always decides."""
+
+    def __init__(self) -> None:
+        self._clock = ScaleClock()
+
+    async def start(self, tick: int) -> int:
+        return tick
+
+    async def tick(self, tick: int, arrived: int, fleet: int) -> tuple[int, int] | None:
+        return arrived, fleet
+
+    async def clock(self) -> ScaleClock:
+        return self._clock
+
+    async def keep(self, clock: ScaleClock) -> None:
+        self._clock = clock
+
+
 class ServerAutoscaler:
-    def __init__(self, pool: GpuPool, model: ServiceModel, metrics: ServerMetrics, actuator: Actuator) -> None:
+    def __init__(
+        self, pool: GpuPool, model: ServiceModel, metrics: ServerMetrics, actuator: Actuator, ledger: ScaleLedger
+    ) -> None:
         self.pool = pool
         self.actuator = actuator
+        self.ledger = ledger
         self.model = model
         self.policy = model.autoscale
         self.metrics = metrics
@@ -195,19 +286,30 @@ class ServerAutoscaler:
         """The control loop. Ticks fall on wall-clock multiples of ``tick_s`` (a slow tick does not shift the
         next): instances tick together, and a load test whose schedule starts on a multiple sees the ticks the
         simulator has (a tick's phase moves each decision by up to a tick)."""
-        tick = self.policy.tick_s
-        clock = ScaleClock()
+        try:
+            await self._control_loop()
+        except Exception:  # a bug of ours must not stop the scaling unseen
+            log.exception("autoscaler: the control loop stopped")
+            raise
+
+    async def _control_loop(self) -> None:
+        tick_s = self.policy.tick_s
         self._started = time.monotonic()
-        first = math.floor(time.time() / tick) * tick
-        for k in range(1, 1 << 62):
-            await asyncio.sleep(max(0.0, first + k * tick - time.time()))
-            rate, self.arrived = self.arrived / tick, 0
+        first = math.floor(time.time() / tick_s)
+        anchor = await self.ledger.start(first)
+        for k in itertools.count(first + 1):  # tick k ends at k x tick_s, wall clock
+            await asyncio.sleep(max(0.0, k * tick_s - time.time()))
+            arrived, self.arrived = self.arrived, 0
             shape = self._tick_shape()
-            serving = self.pool.gpus
+            totals = await self.ledger.tick(k, arrived, self.pool.gpus + self.provisioning)
+            if totals is None:
+                continue  # another instance decides this tick
+            rate, fleet = totals[0] / tick_s, totals[1]
             up, down, clock = decide_scaling(
-                self.policy, clock, k * tick, serving + self.provisioning,
+                self.policy, await self.ledger.clock(), (k - anchor) * tick_s, fleet,
                 lambda n, rate=rate, shape=shape: self.model.load_factor(rate, n, shape),
             )  # fmt: skip
+            await self.ledger.keep(clock)
             if up:
                 self.provisioning += 1
                 self._record(ScaleAction.ORDERED, rate)

@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 from infer_plan.core import ServiceModel
 from infer_plan.core.records import Outcome
-from infer_plan.loadtests.target import write_model_scenario
+from infer_plan.loadtests.target import redis_server, write_model_scenario
 from infer_plan.sim import RateSchedule
 from infer_plan.sim.engines.engine import simulate_arrivals
 from infer_plan.sim.inputs.arrivals import generate_arrivals
 
-from tests.helpers import run_cli, running_server
+from tests.helpers import RAY_ENV, run_cli, running_server
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -43,8 +43,12 @@ WINDOW_S = 5.0  # the P95 over time, measured beside simulated
 KEYS = ("dev-enterprise", "dev-paid", "dev-free")  # by tier
 
 
-async def _send_schedule(url: str, times: np.ndarray, tiers: np.ndarray) -> tuple[float, list[tuple[float, int]]]:
-    """Each request at its arrival time from t0 (open loop, bounded by the schedule): (t0, [(latency s, status)])."""
+async def _send_schedule(
+    url: str | list[str], times: np.ndarray, tiers: np.ndarray
+) -> tuple[float, list[tuple[float, int]]]:
+    """Each request at its arrival time from t0 (open loop, bounded by the schedule), to the URLs in turn:
+    (t0, [(latency s, status)])."""
+    urls = [url] if isinstance(url, str) else url
     t0 = math.ceil((time.time() + 0.5) / TICK_S) * TICK_S  # on a tick of the server's autoscaler, as the simulator
     answers: list[tuple[float, int]] = [(0.0, 0)] * len(times)
     connector = aiohttp.TCPConnector(limit=0)
@@ -54,7 +58,7 @@ async def _send_schedule(url: str, times: np.ndarray, tiers: np.ndarray) -> tupl
             await asyncio.sleep(max(0.0, t0 + times[i] - time.time()))
             sent = time.perf_counter()
             async with session.post(
-                f"{url}/v1/inference", json={"model": "sim", "input": f"request {i}"},
+                f"{urls[i % len(urls)]}/v1/inference", json={"model": "sim", "input": f"request {i}"},
                 headers={"Authorization": f"Bearer {KEYS[tiers[i]]}"},
             ) as resp:  # fmt: skip
                 await resp.read()
@@ -116,10 +120,10 @@ async def test_a_spike_scales_the_server_when_the_simulator_does_and_the_release
     assert (statuses[arrivals.times > released - 1.0] == 200).all()
 
 
-def test_autoscaling_on_a_backend_that_cannot_provision_is_refused_at_start(tmp_path):
+def test_autoscaling_engine_replicas_without_a_provisioning_command_is_refused_at_start(tmp_path):
     scenario = write_model_scenario(MODEL, tmp_path / "autoscale.toml", gpus=1)
     done = run_cli("serve", "--backend", "openai", "--upstream", "http://127.0.0.1:9", "--scenario", str(scenario))
-    assert done.returncode == 2 and "autoscale" in done.stderr and "Traceback" not in done.stderr
+    assert done.returncode == 2 and "needs --provision-command" in done.stderr and "Traceback" not in done.stderr
 
 
 def test_a_load_test_of_an_autoscaling_server_plots_its_gpus_beside_the_simulated_ones(tmp_path):
@@ -188,3 +192,55 @@ async def test_engine_replicas_are_provisioned_by_the_operators_command_and_rele
     statuses = {s for _, s in answers}
     bad = [(round(float(arrivals.times[i]), 2), s) for i, (_, s) in enumerate(answers) if s not in (200, 429)]
     assert statuses <= {200, 429}, bad[:20]
+
+
+@pytest.mark.ray
+async def test_ray_actors_are_added_under_a_spike_and_removed_after_it(tmp_path):
+    """The ray backend on a local cluster: the autoscaler's GPU is a new engine actor, killed once drained."""
+    pytest.importorskip("ray")
+    scenario = write_model_scenario(MODEL, tmp_path / "autoscale.toml", gpus=1)
+    arrivals = generate_arrivals(
+        RateSchedule(rps=BASE_RPS, segments=(SPIKE,)), DURATION_S, MODEL.tier_shares, np.random.default_rng(11)
+    )
+    with running_server(
+        "--backend", "ray", "--served-model-name", "sim", "--scenario", str(scenario), env=RAY_ENV, startup_s=120
+    ) as srv:  # fmt: skip
+        _, answers = await _send_schedule(srv.url, arrivals.times, arrivals.tiers)
+        scaling = _scaling(srv.internal_url)
+        with urllib.request.urlopen(f"{srv.url}/readyz", timeout=5) as resp:  # 127.0.0.1 only
+            ready = json.load(resp)
+    actions = [(d["action"], round(d["t_s"], 1)) for d in scaling["decisions"]]
+    print(f"\nRay actors: {actions}")
+    assert [a for a, _ in actions] == ["ordered", "serving", "released"]
+    assert ready["actors"] == 1 and ready["actors_live"] == 1  # the added actor was killed after its drain
+    assert {s for _, s in answers} <= {200, 429}
+    assert srv.proc.returncode == 0
+
+
+@pytest.mark.redis
+async def test_two_instances_on_one_redis_order_one_gpu_per_decision(tmp_path):
+    """Two instances sharing their queues in Redis, each with one GPU and the load split between them: one of
+    them decides each tick on both counts, so the spike orders one GPU, when the simulator of the two-GPU pool
+    does, not one per instance."""
+    model = MODEL.model_copy(update={"kernel_ms": 200.0})  # 50 req/s a GPU: 100 for the two
+    arrivals = generate_arrivals(
+        RateSchedule(rps=BASE_RPS, segments=({**SPIKE, "factor": 2.5},)), DURATION_S, model.tier_shares,
+        np.random.default_rng(5),
+    )  # fmt: skip
+    simulated = simulate_arrivals(model, arrivals, 2, sample_every_s=TICK_S)
+    sim_events = [(e.action.value, e.t_s) for e in simulated.fleet.scale_events]
+    assert [a for a, _ in sim_events] == ["ordered", "serving", "released"], sim_events
+    scenario = write_model_scenario(model, tmp_path / "autoscale.toml", gpus=1)
+    with (
+        redis_server() as redis,
+        running_server("--scenario", str(scenario), "--redis", redis.url) as one,
+        running_server("--scenario", str(scenario), "--redis", redis.url) as two,
+    ):
+        t0, answers = await _send_schedule([one.url, two.url], arrivals.times, arrivals.tiers)
+        decided = [_scaling(srv.internal_url)["decisions"] for srv in (one, two)]
+    served = sorted((d["at"] - t0, d["action"], who) for who, ds in enumerate(decided) for d in ds)
+    print(f"\nsimulated: {sim_events}\nserved:    {[(a, round(t, 2), who) for t, a, who in served]}")
+    assert [a for _, a, _ in served] == [a for a, _ in sim_events]  # one order, not one per instance
+    for (at, _, _), (_, sim_at) in zip(served, sim_events, strict=True):
+        assert abs(at - sim_at) <= TICK_S + 0.25
+    assert {s for _, s in answers} <= {200, 429}
