@@ -182,10 +182,11 @@ def _loadtest_figures(r: LoadTestResult) -> list[go.Figure]:
 
 
 def _fleet_figure(r: LoadTestResult) -> go.Figure | None:
-    """GPUs over time: what an autoscaling server reported (scraped), beside what the simulated autoscaler did."""
+    """GPUs over time: what an autoscaling server reported (scraped), beside what the simulated autoscaler did
+    (a fleet that did not change has no plot)."""
     m, sim = r.server_metrics, r.simulated_fleet
-    if not (m is not None and m.gpus) and sim is None:
-        return None
+    if sim is None and not (m is not None and len(set(m.gpus)) > 1):
+        return None  # a fixed fleet: nothing to show
     fig = go.Figure()
     if m is not None and m.gpus:
         fig.add_trace(go.Scatter(x=m.t_s, y=m.gpus, mode="lines", name="serving, measured", line={"shape": "hv"}))

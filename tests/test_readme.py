@@ -68,6 +68,7 @@ def test_the_readme_has_runnable_commands():
     assert ["capacity", "--rps", "10000"] in [c[:3] for c in COMMANDS]
 
 
+@pytest.mark.slow  # every command of every page, about 75 s; the console blocks stay in the quick suite
 @pytest.mark.timeout(600)
 def test_every_readme_command_without_a_server_runs_as_written(tmp_path: Path):
     (tmp_path / "examples").symlink_to(REPO / "examples")

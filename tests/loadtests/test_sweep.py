@@ -190,6 +190,7 @@ def _sim_sweep(profile: Path, out: Path, *args: str) -> tuple[subprocess.Complet
     return done, json.loads(out.read_text())
 
 
+@pytest.mark.slow  # a sweep of a real server (10-20 s); the quick suite keeps its plans
 def test_a_target_that_fails_every_rate_exits_1_with_its_steps(profile, tmp_path):
     done, data = _sim_sweep(profile, tmp_path / "sweep.json", "--duration", "1", "--slo-ttft-p95-ms", "1")
     assert done.returncode == 1, done.stderr[-2000:]
@@ -198,6 +199,7 @@ def test_a_target_that_fails_every_rate_exits_1_with_its_steps(profile, tmp_path
     assert "no rate held every SLO set" in done.stdout
 
 
+@pytest.mark.slow  # a sweep of a real server (10-20 s); the quick suite keeps its plans
 def test_a_target_that_holds_max_rps_is_reported_not_saturated(profile, tmp_path):
     done, data = _sim_sweep(profile, tmp_path / "sweep.json", "--duration", "2", "--max-rps", "6")
     assert done.returncode == 0, done.stderr[-2000:]
@@ -222,6 +224,7 @@ def _sweep_until(args: list[str], line_prefix: str, act) -> tuple[subprocess.Pop
     return proc, out
 
 
+@pytest.mark.slow  # a sweep of a real server (10-20 s); the quick suite keeps its plans
 def test_ctrl_c_keeps_the_steps_done_and_exits_130(profile, tmp_path):
     out = tmp_path / "sweep.json"
     args = ["--target", "sim", "--sweep", "--profile", str(profile), *LOAD, "--duration", "2", "--json", str(out)]
@@ -231,6 +234,7 @@ def test_ctrl_c_keeps_the_steps_done_and_exits_130(profile, tmp_path):
     assert data["outcome"] == "interrupted" and len(data["steps"]) == 2
 
 
+@pytest.mark.slow  # a sweep of a real server (10-20 s); the quick suite keeps its plans
 def test_a_target_that_dies_mid_sweep_is_one_line_and_exit_3(tmp_path):
     out = tmp_path / "sweep.json"
     with running_server("--backend", "sim", "--gpus", "1") as server:

@@ -148,6 +148,7 @@ def test_overload_shows_ttft_growing_with_the_backlog(tmp_path):
     assert series[-1] > 2000, (series, proc.stdout[-2000:])
 
 
+@pytest.mark.slow  # 24 s of overload
 def test_a_partly_shed_tier_keeps_its_simulated_figures_and_nothing_prints_nan(tmp_path):
     """One GPU of 8 sequences offered 12 req/s of 128/16 tokens: the zones shed part of free. The simulation sheds
     other requests than the server did, yet every tier with answers has its simulated E2E, and a tier nothing was
@@ -196,8 +197,12 @@ def test_workers_and_the_targets_metrics(scenario, tmp_path):
     # (310.6 measured, 272.7 simulated); the tight agreement is streamed_run's, one process and 200 requests.
     assert tokens["measured"]["itl_p50_ms"] > 40 and tokens["relative_error"]["ttft_p95_ms"] <= 0.25
     metrics = data["server_metrics"]
-    assert metrics["names"] == {"waiting": "inferplan_queue_depth", "running": "inferplan_requests_running"}
+    assert metrics["names"] == {
+        "waiting": "inferplan_queue_depth", "running": "inferplan_requests_running",
+        "gpus": "inferplan_gpus", "gpus_provisioning": "inferplan_gpus_provisioning",
+    }  # fmt: skip
     assert len(metrics["t_s"]) >= 6 and max(metrics["running"]) >= 1
+    assert set(metrics["gpus"]) == {1} and set(metrics["gpus_provisioning"]) == {0}  # no autoscaler: a fixed fleet
 
 
 @pytest.mark.parametrize(
