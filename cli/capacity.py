@@ -32,6 +32,7 @@ from .options import (
     ProfileOpt,
     PromptTokensOpt,
     QuietOpt,
+    RoutingOpt,
     SampleGpusOpt,
     SaveOpt,
     ScenarioOpt,
@@ -128,6 +129,7 @@ def capacity(
     dataset_format: DatasetFormatOpt = None,
     shared_prefix: SharedPrefixOpt = None,
     prefix_caching: PrefixCachingOpt = None,
+    routing: RoutingOpt = None,
     tokenizer: TokenizerOpt = None,
     stream: StreamOpt = False,
     slo_ttft: TtftSloOpt = None,
@@ -151,6 +153,7 @@ def capacity(
     scen = build_scenario(
         scenario=scenario, profile=profile, tier_mix=tier_mix, no_overlap=no_overlap, slos=slos, max_load=max_load,
         max_batch=max_batch, max_wait_ms=max_wait_ms, kernel_ms=kernel_ms, prefix_caching=prefix_caching,
+        routing=routing,
     )  # fmt: skip
     if from_sweep is not None:
         return _finish(_from_sweep(from_sweep, rps, scen.model.max_load), json_out, save)

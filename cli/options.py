@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from ..core.errors import UsageError
+from ..core.model import Routing
 from ..server.backends.base import Backend, EngineFlags, backend_names
 from ..sim.inputs.arrivals import ArrivalProcess
 from ..sim.inputs.public_traces import TraceFormat
@@ -123,6 +124,14 @@ PrefixCachingOpt = Annotated[
     typer.Option(
         "--prefix-caching/--no-prefix-caching",
         help="Continuous batching: reuse cached prompt blocks (default: the scenario's prefix_caching).",
+    ),
+]
+RoutingOpt = Annotated[
+    Routing | None,
+    typer.Option(
+        "--routing",
+        help="Continuous batching: shared_queue (one waiting room), or each request routed at arrival to one "
+        "replica: round_robin, least_loaded, prefix_affinity (default: the scenario's routing).",
     ),
 ]
 SharedPrefixOpt = Annotated[

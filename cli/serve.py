@@ -29,6 +29,7 @@ from .options import (
     ProfileOpt,
     RayAddressOpt,
     RayEngineOpt,
+    RoutingOpt,
     ScenarioOpt,
     TemperatureOpt,
     TorchModelOpt,
@@ -126,6 +127,7 @@ def serve(
     kernel_ms: KernelOpt = None,
     scenario: ScenarioOpt = None,
     profile: ProfileOpt = None,
+    routing: RoutingOpt = None,
 ) -> None:
     """Serve the batching design over HTTP: tier queues, dynamic batcher, GPU workers, 429 backpressure."""
     if instances > 1 and redis is None:
@@ -135,8 +137,9 @@ def serve(
 
         gpus = len(upstream_replicas(upstream))  # one GPU worker per engine replica
     scen = build_scenario(
-        scenario=scenario, profile=profile, gpus=gpus, max_batch=max_batch, max_wait_ms=max_wait_ms, kernel_ms=kernel_ms
-    )
+        scenario=scenario, profile=profile, gpus=gpus, max_batch=max_batch, max_wait_ms=max_wait_ms,
+        kernel_ms=kernel_ms, routing=routing,
+    )  # fmt: skip
     config = ServerConfig(
         model=scen.model, host=host, port=port, internal_host=internal_host, internal_port=internal_port,
         allow_remote_internal=allow_remote_internal, backend=backend, gpus=scen.model.gpus or 1,

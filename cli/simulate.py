@@ -26,6 +26,7 @@ from .options import (
     ProfileOpt,
     PromptTokensOpt,
     QuietOpt,
+    RoutingOpt,
     SampleGpusOpt,
     SaveOpt,
     SaveRequestsOpt,
@@ -86,6 +87,7 @@ def simulate(
     dataset_format: DatasetFormatOpt = None,
     shared_prefix: SharedPrefixOpt = None,
     prefix_caching: PrefixCachingOpt = None,
+    routing: RoutingOpt = None,
     tokenizer: TokenizerOpt = None,
     stream: StreamOpt = False,
     scenario: ScenarioOpt = None,
@@ -100,7 +102,7 @@ def simulate(
     scen = build_scenario(
         scenario=scenario, profile=profile, tier_mix=tier_mix, no_overlap=no_overlap, gpus=gpus, max_batch=max_batch,
         max_wait_ms=max_wait_ms, kernel_ms=kernel_ms, autoscale={"enabled": True} if autoscale else None,
-        faults=faults or None, batching=batching, prefix_caching=prefix_caching,
+        faults=faults or None, batching=batching, prefix_caching=prefix_caching, routing=routing,
     )  # fmt: skip
     workload = scen.workload(
         rps=rps, arrival=arrival, trace=trace, extra_segments=tuple(parse_spike(s) for s in spike or ()),

@@ -47,12 +47,21 @@ from .dispatch import DispatchRule
 from .slos import Slos, nest_slo_aliases
 from .tiers import Tier
 
-__all__ = ["AutoscalePolicy", "Backpressure", "Batching", "Faults", "ServiceModel", "TokenShape"]
+__all__ = ["AutoscalePolicy", "Backpressure", "Batching", "Faults", "Routing", "ServiceModel", "TokenShape"]
 
 
 class Batching(StrEnum):
     STATIC = "static"  # the design's batch cycle: a batch holds its GPU until its longest sequence is done
     CONTINUOUS = "continuous"  # vLLM, SGLang, TGI: sequences join and leave between steps
+
+
+class Routing(StrEnum):
+    """Which replica a request goes to (SPEC section 13; ``core/routing.py``)."""
+
+    SHARED_QUEUE = "shared_queue"  # one waiting room; the next replica with room takes the head (our server's pool)
+    ROUND_ROBIN = "round_robin"  # each replica in turn, at arrival
+    LEAST_LOADED = "least_loaded"  # fewest running + waiting, at arrival
+    PREFIX_AFFINITY = "prefix_affinity"  # longest cached prefix among the replicas not much busier (llm-d)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +208,11 @@ class ServiceModel(_Frozen):
         "evicted least recently used (core/prefix_cache.py). False: KV counted by tokens, as section 10",
     )
     kv_block_tokens: int = Field(default=16, ge=1, le=4096, description="continuous: tokens in one KV block")
+    routing: Routing = Field(
+        default=Routing.SHARED_QUEUE,
+        description="continuous: shared_queue (one waiting room, the next GPU with room takes the head), or a "
+        "request routed to one replica's own queue at arrival: round_robin, least_loaded, prefix_affinity",
+    )
     # -- per-request engine overheads outside the steps (SPEC section 12; BLIS's alpha terms) ---------
     request_overhead_ms: float = Field(
         default=0.0,
@@ -232,6 +246,14 @@ class ServiceModel(_Frozen):
     def _context_terms_are_continuous(self) -> ServiceModel:
         if self.prefix_caching and self.batching is not Batching.CONTINUOUS:
             raise ValueError('prefix_caching is a feature of continuous batching: set batching = "continuous"')
+        if self.routing is not Routing.SHARED_QUEUE:
+            if self.batching is not Batching.CONTINUOUS:
+                raise ValueError('routing is a feature of continuous batching: set batching = "continuous"')
+            if self.autoscale.enabled or self.faults.mtbf_s is not None:
+                raise ValueError(
+                    f"routing = {self.routing.value!r} runs a fixed fleet for now: use routing = "
+                    '"shared_queue" with the autoscaler or GPU failures'
+                )
         if self.context_terms and self.batching is not Batching.CONTINUOUS:
             raise ValueError(
                 "step_floor_ms, prefill_step_ms, decode_ms_per_kv_token, prefill_ms_per_token_sq and "

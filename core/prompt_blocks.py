@@ -20,6 +20,7 @@ __all__ = [
     "content_keys",
     "prefix_from_wire",
     "prefix_to_wire",
+    "prompt_content_keys",
     "prompt_keys",
 ]
 
@@ -117,3 +118,8 @@ def content_keys(tokens: Sequence[Hashable], block_tokens: int) -> list[Hashable
         key = hash((key, tuple(tokens[start : start + block_tokens])))
         keys.append(key)
     return keys
+
+
+def prompt_content_keys(prompt: str | list[int], block_tokens: int) -> list[Hashable]:
+    """:func:`content_keys` of a prompt as the server's ``sim`` engine counts its tokens: words, or token ids."""
+    return content_keys(prompt if isinstance(prompt, list) else prompt.split(), block_tokens)

@@ -424,6 +424,9 @@ class SweepStep(_Model):
         default=None, description="relative half-width of the decisive P95's 95% batch-means interval"
     )
     decided_by: str = Field(default="", description="how the verdict was reached: precise, clear, growing, limit")
+    requests_file: str | None = Field(
+        default=None, description="the deciding run's requests (--save-requests), for calibrate --from-requests"
+    )
 
 
 class SweepResult(_Model):

@@ -26,13 +26,16 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import InferPlanError, UsageError
 from ..core.schema import Gate, LoadTestResult, SweepResult, SweepStep
+from ..sim.results.sinks import RequestWriter
 from .spec import LoadTestSpec
 
 if TYPE_CHECKING:
+    from ..core.records import RequestRecords
     from .run import Measured
 from .sweep_step import judge, sweep_step
 from .target import check_reachable
@@ -71,6 +74,9 @@ class SweepSpec:
             raise UsageError("a sweep offers steady rates: drop --spike, a trace or a timed dataset", field="sweep")
         if self.base.workers > 0:
             raise UsageError("a sweep runs its steps in this process: drop --workers", field="workers")
+        saved = self.base.save_requests
+        if saved is not None and not saved.parent.is_dir():
+            raise UsageError(f"cannot write {saved}: no such folder", field="save-requests")
         if any(r <= 0 for r in self.rates):
             raise UsageError("every rate must be > 0", field="rates")
         if self.max_rps is not None and self.rates and max(self.rates) > self.max_rps:
@@ -101,7 +107,7 @@ class _Search:
         base = self.spec.base
         spec = replace(
             base, target=self.url, gpus=base.fleet, workload=base.workload.at_rate(rps), duration_s=duration_s,
-            warmup_s=base.warmup_s if warmup_s is None else warmup_s,
+            warmup_s=base.warmup_s if warmup_s is None else warmup_s, save_requests=None,
         )  # fmt: skip
         from .run import measure_loadtest  # Locust: imported where load is sent (gevent patches on import)
 
@@ -137,9 +143,25 @@ class _Search:
             longer = 2 * duration
             if verdict.decided or longer > self.spec.longest_step_s or not self.affords(longer):
                 step = sweep_step(rps, measured.result, verdict, runs, verdict.decided_by or "limit")
+                if self.spec.base.save_requests is not None:
+                    step.requests_file = str(self._save(measured.records, len(self.steps) + 1))
                 self.steps.append(step)
                 return step
             duration = longer
+
+    def _save(self, records: RequestRecords, number: int) -> Path:
+        """``--save-requests sweep.csv`` keeps step N's deciding run in ``sweep-stepN.csv``: each run has its own
+        clock, so one file per run is what ``calibrate --from-requests`` can replay."""
+        path = step_requests_path(self.spec.base.save_requests, number)
+        writer = RequestWriter(path)
+        writer.fold(records)
+        writer.close()
+        return path
+
+
+def step_requests_path(save_requests: Path, number: int) -> Path:
+    """Where a sweep keeps the requests of its step ``number`` (1-based)."""
+    return save_requests.with_name(f"{save_requests.stem}-step{number}{save_requests.suffix or '.csv'}")
 
 
 def run_sweep(spec: SweepSpec, *, progress: Progress | None = None) -> SweepResult:

@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..core.errors import UsageError
-from ..core.model import Batching, ServiceModel
+from ..core.model import Batching, Routing, ServiceModel
 from ..core.schema import SimulationResult
 from ..core.tiers import Tier
 from .engines.compiled_steps import compiled_applies
@@ -101,13 +101,15 @@ def sampled_gpus(model: ServiceModel, workload: Workload, settings: RunSettings,
     of the waiting room across more GPUs, which stops mattering at a few dozen. So a fleet of ten thousand costs a
     run of two dozen. Every GPU is simulated where the fleet is coupled otherwise: the static batch cycle (its
     batches fill at the whole fleet's rate), the fleet-wide autoscaler, a fixed queue limit, a replayed trace or
-    constant arrivals (a share of either is not the same process at a lower rate).
+    constant arrivals (a share of either is not the same process at a lower rate), and routing at arrival (round
+    robin spreads the fleet's arrivals, prefix affinity what each replica caches, over all N).
     """
     sample = settings.sample_gpus
     if (
         sample is None
         or gpus <= sample
         or model.batching is not Batching.CONTINUOUS
+        or model.routing is not Routing.SHARED_QUEUE
         or model.autoscale.enabled
         or model.backpressure.queue_limit is not None
         or workload.is_replay

@@ -264,6 +264,11 @@ class Backend(ABC):
         """A chat as one prompt: the engine's chat template where it has one, else :func:`plain_chat_prompt`."""
         return plain_chat_prompt(messages)
 
+    def cached_blocks(self, gpu: int, request: Generate) -> int | None:
+        """Leading blocks of ``request``'s prompt that GPU ``gpu`` holds cached, for ``prefix_affinity`` routing;
+        None: the backend cannot say (the pool then counts what it sent there, ``server/workers/prefix_index.py``)."""
+        return None
+
     async def run_continuous(self, gpu: int, feed: Any) -> None:
         """Continuous batching on GPU ``gpu``: admit from ``feed`` (a ``StepFeed``) between steps, answer each
         request as its sequence ends, and return once ``feed.wait()`` says False with nothing running.

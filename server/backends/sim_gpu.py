@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from ...core.model import ServiceModel
 from ...core.prefix_cache import PrefixCache, blocks_needed, cached_tokens
-from ...core.prompt_blocks import content_keys
+from ...core.prompt_blocks import prompt_content_keys
 from ...core.tokens import word_tokens
 from ..api_errors import ApiError
 from .base import Backend, BackendOptions, Generate, Generated
@@ -81,6 +81,13 @@ class SimBackend(Backend):
     def __init__(self, model: ServiceModel, options: BackendOptions) -> None:
         super().__init__(model, options)
         self._uniform = random.Random(0).random  # draws quantiles of a measured cycle_jitter
+        self.caches: dict[int, PrefixCache] = {}  # prefix caching: each GPU's blocks, kept while it serves
+
+    def cached_blocks(self, gpu: int, request: Generate) -> int | None:
+        cache = self.caches.get(gpu)
+        if cache is None:
+            return 0 if self.model.prefix_caching else None
+        return sum(cache.hits(_segments(request.prompt, self.model.kv_block_tokens)))
 
     async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:
         answers = [_answer(request) for request in requests]
@@ -141,7 +148,7 @@ class SimBackend(Backend):
         loop = asyncio.get_running_loop()
         kv_budget = model.kv_cache_tokens if model.kv_cache_tokens is not None else math.inf
         block = model.kv_block_tokens
-        cache = PrefixCache(model.kv_cache_blocks) if model.prefix_caching else None
+        cache = self.caches.setdefault(gpu, PrefixCache(model.kv_cache_blocks)) if model.prefix_caching else None
         running: list[_Sequence] = []
         kv = 0
         deadline = loop.time()
@@ -219,8 +226,7 @@ class SimBackend(Backend):
 def _admit_cached(seq: _Sequence, prompt: str | list[int], cache: PrefixCache, block: int) -> bool | None:
     """Take ``seq``'s blocks, its leading cached ones shared (SPEC section 13); False: it does not fit now;
     None: it never could."""
-    tokens = prompt if isinstance(prompt, list) else prompt.split()  # the sim engine's tokens: words, or ids
-    seq.segments = [(key, 1) for key in content_keys(tokens, block)]  # a chain: every block its own key
+    seq.segments = _segments(prompt, block)
     seq.blocks = blocks_needed(seq.output.prompt_tokens, len(seq.pieces), block)
     if seq.blocks > cache.capacity:
         return None
@@ -232,6 +238,11 @@ def _admit_cached(seq: _Sequence, prompt: str | list[int], cache: PrefixCache, b
     seq.prefill_left = seq.fill = seq.output.prompt_tokens - cached
     seq.output.cached_tokens = cached
     return True
+
+
+def _segments(prompt: str | list[int], block: int) -> list[tuple[Any, int]]:
+    """The prompt's blocks as cache segments: a chain, every block its own key."""
+    return [(key, 1) for key in prompt_content_keys(prompt, block)]
 
 
 class _Delivery:

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from ...core.model import Batching
+from ...core.model import Batching, Routing
 from ..access.key_limiter import LocalKeyLimiter, SharedKeyLimiter
 from ..access.keys import KeyStore
 from ..api_errors import ErrorMiddleware
@@ -21,6 +21,7 @@ from ..backends.base import Backend
 from ..config import ServerConfig
 from ..queues.memory_queue import MemoryQueue
 from ..queues.queue import TierQueue
+from ..queues.routed_queue import RoutedQueue
 from ..queues.shared_queue import SharedQueue
 from ..queues.shared_scaling import SharedScaleLedger
 from ..workers.autoscaler import (
@@ -55,7 +56,8 @@ async def _engine_ctx(app: web.Application) -> AsyncIterator[None]:
     await state.backend.start()
     queue: TierQueue
     if config.redis_url is None:
-        queue = MemoryQueue(config.model, config.gpus)
+        routed = config.model.routing is not Routing.SHARED_QUEUE
+        queue = (RoutedQueue if routed else MemoryQueue)(config.model, config.gpus)
         state.limiter = LocalKeyLimiter(state.metrics, clock=asyncio.get_running_loop().time)
     else:
         queue = SharedQueue(config.model, config.gpus, state.metrics, url=config.redis_url, prefix=config.redis_prefix)

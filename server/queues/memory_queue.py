@@ -25,7 +25,7 @@ from ..api_errors import ApiError
 from ..backends.base import Generate, Generated
 from .queue import Interrupted, TierQueue
 
-__all__ = ["MemoryQueue", "Pending"]
+__all__ = ["MemoryQueue", "Pending", "WaitingRoom"]
 
 
 @dataclass(slots=True)
@@ -38,6 +38,61 @@ class Pending:
     future: asyncio.Future[Generated] = field(repr=False)
 
 
+class WaitingRoom:
+    """Requests waiting by tier, FIFO within a tier, for the GPU workers that admit from it one at a time
+    (continuous batching): the process's whole queue, or, with routing, one worker's own
+    (:class:`~.routed_queue.RoutedQueue`). Counts are kept on the owning queue, which judges the zones."""
+
+    def __init__(self, owner: MemoryQueue) -> None:
+        self.owner = owner
+        self.tiers: list[deque[Pending]] = [deque() for _ in Tier]
+
+    def __len__(self) -> int:
+        return sum(len(q) for q in self.tiers)
+
+    def head(self) -> Pending | None:
+        """The request a GPU with a free slot would admit next: by tier, FIFO within a tier."""
+        self.drop_abandoned_heads()
+        return next((q[0] for q in self.tiers if q), None)
+
+    def pop_head(self) -> Pending:
+        """Take the request :meth:`head` returned (call it in the same loop pass)."""
+        self.owner._queued -= 1
+        return next(q for q in self.tiers if q).popleft()
+
+    def heads(self) -> list[Pending]:
+        """Each tier's oldest waiting request, enterprise first: the candidates when some may not be admissible yet."""
+        self.drop_abandoned_heads()
+        return [q[0] for q in self.tiers if q]
+
+    def pop_tier_head(self, pending: Pending) -> Pending:
+        """Take ``pending``, one of :meth:`heads` (call it in the same loop pass)."""
+        self.owner._queued -= 1
+        return self.tiers[pending.tier].popleft()
+
+    async def wait_work(self, interrupted: Interrupted) -> bool:
+        """Until a request waits here (True) or ``interrupted()`` (False)."""
+        while not interrupted():
+            if self.head() is not None:
+                return True
+            self.owner._wake.clear()
+            await self.owner._wake.wait()
+        return False
+
+    def drop_abandoned_heads(self) -> None:
+        """Requests whose client gave up (timeout, disconnect) leave the queue without a batch slot."""
+        for q in self.tiers:
+            while q and q[0].future.done():
+                q.popleft()
+                self.owner._queued -= 1
+
+    def fail(self, err: ApiError) -> None:
+        for q in self.tiers:
+            deliver_to_futures(list(q), err)
+            self.owner._queued -= len(q)
+            q.clear()
+
+
 class MemoryQueue(TierQueue):
     def __init__(self, model: ServiceModel, gpus: int) -> None:
         self.model = model
@@ -46,10 +101,15 @@ class MemoryQueue(TierQueue):
         # Continuous batching: a GPU with a free slot takes the next request at its next step, so
         # every arrival may be work for an idle GPU; a batch cycle only cares about the first and a full one.
         self.wake_at = 1 if model.batching is Batching.CONTINUOUS else self.rule.max_batch
-        self.tiers: list[deque[Pending]] = [deque() for _ in Tier]
+        self.shared = WaitingRoom(self)
+        self.tiers = self.shared.tiers
         self._queued = 0
         self._assembly = asyncio.Lock()
         self._wake = asyncio.Event()
+
+    def room(self, gpu: int) -> WaitingRoom:
+        """Where GPU worker ``gpu`` admits from under continuous batching: here, the one shared room."""
+        return self.shared
 
     @property
     def queued(self) -> int:
@@ -63,7 +123,7 @@ class MemoryQueue(TierQueue):
             return None
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[Generated] = loop.create_future()
-        self.tiers[tier].append(Pending(request, tier, loop.time(), fut))
+        self.room_for(request).tiers[tier].append(Pending(request, tier, loop.time(), fut))
         self._queued += 1
         if self._queued == 1 or self._queued >= self.wake_at:
             self._wake.set()  # start the oldest-request clock, or a full batch is ready
@@ -76,17 +136,18 @@ class MemoryQueue(TierQueue):
     def wake(self) -> None:
         self._wake.set()
 
+    def room_for(self, request: Generate) -> WaitingRoom:
+        """The room an arriving request waits in: the shared one."""
+        return self.shared
+
     def fail_waiting(self, err: ApiError) -> None:
-        for q in self.tiers:
-            deliver_to_futures(list(q), err)
-            q.clear()
-        self._queued = 0
+        self.shared.fail(err)
 
     async def next_batch(self, interrupted: Interrupted) -> list[Pending] | None:
         async with self._assembly:
             loop = asyncio.get_running_loop()
             while not interrupted():
-                self._drop_abandoned_heads()
+                self.shared.drop_abandoned_heads()
                 now = loop.time()
                 decision = decide(self.rule, self._queued, self._oldest(), now, gpu_free=True)
                 if isinstance(decision, Take):
@@ -97,46 +158,8 @@ class MemoryQueue(TierQueue):
                     await asyncio.wait_for(self._wake.wait(), timeout)
             return None
 
-    # -- continuous batching: one request at a time, between steps -------------------------
-
-    def head(self) -> Pending | None:
-        """The request a GPU with a free slot would admit next: by tier, FIFO within a tier."""
-        self._drop_abandoned_heads()
-        return next((q[0] for q in self.tiers if q), None)
-
-    def pop_head(self) -> Pending:
-        """Take the request :meth:`head` returned (call it in the same loop pass)."""
-        self._queued -= 1
-        return next(q for q in self.tiers if q).popleft()
-
-    def heads(self) -> list[Pending]:
-        """Each tier's oldest waiting request, enterprise first: the candidates when some may not be admissible yet."""
-        self._drop_abandoned_heads()
-        return [q[0] for q in self.tiers if q]
-
-    def pop_tier_head(self, pending: Pending) -> Pending:
-        """Take ``pending``, one of :meth:`heads` (call it in the same loop pass)."""
-        self._queued -= 1
-        return self.tiers[pending.tier].popleft()
-
-    async def wait_work(self, interrupted: Interrupted) -> bool:
-        """Until a request waits (True) or ``interrupted()`` (False)."""
-        while not interrupted():
-            if self.head() is not None:
-                return True
-            self._wake.clear()
-            await self._wake.wait()
-        return False
-
     def _oldest(self) -> float:
         return min((q[0].arrived for q in self.tiers if q), default=float("inf"))
-
-    def _drop_abandoned_heads(self) -> None:
-        """Requests whose client gave up (timeout, disconnect) leave the queue without a batch slot."""
-        for q in self.tiers:
-            while q and q[0].future.done():
-                q.popleft()
-                self._queued -= 1
 
     def _take(self, n: int) -> list[Pending]:
         batch: list[Pending] = []

@@ -29,28 +29,32 @@ __all__ = ["StepFeed", "pass_through"]
 
 
 class StepFeed:
-    """One GPU's view of the tier queue under continuous batching; counts what runs for the drain and /metrics."""
+    """One GPU's view of the tier queue under continuous batching (its own room when routed); counts what runs
+    for the drain and /metrics."""
 
-    def __init__(self, queue: MemoryQueue, interrupted: Interrupted, closed: Interrupted = lambda: False) -> None:
-        self.queue = queue
+    def __init__(
+        self, queue: MemoryQueue, gpu: int, interrupted: Interrupted, closed: Interrupted = lambda: False
+    ) -> None:
+        self.gpu = gpu
+        self.room = queue.room(gpu)
         self.interrupted = interrupted
         self.closed = closed  # True: the GPU retires; it admits nothing more and finishes what it runs
         self.running = 0
 
     def head(self) -> Pending | None:
-        return None if self.closed() else self.queue.head()
+        return None if self.closed() else self.room.head()
 
     def take(self, pending: Pending | None = None) -> Pending:
         """Admit the head (or ``pending``, one of :meth:`heads`): it holds a sequence slot until :meth:`deliver`."""
         self.running += 1
-        return self.queue.pop_head() if pending is None else self.queue.pop_tier_head(pending)
+        return self.room.pop_head() if pending is None else self.room.pop_tier_head(pending)
 
     def heads(self) -> list[Pending]:
-        return [] if self.closed() else self.queue.heads()
+        return [] if self.closed() else self.room.heads()
 
     async def wait(self) -> bool:
         """Until a request waits (True), or the worker is wanted for something else (False: return when idle)."""
-        return await self.queue.wait_work(self.interrupted)
+        return await self.room.wait_work(self.interrupted)
 
     def deliver(self, pending: Pending, result: Generated | ApiError) -> None:
         self.running -= 1

@@ -14,6 +14,11 @@ Workers come and go while the server runs (engine replicas that register and lea
 SPEC section 13): :meth:`GpuPool.start_worker` adds one, :meth:`GpuPool.retire` drains
 one. A retiring worker takes nothing new, finishes what it runs (every accepted request
 is answered) and ends; the queue's zones follow the count of workers left.
+
+With ``routing`` other than ``shared_queue`` (continuous batching), each request is sent to
+one worker's own room at arrival (:class:`~..queues.routed_queue.RoutedQueue`), chosen by
+:meth:`GpuPool.route` from what each worker runs, queues and caches; a retiring worker's
+waiting requests are routed again.
 """
 
 from __future__ import annotations
@@ -27,13 +32,18 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ...core.model import Routing
+from ...core.prompt_blocks import prompt_content_keys
+from ...core.routing import choose_replica
 from ...core.tiers import Tier
 from ..api_errors import ApiError
 from ..backends.base import Backend, BackendError, Generate, Generated
 from ..metrics import ServerMetrics
-from ..queues.memory_queue import MemoryQueue, Pending, deliver_to_futures
+from ..queues.memory_queue import MemoryQueue, Pending, WaitingRoom, deliver_to_futures
 from ..queues.queue import Queued, TierQueue
+from ..queues.routed_queue import RoutedQueue
 from .continuous import StepFeed, pass_through
+from .prefix_index import SentPrefixes
 
 __all__ = ["SERVED_LOG_SIZE", "GpuPool", "ServedBatch"]
 
@@ -86,6 +96,10 @@ class GpuPool:
         self.retiring: set[int] = set()
         self._waiting: set[int] = set()  # workers waiting for a batch (static batching)
         self._ids = itertools.count()
+        self.routed = 0  # requests routed so far (round robin's turn)
+        if isinstance(queue, RoutedQueue):
+            queue.router = self.route
+            self.sent = SentPrefixes(queue.model.kv_cache_blocks)
         metrics.gpus.set(queue.gpus)
         metrics.requests_running.set_function(lambda: self.running_requests + sum(f.running for f in self.feeds))
 
@@ -112,6 +126,8 @@ class GpuPool:
             return asyncio.ensure_future(asyncio.shield(task) if task is not None else asyncio.sleep(0))
         self.retiring.add(gpu)
         self._resize()
+        if isinstance(self.queue, RoutedQueue):
+            self.queue.close_room(gpu)  # what waits for it goes elsewhere
         self.queue.wake()
         return asyncio.ensure_future(self._retired(gpu, task))
 
@@ -214,12 +230,36 @@ class GpuPool:
     async def _continuous_worker(self, gpu: int, max_seqs: int) -> None:
         """Sequences join and leave between steps; an internal-API batch runs when the GPU is idle."""
         assert isinstance(self.queue, MemoryQueue)  # ServerConfig refuses continuous batching with --redis
-        feed = StepFeed(self.queue, lambda: bool(self.direct) or gpu in self.retiring, lambda: gpu in self.retiring)
+        retiring = self.retiring
+        feed = StepFeed(self.queue, gpu, lambda: bool(self.direct) or gpu in retiring, lambda: gpu in retiring)
         self.feeds.append(feed)
         try:
             await self._step_loop(gpu, max_seqs, feed)
         finally:
             self.feeds.remove(feed)
+            if isinstance(self.queue, RoutedQueue):
+                self.queue.close_room(gpu)
+                self.sent.forget(gpu)
+
+    def route(self, request: Generate, rooms: dict[int, WaitingRoom]) -> int:
+        """The worker whose room ``request`` waits in (core/routing.py), from what each runs, queues and holds."""
+        model, seqs = self.queue.model, self.continuous_seqs or 1
+        running = {feed.gpu: feed.running for feed in self.feeds}
+        gpus = list(rooms)
+        loads = [running.get(g, 0) + len(rooms[g]) for g in gpus]
+        free = [load < seqs for load in loads]
+        hits, keys = None, None
+        if model.routing is Routing.PREFIX_AFFINITY:
+            exact = [self.backend.cached_blocks(g, request) for g in gpus]
+            if None in exact:  # the engine cannot say: what was sent there
+                keys = prompt_content_keys(request.prompt, model.kv_block_tokens)
+                exact = [self.sent.hits(g, keys) for g in gpus]
+            hits = exact
+        self.routed += 1
+        chosen = gpus[choose_replica(model.routing, loads, free, hits, self.routed - 1)]
+        if keys is not None:
+            self.sent.record(chosen, keys)
+        return chosen
 
     async def _step_loop(self, gpu: int, max_seqs: int, feed: StepFeed) -> None:
         while gpu not in self.retiring:

@@ -39,12 +39,13 @@ import simpy
 
 from ...core.dispatch import EPS
 from ...core.jitter import StepJitter
-from ...core.model import ServiceModel
+from ...core.model import Routing, ServiceModel
 from ...core.prefix_cache import PrefixCache, blocks_needed, cached_tokens
 from ...core.prompt_blocks import prompt_segments
+from ...core.routing import choose_replica
 from ..results.token_gaps import TokenGaps
 from .fleet import Fleet, GpuState
-from .waiting import ArrivalQueue
+from .waiting import ArrivalQueue, RoutedArrivalQueue
 
 __all__ = ["StepEngine"]
 
@@ -95,7 +96,12 @@ class StepEngine:
     ) -> None:
         self.env = env
         self.model = model
-        self.waiting = ArrivalQueue(times, tiers)
+        # routing other than a shared queue: each arrival waits in the queue of the GPU core/routing.py chose
+        self.routed = model.routing is not Routing.SHARED_QUEUE
+        self.waiting = (
+            RoutedArrivalQueue(times, tiers, gpus, self._route) if self.routed else ArrivalQueue(times, tiers)
+        )
+        self.routed_so_far = 0
         self.tiers = tiers.tolist()
         self.prompt = prompt.tolist()
         self.output = output.tolist()
@@ -220,10 +226,17 @@ class StepEngine:
             heapq.heappop(heap)  # a step voided by a failure
         event = heap[0][0] if heap else math.inf
         if self.idle:
-            pickup = self.now if self.waiting.queued else self.waiting.next_time
+            pickup = self.now if self._idle_work() else self.waiting.next_time
             if pickup < event:
                 return pickup
         return event
+
+    def _idle_work(self) -> bool:
+        """Whether an idle GPU has someone to admit: anyone waiting, or, routed, someone in its own queue."""
+        if not self.routed:
+            return self.waiting.queued > 0
+        own = self.waiting.own_queued  # type: ignore[attr-defined]
+        return any(own[g] for g in self.idle)
 
     def _events_at(self, now: float) -> None:
         self.now = now
@@ -239,8 +252,8 @@ class StepEngine:
                 self._end_step(gpu, now)
                 plan(g, now)
         if self.idle and waiting.queued:
-            for g in list(self.idle):  # idle GPUs pick up what waits, in index order
-                if waiting.queued:
+            for g in list(self.idle):  # idle GPUs pick up what waits (their own, when routed), in index order
+                if waiting.own_queued[g] if self.routed else waiting.queued:  # type: ignore[attr-defined]
                     self.idle.remove(g)
                     plan(g, now)
 
@@ -249,8 +262,9 @@ class StepEngine:
     def _plan(self, g: int, now: float) -> None:
         gpu = self.gpus[g]
         waiting = self.waiting
-        if gpu.accepting and waiting.queued and gpu.running < self.max_seqs:
-            self._admit(gpu)
+        queued = waiting.own_queued[g] if self.routed else waiting.queued  # type: ignore[attr-defined]
+        if gpu.accepting and queued and gpu.running < self.max_seqs:
+            self._admit(gpu, g)
         if gpu.running == 0:
             gpu.busy = False
             if gpu.accepting:
@@ -328,14 +342,14 @@ class StepEngine:
         self.runs.extend((now, end, gpu.running))
         heapq.heappush(self.heap, (end, g, gpu.generation))
 
-    def _admit(self, gpu: _Gpu) -> None:
+    def _admit(self, gpu: _Gpu, g: int) -> None:
         """Waiting requests by tier, FIFO within a tier, while a sequence slot and KV room remain."""
         waiting, prompt, budget, reserves = self.waiting, self.prompt, self.kv_budget, self.reserve
-        prefilling, max_seqs = gpu.prefilling, self.max_seqs
-        while waiting.queued and gpu.running < max_seqs:
-            i = waiting.pop()
+        prefilling, max_seqs, routed = gpu.prefilling, self.max_seqs, self.routed
+        while (waiting.own_queued[g] if routed else waiting.queued) and gpu.running < max_seqs:  # type: ignore[attr-defined]
+            i = waiting.pop(g)
             if gpu.cache is not None:
-                admitted = self._admit_cached(gpu.cache, i)
+                admitted = self._admit_cached(gpu.cache, i, g)
                 if admitted is None:
                     continue  # refused
                 if not admitted:
@@ -346,7 +360,7 @@ class StepEngine:
             reserve = reserves[i]
             if gpu.kv + reserve > budget:
                 if reserve <= budget:
-                    waiting.push_back(i)  # the first that does not fit blocks the ones behind it
+                    waiting.push_back(i, g)  # the first that does not fit blocks the ones behind it
                     return
                 self._refused.append(i)  # would never fit, even alone: refused at once (an engine's 400)
                 self._done[i] = self.now
@@ -355,7 +369,7 @@ class StepEngine:
             gpu.kv += reserve
             gpu.running += 1
 
-    def _admit_cached(self, cache: PrefixCache, i: int) -> bool | None:
+    def _admit_cached(self, cache: PrefixCache, i: int, g: int) -> bool | None:
         """Admit ``i`` into a GPU's blocks, its leading resident blocks shared; False: it waits (and blocks the
         ones behind it); None: too big for the whole cache, refused at once, as without caching."""
         prompt, block = self.prompt[i], self.block
@@ -367,7 +381,7 @@ class StepEngine:
             return None
         holds = cache.hits(segments)
         if not cache.fits(holds, segments, blocks):
-            self.waiting.push_back(i)
+            self.waiting.push_back(i, g)
             return False
         cache.admit(holds, segments, blocks)
         skipped = self._cached[i] = cached_tokens(sum(holds), prompt, block)
@@ -432,6 +446,19 @@ class StepEngine:
             gpu.running -= leaving
         if self.leaving:
             self._release_leaving(gpu.cache)  # type: ignore[arg-type]  (only prefix caching books leavers)
+
+    def _route(self, i: int) -> int:
+        """The GPU request ``i`` waits for (core/routing.py), from what each GPU runs, queues and holds now."""
+        gpus, own, max_seqs = self.gpus, self.waiting.own_queued, self.max_seqs  # type: ignore[attr-defined]
+        loads = [gpu.running + own[g] for g, gpu in enumerate(gpus)]
+        free = [load < max_seqs for load in loads]
+        hits = None
+        if self.model.routing is Routing.PREFIX_AFFINITY and self.caching:
+            segments = prompt_segments(self.prefixes[i], i, self.prompt[i], self.block)
+            hits = [sum(gpu.cache.hits(segments)) for gpu in gpus]  # type: ignore[union-attr]
+        turn = self.routed_so_far
+        self.routed_so_far += 1
+        return choose_replica(self.model.routing, loads, free, hits, turn)
 
     def _release_leaving(self, cache: PrefixCache) -> None:
         held, leaving = self.held, self.leaving

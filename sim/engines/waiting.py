@@ -23,7 +23,7 @@ from ...core.dispatch import EPS, take_by_priority
 from ...core.tiers import Tier
 from ..inputs.arrivals import Arrivals, concatenate
 
-__all__ = ["ArrivalQueue", "WaitingQueues"]
+__all__ = ["ArrivalQueue", "RoutedArrivalQueue", "WaitingQueues"]
 
 _N_TIERS = len(Tier)
 
@@ -298,15 +298,58 @@ class ArrivalQueue:
         self.next_arrival = i
         self.next_time = times[i] if i < n else math.inf
 
-    def pop(self) -> int:
-        """The next request by priority: enterprise first, FIFO inside a tier."""
+    def pop(self, g: int = 0) -> int:
+        """The next request by priority: enterprise first, FIFO inside a tier (``g``: the GPU asking; one room)."""
         for queue in self.queues:
             if queue:
                 self.queued -= 1
                 return queue.popleft()
         raise IndexError("nobody waits")
 
-    def push_back(self, i: int) -> None:
+    def push_back(self, i: int, g: int = 0) -> None:
         """Return the request just popped to the head of its tier (it could not be admitted after all)."""
         self.queues[self._tiers[i]].appendleft(i)
+        self.queued += 1
+
+
+class RoutedArrivalQueue(ArrivalQueue):
+    """Arrivals routed at arrival to one GPU's own waiting room (``routing`` other than shared_queue).
+
+    The zones still judge the fleet's whole waiting depth (``queued``), as the gateway
+    that routes sees it; ``route(i)`` is asked in arrival order, with the engine's state at
+    the last step end, which is its state at the arrival: nothing changes between steps.
+    """
+
+    def __init__(self, times: np.ndarray, tiers: np.ndarray, gpus: int, route: Callable[[int], int]) -> None:
+        super().__init__(times, tiers)
+        self.route = route
+        self.own: list[list[deque[int]]] = [[deque() for _ in range(_N_TIERS)] for _ in range(gpus)]
+        self.own_queued = [0] * gpus
+
+    def admit_until(self, now: float) -> None:
+        times, i, n, limit = self._times, self.next_arrival, self.n, now + EPS
+        while i < n and times[i] <= limit:
+            tier = self._tiers[i]
+            if zone_admits(tier, self.queued, self.thresholds):
+                g = self.route(i)
+                self.own[g][tier].append(i)
+                self.own_queued[g] += 1
+                self.queued += 1
+            else:
+                self.shed.append(i)
+            i += 1
+        self.next_arrival = i
+        self.next_time = times[i] if i < n else math.inf
+
+    def pop(self, g: int = 0) -> int:
+        for queue in self.own[g]:
+            if queue:
+                self.queued -= 1
+                self.own_queued[g] -= 1
+                return queue.popleft()
+        raise IndexError("nobody waits here")
+
+    def push_back(self, i: int, g: int = 0) -> None:
+        self.own[g][self._tiers[i]].appendleft(i)
+        self.own_queued[g] += 1
         self.queued += 1

@@ -11,7 +11,9 @@ are a wait of each request's own before it reaches the zones, and a client-side 
 ``output_token_ms`` per token it has received. A measured step spread (``cycle_jitter``)
 multiplies each step by the next draw of that GPU's own stream. With ``prefix_caching``
 each GPU keeps its blocks in a plain dict of users and an ordered dict of cached keys
-(SPEC section 13), written out here step by step rather than shared with the engine.
+(SPEC section 13), written out here step by step rather than shared with the engine. With
+``routing`` each request joins the queue of the GPU :func:`~infer_plan.core.routing.choose_replica`
+picks from what this model's processes run, queue and hold at its arrival.
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import simpy
 
 from ...core.admission import zone_admits
 from ...core.jitter import StepJitter
-from ...core.model import ServiceModel
+from ...core.model import Routing, ServiceModel
 from ...core.prompt_blocks import prompt_keys
+from ...core.routing import choose_replica
 from ...core.tiers import Tier
 
 __all__ = ["ReferenceTokens", "simulate_steps_reference"]
@@ -71,7 +74,11 @@ def simulate_steps_reference(
     first_token = np.full(n, np.nan)
     finished = np.full(n, np.nan)
     gaps: list[float] = []
-    waiting: list[deque[int]] = [deque() for _ in Tier]
+    routed = model.routing is not Routing.SHARED_QUEUE
+    # one waiting room per GPU when routed (every GPU reads room 0 otherwise)
+    rooms: list[list[deque[int]]] = [[deque() for _ in Tier] for _ in range(gpus if routed else 1)]
+    shown: list[dict] = [{} for _ in range(gpus)]  # per GPU: its running sequences and resident keys (the router's)
+    turns = [0]
     thresholds = model.backpressure.thresholds(gpus, model.max_num_seqs)
     kv_budget = model.kv_cache_tokens if model.kv_cache_tokens is not None else float("inf")
     caching, block = model.prefix_caching, model.kv_block_tokens
@@ -83,14 +90,29 @@ def simulate_steps_reference(
 
     def request(i: int):
         yield env.timeout(float(model.admission_delay_ms(int(prompt[i]))) / 1000.0)
-        depth = sum(len(q) for q in waiting)
+        depth = sum(len(q) for room in rooms for q in room)
         if not zone_admits(int(tiers[i]), depth, thresholds):
             admitted[i] = False
             return
-        waiting[int(tiers[i])].append(i)
+        room = rooms[route(i)] if routed else rooms[0]
+        room[int(tiers[i])].append(i)
         if not signal["work"].triggered:
             signal["work"].succeed()
         yield env.timeout(0)
+
+    def route(i: int) -> int:
+        queued = [sum(len(q) for q in room) for room in rooms]
+        loads = [len(shown[g]["running"]) + queued[g] for g in range(gpus)]
+        free = [load < model.max_num_seqs for load in loads]
+        hits = None
+        if model.routing is Routing.PREFIX_AFFINITY and caching:
+            keys = prompt_keys(None if prefixes is None else prefixes[i], i, int(prompt[i]), block)
+            hits = []
+            for g in range(gpus):
+                resident = shown[g]["users"].keys() | shown[g]["lru"].keys()
+                hits.append(next((m for m, key in enumerate(keys) if key not in resident), len(keys)))
+        turns[0] += 1
+        return choose_replica(model.routing, loads, free, hits, turns[0] - 1)
 
     def source():
         for i in range(n):
@@ -105,6 +127,8 @@ def simulate_steps_reference(
         users: dict = {}  # prefix caching: resident keys in use -> how many running sequences use each
         lru: OrderedDict = OrderedDict()  # resident keys nobody uses, least recently used first
         loose = 0  # blocks in use without a key anyone could share
+        shown[g].update(running=running, users=users, lru=lru)
+        waiting = rooms[g] if routed else rooms[0]
         while True:
             while len(running) < model.max_num_seqs:
                 tier = next((t for t in range(len(waiting)) if waiting[t]), None)

@@ -102,10 +102,13 @@ class RequestWriter:
     One header for the simulator and the load test, so their files line up column by
     column; what a producer does not know stays empty (the simulator sends on schedule
     and answers no HTTP status, so ``sent_s`` and ``status`` are empty there). The two
-    load-test columns come last, so a reader by position of the older files still works.
+    load-test columns come last, then the prompt tokens found cached (prefix caching; empty
+    where unknown), so a reader by position of the older files still works.
     """
 
-    HEADER = "scheduled_s,finished_s,tier,outcome,first_token_s,prompt_tokens,output_tokens,sent_s,status"
+    HEADER = (
+        "scheduled_s,finished_s,tier,outcome,first_token_s,prompt_tokens,output_tokens,sent_s,status,cached_tokens"
+    )
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -128,10 +131,13 @@ class RequestWriter:
             return np.full(n, "") if column is None else column.astype(str)
 
         tiers, outcomes = np.array([t.label for t in Tier]), np.array([o.name.lower() for o in Outcome])
+        cached = counts(records.cached_tokens)
+        if records.cached_tokens is not None:
+            cached[records.cached_tokens < 0] = ""  # the answer did not say
         table = np.column_stack([
             seconds(records.scheduled), seconds(records.finished), tiers[records.tier], outcomes[records.outcome],
             seconds(records.first_token), counts(records.prompt_tokens), counts(records.output_tokens),
-            seconds(records.sent), counts(records.status),
+            seconds(records.sent), counts(records.status), cached,
         ])  # fmt: skip
         table[table == "nan"] = ""
         np.savetxt(self.file, table, fmt="%s", delimiter=",")

@@ -365,3 +365,29 @@ def test_the_sim_backend_has_no_replicas_to_register():
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(req, timeout=10)  # 127.0.0.1 only
         assert refused.value.code == 409 and json.load(refused.value)["error"]["code"] == "no_replicas"
+
+
+@pytest.mark.parametrize(("routing", "spread"), [("prefix_affinity", False), ("round_robin", True)])
+async def test_routing_by_prefix_sends_each_system_prompt_to_one_replica(routing, spread, upstream, second_upstream,
+                                                                         tmp_path):  # fmt: skip
+    """``--routing prefix_affinity`` over engine replicas that do not say what they cache: the pool counts the
+    blocks it sent to each (``server/workers/prefix_index.py``), so every request of a system prompt goes where
+    its first went; round robin sends the three prompts, taking turns, to both."""
+    (first, first_url), (second, second_url) = upstream, second_upstream
+    model = ServiceModel(batching="continuous", max_num_seqs=4, routing=routing)
+    scenario = write_model_scenario(model, tmp_path / "m.toml")
+    server_cm = running_server("--backend", "openai", "--upstream", f"{first_url},{second_url}", "--scenario",
+                               str(scenario))  # fmt: skip
+    srv = await asyncio.to_thread(server_cm.__enter__)
+    try:
+        systems = {name: " ".join(f"{name}{k}" for k in range(48)) for name in ("alpha", "beta", "gamma")}
+        for i in range(18):  # one at a time: the choice is the rule's, not the timing's
+            name = list(systems)[i % 3]
+            answers = await send_all(srv.url, [f"{systems[name]} question {i} please answer"])
+            assert answers[0][0] == 200
+        where = {name: {n for n, s in enumerate((first, second)) for b in s.bodies for p in b["prompt"]
+                        if p.startswith(systems[name])} for name in systems}  # fmt: skip
+        assert all(len(replicas) == (2 if spread else 1) for replicas in where.values()), where
+        assert len(first.bodies) > 0 and len(second.bodies) > 0, where  # both serve either way
+    finally:
+        await asyncio.to_thread(server_cm.__exit__, None, None, None)
