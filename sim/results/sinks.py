@@ -106,9 +106,7 @@ class RequestWriter:
     where unknown), so a reader by position of the older files still works.
     """
 
-    HEADER = (
-        "scheduled_s,finished_s,tier,outcome,first_token_s,prompt_tokens,output_tokens,sent_s,status,cached_tokens"
-    )
+    HEADER = "scheduled_s,finished_s,tier,outcome,first_token_s,prompt_tokens,output_tokens,sent_s,status,cached_tokens"
 
     def __init__(self, path: Path) -> None:
         self.path = path
