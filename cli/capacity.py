@@ -23,6 +23,7 @@ from .options import (
     ItlSloOpt,
     JsonFlagOpt,
     KernelOpt,
+    KvPolicyOpt,
     MaxBatchOpt,
     MaxWaitOpt,
     MinDurationOpt,
@@ -130,6 +131,7 @@ def capacity(
     shared_prefix: SharedPrefixOpt = None,
     prefix_caching: PrefixCachingOpt = None,
     routing: RoutingOpt = None,
+    kv_policy: KvPolicyOpt = None,
     tokenizer: TokenizerOpt = None,
     stream: StreamOpt = False,
     slo_ttft: TtftSloOpt = None,
@@ -153,7 +155,7 @@ def capacity(
     scen = build_scenario(
         scenario=scenario, profile=profile, tier_mix=tier_mix, no_overlap=no_overlap, slos=slos, max_load=max_load,
         max_batch=max_batch, max_wait_ms=max_wait_ms, kernel_ms=kernel_ms, prefix_caching=prefix_caching,
-        routing=routing,
+        routing=routing, kv_policy=kv_policy,
     )  # fmt: skip
     if from_sweep is not None:
         return _finish(_from_sweep(from_sweep, rps, scen.model.max_load), json_out, save)

@@ -19,6 +19,7 @@ from .options import (
     ItlSloOpt,
     KernelOpt,
     KeysOpt,
+    KvPolicyOpt,
     MaxBatchOpt,
     MaxWaitOpt,
     OutputTokensOpt,
@@ -114,6 +115,7 @@ def loadtest(
     shared_prefix: SharedPrefixOpt = None,
     prefix_caching: PrefixCachingOpt = None,
     routing: RoutingOpt = None,
+    kv_policy: KvPolicyOpt = None,
     tokenizer: TokenizerOpt = None,
     batching: BatchingOpt = None,
     workers: WorkersOpt = 0,
@@ -187,7 +189,7 @@ def _spec(f: dict[str, Any]) -> LoadTestSpec:
     scen = build_scenario(
         scenario=f["scenario"], profile=f["profile"], tier_mix=f["tier_mix"], gpus=f["gpus"],
         max_batch=f["max_batch"], max_wait_ms=f["max_wait_ms"], kernel_ms=f["kernel_ms"], batching=f["batching"],
-        prefix_caching=f["prefix_caching"], routing=f["routing"],
+        prefix_caching=f["prefix_caching"], routing=f["routing"], kv_policy=f["kv_policy"],
         slos=slo_flags(
             e2e_p95_ms=f["slo_p95_ms"], ttft_p95_ms=f["slo_ttft"], itl_p95_ms=f["slo_itl"],
             tpot_p95_ms=f["slo_tpot"],

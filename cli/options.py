@@ -12,7 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from ..core.errors import UsageError
-from ..core.model import Routing
+from ..core.model import KvPolicy, Routing
 from ..server.backends.base import Backend, EngineFlags, backend_names
 from ..sim.inputs.arrivals import ArrivalProcess
 from ..sim.inputs.public_traces import TraceFormat
@@ -124,6 +124,14 @@ PrefixCachingOpt = Annotated[
     typer.Option(
         "--prefix-caching/--no-prefix-caching",
         help="Continuous batching: reuse cached prompt blocks (default: the scenario's prefix_caching).",
+    ),
+]
+KvPolicyOpt = Annotated[
+    KvPolicy | None,
+    typer.Option(
+        "--kv-policy",
+        help="Continuous batching: reserve (prompt + output KV taken at admission) or paged (blocks as a "
+        "sequence grows; preempt the lowest tier's latest when none is free) (default: the scenario's).",
     ),
 ]
 RoutingOpt = Annotated[

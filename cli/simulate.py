@@ -17,6 +17,7 @@ from .options import (
     DurationOpt,
     JsonFlagOpt,
     KernelOpt,
+    KvPolicyOpt,
     MaxBatchOpt,
     MaxWaitOpt,
     MinDurationOpt,
@@ -88,6 +89,7 @@ def simulate(
     shared_prefix: SharedPrefixOpt = None,
     prefix_caching: PrefixCachingOpt = None,
     routing: RoutingOpt = None,
+    kv_policy: KvPolicyOpt = None,
     tokenizer: TokenizerOpt = None,
     stream: StreamOpt = False,
     scenario: ScenarioOpt = None,
@@ -102,7 +104,7 @@ def simulate(
     scen = build_scenario(
         scenario=scenario, profile=profile, tier_mix=tier_mix, no_overlap=no_overlap, gpus=gpus, max_batch=max_batch,
         max_wait_ms=max_wait_ms, kernel_ms=kernel_ms, autoscale={"enabled": True} if autoscale else None,
-        faults=faults or None, batching=batching, prefix_caching=prefix_caching, routing=routing,
+        faults=faults or None, batching=batching, prefix_caching=prefix_caching, routing=routing, kv_policy=kv_policy,
     )  # fmt: skip
     workload = scen.workload(
         rps=rps, arrival=arrival, trace=trace, extra_segments=tuple(parse_spike(s) for s in spike or ()),

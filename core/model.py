@@ -47,12 +47,21 @@ from .dispatch import DispatchRule
 from .slos import Slos, nest_slo_aliases
 from .tiers import Tier
 
-__all__ = ["AutoscalePolicy", "Backpressure", "Batching", "Faults", "Routing", "ServiceModel", "TokenShape"]
+__all__ = [
+    "AutoscalePolicy", "Backpressure", "Batching", "Faults", "KvPolicy", "Routing", "ServiceModel", "TokenShape",
+]  # fmt: skip
 
 
 class Batching(StrEnum):
     STATIC = "static"  # the design's batch cycle: a batch holds its GPU until its longest sequence is done
     CONTINUOUS = "continuous"  # vLLM, SGLang, TGI: sequences join and leave between steps
+
+
+class KvPolicy(StrEnum):
+    """How a continuous GPU holds KV for its running sequences (SPEC section 13)."""
+
+    RESERVE = "reserve"  # prompt + whole answer taken at admission: never preempted (section 10)
+    PAGED = "paged"  # blocks taken as the sequence grows; none free: the lowest tier's latest is preempted (vLLM)
 
 
 class Routing(StrEnum):
@@ -208,6 +217,12 @@ class ServiceModel(_Frozen):
         "evicted least recently used (core/prefix_cache.py). False: KV counted by tokens, as section 10",
     )
     kv_block_tokens: int = Field(default=16, ge=1, le=4096, description="continuous: tokens in one KV block")
+    kv_policy: KvPolicy = Field(
+        default=KvPolicy.RESERVE,
+        description="continuous: reserve (prompt + output tokens taken at admission) or paged (blocks of "
+        "kv_block_tokens taken as a sequence grows; when none is free, the running sequence of the lowest "
+        "tier, latest arrival, is preempted and recomputed later, as vLLM does)",
+    )
     routing: Routing = Field(
         default=Routing.SHARED_QUEUE,
         description="continuous: shared_queue (one waiting room, the next GPU with room takes the head), or a "
@@ -246,6 +261,13 @@ class ServiceModel(_Frozen):
     def _context_terms_are_continuous(self) -> ServiceModel:
         if self.prefix_caching and self.batching is not Batching.CONTINUOUS:
             raise ValueError('prefix_caching is a feature of continuous batching: set batching = "continuous"')
+        if self.kv_policy is KvPolicy.PAGED:
+            if self.batching is not Batching.CONTINUOUS:
+                raise ValueError('kv_policy = "paged" is a feature of continuous batching: set batching = "continuous"')
+            if self.prefix_caching:
+                raise ValueError(
+                    'kv_policy = "paged" with prefix_caching is not modelled yet: use kv_policy = "reserve"'
+                )
         if self.routing is not Routing.SHARED_QUEUE:
             if self.batching is not Batching.CONTINUOUS:
                 raise ValueError('routing is a feature of continuous batching: set batching = "continuous"')

@@ -64,6 +64,7 @@ class RequestRecords:
     output_tokens: np.ndarray | None = None  # int32
     # int64 prompt tokens found in the prefix cache; None: caching off (simulator); -1: not reported (load test)
     cached_tokens: np.ndarray | None = None
+    preemptions: np.ndarray | None = None  # int64 times each was preempted (paged KV, simulator); None: not known
 
     def __len__(self) -> int:
         return int(self.scheduled.size)

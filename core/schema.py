@@ -125,6 +125,10 @@ class TokenStats(_Model):
         description="prompt tokens found in the prefix cache / prompt tokens, of the requests answered "
         "(SPEC section 13); None: prefix caching off",
     )
+    preemptions: int | None = Field(
+        default=None,
+        description="preemptions of the requests answered (paged KV, SPEC section 13; simulator); None: KV reserved",
+    )
     ttft_cdf_ms: list[float] = Field(default_factory=list, description="TTFT at each of CDF_POINTS percentiles")
     itl_cdf_ms: list[float] = Field(default_factory=list, description="ITL at each of CDF_POINTS percentiles")
 

@@ -113,6 +113,7 @@ def token_stats(
     good: int,
     duration_s: float,
     prompt_and_cached: tuple[int, int] | None = None,
+    preemptions: int | None = None,
 ) -> TokenStats:
     """TTFT, ITL, TPOT, output tokens/s and goodput of one window's requests.
 
@@ -134,6 +135,7 @@ def token_stats(
         stats["goodput_rps"] = good / duration_s
     if prompt_and_cached is not None and prompt_and_cached[0] > 0:
         stats["prefix_hit_rate"] = prompt_and_cached[1] / prompt_and_cached[0]
+    stats["preemptions"] = preemptions
     return TokenStats(**stats)
 
 

@@ -133,13 +133,15 @@ def _simulation(r: SimulationResult) -> Summary:
             )
         )
     if r.ttft_p95_ms is not None:
-        cached = r.prefix_hit_rate is not None
-        token_rows = [_token_row(t, s, cached) for t, s in r.per_tier.items()] + [_token_row("all", r, cached)]
+        cached, paged = r.prefix_hit_rate is not None, r.preemptions is not None
+        token_rows = [_token_row(t, s, cached, paged) for t, s in r.per_tier.items()]
+        token_rows.append(_token_row("all", r, cached, paged))
         tables.append(
             Table(
                 "Tokens: time to first token, between tokens, per output token (ms)",
                 ["tier", "TTFT P50", "TTFT P95", "TTFT P99", "ITL P50", "ITL P95", "ITL P99", "TPOT P50",
-                 "TPOT P95", "tokens/s", "goodput req/s", *(["prefix cached"] if cached else [])],
+                 "TPOT P95", "tokens/s", "goodput req/s", *(["prefix cached"] if cached else []),
+                 *(["preempted"] if paged else [])],
                 token_rows,
                 emphasis={len(token_rows) - 1},
             )
@@ -201,14 +203,17 @@ def _precision_fact(p: PrecisionReport) -> str:
     )
 
 
-def _token_row(name: str, s: TokenStats, cached: bool = False) -> list[str]:
-    """One tier's token figures; ``cached``: with the share of its prompt tokens the prefix cache held."""
+def _token_row(name: str, s: TokenStats, cached: bool = False, paged: bool = False) -> list[str]:
+    """One tier's token figures; ``cached``: with the share of its prompt tokens the prefix cache held;
+    ``paged``: with its preemptions."""
     cells = [s.ttft_p50_ms, s.ttft_p95_ms, s.ttft_p99_ms, s.itl_p50_ms, s.itl_p95_ms, s.itl_p99_ms]
     cells += [s.tpot_p50_ms, s.tpot_p95_ms]
     rates = [s.output_tokens_per_s, s.goodput_rps]
     row = [name, *[_ms(c) for c in cells], *["-" if x is None else f"{x:,.0f}" for x in rates]]
     if cached:
         row.append(_share(s.prefix_hit_rate))
+    if paged:
+        row.append(f"{s.preemptions or 0:,}")
     return row
 
 

@@ -25,7 +25,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ...core.model import ServiceModel
+from ...core.model import KvPolicy, ServiceModel
 from ...core.prefix_cache import PrefixCache, blocks_needed, cached_tokens
 from ...core.prompt_blocks import prompt_content_keys
 from ...core.tokens import word_tokens
@@ -67,6 +67,8 @@ class _Sequence:
     holds: list[int] = field(default_factory=list)  # the leading ones it found cached
     blocks: int = 0
     prefilled: bool = False
+    context: int = 0  # tokens its prefill computes KV for: the prompt; a preempted one's answer so far too
+    held: int = 0  # paged KV: blocks it holds
 
     @property
     def reserve(self) -> int:
@@ -82,6 +84,7 @@ class SimBackend(Backend):
         super().__init__(model, options)
         self._uniform = random.Random(0).random  # draws quantiles of a measured cycle_jitter
         self.caches: dict[int, PrefixCache] = {}  # prefix caching: each GPU's blocks, kept while it serves
+        self.paused: dict[int, _Sequence] = {}  # paged KV: preempted sequences by id(pending), whoever resumes them
 
     def cached_blocks(self, gpu: int, request: Generate) -> int | None:
         cache = self.caches.get(gpu)
@@ -143,11 +146,18 @@ class SimBackend(Backend):
         refused with 400); run one step (prefill chunks within ``max_batched_tokens``, one
         token for every sequence whose prompt is done); send each streamed token; answer
         each request when its last token is out. Returns when idle and ``feed.wait()`` says so.
+        With paged KV (SPEC section 13) the decoding sequences first take the block their next
+        token needs, in admission order, preempting the lowest tier's latest arrival back to
+        the head of its tier's queue when none is free (:meth:`_grow`); a preempted one
+        resumes where its client's stream paused, its prompt and answer so far recomputed.
         """
         model = self.model
         loop = asyncio.get_running_loop()
         kv_budget = model.kv_cache_tokens if model.kv_cache_tokens is not None else math.inf
         block = model.kv_block_tokens
+        paged = model.kv_policy is KvPolicy.PAGED
+        if paged:
+            kv_budget = model.kv_cache_blocks
         cache = self.caches.setdefault(gpu, PrefixCache(model.kv_cache_blocks)) if model.prefix_caching else None
         running: list[_Sequence] = []
         kv = 0
@@ -155,6 +165,8 @@ class SimBackend(Backend):
         send = _Delivery(loop, model.output_token_ms / 1000.0)
         delayed = bool(model.request_overhead_ms or model.tokenize_ms_per_token)
         while True:
+            if paged:
+                kv = self._grow(running, kv, feed)
             joins_at = math.inf  # when the next request leaves the engine's front end, if none is admissible yet
             while len(running) < model.max_num_seqs:
                 head, joins_at = _admissible(feed, model, loop.time()) if delayed else (feed.head(), math.inf)
@@ -162,7 +174,19 @@ class SimBackend(Backend):
                     break
                 output, pieces = _answer(head.request)
                 seq = _Sequence(head, output, pieces, output.prompt_tokens, fill=output.prompt_tokens)
-                if cache is not None:
+                seq.context = output.prompt_tokens
+                if paged:
+                    seq = self._resumed(head, seq)  # a preempted one recomputes its answer so far
+                    seq.fill = seq.prefill_left = seq.context = seq.output.prompt_tokens + seq.emitted
+                    if blocks_needed(seq.output.prompt_tokens, len(seq.pieces), block) > kv_budget:
+                        feed.deliver(feed.take(head), _too_long(seq.reserve, kv_budget * block))
+                        continue
+                    if kv + -(-(seq.fill + 1) // block) > kv_budget:
+                        if seq.emitted:
+                            self.paused[id(head)] = seq
+                        break
+                    seq.held = -(-(seq.fill + 1) // block)
+                elif cache is not None:
                     fits = _admit_cached(seq, head.request.prompt, cache, block)
                     if fits is None:
                         feed.deliver(feed.take(head), _too_long(seq.blocks * block, cache.capacity * block))
@@ -176,7 +200,7 @@ class SimBackend(Backend):
                     continue
                 feed.take(head)
                 running.append(seq)
-                kv += seq.reserve
+                kv += seq.held if paged else seq.reserve
             if not running:
                 if joins_at < math.inf:
                     await asyncio.sleep(joins_at - loop.time())
@@ -198,7 +222,7 @@ class SimBackend(Backend):
                 # the extended model's context (SPEC section 12), as the simulator's reference counts it
                 kv_tokens=sum(s.output.prompt_tokens + s.emitted for s in in_step if not s.chunk),
                 prefill_sq=sum(s.chunk * s.chunk for s in in_step),
-                prefill_context=sum(s.chunk * (s.output.prompt_tokens - s.prefill_left) for s in in_step),
+                prefill_context=sum(s.chunk * (s.context - s.prefill_left) for s in in_step),
             )  # fmt: skip
             deadline += step_ms * spread / 1000.0
             if (delay := deadline - loop.time()) > 0:
@@ -214,13 +238,47 @@ class SimBackend(Backend):
                     cache.prefilled(seq.holds, seq.segments)
                     seq.prefilled = True
                 seq.emitted += 1
+                seq.context += 1  # its KV holds the token from now on
                 send.token(seq)
             for seq in [s for s in running if s.emitted == len(s.pieces) or _abandoned(s)]:
                 running.remove(seq)
-                kv -= seq.reserve
+                kv -= seq.held if paged else seq.reserve
                 if cache is not None:  # admission order: the cache's LRU order is the simulator's
                     cache.release(seq.segments, seq.blocks, None if seq.prefilled else seq.holds)
                 send.end(seq, feed)
+
+    def _resumed(self, head: Any, fresh: _Sequence) -> _Sequence:
+        """``head``'s sequence as it was preempted, else ``fresh``; the preempted ones whose clients left since
+        are forgotten (a live entry keeps its request alive, so ``id`` keys cannot be reused meanwhile)."""
+        if self.paused:
+            for key in [k for k, s in self.paused.items() if s.pending.future.done()]:
+                del self.paused[key]
+        return self.paused.pop(id(head), fresh)
+
+    def _grow(self, running: list[_Sequence], kv: int, feed: Any) -> int:
+        """Paged KV before a step: each decoding sequence, in admission order, takes the block its next token
+        needs; with none free, the running sequence of the lowest tier, latest arrival, goes back to the head of
+        its tier's queue, its blocks freed (the simulator's rule, ``sim/engines/step_engine.py``). Returns the
+        blocks held after."""
+        model = self.model
+        block, budget = model.kv_block_tokens, model.kv_cache_blocks
+
+        def reached(s: _Sequence) -> float:  # the latest arrival: the latest out of the engine's front end
+            return s.pending.arrived + model.admission_delay_ms(s.output.prompt_tokens) / 1000.0
+
+        for seq in list(running):
+            while seq in running and seq.prefill_left == 0 and seq.held < -(-(seq.context + 1) // block):
+                if kv < budget:
+                    seq.held += 1
+                    kv += 1
+                    continue
+                victim = max(running, key=lambda s: (s.pending.tier, reached(s), running.index(s)))
+                running.remove(victim)
+                kv -= victim.held
+                victim.held = 0
+                self.paused[id(victim.pending)] = victim
+                feed.put_back(victim.pending)
+        return kv
 
 
 def _admit_cached(seq: _Sequence, prompt: str | list[int], cache: PrefixCache, block: int) -> bool | None:

@@ -70,6 +70,11 @@ class WaitingRoom:
         self.owner._queued -= 1
         return self.tiers[pending.tier].popleft()
 
+    def push_front(self, pending: Pending) -> None:
+        """Back at the head of its tier (preempted by the engine: it was accepted, so the zones do not judge it)."""
+        self.tiers[pending.tier].appendleft(pending)
+        self.owner._queued += 1
+
     async def wait_work(self, interrupted: Interrupted) -> bool:
         """Until a request waits here (True) or ``interrupted()`` (False)."""
         while not interrupted():

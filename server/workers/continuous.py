@@ -56,6 +56,12 @@ class StepFeed:
         """Until a request waits (True), or the worker is wanted for something else (False: return when idle)."""
         return await self.room.wait_work(self.interrupted)
 
+    def put_back(self, pending: Pending) -> None:
+        """A running request preempted by the engine (paged KV): it frees its slot and waits at the head of its
+        tier again."""
+        self.running -= 1
+        self.room.push_front(pending)
+
     def deliver(self, pending: Pending, result: Generated | ApiError) -> None:
         self.running -= 1
         deliver_to_futures([pending], result if isinstance(result, ApiError) else [result])

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 import numpy as np
 
 from ...core.dispatch import EPS
-from ...core.model import Routing, ServiceModel
+from ...core.model import KvPolicy, Routing, ServiceModel
 from ...core.records import Outcome, RequestRecords
 from ..inputs.arrivals import Arrivals
 from ..results.fleet_log import FleetLog
@@ -43,10 +43,11 @@ _KV_UNBOUNDED = 1 << 62
 
 def compiled_applies(model: ServiceModel) -> bool:
     """Whether the compiled loop can run this model: numba is installed (the ``fast`` extra) and the fleet never
-    changes (no failures, no autoscaler), shares one waiting room (no routing) and steps take their formula's
-    time (no measured spread, no extended step terms, no prefix cache)."""
+    changes (no failures, no autoscaler), shares one waiting room (no routing), reserves KV whole and steps take
+    their formula's time (no measured spread, no extended step terms, no prefix cache)."""
     return (
         model.routing is Routing.SHARED_QUEUE
+        and model.kv_policy is KvPolicy.RESERVE
         and not model.cycle_jitter
         and not model.prefix_caching
         and not model.context_terms

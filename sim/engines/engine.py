@@ -205,5 +205,6 @@ def _fold_steps(engine: StepEngine, arrivals: Arrivals, order: np.ndarray, sink:
             prompt_tokens=arrivals.prompt_tokens,
             output_tokens=arrivals.output_tokens,
             cached_tokens=by_arrival(engine.cached_tokens) if engine.model.prefix_caching else None,
+            preemptions=by_arrival(engine.preemptions) if engine.paged else None,
         )
     )

@@ -13,7 +13,13 @@ first request that does not fit blocks the ones behind it); a step prefills at m
 finished sequence leaves at once; a request arriving during a step waits for its end.
 With ``prefix_caching`` each GPU counts its KV in blocks and keeps finished prompts'
 blocks cached (:class:`~infer_plan.core.prefix_cache.PrefixCache`, SPEC section 13): a
-request prefills only what follows its leading cached blocks.
+request prefills only what follows its leading cached blocks. With ``kv_policy = "paged"``
+a sequence holds blocks for its tokens so far (prompt, answer, the token its next step
+emits): before each step the decoding sequences, in admission order, take a block when
+they need one, and when none is free the GPU's running sequence of the lowest tier,
+latest arrival, is preempted (its blocks freed, back to the head of its tier's queue,
+prompt and answer so far recomputed when admitted again; its client sees one long gap).
+Paged steps run one at a time, not in runs.
 
 Speed: a GPU does a hundred steps a second and most of them admit or finish someone,
 so a step must cost microseconds. Steps are therefore not SimPy events: the engine runs
@@ -39,7 +45,7 @@ import simpy
 
 from ...core.dispatch import EPS
 from ...core.jitter import StepJitter
-from ...core.model import Routing, ServiceModel
+from ...core.model import KvPolicy, Routing, ServiceModel
 from ...core.prefix_cache import PrefixCache, blocks_needed, cached_tokens
 from ...core.prompt_blocks import prompt_segments
 from ...core.routing import choose_replica
@@ -72,6 +78,7 @@ class _Gpu:
     # prompt + 1 - the step it joined at, plus one token a step); kept only when decode_ms_per_kv_token is set.
     kv_base: int = 0
     cache: PrefixCache | None = None  # with prefix caching: its KV blocks, cached prefixes included
+    order: list[int] = field(default_factory=list)  # paged KV: its running sequences in admission order
 
 
 class StepEngine:
@@ -105,8 +112,11 @@ class StepEngine:
         self.tiers = tiers.tolist()
         self.prompt = prompt.tolist()
         self.output = output.tolist()
-        # KV tokens a sequence holds until it finishes (prefix caching counts blocks in its cache instead).
-        self.reserve = (prompt.astype(np.int64) + output).tolist() if not model.prefix_caching else [0] * times.size
+        # KV tokens a sequence holds until it finishes (prefix caching counts blocks in its cache instead; paged KV
+        # the blocks it holds now, set at admission and grown as it decodes).
+        self.paged = model.kv_policy is KvPolicy.PAGED
+        plain = not model.prefix_caching and not self.paged
+        self.reserve = (prompt.astype(np.int64) + output).tolist() if plain else [0] * times.size
         n = times.size
         self._first: list[float] = [math.nan] * n
         self._done: list[float] = [math.nan] * n
@@ -114,6 +124,8 @@ class StepEngine:
         self._refused: list[int] = []
         self.max_seqs = model.max_num_seqs
         self.kv_budget = model.kv_cache_tokens if model.kv_cache_tokens is not None else math.inf
+        if self.paged:
+            self.kv_budget = model.kv_cache_blocks
         self.token_budget = model.max_batched_tokens
         # The step formula's coefficients, read once: model.step_ms's own expression, inlined on the hot path.
         self.decode_step_ms, self.prefill_ms, self.per_seq_ms, self.admit_ms = (
@@ -137,7 +149,14 @@ class StepEngine:
         self.held: dict[int, tuple[list, int, int, int]] = {}
         self.admissions = 0
         self.leaving: list[int] = []
-        self.fill = list(self.prompt) if self.caching else self.prompt
+        self.fill = list(self.prompt) if self.caching or self.paged else self.prompt
+        # Paged KV: a running decoding request's tokens held are token_base[i] + its GPU's steps done; a preempted
+        # one's tokens emitted so far and when its last came; preemptions per request.
+        self.context = self.fill if self.paged else self.prompt  # the tokens a (re)computed prefill is against
+        self.token_base: dict[int, int] = {}
+        self.emitted_before: dict[int, int] = {}
+        self.paused_at: dict[int, float] = {}
+        self._preemptions = [0] * n if self.paged else []
         self._cached = [0] * n if self.caching else []
         self.gpus = [self._new_gpu() for _ in range(gpus)]
         self.jitter_seed = jitter_seed
@@ -184,6 +203,11 @@ class StepEngine:
         refused = np.zeros(len(self._done), dtype=bool)
         refused[self._refused] = True
         return refused
+
+    @property
+    def preemptions(self) -> np.ndarray:
+        """Times each request was preempted (paged KV)."""
+        return np.asarray(self._preemptions, dtype=np.int64)
 
     @property
     def cached_tokens(self) -> np.ndarray:
@@ -262,6 +286,8 @@ class StepEngine:
     def _plan(self, g: int, now: float) -> None:
         gpu = self.gpus[g]
         waiting = self.waiting
+        if self.paged and gpu.order:
+            self._grow(g, gpu)
         queued = waiting.own_queued[g] if self.routed else waiting.queued  # type: ignore[attr-defined]
         if gpu.accepting and queued and gpu.running < self.max_seqs:
             self._admit(gpu, g)
@@ -296,7 +322,7 @@ class StepEngine:
                 step_s = self.model.step_ms(0, gpu.n_decoding) / 1000.0
             else:
                 step_s = (self.decode_step_ms + self.per_seq_ms * gpu.n_decoding) / 1000.0
-            steps = gpu.finishing[0][0] - gpu.steps_done
+            steps = gpu.finishing[0][0] - gpu.steps_done if not self.paged else 1  # paged: a block may be due
             cut = steps > 1 and gpu.accepting and gpu.running < self.max_seqs and step_s > 0
             arrival = waiting.next_time if cut else math.inf
             if self.jitter is not None or self.kv_ms:
@@ -309,7 +335,7 @@ class StepEngine:
 
     def _extended_step_ms(self, gpu: _Gpu, chunks: list[int], prefill: int, sequences: int, joining: int) -> float:
         """A step with prefill chunks under the extended model: each chunk against the prompt prefilled before it."""
-        prompt = self.prompt
+        prompt = self.context
         prefill_sq = prefill_context = 0
         for entry, chunk in zip(gpu.prefilling, chunks):  # noqa: B905  (same length by construction)
             prefill_sq += chunk * chunk
@@ -357,17 +383,24 @@ class StepEngine:
                 prefilling.append([i, self.fill[i]])
                 gpu.running += 1
                 continue
+            if self.paged:
+                self.fill[i] = prompt[i] + self.emitted_before.get(i, 0)  # a preempted one recomputes its answer
+                # its blocks up to its next token; at its longest it must fit alone, or it would preempt itself
+                reserves[i] = -(-(self.fill[i] + 1) // self.block)
+                longest = blocks_needed(prompt[i], self.output[i], self.block)
             reserve = reserves[i]
-            if gpu.kv + reserve > budget:
-                if reserve <= budget:
+            if gpu.kv + reserve > budget or (self.paged and longest > budget):
+                if reserve <= budget and (not self.paged or longest <= budget):
                     waiting.push_back(i, g)  # the first that does not fit blocks the ones behind it
                     return
                 self._refused.append(i)  # would never fit, even alone: refused at once (an engine's 400)
                 self._done[i] = self.now
                 continue
-            prefilling.append([i, prompt[i]])
+            prefilling.append([i, self.fill[i]])
             gpu.kv += reserve
             gpu.running += 1
+            if self.paged:
+                gpu.order.append(i)
 
     def _admit_cached(self, cache: PrefixCache, i: int, g: int) -> bool | None:
         """Admit ``i`` into a GPU's blocks, its leading resident blocks shared; False: it waits (and blocks the
@@ -411,22 +444,33 @@ class StepEngine:
                     still.append(entry)
                     continue
                 i = entry[0]
-                first[i] = now  # the last prompt chunk emits the first token
+                emitted = 1  # the last prompt chunk emits the first token (or, recomputed, the next)
+                if self.paged and i in self.emitted_before:
+                    emitted += self.emitted_before.pop(i)
+                    gap = [0.0, 0.0, 0.0]
+                    gap[tiers[i]] = 1.0
+                    self.gaps.extend((now - self.paused_at.pop(i), *gap, now))  # the pause, one gap
+                else:
+                    first[i] = now
                 if gpu.cache is not None:
                     segments, holds, _, _ = self.held[i]
                     gpu.cache.prefilled(holds, segments)
-                if output[i] == 1:
+                if output[i] == emitted:
                     done[i] = now
                     gpu.kv -= reserve[i]
                     gpu.running -= 1
                     if gpu.cache is not None:
                         self.leaving.append(i)
+                    if self.paged:
+                        gpu.order.remove(i)
                     continue
-                heapq.heappush(finishing, (steps_done + output[i] - 1, i))
+                heapq.heappush(finishing, (steps_done + output[i] - emitted, i))
                 decoding[tiers[i]] += 1
                 gpu.n_decoding += 1
+                if self.paged:
+                    self.token_base[i] = self.fill[i] + 1 - steps_done
                 if self.kv_ms:
-                    offset = self.kv_offset[i] = self.prompt[i] + 1 - steps_done
+                    offset = self.kv_offset[i] = self.context[i] + 1 - steps_done
                     gpu.kv_base += offset
             gpu.prefilling = still
         if finishing and finishing[0][0] <= steps_done:
@@ -439,6 +483,9 @@ class StepEngine:
                     gpu.kv_base -= self.kv_offset.pop(i)
                 if gpu.cache is not None:
                     self.leaving.append(i)
+                if self.paged:
+                    gpu.order.remove(i)
+                    del self.token_base[i]
                 freed += reserve[i]
                 leaving += 1
             gpu.n_decoding -= leaving
@@ -446,6 +493,42 @@ class StepEngine:
             gpu.running -= leaving
         if self.leaving:
             self._release_leaving(gpu.cache)  # type: ignore[arg-type]  (only prefix caching books leavers)
+
+    def _grow(self, g: int, gpu: _Gpu) -> None:
+        """Paged KV, before a step: each decoding sequence, in admission order, takes the block its next token
+        needs; with none free, the GPU's running sequence of the lowest tier, latest arrival, is preempted (it may
+        be the one growing) until the block is found."""
+        base, reserve, block, budget, tiers = self.token_base, self.reserve, self.block, self.kv_budget, self.tiers
+        for i in list(gpu.order):
+            if i not in base:
+                continue  # prefilling (its blocks were taken at admission), or preempted in this pass
+            need = -(-(base[i] + gpu.steps_done + 1) // block)
+            while i in base and reserve[i] < need:
+                if gpu.kv + 1 <= budget:
+                    reserve[i] += 1
+                    gpu.kv += 1
+                else:
+                    self._preempt(g, gpu, max(gpu.order, key=lambda j: (tiers[j], j)))
+
+    def _preempt(self, g: int, gpu: _Gpu, v: int) -> None:
+        """Free ``v``'s blocks and return it to the head of its tier's queue; it keeps its tokens emitted."""
+        gpu.order.remove(v)
+        gpu.kv -= self.reserve[v]
+        self.reserve[v] = 0
+        gpu.running -= 1
+        if v in self.token_base:  # decoding: its last token came at the step that just ended
+            self.emitted_before[v] = self.token_base.pop(v) + gpu.steps_done - self.prompt[v]
+            self.paused_at[v] = self.now
+            gpu.finishing = [entry for entry in gpu.finishing if entry[1] != v]
+            heapq.heapify(gpu.finishing)
+            gpu.decoding[self.tiers[v]] -= 1
+            gpu.n_decoding -= 1
+            if self.kv_ms:
+                gpu.kv_base -= self.kv_offset.pop(v)
+        else:  # still prefilling: it starts over
+            gpu.prefilling = [entry for entry in gpu.prefilling if entry[0] != v]
+        self._preemptions[v] += 1
+        self.waiting.push_back(v, g)
 
     def _route(self, i: int) -> int:
         """The GPU request ``i`` waits for (core/routing.py), from what each GPU runs, queues and holds now."""

@@ -13,7 +13,11 @@ multiplies each step by the next draw of that GPU's own stream. With ``prefix_ca
 each GPU keeps its blocks in a plain dict of users and an ordered dict of cached keys
 (SPEC section 13), written out here step by step rather than shared with the engine. With
 ``routing`` each request joins the queue of the GPU :func:`~infer_plan.core.routing.choose_replica`
-picks from what this model's processes run, queue and hold at its arrival.
+picks from what this model's processes run, queue and hold at its arrival. With paged KV
+(``kv_policy = "paged"``) each sequence holds ``ceil(tokens / block)`` blocks for its
+prompt, its answer so far and the token its next step emits; before each step the decoding
+ones grow in admission order, preempting the lowest tier's latest arrival when no block is
+free; a preempted one waits at the head of its tier and recomputes prompt and answer so far.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import simpy
 
 from ...core.admission import zone_admits
 from ...core.jitter import StepJitter
-from ...core.model import Routing, ServiceModel
+from ...core.model import KvPolicy, Routing, ServiceModel
 from ...core.prompt_blocks import prompt_keys
 from ...core.routing import choose_replica
 from ...core.tiers import Tier
@@ -41,6 +45,7 @@ class ReferenceTokens:
     finished: np.ndarray
     gaps: list[float]  # every inter-token gap of every request, in seconds
     cached_tokens: np.ndarray  # int64 prompt tokens each request found cached (0 without prefix caching)
+    preemptions: np.ndarray  # int64 times each request was preempted (paged KV)
 
 
 @dataclass
@@ -53,6 +58,8 @@ class _Seq:
     chunk: int = 0
     fill: int = 0  # prompt tokens it prefills: its prompt less its cached prefix
     keys: list = field(default_factory=list)  # prefix caching: its prompt's block keys
+    context: int = 0  # tokens its prefill computes KV for: its prompt, and a preempted one's answer so far
+    held: int = 0  # paged KV: blocks it holds
     hits: int = 0
     blocks: int = 0
 
@@ -84,6 +91,15 @@ def simulate_steps_reference(
     caching, block = model.prefix_caching, model.kv_block_tokens
     cache_blocks = kv_budget // block if model.kv_cache_tokens is not None else float("inf")  # (inf // n is nan)
     cached_tokens = np.zeros(n, dtype=np.int64)
+    paged = model.kv_policy is KvPolicy.PAGED
+    preemptions = np.zeros(n, dtype=np.int64)
+    paused: dict[int, _Seq] = {}  # preempted sequences waiting to be recomputed
+    # "latest arrival" is the latest to reach the engine's queue, after its front end (SPEC section 12's delay)
+    reached = [float(times[i]) + float(model.admission_delay_ms(int(prompt[i]))) / 1000.0 for i in range(n)]
+
+    def blocks(tokens: int) -> int:
+        return -(-tokens // block)
+
     signal = {"work": env.event()}
 
     lag_s = model.output_token_ms / 1000.0
@@ -130,13 +146,34 @@ def simulate_steps_reference(
         shown[g].update(running=running, users=users, lru=lru)
         waiting = rooms[g] if routed else rooms[0]
         while True:
+            if paged:  # the decoding sequences' next tokens, in admission order; preempt when no block is free
+                for seq in list(running):
+                    while seq in running and seq.prefill_left == 0 and seq.held < blocks(seq.context + 1):
+                        if kv < cache_blocks:
+                            seq.held += 1
+                            kv += 1
+                            continue
+                        victim = max(running, key=lambda s: (int(tiers[s.i]), reached[s.i], s.i))
+                        running.remove(victim)
+                        kv -= victim.held
+                        victim.held = 0
+                        preemptions[victim.i] += 1
+                        paused[victim.i] = victim
+                        waiting[int(tiers[victim.i])].appendleft(victim.i)
             while len(running) < model.max_num_seqs:
                 tier = next((t for t in range(len(waiting)) if waiting[t]), None)
                 if tier is None:
                     break
                 i = waiting[tier][0]
-                seq = _Seq(i, int(prompt[i]), int(output[i]), fill=int(prompt[i]))
-                if caching:
+                seq = _Seq(i, int(prompt[i]), int(output[i]), fill=int(prompt[i]), context=int(prompt[i]))
+                if paged:
+                    seq = paused.pop(i, seq)
+                    seq.context = seq.fill = seq.prefill_left = int(prompt[i]) + seq.emitted
+                    if kv + blocks(seq.context + 1) > cache_blocks:
+                        paused[i] = seq
+                        break  # the first that does not fit blocks the rest
+                    seq.held = blocks(seq.context + 1)
+                elif caching:
                     seq.keys = prompt_keys(None if prefixes is None else prefixes[i], i, seq.fill, block)
                     seq.blocks = -(-(int(prompt[i]) + int(output[i])) // block)
                     while seq.hits < len(seq.keys) and (seq.keys[seq.hits] in users or seq.keys[seq.hits] in lru):
@@ -156,7 +193,7 @@ def simulate_steps_reference(
                     break  # the first that does not fit blocks the rest
                 waiting[tier].popleft()
                 running.append(seq)
-                kv += int(prompt[i] + output[i])
+                kv += seq.held if paged else int(prompt[i] + output[i])
             if not running:
                 work = signal["work"] = env.event() if signal["work"].triggered else signal["work"]
                 yield work
@@ -177,7 +214,7 @@ def simulate_steps_reference(
             # tokens so far), and each chunk against the prompt prefilled before it.
             kv_tokens = sum(int(prompt[seq.i]) + seq.emitted for seq in in_step if not seq.chunk)
             prefill_sq = sum(seq.chunk * seq.chunk for seq in in_step)
-            prefill_context = sum(seq.chunk * (int(prompt[seq.i]) - seq.prefill_left) for seq in in_step)
+            prefill_context = sum(seq.chunk * (seq.context - seq.prefill_left) for seq in in_step)
             spread = float(jitter.take(1)[0]) if jitter is not None else 1.0
             step = model.step_ms(
                 prefill, len(in_step), joining,
@@ -196,6 +233,7 @@ def simulate_steps_reference(
                             users[key] = users.get(key, 0) + 1
                         loose -= len(seq.keys) - seq.hits
                 seq.emitted += 1
+                seq.context += 1  # paged: the token is held from now on
                 received = env.now + seq.emitted * lag_s  # the k-th token is k lags behind its step
                 if seq.emitted == 1:
                     first_token[seq.i] = received
@@ -207,7 +245,7 @@ def simulate_steps_reference(
                     finished[seq.i] = received
             for seq in [s for s in running if s.out_left == 0]:
                 running.remove(seq)
-                kv -= int(prompt[seq.i] + output[seq.i])
+                kv -= seq.held if paged else int(prompt[seq.i] + output[seq.i])
                 if caching:  # its keys nobody else uses are cached, the prompt's last block first
                     for key in reversed(seq.keys):
                         users[key] -= 1
@@ -220,4 +258,4 @@ def simulate_steps_reference(
     for g in range(gpus):
         env.process(gpu(g))
     env.run()
-    return ReferenceTokens(admitted, first_token, finished, gaps, cached_tokens)
+    return ReferenceTokens(admitted, first_token, finished, gaps, cached_tokens, preemptions)

