@@ -290,13 +290,16 @@ class ArrivalQueue:
         while i < n and times[i] <= limit:
             tier = self._tiers[i]
             if self.queued < green or zone_admits(tier, self.queued, self.thresholds):  # green admits everyone
-                self.queues[tier].append(i)
-                self.queued += 1
+                self._enqueue(i, tier)
             else:
                 self.shed.append(i)
             i += 1
         self.next_arrival = i
         self.next_time = times[i] if i < n else math.inf
+
+    def _enqueue(self, i: int, tier: int) -> None:
+        self.queues[tier].append(i)
+        self.queued += 1
 
     def pop(self, g: int = 0) -> int:
         """The next request by priority: enterprise first, FIFO inside a tier (``g``: the GPU asking; one room)."""
@@ -326,20 +329,11 @@ class RoutedArrivalQueue(ArrivalQueue):
         self.own: list[list[deque[int]]] = [[deque() for _ in range(_N_TIERS)] for _ in range(gpus)]
         self.own_queued = [0] * gpus
 
-    def admit_until(self, now: float) -> None:
-        times, i, n, limit = self._times, self.next_arrival, self.n, now + EPS
-        while i < n and times[i] <= limit:
-            tier = self._tiers[i]
-            if zone_admits(tier, self.queued, self.thresholds):
-                g = self.route(i)
-                self.own[g][tier].append(i)
-                self.own_queued[g] += 1
-                self.queued += 1
-            else:
-                self.shed.append(i)
-            i += 1
-        self.next_arrival = i
-        self.next_time = times[i] if i < n else math.inf
+    def _enqueue(self, i: int, tier: int) -> None:
+        g = self.route(i)
+        self.own[g][tier].append(i)
+        self.own_queued[g] += 1
+        self.queued += 1
 
     def pop(self, g: int = 0) -> int:
         for queue in self.own[g]:

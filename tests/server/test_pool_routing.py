@@ -18,6 +18,7 @@ from tests.helpers import REPO, run_cli
 PROFILE = REPO / "examples" / "profiles" / "llama-3.1-8b-instruct-h100.toml"
 
 
+@pytest.mark.slow  # two 15-second load tests
 def test_prefix_affinity_beats_round_robin_on_four_sim_workers(tmp_path):
     """16 system prompts of 2,000 words at 40 req/s on four ``sim`` workers whose KV (20,000 tokens) holds about
     half of them: routed by prefix, each prompt is prefilled once, on one replica, and found cached after; in
