@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 __all__ = ["SavedRequests", "fit_requests", "read_saved_requests", "run_from_requests"]
 
 MIN_REQUESTS = 20  # answered requests of two tokens or more needed for a fit
+RUN_GAP_S = 60.0  # idle time laid between the runs of several files, longer than any request's stay
 FIT_ROUNDS = 10  # replay rounds; each costs four replays of the saved run
 JACOBIAN_NUDGE = 0.05  # relative change of a step term to take its derivative by replay
 PROMPT_SPREAD = 0.1  # prompts' standard deviation over their mean below which tokenisation per token is held
@@ -72,8 +73,36 @@ class SavedRequests:
         return int(self.sent.size)
 
 
-def read_saved_requests(path: Path) -> SavedRequests:
-    """The rows of a ``--save-requests`` CSV that a fit can use: answered (ok), with a first token and lengths."""
+def read_saved_requests(paths: Path | list[Path]) -> SavedRequests:
+    """The rows of one or more ``--save-requests`` CSVs that a fit can use: answered (ok), with a first token and
+    lengths.
+
+    Each file is a run with its own clock (a sweep keeps one per step). Several are laid end to end, each
+    starting ``RUN_GAP_S`` after the last answer of the one before, so the replay drains the engine between
+    them: one fit then spans every load they ran at, which a single rate's run cannot (fitted at half the knee
+    on a busy machine, the per-request host time that a fuller step shares out is charged to every step).
+    """
+    paths = [paths] if isinstance(paths, Path) else paths
+    columns: list[np.ndarray] = []
+    end: float | None = None  # the last answer of the runs laid so far
+    for path in paths:
+        run = _read_run(path)
+        if run.shape[1]:
+            if end is not None:
+                run[:3] += end + RUN_GAP_S - float(run[0].min())
+            end = float(run[2].max())
+        columns.append(run)
+    runs = np.concatenate(columns, axis=1)
+    if runs.shape[1] < MIN_REQUESTS:
+        named = ", ".join(map(str, paths))
+        raise UsageError(f"{named} holds {runs.shape[1]} answered streamed requests; a fit needs {MIN_REQUESTS} "
+                         "(a streamed load test: --stream --save-requests FILE)", field="requests_file")  # fmt: skip
+    sent, first, done, tiers, prompt, output = runs
+    return SavedRequests(sent, first, done, tiers.astype(np.int8), prompt.astype(np.int64), output.astype(np.int64))
+
+
+def _read_run(path: Path) -> np.ndarray:
+    """One CSV's usable rows as columns: sent, first token, finished (s), tier, prompt and output tokens."""
     try:
         with path.open(newline="", encoding="utf-8") as fh:
             rows = list(csv.DictReader(fh))
@@ -93,11 +122,7 @@ def read_saved_requests(path: Path) -> SavedRequests:
                          int(row["prompt_tokens"]), int(row["output_tokens"])))  # fmt: skip
         except (ValueError, KeyError) as err:
             raise UsageError(f"{path}:{line}: {err}", field="requests_file") from None
-    if len(kept) < MIN_REQUESTS:
-        raise UsageError(f"{path} holds {len(kept)} answered streamed requests; a fit needs {MIN_REQUESTS} "
-                         "(a streamed load test: --stream --save-requests FILE)", field="requests_file")  # fmt: skip
-    sent, first, done, tiers, prompt, output = (np.array(c) for c in zip(*kept, strict=True))
-    return SavedRequests(sent, first, done, tiers.astype(np.int8), prompt, output)
+    return np.array(kept, dtype=np.float64).reshape(-1, 6).T
 
 
 def _tokens_received_by(req: SavedRequests, at: np.ndarray) -> np.ndarray:
@@ -221,15 +246,15 @@ def run_from_requests(spec: CalibrationSpec) -> CalibrationResult:
     from .profile import continuous_profile_toml
     from .run import continuous_result, resolve_limits, write_profile
 
-    assert spec.requests_file is not None
-    req = read_saved_requests(spec.requests_file)
+    assert spec.requests_files
+    req = read_saved_requests(spec.requests_files)
     model = spec.model.model_copy(update={"batching": Batching.CONTINUOUS, **spec.limits})
     limits, sources = resolve_limits(spec.limits, {}, model)
     fit = fit_requests(req, model.model_copy(update=limits))
     evidence = {
         "kind": "measured",
         "method": "a load test's saved requests (calibrate/from_requests.py): decode times, then TTFTs by replay",
-        "requests_file": str(spec.requests_file),
+        "requests_files": [str(path) for path in spec.requests_files],
         "requests": len(req),
         "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "limit_sources": sources,

@@ -67,14 +67,14 @@ class CalibrationSpec:
     window_s: float = 300.0
     batching: Batching | None = None  # None: continuous for the openai and vllm backends, else static
     limits: dict[str, int] = field(default_factory=dict)  # the engine's limits as flags (they outrank the engine)
-    requests_file: Path | None = None  # a load test's --save-requests CSV: fit it, send nothing
+    requests_files: list[Path] = field(default_factory=list)  # load tests' --save-requests CSVs: fit them, send nothing
     contexts: list[int] | None = None  # streamed: the decoders' prompts, to fit the context terms (SPEC section 12)
 
 
 def calibration_mode(spec: CalibrationSpec) -> str:
     """``requests``, ``streamed`` or ``static`` (module docstring)."""
     batching = spec.batching or (Batching.CONTINUOUS if spec.backend in STREAMED_BACKENDS else Batching.STATIC)
-    mode = "requests" if spec.requests_file is not None else "static" if batching is Batching.STATIC else "streamed"
+    mode = "requests" if spec.requests_files else "static" if batching is Batching.STATIC else "streamed"
     if spec.contexts and mode != "streamed":
         raise UsageError("--contexts spans a continuous engine's streamed cells: drop it, or calibrate by streaming "
                          "(--backend openai --upstream URL, or vllm)", field="contexts")  # fmt: skip
@@ -204,7 +204,7 @@ def continuous_result(
     repetitions: int,
 ) -> CalibrationResult:  # fmt: skip
     return CalibrationResult(
-        backend=spec.backend if mode == "streamed" else f"requests in {spec.requests_file}",
+        backend=spec.backend if mode == "streamed" else f"requests in {', '.join(map(str, spec.requests_files))}",
         model=spec.model_name, repetitions=repetitions, warmup_batches=0, points=[], fixed_ms=0.0, per_item_ms=0.0,
         decode_step_ms=fit.decode_step_ms, prefill_ms_per_token=fit.prefill_ms_per_token,
         decode_ms_per_seq=fit.decode_ms_per_seq, max_relative_error=fit.max_relative_error,

@@ -80,8 +80,11 @@ FromSweepOpt = Annotated[
     typer.Option("--from-sweep", help="Scale --profile's engine times to a loadtest --sweep JSON's measured knee."),
 ]
 FromRequestsOpt = Annotated[
-    Path | None,
-    typer.Option("--from-requests", help="Fit a load test's --save-requests CSV (sends nothing)."),
+    list[Path] | None,
+    typer.Option(
+        "--from-requests",
+        help="Fit a load test's --save-requests CSV (sends nothing); repeat it to fit several runs at once.",
+    ),
 ]
 
 
@@ -135,7 +138,7 @@ def calibrate(
         sizes=_lengths(sizes, "--sizes"), prompt_tokens=_lengths(prompt_tokens, "--prompt-tokens"),
         output_tokens=_lengths(output_tokens, "--output-tokens"), repetitions=repetitions,
         warmup_batches=warmup_batches, traffic_url=options["upstream"] if from_traffic else None, window_s=window_s,
-        batching=_batching(batching), requests_file=from_requests, contexts=_lengths(contexts, "--contexts"),
+        batching=_batching(batching), requests_files=from_requests or [], contexts=_lengths(contexts, "--contexts"),
         limits={name: value for name, value in (("max_num_seqs", max_num_seqs),
                 ("max_batched_tokens", max_batched_tokens), ("kv_cache_tokens", kv_cache_tokens)) if value},
     )  # fmt: skip

@@ -140,23 +140,25 @@ def test_calibration_across_contexts_recovers_the_context_terms_and_prints_every
     assert f"{error:.1%}" in printed
 
 
-@pytest.mark.slow  # a 30 s load test
+@pytest.mark.slow  # two 15 s load tests
 def test_calibrate_from_a_load_tests_saved_requests_recovers_the_terms_it_ran_with(known_server, tmp_path):
-    rows, profile = tmp_path / "requests.csv", tmp_path / "traffic.toml"
-    done = run_cli(
-        "loadtest", "--quiet", "--target", known_server.url, "--api", "completions", "--stream",
-        "--prompt-tokens", "uniform:50,400", "--output-tokens", "uniform:4,32", "--rps", "6", "--duration", "30",
-        "--slo-p95-ms", "60000", "--save-requests", str(rows), timeout=200,
-    )  # fmt: skip
-    assert done.returncode in (0, 1), done.stdout[-3000:]  # a gate may fail; the rows are what matters
+    """Two runs at two rates (each its own clock, as a sweep's steps are) fitted as one: ``--from-requests`` twice."""
+    runs, profile = [tmp_path / "light.csv", tmp_path / "busy.csv"], tmp_path / "traffic.toml"
+    for rows, rps in zip(runs, ("3", "9"), strict=True):
+        done = run_cli(
+            "loadtest", "--quiet", "--target", known_server.url, "--api", "completions", "--stream",
+            "--prompt-tokens", "uniform:50,400", "--output-tokens", "uniform:4,32", "--rps", rps, "--duration", "15",
+            "--slo-p95-ms", "60000", "--save-requests", str(rows), timeout=200,
+        )  # fmt: skip
+        assert done.returncode in (0, 1), done.stdout[-3000:]  # a gate may fail; the rows are what matters
     # Traffic cannot tell the admission's host time from the other step terms (calibrate/from_requests.py): a base
     # profile (here the truth's; in use, a streamed calibration's) holds it; its other terms are only a start.
     base = write_model_scenario(
         KNOWN.model_copy(update={"decode_step_ms": 1.0, "decode_ms_per_seq": 1.0, "prefill_ms_per_token": 1.0}),
         tmp_path / "base.toml",
     )
-    done = calibrate("--from-requests", str(rows), "--profile", str(base), "--max-num-seqs", "16",
-                     "--out", str(profile))  # fmt: skip
+    done = calibrate("--from-requests", str(runs[0]), "--from-requests", str(runs[1]), "--profile", str(base),
+                     "--max-num-seqs", "16", "--out", str(profile))  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     service = tomllib.loads(profile.read_text())["service"]
     print("\nfit from saved requests:", {t: round(service[t], 4) for t in TERMS})
@@ -182,6 +184,8 @@ def test_bad_saved_requests_are_one_line_and_exit_2(tmp_path):
                    "0.1,0.5,paid,ok,0.2,10,5,0.1,200\n")  # fmt: skip
     short = calibrate("--from-requests", str(few), "--out", str(tmp_path / "p.toml"))
     assert short.returncode == 2 and "holds 1 answered streamed requests" in short.stderr
+    twice = calibrate("--from-requests", str(few), "--from-requests", str(few), "--out", str(tmp_path / "p.toml"))
+    assert twice.returncode == 2 and "few.csv holds 2 answered streamed requests" in twice.stderr
     bad = tmp_path / "bad.csv"
     bad.write_text(few.read_text().replace("0.2,10", "x,10"))
     broken = calibrate("--from-requests", str(bad), "--out", str(tmp_path / "p.toml"))
