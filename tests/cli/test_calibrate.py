@@ -183,3 +183,24 @@ def test_warm_up_batches_have_their_own_flag_since_warmup_means_seconds_elsewher
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     assert json.loads(saved.read_text())["warmup_batches"] == 3
+
+
+def test_a_fit_to_unsteady_times_is_written_with_a_warning_and_a_steady_one_without(tmp_path):
+    """An engine whose batches vary fourfold at random (a busy machine's) fits no line: the profile is written,
+    and a one-line warning on stderr (even with --json) says how far off the fit is."""
+    unsteady = write_model_scenario(
+        ServiceModel(kernel_ms=20.0, per_item_ms=0.5, pcie_in_ms=1.0, pcie_out_ms=1.0, cycle_jitter=(0.2, 1.0, 4.0)),
+        tmp_path / "unsteady.toml",
+    )
+    runs = {}
+    for name, scenario in (("unsteady", ["--scenario", str(unsteady)]), ("steady", [])):
+        runs[name] = cli(
+            "calibrate", "--backend", "sim", *scenario, "--sizes", "1,4,16", "-n", "2", "--warmup-batches", "0",
+            "--out", str(tmp_path / f"{name}.toml"), "--json", timeout=60,
+        )  # fmt: skip
+        assert runs[name].returncode == 0 and (tmp_path / f"{name}.toml").is_file(), runs[name].stderr
+    error = json.loads(runs["unsteady"].stdout)["max_relative_error"]
+    warning = runs["unsteady"].stderr.strip().splitlines()
+    assert error > 0.25 and len(warning) == 1, (error, warning)
+    assert f"off by up to {error:.0%}" in warning[0] and "unsteady.toml was written" in warning[0]
+    assert json.loads(runs["steady"].stdout)["max_relative_error"] < 0.05 and "warning" not in runs["steady"].stderr
