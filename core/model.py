@@ -268,14 +268,8 @@ class ServiceModel(_Frozen):
                 raise ValueError(
                     'kv_policy = "paged" with prefix_caching is not modelled yet: use kv_policy = "reserve"'
                 )
-        if self.routing is not Routing.SHARED_QUEUE:
-            if self.batching is not Batching.CONTINUOUS:
-                raise ValueError('routing is a feature of continuous batching: set batching = "continuous"')
-            if self.autoscale.enabled or self.faults.mtbf_s is not None:
-                raise ValueError(
-                    f"routing = {self.routing.value!r} runs a fixed fleet for now: use routing = "
-                    '"shared_queue" with the autoscaler or GPU failures'
-                )
+        if self.routing is not Routing.SHARED_QUEUE and self.batching is not Batching.CONTINUOUS:
+            raise ValueError('routing is a feature of continuous batching: set batching = "continuous"')
         if self.context_terms and self.batching is not Batching.CONTINUOUS:
             raise ValueError(
                 "step_floor_ms, prefill_step_ms, decode_ms_per_kv_token, prefill_ms_per_token_sq and "

@@ -531,17 +531,21 @@ class StepEngine:
         self.waiting.push_back(v, g)
 
     def _route(self, i: int) -> int:
-        """The GPU request ``i`` waits for (core/routing.py), from what each GPU runs, queues and holds now."""
+        """The GPU request ``i`` waits for (core/routing.py), from what each GPU that takes work runs, queues and
+        holds now; -1 while none takes work (failed, cold, released)."""
         gpus, own, max_seqs = self.gpus, self.waiting.own_queued, self.max_seqs  # type: ignore[attr-defined]
-        loads = [gpu.running + own[g] for g, gpu in enumerate(gpus)]
+        open_gpus = [g for g, gpu in enumerate(gpus) if gpu.accepting]
+        if not open_gpus:
+            return -1
+        loads = [gpus[g].running + own[g] for g in open_gpus]
         free = [load < max_seqs for load in loads]
         hits = None
         if self.model.routing is Routing.PREFIX_AFFINITY and self.caching:
             segments = prompt_segments(self.prefixes[i], i, self.prompt[i], self.block)
-            hits = [sum(gpu.cache.hits(segments)) for gpu in gpus]  # type: ignore[union-attr]
+            hits = [sum(gpus[g].cache.hits(segments)) for g in open_gpus]  # type: ignore[union-attr]
         turn = self.routed_so_far
         self.routed_so_far += 1
-        return choose_replica(self.model.routing, loads, free, hits, turn)
+        return open_gpus[choose_replica(self.model.routing, loads, free, hits, turn)]
 
     def _release_leaving(self, cache: PrefixCache) -> None:
         held, leaving = self.held, self.leaving
@@ -564,6 +568,8 @@ class StepEngine:
 
     def gpu_added(self) -> None:
         self.gpus.append(self._new_gpu(accepting=False))
+        if self.routed:
+            self.waiting.add_gpu()  # type: ignore[attr-defined]
         if self.jitter is not None:
             self.jitter.append(StepJitter(self.model, self.jitter_seed, len(self.jitter)))
 
@@ -574,6 +580,12 @@ class StepEngine:
             self.idle.remove(g)
         elif gpu.accepting and not gpu.busy and g not in self.idle:
             bisect.insort(self.idle, g)
+        if self.routed:  # what waits for a GPU that stopped is routed again; a GPU that came up is a choice
+            waiting: RoutedArrivalQueue = self.waiting  # type: ignore[assignment]
+            if gpu.accepting:
+                waiting.reopen()
+            else:
+                waiting.close(g)
         self.poke()
 
     def gpu_failing(self, g: int) -> None:

@@ -321,6 +321,13 @@ class RoutedArrivalQueue(ArrivalQueue):
     The zones still judge the fleet's whole waiting depth (``queued``), as the gateway
     that routes sees it; ``route(i)`` is asked in arrival order, with the engine's state at
     the last step end, which is its state at the arrival: nothing changes between steps.
+
+    The fleet changes as the server's pool does (``server/queues/routed_queue.py``): a GPU
+    that stops taking work (failed, released) has what waits for it routed again among
+    those that take work, in tier and arrival order, each to the back of its new queue;
+    while none takes work (``route`` answers -1) arrivals wait in the shared room, the base
+    class's queues, and are routed when a GPU comes up. No admitted request is lost with
+    its GPU's queue.
     """
 
     def __init__(self, times: np.ndarray, tiers: np.ndarray, gpus: int, route: Callable[[int], int]) -> None:
@@ -331,9 +338,34 @@ class RoutedArrivalQueue(ArrivalQueue):
 
     def _enqueue(self, i: int, tier: int) -> None:
         g = self.route(i)
-        self.own[g][tier].append(i)
-        self.own_queued[g] += 1
+        if g < 0:  # no GPU takes work now: the shared room, until one does
+            self.queues[tier].append(i)
+        else:
+            self.own[g][tier].append(i)
+            self.own_queued[g] += 1
         self.queued += 1
+
+    def add_gpu(self) -> None:
+        """A GPU joined the fleet (it takes work once it is up)."""
+        self.own.append([deque() for _ in range(_N_TIERS)])
+        self.own_queued.append(0)
+
+    def close(self, g: int) -> None:
+        """GPU ``g`` takes nothing new: what waits for it is routed again (``route`` no longer offers it)."""
+        self.own_queued[g] = 0
+        self._route_again(self.own[g])
+
+    def reopen(self) -> None:
+        """A GPU came up: what waited for one in the shared room is routed."""
+        self._route_again(self.queues)
+
+    def _route_again(self, room: list[deque[int]]) -> None:
+        for tier, queue in enumerate(room):
+            waiting = list(queue)
+            queue.clear()
+            self.queued -= len(waiting)
+            for i in waiting:
+                self._enqueue(i, tier)
 
     def pop(self, g: int = 0) -> int:
         for queue in self.own[g]:

@@ -244,3 +244,39 @@ async def test_two_instances_on_one_redis_order_one_gpu_per_decision(tmp_path):
     for (at, _, _), (_, sim_at) in zip(served, sim_events, strict=True):
         assert abs(at - sim_at) <= TICK_S + 0.25
     assert {s for _, s in answers} <= {200, 429}
+
+
+def test_a_routed_fleet_of_sim_workers_scales_like_its_simulation(tmp_path):
+    """Routing by prefix with the autoscaler (continuous batching, a shared-prefix chat load, a 3x spike): the
+    second worker is ordered and serves when the simulator's does, new requests are routed to it from then
+    (its cache empty), the drain after the spike loses none, and the cache hit rate is the simulator's."""
+    model = ServiceModel(
+        batching="continuous", max_num_seqs=8, decode_step_ms=8.0, decode_ms_per_seq=0.05, prefill_ms_per_token=0.02,
+        prefix_caching=True, routing="prefix_affinity", cold_start_s=4, request_timeout_s=10,
+        autoscale={"enabled": True, "scale_up_after_s": 3, "scale_down_after_s": 5, "tick_s": TICK_S, "max_gpus": 3},
+    )  # fmt: skip
+    scenario = write_model_scenario(model, tmp_path / "routed.toml", gpus=1)
+    out = tmp_path / "out.json"
+    with running_server("--scenario", str(scenario)) as srv:
+        done = run_cli(
+            "loadtest", "--quiet", "--target", srv.url, "--scenario", str(scenario), "--gpus", "1", "--api",
+            "completions", "--stream", "--shared-prefix", "400:6:zipf=1.2", "--prompt-tokens", "200",
+            "--output-tokens", "32", "--rps", "8", "--spike", f"3:{SPIKE['at_s']:g}:{SPIKE['duration_s']:g}",
+            "--duration", str(DURATION_S), "--warmup", "0", "--scrape-metrics", f"{srv.url}/metrics",
+            "--json", str(out), "--slo-p95-ms", "60000", "--max-reject-rate", "0.5", timeout=150,
+        )  # fmt: skip
+        scaling = _scaling(srv.internal_url)
+    assert done.returncode in (0, 1), done.stdout[-3000:] + done.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert set(result["status_counts"]) <= {"200", "429"}, result["status_counts"]  # never a 5xx, none lost
+    scraped, simulated = result["server_metrics"], result["simulated_fleet"]
+    two = [t for t, n in zip(scraped["t_s"], scraped["gpus"], strict=True) if n is not None and n >= 2]
+    sim_two = [t for t, n in zip(simulated["t_s"], simulated["gpus_up"], strict=True) if n >= 2]
+    tokens = result["overall"]["tokens"]
+    print(f"\nrouted: second GPU from {two[:1]} s (simulated {sim_two[:1]}); decisions "
+          f"{[d['action'] for d in scaling['decisions']]}; cached {tokens['measured']['prefix_hit_rate']:.2f} "
+          f"(simulated {tokens['simulated']['prefix_hit_rate']:.2f})")  # fmt: skip
+    assert two and sim_two and abs(two[0] - sim_two[0]) <= 2 * TICK_S + 0.5  # a tick, plus the scrape's second
+    assert [d["action"] for d in scaling["decisions"]] == ["ordered", "serving", "released"]
+    assert scraped["gpus"][-1] == simulated["gpus_up"][-1] == 1  # released again after the spike, drained
+    assert tokens["measured"]["prefix_hit_rate"] == pytest.approx(tokens["simulated"]["prefix_hit_rate"], abs=0.05)

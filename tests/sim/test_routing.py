@@ -7,6 +7,7 @@ prompt where it is cached, where round robin makes every replica evict and prefi
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -14,8 +15,12 @@ import pytest
 from infer_plan.core import ServiceModel
 from infer_plan.core.model import Routing
 from infer_plan.core.prompt_blocks import SharedPrefix
+from infer_plan.core.records import Outcome
 from infer_plan.core.routing import choose_replica
 from infer_plan.sim.engines.engine import simulate_arrivals
+from infer_plan.sim.inputs.arrivals import Arrivals, generate_arrivals
+from infer_plan.sim.inputs.schedule import RateSchedule
+from infer_plan.sim.inputs.shared_prefix import SharedPrefixSpec
 from infer_plan.sim.references.step_reference import simulate_steps_reference
 
 from tests.helpers import run_cli
@@ -104,10 +109,58 @@ def test_prefix_affinity_beats_round_robin_on_four_replicas():
     [
         (["--routing", "nearest"], "'nearest' is not one of"),
         (["--routing", "round_robin", "--batching", "static"], "routing is a feature of continuous batching"),
-        (["--routing", "least_loaded", "--autoscale"], "runs a fixed fleet for now"),
     ],
 )
 def test_bad_routing_is_one_line_and_exit_2(flags, needle):
     done = run_cli("simulate", "--profile", str(PROFILE), "--gpus", "2", "--rps", "5", "--duration", "2", *flags)
     assert done.returncode == 2, done.stderr
     assert needle in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("routing", ROUTED)
+@pytest.mark.parametrize(("gpus", "mtbf_s", "mttr_s"), [(4, 40.0, 1e6), (1, 5.0, 2.0)])
+def test_a_failed_gpus_queue_is_routed_again_and_none_waits_forever(routing, gpus, mtbf_s, mttr_s):
+    """Four GPUs of two slots each, overloaded, one failing for good at 8.3 s: what waited for it is routed to
+    the others (without that, 1 to 9 requests were never answered here). One GPU down for 2 s: what arrives
+    meanwhile waits in the shared room and is routed when it is back. Only what a GPU ran fails with it."""
+    model = ServiceModel(batching="continuous", prefix_caching=True, routing=routing, max_num_seqs=2,
+                         faults={"mtbf_s": mtbf_s, "mttr_s": mttr_s}, **TOKENS)  # fmt: skip
+    arr = shared_prefix_load(10.0 * gpus, 30.0, 7, "400:6:zipf=1.2", model)
+    out = simulate_arrivals(model, arr, gpus, sample_every_s=1.0)
+    up = [int(n) for _, n in out.fleet.up_changes]
+    failures = sum(1 for before, after in itertools.pairwise(up) if after < before)
+    outcomes = np.bincount(out.records.outcome, minlength=len(Outcome))
+    print(f"\n{routing} on {gpus}: GPUs up {[(round(t, 1), int(n)) for t, n in out.fleet.up_changes]}, {outcomes}")
+    assert failures >= 1 and (gpus == 1 or min(up) >= 1), out.fleet.up_changes  # the case as meant
+    assert outcomes[Outcome.PENDING] == 0, outcomes  # every admitted request answered or failed
+    assert 0 < outcomes[Outcome.FAILED] <= model.max_num_seqs * failures, outcomes
+
+
+@pytest.mark.parametrize("routing", ROUTED)
+def test_a_routed_fleet_scales_up_for_a_spike_and_the_new_gpu_takes_its_share(routing):
+    """One GPU, a 3x spike from 5 s to 25 s: the autoscaler orders a second, which serves after its 3 s cold
+    start and is routed to at once (an empty cache and queue); requests sent from 2 s after it serves start
+    within tens of milliseconds, where on the fixed GPU they wait most of a second."""
+    autoscale = {"enabled": True, "tick_s": 1, "scale_up_after_s": 2, "scale_down_after_s": 5, "max_gpus": 3}
+    fixed = ServiceModel(batching="continuous", prefix_caching=True, routing=routing, max_num_seqs=8,
+                         cold_start_s=3, **TOKENS)  # fmt: skip
+    scaling = ServiceModel(**{**fixed.model_dump(), "autoscale": autoscale})
+    rng = np.random.default_rng(3)
+    spike = RateSchedule(rps=10, segments=({"kind": "spike", "at_s": 5.0, "duration_s": 20.0, "factor": 3.0},))
+    arr = generate_arrivals(spike, 40, fixed.tier_shares, rng)
+    shared = SharedPrefixSpec.parse("400:6:zipf=1.2")
+    arr = Arrivals(arr.times, arr.tiers, (rng.integers(20, 400, len(arr)) + shared.tokens).astype(np.int32),
+                   rng.integers(1, 60, len(arr)).astype(np.int32), shared.draw(len(arr), rng))  # fmt: skip
+    scaled, alone = simulate_arrivals(scaling, arr, 1, sample_every_s=1.0), simulate_arrivals(fixed, arr, 1)
+    events = [(e.action.value, e.t_s) for e in scaled.fleet.scale_events]
+    assert [a for a, _ in events][:2] == ["ordered", "serving"], events
+    late = (arr.times > events[1][1] + 2.0) & (arr.times < 25.0)
+
+    def ttft_p95_ms(records) -> float:
+        ok = late & (records.outcome == Outcome.OK)
+        return float(np.percentile(records.first_token[ok] - records.scheduled[ok], 95)) * 1000.0
+
+    print(f"\n{routing}: {events}; TTFT P95 from 2 s after the new GPU serves {ttft_p95_ms(scaled.records):.0f} ms, "
+          f"{ttft_p95_ms(alone.records):.0f} ms on one GPU")  # fmt: skip
+    assert np.bincount(scaled.records.outcome, minlength=len(Outcome))[Outcome.PENDING] == 0
+    assert ttft_p95_ms(scaled.records) < 0.2 * ttft_p95_ms(alone.records)
