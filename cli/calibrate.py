@@ -116,7 +116,7 @@ def calibrate(
     max_model_len: MaxModelLenOpt = 512,
     torch_model: TorchModelOpt = None,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = None,
     scenario: ScenarioOpt = None,
     profile: ProfileOpt = None,
     json_out: JsonFlagOpt = False,

@@ -232,7 +232,10 @@ TorchModelOpt = Annotated[
     str | None, typer.Option("--torch-model", help="torch: MODULE:FACTORY returning (module, preprocess).")
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="torch: cpu, cuda (one device per GPU worker) or cuda:N.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="torch: float32, float16 or bfloat16.")]
+DtypeOpt = Annotated[
+    str | None,
+    typer.Option("--dtype", help="torch: float32 (default), float16 or bfloat16; vllm: any of vLLM's (default: auto)."),
+]
 
 
 BackendOpt = Annotated[

@@ -110,7 +110,7 @@ def serve(
     max_model_len: MaxModelLenOpt = 512,
     torch_model: TorchModelOpt = None,
     device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
+    dtype: DtypeOpt = None,
     ray_address: RayAddressOpt = None,
     ray_engine: RayEngineOpt = "sim",
     internal_host: InternalHostOpt = "127.0.0.1",

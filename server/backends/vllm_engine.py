@@ -49,6 +49,7 @@ class VllmOptions(BackendOptions):
     model_path: str = Field(description="a local model directory (or a name the machine can fetch)")
     generation: Generation = Field(default_factory=Generation)
     max_model_len: int = Field(default=512, ge=16, description="context length; prompts are cut to fit")
+    dtype: str = Field(default="auto", description="vLLM's --dtype (auto: the model's; a float32 one in bf16 on CPU)")
 
 
 class VllmBackend(Backend):
@@ -59,13 +60,15 @@ class VllmBackend(Backend):
     def options_from(cls, flags: EngineFlags) -> dict[str, Any]:
         if not flags.model:
             raise UsageError("--backend vllm needs --model (a local model directory)")
-        return {"model_path": flags.model, "generation": flags.generation, "max_model_len": flags.max_model_len}
+        return {"model_path": flags.model, "generation": flags.generation, "max_model_len": flags.max_model_len,
+                "dtype": flags.dtype or "auto"}  # fmt: skip
 
     def __init__(self, model: ServiceModel, options: VllmOptions) -> None:
         super().__init__(model, options)
         self.model_path = options.model_path
         self.generation = options.generation
         self.max_model_len = options.max_model_len
+        self.dtype = options.dtype
         self._engine: Any = None
         self._sampling_params: Any = None  # vLLM's SamplingParams class, imported in start()
         self._delta: Any = None  # RequestOutputKind.DELTA
@@ -106,6 +109,7 @@ class VllmBackend(Backend):
             model=self.model_path,
             enforce_eager=True,
             max_model_len=self.max_model_len,
+            dtype=self.dtype,
             scheduling_policy="priority",
             disable_log_stats=True,
             **limits,

@@ -11,11 +11,16 @@ from __future__ import annotations
 import json
 import tomllib
 
+import numpy as np
 import pytest
+from infer_plan.calibrate.from_requests import SavedRequests, fit_requests
 from infer_plan.calibrate.run import CalibrationSpec, stream_plan
 from infer_plan.core import ServiceModel
 from infer_plan.core.errors import UsageError
+from infer_plan.core.model import Backpressure
 from infer_plan.loadtests.target import write_model_scenario
+from infer_plan.sim.engines.engine import simulate_arrivals
+from infer_plan.sim.inputs.arrivals import Arrivals
 
 from tests.helpers import run_cli, running_server
 
@@ -170,6 +175,23 @@ def test_calibrate_from_a_load_tests_saved_requests_recovers_the_terms_it_ran_wi
         fitted = service["request_overhead_ms"] + service["tokenize_ms_per_token"] * prompt
         assert fitted == pytest.approx(KNOWN.admission_delay_ms(prompt), rel=0.10), (prompt, fitted)
     assert service["max_num_seqs"] == 16 and service["batching"] == "continuous"
+
+
+def test_a_fit_from_requests_replays_every_request_whatever_queue_the_base_profile_sheds_at():
+    """A burst that queued past the base profile's queue limit: every saved request was answered, so the replay
+    sheds none (a shed request has no times; CI once saw the fit die of a NaN Jacobian on a sweep's steps)."""
+    rng = np.random.default_rng(1)
+    times = np.sort(np.concatenate([rng.uniform(0, 20, 40), rng.uniform(5, 5.5, 40)]))  # 40 sent within 0.5 s
+    run = Arrivals(times=times, tiers=np.ones(times.size, dtype=np.int8),
+                   prompt_tokens=rng.integers(50, 400, times.size).astype(np.int32),
+                   output_tokens=rng.integers(4, 32, times.size).astype(np.int32))  # fmt: skip
+    engine = KNOWN.model_copy(update={"backpressure": Backpressure(queue_limit=1000)})
+    records = simulate_arrivals(engine, run, gpus=1).records
+    saved = SavedRequests(times, records.first_token, records.finished, run.tiers,
+                          run.prompt_tokens.astype(np.int64), run.output_tokens.astype(np.int64))  # fmt: skip
+    base = KNOWN.model_copy(update={"decode_step_ms": 1.0, "decode_ms_per_seq": 1.0, "prefill_ms_per_token": 1.0,
+                                    "backpressure": Backpressure(queue_limit=8)})  # fmt: skip
+    assert_terms_recovered(fit_requests(saved, base).terms(), rel=0.10, terms=TERMS[:2])
 
 
 def test_bad_saved_requests_are_one_line_and_exit_2(tmp_path):

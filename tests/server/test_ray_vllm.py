@@ -9,7 +9,7 @@ import aiohttp
 import openai
 import pytest
 
-from tests.helpers import VLLM_ENV, build_tiny_model, running_server
+from tests.helpers import VLLM_DTYPE, VLLM_ENV, build_tiny_model, running_server
 
 pytest.importorskip("ray")
 pytestmark = [pytest.mark.vllm, pytest.mark.ray, pytest.mark.timeout(600)]
@@ -24,8 +24,8 @@ def tiny_model(tmp_path_factory) -> Path:
 
 async def test_vllm_in_a_ray_actor_answers_batches_and_streams(tiny_model):
     with running_server(
-        "--backend", "ray", "--ray-engine", "vllm", "--model", str(tiny_model), "--served-model-name", "tiny",
-        "--max-tokens", "8", "--gpus", "1", env={**VLLM_ENV, **RAY_ENV}, startup_s=400,
+        "--backend", "ray", "--ray-engine", "vllm", "--model", str(tiny_model), *VLLM_DTYPE,
+        "--served-model-name", "tiny", "--max-tokens", "8", "--gpus", "1", env={**VLLM_ENV, **RAY_ENV}, startup_s=400,
     ) as srv:  # fmt: skip
         async with aiohttp.ClientSession() as session:
 

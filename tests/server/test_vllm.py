@@ -22,7 +22,7 @@ from infer_plan.core.model import Batching
 from infer_plan.loadtests.target import write_model_scenario
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import VLLM_ENV, build_tiny_model, run_cli, running_server
+from tests.helpers import VLLM_DTYPE, VLLM_ENV, build_tiny_model, run_cli, running_server
 from tests.helpers import vllm_openai_server as vllm_openai_server_process
 
 pytestmark = [pytest.mark.vllm, pytest.mark.timeout(600)]
@@ -45,7 +45,7 @@ def tiny_model(tmp_path_factory) -> Path:
 def vllm_server(tiny_model, tmp_path_factory):
     scenario = write_model_scenario(SERVICE, tmp_path_factory.mktemp("vllm") / "model.toml", gpus=1)
     with running_server(
-        "--backend", "vllm", "--model", str(tiny_model), "--served-model-name", "tiny",
+        "--backend", "vllm", "--model", str(tiny_model), *VLLM_DTYPE, "--served-model-name", "tiny",
         "--max-tokens", MAX_TOKENS, "--scenario", str(scenario), env=VLLM_ENV, startup_s=300,
     ) as srv:  # fmt: skip
         yield srv
@@ -314,8 +314,9 @@ async def test_openai_backend_through_vllm_openai_server_then_upstream_failure(v
 def test_calibrate_loads_vllm_itself_and_writes_a_profile(tiny_model, tmp_path):
     profile = tmp_path / "profile.toml"
     done = cli(
-        "calibrate", "--backend", "vllm", "--batching", "static", "--model", str(tiny_model), "--max-tokens", "4",
-        "--sizes", "1,8", "--repetitions", "3", "--warmup-batches", "1", "--out", str(profile), "--json",
+        "calibrate", "--backend", "vllm", *VLLM_DTYPE, "--batching", "static", "--model", str(tiny_model),
+        "--max-tokens", "4", "--sizes", "1,8", "--repetitions", "3", "--warmup-batches", "1", "--out", str(profile),
+        "--json",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
@@ -327,9 +328,9 @@ def test_calibrate_loads_vllm_itself_and_writes_a_profile(tiny_model, tmp_path):
 def test_calibrate_fits_the_token_costs_of_vllm_and_prints_the_fit_error(tiny_model, tmp_path):
     profile = tmp_path / "profile.toml"
     done = cli(
-        "calibrate", "--backend", "vllm", "--batching", "static", "--model", str(tiny_model), "--sizes", "1,8",
-        "--prompt-tokens", "16,128", "--output-tokens", "1,16", "--repetitions", "3", "--warmup-batches", "1",
-        "--out", str(profile),
+        "calibrate", "--backend", "vllm", *VLLM_DTYPE, "--batching", "static", "--model", str(tiny_model),
+        "--sizes", "1,8", "--prompt-tokens", "16,128", "--output-tokens", "1,16", "--repetitions", "3",
+        "--warmup-batches", "1", "--out", str(profile),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert "fit error" in done.stdout and "step time" in done.stdout
@@ -346,9 +347,9 @@ def test_calibrate_streams_to_vllm_itself_and_reads_its_limits_from_the_engine(t
     """A continuous calibration by default: streamed cells, and the limits the engine resolved at start."""
     profile, saved = tmp_path / "profile.toml", tmp_path / "calibration.json"
     done = cli(
-        "calibrate", "--backend", "vllm", "--model", str(tiny_model), "--max-num-seqs", "4", "--sizes", "1,4",
-        "--prompt-tokens", "16,64,128", "--output-tokens", "24", "--contexts", "16,384", "--repetitions", "3",
-        "--out", str(profile), "--save", str(saved),
+        "calibrate", "--backend", "vllm", *VLLM_DTYPE, "--model", str(tiny_model), "--max-num-seqs", "4",
+        "--sizes", "1,4", "--prompt-tokens", "16,64,128", "--output-tokens", "24", "--contexts", "16,384",
+        "--repetitions", "3", "--out", str(profile), "--save", str(saved),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     service, result = tomllib.loads(profile.read_text())["service"], json.loads(saved.read_text())
@@ -420,7 +421,8 @@ def test_loadtest_by_tokens_against_the_server_on_vllm(vllm_server, tiny_model, 
 async def test_continuous_batching_passes_requests_to_vllms_scheduler_as_they_come(tiny_model, tmp_path):
     continuous = SERVICE.model_copy(update={"batching": Batching.CONTINUOUS, "max_num_seqs": 2})
     scenario = write_model_scenario(continuous, tmp_path / "model.toml", gpus=1)
-    args = ("--backend", "vllm", "--model", str(tiny_model), "--served-model-name", "tiny", "--scenario", str(scenario))
+    args = ("--backend", "vllm", "--model", str(tiny_model), *VLLM_DTYPE, "--served-model-name", "tiny", "--scenario",
+            str(scenario))  # fmt: skip
     with running_server(*args, env=VLLM_ENV, startup_s=300) as srv:
         keys = ["dev-enterprise", "dev-paid", "dev-free"]
         clients = [openai.AsyncOpenAI(base_url=f"{srv.url}/v1", api_key=k, max_retries=0, timeout=120) for k in keys]
