@@ -38,9 +38,11 @@ from .options import (
     SaveOpt,
     ScenarioOpt,
     SeedOpt,
+    SessionsOpt,
     SharedPrefixOpt,
     SloOpt,
     StreamOpt,
+    ThinkTimeOpt,
     TierMixOpt,
     TokenizerOpt,
     TpotSloOpt,
@@ -129,6 +131,8 @@ def capacity(
     dataset: DatasetOpt = None,
     dataset_format: DatasetFormatOpt = None,
     shared_prefix: SharedPrefixOpt = None,
+    sessions: SessionsOpt = None,
+    think_time: ThinkTimeOpt = None,
     prefix_caching: PrefixCachingOpt = None,
     routing: RoutingOpt = None,
     kv_policy: KvPolicyOpt = None,
@@ -159,7 +163,9 @@ def capacity(
     )  # fmt: skip
     if from_sweep is not None:
         return _finish(_from_sweep(from_sweep, rps, scen.model.max_load), json_out, save)
-    tokens = token_load(prompt_tokens, output_tokens, dataset, tokenizer, stream, dataset_format, shared_prefix)
+    tokens = token_load(
+        prompt_tokens, output_tokens, dataset, tokenizer, stream, dataset_format, shared_prefix, sessions, think_time
+    )
     workload = _rate_workload(scen, rps, tokens)
     settings = _settings(scen, duration, warmup, seed, precision, min_duration, sample_gpus)
     if hw_model is not None:

@@ -207,6 +207,9 @@ def _spec(f: dict[str, Any]) -> LoadTestSpec:
             f["shared_prefix"],
         ),
     )  # fmt: skip
+    if workload.sessions is not None:
+        raise UsageError("loadtest does not send sessions yet ([load] sessions in the scenario): simulate and "
+                         "capacity plan them (docs/model.md)", field="sessions")  # fmt: skip
     # A URL target with a known model (a scenario or a profile) is one engine unless told otherwise.
     known = f["target"] == "sim" or f["scenario"] is not None or f["profile"] is not None
     return LoadTestSpec(

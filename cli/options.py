@@ -150,6 +150,22 @@ SharedPrefixOpt = Annotated[
         "(uniform, or Zipf S over their ranks); with prefix_caching on, their blocks are reused.",
     ),
 ]
+SessionsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--sessions",
+        help="TURNS (a number or a distribution): conversations started at --rps, each turn the whole history plus "
+        "a message of --prompt-tokens, sent --think-time after the answer before it (continuous batching).",
+    ),
+]
+ThinkTimeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--think-time",
+        help="Seconds from an answer to the session's next turn (a number or a "
+        "distribution, e.g. exponential:mean=5). Default 0.",
+    ),
+]
 TokenizerOpt = Annotated[
     str | None, typer.Option("--tokenizer", help="Counts a ShareGPT dataset's tokens (name or folder).")
 ]
@@ -169,13 +185,14 @@ def token_load(
     stream: bool,
     dataset_format: TraceFormat | None = None,
     shared_prefix: str | None = None,
+    sessions: str | None = None,
+    think_time: str | None = None,
 ) -> dict[str, Any]:
     """The workload's token settings from the flags (lengths are parsed and checked by the workload)."""
     load: dict[str, Any] = {"prompt_tokens": prompt_tokens, "output_tokens": output_tokens, "dataset": dataset}
     load |= {"tokenizer": tokenizer, "stream": stream or None, "dataset_format": dataset_format}
-    if shared_prefix is not None:
-        load["shared_prefix"] = shared_prefix
-    return load
+    flags = {"shared_prefix": shared_prefix, "sessions": sessions, "think_time": think_time}
+    return load | {name: value for name, value in flags.items() if value is not None}
 
 
 # Which flag sets which field: errors from below the CLI name the field, the CLI names the flag.

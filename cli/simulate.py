@@ -33,9 +33,11 @@ from .options import (
     SaveRequestsOpt,
     ScenarioOpt,
     SeedOpt,
+    SessionsOpt,
     SharedPrefixOpt,
     SpikeOpt,
     StreamOpt,
+    ThinkTimeOpt,
     TierMixOpt,
     TokenizerOpt,
     WarmupOpt,
@@ -87,6 +89,8 @@ def simulate(
     dataset: DatasetOpt = None,
     dataset_format: DatasetFormatOpt = None,
     shared_prefix: SharedPrefixOpt = None,
+    sessions: SessionsOpt = None,
+    think_time: ThinkTimeOpt = None,
     prefix_caching: PrefixCachingOpt = None,
     routing: RoutingOpt = None,
     kv_policy: KvPolicyOpt = None,
@@ -108,7 +112,8 @@ def simulate(
     )  # fmt: skip
     workload = scen.workload(
         rps=rps, arrival=arrival, trace=trace, extra_segments=tuple(parse_spike(s) for s in spike or ()),
-        **token_load(prompt_tokens, output_tokens, dataset, tokenizer, stream, dataset_format, shared_prefix),
+        **token_load(prompt_tokens, output_tokens, dataset, tokenizer, stream, dataset_format, shared_prefix,
+                     sessions, think_time),
     )  # fmt: skip
     if not workload.is_replay and workload.schedule.rps <= 0 and not workload.schedule.segments:
         raise UsageError("give the offered rate with --rps (or [load] rps in a scenario, --trace or a timed --dataset)")

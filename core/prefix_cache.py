@@ -106,6 +106,18 @@ class PrefixCache:
             self._hold(key, holds[i] if i < len(holds) else 0, n)
         self.unkeyed -= sum(n for _, n in segments) - sum(holds)
 
+    def keep_answer(self, segments: list[Segment], answer: Segment) -> list[Segment]:
+        """A finished turn of a conversation: its answer's full blocks, until now its own, become blocks of its
+        history segment (``answer``, from :func:`~infer_plan.core.prompt_blocks.answer_segment`), so the session's
+        next turn can hit them. Returns the segments to :meth:`release` it with."""
+        key, grown = answer
+        had = segments[-1][1] if segments and segments[-1][0] == key else 0
+        if grown <= had:
+            return segments
+        self._hold(key, had, grown)
+        self.unkeyed -= grown - had
+        return [*segments[: len(segments) - (1 if had else 0)], answer]
+
     def release(self, segments: Sequence[Segment], blocks: int, holds: list[int] | None = None) -> None:
         """A sequence leaves: the blocks nobody else holds are cached, its last segment first, the rest freed.
         ``holds``: it leaves before its prefill ended (the server's abandoned request), holding only its hits."""

@@ -6,6 +6,9 @@ engine's cache needs one key per full block of *its* block size; :func:`prompt_k
 makes them, so the simulator, its reference and the server's ``sim`` backend key a
 prompt the same way. Blocks no other request can share get keys of their own request
 (they still take cache space, and their place in the LRU order, after it finishes).
+A conversation's turn (:class:`SessionHistory`) keys the rest by its session instead: turn
+*t*'s prompt is turn *t-1*'s prompt and answer plus a new message, so its blocks are the
+same blocks, and the answer's full blocks are kept for the next turn (:func:`answer_segment`).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ from dataclasses import dataclass
 
 __all__ = [
     "PromptPrefix",
+    "SessionHistory",
     "SharedPrefix",
     "TraceHashes",
+    "answer_segment",
     "content_keys",
     "prefix_from_wire",
     "prefix_to_wire",
@@ -41,7 +46,16 @@ class TraceHashes:
     block_tokens: int
 
 
-PromptPrefix = SharedPrefix | TraceHashes | None
+@dataclass(frozen=True, slots=True)
+class SessionHistory:
+    """A turn of conversation ``session``: its prompt is the session's history (after ``system``, a shared system
+    prompt, when there is one), which every later turn of the session starts with too."""
+
+    session: int
+    system: SharedPrefix | None = None
+
+
+PromptPrefix = SharedPrefix | TraceHashes | SessionHistory | None
 
 
 def prefix_to_wire(prefix: PromptPrefix) -> list | None:
@@ -50,6 +64,9 @@ def prefix_to_wire(prefix: PromptPrefix) -> list | None:
         return ["shared", prefix.group, prefix.tokens]
     if isinstance(prefix, TraceHashes):
         return ["trace", list(prefix.ids), prefix.block_tokens]
+    if isinstance(prefix, SessionHistory):
+        system = prefix.system
+        return ["session", prefix.session, [system.group, system.tokens] if system is not None else None]
     return None
 
 
@@ -57,17 +74,30 @@ def prefix_from_wire(wire: list | None) -> PromptPrefix:
     if wire is None:
         return None
     kind, first, size = wire
+    if kind == "session":
+        return SessionHistory(first, SharedPrefix(*size) if size is not None else None)
     return SharedPrefix(first, size) if kind == "shared" else TraceHashes(tuple(first), size)
+
+
+def _own_key(prefix: PromptPrefix, uid: int) -> Hashable:
+    """What a prompt's blocks after any shared ones are keyed by: its session's history, or the request alone."""
+    return ("c", prefix.session) if isinstance(prefix, SessionHistory) else uid
+
+
+def _system(prefix: PromptPrefix) -> PromptPrefix:
+    return prefix.system if isinstance(prefix, SessionHistory) else prefix
 
 
 def prompt_keys(prefix: PromptPrefix, uid: int, prompt: int, block_tokens: int) -> list[Hashable]:
     """One key per full block of a ``prompt``-token prompt; ``uid`` tells requests' own blocks apart."""
     full = prompt // block_tokens
+    own = _own_key(prefix, uid)
+    prefix = _system(prefix)
     if prefix is None:
-        return [(uid, m) for m in range(full)]
+        return [(own, m) for m in range(full)]
     if isinstance(prefix, SharedPrefix):
         shared = min(prefix.tokens, prompt) // block_tokens
-        return [("s", prefix.group, m) for m in range(shared)] + [(uid, m) for m in range(shared, full)]
+        return [("s", prefix.group, m) for m in range(shared)] + [(own, m) for m in range(shared, full)]
     keys: list[Hashable] = []
     ids, size = prefix.ids, prefix.block_tokens
     for m in range(full):
@@ -87,6 +117,8 @@ def prompt_segments(prefix: PromptPrefix, uid: int, prompt: int, block_tokens: i
     full = prompt // block_tokens
     segments: list[tuple[Hashable, int]] = []
     done = 0
+    own = _own_key(prefix, uid)
+    prefix = _system(prefix)
     if isinstance(prefix, SharedPrefix):
         done = min(prefix.tokens, prompt) // block_tokens
         if done:
@@ -104,8 +136,21 @@ def prompt_segments(prefix: PromptPrefix, uid: int, prompt: int, block_tokens: i
             segments.append((("t", h), n))
             done += n
     if full > done:
-        segments.append(((uid, done), full - done))
+        segments.append(((own, done), full - done))
     return segments
+
+
+def answer_segment(prefix: PromptPrefix, prompt: int, output: int, block_tokens: int) -> tuple[Hashable, int] | None:
+    """A finished turn's history segment grown over its answer's full blocks (the blocks of :func:`prompt_segments`'
+    last segment, counted to the end of the answer), or None for a request outside a session.
+
+    vLLM and SGLang keep the blocks a sequence filled while decoding too, so a conversation's next turn, which
+    starts with this turn's prompt and answer, finds them cached."""
+    if not isinstance(prefix, SessionHistory):
+        return None
+    system = prefix.system
+    done = min(system.tokens, prompt) // block_tokens if system is not None else 0
+    return (("c", prefix.session), done), (prompt + output) // block_tokens - done
 
 
 def content_keys(tokens: Sequence[Hashable], block_tokens: int) -> list[Hashable]:

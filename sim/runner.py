@@ -178,7 +178,7 @@ def check_run_size(model: ServiceModel, workload: Workload, settings: RunSetting
     streams = model.batching is Batching.STATIC or compiled_applies(model)
     stops_early = settings.precision is not None and streams
     horizon = warmup + (min(settings.min_duration_s, settings.duration_s) if stops_early else settings.duration_s)
-    requests = workload.schedule.mean_rate(0.0, horizon) * horizon
+    requests = workload.schedule.mean_rate(0.0, horizon) * horizon * workload.requests_per_arrival
     limit = MAX_RUN_REQUESTS[model.batching] if streams else MAX_INTERPRETED_CONTINUOUS
     if requests <= limit:
         return
@@ -294,7 +294,7 @@ def run_simulation(
     if sample < gpus:  # the result is scaled back to the whole fleet, run by run (so are the intervals)
         share = _share_of(workload, sample / gpus)
         warmup = settings.warmup_for(workload)
-        offered = workload.schedule.mean_rate(warmup, warmup + settings.duration_s)
+        offered = workload.schedule.mean_rate(warmup, warmup + settings.duration_s) * workload.requests_per_arrival
         runs = [
             _whole_fleet(_one_run(model, share, settings, sample, settings.seed + r, keep_timeseries and r == 0, watch,
                                   None), gpus, offered)

@@ -9,6 +9,8 @@ whole by :func:`simulate_arrivals`, folded into histograms for a summary by the 
 
 from __future__ import annotations
 
+import itertools
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from ..results.token_gaps import TokenGaps
 from .batch_engine import BatchEngine
 from .compiled_steps import CompiledSteps, compiled_applies
 from .step_engine import StepEngine
+from .waiting import SessionPlan
 
 __all__ = ["EngineOutput", "FleetLog", "TokenGaps", "simulate_arrivals", "simulate_chunks"]
 
@@ -59,13 +62,14 @@ def simulate_arrivals(
 
     ``stream``: requests are streamed, so a request of a static batch is answered at its
     last token instead of when its batch ends (continuous batching answers at the last
-    token either way).
+    token either way). Sessions send every turn unless ``horizon_s`` stops them; the
+    records are then in the order the turns were sent.
     """
     keeper = RecordKeeper()
     fleet = simulate_chunks(
         model, split(arrivals, 1.0), gpus, keeper, seed=seed, horizon_s=horizon_s if horizon_s is not None else
         max(arrivals.end_s, 1e-3), sample_every_s=sample_every_s, stream=stream, tokens=arrivals.has_tokens,
-        shape=_mean_shape(arrivals), compiled=compiled,
+        shape=_mean_shape(arrivals), compiled=compiled, send_until_s=horizon_s if horizon_s is not None else math.inf,
     )  # fmt: skip
     start, end, size = keeper.batches()
     return EngineOutput(keeper.records(), start, end, size, fleet, keeper.gaps() if arrivals.has_tokens else None)
@@ -84,14 +88,16 @@ def simulate_chunks(
     tokens: bool,
     shape: TokenShape | None,
     compiled: bool | None = None,
+    send_until_s: float | None = None,
 ) -> FleetLog:
     """Run the service model over arrivals given a time slice at a time, handing settled requests to ``sink``.
 
     ``shape`` (the workload's mean lengths) converts an offered rate to a load factor for
     the autoscaler and the monitor. Static batching streams: a run holds about one chunk
     of requests; so does continuous batching's compiled loop (:mod:`.compiled_steps`), while
-    the interpreted one (``compiled=False``, or where the compiled one does not apply) reads
-    all its arrivals first.
+    the interpreted one (``compiled=False``, or where the compiled one does not apply, as with
+    sessions) reads all its arrivals first. A session's later turns are sent until
+    ``send_until_s`` (default: the horizon).
     """
     if gpus < 1:
         raise ValueError('"gpus" must be >= 1.')
@@ -105,19 +111,28 @@ def simulate_chunks(
         return model.load_factor(rate, fleet, shape)
 
     engine: BatchEngine | StepEngine
-    if model.batching is Batching.CONTINUOUS and (compiled if compiled is not None else compiled_applies(model)):
-        if not compiled_applies(model):
-            raise ValueError("the compiled loop runs a fixed fleet with steps of their formula's length")
+    chunks = iter(chunks)
+    first = next(chunks, None)
+    sessions = first is not None and first.has_sessions  # closed-loop turns: the interpreted engine's
+    chunks = itertools.chain([first] if first is not None else [], chunks)
+    use_compiled = compiled if compiled is not None else compiled_applies(model) and not sessions
+    if model.batching is Batching.CONTINUOUS and use_compiled:
+        if not compiled_applies(model) or sessions:
+            raise ValueError("the compiled loop runs a fixed fleet with steps of their formula's length, no sessions")
         steps = CompiledSteps(model, gpus, sink, horizon_s=horizon_s, sample_every_s=every, load_factor=load_factor)
         return steps.run(chunks)
     if model.batching is Batching.CONTINUOUS:
         arrivals = concatenate(chunks)
         assert arrivals.prompt_tokens is not None and arrivals.output_tokens is not None
         ready, order = admission_order(model, arrivals.times, arrivals.prompt_tokens)
+        plan = None
+        if sessions:
+            until = send_until_s if send_until_s is not None else horizon_s
+            plan = session_plan(model, arrivals, order, until)
         engine = StepEngine(
             env, model, ready, arrivals.tiers[order], arrivals.prompt_tokens[order], arrivals.output_tokens[order],
             gpus, rng, horizon_s=horizon_s, sample_every_s=every, load_factor=load_factor, jitter_seed=seed,
-            prefixes=None if arrivals.prefixes is None else arrivals.prefixes[order],
+            prefixes=None if arrivals.prefixes is None else arrivals.prefixes[order], sessions=plan,
         )  # fmt: skip
     else:
         engine = BatchEngine(
@@ -134,7 +149,7 @@ def simulate_chunks(
     if isinstance(engine, BatchEngine):
         engine.finish()
     else:
-        _fold_steps(engine, arrivals, order, sink)
+        _fold_steps(engine, arrivals, order, sink, plan)
     fleet = engine.fleet
     return FleetLog(
         up_changes=np.asarray(fleet.up_changes, dtype=np.float64),
@@ -165,11 +180,30 @@ def admission_order(model: ServiceModel, times: np.ndarray, prompt: np.ndarray) 
     return ready[order], order
 
 
-def _fold_steps(engine: StepEngine, arrivals: Arrivals, order: np.ndarray, sink: Sink) -> None:
+def session_plan(model: ServiceModel, arrivals: Arrivals, order: np.ndarray, until_s: float) -> SessionPlan:
+    """The sessions of ``arrivals`` (rows) in the engine's order of requests (``order[e]`` is engine index e's row)."""
+    assert arrivals.follows is not None and arrivals.think_s is not None and arrivals.prompt_tokens is not None
+    n = order.size
+    engine_of = np.empty(n, dtype=np.int64)
+    engine_of[order] = np.arange(n)
+    next_row = np.full(n, -1, dtype=np.int64)
+    later = np.flatnonzero(arrivals.follows >= 0)
+    next_row[arrivals.follows[later]] = later
+    follows_me = np.where(next_row >= 0, engine_of[np.maximum(next_row, 0)], -1)[order]
+    delay_s = np.broadcast_to(np.asarray(model.admission_delay_ms(arrivals.prompt_tokens.astype(np.float64))), n)
+    return SessionPlan(follows_me.tolist(), arrivals.think_s[order].tolist(), (delay_s[order] / 1000.0).tolist(),
+                       arrivals.times[order].tolist(), until_s)  # fmt: skip
+
+
+def _fold_steps(
+    engine: StepEngine, arrivals: Arrivals, order: np.ndarray, sink: Sink, plan: SessionPlan | None = None
+) -> None:
     """Continuous batching's requests, all at the end of its run, back in arrival order.
 
     The engine ran them in joining order (:func:`admission_order`); each column is put
-    back. A streamed token reaches its client ``output_token_ms`` later per token it
+    back. With sessions a later turn's time is when it was sent; the requests go to the sink
+    in that order, without the turns never sent (after the horizon). A streamed token
+    reaches its client ``output_token_ms`` later per token it
     has had (the engine's steps do not wait for it), so every gap grows by that much,
     the first token by one term and an answer's end by one per token.
     """
@@ -195,16 +229,18 @@ def _fold_steps(engine: StepEngine, arrivals: Arrivals, order: np.ndarray, sink:
         gaps = TokenGaps(gaps.gaps_ms + engine.model.output_token_ms, gaps.counts, gaps.at_s)
     sink.fold_batches(*engine.batches())
     sink.fold_gaps(gaps)
-    sink.fold(
-        RequestRecords(
-            tier=arrivals.tiers,
-            scheduled=arrivals.times,
-            finished=finished,
-            outcome=outcome,
-            first_token=first_token,
-            prompt_tokens=arrivals.prompt_tokens,
-            output_tokens=arrivals.output_tokens,
-            cached_tokens=by_arrival(engine.cached_tokens) if engine.model.prefix_caching else None,
-            preemptions=by_arrival(engine.preemptions) if engine.paged else None,
-        )
+    records = RequestRecords(
+        tier=arrivals.tiers,
+        scheduled=arrivals.times if plan is None else by_arrival(np.asarray(plan.sent)),
+        finished=finished,
+        outcome=outcome,
+        first_token=first_token,
+        prompt_tokens=arrivals.prompt_tokens,
+        output_tokens=arrivals.output_tokens,
+        cached_tokens=by_arrival(engine.cached_tokens) if engine.model.prefix_caching else None,
+        preemptions=by_arrival(engine.preemptions) if engine.paged else None,
     )
+    if plan is not None:
+        sent = np.flatnonzero(np.isfinite(records.scheduled))
+        records = records.take(sent[np.argsort(records.scheduled[sent], kind="stable")])
+    sink.fold(records)

@@ -47,11 +47,11 @@ from ...core.dispatch import EPS
 from ...core.jitter import StepJitter
 from ...core.model import KvPolicy, Routing, ServiceModel
 from ...core.prefix_cache import PrefixCache, blocks_needed, cached_tokens
-from ...core.prompt_blocks import prompt_segments
+from ...core.prompt_blocks import answer_segment, prompt_segments
 from ...core.routing import choose_replica
 from ..results.token_gaps import TokenGaps
 from .fleet import Fleet, GpuState
-from .waiting import ArrivalQueue, RoutedArrivalQueue
+from .waiting import ArrivalQueue, RoutedArrivalQueue, SessionPlan, session_queue
 
 __all__ = ["StepEngine"]
 
@@ -100,14 +100,21 @@ class StepEngine:
         load_factor: Callable[[float, float], float],
         jitter_seed: int = 0,
         prefixes: np.ndarray | None = None,
+        sessions: SessionPlan | None = None,
     ) -> None:
         self.env = env
         self.model = model
         # routing other than a shared queue: each arrival waits in the queue of the GPU core/routing.py chose
         self.routed = model.routing is not Routing.SHARED_QUEUE
-        self.waiting = (
-            RoutedArrivalQueue(times, tiers, gpus, self._route) if self.routed else ArrivalQueue(times, tiers)
-        )
+        self.waiting: ArrivalQueue
+        if sessions is not None:  # a conversation's next turn is sent when its turn ends (waiting.SessionTurns)
+            self.waiting = session_queue(times, tiers, gpus, self._route if self.routed else None, sessions)
+        elif self.routed:
+            self.waiting = RoutedArrivalQueue(times, tiers, gpus, self._route)
+        else:
+            self.waiting = ArrivalQueue(times, tiers)
+        self.sessions = sessions is not None
+        self.lag_s = model.output_token_ms / 1000.0  # a streamed token reaches its client this much later each
         self.routed_so_far = 0
         self.tiers = tiers.tolist()
         self.prompt = prompt.tolist()
@@ -236,7 +243,7 @@ class StepEngine:
             while event < fleet_next:  # steps before the fleet's next event need no SimPy event of their own
                 events_at(event)
                 event = next_event()
-            if event == math.inf and self.waiting.next_arrival >= self.waiting.n and not self.heap:
+            if event == math.inf and self.waiting.exhausted and not self.heap:
                 return  # every arrival taken or shed, every step done
             wait = event - env.now if event < math.inf else 1e9  # inf: nothing serves; the fleet must change
             try:  # noqa: SIM105  (contextlib.suppress would build an object per wake-up on this hot loop)
@@ -395,6 +402,8 @@ class StepEngine:
                     return
                 self._refused.append(i)  # would never fit, even alone: refused at once (an engine's 400)
                 self._done[i] = self.now
+                if self.sessions:
+                    self.waiting.turn_over(i, self.now)  # type: ignore[attr-defined]
                 continue
             prefilling.append([i, self.fill[i]])
             gpu.kv += reserve
@@ -411,6 +420,8 @@ class StepEngine:
         if blocks > self.cache_blocks:
             self._refused.append(i)
             self._done[i] = self.now
+            if self.sessions:
+                self.waiting.turn_over(i, self.now)  # type: ignore[attr-defined]
             return None
         holds = cache.hits(segments)
         if not cache.fits(holds, segments, blocks):
@@ -457,6 +468,8 @@ class StepEngine:
                     gpu.cache.prefilled(holds, segments)
                 if output[i] == emitted:
                     done[i] = now
+                    if self.sessions:
+                        self.waiting.turn_over(i, now + self.lag_s * output[i])  # type: ignore[attr-defined]
                     gpu.kv -= reserve[i]
                     gpu.running -= 1
                     if gpu.cache is not None:
@@ -479,6 +492,8 @@ class StepEngine:
                 _, i = heapq.heappop(finishing)
                 decoding[tiers[i]] -= 1
                 done[i] = now
+                if self.sessions:
+                    self.waiting.turn_over(i, now + self.lag_s * self.output[i])  # type: ignore[attr-defined]
                 if self.kv_ms:
                     gpu.kv_base -= self.kv_offset.pop(i)
                 if gpu.cache is not None:
@@ -548,10 +563,13 @@ class StepEngine:
         return open_gpus[choose_replica(self.model.routing, loads, free, hits, turn)]
 
     def _release_leaving(self, cache: PrefixCache) -> None:
-        held, leaving = self.held, self.leaving
+        held, leaving, block = self.held, self.leaving, self.block
         leaving.sort(key=lambda i: held[i][3])
         for i in leaving:
             segments, _, blocks, _ = held.pop(i)
+            answer = answer_segment(self.prefixes[i], self.prompt[i], self.output[i], block) if self.sessions else None
+            if answer is not None:
+                segments = cache.keep_answer(segments, answer)  # its answer is the next turn's history
             cache.release(segments, blocks)
         leaving.clear()
 
@@ -593,6 +611,8 @@ class StepEngine:
         lost = [entry[0] for entry in gpu.prefilling] + [i for _, i in gpu.finishing]
         for i in lost:  # the clients get their error now
             self._done[i] = now
+            if self.sessions:
+                self.waiting.turn_over(i, now)  # type: ignore[attr-defined]
         self._failed.extend(lost)
         for i in lost:
             self.held.pop(i, None)

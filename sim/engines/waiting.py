@@ -11,10 +11,13 @@ batching reads it request by request (:class:`ArrivalQueue`).
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,7 +26,7 @@ from ...core.dispatch import EPS, take_by_priority
 from ...core.tiers import Tier
 from ..inputs.arrivals import Arrivals, concatenate
 
-__all__ = ["ArrivalQueue", "RoutedArrivalQueue", "WaitingQueues"]
+__all__ = ["ArrivalQueue", "RoutedArrivalQueue", "SessionPlan", "SessionTurns", "WaitingQueues", "session_queue"]
 
 _N_TIERS = len(Tier)
 
@@ -280,9 +283,14 @@ class ArrivalQueue:
 
     @property
     def admitted(self) -> np.ndarray:
-        admitted = np.ones(self.n, dtype=bool)
+        admitted = np.ones(self.times.size, dtype=bool)
         admitted[self.shed] = False
         return admitted
+
+    @property
+    def exhausted(self) -> bool:
+        """Every arrival has come (admitted or shed)."""
+        return self.next_arrival >= self.n
 
     def admit_until(self, now: float) -> None:
         times, i, n, limit = self._times, self.next_arrival, self.n, now + EPS
@@ -379,3 +387,103 @@ class RoutedArrivalQueue(ArrivalQueue):
         self.own[g][self._tiers[i]].appendleft(i)
         self.own_queued[g] += 1
         self.queued += 1
+
+
+class SessionPlan(NamedTuple):
+    """A run's sessions in the engine's order of requests (see :class:`SessionTurns`)."""
+
+    follows_me: list[int]  # the turn sent after each one ends; -1: none
+    think_s: list[float]  # from the end of the turn before to the send
+    delay_s: list[float]  # from the send to the engine's queue (SPEC section 12's front end)
+    sent: list[float]  # when each was sent: the first turns' times; NaN for a later one until it is
+    until_s: float  # nothing is sent from then on
+
+
+class SessionTurns:
+    """Mixed into an :class:`ArrivalQueue`: the later turns of conversations, each sent when the turn before it
+    ends (sim/inputs/sessions.py).
+
+    The first turns are the sorted arrivals as ever; the rows after them are later turns, whose times nobody
+    knows before the run. When a turn ends (answered, shed, failed, refused) the engine calls :meth:`turn_over`;
+    the next turn of its session joins a heap at ``end + think + its front end's delay`` and passes the zones
+    when its time comes, in time order with the open arrivals. A turn that would be sent after ``until_s`` (the
+    run's horizon) is not sent, as a load test stops sending at its end.
+    """
+
+    _times: list[float]
+    _tiers: list[int]
+    times: np.ndarray
+    n: int
+    next_arrival: int
+    next_time: float
+    queued: int
+    shed: list[int]
+    thresholds: tuple[int, int, int]
+    _enqueue: Callable[[int, int], None]
+
+    def start_sessions(self, plan: SessionPlan) -> None:
+        self.follows_me, self.think_s, self.delay_s, self.sent, self.until_s = plan
+        self.n = int(np.count_nonzero(np.isfinite(self.times)))  # the first turns; the rest come by turn_over
+        self.deferred: list[tuple[float, int]] = []  # (joins the queue at, turn)
+        self.joined: list[float] = []  # sorted: when each later turn joined, for the fleet's rate estimate
+        self.next_time = self._times[0] if self.n else math.inf
+
+    def turn_over(self, i: int, at: float) -> None:
+        """Turn ``i`` ended at ``at`` (its client saw the end then): its session's next turn is on its way."""
+        j = self.follows_me[i]
+        if j < 0:
+            return
+        sent = at + self.think_s[j]
+        if sent >= self.until_s:
+            return
+        self.sent[j] = sent
+        ready = sent + self.delay_s[j]
+        heapq.heappush(self.deferred, (ready, j))
+        bisect.insort(self.joined, ready)
+        self.next_time = min(self.next_time, ready)
+
+    def admit_until(self, now: float) -> None:
+        """Open arrivals and released turns up to ``now``, in time order, through the zones."""
+        times, i, n, limit = self._times, self.next_arrival, self.n, now + EPS
+        deferred, tiers = self.deferred, self._tiers
+        while True:
+            if i < n and times[i] <= limit and not (deferred and deferred[0][0] < times[i]):
+                j, at = i, times[i]
+                i += 1
+            elif deferred and deferred[0][0] <= limit:
+                at, j = heapq.heappop(deferred)
+            else:
+                break
+            tier = tiers[j]
+            if self.queued < self.thresholds[0] or zone_admits(tier, self.queued, self.thresholds):
+                self._enqueue(j, tier)
+            else:
+                self.shed.append(j)
+                self.turn_over(j, at)  # its client had its 429 and carries on
+        self.next_arrival = i
+        self.next_time = min(times[i] if i < n else math.inf, deferred[0][0] if deferred else math.inf)
+
+    def arrivals_between(self, start: float, end: float) -> int:
+        lo, hi = self.times[: self.n].searchsorted([start, end])
+        return int(hi - lo) + bisect.bisect_left(self.joined, end) - bisect.bisect_left(self.joined, start)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.next_arrival >= self.n and not self.deferred
+
+
+class _SessionQueue(SessionTurns, ArrivalQueue):
+    pass
+
+
+class _RoutedSessionQueue(SessionTurns, RoutedArrivalQueue):
+    pass
+
+
+def session_queue(
+    times: np.ndarray, tiers: np.ndarray, gpus: int, route: Callable[[int], int] | None, plan: SessionPlan
+) -> ArrivalQueue:
+    """The waiting room for a run with sessions: routed when ``route`` is given."""
+    queue = _SessionQueue(times, tiers) if route is None else _RoutedSessionQueue(times, tiers, gpus, route)
+    queue.start_sessions(plan)
+    return queue

@@ -52,29 +52,43 @@ class Arrivals:
     prompt_tokens: np.ndarray | None = None  # int32 per request, when tokens are modelled
     output_tokens: np.ndarray | None = None
     prefixes: np.ndarray | None = None  # object: what each prompt shares (core.prompt_blocks), when a workload says
+    # Sessions (sim/inputs/sessions.py): the row of the turn each request follows (-1: a session's first, sent at
+    # its time), and how long after that turn's last token it is sent. A later turn's time is NaN: the simulation
+    # decides it. Rows: the first turns in time order, then the later ones.
+    follows: np.ndarray | None = None
+    think_s: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        for column in (self.tiers, self.prompt_tokens, self.output_tokens, self.prefixes):
+        for column in (self.tiers, self.prompt_tokens, self.output_tokens, self.prefixes, self.follows, self.think_s):
             if column is not None and column.shape != self.times.shape:
                 raise ValueError("every column of Arrivals must have one entry per arrival")
         if (self.prompt_tokens is None) != (self.output_tokens is None):
             raise ValueError("prompt and output lengths come together")
+        if (self.follows is None) != (self.think_s is None):
+            raise ValueError("a session's turns and think times come together")
 
     @property
     def has_tokens(self) -> bool:
         return self.output_tokens is not None
 
+    @property
+    def has_sessions(self) -> bool:
+        return self.follows is not None
+
     def with_lengths(
         self, prompt_tokens: np.ndarray, output_tokens: np.ndarray, prefixes: np.ndarray | None = None
     ) -> Arrivals:
         return Arrivals(
-            self.times, self.tiers, prompt_tokens.astype(np.int32), output_tokens.astype(np.int32), prefixes
-        )
+            self.times, self.tiers, prompt_tokens.astype(np.int32), output_tokens.astype(np.int32), prefixes,
+            self.follows, self.think_s,
+        )  # fmt: skip
 
     def __len__(self) -> int:
         return int(self.times.size)
 
     def slice(self, lo: int, hi: int) -> Arrivals:
+        if self.has_sessions:
+            raise ValueError("a session's turns refer to each other by row: its arrivals are simulated whole")
         cut = slice(lo, hi)
         lengths = (self.prompt_tokens[cut], self.output_tokens[cut]) if self.has_tokens else (None, None)  # type: ignore[index]
         prefixes = None if self.prefixes is None else self.prefixes[cut]
@@ -82,6 +96,9 @@ class Arrivals:
 
     @property
     def end_s(self) -> float:
+        """The last time known before a run (a session's later turns are sent when the run says)."""
+        if self.has_sessions:
+            return float(np.nanmax(self.times)) if self.times.size else 0.0
         return float(self.times[-1]) if self.times.size else 0.0
 
 
@@ -164,6 +181,10 @@ def concatenate(chunks: Iterable[Arrivals]) -> Arrivals:
         cols = [getattr(p, name) for p in parts]
         return None if cols[0] is None else np.concatenate(cols)
 
+    if len(parts) == 1:
+        return parts[0]
+    if any(p.has_sessions for p in parts):
+        raise ValueError("a session's turns refer to each other by row: its arrivals come in one piece")
     return Arrivals(*(column(name) for name in ("times", "tiers", "prompt_tokens", "output_tokens", "prefixes")))
 
 
@@ -189,6 +210,9 @@ def generate_arrivals(
 def split(arrivals: Arrivals, step_s: float) -> Iterator[Arrivals]:
     """Arrivals held in memory (a trace, a dataset) handed out in time slices like generated ones."""
     if len(arrivals) == 0:
+        return
+    if arrivals.has_sessions:  # turns refer to each other by row: one piece
+        yield arrivals
         return
     edges = np.arange(0.0, arrivals.end_s + step_s, step_s)
     bounds = np.searchsorted(arrivals.times, edges[1:], side="left")

@@ -103,21 +103,29 @@ class LengthDist(BaseModel):
 
     def sample(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """``n`` lengths as int32, each >= 1 (and <= max when set)."""
-        if self.kind == "fixed":
-            raw = np.full(n, self.value)
-        elif self.kind == "uniform":
-            raw = rng.integers(round(self.low), round(self.high) + 1, size=n)
-        elif self.kind == "lognormal":
-            sigma2 = math.log1p((self.sd / self.mean) ** 2)
-            raw = rng.lognormal(math.log(self.mean) - sigma2 / 2, math.sqrt(sigma2), size=n)
-        elif self.kind == "normal":
-            raw = rng.normal(self.mean, self.sd, size=n)
-        else:
-            raw = rng.exponential(self.mean, size=n)
-        lengths = np.maximum(np.rint(raw), 1)
+        lengths = np.maximum(np.rint(self._raw(n, rng, whole=True)), 1)
         if self.max is not None:
             lengths = np.minimum(lengths, self.max)
         return lengths.astype(np.int32)
+
+    def draw(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """``n`` values as float64, >= 0, unrounded: the same distributions for a time (``--think-time``)."""
+        values = np.maximum(self._raw(n, rng, whole=False), 0.0)
+        return np.minimum(values, self.max) if self.max is not None else values
+
+    def _raw(self, n: int, rng: np.random.Generator, *, whole: bool) -> np.ndarray:
+        if self.kind == "fixed":
+            return np.full(n, self.value)
+        if self.kind == "uniform":
+            if whole:
+                return rng.integers(round(self.low), round(self.high) + 1, size=n)
+            return rng.uniform(self.low, self.high, size=n)
+        if self.kind == "lognormal":
+            sigma2 = math.log1p((self.sd / self.mean) ** 2)
+            return rng.lognormal(math.log(self.mean) - sigma2 / 2, math.sqrt(sigma2), size=n)
+        if self.kind == "normal":
+            return rng.normal(self.mean, self.sd, size=n)
+        return rng.exponential(self.mean, size=n)
 
     def __str__(self) -> str:
         if self.kind == "fixed":

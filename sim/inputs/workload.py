@@ -16,15 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator, model_validator
 
-from ...core.model import ServiceModel, TokenShape
+from ...core.errors import UsageError
+from ...core.model import Batching, ServiceModel, TokenShape
 from ...core.prompt_blocks import TraceHashes
 from .arrivals import ArrivalProcess, Arrivals, arrival_chunks, concatenate, generate_arrivals, load_trace, split
 from .dataset import Dataset, TraceFormat, load_dataset
 from .lengths import LengthDist
 from .public_traces import repeated_prefix_share
 from .schedule import RateSchedule
+from .sessions import SessionSpec, parse_think_time
 from .shared_prefix import SharedPrefixSpec
 
 __all__ = ["DEFAULT_OUTPUT", "DEFAULT_PROMPT", "Workload"]
@@ -52,14 +54,43 @@ class Workload(BaseModel):
     dataset: Path | None = None
     dataset_format: TraceFormat = TraceFormat.AUTO  # a public trace as published, or ours (sim/inputs/dataset.py)
     shared_prefix: SharedPrefixSpec | None = None  # each prompt starts with one of a few system prompts
+    sessions: LengthDist | None = None  # turns per conversation; sessions start at the rate (sim/inputs/sessions.py)
+    think_time: LengthDist | None = None  # seconds from a turn's last token to the next turn
     tokenizer: str | None = None  # counts a ShareGPT dataset's tokens; without one they are estimated
     stream: bool = False  # streamed requests: a static batch answers each at its last token
     tokens: bool = False  # the requests carry lengths whatever the model (a load test of a token API)
 
-    @field_validator("prompt_tokens", "output_tokens", mode="before")
+    @field_validator("prompt_tokens", "output_tokens", "sessions", mode="before")
     @classmethod
     def _parse_lengths(cls, value: Any) -> Any:
         return LengthDist.parse(str(value)) if isinstance(value, str | int | float) else value
+
+    @field_validator("think_time", mode="before")
+    @classmethod
+    def _parse_think(cls, value: Any) -> Any:
+        return parse_think_time(str(value)) if isinstance(value, str | int | float) else value
+
+    @model_validator(mode="after")
+    def _sessions_alone(self) -> Workload:
+        if self.think_time is not None and self.sessions is None:
+            raise UsageError("--think-time is the pause between a session's turns: give --sessions TURNS too",
+                             field="think_time")  # fmt: skip
+        if self.sessions is not None and (self.trace is not None or self.dataset is not None):
+            raise UsageError("--sessions draws each turn's message from --prompt-tokens; a --trace or --dataset "
+                             "brings its own requests", field="sessions")  # fmt: skip
+        return self
+
+    @property
+    def session_spec(self) -> SessionSpec | None:
+        if self.sessions is None:
+            return None
+        return SessionSpec(turns=self.sessions, **({"think_s": self.think_time} if self.think_time else {}))
+
+    @property
+    def requests_per_arrival(self) -> float:
+        """Requests each arrival of the schedule brings: a session's mean turns, else one."""
+        spec = self.session_spec
+        return spec.mean_turns if spec is not None else 1.0
 
     @field_validator("shared_prefix", mode="before")
     @classmethod
@@ -87,6 +118,7 @@ class Workload(BaseModel):
             or self.prompt_tokens is not None
             or (self.output_tokens is not None)
             or self.shared_prefix is not None
+            or self.sessions is not None
         )
 
     def _dataset(self) -> Dataset:
@@ -103,6 +135,11 @@ class Workload(BaseModel):
         return self._with_lengths(model, self._times(model, horizon_s, seed, chunked=True), seed)
 
     def _times(self, model: ServiceModel, horizon_s: float, seed: int, *, chunked: bool) -> Iterator[Arrivals]:
+        if self.sessions is not None and model.batching is Batching.STATIC:
+            raise UsageError("--sessions needs continuous batching (a turn waits for the answer before it; the "
+                             "static batch cycle runs open-loop arrivals): --batching continuous",
+                             field="sessions")  # fmt: skip
+        chunked = chunked and self.sessions is None  # a session's turns refer to each other: one piece
         data = self._dataset() if self.dataset is not None else None
         if data is not None and data.times is not None:
             assert data.tiers is not None
@@ -127,6 +164,9 @@ class Workload(BaseModel):
         prefix_rng = np.random.default_rng([seed, 2])  # and the lengths those of a run without a shared prefix
         prompt, output = self.prompt_tokens or DEFAULT_PROMPT, self.output_tokens or DEFAULT_OUTPUT
         shared = self.shared_prefix
+        if (spec := self.session_spec) is not None:
+            yield spec.build(concatenate(chunks), prompt, output, shared, np.random.default_rng([seed, 3]), prefix_rng)
+            return
         for arrivals in chunks:
             n = len(arrivals)
             if data is not None:  # lengths of the dataset's rows, drawn with replacement
@@ -149,17 +189,23 @@ class Workload(BaseModel):
         else:
             prompt, output = self.prompt_tokens or DEFAULT_PROMPT, self.output_tokens or DEFAULT_OUTPUT
             prompt_mean, output_mean = prompt.mean_tokens + extra, output.mean_tokens
-        return TokenShape(prompt_mean, output_mean, self._expected_cached(model, prompt_mean))
+        history = 0.0  # a turn's mean history: turn t (from 0) repeats t messages and answers
+        if (spec := self.session_spec) is not None:
+            history = (spec.mean_turns - 1) / 2 * (prompt_mean - extra + output_mean)
+        cached = self._expected_cached(model, prompt_mean + history, history)
+        return TokenShape(prompt_mean + history, output_mean, cached)
 
-    def _expected_cached(self, model: ServiceModel, prompt_mean: float) -> float:
+    def _expected_cached(self, model: ServiceModel, prompt_mean: float, history: float = 0.0) -> float:
         """The arithmetic's guess of the prompt tokens a request finds cached, before any simulation: a shared
-        system prompt's full blocks (as if every one stayed cached), or the share of a trace's prompt tokens
-        that repeat an earlier prefix. The simulation measures the real hit rate; its result uses that."""
+        system prompt's full blocks and a session's history (as if every one stayed cached), or the share of a
+        trace's prompt tokens that repeat an earlier prefix. The simulation measures the real hit rate; its
+        result uses that."""
         if not model.prefix_caching:
             return 0.0
-        if self.shared_prefix is not None:
-            return float(min(self.shared_prefix.tokens // model.kv_block_tokens * model.kv_block_tokens,
-                             prompt_mean - 1))  # fmt: skip
+        block = model.kv_block_tokens
+        if self.shared_prefix is not None or history:
+            system = self.shared_prefix.tokens // block * block if self.shared_prefix is not None else 0
+            return float(min(system + max(0.0, history - block / 2), prompt_mean - 1))
         data = self._dataset() if self.dataset is not None else None
         if data is not None and data.block_ids is not None and data.block_tokens is not None:
             return prompt_mean * repeated_prefix_share(data.block_ids, data.prompt_tokens, data.block_tokens)
@@ -173,6 +219,9 @@ class Workload(BaseModel):
             return f"dataset {self.dataset.name} ({self._dataset().counted_with}){after}"
         prompt, output = self.prompt_tokens or DEFAULT_PROMPT, self.output_tokens or DEFAULT_OUTPUT
         defaults = " (defaults)" if self.prompt_tokens is None and self.output_tokens is None else ""
+        if (spec := self.session_spec) is not None:
+            return (f"sessions of {spec.turns} turns, {spec.think_s} s apart: each a message of {prompt} tokens "
+                    f"after the history{after}, answered in {output} tokens{defaults}")  # fmt: skip
         return f"prompt {prompt}{after}, output {output} tokens{defaults}"
 
 

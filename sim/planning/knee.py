@@ -38,7 +38,7 @@ def latency_knee_rps(
     """
     if factor <= 1:
         raise ValueError(f'"factor" must be > 1 (got {factor})')
-    top = model.per_gpu_rps(workload.shape(model))
+    top = model.per_gpu_rps(workload.shape(model)) / workload.requests_per_arrival  # the schedule's rate
     settings = RunSettings(duration_s=duration_s, seed=seed)
 
     def ttft_p95(rps: float) -> float:
@@ -65,7 +65,7 @@ def slo_knee_rps(
     average out one run's luck). Bisected between a twentieth of the arithmetic throughput
     and 1.2 times it to ``resolution``; None when even the lowest rate fails.
     """
-    top = gpus * model.per_gpu_rps(workload.shape(model))
+    top = gpus * model.per_gpu_rps(workload.shape(model)) / workload.requests_per_arrival  # the schedule's rate
 
     def holds(rps: float) -> bool:
         result = run_simulation(model, workload.at_rate(rps), settings, gpus=gpus, keep_timeseries=False)

@@ -260,7 +260,8 @@ def plan_capacity(
     """
     for rps in [workload.schedule.rps, *(sweep_rates or ())]:  # the search starts at the arithmetic's count
         at_rate = workload.at_rate(rps)
-        check_run_size(model, at_rate, settings, back_of_envelope(model, rps, at_rate.shape(model)).gpus_at_ceiling)
+        envelope = back_of_envelope(model, rps * at_rate.requests_per_arrival, at_rate.shape(model))  # with turns
+        check_run_size(model, at_rate, settings, envelope.gpus_at_ceiling)
     if jobs > 1 and model.batching is Batching.CONTINUOUS and compiled_applies(model):
         load_compiled()  # once, before the workers fork
     with _pool(jobs) as pool:
@@ -301,7 +302,7 @@ def _plan(
     pool: Executor | None,
     jobs: int,
 ) -> CapacityResult:
-    rps = workload.schedule.rps
+    rps = workload.schedule.rps * workload.requests_per_arrival  # requests: a session brings its turns
     envelope = back_of_envelope(model, rps, workload.shape(model))
     # The load ceiling is arithmetic (load_factor is defined by the offered rate), so no
     # count below ceil(raw / max_load) can pass; start the simulated search there.

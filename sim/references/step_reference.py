@@ -18,6 +18,10 @@ picks from what this model's processes run, queue and hold at its arrival. With 
 prompt, its answer so far and the token its next step emits; before each step the decoding
 ones grow in admission order, preempting the lowest tier's latest arrival when no block is
 free; a preempted one waits at the head of its tier and recomputes prompt and answer so far.
+With sessions (``follows``, ``think_s``) a process per conversation sends each later turn a
+think time after its client saw the turn before end (answered, shed or refused), until
+``until_s``; with prefix caching a finished turn's answer blocks are keyed by its session
+and cached with its prompt's, for the next turn.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import simpy
 from ...core.admission import zone_admits
 from ...core.jitter import StepJitter
 from ...core.model import KvPolicy, Routing, ServiceModel
-from ...core.prompt_blocks import prompt_keys
+from ...core.prompt_blocks import SessionHistory, prompt_keys
 from ...core.routing import choose_replica
 from ...core.tiers import Tier
 
@@ -46,6 +50,7 @@ class ReferenceTokens:
     gaps: list[float]  # every inter-token gap of every request, in seconds
     cached_tokens: np.ndarray  # int64 prompt tokens each request found cached (0 without prefix caching)
     preemptions: np.ndarray  # int64 times each request was preempted (paged KV)
+    sent: np.ndarray  # float64 when each was sent: its time, or for a session's later turn when it was (nan: never)
 
 
 @dataclass
@@ -74,9 +79,14 @@ def simulate_steps_reference(
     *,
     jitter_seed: int = 0,
     prefixes: np.ndarray | None = None,
+    follows: np.ndarray | None = None,
+    think_s: np.ndarray | None = None,
+    until_s: float = float("inf"),
 ) -> ReferenceTokens:
     env = simpy.Environment()
     n = times.size
+    sent = np.array(times, dtype=np.float64)
+    next_turn = {int(follows[j]): j for j in range(n) if follows[j] >= 0} if follows is not None else {}
     admitted = np.ones(n, dtype=bool)
     first_token = np.full(n, np.nan)
     finished = np.full(n, np.nan)
@@ -97,6 +107,19 @@ def simulate_steps_reference(
     # "latest arrival" is the latest to reach the engine's queue, after its front end (SPEC section 12's delay)
     reached = [float(times[i]) + float(model.admission_delay_ms(int(prompt[i]))) / 1000.0 for i in range(n)]
 
+    def turn_over(i: int, lag: float = 0.0) -> None:
+        """Turn ``i`` ended for its client ``lag`` from now: its session's next turn is sent a think time later."""
+        if i in next_turn:
+            env.process(next_message(next_turn[i], lag))
+
+    def next_message(j: int, lag: float):
+        yield env.timeout(lag + float(think_s[j]))  # type: ignore[index]
+        if env.now >= until_s:
+            return
+        sent[j] = env.now
+        reached[j] = env.now + float(model.admission_delay_ms(int(prompt[j]))) / 1000.0
+        yield from request(j)
+
     def blocks(tokens: int) -> int:
         return -(-tokens // block)
 
@@ -109,6 +132,7 @@ def simulate_steps_reference(
         depth = sum(len(q) for room in rooms for q in room)
         if not zone_admits(int(tiers[i]), depth, thresholds):
             admitted[i] = False
+            turn_over(i)
             return
         room = rooms[route(i)] if routed else rooms[0]
         room[int(tiers[i])].append(i)
@@ -132,6 +156,8 @@ def simulate_steps_reference(
 
     def source():
         for i in range(n):
+            if follows is not None and follows[i] >= 0:
+                continue  # a later turn: sent by its session
             if times[i] > env.now:
                 yield env.timeout(times[i] - env.now)
             env.process(request(i))
@@ -243,10 +269,16 @@ def simulate_steps_reference(
                 seq.out_left -= 1
                 if seq.out_left == 0:
                     finished[seq.i] = received
+                    turn_over(seq.i, received - env.now)
             for seq in [s for s in running if s.out_left == 0]:
                 running.remove(seq)
                 kv -= seq.held if paged else int(prompt[seq.i] + output[seq.i])
                 if caching:  # its keys nobody else uses are cached, the prompt's last block first
+                    prefix = prefixes[seq.i] if prefixes is not None else None
+                    if isinstance(prefix, SessionHistory):  # its answer's full blocks: the next turn's history
+                        whole = prompt_keys(prefix, seq.i, int(prompt[seq.i] + output[seq.i]), block)
+                        for key in reversed(whole[len(seq.keys) :]):
+                            lru[key] = None  # from its own blocks (loose, below) to cached ones
                     for key in reversed(seq.keys):
                         users[key] -= 1
                         if users[key] == 0:
@@ -258,4 +290,4 @@ def simulate_steps_reference(
     for g in range(gpus):
         env.process(gpu(g))
     env.run()
-    return ReferenceTokens(admitted, first_token, finished, gaps, cached_tokens, preemptions)
+    return ReferenceTokens(admitted, first_token, finished, gaps, cached_tokens, preemptions, sent)
