@@ -332,6 +332,10 @@ class StepEngine:
             steps = gpu.finishing[0][0] - gpu.steps_done if not self.paged else 1  # paged: a block may be due
             cut = steps > 1 and gpu.accepting and gpu.running < self.max_seqs and step_s > 0
             arrival = waiting.next_time if cut else math.inf
+            if cut and waiting.queued and not self.routed and len(self.gpus) > 1:
+                # The head waits for KV room here; another GPU may take it at any step end, and the one behind
+                # it may fit here: step by step, as the reference admits at every step end.
+                steps, arrival = 1, math.inf
             if self.jitter is not None or self.kv_ms:
                 self._plan_varying(g, gpu, now, step_s, steps, arrival)
                 return

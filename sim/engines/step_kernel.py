@@ -240,9 +240,12 @@ def _plan(g, now, rf, ri, queue, gi, step_s, pf, fin, heap_end, heap_gpu, runs, 
         length = (params[P_STEP] + params[P_SEQ] * gi[g, G_NDEC]) / 1000.0
         steps = fin[FIN_STEP, g, 0] - gi[g, G_STEPS_DONE]
         if steps > 1 and gi[g, G_RUNNING] < limits[L_MAX_SEQS] and length > 0:
-            arrival = _next_time(rf, iv)
-            if arrival < math.inf:
-                steps = min(steps, max(1, math.ceil((arrival - now) / length - EPS)))
+            if iv[I_QUEUED] > 0 and gi.shape[0] > 1:
+                steps = 1  # the head waits for KV room: another GPU may take it (step_engine.py's _plan)
+            else:
+                arrival = _next_time(rf, iv)
+                if arrival < math.inf:
+                    steps = min(steps, max(1, math.ceil((arrival - now) / length - EPS)))
     gi[g, G_BUSY] = 1
     step_s[g] = length
     gi[g, G_STEPS] = steps

@@ -177,6 +177,7 @@ EXTENDED_OVERLOAD = {
         (20, 1, {}),
         (60, 2, {}),
         (40, 1, {"kv_cache_tokens": 3000}),  # KV binds: head-of-line blocking
+        (40, 2, {"kv_cache_tokens": 1500, "max_num_seqs": 8}),  # on two GPUs: one taking the head frees the other
         (40, 1, {"max_num_seqs": 3, "max_batched_tokens": 200}),  # chunked prefill, few slots
         (200, 1, {"max_num_seqs": 8, "backpressure": {"queue_limit": 30}}),  # overload: the zones shed
         (60, 2, OVERHEADS),  # engine overheads: long prompts overtaken by short ones sent just after
