@@ -31,10 +31,12 @@ from .options import (
     SaveRequestsOpt,
     ScenarioOpt,
     SeedOpt,
+    SessionsOpt,
     SharedPrefixOpt,
     SloOpt,
     SpikeOpt,
     StreamOpt,
+    ThinkTimeOpt,
     TierMixOpt,
     TokenizerOpt,
     TpotSloOpt,
@@ -113,6 +115,8 @@ def loadtest(
     dataset: DatasetOpt = None,
     dataset_format: DatasetFormatOpt = None,
     shared_prefix: SharedPrefixOpt = None,
+    sessions: SessionsOpt = None,
+    think_time: ThinkTimeOpt = None,
     prefix_caching: PrefixCachingOpt = None,
     routing: RoutingOpt = None,
     kv_policy: KvPolicyOpt = None,
@@ -204,12 +208,12 @@ def _spec(f: dict[str, Any]) -> LoadTestSpec:
         tokens=f["api"].has_tokens or None,
         **token_load(
             f["prompt_tokens"], f["output_tokens"], f["dataset"], f["tokenizer"], f["stream"], f["dataset_format"],
-            f["shared_prefix"],
+            f["shared_prefix"], f["sessions"], f["think_time"],
         ),
     )  # fmt: skip
-    if workload.sessions is not None:
-        raise UsageError("loadtest does not send sessions yet ([load] sessions in the scenario): simulate and "
-                         "capacity plan them (docs/model.md)", field="sessions")  # fmt: skip
+    if workload.sessions is not None and not f["api"].has_tokens:
+        raise UsageError("a session's turns carry its history: send them with --api chat or --api completions",
+                         field="sessions")  # fmt: skip
     # A URL target with a known model (a scenario or a profile) is one engine unless told otherwise.
     known = f["target"] == "sim" or f["scenario"] is not None or f["profile"] is not None
     return LoadTestSpec(

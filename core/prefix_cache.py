@@ -16,10 +16,9 @@ The rule, reserve policy (KV for prompt and output taken whole at admission, as 
   nobody uses are free space, evicted least recently used when the space is needed.
 - Its own prompt blocks become resident when its prefill ends (vLLM hashes a block once
   computed): a request admitted while another still prefills the same prefix does not hit it.
-- When it finishes, its blocks nobody else uses become cached, the last block of the
-  prompt first, so a prefix's first blocks are evicted last (vLLM frees a sequence's
-  blocks in reverse for this reason); its other blocks (the prompt's partial block, the
-  output's) are freed.
+- When it finishes, its full blocks nobody else uses become cached, its answer's and then
+  its prompt's, the last block first, so a prefix's first blocks are evicted last (vLLM
+  frees a sequence's blocks in reverse for this reason); its partial last block is freed.
 
 Hit tokens are ``min(hits x block, prompt - 1)``: the first token still needs a step that
 prefills at least one token, so a prompt cached whole recomputes its last one.
@@ -106,17 +105,20 @@ class PrefixCache:
             self._hold(key, holds[i] if i < len(holds) else 0, n)
         self.unkeyed -= sum(n for _, n in segments) - sum(holds)
 
-    def keep_answer(self, segments: list[Segment], answer: Segment) -> list[Segment]:
-        """A finished turn of a conversation: its answer's full blocks, until now its own, become blocks of its
-        history segment (``answer``, from :func:`~infer_plan.core.prompt_blocks.answer_segment`), so the session's
-        next turn can hit them. Returns the segments to :meth:`release` it with."""
-        key, grown = answer
-        had = segments[-1][1] if segments and segments[-1][0] == key else 0
-        if grown <= had:
-            return segments
-        self._hold(key, had, grown)
-        self.unkeyed -= grown - had
-        return [*segments[: len(segments) - (1 if had else 0)], answer]
+    def keep_answer(self, segments: list[Segment], answer: Sequence[Segment]) -> list[Segment]:
+        """A finished request's answer: its full blocks, until now its own, become keyed blocks that its release
+        caches (``answer``: one segment from :func:`~infer_plan.core.prompt_blocks.answer_segment`, growing a
+        conversation's history segment or of its own, or the server's blocks one segment each). Returns the
+        segments to :meth:`release` it with."""
+        kept = list(segments)
+        for key, grown in answer:
+            had = kept[-1][1] if kept and kept[-1][0] == key else 0
+            if grown <= had:
+                continue
+            self._hold(key, had, grown)
+            self.unkeyed -= grown - had
+            kept[len(kept) - (1 if had else 0) :] = [(key, grown)]
+        return kept
 
     def release(self, segments: Sequence[Segment], blocks: int, holds: list[int] | None = None) -> None:
         """A sequence leaves: the blocks nobody else holds are cached, its last segment first, the rest freed.

@@ -8,7 +8,8 @@ prompt the same way. Blocks no other request can share get keys of their own req
 (they still take cache space, and their place in the LRU order, after it finishes).
 A conversation's turn (:class:`SessionHistory`) keys the rest by its session instead: turn
 *t*'s prompt is turn *t-1*'s prompt and answer plus a new message, so its blocks are the
-same blocks, and the answer's full blocks are kept for the next turn (:func:`answer_segment`).
+same blocks, and the answer's full blocks are kept for the next turn (:func:`answer_segment`; every
+request's answer blocks are kept, as vLLM keeps them).
 """
 
 from __future__ import annotations
@@ -140,17 +141,23 @@ def prompt_segments(prefix: PromptPrefix, uid: int, prompt: int, block_tokens: i
     return segments
 
 
-def answer_segment(prefix: PromptPrefix, prompt: int, output: int, block_tokens: int) -> tuple[Hashable, int] | None:
-    """A finished turn's history segment grown over its answer's full blocks (the blocks of :func:`prompt_segments`'
-    last segment, counted to the end of the answer), or None for a request outside a session.
+def answer_segment(
+    prefix: PromptPrefix, uid: int, prompt: int, output: int, block_tokens: int
+) -> tuple[Hashable, int] | None:
+    """The full blocks a finished request's answer filled, as the segment its release keeps cached (None: none).
 
-    vLLM and SGLang keep the blocks a sequence filled while decoding too, so a conversation's next turn, which
-    starts with this turn's prompt and answer, finds them cached."""
-    if not isinstance(prefix, SessionHistory):
-        return None
-    system = prefix.system
-    done = min(system.tokens, prompt) // block_tokens if system is not None else 0
-    return (("c", prefix.session), done), (prompt + output) // block_tokens - done
+    vLLM and SGLang keep every full block a sequence filled, its answer's too, and cannot tell
+    a conversation's turn from any other request; so every answer's full blocks are kept,
+    taking cache space that older prompts would otherwise keep. A conversation's turn grows
+    its history segment (the last segment of :func:`prompt_segments`, counted to the end of
+    the answer), so its next turn, which starts with this prompt and answer, finds them
+    cached; another request's answer blocks are its own, never found again."""
+    if isinstance(prefix, SessionHistory):
+        system = prefix.system
+        done = min(system.tokens, prompt) // block_tokens if system is not None else 0
+        return (("c", prefix.session), done), (prompt + output) // block_tokens - done
+    extra = (prompt + output) // block_tokens - prompt // block_tokens
+    return (("a", uid), extra) if extra else None
 
 
 def content_keys(tokens: Sequence[Hashable], block_tokens: int) -> list[Hashable]:

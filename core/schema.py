@@ -45,10 +45,11 @@ __all__ = [
     "TierStats",
     "TokenComparison",
     "TokenStats",
+    "TurnFigures",
     "load_result",
 ]
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 # What each version added; a saved result of an older version is upgraded on load
 # (:func:`_upgrade`; new fields take their defaults, so renderers show less, never something wrong).
 SCHEMA_HISTORY = {
@@ -72,6 +73,7 @@ SCHEMA_HISTORY = {
     "calibrate --from-sweep (mode sweep, knee_fit)",
     10: "capacity over hardware (kind hardware_plan: each GPU x tensor-parallel option's replicas, GPUs, cost, "
     "latencies and binding constraint, ranked, the cost-versus-TTFT frontier marked)",
+    11: "loadtest turns (sessions: each turn number's TTFT and prefix-cache hit rate, measured and simulated)",
 }
 
 # The constraints' names before version 8, and the objectives' names now.
@@ -363,6 +365,20 @@ class Gate(_Model):
     detail: str
 
 
+class TurnFigures(_Model):
+    """One turn of a load test's conversations (SPEC section 13): the same requests measured and simulated."""
+
+    turn: int = Field(description="1: a session's first turn")
+    requests: int = Field(description="turns of this number answered in the measured window")
+    prompt_tokens_mean: float | None = Field(default=None, description="the prompts' mean length, history included")
+    ttft_p50_ms: float | None = None
+    ttft_p95_ms: float | None = None
+    simulated_ttft_p50_ms: float | None = None
+    simulated_ttft_p95_ms: float | None = None
+    prefix_hit_rate: float | None = Field(default=None, description="cached prompt tokens the target reported")
+    simulated_prefix_hit_rate: float | None = None
+
+
 class LoadTestResult(_Model):
     kind: Literal["loadtest"] = "loadtest"
     schema_version: int = SCHEMA_VERSION
@@ -400,6 +416,7 @@ class LoadTestResult(_Model):
     )
     server_metrics: ServerMetrics | None = None
     failures: dict[str, int] = Field(default_factory=dict, description="why requests failed: reason -> how often")
+    turns: list[TurnFigures] = Field(default_factory=list, description="sessions: each turn number's figures")
 
 
 class SweepStep(_Model):

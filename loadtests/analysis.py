@@ -19,7 +19,7 @@ from ..core.schema import BatchLogCheck, Gate, LoadTestResult, MeasuredVsSimulat
 from ..core.slos import Observed, Scope, Slos, check_slos
 from ..core.stats import latency_stats, relative_errors
 from ..core.tiers import Tier
-from .token_analysis import TokenSides, compare_tokens
+from .token_analysis import TokenSides, compare_tokens, compare_turns
 
 __all__ = ["Baseline", "BatchLogRerun", "analyse", "evaluate_gates"]
 
@@ -137,6 +137,7 @@ def analyse(
         token_counts=tokens.log.describe(np.flatnonzero(counted)) if tokens is not None else None,
         server_metrics=server_metrics,
         failures=failures or {},
+        turns=compare_turns(tokens, counted) if tokens is not None else [],
     )
     gates = evaluate_gates(result, slos, baseline)
     return result.model_copy(update={"gates": gates, "passed": all(g.passed for g in gates)})

@@ -19,7 +19,18 @@ from ..core.prompt_blocks import PromptPrefix, SharedPrefix, TraceHashes
 from ..core.sse import CountedBy, Reading, read_stream, take_usage
 from ..core.tokens import load_tokenizer
 
-__all__ = ["Api", "CountedBy", "Reading", "prompt_text", "read_answer", "read_stream", "request_body"]
+__all__ = [
+    "Api",
+    "Conversation",
+    "CountedBy",
+    "Messages",
+    "Reading",
+    "chat_messages",
+    "prompt_text",
+    "read_answer",
+    "read_stream",
+    "request_body",
+]
 
 
 class Api(StrEnum):
@@ -142,13 +153,45 @@ def _cut(text: str, tokens: int, tokenizer: str) -> str:
     return encoder.decode(ids)
 
 
-def request_body(api: Api, model: str, prompt: str, output_tokens: int, *, stream: bool) -> dict[str, Any]:
-    """The JSON body: exactly ``output_tokens`` asked for (``ignore_eos``, as ``vllm bench serve`` does)."""
+Messages = list[dict[str, str]]
+
+
+def chat_messages(prompt: str | Messages) -> Messages:
+    """A chat request's messages: a conversation's history as it is, a lone prompt as one user message."""
+    return prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+class Conversation:
+    """A session's history as its client keeps it (SPEC section 13): the chat API's messages, the target's own
+    answers included, or for completions one prompt grown by every message and answer. A turn that got no
+    answer leaves no trace in it: the next turn asks again from what was answered."""
+
+    def __init__(self, api: Api) -> None:
+        self.api = api
+        self.messages: Messages = []
+        self.text = ""
+
+    def asking(self, message: str) -> str | Messages:
+        """What the turn sends: the history and its new ``message``."""
+        if self.api is Api.CHAT:
+            return [*self.messages, {"role": "user", "content": message}]
+        return f"{self.text} {message}" if self.text else message
+
+    def answered(self, message: str, answer: str) -> None:
+        if self.api is Api.CHAT:
+            self.messages += [{"role": "user", "content": message}, {"role": "assistant", "content": answer}]
+        else:
+            self.text = f"{self.asking(message)}{answer}"
+
+
+def request_body(api: Api, model: str, prompt: str | Messages, output_tokens: int, *, stream: bool) -> dict[str, Any]:
+    """The JSON body: exactly ``output_tokens`` asked for (``ignore_eos``, as ``vllm bench serve`` does); a chat
+    prompt may be a conversation's messages."""
     if api is Api.INFERENCE:
         return {"model": model, "input": prompt}
     body: dict[str, Any] = {"model": model, "max_tokens": output_tokens, "ignore_eos": True, "temperature": 0.0}
     if api is Api.CHAT:
-        body["messages"] = [{"role": "user", "content": prompt}]
+        body["messages"] = chat_messages(prompt)
     else:
         body["prompt"] = prompt
     if stream:

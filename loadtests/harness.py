@@ -43,6 +43,7 @@ __all__ = [
 PLAN_MESSAGE, RECORDS_MESSAGE = "infer_plan_plan", "infer_plan_records"
 _START_DELAY_S = 1.0
 _SHARE_COLUMNS = {
+    "scheduled": np.float64,  # a session's later turn is due when the turn before ended
     "sent": np.float64,
     "finished": np.float64,
     "status": np.int32,
@@ -83,7 +84,8 @@ def run_plan(plan: LoadPlan, *, workers: int = 0, on_tick: Tick | None = None, s
     ``start_at``: the schedule's time 0 (:func:`schedule_start`) for the one-process generator;
     Locust workers (``workers`` > 0) start theirs once they have all connected.
     """
-    budget = float(plan.arrivals.end_s) + plan.timeout_s + 30.0
+    last = plan.until_s if plan.sessions is not None else plan.arrivals.end_s  # a session's turn until the end
+    budget = float(last) + plan.timeout_s + 30.0
     if workers > 0:
         run = OpenLoopRun.of(plan)
         env = _run_distributed(plan, run, workers, budget, on_tick)

@@ -24,9 +24,20 @@ from locust import FastHttpUser, task
 from locust.env import Environment
 from locust.event import EventHook, Events
 
+from ..core.prompt_blocks import SessionHistory
 from ..core.records import Outcome, RequestRecords
 from ..core.tiers import TIER_NAMES
-from .apis import Api, Reading, prompt_text, read_answer, read_stream, request_body
+from .apis import (
+    Api,
+    Conversation,
+    Messages,
+    Reading,
+    chat_messages,
+    prompt_text,
+    read_answer,
+    read_stream,
+    request_body,
+)
 from .plan import LoadPlan
 from .token_log import TokenLog
 
@@ -49,14 +60,14 @@ def expected_output(model: str, text: str) -> str | None:
     return sim_output(text)
 
 
-def expected_tokens_text(api: Api, model: str, prompt: str, tokens: int) -> str | None:
+def expected_tokens_text(api: Api, model: str, prompt: str | Messages, tokens: int) -> str | None:
     """The text a sim-backend server must answer ``prompt`` with on a token API (None: not checkable)."""
     if model != "sim":
         return None
     from ..server.backends.base import plain_chat_prompt
     from ..server.backends.sim_gpu import sim_words
 
-    seen = plain_chat_prompt([{"role": "user", "content": prompt}]) if api is Api.CHAT else prompt
+    seen = plain_chat_prompt(chat_messages(prompt)) if api is Api.CHAT else prompt
     return sim_words(seen, tokens)
 
 
@@ -118,17 +129,21 @@ class OpenLoopUser(FastHttpUser):
     def run_schedule(self) -> None:
         run = self.environment.open_loop
         assert run is not None, "the open-loop run must be set on the environment before users start"
-        idx = run.plan.share(run.share_index, run.share_count)
-        times = run.plan.arrivals.times
+        plan = run.plan
+        idx = plan.share(run.share_index, run.share_count)
+        times, sessions = plan.arrivals.times, plan.sessions
         group = Group()
         start_at = run.start_at or time.time()
         perf0 = time.perf_counter() - (time.time() - start_at)  # perf_counter at schedule time 0
         for i in idx:
+            if sessions is not None and sessions.turn[i] > 1:
+                continue  # sent by its session when the turn before has ended
             delay = perf0 + times[i] - time.perf_counter()
             if delay > 0:
                 gevent.sleep(delay)
-            group.spawn(self._send, run, int(i), perf0)
-        group.join(timeout=run.plan.timeout_s + 5)
+            group.spawn(self._send if sessions is None else self._send_session, run, int(i), perf0)
+        last_turns_s = max(0.0, perf0 + plan.until_s - time.perf_counter()) if sessions is not None else 0.0
+        group.join(timeout=last_turns_s + plan.timeout_s + 5)
         group.kill(block=True, timeout=2)
         self.environment.events.share_sent.fire(indices=idx, records=run.records)
         self.stop()
@@ -153,14 +168,38 @@ class OpenLoopUser(FastHttpUser):
             right = status != 200 or _is_output_for(resp, plan.model, text)
             _settle(resp, records, i, status, Outcome.of_answer(status, right_output=right))
 
-    def _send_tokens(self, run: OpenLoopRun, i: int, perf0: float) -> None:
-        """One completions or chat request; a stream is read chunk by chunk, each content chunk timed."""
+    def _send_session(self, run: OpenLoopRun, i: int, perf0: float) -> None:
+        """A conversation, closed-loop: each later turn a think time after the turn before ended (answered or
+        not), with the history and the target's own answers, until the run's end (SPEC section 13)."""
+        plan, records = run.plan, run.records
+        assert plan.sessions is not None and plan.arrivals.think_s is not None
+        talk = Conversation(plan.api)
+        while True:
+            self._send_tokens(run, i, perf0, talk)
+            after = int(plan.sessions.next[i])
+            if after < 0:
+                return
+            due = float(records.finished[i] + plan.arrivals.think_s[after])
+            if due > plan.until_s:
+                return  # the run is over: a load test sends nothing after its end, as the simulation does not
+            delay = perf0 + due - time.perf_counter()
+            if delay > 0:
+                gevent.sleep(delay)
+            records.scheduled[after] = due  # latency counts from when the turn was due, as for open-loop arrivals
+            i = after
+
+    def _send_tokens(self, run: OpenLoopRun, i: int, perf0: float, talk: Conversation | None = None) -> None:
+        """One completions or chat request (a turn of ``talk``'s conversation, when given); a stream is read chunk
+        by chunk, each content chunk timed."""
         plan, records, log = run.plan, run.records, run.tokens
         assert log is not None and records.first_token is not None and plan.arrivals.output_tokens is not None
         assert records.prompt_tokens is not None and records.output_tokens is not None
         tier = int(plan.arrivals.tiers[i])
         prefix = plan.arrivals.prefixes[i] if plan.arrivals.prefixes is not None else None
-        prompt = prompt_text(i, int(plan.arrivals.prompt_tokens[i]), plan.tokenizer, prefix)  # type: ignore[index]
+        if isinstance(prefix, SessionHistory):  # a turn's own message: its session's system prompt before the first
+            prefix = prefix.system if plan.sessions is not None and plan.sessions.turn[i] == 1 else None
+        message = prompt_text(i, plan.message_tokens(i), plan.tokenizer, prefix)
+        prompt: str | Messages = talk.asking(message) if talk is not None else message
         wanted = int(plan.arrivals.output_tokens[i])
         headers = {"Authorization": f"Bearer {plan.keys[tier]}"}
         if plan.stream:
@@ -194,6 +233,8 @@ class OpenLoopUser(FastHttpUser):
                 if expected is not None and "".join(reading.text) != expected:
                     outcome = Outcome.WRONG_OUTPUT
             _settle(resp, records, i, status, outcome, reading.problem)
+        if talk is not None and outcome is Outcome.OK:
+            talk.answered(message, "".join(reading.text))
 
 
 def _read(resp: Any, plan: LoadPlan, status: int) -> tuple[Reading, bool]:

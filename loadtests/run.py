@@ -72,6 +72,7 @@ def measure_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) ->
         plan = LoadPlan(
             url.rstrip("/"), arrivals, keys, spec.model_name, timeout_s=spec.model.request_timeout_s, api=spec.api,
             stream=spec.workload.stream, tokenizer=spec.workload.tokenizer if spec.api.has_tokens else None,
+            until_s=horizon,
         )  # fmt: skip
         if plan.tokenizer is not None:
             prompt_text(0, 1, plan.tokenizer)  # loads it here: a bad name is one line now, not an error per request
@@ -87,7 +88,10 @@ def measure_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) ->
     if fleet is not None:
         served = _served_lengths(arrivals, measured) if spec.api.has_tokens else arrivals
         every = spec.model.autoscale.tick_s if spec.model.autoscale.enabled else None  # the GPUs over time
-        predicted = simulate_arrivals(spec.model, served, fleet, stream=spec.workload.stream, sample_every_s=every)
+        predicted = simulate_arrivals(
+            spec.model, served, fleet, stream=spec.workload.stream, sample_every_s=every, send_until_s=horizon,
+            plan_rows=True,  # sessions: row by row beside the measured turns
+        )  # fmt: skip
     simulated = predicted.records if predicted is not None else None
     rerun = None
     if spec.batch_log_url is not None and fleet is not None:
@@ -113,6 +117,7 @@ def measure_loadtest(spec: LoadTestSpec, *, progress: Progress | None = None) ->
             window=(spec.warmup_s, horizon),
             simulated=simulated,
             simulated_gaps=predicted.itl if predicted is not None else None,
+            turn=plan.sessions.turn if plan.sessions is not None else None,
         )
     result = analyse(
         measured, simulated, facts, spec.model.slos, baseline=spec.baseline, locust=sent.locust, batch_log=rerun,

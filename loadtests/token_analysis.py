@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.records import RequestRecords
-from ..core.schema import TokenComparison, TokenStats
+from ..core.schema import TokenComparison, TokenStats, TurnFigures
 from ..core.slos import Slos, good_requests
 from ..core.stats import RawSample, own_tpot_ms, token_stats
 from ..sim.results.token_gaps import TokenGaps
 from .token_log import TokenLog
 
-__all__ = ["TokenSides", "compare_tokens"]
+__all__ = ["TokenSides", "compare_tokens", "compare_turns"]
 
 _COMPARED = ("ttft_p50_ms", "ttft_p95_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p95_ms", "itl_p99_ms", "tpot_p50_ms",
              "tpot_p95_ms")  # fmt: skip
@@ -38,6 +38,7 @@ class TokenSides:
     window: tuple[float, float]  # the measured window of the schedule, seconds
     simulated: RequestRecords | None = None
     simulated_gaps: TokenGaps | None = None
+    turn: np.ndarray | None = None  # sessions: each row's turn number (1: a session's first)
 
     @property
     def duration_s(self) -> float:
@@ -56,6 +57,34 @@ def compare_tokens(sides: TokenSides, mask: np.ndarray, tier: int | None) -> Tok
         simulated = _stats(sides.simulated, mask, sides.simulated_gaps, tier, sides)
         errors = {key: _relative(getattr(measured, key), getattr(simulated, key)) for key in _COMPARED}
     return TokenComparison(measured=measured, simulated=simulated, relative_error=errors)
+
+
+def compare_turns(sides: TokenSides, counted: np.ndarray) -> list[TurnFigures]:
+    """TTFT and the prefix cache's share per turn number of the counted requests: a chat's later turns should
+    find their history cached, which the overall figures average away."""
+    if sides.turn is None:
+        return []
+    m, sim = sides.measured, sides.simulated
+    assert m.prompt_tokens is not None
+    figures = []
+    for turn in np.unique(sides.turn[counted]).tolist():
+        mask = counted & (sides.turn == turn)
+        measured = _stats(m, mask, None, None, sides)
+        simulated = _stats(sim, mask, None, None, sides) if sim is not None else TokenStats()
+        figures.append(
+            TurnFigures(
+                turn=turn,
+                requests=int(mask.sum()),
+                prompt_tokens_mean=float(m.prompt_tokens[mask].mean()),
+                ttft_p50_ms=measured.ttft_p50_ms,
+                ttft_p95_ms=measured.ttft_p95_ms,
+                simulated_ttft_p50_ms=simulated.ttft_p50_ms,
+                simulated_ttft_p95_ms=simulated.ttft_p95_ms,
+                prefix_hit_rate=measured.prefix_hit_rate,
+                simulated_prefix_hit_rate=simulated.prefix_hit_rate,
+            )
+        )
+    return figures
 
 
 def _stats(

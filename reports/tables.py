@@ -360,6 +360,7 @@ def _loadtest(r: LoadTestResult) -> Summary:
                 emphasis={len(rows) - 1},
             ),
             *_token_table(r),
+            *_turn_table(r),
             Table("Gates", ["gate", "result", "detail"], gates),
         ],
     )
@@ -395,6 +396,20 @@ def _token_table(r: LoadTestResult) -> list[Table]:
     headers = ["tier", "TTFT P50", "TTFT P95", "sim", "err", "ITL P50", "ITL P95", "sim", "err", "TPOT P95",
                "tokens/s", "goodput", *(["prefix cached / sim"] if cached else [])]  # fmt: skip
     return [Table("Tokens (ms; TTFT from scheduled send): measured vs simulated", headers, rows, {len(rows) - 1})]
+
+
+def _turn_table(r: LoadTestResult) -> list[Table]:
+    """Sessions: each turn's TTFT and cached share, measured beside simulated (the later turns find their history)."""
+    if not r.turns:
+        return []
+    rows = [
+        [str(t.turn), f"{t.requests:,}", _ms(t.prompt_tokens_mean), _ms(t.ttft_p50_ms), _ms(t.simulated_ttft_p50_ms),
+         _ms(t.ttft_p95_ms), _ms(t.simulated_ttft_p95_ms),
+         f"{_share(t.prefix_hit_rate)} / {_share(t.simulated_prefix_hit_rate)}"]
+        for t in r.turns
+    ]  # fmt: skip
+    headers = ["turn", "requests", "prompt tokens", "TTFT P50", "sim", "TTFT P95", "sim", "prefix cached / sim"]
+    return [Table("Sessions by turn (ms): measured vs simulated", headers, rows)]
 
 
 def _share(value: float | None) -> str:

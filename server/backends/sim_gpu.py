@@ -13,7 +13,9 @@ client sees its tokens when the token model says the step that makes them ends.
 With ``prefix_caching`` a continuous GPU keys each prompt's full blocks of words by
 content and keeps them in the simulator's cache rule (:mod:`infer_plan.core.prefix_cache`):
 a prompt that starts with one sent before prefills only the rest, and its answer's
-``usage`` says how many tokens were cached.
+``usage`` says how many tokens were cached. A finished answer's full blocks are kept too
+(keyed as the prompt's words and the answer's), so a conversation's next turn, sent with
+the whole history, prefills little more than its new message.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Any, ClassVar
 
 from ...core.model import KvPolicy, ServiceModel
 from ...core.prefix_cache import PrefixCache, blocks_needed, cached_tokens
-from ...core.prompt_blocks import prompt_content_keys
+from ...core.prompt_blocks import content_keys, prompt_content_keys
 from ...core.tokens import word_tokens
 from ..api_errors import ApiError
 from .base import Backend, BackendOptions, Generate, Generated
@@ -244,7 +246,10 @@ class SimBackend(Backend):
                 running.remove(seq)
                 kv -= seq.held if paged else seq.reserve
                 if cache is not None:  # admission order: the cache's LRU order is the simulator's
-                    cache.release(seq.segments, seq.blocks, None if seq.prefilled else seq.holds)
+                    segments = seq.segments
+                    if seq.emitted == len(seq.pieces):  # its answer's full blocks stay cached too, as vLLM's do
+                        segments = cache.keep_answer(segments, _answer_segments(seq, block))
+                    cache.release(segments, seq.blocks, None if seq.prefilled else seq.holds)
                 send.end(seq, feed)
 
     def _resumed(self, head: Any, fresh: _Sequence) -> _Sequence:
@@ -301,6 +306,14 @@ def _admit_cached(seq: _Sequence, prompt: str | list[int], cache: PrefixCache, b
 def _segments(prompt: str | list[int], block: int) -> list[tuple[Any, int]]:
     """The prompt's blocks as cache segments: a chain, every block its own key."""
     return [(key, 1) for key in prompt_content_keys(prompt, block)]
+
+
+def _answer_segments(seq: _Sequence, block: int) -> list[tuple[Any, int]]:
+    """The full blocks the answer filled after the prompt's, keyed by content as the prompt's are, so a
+    conversation's next turn (this prompt, this answer, a new message) finds them cached."""
+    prompt = seq.pending.request.prompt
+    tokens = [*(prompt if isinstance(prompt, list) else prompt.split()), *(p.strip() for p in seq.pieces)]
+    return [(key, 1) for key in content_keys(tokens, block)[len(seq.segments) :]]
 
 
 class _Delivery:

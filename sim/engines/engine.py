@@ -57,19 +57,25 @@ def simulate_arrivals(
     sample_every_s: float | None = None,
     stream: bool = False,
     compiled: bool | None = None,
+    send_until_s: float | None = None,
+    plan_rows: bool = False,
 ) -> EngineOutput:
     """Run the service model over a fixed set of arrivals on ``gpus`` GPUs, keeping every request.
 
     ``stream``: requests are streamed, so a request of a static batch is answered at its
     last token instead of when its batch ends (continuous batching answers at the last
-    token either way). Sessions send every turn unless ``horizon_s`` stops them; the
-    records are then in the order the turns were sent.
+    token either way). Sessions send every turn unless ``send_until_s`` (default: ``horizon_s``)
+    stops them; the records are then in the order the turns were sent, without those never
+    sent, or with ``plan_rows`` one per row of ``arrivals`` (a load test's rows: an unsent
+    turn's times NaN).
     """
     keeper = RecordKeeper()
     fleet = simulate_chunks(
         model, split(arrivals, 1.0), gpus, keeper, seed=seed, horizon_s=horizon_s if horizon_s is not None else
         max(arrivals.end_s, 1e-3), sample_every_s=sample_every_s, stream=stream, tokens=arrivals.has_tokens,
-        shape=_mean_shape(arrivals), compiled=compiled, send_until_s=horizon_s if horizon_s is not None else math.inf,
+        shape=_mean_shape(arrivals), compiled=compiled,
+        send_until_s=send_until_s if send_until_s is not None else horizon_s if horizon_s is not None else math.inf,
+        plan_rows=plan_rows,
     )  # fmt: skip
     start, end, size = keeper.batches()
     return EngineOutput(keeper.records(), start, end, size, fleet, keeper.gaps() if arrivals.has_tokens else None)
@@ -89,6 +95,7 @@ def simulate_chunks(
     shape: TokenShape | None,
     compiled: bool | None = None,
     send_until_s: float | None = None,
+    plan_rows: bool = False,
 ) -> FleetLog:
     """Run the service model over arrivals given a time slice at a time, handing settled requests to ``sink``.
 
@@ -97,7 +104,8 @@ def simulate_chunks(
     of requests; so does continuous batching's compiled loop (:mod:`.compiled_steps`), while
     the interpreted one (``compiled=False``, or where the compiled one does not apply, as with
     sessions) reads all its arrivals first. A session's later turns are sent until
-    ``send_until_s`` (default: the horizon).
+    ``send_until_s`` (default: the horizon), handed to ``sink`` in the order they were sent
+    (``plan_rows``: in the arrivals' rows, every row).
     """
     if gpus < 1:
         raise ValueError('"gpus" must be >= 1.')
@@ -149,7 +157,7 @@ def simulate_chunks(
     if isinstance(engine, BatchEngine):
         engine.finish()
     else:
-        _fold_steps(engine, arrivals, order, sink, plan)
+        _fold_steps(engine, arrivals, order, sink, plan, plan_rows)
     fleet = engine.fleet
     return FleetLog(
         up_changes=np.asarray(fleet.up_changes, dtype=np.float64),
@@ -196,7 +204,12 @@ def session_plan(model: ServiceModel, arrivals: Arrivals, order: np.ndarray, unt
 
 
 def _fold_steps(
-    engine: StepEngine, arrivals: Arrivals, order: np.ndarray, sink: Sink, plan: SessionPlan | None = None
+    engine: StepEngine,
+    arrivals: Arrivals,
+    order: np.ndarray,
+    sink: Sink,
+    plan: SessionPlan | None = None,
+    plan_rows: bool = False,
 ) -> None:
     """Continuous batching's requests, all at the end of its run, back in arrival order.
 
@@ -242,5 +255,9 @@ def _fold_steps(
     )
     if plan is not None:
         sent = np.flatnonzero(np.isfinite(records.scheduled))
+        if plan_rows:
+            records.outcome[~np.isfinite(records.scheduled)] = Outcome.PENDING  # never sent: no answer either
+            sink.fold(records)
+            return
         records = records.take(sent[np.argsort(records.scheduled[sent], kind="stable")])
     sink.fold(records)

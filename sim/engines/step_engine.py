@@ -571,9 +571,9 @@ class StepEngine:
         leaving.sort(key=lambda i: held[i][3])
         for i in leaving:
             segments, _, blocks, _ = held.pop(i)
-            answer = answer_segment(self.prefixes[i], self.prompt[i], self.output[i], block) if self.sessions else None
-            if answer is not None:
-                segments = cache.keep_answer(segments, answer)  # its answer is the next turn's history
+            answer = answer_segment(self.prefixes[i], i, self.prompt[i], self.output[i], block)
+            if answer is not None:  # its answer's full blocks stay cached too (a conversation's next turn hits them)
+                segments = cache.keep_answer(segments, [answer])
             cache.release(segments, blocks)
         leaving.clear()
 

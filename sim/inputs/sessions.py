@@ -13,6 +13,9 @@ simulation (:class:`~infer_plan.sim.inputs.arrivals.Arrivals` ``follows`` and ``
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
@@ -22,16 +25,19 @@ from .arrivals import Arrivals
 from .lengths import LengthDist
 from .shared_prefix import SharedPrefixSpec
 
-__all__ = ["SessionSpec", "parse_think_time"]
+__all__ = ["SessionRows", "SessionSpec", "parse_think_time"]
 
 
 def parse_think_time(text: str) -> LengthDist:
     """``--think-time``: seconds, a number (0 included) or a distribution as ``--prompt-tokens`` takes them."""
     try:
-        if float(text) == 0:
-            return LengthDist(kind="fixed", value=0.0)
+        seconds = float(text)
     except ValueError:
-        pass
+        seconds = None
+    if seconds is not None and math.isfinite(seconds):
+        if seconds < 0:
+            raise UsageError(f"--think-time: seconds must be >= 0, got {text!r}", field="think_time")
+        return LengthDist(kind="fixed", value=seconds)
     try:
         return LengthDist.parse(text)
     except UsageError as err:
@@ -91,3 +97,22 @@ class SessionSpec(BaseModel):
                        for s in session_of[order].tolist()]  # fmt: skip
         return Arrivals(times, starts.tiers[session_of[order]], prompt[order].astype(np.int32),
                         got[order].astype(np.int32), prefixes, follows, think[order])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class SessionRows:
+    """Where each row of a workload with sessions stands in its conversation: what a load generator needs to send
+    the turns closed-loop and what a result groups by."""
+
+    first: np.ndarray  # the row of its session's first turn
+    turn: np.ndarray  # 1 for a session's first turn, 2 for the next, ...
+    next: np.ndarray  # the row of the turn sent after it (-1: the session's last)
+
+    @classmethod
+    def of(cls, follows: np.ndarray) -> SessionRows:
+        n = follows.size
+        first, turn, nxt = np.arange(n), np.ones(n, dtype=np.int64), np.full(n, -1, dtype=np.int64)
+        for row in np.flatnonzero(follows >= 0).tolist():  # a turn's row comes after the one it follows
+            before = int(follows[row])
+            first[row], turn[row], nxt[before] = first[before], turn[before] + 1, row
+        return cls(first, turn, nxt)

@@ -20,8 +20,8 @@ ones grow in admission order, preempting the lowest tier's latest arrival when n
 free; a preempted one waits at the head of its tier and recomputes prompt and answer so far.
 With sessions (``follows``, ``think_s``) a process per conversation sends each later turn a
 think time after its client saw the turn before end (answered, shed or refused), until
-``until_s``; with prefix caching a finished turn's answer blocks are keyed by its session
-and cached with its prompt's, for the next turn.
+``until_s``. With prefix caching a finished request's answer blocks are cached with its
+prompt's (vLLM keeps them); a turn's are keyed by its session, for the next turn.
 """
 
 from __future__ import annotations
@@ -275,10 +275,13 @@ def simulate_steps_reference(
                 kv -= seq.held if paged else int(prompt[seq.i] + output[seq.i])
                 if caching:  # its keys nobody else uses are cached, the prompt's last block first
                     prefix = prefixes[seq.i] if prefixes is not None else None
-                    if isinstance(prefix, SessionHistory):  # its answer's full blocks: the next turn's history
-                        whole = prompt_keys(prefix, seq.i, int(prompt[seq.i] + output[seq.i]), block)
-                        for key in reversed(whole[len(seq.keys) :]):
-                            lru[key] = None  # from its own blocks (loose, below) to cached ones
+                    whole = (int(prompt[seq.i]) + int(output[seq.i])) // block  # its full blocks, answer's too
+                    if isinstance(prefix, SessionHistory):  # its answer's: the next turn's history
+                        answer = prompt_keys(prefix, seq.i, whole * block, block)[len(seq.keys) :]
+                    else:  # its own, never asked for again, but cached all the same (as vLLM keeps them)
+                        answer = [("answer", seq.i, m) for m in range(whole - len(seq.keys))]
+                    for key in reversed(answer):
+                        lru[key] = None  # from its own blocks (loose, below) to cached ones
                     for key in reversed(seq.keys):
                         users[key] -= 1
                         if users[key] == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import xml.etree.ElementTree as ET
 
@@ -316,3 +317,51 @@ def test_a_shared_prefix_load_test_reads_the_cached_tokens_beside_the_simulation
     assert 0.7 < simulated["prefix_hit_rate"] <= 512 / 576
     assert measured["prefix_hit_rate"] == pytest.approx(simulated["prefix_hit_rate"], abs=0.05)
     assert tokens["relative_error"]["ttft_p50_ms"] <= 0.15, (measured["ttft_p50_ms"], simulated["ttft_p50_ms"])
+
+
+def session_loadtest(tmp_path, *args: str) -> dict:
+    """A load test of chat sessions against the sim server with prefix caching (SPEC section 13): two sessions a
+    second of four turns, 0.5 s of thought between them, each message 64 tokens after one of two system prompts
+    of 256, each answer 16."""
+    caching = STEPPED.model_copy(update={"prefix_caching": True, "prefill_ms_per_token": 0.3})
+    scenario = write_model_scenario(caching, tmp_path / "caching.toml")
+    out = tmp_path / "out.json"
+    proc = loadtest(
+        "--target", "sim", "--scenario", str(scenario), "--stream", "--prompt-tokens", "64", "--output-tokens", "16",
+        "--shared-prefix", "256:2", "--sessions", "4", "--think-time", "0.5", "--rps", "2", "--duration", "10",
+        "--slo-p95-ms", "60000", "--json", str(out), "--save-requests", str(tmp_path / "requests.csv"), *args,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def check_turns(data: dict, first_prompt: int, growth: int) -> None:
+    """Every turn answered with the text the sim engine gives its whole history (so the client sent the target's
+    own answers back), prompts grown by a message and an answer a turn, and each turn's TTFT and cached share
+    as the simulation has them; a later turn finds its whole history cached, the answer before it included."""
+    assert data["wrong_outputs"] == 0 and set(data["status_counts"]) == {"200"}
+    turns = data["turns"]
+    assert [t["turn"] for t in turns] == [1, 2, 3, 4] and all(t["requests"] >= 8 for t in turns), turns
+    for t in turns:
+        print(f"\nturn {t['turn']}: {t['requests']} requests of {t['prompt_tokens_mean']:.0f} tokens, TTFT P50 "
+              f"{t['ttft_p50_ms']:.1f} / {t['simulated_ttft_p50_ms']:.1f} ms, cached {t['prefix_hit_rate']:.1%} / "
+              f"{t['simulated_prefix_hit_rate']:.1%}")  # fmt: skip
+        assert t["prompt_tokens_mean"] == first_prompt + growth * (t["turn"] - 1)
+        assert t["prefix_hit_rate"] == pytest.approx(t["simulated_prefix_hit_rate"], abs=0.05)
+        assert t["ttft_p50_ms"] == pytest.approx(t["simulated_ttft_p50_ms"], rel=0.25)
+    for before, t in itertools.pairwise(turns):  # the turn before's prompt and answer, to their last full block
+        history = (before["prompt_tokens_mean"] + 16) // 16 * 16
+        assert t["prefix_hit_rate"] == pytest.approx(history / t["prompt_tokens_mean"], abs=0.005), t
+
+
+def test_a_chat_session_load_test_sends_each_turn_with_its_history_and_times_each_turn(tmp_path):
+    data = session_loadtest(tmp_path, "--api", "chat")
+    check_turns(data, first_prompt=256 + 64 + 2, growth=16 + 64 + 2)  # "user:" and "assistant:" a turn
+    overall = data["overall"]["tokens"]
+    assert overall["measured"]["prefix_hit_rate"] == pytest.approx(overall["simulated"]["prefix_hit_rate"], abs=0.05)
+
+
+def test_completions_sessions_grow_one_prompt_and_share_their_turns_among_locust_processes(tmp_path):
+    data = session_loadtest(tmp_path, "--api", "completions", "--workers", "2")
+    check_turns(data, first_prompt=256 + 64, growth=16 + 64)
+    assert data["workers"] == 2

@@ -327,6 +327,41 @@ async def test_the_sim_backend_skips_the_prefill_of_a_cached_system_prompt_and_s
     assert other.usage.prompt_tokens_details.cached_tokens == 0
 
 
+async def chat_turn(sdk: openai.AsyncOpenAI, messages: list[dict[str, str]], tokens: int) -> tuple[float, str, int]:
+    """One streamed chat turn through the SDK: (seconds to its first token, its answer, its cached prompt tokens)."""
+    sent, first, parts, cached = time.perf_counter(), None, [], -1
+    stream = await sdk.chat.completions.create(
+        model="sim", messages=messages, max_completion_tokens=tokens, stream=True,
+        stream_options={"include_usage": True},
+    )  # fmt: skip
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            parts.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None:
+            cached = chunk.usage.prompt_tokens_details.cached_tokens
+    assert first is not None
+    return first - sent, "".join(parts), cached
+
+
+async def test_a_conversations_second_turn_prefills_only_its_new_message(tmp_path):
+    """Section 13's worked case with a session, through the server and the SDK: turn 1 renders to 64 words
+    ("user:", 62 of the message, "assistant:") and is answered in 64 tokens, 8 full blocks of 16 together. Turn 2
+    sends the whole history and a message of 8 words: 138 words, of which the 128 of turn 1's prompt and answer
+    are cached (the answer's blocks too, as vLLM keeps them), so it prefills 10 (20 + 10 ms to its first token;
+    64 cached and 94 ms if only prompts were kept)."""
+    first = {"role": "user", "content": " ".join(f"m{i}" for i in range(62))}
+    with running_server("--scenario", scenario(tmp_path, CACHING)) as srv:
+        sdk = client(srv)
+        cold, answer, cached_first = await chat_turn(sdk, [first], 64)
+        history = [first, {"role": "assistant", "content": answer}, {"role": "user", "content": "a b c d e f g h"}]
+        warm, _, cached_second = await chat_turn(sdk, history, 4)
+        assert srv.terminate() == 0
+    assert (cached_first, cached_second) == (0, 128)
+    assert 0.084 <= cold <= 0.150, cold  # 20 + 64 ms
+    assert 0.030 <= warm <= 0.075, warm
+
+
 # Paged KV (SPEC section 13): six blocks of 16 words, 20 ms steps.
 PAGED = ServiceModel(batching="continuous", decode_step_ms=20, kv_cache_tokens=96, kv_policy="paged")
 

@@ -157,7 +157,8 @@ def test_the_hit_rate_of_a_zipf_workload_is_an_lru_count_over_the_same_blocks():
         while len(lru) > capacity - -(-(prompt + output) // block):
             lru.popitem(last=False)
         expected.append(min(hits * block, prompt - 1))
-        for key in reversed(ids):  # released when it ends: its first block the most recently used
+        answer = [("answer", i, m) for m in range(prompt // block, (prompt + output) // block)]
+        for key in reversed(ids + answer):  # released when it ends: its answer's blocks, then its prompt's last first
             lru.pop(key, None)
             lru[key] = None
     assert engine.tolist() == expected

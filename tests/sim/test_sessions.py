@@ -129,6 +129,7 @@ def test_a_session_finds_its_history_on_the_replica_routed_by_prefix():
         (["--sessions", "3", "--rps", "1", "--batching", "static"], "needs continuous batching"),
         (["--sessions", "lots", "--rps", "1", "--batching", "continuous"], "'lots'"),
         (["--sessions", "3", "--think-time", "soon", "--rps", "1", "--batching", "continuous"], "--think-time"),
+        (["--sessions", "3", "--think-time", "-1", "--rps", "1", "--batching", "continuous"], ">= 0"),
     ],
 )
 def test_bad_session_flags_are_one_line_and_exit_2(flags, needle):
@@ -137,8 +138,8 @@ def test_bad_session_flags_are_one_line_and_exit_2(flags, needle):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def test_a_load_test_refuses_sessions_in_one_line(tmp_path):
+def test_a_scenarios_sessions_reach_the_load_test_which_needs_a_token_api_for_them(tmp_path):
     scenario = tmp_path / "chat.toml"
     scenario.write_text('[service]\nbatching = "continuous"\n\n[load]\nrps = 2\nsessions = "3"\n')
     done = run_cli("loadtest", "--target", "sim", "--scenario", str(scenario), "--rps", "2", "--duration", "1")
-    assert done.returncode == 2 and "does not send sessions yet" in done.stderr, done.stderr
+    assert done.returncode == 2 and "--api chat or --api completions" in done.stderr, done.stderr
