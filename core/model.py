@@ -261,13 +261,8 @@ class ServiceModel(_Frozen):
     def _context_terms_are_continuous(self) -> ServiceModel:
         if self.prefix_caching and self.batching is not Batching.CONTINUOUS:
             raise ValueError('prefix_caching is a feature of continuous batching: set batching = "continuous"')
-        if self.kv_policy is KvPolicy.PAGED:
-            if self.batching is not Batching.CONTINUOUS:
-                raise ValueError('kv_policy = "paged" is a feature of continuous batching: set batching = "continuous"')
-            if self.prefix_caching:
-                raise ValueError(
-                    'kv_policy = "paged" with prefix_caching is not modelled yet: use kv_policy = "reserve"'
-                )
+        if self.kv_policy is KvPolicy.PAGED and self.batching is not Batching.CONTINUOUS:
+            raise ValueError('kv_policy = "paged" is a feature of continuous batching: set batching = "continuous"')
         if self.routing is not Routing.SHARED_QUEUE and self.batching is not Batching.CONTINUOUS:
             raise ValueError('routing is a feature of continuous batching: set batching = "continuous"')
         if self.context_terms and self.batching is not Batching.CONTINUOUS:

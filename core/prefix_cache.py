@@ -37,6 +37,8 @@ from collections import Counter, OrderedDict
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 
+from .prompt_blocks import with_answer
+
 __all__ = ["PrefixCache", "Segment", "blocks_needed", "cached_tokens"]
 
 Segment = tuple[Hashable, int]  # (key, blocks): blocks 0 .. n-1 of segment key
@@ -111,14 +113,23 @@ class PrefixCache:
         conversation's history segment or of its own, or the server's blocks one segment each). Returns the
         segments to :meth:`release` it with."""
         kept = list(segments)
-        for key, grown in answer:
+        for grows in answer:
+            key, grown = grows
             had = kept[-1][1] if kept and kept[-1][0] == key else 0
-            if grown <= had:
-                continue
-            self._hold(key, had, grown)
-            self.unkeyed -= grown - had
-            kept[len(kept) - (1 if had else 0) :] = [(key, grown)]
+            if grown > had:
+                self._hold(key, had, grown)
+                self.unkeyed -= grown - had
+                kept = with_answer(kept, grows)
         return kept
+
+    def free(self) -> float:
+        """Blocks a sequence could take now: those nobody holds (cached ones are evicted for it)."""
+        return self.capacity - self.used - self.unkeyed
+
+    def take(self, blocks: int = 1) -> None:
+        """Paged KV: a decoding sequence takes ``blocks`` more of its own as its answer grows (see :meth:`free`)."""
+        self.unkeyed += blocks
+        self._evict()
 
     def release(self, segments: Sequence[Segment], blocks: int, holds: list[int] | None = None) -> None:
         """A sequence leaves: the blocks nobody else holds are cached, its last segment first, the rest freed.

@@ -28,6 +28,7 @@ __all__ = [
     "prefix_to_wire",
     "prompt_content_keys",
     "prompt_keys",
+    "with_answer",
 ]
 
 
@@ -158,6 +159,20 @@ def answer_segment(
         return (("c", prefix.session), done), (prompt + output) // block_tokens - done
     extra = (prompt + output) // block_tokens - prompt // block_tokens
     return (("a", uid), extra) if extra else None
+
+
+def with_answer(segments: Sequence[tuple[Hashable, int]], answer: tuple[Hashable, int] | None) -> list:
+    """``segments`` followed by an answer's blocks (:func:`answer_segment`): a conversation's grows its last
+    segment, another request's is a segment of its own. What a preempted sequence's recomputed context is keyed
+    by, and what a finished one leaves cached."""
+    kept = list(segments)
+    if answer is None:
+        return kept
+    key, grown = answer
+    had = kept[-1][1] if kept and kept[-1][0] == key else 0
+    if grown > had:
+        kept[len(kept) - (1 if had else 0) :] = [(key, grown)]
+    return kept
 
 
 def content_keys(tokens: Sequence[Hashable], block_tokens: int) -> list[Hashable]:

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 from ...core.model import KvPolicy, ServiceModel
 from ...core.prefix_cache import PrefixCache, blocks_needed, cached_tokens
-from ...core.prompt_blocks import content_keys, prompt_content_keys
+from ...core.prompt_blocks import content_keys
 from ...core.tokens import word_tokens
 from ..api_errors import ApiError
 from .base import Backend, BackendOptions, Generate, Generated
@@ -71,6 +71,7 @@ class _Sequence:
     prefilled: bool = False
     context: int = 0  # tokens its prefill computes KV for: the prompt; a preempted one's answer so far too
     held: int = 0  # paged KV: blocks it holds
+    preempted: bool = False
 
     @property
     def reserve(self) -> int:
@@ -92,7 +93,7 @@ class SimBackend(Backend):
         cache = self.caches.get(gpu)
         if cache is None:
             return 0 if self.model.prefix_caching else None
-        return sum(cache.hits(_segments(request.prompt, self.model.kv_block_tokens)))
+        return sum(cache.hits(_segments(request.prompt, [], self.model.kv_block_tokens)))
 
     async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:
         answers = [_answer(request) for request in requests]
@@ -168,7 +169,7 @@ class SimBackend(Backend):
         delayed = bool(model.request_overhead_ms or model.tokenize_ms_per_token)
         while True:
             if paged:
-                kv = self._grow(running, kv, feed)
+                kv = self._grow(running, kv, feed, cache)
             joins_at = math.inf  # when the next request leaves the engine's front end, if none is admissible yet
             while len(running) < model.max_num_seqs:
                 head, joins_at = _admissible(feed, model, loop.time()) if delayed else (feed.head(), math.inf)
@@ -183,18 +184,21 @@ class SimBackend(Backend):
                     if blocks_needed(seq.output.prompt_tokens, len(seq.pieces), block) > kv_budget:
                         feed.deliver(feed.take(head), _too_long(seq.reserve, kv_budget * block))
                         continue
+                if cache is not None:
+                    fits = _admit_cached(seq, head.request.prompt, cache, block, paged)
+                    if fits is None:
+                        feed.deliver(feed.take(head), _too_long(seq.blocks * block, cache.capacity * block))
+                        continue
+                    if not fits:
+                        if seq.emitted:
+                            self.paused[id(head)] = seq
+                        break
+                elif paged:
                     if kv + -(-(seq.fill + 1) // block) > kv_budget:
                         if seq.emitted:
                             self.paused[id(head)] = seq
                         break
                     seq.held = -(-(seq.fill + 1) // block)
-                elif cache is not None:
-                    fits = _admit_cached(seq, head.request.prompt, cache, block)
-                    if fits is None:
-                        feed.deliver(feed.take(head), _too_long(seq.blocks * block, cache.capacity * block))
-                        continue
-                    if not fits:
-                        break
                 elif kv + seq.reserve > kv_budget:
                     if seq.reserve <= kv_budget:
                         break
@@ -246,10 +250,7 @@ class SimBackend(Backend):
                 running.remove(seq)
                 kv -= seq.held if paged else seq.reserve
                 if cache is not None:  # admission order: the cache's LRU order is the simulator's
-                    segments = seq.segments
-                    if seq.emitted == len(seq.pieces):  # its answer's full blocks stay cached too, as vLLM's do
-                        segments = cache.keep_answer(segments, _answer_segments(seq, block))
-                    cache.release(segments, seq.blocks, None if seq.prefilled else seq.holds)
+                    _release(cache, seq, block, paged)
                 send.end(seq, feed)
 
     def _resumed(self, head: Any, fresh: _Sequence) -> _Sequence:
@@ -260,11 +261,11 @@ class SimBackend(Backend):
                 del self.paused[key]
         return self.paused.pop(id(head), fresh)
 
-    def _grow(self, running: list[_Sequence], kv: int, feed: Any) -> int:
+    def _grow(self, running: list[_Sequence], kv: int, feed: Any, cache: PrefixCache | None) -> int:
         """Paged KV before a step: each decoding sequence, in admission order, takes the block its next token
         needs; with none free, the running sequence of the lowest tier, latest arrival, goes back to the head of
-        its tier's queue, its blocks freed (the simulator's rule, ``sim/engines/step_engine.py``). Returns the
-        blocks held after."""
+        its tier's queue, its blocks freed (with prefix caching its full ones stay cached): the simulator's rule,
+        ``sim/engines/step_engine.py``. Returns the blocks held after (without a cache; the cache counts its own)."""
         model = self.model
         block, budget = model.kv_block_tokens, model.kv_cache_blocks
 
@@ -273,47 +274,65 @@ class SimBackend(Backend):
 
         for seq in list(running):
             while seq in running and seq.prefill_left == 0 and seq.held < -(-(seq.context + 1) // block):
-                if kv < budget:
+                if cache is not None and cache.free() >= 1:  # cached blocks nobody holds are evicted for it
+                    cache.take(1)
+                    seq.held += 1
+                    continue
+                if cache is None and kv < budget:
                     seq.held += 1
                     kv += 1
                     continue
                 victim = max(running, key=lambda s: (s.pending.tier, reached(s), running.index(s)))
                 running.remove(victim)
                 kv -= victim.held
-                victim.held = 0
+                if cache is not None:  # its full blocks stay cached, as a finished sequence's do
+                    _release(cache, victim, block, paged=True)
+                victim.held, victim.preempted, victim.prefilled = 0, True, False
                 self.paused[id(victim.pending)] = victim
                 feed.put_back(victim.pending)
         return kv
 
 
-def _admit_cached(seq: _Sequence, prompt: str | list[int], cache: PrefixCache, block: int) -> bool | None:
+def _admit_cached(
+    seq: _Sequence, prompt: str | list[int], cache: PrefixCache, block: int, paged: bool = False
+) -> bool | None:
     """Take ``seq``'s blocks, its leading cached ones shared (SPEC section 13); False: it does not fit now;
-    None: it never could."""
-    seq.segments = _segments(prompt, block)
+    None: it never could. Paged, it takes the blocks up to its next token, and a preempted one's context is its
+    prompt and answer so far, whose blocks its preemption left cached."""
+    seq.segments = _segments(prompt, seq.pieces[: seq.emitted] if paged else [], block)
     seq.blocks = blocks_needed(seq.output.prompt_tokens, len(seq.pieces), block)
     if seq.blocks > cache.capacity:
         return None
+    context = seq.output.prompt_tokens + (seq.emitted if paged else 0)
+    need = -(-(context + 1) // block) if paged else seq.blocks
     seq.holds = cache.hits(seq.segments)
-    if not cache.fits(seq.holds, seq.segments, seq.blocks):
+    if not cache.fits(seq.holds, seq.segments, need):
         return False
-    cache.admit(seq.holds, seq.segments, seq.blocks)
-    cached = cached_tokens(sum(seq.holds), seq.output.prompt_tokens, block)
-    seq.prefill_left = seq.fill = seq.output.prompt_tokens - cached
-    seq.output.cached_tokens = cached
+    cache.admit(seq.holds, seq.segments, need)
+    seq.held, seq.prefilled = need if paged else 0, False
+    cached = cached_tokens(sum(seq.holds), context, block)
+    seq.prefill_left = seq.fill = context - cached
+    if not seq.preempted:  # what its first admission found, as an engine reports it
+        seq.output.cached_tokens = cached
     return True
 
 
-def _segments(prompt: str | list[int], block: int) -> list[tuple[Any, int]]:
-    """The prompt's blocks as cache segments: a chain, every block its own key."""
-    return [(key, 1) for key in prompt_content_keys(prompt, block)]
+def _release(cache: PrefixCache, seq: _Sequence, block: int, paged: bool) -> None:
+    """``seq`` leaves (answered, abandoned or preempted): once prefilled, the full blocks of its answer so far
+    stay cached beside its prompt's, keyed by content as the prompt's are (so a conversation's next turn, or the
+    sequence recomputed after a preemption, finds them); before that, only the hits it shared."""
+    segments = seq.segments
+    if seq.prefilled:
+        answer = _segments(seq.pending.request.prompt, seq.pieces[: seq.emitted], block)[len(segments) :]
+        segments = cache.keep_answer(segments, answer)
+    cache.release(segments, seq.held if paged else seq.blocks, None if seq.prefilled else seq.holds)
 
 
-def _answer_segments(seq: _Sequence, block: int) -> list[tuple[Any, int]]:
-    """The full blocks the answer filled after the prompt's, keyed by content as the prompt's are, so a
-    conversation's next turn (this prompt, this answer, a new message) finds them cached."""
-    prompt = seq.pending.request.prompt
-    tokens = [*(prompt if isinstance(prompt, list) else prompt.split()), *(p.strip() for p in seq.pieces)]
-    return [(key, 1) for key in content_keys(tokens, block)[len(seq.segments) :]]
+def _segments(prompt: str | list[int], answer: list[str], block: int) -> list[tuple[Any, int]]:
+    """The blocks of a prompt and the first tokens of its answer as cache segments: a chain, every block its own
+    key."""
+    words = prompt if isinstance(prompt, list) else prompt.split()
+    return [(key, 1) for key in content_keys([*words, *(piece.strip() for piece in answer)], block)]
 
 
 class _Delivery:

@@ -47,7 +47,7 @@ from ...core.dispatch import EPS
 from ...core.jitter import StepJitter
 from ...core.model import KvPolicy, Routing, ServiceModel
 from ...core.prefix_cache import PrefixCache, blocks_needed, cached_tokens
-from ...core.prompt_blocks import answer_segment, prompt_segments
+from ...core.prompt_blocks import answer_segment, prompt_segments, with_answer
 from ...core.routing import choose_replica
 from ..results.token_gaps import TokenGaps
 from .fleet import Fleet, GpuState
@@ -151,15 +151,15 @@ class StepEngine:
         self.block = model.kv_block_tokens
         self.cache_blocks = model.kv_cache_blocks
         self.prefixes = prefixes.tolist() if prefixes is not None else [None] * n
-        # running request -> (segments, holds, blocks, admission number); sequences leaving at one step end release
-        # their blocks in the order they were admitted, which sets the cache's LRU order
-        self.held: dict[int, tuple[list, int, int, int]] = {}
+        # running request -> [segments, holds, blocks, admission number]; sequences leaving at one step end release
+        # their blocks in the order they were admitted, which sets the cache's LRU order (paged KV: blocks grow)
+        self.held: dict[int, list] = {}
         self.admissions = 0
         self.leaving: list[int] = []
         self.fill = list(self.prompt) if self.caching or self.paged else self.prompt
         # Paged KV: a running decoding request's tokens held are token_base[i] + its GPU's steps done; a preempted
         # one's tokens emitted so far and when its last came; preemptions per request.
-        self.context = self.fill if self.paged else self.prompt  # the tokens a (re)computed prefill is against
+        self.context = list(self.prompt) if self.paged else self.prompt  # what a (re)computed prefill is against
         self.token_base: dict[int, int] = {}
         self.emitted_before: dict[int, int] = {}
         self.paused_at: dict[int, float] = {}
@@ -395,7 +395,7 @@ class StepEngine:
                 gpu.running += 1
                 continue
             if self.paged:
-                self.fill[i] = prompt[i] + self.emitted_before.get(i, 0)  # a preempted one recomputes its answer
+                self.fill[i] = self.context[i] = prompt[i] + self.emitted_before.get(i, 0)  # and its answer so far
                 # its blocks up to its next token; at its longest it must fit alone, or it would preempt itself
                 reserves[i] = -(-(self.fill[i] + 1) // self.block)
                 longest = blocks_needed(prompt[i], self.output[i], self.block)
@@ -417,11 +417,20 @@ class StepEngine:
 
     def _admit_cached(self, cache: PrefixCache, i: int, g: int) -> bool | None:
         """Admit ``i`` into a GPU's blocks, its leading resident blocks shared; False: it waits (and blocks the
-        ones behind it); None: too big for the whole cache, refused at once, as without caching."""
+        ones behind it); None: too big for the whole cache, refused at once, as without caching. With paged KV it
+        takes the blocks up to its next token, and a preempted one's context is its prompt and answer so far,
+        whose blocks its preemption left cached (so it may find them still there)."""
         prompt, block = self.prompt[i], self.block
         segments = prompt_segments(self.prefixes[i], i, prompt, block)
-        blocks = blocks_needed(prompt, self.output[i], block)
-        if blocks > self.cache_blocks:
+        blocks = longest = blocks_needed(prompt, self.output[i], block)
+        context = prompt
+        if self.paged:
+            emitted = self.emitted_before.get(i, 0)
+            context = prompt + emitted
+            if emitted:
+                segments = with_answer(segments, answer_segment(self.prefixes[i], i, prompt, emitted, block))
+            blocks = -(-(context + 1) // block)
+        if longest > self.cache_blocks:
             self._refused.append(i)
             self._done[i] = self.now
             if self.sessions:
@@ -432,10 +441,17 @@ class StepEngine:
             self.waiting.push_back(i, g)
             return False
         cache.admit(holds, segments, blocks)
-        skipped = self._cached[i] = cached_tokens(sum(holds), prompt, block)
-        self.fill[i] = prompt - skipped
-        self.held[i] = (segments, holds, blocks, self.admissions)
+        skipped = cached_tokens(sum(holds), context, block)
+        if not self.paged or not self._preemptions[i]:  # what its first admission found, as an engine reports it
+            self._cached[i] = skipped
+        self.fill[i] = context - skipped
+        if self.paged:
+            self.context[i] = context
+        self.held[i] = [segments, holds, blocks, self.admissions]
         self.admissions += 1
+        if self.paged:
+            self.reserve[i] = blocks
+            self.gpus[g].order.append(i)
         return True
 
     def _end_step(self, gpu: _Gpu, now: float) -> None:
@@ -485,7 +501,7 @@ class StepEngine:
                 decoding[tiers[i]] += 1
                 gpu.n_decoding += 1
                 if self.paged:
-                    self.token_base[i] = self.fill[i] + 1 - steps_done
+                    self.token_base[i] = self.context[i] + 1 - steps_done
                 if self.kv_ms:
                     offset = self.kv_offset[i] = self.context[i] + 1 - steps_done
                     gpu.kv_base += offset
@@ -518,24 +534,41 @@ class StepEngine:
         needs; with none free, the GPU's running sequence of the lowest tier, latest arrival, is preempted (it may
         be the one growing) until the block is found."""
         base, reserve, block, budget, tiers = self.token_base, self.reserve, self.block, self.kv_budget, self.tiers
+        cache = gpu.cache
         for i in list(gpu.order):
             if i not in base:
                 continue  # prefilling (its blocks were taken at admission), or preempted in this pass
             need = -(-(base[i] + gpu.steps_done + 1) // block)
             while i in base and reserve[i] < need:
-                if gpu.kv + 1 <= budget:
+                if cache is not None and cache.free() >= 1:  # cached blocks nobody holds are evicted for it
+                    cache.take(1)
+                    reserve[i] += 1
+                    self.held[i][2] += 1
+                elif cache is None and gpu.kv + 1 <= budget:
                     reserve[i] += 1
                     gpu.kv += 1
                 else:
                     self._preempt(g, gpu, max(gpu.order, key=lambda j: (tiers[j], j)))
 
     def _preempt(self, g: int, gpu: _Gpu, v: int) -> None:
-        """Free ``v``'s blocks and return it to the head of its tier's queue; it keeps its tokens emitted."""
+        """Free ``v``'s blocks and return it to the head of its tier's queue; it keeps its tokens emitted. With
+        prefix caching its full blocks stay cached, as a finished sequence's do: its context's (prompt and answer
+        so far) once prefilled, only the hits it shared while it still prefilled."""
         gpu.order.remove(v)
-        gpu.kv -= self.reserve[v]
+        decoding = v in self.token_base
+        if gpu.cache is not None:
+            segments, holds, blocks, _ = self.held.pop(v)
+            if decoding:
+                emitted = self.token_base[v] + gpu.steps_done - self.prompt[v]
+                answer = answer_segment(self.prefixes[v], v, self.prompt[v], emitted, self.block)
+                gpu.cache.release(gpu.cache.keep_answer(segments, [answer] if answer else []), blocks)
+            else:
+                gpu.cache.release(segments, blocks, holds)
+        else:
+            gpu.kv -= self.reserve[v]
         self.reserve[v] = 0
         gpu.running -= 1
-        if v in self.token_base:  # decoding: its last token came at the step that just ended
+        if decoding:  # its last token came at the step that just ended
             self.emitted_before[v] = self.token_base.pop(v) + gpu.steps_done - self.prompt[v]
             self.paused_at[v] = self.now
             gpu.finishing = [entry for entry in gpu.finishing if entry[1] != v]

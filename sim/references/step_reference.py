@@ -123,6 +123,15 @@ def simulate_steps_reference(
     def blocks(tokens: int) -> int:
         return -(-tokens // block)
 
+    def context_keys(i: int, tokens: int) -> list:
+        """Keys of the full blocks of request ``i``'s first ``tokens`` tokens: its prompt's, then its answer's (a
+        turn's keyed by its session, for the next turn; another request's its own, never asked for again)."""
+        prefix = prefixes[i] if prefixes is not None else None
+        if isinstance(prefix, SessionHistory):
+            return prompt_keys(prefix, i, tokens, block)
+        keys = prompt_keys(prefix, i, min(tokens, int(prompt[i])), block)
+        return keys + [("answer", i, m) for m in range(int(prompt[i]) // block, tokens // block)]
+
     signal = {"work": env.event()}
 
     lag_s = model.output_token_ms / 1000.0
@@ -171,17 +180,37 @@ def simulate_steps_reference(
         loose = 0  # blocks in use without a key anyone could share
         shown[g].update(running=running, users=users, lru=lru)
         waiting = rooms[g] if routed else rooms[0]
+
+        def release(seq: _Seq, tokens: int, loose: int) -> int:
+            """``seq`` leaves holding ``tokens`` tokens (0: it had not finished its prefill, so it holds only its
+            hits): its keys nobody else uses are cached, its answer's full blocks first, then its prompt's from
+            the last, so a prefix's first blocks are evicted last. Returns the blocks in use without a key."""
+            keyed = seq.keys if tokens else seq.keys[: seq.hits]
+            for key in reversed(context_keys(seq.i, tokens)[len(keyed) :] if tokens else []):
+                lru[key] = None  # its answer's blocks: from its own (loose) to cached ones
+            for key in reversed(keyed):
+                users[key] -= 1
+                if users[key] == 0:
+                    del users[key]
+                    lru[key] = None
+            return loose - ((seq.held if paged else seq.blocks) - len(keyed))
+
         while True:
             if paged:  # the decoding sequences' next tokens, in admission order; preempt when no block is free
                 for seq in list(running):
                     while seq in running and seq.prefill_left == 0 and seq.held < blocks(seq.context + 1):
-                        if kv < cache_blocks:
+                        if (len(users) + loose if caching else kv) < cache_blocks:
                             seq.held += 1
                             kv += 1
+                            loose += 1  # (caching: its own block; a cached one nobody uses makes room)
+                            while caching and lru and len(users) + loose + len(lru) > cache_blocks:
+                                lru.popitem(last=False)
                             continue
                         victim = max(running, key=lambda s: (int(tiers[s.i]), reached[s.i], s.i))
                         running.remove(victim)
                         kv -= victim.held
+                        if caching:  # its blocks stay cached, as a finished sequence's do
+                            loose = release(victim, victim.context if victim.prefill_left == 0 else 0, loose)
                         victim.held = 0
                         preemptions[victim.i] += 1
                         paused[victim.i] = victim
@@ -195,17 +224,20 @@ def simulate_steps_reference(
                 if paged:
                     seq = paused.pop(i, seq)
                     seq.context = seq.fill = seq.prefill_left = int(prompt[i]) + seq.emitted
-                    if kv + blocks(seq.context + 1) > cache_blocks:
+                    if not caching and kv + blocks(seq.context + 1) > cache_blocks:
                         paused[i] = seq
                         break  # the first that does not fit blocks the rest
                     seq.held = blocks(seq.context + 1)
-                elif caching:
-                    seq.keys = prompt_keys(None if prefixes is None else prefixes[i], i, seq.fill, block)
-                    seq.blocks = -(-(int(prompt[i]) + int(output[i])) // block)
+                if caching:  # its context's leading resident blocks are shared (paged: only up to its next token)
+                    seq.keys = context_keys(i, seq.context)
+                    seq.blocks = seq.held if paged else -(-(int(prompt[i]) + int(output[i])) // block)
+                    seq.hits = 0
                     while seq.hits < len(seq.keys) and (seq.keys[seq.hits] in users or seq.keys[seq.hits] in lru):
                         seq.hits += 1
                     back_in_use = sum(1 for key in seq.keys[: seq.hits] if key in lru)
                     if len(users) + loose + back_in_use + seq.blocks - seq.hits > cache_blocks:
+                        if paged:
+                            paused[i] = seq
                         break  # the first that does not fit blocks the rest
                     for key in seq.keys[: seq.hits]:
                         lru.pop(key, None)
@@ -213,8 +245,10 @@ def simulate_steps_reference(
                     loose += seq.blocks - seq.hits
                     while lru and len(users) + loose + len(lru) > cache_blocks:
                         lru.popitem(last=False)  # evict the least recently used
-                    cached_tokens[i] = min(seq.hits * block, int(prompt[i]) - 1)
-                    seq.fill = seq.prefill_left = int(prompt[i]) - int(cached_tokens[i])
+                    skipped = min(seq.hits * block, seq.context - 1)
+                    if not preemptions[i]:  # what its first admission found, as an engine reports it
+                        cached_tokens[i] = skipped
+                    seq.fill = seq.prefill_left = seq.context - skipped
                 elif kv + prompt[i] + output[i] > kv_budget:
                     break  # the first that does not fit blocks the rest
                 waiting[tier].popleft()
@@ -273,21 +307,8 @@ def simulate_steps_reference(
             for seq in [s for s in running if s.out_left == 0]:
                 running.remove(seq)
                 kv -= seq.held if paged else int(prompt[seq.i] + output[seq.i])
-                if caching:  # its keys nobody else uses are cached, the prompt's last block first
-                    prefix = prefixes[seq.i] if prefixes is not None else None
-                    whole = (int(prompt[seq.i]) + int(output[seq.i])) // block  # its full blocks, answer's too
-                    if isinstance(prefix, SessionHistory):  # its answer's: the next turn's history
-                        answer = prompt_keys(prefix, seq.i, whole * block, block)[len(seq.keys) :]
-                    else:  # its own, never asked for again, but cached all the same (as vLLM keeps them)
-                        answer = [("answer", seq.i, m) for m in range(whole - len(seq.keys))]
-                    for key in reversed(answer):
-                        lru[key] = None  # from its own blocks (loose, below) to cached ones
-                    for key in reversed(seq.keys):
-                        users[key] -= 1
-                        if users[key] == 0:
-                            del users[key]
-                            lru[key] = None
-                    loose -= seq.blocks - len(seq.keys)
+                if caching:
+                    loose = release(seq, int(prompt[seq.i] + output[seq.i]), loose)
 
     env.process(source())
     for g in range(gpus):

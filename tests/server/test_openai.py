@@ -366,13 +366,17 @@ async def test_a_conversations_second_turn_prefills_only_its_new_message(tmp_pat
 PAGED = ServiceModel(batching="continuous", decode_step_ms=20, kv_cache_tokens=96, kv_policy="paged")
 
 
-async def test_the_sim_backend_preempts_the_latest_arrival_and_resumes_its_stream(tmp_path):
+@pytest.mark.parametrize("caching", [False, True])
+async def test_the_sim_backend_preempts_the_latest_arrival_and_resumes_its_stream(tmp_path, caching):
     """tests/sim/test_paged_kv.py's worked case through the server: two streams of 32 prompt words and 40 tokens
     start together; at the step where the first needs a fourth block none is free, the second (the later) is
     preempted, and its stream pauses until the first has ended, then goes on where it stopped: every token
-    once, in order, and the pause where the simulator puts it."""
+    once, in order, and the pause where the simulator puts it. With prefix caching too, the same, and the blocks
+    of the second's prompt stay cached after it (a preempted or finished sequence's full blocks are kept), so
+    the same prompt sent again finds all but its last token cached."""
     prompts = [" ".join(f"{name}{i}" for i in range(32)) for name in ("a", "b")]
-    with running_server("--scenario", scenario(tmp_path, PAGED)) as srv:
+    model = PAGED.model_copy(update={"prefix_caching": caching})
+    with running_server("--scenario", scenario(tmp_path, model)) as srv:
         async with aiohttp.ClientSession() as session:
             first = asyncio.create_task(stream_times(session, srv.url, "dev-paid", prompts[0], 40))
             await asyncio.sleep(0.005)
@@ -382,6 +386,8 @@ async def test_the_sim_backend_preempts_the_latest_arrival_and_resumes_its_strea
             whole = await sdk.completions.create(model="sim", prompt=prompts[1], max_tokens=40)
         assert srv.terminate() == 0
     assert len(ahead) == len(later) == 40 and whole.choices[0].text == sim_words(prompts[1], 40)
+    if caching:
+        assert whole.usage.prompt_tokens_details.cached_tokens == 31
     gaps = [b - a for a, b in itertools.pairwise(later)]
     pause = max(range(len(gaps)), key=gaps.__getitem__)
     # 33 + 1 tokens fit three blocks: the first needs its fourth at its 16th token; the second, one step behind,

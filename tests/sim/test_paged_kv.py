@@ -16,7 +16,7 @@ from infer_plan.sim.inputs.arrivals import Arrivals, generate_arrivals
 from infer_plan.sim.references.step_reference import simulate_steps_reference
 
 from tests.helpers import run_cli
-from tests.sim.test_prefix_caching import CONTEXT, OVERHEADS, PROFILE, TOKENS
+from tests.sim.test_prefix_caching import CONTEXT, OVERHEADS, PROFILE, TOKENS, shared_prefix_load, trace_load
 from tests.sim.test_tokens import every_gap
 
 
@@ -83,6 +83,38 @@ def test_the_engine_matches_the_reference_request_by_request(gpus, extra):
     assert slow.preemptions.sum() > 10  # the case preempts
 
 
+@pytest.mark.parametrize(
+    ("gpus", "extra", "load"),
+    [
+        (1, {}, "shared"),
+        (2, {"max_batched_tokens": 256, **CONTEXT}, "shared"),  # chunked prefills preempted mid-prompt
+        (2, {"routing": "prefix_affinity"}, "trace"),
+        (1, {**OVERHEADS, "max_num_seqs": 12}, "shared"),
+    ],
+)
+def test_paged_kv_with_prefix_caching_matches_the_reference_request_by_request(gpus, extra, load):
+    """Paged KV and prefix caching together (SPEC section 13): a sequence takes blocks as it grows, sharing its
+    leading resident ones; a preempted one's full blocks stay cached, its answer's too, so when it is admitted
+    again its recomputed context may find them. The engine equals its reference request by request: first token,
+    finish, every gap, preemptions and cached tokens."""
+    model = ServiceModel(batching="continuous", kv_policy="paged", prefix_caching=True, kv_cache_tokens=1800 * gpus,
+                         **TOKENS, **extra)  # fmt: skip
+    arr = (shared_prefix_load(25 * gpus, 8.0, gpus + len(extra), "256:6:zipf=1.1", model) if load == "shared"
+           else trace_load(25 * gpus, 8.0, gpus, model))  # fmt: skip
+    arr = Arrivals(arr.times, arr.tiers, arr.prompt_tokens, arr.output_tokens * 2, arr.prefixes)  # answers to grow
+    fast = simulate_arrivals(model, arr, gpus)
+    slow = simulate_steps_reference(model, arr.times, arr.tiers, arr.prompt_tokens, arr.output_tokens, gpus,
+                                    prefixes=arr.prefixes)  # fmt: skip
+    np.testing.assert_allclose(fast.records.first_token, slow.first_token, atol=1e-9, equal_nan=True)
+    np.testing.assert_allclose(fast.records.finished, slow.finished, atol=1e-9, equal_nan=True)
+    np.testing.assert_allclose(np.sort(every_gap(fast.itl)), np.sort(np.asarray(slow.gaps) * 1000), atol=1e-6)
+    assert fast.records.preemptions.tolist() == slow.preemptions.tolist()
+    assert fast.records.cached_tokens.tolist() == slow.cached_tokens.tolist()
+    assert slow.preemptions.sum() > 5 and slow.cached_tokens.sum() > 0  # the case preempts and hits
+    print(f"\n{len(arr)} requests: {int(slow.preemptions.sum())} preemptions, "
+          f"{slow.cached_tokens.sum() / arr.prompt_tokens.sum():.1%} of prompt tokens cached")  # fmt: skip
+
+
 def test_simulate_reports_preemptions_per_tier(tmp_path):
     out = tmp_path / "sim.json"
     tables = tomllib.loads(PROFILE.read_text())
@@ -104,7 +136,6 @@ def test_simulate_reports_preemptions_per_tier(tmp_path):
 @pytest.mark.parametrize(
     ("flags", "needle"),
     [
-        (["--kv-policy", "paged", "--prefix-caching"], "with prefix_caching is not modelled yet"),
         (["--kv-policy", "paged", "--batching", "static"], "is a feature of continuous batching"),
         (["--kv-policy", "lazy"], "'lazy' is not one of"),
     ],
