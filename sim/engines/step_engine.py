@@ -19,7 +19,9 @@ emits): before each step the decoding sequences, in admission order, take a bloc
 they need one, and when none is free the GPU's running sequence of the lowest tier,
 latest arrival, is preempted (its blocks freed, back to the head of its tier's queue,
 prompt and answer so far recomputed when admitted again; its client sees one long gap).
-Paged steps run one at a time, not in runs.
+Paged steps run one at a time, not in runs. Both together: a sequence shares its leading
+resident blocks and takes its own as it grows, a cached block is evicted for it before
+anyone is preempted, and a preempted sequence's full blocks stay cached for its recompute.
 
 Speed: a GPU does a hundred steps a second and most of them admit or finish someone,
 so a step must cost microseconds. Steps are therefore not SimPy events: the engine runs
@@ -556,10 +558,10 @@ class StepEngine:
         so far) once prefilled, only the hits it shared while it still prefilled."""
         gpu.order.remove(v)
         decoding = v in self.token_base
+        emitted = self.token_base[v] + gpu.steps_done - self.prompt[v] if decoding else 0
         if gpu.cache is not None:
             segments, holds, blocks, _ = self.held.pop(v)
             if decoding:
-                emitted = self.token_base[v] + gpu.steps_done - self.prompt[v]
                 answer = answer_segment(self.prefixes[v], v, self.prompt[v], emitted, self.block)
                 gpu.cache.release(gpu.cache.keep_answer(segments, [answer] if answer else []), blocks)
             else:
@@ -569,7 +571,8 @@ class StepEngine:
         self.reserve[v] = 0
         gpu.running -= 1
         if decoding:  # its last token came at the step that just ended
-            self.emitted_before[v] = self.token_base.pop(v) + gpu.steps_done - self.prompt[v]
+            del self.token_base[v]
+            self.emitted_before[v] = emitted
             self.paused_at[v] = self.now
             gpu.finishing = [entry for entry in gpu.finishing if entry[1] != v]
             heapq.heapify(gpu.finishing)

@@ -314,6 +314,23 @@ def vllm_caching_target(tiny_model, tmp_path_factory):
         yield url
 
 
+def caching_loadtest(target: str, tiny_model: Path, traffic_profile: Path, tmp_path: Path, *load: str) -> dict:
+    """A streamed completions load test of ``load`` on vLLM's prefix cache, predicted by the calibrated profile
+    with the cache on and vLLM-CPU's 128-token blocks; the result's JSON."""
+    tables = tomllib.loads(traffic_profile.read_text())
+    tables["service"].update(prefix_caching=True, kv_block_tokens=128)
+    profile = tmp_path / "caching.toml"
+    profile.write_text(tomli_w.dumps(tables))
+    out = tmp_path / "out.json"
+    proc = loadtest(
+        "--target", target, "--model", "tiny", "--tokenizer", str(tiny_model), "--profile", str(profile),
+        "--api", "completions", "--stream", *load, "--duration", "15", "--warmup", "3", "--slo-p95-ms", "600000",
+        "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
 def test_a_shared_prefix_load_on_vllms_prefix_cache_is_the_simulated_one(
     vllm_caching_target, tiny_model, traffic_profile, tmp_path
 ):
@@ -321,24 +338,18 @@ def test_a_shared_prefix_load_on_vllms_prefix_cache_is_the_simulated_one(
     prompt tokens vLLM reports cached are the simulated share within 5 points (seen: 85.7% both).
 
     The TTFT, a cached request prefilling only its own tokens, is simulated with the profile calibrated on the
-    same engine without its cache (``prefix_caching = true``, ``kv_block_tokens = 128`` added). It is not yet
-    the issue's 15%: seen 11.9 ms measured against 8.2 simulated at P50, 19.6 against 11.5 at P95. The
+    same engine without its cache (``prefix_caching = true``, ``kv_block_tokens = 128`` added). It is not
+    reliably the issue's 15%: seen 11.9 ms measured against 8.2 simulated at P50, 19.6 against 11.5 at P95, and
+    in another run 16.6 against 14.5 (14%), 26.2 against 20.1 (30%). The
     calibration has no term for what a cached prefix still costs (the prompt's blocks hashed and looked up,
     the new tokens' attention over the cached 384, which a two-layer model's streamed cells cannot separate
     from noise). The test holds the P50 to 60% (a gross error in the cached TTFT fails it) and prints both;
     docs/model.md keeps the figures."""
-    tables = tomllib.loads(traffic_profile.read_text())
-    tables["service"].update(prefix_caching=True, kv_block_tokens=128)
-    profile = tmp_path / "caching.toml"
-    profile.write_text(tomli_w.dumps(tables))
-    out = tmp_path / "out.json"
-    proc = loadtest(
-        "--target", vllm_caching_target, "--model", "tiny", "--tokenizer", str(tiny_model), "--profile", str(profile),
-        "--api", "completions", "--stream", "--shared-prefix", "384:4", "--prompt-tokens", "64", "--output-tokens",
-        "16", "--rps", "10", "--duration", "15", "--warmup", "3", "--slo-p95-ms", "600000", "--json", str(out),
+    data = caching_loadtest(
+        vllm_caching_target, tiny_model, traffic_profile, tmp_path, "--shared-prefix", "384:4", "--prompt-tokens",
+        "64", "--output-tokens", "16", "--rps", "10",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    tokens = json.loads(out.read_text())["overall"]["tokens"]
+    tokens = data["overall"]["tokens"]
     measured, simulated, errors = tokens["measured"], tokens["simulated"], tokens["relative_error"]
     print(f"\nvLLM prefix cache: {measured['prefix_hit_rate']:.1%} of prompt tokens cached, simulated "
           f"{simulated['prefix_hit_rate']:.1%}; TTFT P50 {measured['ttft_p50_ms']:.1f} / {simulated['ttft_p50_ms']:.1f}"
@@ -363,19 +374,10 @@ def test_conversations_on_vllms_prefix_cache_find_their_history_as_simulated(
     that fill a block vLLM found 10% of turn 2 cached against 52% simulated. A trained model's answers
     re-encode as generated, nearly always; an 8-token answer after a 150-token message never completes a block
     here, so what is measured is the history the protocol makes reusable, not the tiny model's tokenizer."""
-    tables = tomllib.loads(traffic_profile.read_text())
-    tables["service"].update(prefix_caching=True, kv_block_tokens=128)
-    profile = tmp_path / "caching.toml"
-    profile.write_text(tomli_w.dumps(tables))
-    out = tmp_path / "out.json"
-    proc = loadtest(
-        "--target", vllm_caching_target, "--model", "tiny", "--tokenizer", str(tiny_model), "--profile", str(profile),
-        "--api", "completions", "--stream", "--sessions", "3", "--think-time", "0.2", "--prompt-tokens", "150",
-        "--output-tokens", "8", "--rps", "3", "--duration", "15", "--warmup", "3", "--slo-p95-ms", "600000",
-        "--json", str(out),
+    data = caching_loadtest(
+        vllm_caching_target, tiny_model, traffic_profile, tmp_path, "--sessions", "3", "--think-time", "0.2",
+        "--prompt-tokens", "150", "--output-tokens", "8", "--rps", "3",
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    data = json.loads(out.read_text())
     assert set(data["status_counts"]) == {"200"}
     turns = data["turns"]
     for t in turns:
