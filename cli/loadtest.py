@@ -166,6 +166,9 @@ def _sweep(f: dict[str, Any], files: dict[str, Path | None]) -> None:
     from ..loadtests import run  # noqa: F401  (Locust first: gevent must patch before anything imports ssl)
 
     base = _spec({**f, "duration": f["duration"] or DEFAULT_STEP_S, "rps": f["rps"] or 0.0})
+    if base.workload.sessions is not None:  # its steps, knee and simulated knee are all requests per second
+        raise UsageError("a sweep steps the request rate; --sessions sets the rate of conversations instead: "
+                         "load-test sessions one rate at a time", field="sessions")  # fmt: skip
     sweep_load(base, rates=f["rates"], max_rps=f["max_rps"], max_duration=f["max_duration"],
                min_knee_rps=f["min_knee_rps"], precision=f["step_precision"], files=files,
                quiet=f["quiet"])  # fmt: skip

@@ -138,8 +138,10 @@ def test_bad_session_flags_are_one_line_and_exit_2(flags, needle):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def test_a_scenarios_sessions_reach_the_load_test_which_needs_a_token_api_for_them(tmp_path):
+def test_a_scenarios_sessions_reach_the_load_test_which_needs_a_token_api_and_one_rate(tmp_path):
     scenario = tmp_path / "chat.toml"
     scenario.write_text('[service]\nbatching = "continuous"\n\n[load]\nrps = 2\nsessions = "3"\n')
     done = run_cli("loadtest", "--target", "sim", "--scenario", str(scenario), "--rps", "2", "--duration", "1")
     assert done.returncode == 2 and "--api chat or --api completions" in done.stderr, done.stderr
+    swept = run_cli("loadtest", "--target", "sim", "--scenario", str(scenario), "--api", "chat", "--sweep")
+    assert swept.returncode == 2 and "one rate at a time" in swept.stderr and "Traceback" not in swept.stderr
