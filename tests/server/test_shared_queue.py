@@ -223,6 +223,11 @@ async def test_kill_9_of_one_instance_loses_none_of_the_others_requests(redis, t
     with instances(redis, 2, "--scenario", scenario(tmp_path, kernel_ms=1000, pcie_in_ms=0, pcie_out_ms=0)) as (a, b):
         load = asyncio.create_task(spread_load([a.url, b.url], rate=60, seconds=8))
         await asyncio.sleep(3.5)
+        async with aiohttp.ClientSession() as session:  # between two batches a few percent of the time: wait
+            for _ in range(100):  # for one (a second long), so it dies holding it
+                if await metric(session, b.url, "inferplan_gpus_busy") >= 1:
+                    break
+                await asyncio.sleep(0.01)
         b.proc.kill()
         sent = await load
         async with aiohttp.ClientSession() as session:
