@@ -361,6 +361,7 @@ def test_a_chat_session_load_test_sends_each_turn_with_its_history_and_times_eac
     assert overall["measured"]["prefix_hit_rate"] == pytest.approx(overall["simulated"]["prefix_hit_rate"], abs=0.05)
 
 
+@pytest.mark.slow  # about 18 s: the quick suite keeps the chat one
 def test_completions_sessions_grow_one_prompt_and_share_their_turns_among_locust_processes(tmp_path):
     data = session_loadtest(tmp_path, "--api", "completions", "--workers", "2")
     check_turns(data, first_prompt=256 + 64, growth=16 + 64)
