@@ -126,7 +126,7 @@ def test_calibration_across_contexts_recovers_the_context_terms_and_prints_every
     with running_server("--scenario", str(write_model_scenario(LONG, tmp_path / "long-engine.toml", gpus=1))) as srv:
         done = run_cli(
             "calibrate", "--backend", "openai", "--upstream", srv.url, "--api-key", "dev-paid", "--max-num-seqs",
-            "16", "--sizes", "1,16", "--prompt-tokens", "32,256,512", "--output-tokens", "16", "--contexts",
+            "16", "--sizes", "1,16", "--prompt-tokens", "32,512,1024", "--output-tokens", "16", "--contexts",
             "64,1024", "--repetitions", "2", "--out", str(profile), "--save", str(saved), timeout=300,
         )  # fmt: skip
         assert srv.terminate() == 0
@@ -136,7 +136,7 @@ def test_calibration_across_contexts_recovers_the_context_terms_and_prints_every
     print("\nfit across contexts:", {t: (round(service[t], 5), getattr(LONG, t)) for t in terms})
     assert_terms_recovered(service, rel=0.15, terms=terms, truth=LONG)
     decode = [c for c in result["stream_cells"] if c["kind"] == "decode"]
-    assert {c["context_tokens"] for c in decode} == {64, 256, 1024}  # the mixed cells' decoders' context too
+    assert {c["context_tokens"] for c in decode} == {64, 512, 1024}  # the mixed cells' decoders' context too
     assert result["max_relative_error"] < 0.10
     printed = " ".join(done.stdout.replace("│", " ").split())
     for cell in decode:  # every cell is printed with its context and its own error
