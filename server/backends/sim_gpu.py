@@ -142,6 +142,15 @@ class SimBackend(Backend):
             await asyncio.sleep(delay)
 
     async def run_continuous(self, gpu: int, feed: Any) -> None:
+        """:meth:`_step_loop`; if the loop dies, its GPU's cache goes with it (the dead loop's sequences held blocks
+        in it): the pool answers what it ran and starts the loop again, as an engine restarts with an empty cache."""
+        try:
+            await self._step_loop(gpu, feed)
+        except Exception:
+            self.caches.pop(gpu, None)
+            raise
+
+    async def _step_loop(self, gpu: int, feed: Any) -> None:
         """The continuous step model in real time, as the simulator runs it (``sim/references/step_reference.py``).
 
         Before every step, admit waiting requests by tier while a sequence slot and KV room

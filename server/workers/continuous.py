@@ -40,6 +40,7 @@ class StepFeed:
         self.interrupted = interrupted
         self.closed = closed  # True: the GPU retires; it admits nothing more and finishes what it runs
         self.running = 0
+        self.held: dict[int, Pending] = {}  # admitted and not yet answered: what a crashed step loop leaves
 
     def head(self) -> Pending | None:
         return None if self.closed() else self.room.head()
@@ -47,7 +48,9 @@ class StepFeed:
     def take(self, pending: Pending | None = None) -> Pending:
         """Admit the head (or ``pending``, one of :meth:`heads`): it holds a sequence slot until :meth:`deliver`."""
         self.running += 1
-        return self.room.pop_head() if pending is None else self.room.pop_tier_head(pending)
+        taken = self.room.pop_head() if pending is None else self.room.pop_tier_head(pending)
+        self.held[id(taken)] = taken
+        return taken
 
     def heads(self) -> list[Pending]:
         return [] if self.closed() else self.room.heads()
@@ -60,11 +63,20 @@ class StepFeed:
         """A running request preempted by the engine (paged KV): it frees its slot and waits at the head of its
         tier again."""
         self.running -= 1
+        del self.held[id(pending)]
         self.room.push_front(pending)
 
     def deliver(self, pending: Pending, result: Generated | ApiError) -> None:
         self.running -= 1
+        del self.held[id(pending)]
         deliver_to_futures([pending], result if isinstance(result, ApiError) else [result])
+
+    def fail_held(self, error: ApiError) -> int:
+        """Answer every admitted request ``error`` (the engine's step loop died under them); how many."""
+        held = list(self.held.values())
+        for pending in held:
+            self.deliver(pending, error)
+        return len(held)
 
 
 async def pass_through(run: RunBatch, feed: StepFeed, max_seqs: int) -> None:

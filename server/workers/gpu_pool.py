@@ -50,6 +50,7 @@ __all__ = ["SERVED_LOG_SIZE", "GpuPool", "ServedBatch"]
 log = logging.getLogger("infer_plan.server.workers.gpu_pool")
 
 SERVED_LOG_SIZE = 50_000  # a few MB; at 100 batches/s the last eight minutes of traffic
+CRASH_BACKOFF_S = 0.1  # a step loop that dies at once again (a persistent bug) does not spin the CPU
 
 
 @dataclass(frozen=True, slots=True)
@@ -271,7 +272,13 @@ class GpuPool:
                     result = err
                 deliver_to_futures(batch, result)
             elif self.backend.steps_itself:
-                await self.backend.run_continuous(gpu, feed)
+                try:
+                    await self.backend.run_continuous(gpu, feed)
+                except Exception:  # answered now, not at their deadline; the loop starts again
+                    log.exception("gpu %d: the step loop failed", gpu)
+                    failed = feed.fail_held(self._fault("exception", _backend_failed()))
+                    log.error("gpu %d: %d running requests answered 503; serving again", gpu, failed)
+                    await asyncio.sleep(CRASH_BACKOFF_S)
             else:
                 await pass_through(lambda batch: self._run(batch, gpu), feed, max_seqs)
 

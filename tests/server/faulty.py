@@ -8,15 +8,37 @@ that batch) gets its error while the worker goes on serving.
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from infer_plan.server.backends.base import BackendError, Generate, Generated
 from infer_plan.server.backends.sim_gpu import SimBackend
 
 RAISE, FAIL, HANG, SHORT = "fault:raise", "fault:backend-error", "fault:hang", "fault:short"
 MID_STREAM = "fault:mid-stream"  # streamed requests get one token, then the engine fails
+STEP_CRASH = "fault:step-crash"  # continuous batching: the step loop dies as it admits this one
+
+
+class _CrashingFeed:
+    """The pool's feed as the step loop sees it, but admitting :data:`STEP_CRASH` kills the loop (a bug of the
+    engine's own, with other requests running)."""
+
+    def __init__(self, feed: Any) -> None:
+        self._feed = feed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._feed, name)
+
+    def take(self, pending: Any = None) -> Any:
+        taken = self._feed.take(pending)
+        if taken.request.prompt == STEP_CRASH:
+            raise RuntimeError("injected crash in the step loop")
+        return taken
 
 
 class FaultyBackend(SimBackend):
+    async def run_continuous(self, gpu: int, feed: Any) -> None:
+        await super().run_continuous(gpu, _CrashingFeed(feed))
+
     async def run_batch(self, requests: list[Generate], gpu: int) -> list[Generated]:
         if any(r.prompt == MID_STREAM for r in requests):
             for request in requests:

@@ -9,11 +9,11 @@ import aiohttp
 import pytest
 from infer_plan.core import ServiceModel
 from infer_plan.loadtests.target import write_model_scenario
-from infer_plan.server.backends.sim_gpu import sim_output
+from infer_plan.server.backends.sim_gpu import sim_output, sim_pieces
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import running_server
-from tests.server.faulty import FAIL, HANG, RAISE, SHORT
+from tests.server.faulty import FAIL, HANG, RAISE, SHORT, STEP_CRASH
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -84,3 +84,47 @@ async def test_every_request_of_a_failed_batch_gets_one_error_and_later_batches_
         after = faults_by_kind(await resp.text())
     assert after.get(kind, 0) - before.get(kind, 0) == 1
     assert sum(after.values()) - sum(before.values()) == 1
+
+
+@pytest.fixture(scope="module")
+def faulty_continuous_server(tmp_path_factory):
+    model = ServiceModel(batching="continuous", decode_step_ms=20.0, request_timeout_s=10.0)
+    scenario = write_model_scenario(model, tmp_path_factory.mktemp("step-faults") / "model.toml", gpus=1)
+    with running_server(
+        "--backend", "tests.server.faulty:FaultyBackend", "--served-model-name", "sim", "--scenario", str(scenario)
+    ) as srv:
+        yield srv
+
+
+async def test_a_step_loop_that_dies_answers_its_running_requests_at_once_and_serves_again(faulty_continuous_server):
+    """Continuous batching: the engine's step loop dies with four answers of 200 steps (4 s) under way. Each is
+    answered 503 with Retry-After when it dies, not at its 10 s deadline, and the GPU serves again."""
+    url = faulty_continuous_server.url
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+
+        async def complete(prompt: str, tokens: int) -> tuple[int, dict, float, dict]:
+            t0 = time.perf_counter()
+            async with session.post(
+                f"{url}/v1/completions",
+                json={"model": "sim", "prompt": prompt, "max_tokens": tokens},
+                headers={"Authorization": "Bearer dev-paid"},
+            ) as resp:
+                return resp.status, await resp.json(), time.perf_counter() - t0, dict(resp.headers)
+
+        async with session.get(f"{url}/metrics") as resp:
+            before = faults_by_kind(await resp.text())
+        running = [asyncio.create_task(complete(f"long {i}", 200)) for i in range(4)]
+        await asyncio.sleep(0.3)
+        crashed = await complete(STEP_CRASH, 1)
+        answers = [crashed, *await asyncio.gather(*running)]
+        for status, body, seconds, headers in answers:
+            assert status == 503 and body["error"]["code"] == "backend_error", body
+            assert headers["Retry-After"] == "1"
+            assert seconds < 2.5  # when the loop died (0.3 s in), not at the 4 s answer or the 10 s deadline
+
+        healthy = await asyncio.gather(*(complete(f"after {i}", 5) for i in range(6)))
+        assert [a[0] for a in healthy] == [200] * 6
+        assert [a[1]["choices"][0]["text"] for a in healthy] == ["".join(sim_pieces(f"after {i}", 5)) for i in range(6)]
+        async with session.get(f"{url}/metrics") as resp:
+            after = faults_by_kind(await resp.text())
+    assert after.get("exception", 0) - before.get("exception", 0) == 1

@@ -196,7 +196,9 @@ async def test_sigterm_under_load_loses_no_accepted_request():
         result = await sender
         code = srv.proc.wait(timeout=30)
     assert code == 0
-    before = result.records.sent < signalled - 0.05
+    # Sent half a second before the signal: read and accepted before it, even when the server stalls (a stall of
+    # the shared machine once left the 0.2 s of requests before the signal unread until after it: 503 draining).
+    before = result.records.sent < signalled - 0.5
     assert (result.records.status[before] == 200).all(), np.unique(result.records.status[before], return_counts=True)
     # After the signal: served (accepted earlier), 503 while draining, or refused once the listener closed.
     assert set(np.unique(result.records.status[~before])) <= {200, 503, 0}

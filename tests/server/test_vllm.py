@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 import tomllib
@@ -266,7 +267,7 @@ async def test_vllm_replicas_register_and_leave_under_load(vllm_openai_server, t
                 assert {status for _, status, _, _ in answers} == {200}  # the drain lost nothing
                 served_after_leaving = len(answers)
 
-                second_proc.kill()  # a replica that dies while it runs requests
+                os.killpg(second_proc.pid, signal.SIGKILL)  # a replica (server and engine) dies while it runs
                 await asyncio.sleep(3)
                 stop.set()
                 await load
