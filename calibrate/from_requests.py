@@ -27,6 +27,11 @@ continuous model's terms without one special request:
    what it leaves of each decode time corrects the step terms; ten rounds, each
    replayed with the terms of the last, the best kept (:func:`fit_requests`).
 
+An answer whose tokens all reached the client at once (``SavedRequests.merged``: an engine
+front end or a client short of CPU holds a stream, then sends it whole) timed neither its
+decode nor its first token: it is replayed, as it held the engine, but not fitted; a run
+of mostly such answers is refused.
+
 As with streamed calibration, a per-token streaming cost is inside ``decode_step_ms``.
 The TTFT and the decode time measured at the client include the network and client
 time, which the fit counts as the engine's: measure close to the engine.
@@ -43,6 +48,7 @@ import numpy as np
 from ..core.errors import UsageError
 from ..core.model import Batching, ServiceModel
 from ..core.schema import CalibrationResult, StreamCell
+from ..core.stats import BURST_GAP_S
 from ..core.tiers import Tier
 from .streamed import ContinuousFit, nnls_relative
 
@@ -52,6 +58,7 @@ if TYPE_CHECKING:
 __all__ = ["SavedRequests", "fit_requests", "read_saved_requests", "run_from_requests"]
 
 MIN_REQUESTS = 20  # answered requests of two tokens or more needed for a fit
+MAX_MERGED_SHARE = 0.5  # answers that came whole (SavedRequests.merged) beyond which a run is not fitted
 RUN_GAP_S = 60.0  # idle time laid between the runs of several files, longer than any request's stay
 FIT_ROUNDS = 10  # replay rounds; each costs four replays of the saved run
 JACOBIAN_NUDGE = 0.05  # relative change of a step term to take its derivative by replay
@@ -71,6 +78,26 @@ class SavedRequests:
 
     def __len__(self) -> int:
         return int(self.sent.size)
+
+    @property
+    def merged(self) -> np.ndarray:
+        """Requests whose tokens all reached the client at once (:data:`BURST_GAP_S` apart or less): the engine's
+        front end or the client fell behind, so neither their decode nor their first token timed the engine."""
+        return (self.output >= 2) & (self.done - self.first < BURST_GAP_S * (self.output - 1))
+
+    @property
+    def timed(self) -> np.ndarray:
+        """Requests whose decode the client timed: two tokens or more, not merged."""
+        return (self.output >= 2) & ~self.merged
+
+    def decode_start(self) -> np.ndarray:
+        """Each request's first token as the engine made it: as received, or for a merged answer its last token
+        less its other tokens at the timed requests' median pace (they shared its steps)."""
+        timed = self.timed
+        if not (self.merged.any() and timed.any()):
+            return self.first
+        pace = float(np.median((self.done - self.first)[timed] / (self.output[timed] - 1)))
+        return np.where(self.merged, np.maximum(self.sent, self.done - pace * (self.output - 1)), self.first)
 
 
 def read_saved_requests(paths: Path | list[Path]) -> SavedRequests:
@@ -98,7 +125,13 @@ def read_saved_requests(paths: Path | list[Path]) -> SavedRequests:
         raise UsageError(f"{named} holds {runs.shape[1]} answered streamed requests; a fit needs {MIN_REQUESTS} "
                          "(a streamed load test: --stream --save-requests FILE)", field="requests_file")  # fmt: skip
     sent, first, done, tiers, prompt, output = runs
-    return SavedRequests(sent, first, done, tiers.astype(np.int8), prompt.astype(np.int64), output.astype(np.int64))
+    req = SavedRequests(sent, first, done, tiers.astype(np.int8), prompt.astype(np.int64), output.astype(np.int64))
+    if (merged := int(req.merged.sum())) > MAX_MERGED_SHARE * int((req.output >= 2).sum()):
+        raise UsageError(f"{merged} of the {int((req.output >= 2).sum())} answers of two tokens or more reached the "
+                         "client whole, every token at once: the engine's front end or the client was short of CPU, "
+                         "so these times are not the engine's (measure again on a quieter host, or at a lower rate)",
+                         field="requests_file")  # fmt: skip
+    return req
 
 
 def _read_run(path: Path) -> np.ndarray:
@@ -125,22 +158,23 @@ def _read_run(path: Path) -> np.ndarray:
     return np.array(kept, dtype=np.float64).reshape(-1, 6).T
 
 
-def _tokens_received_by(req: SavedRequests, at: np.ndarray) -> np.ndarray:
-    """``[i, j]``: tokens request j had received by time ``at[i]`` (its tokens evenly spaced first to last)."""
+def _tokens_received_by(req: SavedRequests, first: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """``[i, j]``: tokens request j had been given by time ``at[i]`` (its tokens evenly spaced, ``first`` to last)."""
     o = req.output.astype(np.float64)
-    span = np.maximum(req.done - req.first, 1e-12)
-    k = np.floor((at[:, None] - req.first[None, :]) * (np.maximum(o - 1, 1.0) / span)[None, :]) + 1
+    span = np.maximum(req.done - first, 1e-12)
+    k = np.floor((at[:, None] - first[None, :]) * (np.maximum(o - 1, 1.0) / span)[None, :]) + 1
     return np.clip(k, 0, o[None, :])
 
 
 def decode_rows(req: SavedRequests) -> tuple[np.ndarray, np.ndarray]:
-    """Step 1 of the module docstring: per request of two tokens or more, ``[o - 1, sum N, sum P, J]``, its time."""
-    rows = np.flatnonzero(req.output >= 2)
+    """Step 1 of the module docstring: per timed request (two tokens or more, not merged), ``[o - 1, sum N, sum P,
+    J]``, its time."""
+    rows, first = np.flatnonzero(req.timed), req.decode_start()
     design = np.empty((rows.size, 4))
     for lo in range(0, rows.size, _BLOCK):
         i = rows[lo : lo + _BLOCK]
-        tokens = _tokens_received_by(req, req.done[i]) - _tokens_received_by(req, req.first[i])
-        joined = (req.first[None, :] > req.first[i, None]) & (req.first[None, :] <= req.done[i, None])
+        tokens = _tokens_received_by(req, first, req.done[i]) - _tokens_received_by(req, first, first[i])
+        joined = (first[None, :] > first[i, None]) & (first[None, :] <= req.done[i, None])
         design[lo : lo + i.size] = np.column_stack(
             [req.output[i] - 1, tokens.sum(axis=1), (joined * req.prompt[None, :]).sum(axis=1), joined.sum(axis=1)]
         )
@@ -180,10 +214,10 @@ def fit_requests(req: SavedRequests, model: ServiceModel) -> ContinuousFit:
     free = [k for k in range(len(STEP_TERMS)) if k != held]
     steps = np.array([getattr(model, name) for name in STEP_TERMS], dtype=float)
     steps[free] = nnls_relative(rows[:, free], measured_decode_ms - steps[held] * rows[:, held])
-    decoding = req.output >= 2
+    decoding, answered = req.timed, ~req.merged  # a merged answer's first token came with its last
     weights = 1.0 / np.maximum(measured_decode_ms, 1e-9)
-    measured_ttft = (req.first - req.sent) * 1000.0
-    overhead = np.column_stack([np.ones(len(req)), req.prompt])
+    measured_ttft = (req.first - req.sent)[answered] * 1000.0
+    overhead = np.column_stack([np.ones(len(req)), req.prompt])[answered]
     alpha = np.array([0.0, model.tokenize_ms_per_token])
     # Prompts of (nearly) one length cannot tell the per-token part of the overhead from the fixed part: the
     # base model's per-token cost is held then, and only the fixed part fitted.
@@ -195,11 +229,11 @@ def fit_requests(req: SavedRequests, model: ServiceModel) -> ContinuousFit:
     best: tuple[float, np.ndarray, np.ndarray] | None = None
     for _ in range(FIT_ROUNDS):
         ttft, _ = _replay_ms(_with_terms(model, steps, alpha), req)
-        target = measured_ttft - ttft + overhead @ alpha  # the overhead each request showed
+        target = measured_ttft - ttft[answered] + overhead @ alpha  # the overhead each request showed
         fitted = slice(None) if per_token_free else slice(0, 1)
         start = np.maximum(alpha, [1e-3, 1e-6])[fitted]  # strictly inside the bounds: the solver stalls on one
         if not per_token_free:
-            target = target - alpha[1] * req.prompt
+            target = target - alpha[1] * req.prompt[answered]
         # A robust loss: a request delayed by a busy client or machine must not move every request's overhead.
         alpha[fitted] = least_squares(lambda x, t=target, d=overhead[:, fitted]: d @ x - t, start,
                                       bounds=(0.0, np.inf), loss="soft_l1", f_scale=1.0).x  # fmt: skip
@@ -225,7 +259,7 @@ def fit_requests(req: SavedRequests, model: ServiceModel) -> ContinuousFit:
         )
     ttft, decode = _replay_ms(_with_terms(model, steps, alpha), req)
     cells = [
-        _cell("traffic_ttft", measured_ttft, ttft, req.prompt),
+        _cell("traffic_ttft", measured_ttft, ttft[answered], req.prompt[answered]),
         _cell("traffic_decode", measured_decode_ms, decode[decoding], req.prompt[decoding]),
     ]
     return _fit_of(model, steps, alpha, cells)
@@ -266,6 +300,7 @@ def run_from_requests(spec: CalibrationSpec) -> CalibrationResult:
         "method": "a load test's saved requests (calibrate/from_requests.py): decode times, then TTFTs by replay",
         "requests_files": [str(path) for path in spec.requests_files],
         "requests": len(req),
+        "merged_requests": int(req.merged.sum()),  # answers that came whole: replayed, not fitted
         "measured_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "limit_sources": sources,
     }

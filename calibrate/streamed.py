@@ -128,18 +128,23 @@ class StreamTimings:
     samples_ms: dict[CellKey, list[float]] = field(default_factory=dict)
     spread: list[float] = field(default_factory=list)  # every steady decode gap over its cell run's median
     windows: dict[tuple[int, int, int], list[Window]] = field(default_factory=dict)  # mixed, by (N, P, context)
+    unread: int = 0  # decode and mixed cell runs whose tokens showed no step to read (merged on a busy host)
 
     def add(self, kind: str, sequences: int, prefill: int, value_ms: float | None, context: int = 0) -> None:
         if value_ms is not None and np.isfinite(value_ms):
             self.samples_ms.setdefault((kind, sequences, prefill, context), []).append(value_ms)
 
     def add_window(self, sequences: int, prefill: int, context: int, window: Window | None) -> None:
-        if window is not None:
+        if window is None:
+            self.unread += 1
+        else:
             self.windows.setdefault((sequences, prefill, context), []).append(window)
 
     def add_gaps(self, sequences: int, context: int, gaps_s: list[float]) -> None:
         """One decode cell's steady gaps: their median is a sample, each gap over it a sample of the spread."""
-        if gaps_s:
+        if not gaps_s:
+            self.unread += 1
+        else:
             median = float(np.median(gaps_s))
             self.add("decode", sequences, 0, median * 1000.0, context)
             if median > 0:
@@ -237,6 +242,8 @@ async def _newcomer_window(prober: _Prober, decoders: int, prompt: int, plan: St
         sent, newcomer = await prober.stream(prompt, LONE_OUTPUT)  # its first token is then never the last
     finally:
         settled.cancel()
+        # Retrieved, so a cancelled wait is not logged as an exception nobody saw (a busy host's merged tokens).
+        await asyncio.gather(settled, return_exceptions=True)
         await asyncio.gather(*background)
     if len(newcomer.times) < LONE_OUTPUT:
         return None  # its tokens came merged: the steps it was in cannot be told
@@ -364,9 +371,13 @@ def fit_continuous(timings: StreamTimings, plan: StreamPlan | None = None) -> Co
     lone_prompts = {key[2] for key in medians if key[0] == "lone"}
     if len(concurrencies) < 2 or "mixed" not in kinds or len(lone_prompts) < 2:
         seen = ", ".join(f"{k}/{n}/{p}" for k, n, p, _ in medians) or "none"
+        unread = timings.unread and (
+            f"; {timings.unread} decode or mixed runs showed no step: their tokens reached the client merged, as "
+            "from an engine or client short of CPU (calibrate on a quieter host)"
+        )
         raise BackendError(
             "too few streamed cells to fit the continuous model (needs decode gaps at two concurrencies, a mixed "
-            f"step and lone requests at two prompt lengths; measured kind/sequences/prefill: {seen})"
+            f"step and lone requests at two prompt lengths; measured kind/sequences/prefill: {seen}){unread or ''}"
         )
     keys = list(medians)
     kinds_of = np.array([key[0] for key in keys])

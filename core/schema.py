@@ -393,6 +393,10 @@ class LoadTestResult(_Model):
     achieved_rps: float
     shortfall: float = Field(description="1 - achieved/target send rate")
     send_lag_p95_ms: float
+    burst_gap_share: float | None = Field(
+        None, description="share of streamed token gaps under 0.1 ms: tokens read at once, the client or the "
+        "target's front end behind (ITL and TPOT then time that lag, not the engine's steps); None: nothing streamed"
+    )  # fmt: skip
     status_counts: dict[str, int]
     error_rate: float
     reject_rate: float

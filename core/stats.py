@@ -20,8 +20,13 @@ from .histogram import weighted_percentiles
 from .schema import CDF_POINTS, LatencyStats, TokenStats
 
 __all__ = [
-    "RawSample", "Sample", "latency_stats", "own_tpot_ms", "relative_errors", "token_stats", "weighted_percentiles",
+    "BURST_GAP_S", "RawSample", "Sample", "latency_stats", "own_tpot_ms", "relative_errors", "token_stats",
+    "weighted_percentiles",
 ]  # fmt: skip
+
+# Two tokens of one stream this close together were read at once: no engine steps at 10 kHz, so the client, or the
+# engine's front end, fell behind (short of CPU) and the gap timed is that lag's, not a step.
+BURST_GAP_S = 1e-4
 
 _CDF = np.asarray(CDF_POINTS, dtype=float)
 _AT = {"p50_ms": CDF_POINTS.index(50), "p95_ms": CDF_POINTS.index(95), "p99_ms": CDF_POINTS.index(99)}

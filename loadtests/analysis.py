@@ -112,6 +112,7 @@ def analyse(
         workers=facts.workers,
         requests=n,
         **_send_rate(measured),
+        burst_gap_share=tokens.log.burst_share(np.flatnonzero(counted)) if tokens is not None else None,
         status_counts=status_counts,
         error_rate=errors / n if n else 0.0,
         reject_rate=rejected / n if n else 0.0,

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core.stats import BURST_GAP_S
 from ..core.tiers import Tier
 from ..sim.results.token_gaps import TokenGaps
 from .apis import CountedBy
@@ -65,6 +66,14 @@ class TokenLog:
         counts[np.arange(flat.size), np.repeat(tiers[kept].astype(np.int64), sizes)] = 1
         ends = np.concatenate([first_token[r] + np.cumsum(g) for r, g in zip(kept, gaps, strict=True)])
         return TokenGaps(flat * 1000.0, counts, ends)
+
+    def burst_share(self, rows: np.ndarray) -> float | None:
+        """The share of the rows' gaps under :data:`BURST_GAP_S` (None: no gaps): tokens the client read at once."""
+        gaps = [self.gaps_s[r] for r in map(int, rows) if r in self.gaps_s]
+        if not gaps:
+            return None
+        flat = np.concatenate(gaps)
+        return float((flat < BURST_GAP_S).mean()) if flat.size else None
 
     def describe(self, rows: np.ndarray) -> str | None:
         """How the answered rows' token counts were found, for the report (None: none answered)."""

@@ -26,6 +26,8 @@ from ..core.schema import (
 
 __all__ = ["Block", "Summary", "Table", "Verdict", "batch_log_summary", "summaries", "summarise"]
 
+BURST_NOTE_SHARE = 0.2  # token gaps read at once (LoadTestResult.burst_gap_share) from which the report says so
+
 
 def _ms(value: float | None) -> str:
     """One decimal with thousands separators, "-" for none (ms, and rates beside them); never "nan"."""
@@ -330,6 +332,12 @@ def _loadtest(r: LoadTestResult) -> Summary:
     if r.api != "inference":
         token_facts.append(("api", f"{r.api}, {'streamed' if r.stream else 'not streamed'}"))
         token_facts.append(("token counts", r.token_counts or "no answer carried tokens"))
+    if r.burst_gap_share is not None and r.burst_gap_share >= BURST_NOTE_SHARE:
+        lag = (
+            "the client or the target's front end fell behind (short of CPU?), so TTFT, ITL and TPOT time that "
+            "lag, not the engine's steps; spread the load over --workers, lower it, or use a quieter host"
+        )
+        token_facts.append(("token gaps", f"{r.burst_gap_share:.0%} under 0.1 ms, tokens read at once: {lag}"))
     if r.server_metrics is not None:
         token_facts.append(("target's metrics", _server_metrics_line(r)))
     if r.failures:

