@@ -95,7 +95,11 @@ def vllm_openai_server(
 
     Yields ``(process, base URL)``; stopped on exit. ``env``: more of its environment. It leads a process group
     of its own with its engine core (a child process): a test that kills the server kills the group
-    (``os.killpg``), and on exit whatever is left of the group is killed, so no engine outlives its test.
+    (``os.killpg``), and on exit whatever is left of the group is killed, so no engine outlives its test. A
+    group, not a session: with the kernel's autogroup scheduling (on here, and on CI) a session competes as one
+    task, so vLLM in its own (API server, engine core, a thread a core) had one share against the test session's
+    client and tools: on CI it ran at a third of its speed (a knee of 18 req/s against 47-57), and beside a CPU
+    hog its streams came merged, every answer's tokens at once, so no step could be calibrated.
     """
     port = free_port()
     with log.open("w") as fh:
@@ -104,7 +108,7 @@ def vllm_openai_server(
              "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
              "--max-model-len", "512", "--enforce-eager", *VLLM_DTYPE, *extra],
             stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **VLLM_ENV, **(env or {})},
-            start_new_session=True,
+            process_group=0,  # a group, not a session (docstring)
         )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:

