@@ -382,18 +382,31 @@ def _answer_sequence(seq: _Sequence, feed: Any) -> None:
 
 
 def _admissible(feed: Any, model: ServiceModel, now: float) -> tuple[Any, float]:
-    """The first tier's oldest request whose engine overhead has passed, as the simulator admits (SPEC section 12).
+    """The request the simulator would admit now, else when the next may be ready (SPEC section 12).
 
     A request is in the engine's front end (HTTP, tokenisation) for ``admission_delay_ms``
-    after it arrived, and only then schedulable; a later tier's request that is ready goes
-    before an earlier tier's that is not. Returns (request or None, when the next one is ready).
+    after it arrived, and only then joins the waiting room: by tier, then in the order they
+    became ready, so a short prompt overtakes a long one sent just before it (a front end
+    tokenises requests side by side), and a later tier's ready request goes before an
+    earlier tier's that is not (``sim/engines/engine.py: admission_order``). Returns
+    (request or None, a time no later than when the next one is ready).
     """
     joins_at = math.inf
-    for head in feed.heads():
-        ready = head.arrived + model.admission_delay_ms(word_tokens(head.request.prompt)) / 1000.0
-        if ready <= now:
-            return head, math.inf
-        joins_at = min(joins_at, ready)
+    fixed_s = model.request_overhead_ms / 1000.0  # the least any request stays in the front end
+    for queue in feed.waiting():
+        chosen = None
+        for pending in queue:  # oldest first: once one arrived too late to be ready, so did the rest
+            if pending.arrived + fixed_s > now:
+                joins_at = min(joins_at, pending.arrived + fixed_s)
+                break
+            if pending.ready is None:
+                pending.ready = pending.arrived + model.admission_delay_ms(word_tokens(pending.request.prompt)) / 1e3
+            if pending.ready > now:
+                joins_at = min(joins_at, pending.ready)
+            elif chosen is None or pending.ready < chosen.ready:
+                chosen = pending
+        if chosen is not None:
+            return chosen, math.inf
     return None, joins_at
 
 

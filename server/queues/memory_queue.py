@@ -36,6 +36,7 @@ class Pending:
     tier: int
     arrived: float  # loop.time() at arrival
     future: asyncio.Future[Generated] = field(repr=False)
+    ready: float | None = None  # when an engine's front end lets it be scheduled, once a backend has worked it out
 
 
 class WaitingRoom:
@@ -60,15 +61,20 @@ class WaitingRoom:
         self.owner._queued -= 1
         return next(q for q in self.tiers if q).popleft()
 
-    def heads(self) -> list[Pending]:
-        """Each tier's oldest waiting request, enterprise first: the candidates when some may not be admissible yet."""
+    def waiting(self) -> list[deque[Pending]]:
+        """The waiting requests by tier, enterprise first, each tier oldest first: the candidates when some may not
+        be admissible yet (an engine's front end still holds them)."""
         self.drop_abandoned_heads()
-        return [q[0] for q in self.tiers if q]
+        return [q for q in self.tiers if q]
 
-    def pop_tier_head(self, pending: Pending) -> Pending:
-        """Take ``pending``, one of :meth:`heads` (call it in the same loop pass)."""
+    def pop(self, pending: Pending) -> Pending:
+        """Take ``pending``, one of :meth:`waiting` (call it in the same loop pass)."""
         self.owner._queued -= 1
-        return self.tiers[pending.tier].popleft()
+        queue = self.tiers[pending.tier]
+        if queue[0] is pending:
+            return queue.popleft()
+        queue.remove(pending)
+        return pending
 
     def push_front(self, pending: Pending) -> None:
         """Back at the head of its tier (preempted by the engine: it was accepted, so the zones do not judge it)."""

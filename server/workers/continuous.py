@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from ..api_errors import ApiError
@@ -46,14 +47,14 @@ class StepFeed:
         return None if self.closed() else self.room.head()
 
     def take(self, pending: Pending | None = None) -> Pending:
-        """Admit the head (or ``pending``, one of :meth:`heads`): it holds a sequence slot until :meth:`deliver`."""
+        """Admit the head (or ``pending``, one of :meth:`waiting`): it holds a sequence slot until :meth:`deliver`."""
         self.running += 1
-        taken = self.room.pop_head() if pending is None else self.room.pop_tier_head(pending)
+        taken = self.room.pop_head() if pending is None else self.room.pop(pending)
         self.held[id(taken)] = taken
         return taken
 
-    def heads(self) -> list[Pending]:
-        return [] if self.closed() else self.room.heads()
+    def waiting(self) -> list[deque[Pending]]:
+        return [] if self.closed() else self.room.waiting()
 
     async def wait(self) -> bool:
         """Until a request waits (True), or the worker is wanted for something else (False: return when idle)."""

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import numpy as np
 import openai
 import pytest
 from infer_plan.core import Backpressure, ServiceModel
@@ -279,6 +280,37 @@ async def test_the_sim_backend_emulates_engine_overheads_as_the_simulator_times_
     assert 0.163 <= ttft <= 0.230, ttft
     gaps = sorted(b - a for a, b in itertools.pairwise(tokens))  # each one step plus one token's cost: 45 ms
     assert 0.040 <= gaps[len(gaps) // 2] <= 0.065, gaps
+
+
+async def test_a_short_prompt_overtakes_a_long_one_in_the_front_end_as_the_simulator_orders_them(tmp_path):
+    """One sequence slot; a 100-token prompt (160 ms in the front end), then 10 ms later a 2-token one (62 ms): the
+    short one is ready first, so it runs first and the long one waits for its answer, in the server as in the
+    simulator (a front end tokenises side by side; a FIFO head that is not ready must not hold the others)."""
+    from infer_plan.sim.engines.engine import simulate_arrivals
+    from infer_plan.sim.inputs.arrivals import Arrivals
+
+    engine = OVERHEADS.model_copy(update={"max_num_seqs": 1, "admit_ms_per_request": 0, "output_token_ms": 0})
+    long, short = " ".join(f"w{i}" for i in range(100)), "a b"
+    with running_server("--scenario", scenario(tmp_path, engine)) as srv:
+        async with aiohttp.ClientSession() as session:
+            await stream_times(session, srv.url, "dev-paid", "warm up", 2)
+
+            async def later(delay_s: float, prompt: str) -> tuple[float, list[float]]:
+                await asyncio.sleep(delay_s)
+                return await stream_times(session, srv.url, "dev-paid", prompt, 8)
+
+            (long_sent, long_tokens), (short_sent, short_tokens) = await asyncio.gather(
+                later(0.0, long), later(0.010, short)
+            )
+        assert srv.terminate() == 0
+    lengths = {"prompt_tokens": np.array([100, 2], dtype=np.int32), "output_tokens": np.full(2, 8, dtype=np.int32)}
+    run = Arrivals(times=np.array([0.0, short_sent - long_sent]), tiers=np.ones(2, dtype=np.int8), **lengths)
+    predicted = simulate_arrivals(engine, run, gpus=1).records.first_token - run.times
+    measured = np.array([long_tokens[0] - long_sent, short_tokens[0] - short_sent])
+    # Simulated: the short one's first token at 62 + 30 = 92 ms after it was sent; the long one's after the short
+    # one's 8 steps and its own: 10 + 62 + 8 x 30 + 30 = 342 ms (the old head-of-line rule: 190 and 430 ms).
+    assert short_tokens[-1] < long_tokens[0], (short_tokens, long_tokens)
+    assert np.all(measured >= predicted - 0.002) and np.all(measured <= predicted + 0.060), (measured, predicted)
 
 
 # The extended step model (SPEC section 12), its context terms large beside asyncio's timer: 1 ms per context token

@@ -122,7 +122,7 @@ async def test_soak_ten_minutes_at_seventy_percent(tmp_path):
     rate = 0.7 * CAPACITY_RPS
     minutes = 10
     rng = np.random.default_rng(7)
-    p95_by_minute, answered = [], 0
+    p95_by_minute, shed_by_minute, answered = [], [], 0
     with running_server("--scenario", str(scenario)) as srv:
         async with sampling(srv, every_s=5.0) as sampler:
             for minute in range(minutes):  # one bounded chunk of arrivals per minute
@@ -130,12 +130,16 @@ async def test_soak_ten_minutes_at_seventy_percent(tmp_path):
                 result = await send_open_loop(srv.url, arr, DEV_KEYS, input_prefix=f"m{minute}", timeout_s=60)
                 assert_all_answered_correctly(result)
                 statuses = result.records.status
-                # At 70% nothing should be shed (the simulator sheds none of these arrivals in any minute); a stall
-                # of the shared 2-core machine makes a free-tier burst cross the yellow zone now and then (16 and 26
-                # 429s in a minute's ~7,700 on 2026-11-24), so free-tier sheds are allowed up to 0.5% a minute.
+                # At 70% nothing should be shed (the simulator sheds none of these arrivals in any minute). A stall of
+                # the shared 2-core machine holds the server's loop, and the requests sent meanwhile reach it as one
+                # burst that crosses the yellow zone: shedding free-tier requests then is the specified behaviour
+                # (16 and 26 429s in a minute's ~7,700 on 2026-11-24, 43 on a CI run on 2026-12-07). So sheds must
+                # be free-tier, under 2% in any minute and 0.5% over the soak: a server that degrades as it runs
+                # sheds more every minute.
                 shed = statuses != 200
                 counts = dict(zip(*np.unique(statuses, return_counts=True), strict=True))
-                assert shed.mean() <= 0.005 and (result.records.tier[shed] == Tier.FREE).all(), counts
+                assert shed.mean() <= 0.02 and (result.records.tier[shed] == Tier.FREE).all(), counts
+                shed_by_minute.append(int(shed.sum()))
                 answered += len(result.records.status)
                 p95_by_minute.append(p95_ms(result, np.ones(len(result.records.status), dtype=bool)))
         await asyncio.sleep(1.0)  # the sender's connections are closed; the server's sockets go with them
@@ -146,12 +150,14 @@ async def test_soak_ten_minutes_at_seventy_percent(tmp_path):
     fd_slope = sampler.slope_per_min(sampler.fds, after_s=60.0)
     spread = (max(p95_by_minute) - min(p95_by_minute)) / float(np.median(p95_by_minute))
     print(
-        f"\nsoak: {answered} requests over {minutes} min at {rate:.0f} req/s, all 200; "
+        f"\nsoak: {answered} requests over {minutes} min at {rate:.0f} req/s, "
         f"RSS {sampler.rss_mb[0]:.1f} -> {sampler.rss_mb[-1]:.1f} MB (slope {rss_slope:+.3f} MB/min after minute 1); "
         f"fds {sampler.fds[0]} before, {min(sampler.fds[1:])}-{max(sampler.fds)} under load "
         f"(slope {fd_slope:+.3f}/min), {fds_after} after; "
-        f"P95 by minute {', '.join(f'{p:.0f}' for p in p95_by_minute)} ms (spread {spread:.1%})"
+        f"P95 by minute {', '.join(f'{p:.0f}' for p in p95_by_minute)} ms (spread {spread:.1%}); "
+        f"free-tier 429s by minute {', '.join(map(str, shed_by_minute))}"
     )
+    assert sum(shed_by_minute) <= 0.005 * answered
     assert abs(rss_slope) < 1.0  # MB per minute
     # Under load the count follows the client's keep-alive pool (47-77 seen, a slope of +1.3/min once on CI);
     # a leak of one fd per request would climb ~7,600/min. Once the pool closes, nothing may be left over.
