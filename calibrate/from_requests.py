@@ -183,8 +183,10 @@ def decode_rows(req: SavedRequests, rows: np.ndarray, tolerance_s: float) -> tup
 
     Request i's decode steps are those ending in ``(first_i, done_i]``; each end is moved ``tolerance_s`` later,
     so a request whose first token came in i's first token's step (a few ms after it, as read) is not counted as
-    joining in i's decode, and one whose first token came in i's last step (a few ms before it) is. Without it,
-    each such tie fell either way: at 3 ms of client jitter the prefill term came out 12-35% low.
+    joining in i's decode, and one whose first token came in i's last step (a few ms before it) is. Without it
+    such ties fell either way in a measured run and one way in its replay (a step's tokens come at one instant
+    there), and :func:`fit_requests` could not match the two: with 3 ms of jitter on each time its prefill term
+    came out up to 23% off on simulated runs, with it 5%.
     """
     first = req.decode_start()
     design = np.empty((rows.size, 4))
@@ -224,16 +226,17 @@ def fit_requests(req: SavedRequests, model: ServiceModel) -> ContinuousFit:
 
     The linear fit of :func:`decode_rows` is biased: counting each request's tokens as
     evenly spaced lends a step with a prefill fewer tokens than it had, so the prefill's
-    cost goes to the per-sequence term (12-25% low on a simulated run of known terms).
+    cost goes to the per-sequence term (the prefill 12-25% low on simulated runs of known terms).
     The replay knows that bias: each round replays the run with the current terms, fits
     the replay's rows the same way, and moves the terms by the difference between the
     run's fit and the replay's (indirect inference: the terms whose replay fits as the
     run did). Each round also fits the overheads, robustly, to what the replay leaves of
     each measured TTFT. A replay moves requests by whole steps as the terms change, so
-    the rounds jitter about the answer: the mean of the later rounds is kept. On
-    simulated runs of the test's engine the step terms came within 2.3% (exact times)
-    and 4.7% (3 ms of jitter on each time), where ten rounds of Gauss-Newton on the
-    replayed decode times, fitted before, were 13-14% off the prefill term.
+    the rounds jitter about the answer: the mean of the later rounds is kept. On eight
+    simulated runs of the test's engine the step terms came within 1.8% (exact times)
+    and 2.4% (3 ms of jitter on each time); ten rounds of Gauss-Newton on the replayed
+    decode times, fitted before, were up to 6.6% and 13.8% off the prefill term (a
+    replay's per-request residual is too rough for a local method).
     """
     from scipy.optimize import least_squares  # loads on use
 
