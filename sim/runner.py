@@ -175,7 +175,9 @@ def check_run_size(model: ServiceModel, workload: Workload, settings: RunSetting
     warmup = settings.warmup_for(workload)
     if (sample := sampled_gpus(model, workload, settings, gpus)) < gpus:
         workload = _share_of(workload, sample / gpus)
-    streams = model.batching is Batching.STATIC or compiled_applies(model)
+    sessions = workload.sessions is not None  # the interpreted engine's, as traces' hash ids are with caching
+    keyed = sessions or workload.trace is not None or workload.dataset is not None
+    streams = model.batching is Batching.STATIC or (compiled_applies(model, prefixes=keyed) and not sessions)
     stops_early = settings.precision is not None and streams
     horizon = warmup + (min(settings.min_duration_s, settings.duration_s) if stops_early else settings.duration_s)
     requests = workload.schedule.mean_rate(0.0, horizon) * horizon * workload.requests_per_arrival

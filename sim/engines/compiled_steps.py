@@ -14,9 +14,10 @@ moments as the fleet's does.
 It runs what needs no fleet events of its own: no GPU failures, no autoscaler, no
 measured step spread (``cycle_jitter``), and the three-term step formula (the extended
 model's terms, SPEC section 12, make every decode step of a run its own length; not
-ported yet). Those runs, and machines without numba, use
-the interpreted engine (:func:`compiled_applies`); both are held to the step-by-step
-reference request by request.
+ported yet). Prefix caching runs here with KV reserved whole and prompts that share a
+system prompt (``--shared-prefix``, :mod:`.prefix_kernel`); conversations and traces' hash
+ids, paged KV and routing use the interpreted engine, as do machines without numba
+(:func:`compiled_applies`). Both are held to the step-by-step reference request by request.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import numpy as np
 
 from ...core.dispatch import EPS
 from ...core.model import KvPolicy, Routing, ServiceModel
+from ...core.prompt_blocks import SharedPrefix
 from ...core.records import Outcome, RequestRecords
 from ..inputs.arrivals import Arrivals
 from ..results.fleet_log import FleetLog
@@ -36,20 +38,21 @@ from ..results.sinks import Sink, simulated_outcomes
 from ..results.token_gaps import TokenGaps
 from .fleet import SAMPLE_KEYS
 
-__all__ = ["CompiledSteps", "compiled_applies", "load_compiled"]
+__all__ = ["CompiledSteps", "compiled_applies", "load_compiled", "shares_only_system_prompts"]
 
 _KV_UNBOUNDED = 1 << 62
 
 
-def compiled_applies(model: ServiceModel) -> bool:
+def compiled_applies(model: ServiceModel, *, prefixes: bool = False) -> bool:
     """Whether the compiled loop can run this model: numba is installed (the ``fast`` extra) and the fleet never
     changes (no failures, no autoscaler), shares one waiting room (no routing), reserves KV whole and steps take
-    their formula's time (no measured spread, no extended step terms, no prefix cache)."""
+    their formula's time (no measured spread, no extended step terms). ``prefixes``: the prompts share more than a
+    system prompt (conversations, a trace's hash ids), which the compiled cache does not key."""
     return (
         model.routing is Routing.SHARED_QUEUE
         and model.kv_policy is KvPolicy.RESERVE
         and not model.cycle_jitter
-        and not model.prefix_caching
+        and not (model.prefix_caching and prefixes)
         and not model.context_terms
         and model.faults.mtbf_s is None
         and not model.autoscale.enabled
@@ -57,14 +60,21 @@ def compiled_applies(model: ServiceModel) -> bool:
     )
 
 
+def shares_only_system_prompts(prefixes: np.ndarray | None) -> bool:
+    """Whether what these prompts share is at most a system prompt each (what the compiled cache keys)."""
+    return prefixes is None or all(p is None or isinstance(p, SharedPrefix) for p in prefixes.tolist())
+
+
 def load_compiled() -> None:
     """Compile the loop, or load it from numba's cache, now: worker processes forked after this share it instead
     of each importing numba and loading it again (half a second each)."""
+    from . import prefix_kernel
     from . import step_kernel as kernel
 
     state = kernel.new_state(1, 1, 1, 4)
-    kernel.advance(0.0, 0.0, *state.values(), np.zeros(4), np.zeros(6, np.int64))
-    kernel.admit_until(0.0, state["rf"], state["ri"], state["queue"], state["iv"], np.zeros(6, np.int64))
+    kv = tuple(prefix_kernel.new_cache(1, 1, caching=False).values())
+    kernel.advance(0.0, 0.0, *state.values(), np.zeros(4), np.zeros(kernel.L_SIZE, np.int64), kv)
+    kernel.admit_until(0.0, state["rf"], state["ri"], state["queue"], state["iv"], np.zeros(kernel.L_SIZE, np.int64))
     kernel.rebase(0, state["rf"], state["ri"], state["queue"], state["gi"], state["pf"], state["fin"], state["iv"])
 
 
@@ -84,9 +94,10 @@ class CompiledSteps:
         sample_every_s: float,
         load_factor: Callable[[float, float], float],
     ) -> None:
-        from . import step_kernel as kernel  # numba compiles (or loads from its cache) on first use only
+        from . import prefix_kernel  # numba compiles (or loads from its cache) on first use only
+        from . import step_kernel as kernel
 
-        self.k = kernel
+        self.k, self.pk = kernel, prefix_kernel
         self.model, self.gpus, self.sink = model, gpus, sink
         self.horizon_s, self.every, self.load_factor = horizon_s, sample_every_s, load_factor
         self.state = kernel.new_state(gpus, model.max_num_seqs, self.LOAD_REQUESTS * 2, max(self.BOOKED, 4 * gpus))
@@ -95,7 +106,20 @@ class CompiledSteps:
         self.params = np.array(
             [model.decode_step_ms, model.prefill_ms_per_token, model.decode_ms_per_seq, model.admit_ms_per_request]
         )
-        self.limits = np.array([model.max_num_seqs, kv, model.max_batched_tokens, *thresholds], np.int64)
+        # Prefix caching: each GPU's blocks (placeholders without it); system prompts numbered as they first come.
+        self.caching = model.prefix_caching
+        self.cache = prefix_kernel.new_cache(gpus, model.max_num_seqs, self.caching)
+        self.state["iv"][prefix_kernel.I_SEG_FREE] = self.cache["seg_pool"].size
+        self.state["iv"][prefix_kernel.I_RUN_FREE] = self.cache["run_pool"].size
+        self.state["gi"][:, [prefix_kernel.G_LRU_HEAD, prefix_kernel.G_LRU_TAIL]] = -1
+        self.groups: dict[int, int] = {}
+        blocks = model.kv_cache_blocks
+        self.limits = np.array(
+            [model.max_num_seqs, kv, model.max_batched_tokens, *thresholds, self.caching, model.kv_block_tokens,
+             _KV_UNBOUNDED if math.isinf(blocks) else blocks, math.isinf(blocks),
+             prefix_kernel.pool_room(gpus, model.max_num_seqs)],
+            np.int64,
+        )  # fmt: skip
         self.delayed = bool(model.request_overhead_ms or model.tokenize_ms_per_token)
         self.lag_s = model.output_token_ms / 1000.0
         # The window's own columns beside the kernel's: arrival time, arrival number, handed over yet.
@@ -126,6 +150,9 @@ class CompiledSteps:
                 args = self._args()
             elif outcome == k.FLUSH:
                 self._flush_booked()
+            elif outcome == k.GROW:
+                self.pk.grow_pools(self.cache, s["iv"])
+                args = self._args()
             elif outcome == k.REACHED:
                 while not s["iv"][k.I_EXHAUSTED] and (
                     s["iv"][k.I_N] == 0 or s["rf"][k.RT, s["iv"][k.I_N] - 1] <= t_sample + EPS
@@ -145,8 +172,9 @@ class CompiledSteps:
 
     def _args(self) -> tuple:
         s = self.state
+        kv = tuple(self.cache.values())
         return (s["rf"], s["ri"], s["queue"], s["gi"], s["step_s"], s["pf"], s["fin"], s["heap_end"], s["heap_gpu"],
-                s["runs"], s["gaps"], s["iv"], s["fv"], self.params, self.limits)  # fmt: skip
+                s["runs"], s["gaps"], s["iv"], s["fv"], self.params, self.limits, kv)  # fmt: skip
 
     def _sample(self, t: float) -> None:
         """The fleet monitor's sample at ``t`` (:meth:`~.fleet.Fleet.monitor`): the queue, the fleet, the rate."""
@@ -193,11 +221,33 @@ class CompiledSteps:
                 chunk.times + np.asarray(self.model.admission_delay_ms(chunk.prompt_tokens.astype(np.float64))) / 1000.0
             )
         seq = np.arange(self.read, self.read + m, dtype=np.int64)
-        self.pending.add(ready, chunk.times, seq, chunk.tiers, chunk.prompt_tokens, chunk.output_tokens)
+        group, shared = self._system_prompts(chunk)
+        self.pending.add(ready, chunk.times, seq, chunk.tiers, chunk.prompt_tokens, chunk.output_tokens, group, shared)
         self.read += m
         self.last_read_s = float(chunk.times[-1])
 
-    def _append(self, ready, sched, seq, tiers, prompt, output) -> None:
+    def _system_prompts(self, chunk: Arrivals) -> tuple[np.ndarray, np.ndarray]:
+        """Each request's system prompt, numbered as they first came (-1: none), and its blocks in this prompt."""
+        m = len(chunk)
+        group, shared = np.full(m, -1, np.int64), np.zeros(m, np.int64)
+        if not self.caching or chunk.prefixes is None:
+            return group, shared
+        if not shares_only_system_prompts(chunk.prefixes):
+            raise ValueError("the compiled loop caches system prompts only: conversations and traces' hash ids "
+                             "run in the interpreted engine")  # fmt: skip
+        prefixes = chunk.prefixes.tolist()
+        has = np.fromiter((p is not None for p in prefixes), bool, count=m)
+        tokens = np.fromiter((p.tokens if p is not None else 0 for p in prefixes), np.int64, count=m)
+        given = np.fromiter((p.group if p is not None else -1 for p in prefixes), np.int64, count=m)
+        seen, which = np.unique(given[has], return_inverse=True)
+        for g in seen.tolist():
+            self.groups.setdefault(g, len(self.groups))
+        group[has] = np.array([self.groups[g] for g in seen.tolist()], np.int64)[which]
+        shared[has] = np.minimum(tokens[has], chunk.prompt_tokens[has]) // self.model.kv_block_tokens
+        self.pk.fit_groups(self.cache, len(self.groups), int(shared.max(initial=0)))
+        return group, shared
+
+    def _append(self, ready, sched, seq, tiers, prompt, output, group, shared) -> None:
         k, s = self.k, self.state
         n, m = int(s["iv"][k.I_N]), ready.size
         if n + m > s["rf"].shape[1]:
@@ -210,6 +260,10 @@ class CompiledSteps:
         ri[k.PROMPT, n : n + m] = prompt
         ri[k.OUTPUT, n : n + m] = output
         ri[k.STATUS, n : n + m] = k.WAITING
+        ri[k.FILL, n : n + m] = prompt
+        ri[k.GROUP, n : n + m] = group
+        ri[k.SHARED_N, n : n + m] = shared
+        ri[k.CACHED, n : n + m] = 0
         self.sched[n : n + m], self.seq[n : n + m], self.folded[n : n + m] = sched, seq, False
         s["iv"][k.I_N] = n + m
         bins = (ready / self.every).astype(np.int64)
@@ -289,6 +343,7 @@ class CompiledSteps:
             first_token=first,
             prompt_tokens=ri[k.PROMPT, rows].astype(np.int32),
             output_tokens=output,
+            cached_tokens=ri[k.CACHED, rows].copy() if self.caching else None,
         )
 
 

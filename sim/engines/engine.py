@@ -24,7 +24,7 @@ from ..results.fleet_log import FleetLog
 from ..results.sinks import RecordKeeper, Sink, simulated_outcomes
 from ..results.token_gaps import TokenGaps
 from .batch_engine import BatchEngine
-from .compiled_steps import CompiledSteps, compiled_applies
+from .compiled_steps import CompiledSteps, compiled_applies, shares_only_system_prompts
 from .step_engine import StepEngine
 from .waiting import SessionPlan
 
@@ -122,11 +122,16 @@ def simulate_chunks(
     chunks = iter(chunks)
     first = next(chunks, None)
     sessions = first is not None and first.has_sessions  # closed-loop turns: the interpreted engine's
+    keyed = first is not None and not shares_only_system_prompts(first.prefixes)  # traces' hash ids
     chunks = itertools.chain([first] if first is not None else [], chunks)
-    use_compiled = compiled if compiled is not None else compiled_applies(model) and not sessions
+    runs_compiled = compiled_applies(model, prefixes=sessions or keyed) and not sessions
+    use_compiled = compiled if compiled is not None else runs_compiled
     if model.batching is Batching.CONTINUOUS and use_compiled:
-        if not compiled_applies(model) or sessions:
-            raise ValueError("the compiled loop runs a fixed fleet with steps of their formula's length, no sessions")
+        if not runs_compiled:
+            raise ValueError(
+                "the compiled loop runs a fixed fleet with steps of their formula's length, no sessions, and caches "
+                "system prompts only"
+            )
         steps = CompiledSteps(model, gpus, sink, horizon_s=horizon_s, sample_every_s=every, load_factor=load_factor)
         return steps.run(chunks)
     if model.batching is Batching.CONTINUOUS:

@@ -9,14 +9,17 @@ by request); read that module for the why of each line, this one for the layout.
 
 Layout (``W`` requests in the window, ``G`` GPUs, ``S`` = max_num_seqs):
 
-- ``rf[RT|FIRST|DONE, W]`` float64 and ``ri[TIER|PROMPT|OUTPUT|STATUS, W]`` int64: per request, in joining order;
+- ``rf[RT|FIRST|DONE, W]`` float64 and ``ri[TIER|PROMPT|OUTPUT|STATUS|FILL|..., W]`` int64: per request, in joining
+  order (``FILL``: the prompt tokens it prefills, less its cached prefix; the rest of the rows are prefix caching's);
 - ``queue[tier, W]``: ids waiting per tier, between ``iv[HEAD0 + tier]`` and ``iv[TAIL0 + tier]``;
 - ``gi[G, K]`` int64 and ``step_s[G]``: per GPU (the ``G_*`` columns);
 - ``pf[PF_ID|PF_LEFT|PF_CHUNK, G, S]``: each GPU's prefilling sequences in admission order;
 - ``fin[FIN_STEP|FIN_ID, G, S]``: each GPU's decoding sequences, a heap by (step of the last token, id);
 - ``heap_end[G]``, ``heap_gpu[G]``: the GPUs' step ends, a heap by (end, GPU);
 - ``runs[R, 3]`` (start, end, sequences) and ``gaps[R, 5]`` (gap s, gaps per tier, end): booked, flushed by the driver;
-- ``iv`` / ``fv``: the scalars (``I_*`` / ``F_*``); ``params`` / ``limits``: the model.
+- ``iv`` / ``fv``: the scalars (``I_*`` / ``F_*``); ``params`` / ``limits``: the model;
+- ``kv``: prefix caching's arrays (:mod:`.prefix_kernel`; placeholders when it is off) and ``leave``, the
+  sequences leaving a GPU at one step end, released to its cache in the order they were admitted.
 """
 
 from __future__ import annotations
@@ -26,28 +29,34 @@ import math
 import numba as nb
 import numpy as np
 
-__all__ = ["admit_until", "advance", "rebase"]
+from . import prefix_kernel as pk
+
+__all__ = ["admit_until", "advance", "new_state", "rebase"]
 
 EPS = 1e-9  # core.dispatch.EPS: the engines' shared tolerance on simulated clocks
 
 # rf rows, ri rows, statuses
 RT, FIRST, DONE = 0, 1, 2
-TIER, PROMPT, OUTPUT, STATUS = 0, 1, 2, 3
+TIER, PROMPT, OUTPUT, STATUS, FILL = 0, 1, 2, 3, 4
+GROUP, SHARED_N, HITS, OWN_SEG, ADMITTED_AS, CACHED = 5, 6, 7, 8, 9, 10  # prefix caching: see _admit_cached
+RI_ROWS = 11
 WAITING, SHED, REFUSED = 0, 1, 2
 # gi columns
 G_BUSY, G_STEPS_DONE, G_KV, G_RUNNING, G_NDEC, G_DEC0, G_STEPS, G_IDLE, G_PF_N, G_FIN_N = 0, 1, 2, 3, 4, 5, 8, 9, 10, 11
-G_COLUMNS = 12
+G_COLUMNS = 17  # and prefix_kernel's G_USED .. G_LRU_TAIL
 PF_ID, PF_LEFT, PF_CHUNK = 0, 1, 2
 FIN_STEP, FIN_ID = 0, 1
 # iv scalars
 I_NEXT, I_N, I_EXHAUSTED, I_QUEUED, I_HEAP_N, I_IDLE_N, I_RUNS, I_GAPS, HEAD0, TAIL0 = 0, 1, 2, 3, 4, 5, 6, 7, 8, 11
-I_SIZE = 14
+I_SIZE = 17  # and prefix_kernel's I_SEG_FREE, I_RUN_FREE, I_ADMISSIONS
 F_NOW = 0
 # params (float64) and limits (int64)
 P_STEP, P_PREFILL, P_SEQ, P_ADMIT = 0, 1, 2, 3
 L_MAX_SEQS, L_KV, L_TOKENS, L_GREEN, L_YELLOW, L_RED = 0, 1, 2, 3, 4, 5
+L_CACHING, L_BLOCK, L_BLOCKS, L_UNBOUNDED, L_POOL_ROOM = 6, 7, 8, 9, 10  # prefix caching: block tokens, blocks a GPU
+L_SIZE = 11
 # what advance() returns
-NEED_MORE, FLUSH, REACHED, DONE_ALL = 0, 1, 2, 3
+NEED_MORE, FLUSH, REACHED, DONE_ALL, GROW = 0, 1, 2, 3, 4
 
 _jit = nb.njit(cache=True, nogil=True)
 
@@ -192,10 +201,24 @@ def _fin_pop(g, fin, gi):
 
 
 @_jit
-def _admit(g, now, rf, ri, queue, gi, pf, iv, limits):
+def _admit(g, now, rf, ri, queue, gi, pf, iv, limits, kv):
     max_seqs, budget = limits[L_MAX_SEQS], limits[L_KV]
     while iv[I_QUEUED] > 0 and gi[g, G_RUNNING] < max_seqs:
         i = _pop(queue, iv)
+        if limits[L_CACHING]:
+            admitted = _admit_cached(g, i, ri, gi, iv, limits, kv)
+            if admitted < 0:  # longer than the whole cache
+                ri[STATUS, i] = REFUSED
+                rf[DONE, i] = now
+                continue
+            if admitted == 0:
+                _push_back(i, queue, ri, iv)
+                return
+            k = gi[g, G_PF_N]
+            pf[PF_ID, g, k], pf[PF_LEFT, g, k] = i, ri[FILL, i]
+            gi[g, G_PF_N] = k + 1
+            gi[g, G_RUNNING] += 1
+            continue
         reserve = ri[PROMPT, i] + ri[OUTPUT, i]
         if gi[g, G_KV] + reserve > budget:
             if reserve <= budget:
@@ -211,10 +234,103 @@ def _admit(g, now, rf, ri, queue, gi, pf, iv, limits):
         gi[g, G_RUNNING] += 1
 
 
+# -- prefix caching, a request at a time (step_engine.py's _admit_cached, _end_step and _release_leaving) ----------
+
+
 @_jit
-def _plan(g, now, rf, ri, queue, gi, step_s, pf, fin, heap_end, heap_gpu, runs, iv, params, limits):
+def _admit_cached(g, i, ri, gi, iv, limits, kv):
+    """1: admitted, its leading resident blocks shared; 0: it waits for room; -1: too big for the whole cache."""
+    sg, rn, shared, holders, seg_pool, run_pool, _ = kv
+    block, capacity = limits[L_BLOCK], limits[L_BLOCKS]
+    prompt = ri[PROMPT, i]
+    blocks = -(-(prompt + ri[OUTPUT, i]) // block)
+    if blocks > capacity:
+        return -1
+    hits, s, revived = 0, -1, 0
+    if ri[SHARED_N, i] > 0:
+        s = shared[g, ri[GROUP, i]]
+        if s >= 0:
+            hits = min(sg[pk.SG_PRESENT, s], ri[SHARED_N, i])
+            revived = max(0, hits - sg[pk.SG_IN_USE, s])
+    if gi[g, pk.G_USED] + gi[g, pk.G_UNKEYED] + revived + blocks - hits > capacity:
+        return 0
+    if hits:
+        pk.hold(g, s, 0, hits, gi, sg, rn, holders, run_pool, iv)
+    gi[g, pk.G_UNKEYED] += blocks - hits
+    pk.evict(g, capacity, gi, sg, rn, shared, seg_pool, run_pool, iv)
+    skipped = min(hits * block, prompt - 1)
+    ri[CACHED, i], ri[FILL, i], ri[HITS, i] = skipped, prompt - skipped, hits
+    ri[ADMITTED_AS, i] = iv[pk.I_ADMISSIONS]
+    iv[pk.I_ADMISSIONS] += 1
+    return 1
+
+
+@_jit
+def _prefilled(g, i, ri, gi, iv, limits, kv):
+    """Its prompt's blocks after its hits are computed: resident, the system prompt's shared, the rest its own."""
+    sg, rn, shared, holders, seg_pool, run_pool, _ = kv
+    n_shared, hits = ri[SHARED_N, i], ri[HITS, i]
+    if n_shared > 0:
+        group = ri[GROUP, i]
+        s = shared[g, group]
+        if s < 0:
+            s = pk.new_segment(group, sg, seg_pool, iv)
+            shared[g, group] = s
+        pk.hold(g, s, hits, n_shared, gi, sg, rn, holders, run_pool, iv)
+    n_own = ri[PROMPT, i] // limits[L_BLOCK] - n_shared
+    if n_own > 0:
+        s = pk.new_segment(-1, sg, seg_pool, iv)
+        ri[OWN_SEG, i] = s
+        pk.hold(g, s, 0, n_own, gi, sg, rn, holders, run_pool, iv)
+    gi[g, pk.G_UNKEYED] -= n_shared + n_own - hits
+
+
+@_jit
+def _release(g, i, ri, gi, iv, limits, kv):
+    """It finished: its answer's full blocks become a segment of its own, then its blocks nobody else holds are
+    cached, its answer's first, its system prompt's last (so a prefix's blocks are evicted last)."""
+    sg, rn, shared, holders, seg_pool, run_pool, _ = kv
+    block, unbounded = limits[L_BLOCK], limits[L_UNBOUNDED]
+    prompt, output = ri[PROMPT, i], ri[OUTPUT, i]
+    n_shared = ri[SHARED_N, i]
+    n_own = prompt // block - n_shared
+    extra = (prompt + output) // block - prompt // block
+    held = 0
+    if extra > 0:
+        s = pk.new_segment(-1, sg, seg_pool, iv)
+        pk.hold(g, s, 0, extra, gi, sg, rn, holders, run_pool, iv)
+        gi[g, pk.G_UNKEYED] -= extra
+        pk.let_go(g, s, extra, unbounded, gi, sg, rn, holders, shared, seg_pool, run_pool, iv)
+        held += extra
+    if n_own > 0:
+        pk.let_go(g, ri[OWN_SEG, i], n_own, unbounded, gi, sg, rn, holders, shared, seg_pool, run_pool, iv)
+        held += n_own
+    if n_shared > 0:
+        s = shared[g, ri[GROUP, i]]
+        pk.let_go(g, s, n_shared, unbounded, gi, sg, rn, holders, shared, seg_pool, run_pool, iv)
+        held += n_shared
+    gi[g, pk.G_UNKEYED] -= -(-(prompt + output) // block) - held
+
+
+@_jit
+def _release_leaving(g, n, ri, gi, iv, limits, kv):
+    """The ``n`` sequences that left ``g`` at this step end, in the order they were admitted (the LRU's order)."""
+    leave = kv[6]
+    for a in range(1, n):  # insertion sort: a step end has a few
+        i = leave[a]
+        b = a - 1
+        while b >= 0 and ri[ADMITTED_AS, leave[b]] > ri[ADMITTED_AS, i]:
+            leave[b + 1] = leave[b]
+            b -= 1
+        leave[b + 1] = i
+    for a in range(n):
+        _release(g, leave[a], ri, gi, iv, limits, kv)
+
+
+@_jit
+def _plan(g, now, rf, ri, queue, gi, step_s, pf, fin, heap_end, heap_gpu, runs, iv, params, limits, kv):
     if iv[I_QUEUED] > 0 and gi[g, G_RUNNING] < limits[L_MAX_SEQS]:
-        _admit(g, now, rf, ri, queue, gi, pf, iv, limits)
+        _admit(g, now, rf, ri, queue, gi, pf, iv, limits, kv)
     if gi[g, G_RUNNING] == 0:
         gi[g, G_BUSY] = 0
         gi[g, G_IDLE] = 1
@@ -230,7 +346,7 @@ def _plan(g, now, rf, ri, queue, gi, step_s, pf, fin, heap_end, heap_gpu, runs, 
             prefill += chunk
             if chunk > 0:
                 sequences += 1
-                if left == ri[PROMPT, pf[PF_ID, g, k]]:
+                if left == ri[FILL, pf[PF_ID, g, k]]:
                     joining += 1
         length = (
             params[P_STEP] + params[P_PREFILL] * prefill + params[P_SEQ] * sequences + params[P_ADMIT] * joining
@@ -257,7 +373,8 @@ def _plan(g, now, rf, ri, queue, gi, step_s, pf, fin, heap_end, heap_gpu, runs, 
 
 
 @_jit
-def _end_step(g, now, rf, ri, gi, step_s, pf, fin, gaps, iv):
+def _end_step(g, now, rf, ri, gi, step_s, pf, fin, gaps, iv, limits, kv):
+    caching, leave, leaving = limits[L_CACHING], kv[6], 0
     steps = gi[g, G_STEPS]
     done = gi[g, G_STEPS_DONE] + steps
     gi[g, G_STEPS_DONE] = done
@@ -279,10 +396,16 @@ def _end_step(g, now, rf, ri, gi, step_s, pf, fin, gaps, iv):
                 keep += 1
                 continue
             rf[FIRST, i] = now  # the last prompt chunk emits the first token
+            if caching:
+                _prefilled(g, i, ri, gi, iv, limits, kv)
             if ri[OUTPUT, i] == 1:
                 rf[DONE, i] = now
-                gi[g, G_KV] -= ri[PROMPT, i] + ri[OUTPUT, i]
                 gi[g, G_RUNNING] -= 1
+                if caching:
+                    leave[leaving] = i
+                    leaving += 1
+                else:
+                    gi[g, G_KV] -= ri[PROMPT, i] + ri[OUTPUT, i]
                 continue
             _fin_push(g, done + ri[OUTPUT, i] - 1, i, fin, gi)
             gi[g, G_DEC0 + ri[TIER, i]] += 1
@@ -292,9 +415,15 @@ def _end_step(g, now, rf, ri, gi, step_s, pf, fin, gaps, iv):
         i = _fin_pop(g, fin, gi)
         gi[g, G_DEC0 + ri[TIER, i]] -= 1
         rf[DONE, i] = now
-        gi[g, G_KV] -= ri[PROMPT, i] + ri[OUTPUT, i]
         gi[g, G_RUNNING] -= 1
         gi[g, G_NDEC] -= 1
+        if caching:
+            leave[leaving] = i
+            leaving += 1
+        else:
+            gi[g, G_KV] -= ri[PROMPT, i] + ri[OUTPUT, i]
+    if leaving:
+        _release_leaving(g, leaving, ri, gi, iv, limits, kv)
 
 
 # -- the loop --------------------------------------------------------------------------------------------------------
@@ -302,12 +431,13 @@ def _end_step(g, now, rf, ri, gi, step_s, pf, fin, gaps, iv):
 
 @_jit
 def advance(
-    t_from, t_limit, rf, ri, queue, gi, step_s, pf, fin, heap_end, heap_gpu, runs, gaps, iv, fv, params, limits
+    t_from, t_limit, rf, ri, queue, gi, step_s, pf, fin, heap_end, heap_gpu, runs, gaps, iv, fv, params, limits, kv
 ):
     """Run every event before ``t_limit``; stop early when more arrivals, or room for the booked runs, are needed.
 
     Returns NEED_MORE (load arrivals past the next event), FLUSH (hand over runs and gaps), REACHED (the next event
-    is at or after ``t_limit``: the monitor's turn) or DONE_ALL (every arrival loaded and served).
+    is at or after ``t_limit``: the monitor's turn), GROW (prefix caching's pools may not hold one more moment's
+    segments and runs) or DONE_ALL (every arrival loaded and served).
     """
     gpus = gi.shape[0]
     room = runs.shape[0] - gpus - 1
@@ -326,6 +456,8 @@ def advance(
             return REACHED
         if iv[I_RUNS] > room or iv[I_GAPS] > room:
             return FLUSH
+        if limits[L_CACHING] and min(iv[pk.I_SEG_FREE], iv[pk.I_RUN_FREE]) < limits[L_POOL_ROOM]:
+            return GROW
         # -- every event at this moment: arrivals, then the steps ending now by GPU, then idle GPUs pick up
         now = event
         fv[F_NOW] = now
@@ -334,14 +466,14 @@ def advance(
             admit_until(now, rf, ri, queue, iv, limits)
         while iv[I_HEAP_N] > 0 and heap_end[0] <= limit:
             g = _heap_pop(heap_end, heap_gpu, iv)
-            _end_step(g, now, rf, ri, gi, step_s, pf, fin, gaps, iv)
-            _plan(g, now, rf, ri, queue, gi, step_s, pf, fin, heap_end, heap_gpu, runs, iv, params, limits)
+            _end_step(g, now, rf, ri, gi, step_s, pf, fin, gaps, iv, limits, kv)
+            _plan(g, now, rf, ri, queue, gi, step_s, pf, fin, heap_end, heap_gpu, runs, iv, params, limits, kv)
         if iv[I_IDLE_N] > 0 and iv[I_QUEUED] > 0:
             for g in range(gpus):
                 if gi[g, G_IDLE] == 1 and iv[I_QUEUED] > 0:
                     gi[g, G_IDLE] = 0
                     iv[I_IDLE_N] -= 1
-                    _plan(g, now, rf, ri, queue, gi, step_s, pf, fin, heap_end, heap_gpu, runs, iv, params, limits)
+                    _plan(g, now, rf, ri, queue, gi, step_s, pf, fin, heap_end, heap_gpu, runs, iv, params, limits, kv)
 
 
 @_jit
@@ -372,7 +504,7 @@ def new_state(gpus: int, max_seqs: int, window: int, booked: int) -> dict[str, n
     iv[I_IDLE_N] = gpus
     return {
         "rf": np.full((3, window), np.nan),
-        "ri": np.zeros((4, window), np.int64),
+        "ri": np.zeros((RI_ROWS, window), np.int64),
         "queue": np.zeros((3, window), np.int64),
         "gi": gi,
         "step_s": np.zeros(gpus),

@@ -9,11 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from infer_plan.core import ServiceModel
+from infer_plan.core.prompt_blocks import TraceHashes
 from infer_plan.core.records import Outcome
 from infer_plan.sim import RateSchedule, RunSettings, Workload
 from infer_plan.sim.engines.compiled_steps import CompiledSteps, compiled_applies
 from infer_plan.sim.engines.engine import simulate_arrivals, simulate_chunks
 from infer_plan.sim.inputs.arrivals import Arrivals, generate_arrivals, split
+from infer_plan.sim.inputs.shared_prefix import SharedPrefixSpec
 from infer_plan.sim.results.sinks import RecordKeeper
 from infer_plan.sim.runner import run_simulation
 
@@ -58,6 +60,72 @@ def test_the_compiled_loop_answers_as_the_interpreted_engine_request_by_request(
         np.testing.assert_allclose(compiled.fleet.timeseries[key], interpreted.fleet.timeseries[key], err_msg=key)
     if "backpressure" in extra:
         assert (a.outcome == Outcome.REJECTED).sum() > 100, "the overload case must shed"
+
+
+def behind_system_prompts(arr: Arrivals, spec: str, seed: int, uncached: float = 0.0) -> Arrivals:
+    """The same requests after one of a few shared system prompts (a share ``uncached`` with none)."""
+    shared = SharedPrefixSpec.parse(spec)
+    rng = np.random.default_rng(seed)
+    prefixes = shared.draw(len(arr), rng)
+    prefixes[rng.random(len(arr)) < uncached] = None
+    has = np.array([p is not None for p in prefixes])
+    return arr.with_lengths(arr.prompt_tokens + shared.tokens * has, arr.output_tokens, prefixes)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("extra", "rps", "gpus", "spec", "uncached"),
+    [
+        ({}, 300, 4, "1024:8:zipf=1.1", 0.0),  # no KV limit: nothing evicted
+        ({**OVERHEADS, "kv_cache_tokens": 40_000, "max_num_seqs": 64}, 250, 6, "1024:8:zipf=1.1", 0.0),  # LRU binds
+        ({**OVERHEADS, "kv_cache_tokens": 20_000, "max_num_seqs": 64}, 250, 6, "700:50:zipf=0.8", 0.3),
+        ({**OVERHEADS, "kv_cache_tokens": 4_000, "max_num_seqs": 16}, 100, 6, "1024:8:zipf=1.1", 0.0),  # refusals
+        (
+            {**OVERHEADS, "max_num_seqs": 32, "kv_cache_tokens": 30_000, "backpressure": {"queue_limit": 200}},
+            900,
+            6,
+            "400:4",
+            0.0,
+        ),  # overload: zones shed
+    ],
+)
+def test_prefix_caching_in_the_compiled_loop_answers_as_the_interpreted_engine(extra, rps, gpus, spec, uncached):
+    model = ServiceModel(batching="continuous", prefix_caching=True, **STEPS, **extra)
+    arr = behind_system_prompts(workload(rps, 60.0, model.tier_shares, seed=rps), spec, rps, uncached)
+    a = simulate_arrivals(model, arr, gpus, compiled=False, sample_every_s=1.0)
+    b = simulate_arrivals(model, arr, gpus, compiled=True, sample_every_s=1.0)
+    assert np.array_equal(a.records.outcome, b.records.outcome)
+    np.testing.assert_allclose(b.records.first_token, a.records.first_token, atol=1e-9, equal_nan=True)
+    np.testing.assert_allclose(b.records.finished, a.records.finished, atol=1e-9, equal_nan=True)
+    assert np.array_equal(b.records.cached_tokens, a.records.cached_tokens)
+    assert a.itl is not None and b.itl is not None
+    np.testing.assert_allclose(np.sort(b.itl.gaps_ms), np.sort(a.itl.gaps_ms), atol=1e-9)
+    np.testing.assert_allclose(np.sort(b.batch_end), np.sort(a.batch_end), atol=1e-9)
+    hit = a.records.cached_tokens.sum() / arr.prompt_tokens.sum()
+    assert 0.05 < hit < 0.9, "hits and misses both: the case means it"
+    if extra.get("kv_cache_tokens") == 4_000:
+        assert (a.records.outcome == Outcome.CLIENT_ERROR).sum() > 10, "prompts longer than the cache are refused"
+
+
+def test_the_compiled_cache_grows_its_pools_and_keys_nothing_but_system_prompts():
+    """Few sequences and a large cache: the cached runs of finished requests outgrow the pools sized for one
+    moment, which double mid-run with the answers unchanged. A trace's hash ids run in the interpreted engine."""
+    model = ServiceModel(batching="continuous", prefix_caching=True, max_num_seqs=4, kv_cache_tokens=400_000, **STEPS)
+    arr = behind_system_prompts(workload(40, 60.0, model.tier_shares, seed=3), "512:5", 3)
+    keeper = RecordKeeper()
+    steps = CompiledSteps(model, 2, keeper, horizon_s=60.0, sample_every_s=1.0, load_factor=lambda r, g: 0.0)
+    first_size = steps.cache["run_pool"].size
+    steps.run(split(arr, 1.0))
+    assert steps.cache["run_pool"].size >= 4 * first_size
+    interpreted = simulate_arrivals(model, arr, 2, compiled=False).records
+    np.testing.assert_allclose(keeper.records().first_token, interpreted.first_token, atol=1e-9, equal_nan=True)
+    assert np.array_equal(keeper.records().cached_tokens, interpreted.cached_tokens)
+
+    ids = np.empty(len(arr), dtype=object)
+    ids[:] = [TraceHashes((i % 7, i), 64) for i in range(len(arr))]
+    traced = arr.with_lengths(arr.prompt_tokens, arr.output_tokens, ids)
+    with pytest.raises(ValueError, match="compiled loop"):
+        simulate_arrivals(model, traced, 2, compiled=True)
+    assert simulate_arrivals(model, traced, 2).records.cached_tokens.sum() > 0  # the default: the interpreted engine
 
 
 def test_a_long_run_holds_a_window_not_the_run():
