@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -129,7 +130,10 @@ def test_a_worker_that_dies_is_one_line():
 def _children(pid: int, deadline: float) -> list[int]:
     """The process's children once it has started some (Linux /proc), within the deadline."""
     while time.monotonic() < deadline:
-        found = [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+        found = []
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # a thread that ended since the listing
+                found += [int(c) for c in (task / "children").read_text().split()]
         if found:
             return found
         time.sleep(0.05)
