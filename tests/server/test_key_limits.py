@@ -144,7 +144,8 @@ class Answer:
     status: int
     code: str | None
     retry_after: str | None
-    seconds: float
+    seconds: float  # as the client timed it
+    server_seconds: float | None  # arrival to answer as the server timed it (its body's latency_ms)
 
 
 async def post(session: aiohttp.ClientSession, url: str, key: str, text: str) -> Answer:
@@ -154,7 +155,9 @@ async def post(session: aiohttp.ClientSession, url: str, key: str, text: str) ->
     ) as resp:
         body = await resp.json(content_type=None)
         code = (body.get("error") or {}).get("code")
-        return Answer(resp.status, code, resp.headers.get("Retry-After"), time.perf_counter() - start)
+        served = body.get("latency_ms") if resp.status == 200 else None
+        seconds = time.perf_counter() - start
+        return Answer(resp.status, code, resp.headers.get("Retry-After"), seconds, served and served / 1000.0)
 
 
 async def paced(session, urls: list[str], key: str, rate: float, seconds: float) -> list[Answer]:
@@ -205,14 +208,20 @@ async def flood_and_compare(urls: list[str]) -> None:
         )
         assert rejected == len(limited)
     assert all(a.status == 200 for a in alone + beside)
-    p95_alone = np.percentile([a.seconds for a in alone], 95)
-    p95_beside = np.percentile([a.seconds for a in beside], 95)
-    # The median is the neighbour's experience: within 10%. The tail also carries the CPU the flooder's
-    # 200 req/s cost the client and the server on a 2-core machine (+25% and +37% seen on busy CI runs),
-    # so it is held to 60%: a neighbour that waited one batch cycle (110 ms) more, as behind a flooder
-    # that took the GPUs, would be +95%.
+    # The neighbour's experience is judged by the server's own clock: the flooder's 200 req/s share this
+    # test's one client process with the neighbour, whose client-side times then carry that event loop's
+    # delays (P95 +60% on a busy CI run), which two real clients on two hosts would not have. The median is
+    # also held at the client, where those delays do not reach.
     assert statistics.median(a.seconds for a in beside) <= 1.10 * statistics.median(a.seconds for a in alone)
-    assert abs(p95_beside - p95_alone) <= 0.60 * p95_alone, (p95_alone, p95_beside)
+    p50_alone, p95_alone = np.percentile([a.server_seconds for a in alone], [50, 95])
+    p50_beside, p95_beside = np.percentile([a.server_seconds for a in beside], [50, 95])
+    print(f"\nneighbour alone / beside the flooder, server-timed: P50 {p50_alone * 1000:.1f} / "
+          f"{p50_beside * 1000:.1f} ms, P95 {p95_alone * 1000:.1f} / {p95_beside * 1000:.1f} ms")  # fmt: skip
+    # A neighbour that waited for the flooder's batches would wait up to a batch cycle (110 ms) more, +95% at
+    # P95. Server-timed, with a CPU hog on one of two cores, P95 moved by 0-1 ms (111-113 ms alone and beside,
+    # one instance and two on Redis); held to 25%, room for a busier host, a third of the cycle.
+    assert p50_beside <= 1.10 * p50_alone, (p50_alone, p50_beside)
+    assert p95_beside - p95_alone <= 0.25 * p95_alone, (p95_alone, p95_beside)
 
 
 @pytest.mark.slow
