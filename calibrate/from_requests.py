@@ -286,7 +286,7 @@ def _fit_of(model: ServiceModel, steps: np.ndarray, alpha: np.ndarray, cells: li
     """The fit from the step terms (in ``STEP_TERMS`` order) and the overheads; the base's step spread kept."""
     a, b, c, admit = (float(x) for x in steps)
     return ContinuousFit(a, b, c, float(alpha[0]), float(alpha[1]), cells, admit_ms_per_request=admit,
-                         step_jitter=model.cycle_jitter)  # fmt: skip
+                         step_jitter=model.cycle_jitter, idle_wake_ms=model.idle_wake_ms)  # fmt: skip
 
 
 def _with_terms(model: ServiceModel, steps: np.ndarray, alpha: np.ndarray) -> ServiceModel:

@@ -199,7 +199,7 @@ def continuous_profile_toml(
         "# Calibrated profile of a continuous-batching engine, written by `infer-plan calibrate`.\n"
         "# Use it with: infer-plan simulate|capacity|loadtest --profile THIS_FILE\n"
         "# step time = decode_step_ms + prefill_ms_per_token x prefilled tokens + decode_ms_per_seq x sequences\n"
-        "#   + admit_ms_per_request x requests the step admits;\n"
+        "#   + admit_ms_per_request x requests the step admits (+ idle_wake_ms if it starts an idle engine);\n"
         "# a request joins the engine request_overhead_ms + tokenize_ms_per_token x prompt tokens after it arrives.\n"
     )
     return header + tomli_w.dumps({"service": continuous_table(terms, limits), "profile": evidence})

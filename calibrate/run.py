@@ -211,6 +211,7 @@ def continuous_result(
         mean_relative_error=fit.mean_relative_error, profile_path=str(spec.out), mode=mode,
         request_overhead_ms=fit.request_overhead_ms, tokenize_ms_per_token=fit.tokenize_ms_per_token,
         admit_ms_per_request=fit.admit_ms_per_request, cycle_jitter=list(fit.step_jitter), stream_cells=fit.cells,
+        idle_wake_ms=fit.idle_wake_ms,
         decode_ms_per_kv_token=fit.context_terms.get("decode_ms_per_kv_token", 0.0),
         prefill_ms_per_token_sq=fit.context_terms.get("prefill_ms_per_token_sq", 0.0),
         limits=limits, limit_sources=sources,

@@ -18,8 +18,12 @@ model is fitted to three kinds of streamed measurement, each through the backend
   steps: on a host shared with the front end (vLLM on a CPU, a starved GPU host) its
   HTTP and tokenisation slow the steps *before* it is admitted, and closing its stream
   the step after it ends.
-- ``lone``: one request at a time on the idle engine; its time to first token is the
-  overheads plus one prefill step: ``overhead + tokenize x P + step(P, 1) + admit``.
+- ``lone``: one request at a time on the idle engine, sent as the one before it ends; its
+  time to first token is the overheads plus one prefill step:
+  ``overhead + tokenize x P + step(P, 1) + admit``.
+- ``wake``: the same, after the engine has been idle for :data:`WAKE_PAUSE_S`: a lone
+  TTFT plus ``idle_wake_ms``, what an engine asleep costs its next step (vLLM-CPU: +2.6 ms
+  after 100 ms idle, none after 10 ms; its threads and processes sleep once idle).
 
 The decoders' prompts are the middle of the prompt lengths, so the per-sequence cost is
 read at a typical context rather than the shortest. The six terms are fitted to all
@@ -59,6 +63,7 @@ MIXED_OUTPUT = 64  # a mixed cell's decoders' answers: they settle, then outlast
 SAME_STEP_S = 0.0005  # tokens of one step reach the client this close together
 MIN_SPREAD_GAPS = 100  # steady decode gaps needed before their spread is written into the profile
 STALL_SHARE = 0.005  # the longest gaps left out of the spread as stray stalls (the OS, a collection): 1 in 200
+WAKE_PAUSE_S = 0.2  # a wake cell's idle time before its request: well past idle_after_ms
 
 
 @dataclass(frozen=True)
@@ -184,14 +189,17 @@ async def measure_streams(
     prober, timings = _Prober(backend, seed), StreamTimings()
     await _warm_up(prober, plan)
     cells = [("lone", p, 0) for p in plan.prompts] + [("mixed", p, 0) for p in plan.prompts]
+    cells += [("wake", plan.decoder_prompt, 0)]
     cells += [("decode", n, c) for n in plan.concurrencies for c in plan.decode_contexts]
     decoders = max(1, max(plan.concurrencies) - 1)  # the newcomer takes the last slot
     for _ in range(plan.repetitions):
         prober.rng.shuffle(cells)
         for kind, x, context in cells:
-            if kind == "lone":
+            if kind in ("lone", "wake"):
+                if kind == "wake":
+                    await asyncio.sleep(WAKE_PAUSE_S)
                 sent, sink = await prober.stream(x, LONE_OUTPUT)
-                timings.add("lone", 1, x, (sink.times[0] - sent) * 1000.0)
+                timings.add(kind, 1, x, (sink.times[0] - sent) * 1000.0)
             elif kind == "decode":
                 streams = await asyncio.gather(*(prober.stream(context, plan.output_tokens) for _ in range(x)))
                 timings.add_gaps(x, context, _steady_gaps([s.times for _, s in streams]))
@@ -273,6 +281,7 @@ class ContinuousFit:
     admit_ms_per_request: float = 0.0
     step_jitter: tuple[float, ...] = ()  # the steps' measured spread: the profile's cycle_jitter
     context_terms: dict[str, float] = field(default_factory=dict)  # fitted across contexts: kv and prefill^2
+    idle_wake_ms: float = 0.0  # a step that starts an idle engine: the wake cells' excess over the lone ones
 
     @property
     def max_relative_error(self) -> float:
@@ -289,7 +298,7 @@ class ContinuousFit:
             "prefill_ms_per_token": self.prefill_ms_per_token, "request_overhead_ms": self.request_overhead_ms,
             "tokenize_ms_per_token": self.tokenize_ms_per_token, "output_token_ms": 0.0,
             "admit_ms_per_request": self.admit_ms_per_request, "cycle_jitter": self.step_jitter,
-            **self.context_terms,
+            "idle_wake_ms": self.idle_wake_ms, **self.context_terms,
         }  # fmt: skip
 
 
@@ -355,9 +364,10 @@ CONTEXT_TERMS = ("decode_ms_per_kv_token", "prefill_ms_per_token_sq")
 def fit_continuous(timings: StreamTimings, plan: StreamPlan | None = None) -> ContinuousFit:
     """All six terms at once, to every cell's median (module docstring); eight across contexts.
 
-    A decode gap is one step: ``[1, N, 0, 0, 0, 0]``; a newcomer's cost is its steps, the
-    first admitting it: ``[2, 2N, P, 0, 0, 1]`` (``N`` counting it); a lone TTFT is one
-    admitting step of one sequence plus the overheads: ``[1, 1, P, 1, P, 1]``. One joint
+    A decode gap is one step: ``[1, N, 0, 0, 0, 0, 0]``; a newcomer's cost is its steps, the
+    first admitting it: ``[2, 2N, P, 0, 0, 1, 0]`` (``N`` counting it); a lone TTFT is one
+    admitting step of one sequence plus the overheads: ``[1, 1, P, 1, P, 1, 0]``, and after
+    the engine idled, the wake too: ``[1, 1, P, 1, P, 1, 1]``. One joint
     non-negative fit, each cell weighed by its relative error, spreads the misfit over the
     cells instead of pushing all of the step's error into the overheads. When ``plan``
     spans contexts, the context decoding sequences read and each prefill squared are two
@@ -381,16 +391,17 @@ def fit_continuous(timings: StreamTimings, plan: StreamPlan | None = None) -> Co
         )
     keys = list(medians)
     kinds_of = np.array([key[0] for key in keys])
-    lone, joins = (kinds_of == "lone").astype(float), (kinds_of != "decode").astype(float)
+    wake = (kinds_of == "wake").astype(float)
+    lone, joins = (kinds_of == "lone").astype(float) + wake, (kinds_of != "decode").astype(float)
     n = np.array([key[1] for key in keys], dtype=float)
     p = np.array([key[2] for key in keys], dtype=float)
     y = np.array([medians[key] for key in keys])
     steps = np.where(kinds_of == "mixed", float(LONE_OUTPUT), 1.0)
-    design = np.column_stack([steps, steps * n, p, lone, lone * p, joins])
+    design = np.column_stack([steps, steps * n, p, lone, lone * p, joins, wake])
     if plan is not None and plan.fits_context:
         design = np.column_stack([design, _context_columns(keys, decoded, plan.output_tokens)])
     terms = nnls_relative(design, y)
-    a, b, c, alpha0, alpha1, admit = (float(x) for x in terms[:6])
+    a, b, c, alpha0, alpha1, admit, idle_wake = (float(x) for x in terms[:7])
     cells = [
         StreamCell(kind=kind, sequences=seqs, prefill_tokens=prefill, context_tokens=context,
                    samples=len(samples[key]), median_ms=medians[key], p95_ms=float(np.percentile(samples[key], 95)),
@@ -398,9 +409,9 @@ def fit_continuous(timings: StreamTimings, plan: StreamPlan | None = None) -> Co
         for key, fitted in zip(keys, design @ terms, strict=True)
         for kind, seqs, prefill, context in [key]
     ]  # fmt: skip
-    order = {"lone": 0, "decode": 1, "mixed": 2}
+    order = {"lone": 0, "wake": 1, "decode": 2, "mixed": 3}
     cells.sort(key=lambda cell: (order[cell.kind], cell.context_tokens, cell.sequences, cell.prefill_tokens))
     return ContinuousFit(
         a, b, c, alpha0, alpha1, cells, admit_ms_per_request=admit, step_jitter=timings.step_jitter(),
-        context_terms=dict(zip(CONTEXT_TERMS, (float(x) for x in terms[6:]), strict=False)),
+        context_terms=dict(zip(CONTEXT_TERMS, (float(x) for x in terms[7:]), strict=False)), idle_wake_ms=idle_wake,
     )  # fmt: skip

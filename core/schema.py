@@ -508,14 +508,15 @@ class StreamCell(_Model):
     """One kind of streamed measurement of a continuous engine and what the fitted model makes of it.
 
     ``lone``: a request alone on the idle engine, its time to first token (overheads and
-    one prefill step); ``decode``: the gap between tokens with ``sequences`` decoding
-    together; ``mixed``: what a newcomer of ``prefill_tokens`` prompt tokens and a
-    two-token answer costs ``sequences - 1`` decoding sequences, send to end
-    (``calibrate/streamed.py``). From a load test's requests (``traffic_``):
-    the median TTFT and decode time over its requests, measured and replayed with the fit.
+    one prefill step); ``wake``: the same after the engine idled (the wake's cost too);
+    ``decode``: the gap between tokens with ``sequences`` decoding together; ``mixed``:
+    what a newcomer of ``prefill_tokens`` prompt tokens and a two-token answer costs
+    ``sequences - 1`` decoding sequences, send to end (``calibrate/streamed.py``). From a
+    load test's requests (``traffic_``): the median TTFT and decode time over its requests,
+    measured and replayed with the fit.
     """
 
-    kind: Literal["lone", "decode", "mixed", "traffic_ttft", "traffic_decode"]
+    kind: Literal["lone", "wake", "decode", "mixed", "traffic_ttft", "traffic_decode"]
     sequences: int
     prefill_tokens: int
     context_tokens: int = Field(default=0, description="decode and mixed: each decoding sequence's prompt")
@@ -565,6 +566,7 @@ class CalibrationResult(_Model):
     request_overhead_ms: float = 0.0
     tokenize_ms_per_token: float = 0.0
     admit_ms_per_request: float = 0.0
+    idle_wake_ms: float = 0.0
     decode_ms_per_kv_token: float = 0.0
     prefill_ms_per_token_sq: float = 0.0
     stream_cells: list[StreamCell] = Field(default_factory=list)

@@ -285,7 +285,7 @@ def _token_calibration_figure(r: CalibrationResult) -> go.Figure:
 def _streamed_calibration_figure(r: CalibrationResult) -> go.Figure:
     """Each streamed cell's median against the fitted model: on the diagonal where the model holds."""
     fig = go.Figure()
-    for kind in ("lone", "decode", "mixed", "traffic_ttft", "traffic_decode"):
+    for kind in ("lone", "wake", "decode", "mixed", "traffic_ttft", "traffic_decode"):
         cells = [c for c in r.stream_cells if c.kind == kind]
         if cells:
             fig.add_trace(go.Scatter(

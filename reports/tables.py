@@ -437,7 +437,7 @@ def _server_metrics_line(r: LoadTestResult) -> str:
 
 
 _CELL_NAMES = {
-    "lone": "lone TTFT", "decode": "decode gap", "mixed": "a newcomer's cost",
+    "lone": "lone TTFT", "wake": "lone TTFT, engine idle", "decode": "decode gap", "mixed": "a newcomer's cost",
     "traffic_ttft": "TTFT, median request", "traffic_decode": "decode time, median request",
 }  # fmt: skip
 
@@ -475,7 +475,8 @@ def _continuous_calibration(r: CalibrationResult) -> Summary:
         headline=(
             f"fitted: step = {r.decode_step_ms:.4f} ms + {r.prefill_ms_per_token:.6f} ms x prefilled tokens + "
             f"{r.decode_ms_per_seq:.5f} ms x sequences + {context}"
-            f"{r.admit_ms_per_request:.3f} ms x requests it admits; "
+            f"{r.admit_ms_per_request:.3f} ms x requests it admits"
+            f"{f' + {r.idle_wake_ms:.3f} ms if it starts an idle engine' if r.idle_wake_ms else ''}; "
             f"a request joins {r.request_overhead_ms:.3f} ms + {r.tokenize_ms_per_token:.6f} ms x prompt tokens "
             f"after it arrives ({r.backend})"
         ),

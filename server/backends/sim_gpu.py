@@ -88,6 +88,7 @@ class SimBackend(Backend):
         self._uniform = random.Random(0).random  # draws quantiles of a measured cycle_jitter
         self.caches: dict[int, PrefixCache] = {}  # prefix caching: each GPU's blocks, kept while it serves
         self.paused: dict[int, _Sequence] = {}  # paged KV: preempted sequences by id(pending), whoever resumes them
+        self.step_ends: dict[int, float] = {}  # each GPU's last step end (loop time): idle_wake_ms after a pause
 
     def cached_blocks(self, gpu: int, request: Generate) -> int | None:
         cache = self.caches.get(gpu)
@@ -239,12 +240,14 @@ class SimBackend(Backend):
                 prefill_sq=sum(s.chunk * s.chunk for s in in_step),
                 prefill_context=sum(s.chunk * (s.context - s.prefill_left) for s in in_step),
             )  # fmt: skip
-            deadline += step_ms * spread / 1000.0
+            idle_s = deadline - self.step_ends.get(gpu, -math.inf)  # a step that starts an idle engine wakes it
+            deadline += (step_ms * spread + model.wake_ms(idle_s)) / 1000.0
             if (delay := deadline - loop.time()) > 0:
                 await asyncio.sleep(delay)
             else:
                 deadline = loop.time()  # behind (a busy loop): no catching up in zero-length steps
                 await asyncio.sleep(0)  # steps of no time still let the gateway admit and write
+            self.step_ends[gpu] = deadline
             for seq in in_step:
                 seq.prefill_left -= seq.chunk
                 if seq.prefill_left > 0:

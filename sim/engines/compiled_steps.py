@@ -104,8 +104,9 @@ class CompiledSteps:
         thresholds = model.backpressure.thresholds(gpus, model.max_num_seqs)
         kv = model.kv_cache_tokens if model.kv_cache_tokens is not None else _KV_UNBOUNDED
         self.params = np.array(
-            [model.decode_step_ms, model.prefill_ms_per_token, model.decode_ms_per_seq, model.admit_ms_per_request]
-        )
+            [model.decode_step_ms, model.prefill_ms_per_token, model.decode_ms_per_seq, model.admit_ms_per_request,
+             model.idle_wake_ms, model.idle_after_ms]
+        )  # fmt: skip
         # Prefix caching: each GPU's blocks (placeholders without it); system prompts numbered as they first come.
         self.caching = model.prefix_caching
         self.cache = prefix_kernel.new_cache(gpus, model.max_num_seqs, self.caching)

@@ -81,6 +81,7 @@ class _Gpu:
     kv_base: int = 0
     cache: PrefixCache | None = None  # with prefix caching: its KV blocks, cached prefixes included
     order: list[int] = field(default_factory=list)  # paged KV: its running sequences in admission order
+    last_end: float = -math.inf  # when its last step ended (idle_wake_ms: a new GPU has been idle forever)
 
 
 class StepEngine:
@@ -145,6 +146,7 @@ class StepEngine:
         )
         # The extended model (SPEC section 12) goes through model.step_ms; steps then vary within a decode run.
         self.extended = model.context_terms
+        self.wakes = model.idle_wake_ms > 0
         self.kv_ms = model.decode_ms_per_kv_token
         self.kv_offset: dict[int, int] = {}  # a decoding request's prompt + 1 - the step it joined at
         # Prefix caching: what each prompt shares, its keys and blocks while it runs, the tokens it skipped.
@@ -326,6 +328,8 @@ class StepEngine:
             steps = 1
             if self.jitter is not None:
                 step_s *= float(self.jitter[g].take(1)[0])
+            if self.wakes:  # only a prefilling step can start an idle engine
+                step_s += self.model.wake_ms(now - gpu.last_end) / 1000.0
         else:  # pure decode: skip ahead to the next finish, or to the next arrival it could admit
             if self.extended:  # the decoding context's term is added per step in _plan_varying
                 step_s = self.model.step_ms(0, gpu.n_decoding) / 1000.0
@@ -459,7 +463,7 @@ class StepEngine:
     def _end_step(self, gpu: _Gpu, now: float) -> None:
         steps = gpu.steps
         steps_done = gpu.steps_done = gpu.steps_done + steps
-        gpu.busy = False
+        gpu.busy, gpu.last_end = False, now
         decoding = gpu.decoding
         if gpu.n_decoding:  # every decoding sequence emitted `steps` tokens, one step apart
             if gpu.jittered is None:

@@ -12,7 +12,7 @@ Layout (``W`` requests in the window, ``G`` GPUs, ``S`` = max_num_seqs):
 - ``rf[RT|FIRST|DONE, W]`` float64 and ``ri[TIER|PROMPT|OUTPUT|STATUS|FILL|..., W]`` int64: per request, in joining
   order (``FILL``: the prompt tokens it prefills, less its cached prefix; the rest of the rows are prefix caching's);
 - ``queue[tier, W]``: ids waiting per tier, between ``iv[HEAD0 + tier]`` and ``iv[TAIL0 + tier]``;
-- ``gi[G, K]`` int64 and ``step_s[G]``: per GPU (the ``G_*`` columns);
+- ``gi[G, K]`` int64 and ``step_s[G, 2]`` (its step's length, when its last ended): per GPU (the ``G_*`` columns);
 - ``pf[PF_ID|PF_LEFT|PF_CHUNK, G, S]``: each GPU's prefilling sequences in admission order;
 - ``fin[FIN_STEP|FIN_ID, G, S]``: each GPU's decoding sequences, a heap by (step of the last token, id);
 - ``heap_end[G]``, ``heap_gpu[G]``: the GPUs' step ends, a heap by (end, GPU);
@@ -51,7 +51,7 @@ I_NEXT, I_N, I_EXHAUSTED, I_QUEUED, I_HEAP_N, I_IDLE_N, I_RUNS, I_GAPS, HEAD0, T
 I_SIZE = 17  # and prefix_kernel's I_SEG_FREE, I_RUN_FREE, I_ADMISSIONS
 F_NOW = 0
 # params (float64) and limits (int64)
-P_STEP, P_PREFILL, P_SEQ, P_ADMIT = 0, 1, 2, 3
+P_STEP, P_PREFILL, P_SEQ, P_ADMIT, P_WAKE, P_WAKE_AFTER = 0, 1, 2, 3, 4, 5  # ms
 L_MAX_SEQS, L_KV, L_TOKENS, L_GREEN, L_YELLOW, L_RED = 0, 1, 2, 3, 4, 5
 L_CACHING, L_BLOCK, L_BLOCKS, L_UNBOUNDED, L_POOL_ROOM = 6, 7, 8, 9, 10  # prefix caching: block tokens, blocks a GPU
 L_SIZE = 11
@@ -351,6 +351,8 @@ def _plan(g, now, rf, ri, queue, gi, step_s, pf, fin, heap_end, heap_gpu, runs, 
         length = (
             params[P_STEP] + params[P_PREFILL] * prefill + params[P_SEQ] * sequences + params[P_ADMIT] * joining
         ) / 1000.0
+        if params[P_WAKE] > 0 and (now - step_s[g, 1]) * 1000.0 >= params[P_WAKE_AFTER]:
+            length += params[P_WAKE] / 1000.0  # a step that starts an idle engine (ServiceModel.wake_ms)
         steps = 1
     else:  # pure decode: skip ahead to the next finish, or to the next arrival it could admit
         length = (params[P_STEP] + params[P_SEQ] * gi[g, G_NDEC]) / 1000.0
@@ -363,7 +365,7 @@ def _plan(g, now, rf, ri, queue, gi, step_s, pf, fin, heap_end, heap_gpu, runs, 
                 if arrival < math.inf:
                     steps = min(steps, max(1, math.ceil((arrival - now) / length - EPS)))
     gi[g, G_BUSY] = 1
-    step_s[g] = length
+    step_s[g, 0] = length
     gi[g, G_STEPS] = steps
     end = now + length * steps
     r = iv[I_RUNS]
@@ -379,9 +381,10 @@ def _end_step(g, now, rf, ri, gi, step_s, pf, fin, gaps, iv, limits, kv):
     done = gi[g, G_STEPS_DONE] + steps
     gi[g, G_STEPS_DONE] = done
     gi[g, G_BUSY] = 0
+    step_s[g, 1] = now
     if gi[g, G_NDEC] > 0:  # every decoding sequence emitted `steps` tokens, one step apart
         q = iv[I_GAPS]
-        gaps[q, 0] = step_s[g]
+        gaps[q, 0] = step_s[g, 0]
         for tier in range(3):
             gaps[q, 1 + tier] = gi[g, G_DEC0 + tier] * steps
         gaps[q, 4] = now
@@ -507,7 +510,7 @@ def new_state(gpus: int, max_seqs: int, window: int, booked: int) -> dict[str, n
         "ri": np.zeros((RI_ROWS, window), np.int64),
         "queue": np.zeros((3, window), np.int64),
         "gi": gi,
-        "step_s": np.zeros(gpus),
+        "step_s": np.column_stack([np.zeros(gpus), np.full(gpus, -np.inf)]),  # each GPU's step; its last end
         "pf": np.zeros((3, gpus, max_seqs), np.int64),
         "fin": np.zeros((2, gpus, max_seqs), np.int64),
         "heap_end": np.zeros(gpus),

@@ -9,7 +9,8 @@ service model and the zones, and tests hold the fast engine to it request by req
 It covers the fleet without failures or autoscaling. Engine overheads (SPEC section 12)
 are a wait of each request's own before it reaches the zones, and a client-side lag of
 ``output_token_ms`` per token it has received. A measured step spread (``cycle_jitter``)
-multiplies each step by the next draw of that GPU's own stream. With ``prefix_caching``
+multiplies each step by the next draw of that GPU's own stream; a step that starts a GPU idle
+for ``idle_after_ms`` or more then adds ``idle_wake_ms``. With ``prefix_caching``
 each GPU keeps its blocks in a plain dict of users and an ordered dict of cached keys
 (SPEC section 13), written out here step by step rather than shared with the engine. With
 ``routing`` each request joins the queue of the GPU :func:`~infer_plan.core.routing.choose_replica`
@@ -26,6 +27,7 @@ prompt's (vLLM keeps them); a turn's are keyed by its session, for the next turn
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
@@ -178,6 +180,7 @@ def simulate_steps_reference(
         users: dict = {}  # prefix caching: resident keys in use -> how many running sequences use each
         lru: OrderedDict = OrderedDict()  # resident keys nobody uses, least recently used first
         loose = 0  # blocks in use without a key anyone could share
+        last_end = -math.inf  # when this GPU's last step ended: a step after idle_after_ms idle pays idle_wake_ms
         shown[g].update(running=running, users=users, lru=lru)
         waiting = rooms[g] if routed else rooms[0]
 
@@ -280,7 +283,8 @@ def simulate_steps_reference(
                 prefill, len(in_step), joining,
                 kv_tokens=kv_tokens, prefill_sq=prefill_sq, prefill_context=prefill_context,
             )  # fmt: skip
-            yield env.timeout(step * spread / 1000.0)
+            yield env.timeout((step * spread + model.wake_ms(env.now - last_end)) / 1000.0)
+            last_end = env.now
             for seq in in_step:
                 if seq.chunk:
                     seq.prefill_left -= seq.chunk

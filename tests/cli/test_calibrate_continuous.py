@@ -85,7 +85,10 @@ def test_streamed_calibration_recovers_the_engines_terms_then_its_profile_predic
     assert max(service["cycle_jitter"]) < 1.25  # a server without spread: only its timers' slack
     result = json.loads(saved.read_text())
     assert result["mode"] == "streamed" and result["limit_sources"]["max_num_seqs"] == "flag"
-    assert {c["kind"] for c in result["stream_cells"]} == {"lone", "decode", "mixed"}
+    assert {c["kind"] for c in result["stream_cells"]} == {"lone", "wake", "decode", "mixed"}
+    # KNOWN has no wake, and its 80 ms overhead leaves the engine idle before a lone request's step as long as
+    # before a wake cell's: the two are one cell, and the wake is fitted at about nothing.
+    assert service["idle_wake_ms"] < 3.0
 
     out = tmp_path / "loadtest.json"
     done = run_cli(
@@ -99,6 +102,28 @@ def test_streamed_calibration_recovers_the_engines_terms_then_its_profile_predic
     errors = {k: tokens["relative_error"][k] for k in keys}
     print("load test predicted by the streamed profile, |error|:", {k: f"{v:.1%}" for k, v in errors.items()})
     assert all(v <= 0.15 for v in errors.values()), errors  # benchmarks/bench_fidelity.py has the tight figures
+
+
+@pytest.mark.slow  # about 20 s of streamed cells
+def test_streamed_calibration_measures_the_wake_of_an_idle_engine(tmp_path):
+    """An engine whose step after 20 ms idle costs 12 ms more (and a front end of a few ms, as vLLM's, so a lone
+    request sent as the one before ends meets it awake): the wake cells' excess is the wake, and the lone TTFTs
+    keep the overheads."""
+    truth = KNOWN.model_copy(update={"request_overhead_ms": 2.0, "tokenize_ms_per_token": 0.0, "idle_wake_ms": 12.0})
+    profile = tmp_path / "wake.toml"
+    with running_server("--scenario", str(write_model_scenario(truth, tmp_path / "w.toml", gpus=1))) as srv:
+        done = calibrate(
+            "--backend", "openai", "--upstream", srv.url, "--api-key", "dev-paid", "--max-num-seqs", "16",
+            "--sizes", "1,8", "--prompt-tokens", "32,256", "--output-tokens", "16", "--repetitions", "3",
+            "--out", str(profile),
+        )  # fmt: skip
+        assert srv.terminate() == 0
+    assert done.returncode == 0, done.stderr[-3000:]
+    service = tomllib.loads(profile.read_text())["service"]
+    print("\nwake fit:", {t: round(service[t], 3) for t in ("idle_wake_ms", "request_overhead_ms", "decode_step_ms")})
+    assert service["idle_wake_ms"] == pytest.approx(12.0, abs=3.0)
+    assert service["request_overhead_ms"] < 8.0  # 2 ms and the client's HTTP time: the wake is not in it
+    assert_terms_recovered(service, rel=0.10, terms=("decode_step_ms", "decode_ms_per_seq"), truth=truth)
 
 
 @pytest.mark.slow  # about 25 s of streamed cells

@@ -431,12 +431,13 @@ def test_a_shared_prefix_load_on_vllms_prefix_cache_is_the_simulated_one(
     prompt tokens vLLM reports cached are the simulated share within 5 points (seen: 85.7% both).
 
     The TTFT, a cached request prefilling only its own tokens, is simulated with the profile calibrated on the
-    same engine without its cache (``prefix_caching = true``, ``kv_block_tokens = 128`` added). On a warm engine
-    with its cache emptied first (the fixture, :func:`caching_loadtest`) and a quiet machine it was 15.1 ms
-    measured against 13.1 simulated at P50 (15%), 20.4 against 17.2 at P95 (19%); on a cold engine 14-30%. A CPU
-    hog on one of the two cores moves vLLM's TTFT more than the calibration saw (23.5 against 16.0 at P50, and
-    once 26.0 against 14.9, which fails), so the test holds the P50 to 60% (a gross error in the cached TTFT
-    fails it) and prints both; docs/model.md keeps the figures."""
+    same engine without its cache (``prefix_caching = true``, ``kv_block_tokens = 128`` added). At 10 req/s of
+    16-token answers the engine is often idle when a request comes, and vLLM-CPU's step after a pause is about
+    3 ms slower (the calibration's wake cells, ``idle_wake_ms``): with it, on a quiet machine, 13.8 ms measured
+    against 13.4 simulated at P50 (3%), 18.5 against 16.1 at P95 (15%); without it 14.2 against 10.2 (39%). A
+    CPU hog on one of the two cores moves vLLM's TTFT more than the calibration saw (before the wake term: 23.5
+    against 16.0 at P50), so the test holds P50 and P95 to 60% (a gross error in the cached TTFT fails it) and
+    prints both; docs/model.md keeps the figures."""
     data = caching_loadtest(vllm_caching_target, tiny_model, traffic_fit.profile, tmp_path, *SHARED_PREFIX_LOAD)
     tokens = data["overall"]["tokens"]
     measured, simulated, errors = tokens["measured"], tokens["simulated"], tokens["relative_error"]
@@ -445,7 +446,7 @@ def test_a_shared_prefix_load_on_vllms_prefix_cache_is_the_simulated_one(
           f" ms, P95 {measured['ttft_p95_ms']:.1f} / {simulated['ttft_p95_ms']:.1f} ms")  # fmt: skip
     assert 0.6 < simulated["prefix_hit_rate"] <= 384 / 448
     assert measured["prefix_hit_rate"] == pytest.approx(simulated["prefix_hit_rate"], abs=0.05)
-    assert errors["ttft_p50_ms"] <= 0.6, errors
+    assert errors["ttft_p50_ms"] <= 0.6 and errors["ttft_p95_ms"] <= 0.6, errors
 
 
 def test_conversations_on_vllms_prefix_cache_find_their_history_as_simulated(
@@ -455,8 +456,8 @@ def test_conversations_on_vllms_prefix_cache_find_their_history_as_simulated(
     message of 150 tokens and vLLM's own answer of 8: a later turn finds the blocks of the turn before's prompt
     cached, as the simulation keys them by session (turn 2 one block of 128 of about 310 tokens, turn 3 two of
     about 470). The cached share vLLM reports per turn is the simulated one within 5 points; TTFT per turn is
-    printed beside the simulation's and held to 60%, as for the shared prefix above (seen on a quiet machine:
-    P50 35%, 25%, 20% off a turn, P95 31%, 44%, 19%).
+    printed beside the simulation's and held to 60%, as for the shared prefix above (seen on a quiet machine,
+    with the idle engine's wake: P50 8%, 1%, 4% off a turn, P95 11%, 7%, 2%; without it P50 up to 41% off).
 
     The answers are short on purpose. vLLM keeps an answer's blocks too, and so does the simulation, but the
     engine finds them only when the text the client sends back tokenizes to the ids it generated; the tiny
@@ -476,7 +477,9 @@ def test_conversations_on_vllms_prefix_cache_find_their_history_as_simulated(
     assert turns[1]["simulated_prefix_hit_rate"] > 0.35 and turns[2]["simulated_prefix_hit_rate"] > 0.5
     for t in turns:
         assert t["prefix_hit_rate"] == pytest.approx(t["simulated_prefix_hit_rate"], abs=0.05)
-        assert abs(t["ttft_p50_ms"] - t["simulated_ttft_p50_ms"]) / t["simulated_ttft_p50_ms"] <= 0.6
+        for q in ("p50", "p95"):
+            measured, simulated = t[f"ttft_{q}_ms"], t[f"simulated_ttft_{q}_ms"]
+            assert abs(measured - simulated) / simulated <= 0.6, t
 
 
 @pytest.fixture(scope="module")

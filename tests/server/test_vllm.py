@@ -364,7 +364,7 @@ def test_calibrate_streams_to_vllm_itself_and_reads_its_limits_from_the_engine(t
     # (a CI run fitted the prefill at 0) or the reverse (0 admission beside a CPU hog). The prefill terms'
     # recovery is held in test_calibrate_continuous.py, against an engine whose terms are known.
     assert service["decode_step_ms"] > 0 and prefill_128 + service["admit_ms_per_request"] > 0
-    assert {c["kind"] for c in result["stream_cells"]} == {"lone", "decode", "mixed"}
+    assert {c["kind"] for c in result["stream_cells"]} == {"lone", "wake", "decode", "mixed"}
     # Across contexts (SPEC section 12): decode cells at each context, the context terms written, every cell's error
     decode = [c for c in result["stream_cells"] if c["kind"] == "decode"]
     assert {c["context_tokens"] for c in decode} == {16, 64, 384}  # 64: the mixed cells' decoders

@@ -165,6 +165,8 @@ def test_admission_host_time_costs_throughput():
     assert ends[1] - ends[0] == pytest.approx(ms(2.0) * len(arr), rel=1e-6)
 
 
+WAKE = {"idle_wake_ms": 3.0, "idle_after_ms": 20.0}
+
 EXTENDED_OVERLOAD = {
     "max_num_seqs": 8, "backpressure": {"queue_limit": 30}, "step_floor_ms": 9.0, "prefill_step_ms": 1.0,
     **CONTEXT, **OVERHEADS,
@@ -187,6 +189,9 @@ EXTENDED_OVERLOAD = {
         (60, 2, {"max_batched_tokens": 256, **CONTEXT}),  # the extended model: steps grow with the context
         (200, 1, EXTENDED_OVERLOAD),  # overload under the extended model: floor, prefill step, attention
         (60, 2, {"cycle_jitter": (0.7, 0.9, 1.0, 1.2, 2.5), "admit_ms_per_request": 1.5, **CONTEXT}),
+        (8, 2, {**WAKE, **OVERHEADS}),  # a light load: GPUs idle between requests, a step after 20 ms wakes them
+        (8, 1, {"cycle_jitter": (0.7, 0.9, 1.0, 1.2, 2.5), **WAKE}),  # the wake is added after the step's spread
+        (200, 1, {"max_num_seqs": 8, "backpressure": {"queue_limit": 30}, **WAKE}),  # busy: it never idles
     ],
 )
 @pytest.mark.parametrize("compiled", [False, True], ids=["interpreted", "compiled"])
@@ -209,6 +214,22 @@ def test_continuous_engine_matches_the_step_by_step_reference(rps, gpus, extra, 
     np.testing.assert_allclose(np.sort(every_gap(fast.itl)), np.sort(np.asarray(slow.gaps) * 1000), atol=1e-6)
     if rps == 200:
         assert (~admitted).sum() > 10, "the overload case must shed"
+
+
+def test_a_step_that_starts_an_idle_engine_pays_the_wake_and_one_soon_after_a_step_does_not():
+    """The first request meets an engine idle since it started; the second comes 10 ms after the first's last
+    step (under idle_after_ms), the third 100 ms after the second's (over it)."""
+    model = ServiceModel(batching="continuous", **TOKENS, **WAKE)
+    step = 8.0 + 0.02 * 100 + 0.05  # a lone 100-token prefill: the first token
+    done_1 = ms(step + 3.0 + 2 * 8.05)  # woken, then two decode steps
+    times = np.array([0.0, done_1 + 0.010, done_1 + 0.010 + ms(step + 2 * 8.05) + 0.100])
+    arr = Arrivals(times=times, tiers=np.full(3, 1, np.int8), prompt_tokens=np.full(3, 100, np.int32),
+                   output_tokens=np.full(3, 3, np.int32))  # fmt: skip
+    for compiled in (False, True):
+        rec = simulate_arrivals(model, arr, gpus=1, compiled=compiled).records
+        ttft = (rec.first_token - rec.scheduled) * 1000.0
+        assert ttft.tolist() == pytest.approx([step + 3.0, step, step + 3.0])
+        assert rec.finished[0] == pytest.approx(done_1)
 
 
 def test_a_kv_budget_for_exactly_k_sequences_never_runs_k_plus_one():
