@@ -74,8 +74,11 @@ def cli(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
 
 
 @contextlib.contextmanager
-def engine(kind: str, tmp: Path) -> Iterator[tuple[str, list[str], list[str]]]:
-    """(base URL, the load test's target flags, calibrate's flags) of a running engine; stopped on exit."""
+def engine(kind: str, tmp: Path, *, caching: bool = False) -> Iterator[tuple[str, list[str], list[str]]]:
+    """(base URL, the load test's target flags, calibrate's flags) of a running engine; stopped on exit.
+
+    ``caching``: vLLM with its prefix cache on, reporting cached tokens, and its development endpoints
+    (``POST /reset_prefix_cache``; bench_prefix_fidelity.py)."""
     if kind == "ours":
         scenario = write_model_scenario(OURS, tmp / "ours.toml", gpus=1)
         with server_process("--scenario", str(scenario), "--no-access-log", log_path=tmp / "ours.log") as srv:
@@ -84,12 +87,13 @@ def engine(kind: str, tmp: Path) -> Iterator[tuple[str, list[str], list[str]]]:
     model = tmp / "tiny"
     cli("tiny-model", str(model), "--quiet")
     port = 18000 + os.getpid() % 1000
+    cache = ["--enable-prefix-caching", "--enable-prompt-tokens-details"] if caching else ["--no-enable-prefix-caching"]
     log = (tmp / "vllm.log").open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--served-model-name",
          "tiny", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "512", "--enforce-eager",
-         "--max-num-seqs", "8", "--no-enable-prefix-caching"],
-        stdout=log, stderr=subprocess.STDOUT, env=ENV,
+         "--max-num-seqs", "8", *cache],
+        stdout=log, stderr=subprocess.STDOUT, env={**ENV, "VLLM_SERVER_DEV_MODE": "1"} if caching else ENV,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:

@@ -389,8 +389,9 @@ class ServiceModel(_Frozen):
 
     def wake_ms(self, idle_s: float) -> float:
         """Extra time of a step that starts an engine idle for ``idle_s`` (the step engine, its reference and
-        the server's sim backend all add it after the step's spread: it is host time, not the step's work)."""
-        return self.idle_wake_ms if idle_s * 1000.0 >= self.idle_after_ms else 0.0
+        the server's sim backend all add it after the step's spread: it is host time, not the step's work). A
+        step that follows the last at once was never idle, whatever ``idle_after_ms`` (0 included) says."""
+        return self.idle_wake_ms if idle_s > 0 and idle_s * 1000.0 >= self.idle_after_ms else 0.0
 
     @property
     def dispatch_rule(self) -> DispatchRule:

@@ -351,7 +351,8 @@ def _plan(g, now, rf, ri, queue, gi, step_s, pf, fin, heap_end, heap_gpu, runs, 
         length = (
             params[P_STEP] + params[P_PREFILL] * prefill + params[P_SEQ] * sequences + params[P_ADMIT] * joining
         ) / 1000.0
-        if params[P_WAKE] > 0 and (now - step_s[g, 1]) * 1000.0 >= params[P_WAKE_AFTER]:
+        idle = now - step_s[g, 1]
+        if params[P_WAKE] > 0 and idle > 0 and idle * 1000.0 >= params[P_WAKE_AFTER]:
             length += params[P_WAKE] / 1000.0  # a step that starts an idle engine (ServiceModel.wake_ms)
         steps = 1
     else:  # pure decode: skip ahead to the next finish, or to the next arrival it could admit

@@ -230,6 +230,10 @@ def test_a_step_that_starts_an_idle_engine_pays_the_wake_and_one_soon_after_a_st
         ttft = (rec.first_token - rec.scheduled) * 1000.0
         assert ttft.tolist() == pytest.approx([step + 3.0, step, step + 3.0])
         assert rec.finished[0] == pytest.approx(done_1)
+        # idle_after_ms = 0: any pause wakes, but a step that follows the last at once was never idle
+        rec = simulate_arrivals(model.model_copy(update={"idle_after_ms": 0.0}), arr, gpus=1, compiled=compiled).records
+        assert ((rec.first_token - rec.scheduled) * 1000.0).tolist() == pytest.approx([step + 3.0] * 3)
+        assert rec.finished[0] == pytest.approx(done_1)
 
 
 def test_a_kv_budget_for_exactly_k_sequences_never_runs_k_plus_one():
