@@ -104,22 +104,25 @@ def test_streamed_calibration_recovers_the_engines_terms_then_its_profile_predic
     assert all(v <= 0.15 for v in errors.values()), errors  # benchmarks/bench_fidelity.py has the tight figures
 
 
+def calibrate_a_server_of(truth: ServiceModel, tmp_path, *cells: str) -> dict:
+    """The [service] table that a streamed calibration of our server on ``truth`` writes (prompts of 32 and
+    256 tokens and the ``cells`` flags); the server started and stopped here."""
+    profile = tmp_path / "calibrated.toml"
+    with running_server("--scenario", str(write_model_scenario(truth, tmp_path / "truth.toml", gpus=1))) as srv:
+        done = calibrate("--backend", "openai", "--upstream", srv.url, "--api-key", "dev-paid", "--max-num-seqs",
+                         "16", "--prompt-tokens", "32,256", *cells, "--out", str(profile))  # fmt: skip
+        assert srv.terminate() == 0
+    assert done.returncode == 0, done.stderr[-3000:]
+    return tomllib.loads(profile.read_text())["service"]
+
+
 @pytest.mark.slow  # about 20 s of streamed cells
 def test_streamed_calibration_measures_the_wake_of_an_idle_engine(tmp_path):
     """An engine whose step after 20 ms idle costs 12 ms more (and a front end of a few ms, as vLLM's, so a lone
     request sent as the one before ends meets it awake): the wake cells' excess is the wake, and the lone TTFTs
     keep the overheads."""
     truth = KNOWN.model_copy(update={"request_overhead_ms": 2.0, "tokenize_ms_per_token": 0.0, "idle_wake_ms": 12.0})
-    profile = tmp_path / "wake.toml"
-    with running_server("--scenario", str(write_model_scenario(truth, tmp_path / "w.toml", gpus=1))) as srv:
-        done = calibrate(
-            "--backend", "openai", "--upstream", srv.url, "--api-key", "dev-paid", "--max-num-seqs", "16",
-            "--sizes", "1,8", "--prompt-tokens", "32,256", "--output-tokens", "16", "--repetitions", "3",
-            "--out", str(profile),
-        )  # fmt: skip
-        assert srv.terminate() == 0
-    assert done.returncode == 0, done.stderr[-3000:]
-    service = tomllib.loads(profile.read_text())["service"]
+    service = calibrate_a_server_of(truth, tmp_path, "--sizes", "1,8", "--output-tokens", "16", "--repetitions", "3")
     print("\nwake fit:", {t: round(service[t], 3) for t in ("idle_wake_ms", "request_overhead_ms", "decode_step_ms")})
     assert service["idle_wake_ms"] == pytest.approx(12.0, abs=3.0)
     assert service["request_overhead_ms"] < 8.0  # 2 ms and the client's HTTP time: the wake is not in it
@@ -129,16 +132,8 @@ def test_streamed_calibration_measures_the_wake_of_an_idle_engine(tmp_path):
 @pytest.mark.slow  # about 25 s of streamed cells
 def test_streamed_calibration_measures_the_steps_spread(tmp_path):
     spread = KNOWN.model_copy(update={"cycle_jitter": SPREAD})
-    profile = tmp_path / "spread.toml"
-    with running_server("--scenario", str(write_model_scenario(spread, tmp_path / "s.toml", gpus=1))) as srv:
-        done = calibrate(
-            "--backend", "openai", "--upstream", srv.url, "--api-key", "dev-paid", "--max-num-seqs", "16",
-            "--sizes", "1,16", "--prompt-tokens", "32,256", "--output-tokens", "32", "--repetitions", "2",
-            "--out", str(profile),
-        )  # fmt: skip
-        assert srv.terminate() == 0
-    assert done.returncode == 0, done.stderr[-3000:]
-    measured = ServiceModel(cycle_jitter=tuple(tomllib.loads(profile.read_text())["service"]["cycle_jitter"]))
+    service = calibrate_a_server_of(spread, tmp_path, "--sizes", "1,16", "--output-tokens", "32", "--repetitions", "2")
+    measured = ServiceModel(cycle_jitter=tuple(service["cycle_jitter"]))
     at = {q: (round(float(measured.jitter(q)), 3), float(spread.jitter(q))) for q in (0.5, 0.9, 0.95)}
     print("\nstep spread, measured vs true:", at)
     assert all(m == pytest.approx(true, rel=0.10) for m, true in at.values()), at
