@@ -22,8 +22,8 @@ model is fitted to three kinds of streamed measurement, each through the backend
   time to first token is the overheads plus one prefill step:
   ``overhead + tokenize x P + step(P, 1) + admit``.
 - ``wake``: the same, after the engine has been idle for :data:`WAKE_PAUSE_S`: a lone
-  TTFT plus ``idle_wake_ms``, what an engine asleep costs its next step (vLLM-CPU: +2.6 ms
-  after 100 ms idle, none after 10 ms; its threads and processes sleep once idle).
+  TTFT plus ``idle_wake_ms``, what an engine asleep costs its next step (vLLM-CPU: about
+  3 ms after 100 ms idle, none after 10 ms; its threads and processes sleep once idle).
 
 The decoders' prompts are the middle of the prompt lengths, so the per-sequence cost is
 read at a typical context rather than the shortest. The six terms are fitted to all

@@ -254,7 +254,7 @@ class ServiceModel(_Frozen):
         default=0.0,
         ge=0,
         description="continuous: extra time of a step that starts an engine idle for idle_after_ms or more "
-        "(its host threads and processes asleep: vLLM-CPU's lone request after 100 ms idle, +2.6 ms)",
+        "(its host threads and processes asleep: vLLM-CPU about 3 ms, calibrate's wake cells)",
     )
     idle_after_ms: float = Field(
         default=20.0,
