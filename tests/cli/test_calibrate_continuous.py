@@ -116,15 +116,15 @@ def calibrate_a_server_of(truth: ServiceModel, tmp_path, *cells: str) -> dict:
     return tomllib.loads(profile.read_text())["service"]
 
 
-@pytest.mark.slow  # about 20 s of streamed cells
+@pytest.mark.slow  # about 30 s of streamed cells
 def test_streamed_calibration_measures_the_wake_of_an_idle_engine(tmp_path):
     """An engine whose step after 20 ms idle costs 12 ms more (and a front end of a few ms, as vLLM's, so a lone
     request sent as the one before ends meets it awake): the wake cells' excess is the wake, and the lone TTFTs
     keep the overheads."""
     truth = KNOWN.model_copy(update={"request_overhead_ms": 2.0, "tokenize_ms_per_token": 0.0, "idle_wake_ms": 12.0})
-    service = calibrate_a_server_of(truth, tmp_path, "--sizes", "1,8", "--output-tokens", "16", "--repetitions", "3")
+    service = calibrate_a_server_of(truth, tmp_path, "--sizes", "1,8", "--output-tokens", "16", "--repetitions", "4")
     print("\nwake fit:", {t: round(service[t], 3) for t in ("idle_wake_ms", "request_overhead_ms", "decode_step_ms")})
-    assert service["idle_wake_ms"] == pytest.approx(12.0, abs=3.0)
+    assert service["idle_wake_ms"] == pytest.approx(12.0, abs=3.0)  # with a CPU hog on one core: 12.2-13.7 ms
     assert service["request_overhead_ms"] < 8.0  # 2 ms and the client's HTTP time: the wake is not in it
     assert_terms_recovered(service, rel=0.10, terms=("decode_step_ms", "decode_ms_per_seq"), truth=truth)
 
